@@ -1,0 +1,400 @@
+//! The certificate authority: turns an authenticated CSR into an X.509-SVID.
+//!
+//! Either a development root created on first start in the state directory, or a
+//! plug-in intermediate loaded from the four PEM files operators know from Istio. The
+//! CA decides every field of the certificate itself; from the CSR it takes only the
+//! public key, after checking that the request asks for nothing it may not have.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use tessera_proto::SpiffeId;
+use tessera_proto::tls::{self, TrustBundle};
+use time::OffsetDateTime;
+
+/// Clock skew tolerated between the CA and the workloads verifying its certificates.
+const BACKDATE: Duration = Duration::from_secs(60);
+const DEV_ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Why the CA cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("CA certificate or key unusable: {0}")]
+    Material(String),
+}
+
+/// Why a CSR is refused. Each maps to a gRPC status the caller can act on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CsrRefusal {
+    #[error("CSR cannot be parsed or its signature does not verify")]
+    Malformed,
+    #[error("CSR key must be ECDSA P-256")]
+    KeyAlgorithm,
+    #[error("CSR asks for a CA certificate; workloads get end-entity certificates only")]
+    AsksForCa,
+    #[error("CSR must carry exactly one SAN, a URI; it has {uris} URI and {others} other SANs")]
+    SanShape { uris: usize, others: usize },
+    #[error("CSR is for {requested}, but the caller is authenticated as {authenticated}")]
+    IdentityMismatch { requested: String, authenticated: SpiffeId },
+}
+
+/// A signed workload certificate.
+pub struct Issued {
+    /// Leaf first, then intermediates (never the root).
+    pub chain: Vec<CertificateDer<'static>>,
+    pub serial: String,
+    pub not_after: OffsetDateTime,
+}
+
+/// A CA able to sign workload certificates.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    /// The signing certificate and the intermediates above it, excluding roots.
+    chain: Vec<CertificateDer<'static>>,
+    trust_bundle: Vec<CertificateDer<'static>>,
+    signer_not_after: OffsetDateTime,
+}
+
+impl CertificateAuthority {
+    /// Loads the development root from `state_dir`, creating it on first start.
+    pub fn dev_root(state_dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let cert_path = state_dir.join("ca-cert.pem");
+        let key_path = state_dir.join("ca-key.pem");
+        if !cert_path.exists() {
+            create_dev_root(state_dir, trust_domain)?;
+        }
+        let cert_pem = read(&cert_path)?;
+        let key_pem = read(&key_path)?;
+        let cert = tls::certs_from_pem(cert_pem.as_bytes())
+            .map_err(|e| file_error(&cert_path, e))?
+            .remove(0);
+        Self::from_parts(cert.clone(), &key_pem, Vec::new(), vec![cert])
+    }
+
+    /// Loads a plug-in intermediate: `ca-cert.pem` signs, `ca-key.pem` is its key,
+    /// `cert-chain.pem` leads from it towards a root, `root-cert.pem` holds every root the
+    /// mesh trusts (old and new while rotating).
+    pub fn plugin(dir: &Path) -> Result<Self, CaError> {
+        let load_certs = |name: &str| {
+            let path = dir.join(name);
+            tls::certs_from_pem(read(&path)?.as_bytes()).map_err(|e| file_error(&path, e))
+        };
+        let signer = load_certs("ca-cert.pem")?.remove(0);
+        let chain = load_certs("cert-chain.pem")?;
+        let roots = load_certs("root-cert.pem")?;
+        let key_pem = read(&dir.join("ca-key.pem"))?;
+        let intermediates = chain
+            .into_iter()
+            .filter(|cert| *cert != signer && !roots.contains(cert))
+            .collect();
+        Self::from_parts(signer, &key_pem, intermediates, roots)
+    }
+
+    fn from_parts(
+        signer: CertificateDer<'static>,
+        key_pem: &str,
+        intermediates: Vec<CertificateDer<'static>>,
+        trust_bundle: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, CaError> {
+        let material = |e: rcgen::Error| CaError::Material(e.to_string());
+        let key = KeyPair::from_pem(key_pem).map_err(material)?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&signer)
+            .map_err(|_| CaError::Material("CA certificate is not valid X.509".into()))?;
+        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(CaError::Material(
+                "ca-key.pem is not the key of ca-cert.pem".into(),
+            ));
+        }
+        if !parsed.is_ca() {
+            return Err(CaError::Material(
+                "ca-cert.pem is not a CA certificate".into(),
+            ));
+        }
+        let signer_not_after = parsed.validity().not_after.to_datetime();
+        let issuer = Issuer::from_ca_cert_der(&signer, key).map_err(material)?;
+        let mut chain = vec![signer];
+        chain.extend(intermediates);
+        let ca = Self {
+            issuer,
+            chain,
+            trust_bundle,
+            signer_not_after,
+        };
+        ca.self_check()?;
+        Ok(ca)
+    }
+
+    /// Every root the mesh trusts.
+    pub fn trust_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.trust_bundle
+    }
+
+    /// Signs a certificate for `identity`, valid for `ttl` (cut short by the CA's own
+    /// expiry), with the public key of an already validated CSR.
+    pub fn issue(
+        &self,
+        csr: &CertificateSigningRequestParams,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Issued, CaError> {
+        self.issue_for_key(&csr.public_key, identity, ttl)
+    }
+
+    fn issue_for_key(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Issued, CaError> {
+        let now = OffsetDateTime::from(SystemTime::now());
+        let not_after = (now + ttl).min(self.signer_not_after);
+        let serial = random_serial();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, identity.trust_domain());
+        params.subject_alt_names = vec![SanType::URI(
+            identity
+                .as_str()
+                .try_into()
+                .map_err(|e: rcgen::Error| CaError::Material(e.to_string()))?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = now - BACKDATE;
+        params.not_after = not_after;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(|e| CaError::Material(e.to_string()))?;
+        let mut chain = Vec::with_capacity(self.chain.len() + 1);
+        chain.push(leaf.der().clone());
+        chain.extend(self.chain.iter().cloned());
+        Ok(Issued {
+            chain,
+            serial: hex(&serial),
+            not_after,
+        })
+    }
+
+    /// Issues a throwaway certificate and verifies it against the trust bundle, so a
+    /// plug-in chain that leads to no trusted root fails at start, not at first use.
+    fn self_check(&self) -> Result<(), CaError> {
+        let probe_key = KeyPair::generate().map_err(|e| CaError::Material(e.to_string()))?;
+        let probe_id = SpiffeId::new("self-check.invalid", "tessera", "probe")
+            .map_err(|e| CaError::Material(e.to_string()))?;
+        let issued = self.issue_for_key(&probe_key, &probe_id, Duration::from_secs(60))?;
+        let bundle = TrustBundle::new(self.trust_bundle.clone())
+            .map_err(|e| CaError::Material(format!("root-cert.pem: {e}")))?;
+        tls::verify_chain(&bundle, &issued.chain).map_err(|e| {
+            CaError::Material(format!(
+                "certificates signed by this CA do not verify against the trust bundle: {e}"
+            ))
+        })
+    }
+}
+
+/// Checks a CSR against the identity its caller proved, returning it parsed.
+pub fn validate_csr(
+    csr_der: &[u8],
+    authenticated: &SpiffeId,
+) -> Result<CertificateSigningRequestParams, CsrRefusal> {
+    let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
+        csr_der,
+    ))
+    .map_err(|_| CsrRefusal::Malformed)?;
+    if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+        return Err(CsrRefusal::KeyAlgorithm);
+    }
+    if matches!(csr.params.is_ca, IsCa::Ca(_)) {
+        return Err(CsrRefusal::AsksForCa);
+    }
+    let sans = &csr.params.subject_alt_names;
+    let uris: Vec<&str> = sans
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(uri) => Some(uri.as_str()),
+            _ => None,
+        })
+        .collect();
+    let [requested] = uris.as_slice() else {
+        return Err(CsrRefusal::SanShape {
+            uris: uris.len(),
+            others: sans.len() - uris.len(),
+        });
+    };
+    if sans.len() != 1 {
+        return Err(CsrRefusal::SanShape {
+            uris: 1,
+            others: sans.len() - 1,
+        });
+    }
+    if *requested != authenticated.as_str() {
+        return Err(CsrRefusal::IdentityMismatch {
+            requested: requested.chars().take(256).collect(),
+            authenticated: authenticated.clone(),
+        });
+    }
+    Ok(csr)
+}
+
+fn create_dev_root(state_dir: &Path, trust_domain: &str) -> Result<(), CaError> {
+    let material = |e: rcgen::Error| CaError::Material(e.to_string());
+    let key = KeyPair::generate().map_err(material)?;
+    let now = OffsetDateTime::from(SystemTime::now());
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Tessera development root CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now - BACKDATE;
+    params.not_after = now + DEV_ROOT_LIFETIME;
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+    let cert = params.self_signed(&key).map_err(material)?;
+    crate::state::write_private(&state_dir.join("ca-key.pem"), key.serialize_pem().as_bytes())?;
+    crate::state::write_public(&state_dir.join("ca-cert.pem"), cert.pem().as_bytes())?;
+    tracing::info!(
+        event = "development root created",
+        trust_domain,
+        path = %state_dir.display(),
+        "created a development root CA; use a plug-in intermediate in production"
+    );
+    Ok(())
+}
+
+fn random_serial() -> [u8; 16] {
+    let mut serial: [u8; 16] = rand::random();
+    // Positive and without a leading zero byte, as RFC 5280 wants.
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    serial
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(|e| file_error(path, e))
+}
+
+pub(crate) fn file_error(path: &Path, reason: impl std::fmt::Display) -> CaError {
+    CaError::File {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", sa).unwrap()
+    }
+
+    fn csr(sans: Vec<SanType>, is_ca: IsCa) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.is_ca = is_ca;
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(id: &SpiffeId) -> SanType {
+        SanType::URI(id.as_str().try_into().unwrap())
+    }
+
+    #[test]
+    fn issues_an_svid_as_spec_says() {
+        let dir = tempdir();
+        let ca = CertificateAuthority::dev_root(&dir, "cluster.local").unwrap();
+        let request = validate_csr(&csr(vec![uri(&id("api"))], IsCa::NoCa), &id("api")).unwrap();
+        let issued = ca.issue(&request, &id("api"), Duration::from_secs(3600)).unwrap();
+        assert_eq!(issued.chain.len(), 1);
+        let (_, cert) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+        assert!(!cert.is_ca());
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && !ku.key_cert_sign());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert_eq!(tls::spiffe_id_of(&issued.chain[0]).unwrap(), id("api"));
+        let lifetime = cert.validity().not_after.timestamp() - OffsetDateTime::now_utc().unix_timestamp();
+        assert!((3590..=3600).contains(&lifetime), "{lifetime}");
+        let bundle = TrustBundle::new(ca.trust_bundle().to_vec()).unwrap();
+        tls::verify_chain(&bundle, &issued.chain).unwrap();
+        // The key stays private to the state directory.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("ca-key.pem")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A restart loads the same root.
+        let again = CertificateAuthority::dev_root(&dir, "cluster.local").unwrap();
+        assert_eq!(again.trust_bundle(), ca.trust_bundle());
+    }
+
+    #[test]
+    fn refuses_csrs_asking_too_much() {
+        let me = id("api");
+        assert_eq!(
+            validate_csr(&csr(vec![uri(&id("db"))], IsCa::NoCa), &me).unwrap_err(),
+            CsrRefusal::IdentityMismatch {
+                requested: id("db").to_string(),
+                authenticated: me.clone()
+            }
+        );
+        assert_eq!(
+            validate_csr(
+                &csr(vec![uri(&me)], IsCa::Ca(BasicConstraints::Unconstrained)),
+                &me
+            )
+            .unwrap_err(),
+            CsrRefusal::AsksForCa
+        );
+        assert_eq!(
+            validate_csr(&csr(vec![uri(&me), uri(&id("db"))], IsCa::NoCa), &me).unwrap_err(),
+            CsrRefusal::SanShape { uris: 2, others: 0 }
+        );
+        let dns = SanType::DnsName("evil.example".try_into().unwrap());
+        assert_eq!(
+            validate_csr(&csr(vec![uri(&me), dns], IsCa::NoCa), &me).unwrap_err(),
+            CsrRefusal::SanShape { uris: 1, others: 1 }
+        );
+        assert_eq!(
+            validate_csr(&csr(vec![], IsCa::NoCa), &me).unwrap_err(),
+            CsrRefusal::SanShape { uris: 0, others: 0 }
+        );
+        assert_eq!(validate_csr(b"garbage", &me).unwrap_err(), CsrRefusal::Malformed);
+        let mut tampered = csr(vec![uri(&me)], IsCa::NoCa);
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert_eq!(validate_csr(&tampered, &me).unwrap_err(), CsrRefusal::Malformed);
+    }
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tessera-ca-test-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

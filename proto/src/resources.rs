@@ -1,0 +1,364 @@
+//! Configuration resources: `tessera.dev/v1alpha1` YAML documents, read from a directory
+//! of files (local mode).
+//!
+//! Every error names the file and line it comes from, so an operator can fix it without
+//! guessing. A file is parsed whole or refused whole: the caller keeps its last good
+//! configuration when anything is wrong.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::spiffe::{self, DEFAULT_TRUST_DOMAIN};
+
+pub const API_VERSION: &str = "tessera.dev/v1alpha1";
+
+/// Where a resource or an error comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: u64,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A configuration that cannot be used, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {reason}")]
+pub struct ConfigError {
+    pub origin: Origin,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn at(file: &Path, line: u64, reason: impl Into<String>) -> Self {
+        Self {
+            origin: Origin {
+                file: file.to_path_buf(),
+                line,
+            },
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Common to all resources.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// One parsed resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub origin: Origin,
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+/// The kinds Tessera understands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Spec {
+    MeshConfig(MeshConfigSpec),
+}
+
+impl Spec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Spec::MeshConfig(_) => "MeshConfig",
+        }
+    }
+}
+
+/// Mesh-wide settings. At most one per mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfigSpec {
+    pub trust_domain: String,
+    pub certificate_ttl: Duration,
+    /// Directory with a plug-in intermediate CA (`ca-cert.pem`, `ca-key.pem`,
+    /// `cert-chain.pem`, `root-cert.pem`), relative to the configuration directory.
+    /// Without it the control plane runs its own development root.
+    pub plugin_ca_dir: Option<PathBuf>,
+}
+
+impl Default for MeshConfigSpec {
+    fn default() -> Self {
+        Self {
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
+            certificate_ttl: Self::DEFAULT_CERTIFICATE_TTL,
+            plugin_ca_dir: None,
+        }
+    }
+}
+
+impl MeshConfigSpec {
+    pub const DEFAULT_CERTIFICATE_TTL: Duration = Duration::from_secs(24 * 3600);
+    /// Shorter certificates would spend more time renewing than serving.
+    pub const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(5);
+    pub const MAX_CERTIFICATE_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    api_version: Option<Spanned<String>>,
+    kind: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Document<S> {
+    #[allow(dead_code)] // checked through `Header`
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: Option<S>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MeshConfigYaml {
+    trust_domain: Option<Spanned<String>>,
+    certificate_ttl: Option<Spanned<String>>,
+    certificate_authority: Option<CertificateAuthorityYaml>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CertificateAuthorityYaml {
+    plugin_certs_dir: Option<PathBuf>,
+}
+
+/// Parses every document of one YAML file.
+pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Resource>, ConfigError> {
+    split_documents(text)
+        .into_iter()
+        .filter(|(_, doc)| !is_blank(doc))
+        .map(|(first_line, doc)| parse_document(file, first_line, doc))
+        .collect()
+}
+
+/// Reads all `*.yaml` / `*.yml` files of a directory (not recursive; hidden files
+/// skipped), in name order.
+pub fn load_dir(dir: &Path) -> Result<Vec<Resource>, ConfigError> {
+    let unreadable = |e: std::io::Error| ConfigError::at(dir, 0, format!("cannot read: {e}"));
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let path = entry.map_err(unreadable)?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if is_yaml && !name.starts_with('.') && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut resources = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| ConfigError::at(&file, 0, format!("cannot read: {e}")))?;
+        resources.extend(parse_file(&file, &text)?);
+    }
+    Ok(resources)
+}
+
+/// The mesh settings of a set of resources: the one `MeshConfig`, or defaults.
+pub fn mesh_config(resources: &[Resource]) -> Result<MeshConfigSpec, ConfigError> {
+    let mut found: Option<(&Origin, &MeshConfigSpec)> = None;
+    for resource in resources {
+        let Spec::MeshConfig(spec) = &resource.spec;
+        if let Some((first, _)) = found {
+            return Err(ConfigError {
+                origin: resource.origin.clone(),
+                reason: format!("a second MeshConfig; the first is at {first}"),
+            });
+        }
+        found = Some((&resource.origin, spec));
+    }
+    Ok(found.map(|(_, spec)| spec.clone()).unwrap_or_default())
+}
+
+/// Splits a YAML stream at `---` document markers, keeping each document's first line
+/// number (1-based) so errors can point into the file.
+fn split_documents(text: &str) -> Vec<(u64, &str)> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let line_number = index as u64 + 1;
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
+            documents.push((start_line, &text[start..offset]));
+            start = offset + line.len();
+            start_line = line_number + 1;
+        }
+        offset += line.len();
+    }
+    documents.push((start_line, &text[start..]));
+    documents
+}
+
+fn is_blank(document: &str) -> bool {
+    document
+        .lines()
+        .all(|line| line.trim().is_empty() || line.trim_start().starts_with('#'))
+}
+
+fn parse_document(file: &Path, first_line: u64, text: &str) -> Result<Resource, ConfigError> {
+    let line_of = |location: Option<serde_saphyr::Location>| {
+        first_line + location.map_or(0, |l| l.line().saturating_sub(1))
+    };
+    let yaml_error = |e: serde_saphyr::Error| {
+        ConfigError::at(file, line_of(e.location()), plain_message(&e))
+    };
+    let header: Header = serde_saphyr::from_str(text).map_err(yaml_error)?;
+    let api_version = header
+        .api_version
+        .ok_or_else(|| ConfigError::at(file, first_line, "missing apiVersion"))?;
+    if api_version.value != API_VERSION {
+        return Err(ConfigError::at(
+            file,
+            line_of(Some(api_version.referenced)),
+            format!("apiVersion {:?} is not {API_VERSION:?}", api_version.value),
+        ));
+    }
+    let kind = header
+        .kind
+        .ok_or_else(|| ConfigError::at(file, first_line, "missing kind"))?;
+    let origin = Origin {
+        file: file.to_path_buf(),
+        line: line_of(Some(kind.referenced)),
+    };
+    match kind.value.as_str() {
+        "MeshConfig" => {
+            let document: Document<MeshConfigYaml> =
+                serde_saphyr::from_str(text).map_err(yaml_error)?;
+            let spec = mesh_config_spec(document.spec.unwrap_or_default())
+                .map_err(|(location, reason)| ConfigError::at(file, line_of(location), reason))?;
+            Ok(Resource {
+                origin,
+                metadata: document.metadata,
+                spec: Spec::MeshConfig(spec),
+            })
+        }
+        other => Err(ConfigError {
+            origin,
+            reason: format!("unknown kind {other:?} (this version understands: MeshConfig)"),
+        }),
+    }
+}
+
+type FieldError = (Option<serde_saphyr::Location>, String);
+
+fn mesh_config_spec(yaml: MeshConfigYaml) -> Result<MeshConfigSpec, FieldError> {
+    let mut spec = MeshConfigSpec::default();
+    if let Some(trust_domain) = yaml.trust_domain {
+        spiffe::validate_trust_domain(&trust_domain.value)
+            .map_err(|e| (Some(trust_domain.referenced), e.to_string()))?;
+        spec.trust_domain = trust_domain.value;
+    }
+    if let Some(ttl) = yaml.certificate_ttl {
+        let at = Some(ttl.referenced);
+        let parsed = humantime::parse_duration(&ttl.value)
+            .map_err(|e| (at, format!("certificateTtl {:?}: {e}", ttl.value)))?;
+        let range = MeshConfigSpec::MIN_CERTIFICATE_TTL..=MeshConfigSpec::MAX_CERTIFICATE_TTL;
+        if !range.contains(&parsed) {
+            return Err((at, format!("certificateTtl {:?} is outside 5s..90d", ttl.value)));
+        }
+        spec.certificate_ttl = parsed;
+    }
+    spec.plugin_ca_dir = yaml
+        .certificate_authority
+        .and_then(|ca| ca.plugin_certs_dir);
+    Ok(spec)
+}
+
+/// The error text without serde-saphyr's own position and snippet: we print ours.
+fn plain_message(error: &serde_saphyr::Error) -> String {
+    let rendered = error.to_string();
+    let first_line = rendered.lines().next().unwrap_or("invalid YAML");
+    match first_line.find(" at line ") {
+        Some(cut) => first_line[..cut].to_string(),
+        None => first_line.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<Resource>, ConfigError> {
+        parse_file(Path::new("mesh.yaml"), text)
+    }
+
+    #[test]
+    fn parses_mesh_config() {
+        let resources = parse(
+            "# the mesh\n---\napiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: example.org\n  certificateTtl: 10s\n",
+        )
+        .unwrap();
+        assert_eq!(resources.len(), 1);
+        assert_eq!(resources[0].origin.line, 4);
+        let spec = mesh_config(&resources).unwrap();
+        assert_eq!(spec.trust_domain, "example.org");
+        assert_eq!(spec.certificate_ttl, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn defaults_without_mesh_config() {
+        let spec = mesh_config(&[]).unwrap();
+        assert_eq!(spec.trust_domain, "cluster.local");
+        assert_eq!(spec.certificate_ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn errors_point_at_the_line() {
+        let two_docs = "apiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: a\n---\napiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: b\nspec:\n  certificateTtl: 3s\n";
+        let error = parse(two_docs).unwrap_err();
+        assert_eq!(error.origin.line, 11, "{error}");
+        assert!(error.reason.contains("outside"), "{error}");
+
+        let unknown_field = "apiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: a\nspec:\n  trustDomian: x\n";
+        let error = parse(unknown_field).unwrap_err();
+        assert_eq!(error.origin.line, 6, "{error}");
+        assert!(error.reason.contains("trustDomian"), "{error}");
+
+        let bad_kind = "apiVersion: tessera.dev/v1alpha1\nkind: Gateway\nmetadata:\n  name: a\n";
+        let error = parse(bad_kind).unwrap_err();
+        assert_eq!(error.origin.line, 2);
+        assert!(error.reason.contains("Gateway"));
+
+        let bad_version = "\napiVersion: v1\nkind: MeshConfig\n";
+        assert_eq!(parse(bad_version).unwrap_err().origin.line, 2);
+
+        let bad_domain = "apiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: a\nspec:\n  trustDomain: Bad/Domain\n";
+        assert_eq!(parse(bad_domain).unwrap_err().origin.line, 6);
+
+        let broken_yaml = "apiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata: [\n";
+        assert!(parse(broken_yaml).is_err());
+    }
+
+    #[test]
+    fn refuses_two_mesh_configs() {
+        let text = "apiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: a\n---\napiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: b\n";
+        let error = mesh_config(&parse(text).unwrap()).unwrap_err();
+        assert_eq!(error.origin.line, 7);
+        assert!(error.reason.contains("mesh.yaml:2"), "{error}");
+    }
+}

@@ -1,0 +1,122 @@
+//! The admin endpoint (port 15020): liveness, readiness, metrics, the current
+//! certificate and the configuration in force. Plain HTTP/1.1, for kubelets, Prometheus
+//! and operators; it never shows a key or a token.
+//!
+//! [`serve`] is a minimal router the control plane reuses for its own admin port.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::config::ProxyConfig;
+use crate::identity::IdentityManager;
+use crate::telemetry::Metrics;
+
+/// One admin answer.
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    pub fn json(value: &impl serde::Serialize) -> Self {
+        match serde_json::to_string_pretty(value) {
+            Ok(body) => Self {
+                status: StatusCode::OK,
+                content_type: "application/json",
+                body,
+            },
+            Err(error) => Self::text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+        }
+    }
+
+    pub fn metrics(body: String) -> Self {
+        Self {
+            status: StatusCode::OK,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        }
+    }
+
+    pub fn not_found() -> Self {
+        Self::text(StatusCode::NOT_FOUND, "not found\n")
+    }
+}
+
+/// Serves GET requests on `listener`, answering each path with `route`.
+pub async fn serve<R>(listener: TcpListener, route: R)
+where
+    R: Fn(&str) -> Reply + Send + Sync + 'static,
+{
+    let route = Arc::new(route);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let route = route.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let reply = if request.method() == Method::GET {
+                    route(request.uri().path())
+                } else {
+                    Reply::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n")
+                };
+                let response = Response::builder()
+                    .status(reply.status)
+                    .header(header::CONTENT_TYPE, reply.content_type)
+                    .body(Full::new(Bytes::from(reply.body)));
+                async move { Ok::<_, Infallible>(response.unwrap_or_default()) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(event = "admin connection error", error = %error);
+            }
+        });
+    }
+}
+
+/// The proxy's admin routes.
+pub fn routes(
+    identity: Arc<IdentityManager>,
+    metrics: Arc<Metrics>,
+    config: Arc<ProxyConfig>,
+) -> impl Fn(&str) -> Reply + Send + Sync + 'static {
+    move |path| match path {
+        "/live" => Reply::text(StatusCode::OK, "live\n"),
+        "/ready" if identity.has_valid_cert() => Reply::text(StatusCode::OK, "ready\n"),
+        "/ready" => Reply::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no valid certificate\n",
+        ),
+        "/metrics" => Reply::metrics(metrics.encode()),
+        "/certs" => match identity.status() {
+            Some(status) => Reply::json(&*status),
+            None => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n"),
+        },
+        // The configuration holds no secret: the join token lives in a file or the
+        // environment and only its path is part of the config.
+        "/config" => Reply::json(&*config),
+        _ => Reply::not_found(),
+    }
+}

@@ -1,0 +1,292 @@
+//! The proxy's configuration, read once at start from one YAML file.
+//!
+//! Explicit mode (no iptables, no root): each inbound port forwards mTLS traffic to a local
+//! application port, and each outbound listener carries local plaintext to a remote
+//! proxy, which must prove the SPIFFE ID configured for it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tessera_proto::SpiffeId;
+use tessera_proto::spiffe::{self, DEFAULT_TRUST_DOMAIN};
+
+/// Environment variable that carries the join token, instead of a file.
+pub const JOIN_TOKEN_ENV: &str = "TESSERA_JOIN_TOKEN";
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        line: u64,
+        reason: String,
+    },
+    #[error("{0}")]
+    Semantic(String),
+}
+
+/// Everything the proxy needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    pub identity: IdentityConfig,
+    pub control_plane: ControlPlaneConfig,
+    /// Admin endpoint: /live, /ready, /metrics, /certs, /config.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    #[serde(default)]
+    pub inbound: Vec<InboundPort>,
+    #[serde(default)]
+    pub outbound: Vec<OutboundUpstream>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Who this proxy is, and how it proves it the first time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// File holding the join token (`tessera token create`). The token itself never
+    /// appears in configuration, logs or the admin endpoint.
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+}
+
+/// Where the control plane is and how to recognise it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// `host:port`; a name is resolved on every connection attempt.
+    pub address: String,
+    /// The SPIFFE ID the control plane must present. Defaults to
+    /// `spiffe://<trust-domain>/ns/tessera-system/sa/tessera-control-plane`.
+    #[serde(default)]
+    pub identity: Option<SpiffeId>,
+    /// PEM roots to trust until the control plane sends the current bundle.
+    pub trust_bundle_file: PathBuf,
+}
+
+/// One inbound port: mTLS in, plaintext to the local application.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundPort {
+    pub listen: SocketAddr,
+    pub forward_to: SocketAddr,
+}
+
+/// One outbound upstream: local plaintext in, mTLS to a remote proxy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundUpstream {
+    pub listen: SocketAddr,
+    /// The remote proxy's inbound address, `host:port`.
+    pub address: String,
+    /// The identity the remote proxy must prove; anything else is refused.
+    pub identity: SpiffeId,
+}
+
+/// Bounds on what a peer can make the proxy hold.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open connections per listener; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Durations as "10s", "1m30s" in YAML.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15020))
+}
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_string()
+}
+
+impl ProxyConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: e.location().map_or(0, |l| l.line()),
+            reason: e.to_string().lines().next().unwrap_or("invalid YAML").to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.workload_identity()?;
+        let control_plane = self.control_plane_identity()?;
+        if control_plane.trust_domain() != self.identity.trust_domain {
+            return Err(ConfigError::Semantic(format!(
+                "controlPlane.identity {control_plane} is outside trust domain {}",
+                self.identity.trust_domain
+            )));
+        }
+        for upstream in &self.outbound {
+            if upstream.identity.trust_domain() != self.identity.trust_domain {
+                return Err(ConfigError::Semantic(format!(
+                    "outbound {}: identity {} is outside trust domain {}",
+                    upstream.listen, upstream.identity, self.identity.trust_domain
+                )));
+            }
+        }
+        if self.limits.max_connections == 0 {
+            return Err(ConfigError::Semantic(
+                "limits.maxConnections must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The SPIFFE ID this proxy works for.
+    pub fn workload_identity(&self) -> Result<SpiffeId, ConfigError> {
+        let id = &self.identity;
+        SpiffeId::new(&id.trust_domain, &id.namespace, &id.service_account)
+            .map_err(|e| ConfigError::Semantic(format!("identity: {e}")))
+    }
+
+    /// The SPIFFE ID the control plane must present.
+    pub fn control_plane_identity(&self) -> Result<SpiffeId, ConfigError> {
+        match &self.control_plane.identity {
+            Some(id) => Ok(id.clone()),
+            None => default_control_plane_identity(&self.identity.trust_domain)
+                .map_err(|e| ConfigError::Semantic(format!("identity.trustDomain: {e}"))),
+        }
+    }
+
+    /// The join token: `TESSERA_JOIN_TOKEN` if set, else the token file, else none.
+    pub fn join_token(&self) -> Result<Option<JoinToken>, ConfigError> {
+        if let Ok(token) = std::env::var(JOIN_TOKEN_ENV)
+            && !token.trim().is_empty()
+        {
+            return Ok(Some(JoinToken(token.trim().to_string())));
+        }
+        let Some(path) = &self.identity.join_token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Some(JoinToken(token.trim().to_string())))
+    }
+}
+
+/// The control plane's identity in a trust domain.
+pub fn default_control_plane_identity(
+    trust_domain: &str,
+) -> Result<SpiffeId, spiffe::SpiffeIdError> {
+    SpiffeId::new(trust_domain, "tessera-system", "tessera-control-plane")
+}
+
+/// A join token. Never printed: `Debug` shows only that one is present.
+#[derive(Clone)]
+pub struct JoinToken(String);
+
+impl JoinToken {
+    pub fn new(token: String) -> Self {
+        Self(token)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinToken(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "identity:\n  namespace: shop\n  serviceAccount: web\ncontrolPlane:\n  address: 127.0.0.1:15012\n  trustBundleFile: root.pem\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config: ProxyConfig = serde_saphyr::from_str(MINIMAL).unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.workload_identity().unwrap().as_str(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(
+            config.control_plane_identity().unwrap().as_str(),
+            "spiffe://cluster.local/ns/tessera-system/sa/tessera-control-plane"
+        );
+        assert_eq!(config.admin.port(), 15020);
+        assert_eq!(config.limits.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn refuses_bad_values_with_reasons() {
+        let bad_ns = MINIMAL.replace("shop", "Shop");
+        let config: ProxyConfig = serde_saphyr::from_str(&bad_ns).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("Shop"));
+
+        let foreign = format!(
+            "{MINIMAL}outbound:\n  - listen: 127.0.0.1:1\n    address: x:1\n    identity: spiffe://other/ns/a/sa/b\n"
+        );
+        let config: ProxyConfig = serde_saphyr::from_str(&foreign).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("outside trust domain"));
+
+        let typo = MINIMAL.replace("address", "adress");
+        assert!(serde_saphyr::from_str::<ProxyConfig>(&typo).is_err());
+    }
+
+    #[test]
+    fn join_token_is_never_printed() {
+        let token = JoinToken::new("secret-value".into());
+        assert!(!format!("{token:?}").contains("secret"));
+    }
+}

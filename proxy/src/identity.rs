@@ -1,0 +1,360 @@
+//! The workload's identity: a key made here, a certificate from the control plane, and
+//! renewal before it runs out.
+//!
+//! The private key is generated in memory for every certificate and never written or
+//! sent anywhere. Renewal happens at 50–70 % of the remaining lifetime (jittered, so a
+//! fleet started together does not renew together); while the control plane is
+//! unreachable the proxy retries with capped exponential backoff and keeps serving on the
+//! certificate it has until that expires.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::Serialize;
+use tessera_proto::SpiffeId;
+use tessera_proto::api::identity::CertifyRequest;
+use tessera_proto::api::identity::identity_client::IdentityClient;
+use tessera_proto::tls::{self, CurrentCert, Trust, TrustBundle};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+use crate::config::JoinToken;
+use crate::telemetry::Metrics;
+
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why getting a certificate failed this time.
+#[derive(Debug, thiserror::Error)]
+pub enum CertifyError {
+    #[error("control plane unreachable at {address}: {reason}")]
+    Unreachable { address: String, reason: String },
+    #[error("control plane refused: {0}")]
+    Refused(String),
+    #[error("no way to authenticate: no join token and no valid certificate")]
+    NoCredential,
+    #[error("control plane answered with an unusable certificate: {0}")]
+    BadAnswer(String),
+    #[error("cannot make a key or CSR: {0}")]
+    Local(String),
+}
+
+/// What the admin endpoint shows about the current certificate. No key material.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertStatus {
+    pub identity: String,
+    pub serial: String,
+    #[serde(with = "unix_seconds")]
+    pub not_before: SystemTime,
+    #[serde(with = "unix_seconds")]
+    pub not_after: SystemTime,
+    #[serde(with = "unix_seconds")]
+    pub renew_at: SystemTime,
+    pub chain_length: usize,
+    pub trust_bundle_roots: usize,
+    /// Certificates obtained since start.
+    pub issued_count: u64,
+}
+
+mod unix_seconds {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+    }
+}
+
+/// Where to get certificates from.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    pub address: String,
+    pub identity: SpiffeId,
+}
+
+/// Keeps the workload certificate fresh and publishes it to the TLS configs.
+pub struct IdentityManager {
+    identity: SpiffeId,
+    control_plane: ControlPlane,
+    join_token: Option<JoinToken>,
+    trust: Arc<Trust>,
+    cert: Arc<CurrentCert>,
+    status: ArcSwapOption<CertStatus>,
+    metrics: Arc<Metrics>,
+}
+
+impl IdentityManager {
+    pub fn new(
+        identity: SpiffeId,
+        control_plane: ControlPlane,
+        join_token: Option<JoinToken>,
+        trust: Arc<Trust>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            identity,
+            control_plane,
+            join_token,
+            trust,
+            cert: CurrentCert::new(),
+            status: ArcSwapOption::empty(),
+            metrics,
+        })
+    }
+
+    pub fn identity(&self) -> &SpiffeId {
+        &self.identity
+    }
+
+    pub fn trust(&self) -> Arc<Trust> {
+        self.trust.clone()
+    }
+
+    /// The certificate resolver shared by every TLS config of this proxy.
+    pub fn current_cert(&self) -> Arc<CurrentCert> {
+        self.cert.clone()
+    }
+
+    pub fn status(&self) -> Option<Arc<CertStatus>> {
+        self.status.load_full()
+    }
+
+    /// True while the proxy holds a certificate that has not expired.
+    pub fn has_valid_cert(&self) -> bool {
+        self.status
+            .load()
+            .as_ref()
+            .is_some_and(|s| s.not_after > SystemTime::now())
+    }
+
+    /// Renews forever: at the renewal time when all is well, with backoff when not.
+    pub async fn run(self: Arc<Self>) {
+        let mut retry = FIRST_RETRY;
+        loop {
+            match self.certify().await {
+                Ok(renew_at) => {
+                    retry = FIRST_RETRY;
+                    let wait = renew_at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    tokio::time::sleep(wait).await;
+                }
+                Err(error) => {
+                    let expires = self.status().map(|s| s.not_after);
+                    let expired = expires.is_none_or(|at| at <= SystemTime::now());
+                    warn!(
+                        event = "certificate renewal failed",
+                        identity = %self.identity,
+                        error = %error,
+                        current_certificate_expires = expires.map(humantime::format_rfc3339_seconds).map(tracing::field::display),
+                        serving = !expired,
+                        retry_in_ms = retry.as_millis() as u64,
+                    );
+                    tokio::time::sleep(jitter(retry, 0.8, 1.2)).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+
+    /// Obtains one certificate and installs it; returns when to renew it.
+    async fn certify(&self) -> Result<SystemTime, CertifyError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CertifyError::Local(e.to_string()))?;
+        let csr = self.csr(&key)?;
+        // Renewal authenticates with the current certificate; the token only bootstraps
+        // (or rescues a proxy whose certificate expired during an outage).
+        let renewing = self.has_valid_cert();
+        let join_token = match (&self.join_token, renewing) {
+            (_, true) => String::new(),
+            (Some(token), false) => token.expose().to_string(),
+            (None, false) => return Err(CertifyError::NoCredential),
+        };
+        let mut client = self.connect(renewing).await?;
+        let response = client
+            .certify(CertifyRequest {
+                csr_der: csr,
+                join_token,
+            })
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                    CertifyError::Unreachable {
+                        address: self.control_plane.address.clone(),
+                        reason: status.message().to_string(),
+                    }
+                }
+                _ => CertifyError::Refused(format!("{:?}: {}", status.code(), status.message())),
+            })?
+            .into_inner();
+        self.install(key, response.cert_chain_der, response.trust_bundle_der)
+    }
+
+    fn csr(&self, key: &KeyPair) -> Result<Vec<u8>, CertifyError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            self.identity
+                .as_str()
+                .try_into()
+                .map_err(|e: rcgen::Error| CertifyError::Local(e.to_string()))?,
+        )];
+        let csr = params
+            .serialize_request(key)
+            .map_err(|e| CertifyError::Local(e.to_string()))?;
+        Ok(csr.der().to_vec())
+    }
+
+    /// Opens a TLS connection to the control plane that verifies its SPIFFE ID, presenting
+    /// our certificate when renewing.
+    async fn connect(&self, with_client_cert: bool) -> Result<IdentityClient<Channel>, CertifyError> {
+        let unreachable = |reason: String| CertifyError::Unreachable {
+            address: self.control_plane.address.clone(),
+            reason,
+        };
+        let client_cert = with_client_cert.then(|| self.cert.clone());
+        let config = tls::client_config(
+            self.trust.clone(),
+            self.control_plane.identity.clone(),
+            client_cert,
+            &[b"h2"],
+        )
+        .map_err(|e| CertifyError::Local(e.to_string()))?;
+        let connector = TlsConnector::from(Arc::new(config));
+        let address = self.control_plane.address.clone();
+        let channel = Endpoint::from_static("http://tessera-control-plane")
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .connect_with_connector(tower::service_fn(move |_| {
+                let connector = connector.clone();
+                let address = address.clone();
+                async move {
+                    let tcp = TcpStream::connect(address.as_str()).await?;
+                    let peer: SocketAddr = tcp.peer_addr()?;
+                    let tls = connector.connect(tls::server_name_for(peer), tcp).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(tls))
+                }
+            }))
+            .await
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        Ok(IdentityClient::new(channel))
+    }
+
+    /// Checks the answer and makes it the certificate new handshakes use.
+    fn install(
+        &self,
+        key: KeyPair,
+        chain: Vec<Vec<u8>>,
+        bundle: Vec<Vec<u8>>,
+    ) -> Result<SystemTime, CertifyError> {
+        let bad = |reason: String| CertifyError::BadAnswer(reason);
+        let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(Into::into).collect();
+        let bundle = TrustBundle::new(bundle.into_iter().map(Into::into).collect())
+            .map_err(|e| bad(format!("trust bundle: {e}")))?;
+        let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
+        let named = tls::spiffe_id_of(leaf).map_err(|e| bad(e.to_string()))?;
+        if named != self.identity {
+            return Err(bad(format!("certificate is for {named}, not {}", self.identity)));
+        }
+        tls::verify_chain(&bundle, &chain).map_err(|e| bad(format!("chain: {e}")))?;
+        let (serial, not_before, not_after) = validity(leaf).map_err(bad)?;
+        let private_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let certified = CertifiedKey::from_der(chain.clone(), private_key, &tls::crypto_provider())
+            .map_err(|e| bad(format!("certificate does not match our key: {e}")))?;
+
+        let now = SystemTime::now();
+        let remaining = not_after.duration_since(now).unwrap_or_default();
+        let renew_at = now + jitter(remaining, 0.5, 0.7);
+        let issued_count = self.status().map_or(0, |s| s.issued_count) + 1;
+        let roots = bundle.roots().len();
+        // Bundle first: a peer with a certificate from a new root must verify by the time
+        // our new certificate (possibly from that root) is presented.
+        self.trust.replace_bundle(bundle);
+        self.cert.set(certified);
+        self.status.store(Some(Arc::new(CertStatus {
+            identity: self.identity.to_string(),
+            serial: serial.clone(),
+            not_before,
+            not_after,
+            renew_at,
+            chain_length: chain.len(),
+            trust_bundle_roots: roots,
+            issued_count,
+        })));
+        self.metrics.cert_renewals.inc();
+        self.metrics.cert_expiry.set(unix(not_after) as f64);
+        info!(
+            event = if issued_count == 1 { "certificate issued" } else { "certificate renewed" },
+            identity = %self.identity,
+            serial = %serial,
+            not_after = %humantime::format_rfc3339_seconds(not_after),
+            renew_at = %humantime::format_rfc3339_seconds(renew_at),
+            trust_bundle_roots = roots,
+        );
+        Ok(renew_at)
+    }
+}
+
+/// Serial (hex), notBefore and notAfter of a certificate.
+fn validity(cert: &CertificateDer<'_>) -> Result<(String, SystemTime, SystemTime), String> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert).map_err(|_| "unparsable certificate")?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    let serial = parsed
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((
+        serial,
+        at(parsed.validity().not_before),
+        at(parsed.validity().not_after),
+    ))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A random point between `low` and `high` times `base`.
+fn jitter(base: Duration, low: f64, high: f64) -> Duration {
+    base.mul_f64(rand::rng().random_range(low..high))
+}
+
+/// An error with its causes, which tonic hides behind "transport error".
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_range() {
+        let base = Duration::from_secs(100);
+        for _ in 0..1000 {
+            let d = jitter(base, 0.5, 0.7);
+            assert!(d >= Duration::from_secs(50) && d < Duration::from_secs(70), "{d:?}");
+        }
+    }
+}

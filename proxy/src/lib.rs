@@ -1,0 +1,18 @@
+//! The Tessera proxy: a per-workload data plane that carries traffic between workloads
+//! over mutual TLS, each side proven by a SPIFFE certificate from the control plane.
+//!
+//! Data flow: `outbound` (local app → mTLS) and `inbound` (mTLS → local app) listeners,
+//! sharing `tcp` for the byte relay; `identity` keeps the certificate fresh; `admin`
+//! and `telemetry` show what is happening; `app` wires it all from `config`.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod tcp;
+pub mod telemetry;
+
+pub use app::{RunningProxy, start};
+pub use config::ProxyConfig;

@@ -1,0 +1,84 @@
+//! What inbound and outbound share: accepting under a connection limit, copying bytes
+//! both ways with half-close, and naming why a TLS handshake failed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_proto::tls::TlsError;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::warn;
+
+use crate::telemetry::Refusal;
+
+/// Buffer per direction per connection: large enough for a full TLS record.
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// Accepts connections forever, at most `limit` open at once, and hands each to
+/// `handle` in its own task.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, limit: usize, handle: F)
+where
+    F: Fn(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limit));
+    loop {
+        // Waiting for a permit before accepting leaves excess connections in the
+        // kernel's backlog instead of in our memory.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer, permit));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: pause instead of spinning.
+                warn!(event = "accept failed", error = %error);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Copies both ways until both sides are done; a half-close on one side is passed on
+/// while the other direction keeps flowing. Returns bytes (a→b, b→a).
+pub async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
+}
+
+/// Connects with a bound on how long it may take.
+pub async fn connect(address: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Names the reason a handshake failed, for the metric label.
+pub fn classify_handshake_error(error: &std::io::Error) -> Refusal {
+    let Some(tls_error) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return Refusal::HandshakeFailed;
+    };
+    match tls_error {
+        rustls::Error::NoCertificatesPresented => Refusal::NoCertificate,
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            match other.0.downcast_ref::<TlsError>() {
+                Some(TlsError::UnexpectedPeer { .. }) => Refusal::UnexpectedIdentity,
+                _ => Refusal::UntrustedCertificate,
+            }
+        }
+        rustls::Error::InvalidCertificate(_) => Refusal::UntrustedCertificate,
+        _ => Refusal::HandshakeFailed,
+    }
+}

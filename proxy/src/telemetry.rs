@@ -1,0 +1,214 @@
+//! The proxy's metrics, in Prometheus form on the admin port.
+//!
+//! Labels only ever take values from small, known sets (directions, refusal reasons) or
+//! from verified identities, so a hostile peer cannot grow the series count.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// Why a connection was refused before any application byte moved.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Refusal {
+    /// Plaintext on a port that only speaks mTLS.
+    Plaintext,
+    /// The peer's certificate does not chain to the trust bundle, or is expired.
+    UntrustedCertificate,
+    /// The peer is trusted but is not who it was expected to be.
+    UnexpectedIdentity,
+    /// The peer presented no certificate.
+    NoCertificate,
+    /// This proxy has no certificate yet (or it expired).
+    NoLocalCertificate,
+    HandshakeTimeout,
+    HandshakeFailed,
+    /// The remote address or local application did not accept the TCP connection.
+    ConnectFailed,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Plaintext => "plaintext",
+            Refusal::UntrustedCertificate => "untrusted_certificate",
+            Refusal::UnexpectedIdentity => "unexpected_identity",
+            Refusal::NoCertificate => "no_certificate",
+            Refusal::NoLocalCertificate => "no_local_certificate",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::HandshakeFailed => "handshake_failed",
+            Refusal::ConnectFailed => "connect_failed",
+        }
+    }
+}
+
+impl EncodeLabelValue for Refusal {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub direction: Direction,
+    /// Verified SPIFFE ID of the other proxy.
+    pub peer_identity: String,
+    /// Always "mtls" today; plaintext arrives with PERMISSIVE mode.
+    pub security: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByteLabels {
+    pub direction: Direction,
+    /// "sent" to the peer proxy, or "received" from it.
+    pub flow: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub direction: Direction,
+    pub reason: Refusal,
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<ConnectionLabels, Counter>,
+    pub connections_active: Family<DirectionLabels, Gauge>,
+    pub bytes: Family<ByteLabels, Counter>,
+    pub refused: Family<RefusalLabels, Counter>,
+    pub cert_expiry: Gauge<f64, AtomicU64>,
+    pub cert_renewals: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tessera");
+        let metrics = Self {
+            connections: Family::default(),
+            connections_active: Family::default(),
+            bytes: Family::default(),
+            refused: Family::default(),
+            cert_expiry: Gauge::default(),
+            cert_renewals: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "tcp_connections",
+            "mTLS connections established",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "tcp_connections_active",
+            "Connections open now",
+            metrics.connections_active.clone(),
+        );
+        registry.register(
+            "tcp_bytes",
+            "Application bytes carried over mTLS",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "tcp_connections_refused",
+            "Connections refused before any application byte moved",
+            metrics.refused.clone(),
+        );
+        registry.register(
+            "identity_cert_expiry_timestamp_seconds",
+            "When the current workload certificate expires (Unix time)",
+            metrics.cert_expiry.clone(),
+        );
+        registry.register(
+            "identity_cert_renewals",
+            "Workload certificates obtained from the control plane",
+            metrics.cert_renewals.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Prometheus text exposition (OpenMetrics flavour, ends with `# EOF`).
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Counters and gauges of one direction, resolved once so connections touch no lock.
+    pub fn direction(&self, direction: Direction) -> DirectionMetrics {
+        let bytes = |flow| self.bytes.get_or_create(&ByteLabels { direction, flow }).clone();
+        DirectionMetrics {
+            active: self
+                .connections_active
+                .get_or_create(&DirectionLabels { direction })
+                .clone(),
+            sent: bytes("sent"),
+            received: bytes("received"),
+        }
+    }
+
+    /// Counts one established connection with a verified peer.
+    pub fn connection(&self, direction: Direction, peer_identity: &tessera_proto::SpiffeId) {
+        self.connections
+            .get_or_create(&ConnectionLabels {
+                direction,
+                peer_identity: peer_identity.to_string(),
+                security: "mtls",
+            })
+            .inc();
+    }
+
+    pub fn refuse(&self, direction: Direction, reason: Refusal) {
+        self.refused
+            .get_or_create(&RefusalLabels { direction, reason })
+            .inc();
+    }
+}
+
+/// The per-direction series every connection updates.
+#[derive(Clone)]
+pub struct DirectionMetrics {
+    pub active: Gauge,
+    /// Bytes sent to the peer proxy.
+    pub sent: Counter,
+    /// Bytes received from the peer proxy.
+    pub received: Counter,
+}
