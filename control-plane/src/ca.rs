@@ -10,8 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
 use tessera_proto::SpiffeId;
@@ -43,7 +42,10 @@ pub enum CsrRefusal {
     #[error("CSR must carry exactly one SAN, a URI; it has {uris} URI and {others} other SANs")]
     SanShape { uris: usize, others: usize },
     #[error("CSR is for {requested}, but the caller is authenticated as {authenticated}")]
-    IdentityMismatch { requested: String, authenticated: SpiffeId },
+    IdentityMismatch {
+        requested: String,
+        authenticated: SpiffeId,
+    },
 }
 
 /// A signed workload certificate.
@@ -108,7 +110,7 @@ impl CertificateAuthority {
         let key = KeyPair::from_pem(key_pem).map_err(material)?;
         let (_, parsed) = x509_parser::parse_x509_certificate(&signer)
             .map_err(|_| CaError::Material("CA certificate is not valid X.509".into()))?;
-        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(CaError::Material(
                 "ca-key.pem is not the key of ca-cert.pem".into(),
             ));
@@ -148,6 +150,18 @@ impl CertificateAuthority {
         self.issue_for_key(&csr.public_key, identity, ttl)
     }
 
+    /// Issues a certificate for a key made here: the control plane's own serving
+    /// certificate, which needs no CSR round trip.
+    pub fn issue_with_new_key(
+        &self,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(Issued, KeyPair), CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Material(e.to_string()))?;
+        let issued = self.issue_for_key(&key, identity, ttl)?;
+        Ok((issued, key))
+    }
+
     fn issue_for_key(
         &self,
         public_key: &impl rcgen::PublicKeyData,
@@ -162,12 +176,10 @@ impl CertificateAuthority {
         params
             .distinguished_name
             .push(DnType::OrganizationName, identity.trust_domain());
-        params.subject_alt_names = vec![SanType::URI(
-            identity
-                .as_str()
-                .try_into()
-                .map_err(|e: rcgen::Error| CaError::Material(e.to_string()))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(identity.as_str().try_into().map_err(
+                |e: rcgen::Error| CaError::Material(e.to_string()),
+            )?)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -213,10 +225,9 @@ pub fn validate_csr(
     csr_der: &[u8],
     authenticated: &SpiffeId,
 ) -> Result<CertificateSigningRequestParams, CsrRefusal> {
-    let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-        csr_der,
-    ))
-    .map_err(|_| CsrRefusal::Malformed)?;
+    let csr =
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+            .map_err(|_| CsrRefusal::Malformed)?;
     if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
         return Err(CsrRefusal::KeyAlgorithm);
     }
@@ -274,7 +285,10 @@ fn create_dev_root(state_dir: &Path, trust_domain: &str) -> Result<(), CaError> 
     params.not_after = now + DEV_ROOT_LIFETIME;
     params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
     let cert = params.self_signed(&key).map_err(material)?;
-    crate::state::write_private(&state_dir.join("ca-key.pem"), key.serialize_pem().as_bytes())?;
+    crate::state::write_private(
+        &state_dir.join("ca-key.pem"),
+        key.serialize_pem().as_bytes(),
+    )?;
     crate::state::write_public(&state_dir.join("ca-cert.pem"), cert.pem().as_bytes())?;
     tracing::info!(
         event = "development root created",
@@ -332,7 +346,9 @@ mod tests {
         let dir = tempdir();
         let ca = CertificateAuthority::dev_root(&dir, "cluster.local").unwrap();
         let request = validate_csr(&csr(vec![uri(&id("api"))], IsCa::NoCa), &id("api")).unwrap();
-        let issued = ca.issue(&request, &id("api"), Duration::from_secs(3600)).unwrap();
+        let issued = ca
+            .issue(&request, &id("api"), Duration::from_secs(3600))
+            .unwrap();
         assert_eq!(issued.chain.len(), 1);
         let (_, cert) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
         assert!(!cert.is_ca());
@@ -341,13 +357,17 @@ mod tests {
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
         assert_eq!(tls::spiffe_id_of(&issued.chain[0]).unwrap(), id("api"));
-        let lifetime = cert.validity().not_after.timestamp() - OffsetDateTime::now_utc().unix_timestamp();
+        let lifetime =
+            cert.validity().not_after.timestamp() - OffsetDateTime::now_utc().unix_timestamp();
         assert!((3590..=3600).contains(&lifetime), "{lifetime}");
         let bundle = TrustBundle::new(ca.trust_bundle().to_vec()).unwrap();
         tls::verify_chain(&bundle, &issued.chain).unwrap();
         // The key stays private to the state directory.
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("ca-key.pem")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("ca-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         // A restart loads the same root.
         let again = CertificateAuthority::dev_root(&dir, "cluster.local").unwrap();
@@ -385,11 +405,17 @@ mod tests {
             validate_csr(&csr(vec![], IsCa::NoCa), &me).unwrap_err(),
             CsrRefusal::SanShape { uris: 0, others: 0 }
         );
-        assert_eq!(validate_csr(b"garbage", &me).unwrap_err(), CsrRefusal::Malformed);
+        assert_eq!(
+            validate_csr(b"garbage", &me).unwrap_err(),
+            CsrRefusal::Malformed
+        );
         let mut tampered = csr(vec![uri(&me)], IsCa::NoCa);
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert_eq!(validate_csr(&tampered, &me).unwrap_err(), CsrRefusal::Malformed);
+        assert_eq!(
+            validate_csr(&tampered, &me).unwrap_err(),
+            CsrRefusal::Malformed
+        );
     }
 
     fn tempdir() -> PathBuf {

@@ -1,1 +1,136 @@
-fn main(){}
+//! `tessera`: the control plane server and the operator's command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tessera_control_plane::{app, demo};
+use tessera_proto::logging::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera service mesh: control plane and CLI"
+)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "TESSERA_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: CA and identity API, discovery API (15012), admin (15014).
+    ControlPlane {
+        /// Directory of tessera.dev/v1alpha1 resources (YAML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the CA and token keys live [default: <config>/.tessera-state].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "0.0.0.0:15014")]
+        admin: SocketAddr,
+    },
+    /// Join tokens for workloads outside Kubernetes.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Run a small mesh on loopback and show what it does.
+    Demo {
+        /// How long to drive traffic.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a join token for one namespace and service account.
+    Create {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The control plane's configuration directory.
+        #[arg(long)]
+        config: PathBuf,
+        /// The control plane's state directory [default: <config>/.tessera-state].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tessera_proto::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::Demo { .. }) && std::env::var_os("RUST_LOG").is_none() {
+        // The demo prints its own story; only errors should interrupt it.
+        // SAFETY: single-threaded here, before any other thread exists.
+        unsafe { std::env::set_var("RUST_LOG", "error") };
+    }
+    logging::init(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::ControlPlane {
+            config,
+            state_dir,
+            listen,
+            admin,
+        } => runtime.block_on(async {
+            let state_dir = state_dir.unwrap_or_else(|| app::Options::default_state_dir(&config));
+            let _control_plane = app::start(app::Options {
+                config_dir: config,
+                state_dir,
+                grpc_listen: listen,
+                admin_listen: admin,
+            })
+            .await?;
+            wait_for_signal().await
+        }),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    namespace,
+                    service_account,
+                    ttl,
+                    config,
+                    state_dir,
+                },
+        } => {
+            let state_dir = state_dir.unwrap_or_else(|| app::Options::default_state_dir(&config));
+            let token = app::create_token(&config, &state_dir, &namespace, &service_account, ttl)?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Demo { duration } => runtime.block_on(demo::run(duration)),
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        result = tokio::signal::ctrl_c() => result.context("cannot watch SIGINT")?,
+    }
+    tracing::info!(event = "control plane stopping");
+    Ok(())
+}

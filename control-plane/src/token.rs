@@ -129,7 +129,10 @@ fn unix_now() -> u64 {
 pub(crate) fn rfc3339(unix_seconds: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix_seconds as i64)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| unix_seconds.to_string())
 }
 
@@ -143,14 +146,19 @@ mod tests {
     }
 
     fn frontend() -> SpiffeId {
-        "spiffe://cluster.local/ns/shop/sa/frontend".parse().unwrap()
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+            .parse()
+            .unwrap()
     }
 
     #[test]
     fn round_trip() {
         let authority = authority();
         let token = authority.create(&frontend(), Duration::from_secs(60));
-        assert_eq!(authority.verify(&token, "cluster.local").unwrap(), frontend());
+        assert_eq!(
+            authority.verify(&token, "cluster.local").unwrap(),
+            frontend()
+        );
     }
 
     #[test]
@@ -186,7 +194,9 @@ mod tests {
             assert!(authority.verify(garbage, "cluster.local").is_err());
         }
         assert_eq!(
-            authority.verify(&"a".repeat(5000), "cluster.local").unwrap_err(),
+            authority
+                .verify(&"a".repeat(5000), "cluster.local")
+                .unwrap_err(),
             TokenRefusal::Malformed
         );
     }

@@ -224,9 +224,8 @@ fn parse_document(file: &Path, first_line: u64, text: &str) -> Result<Resource, 
     let line_of = |location: Option<serde_saphyr::Location>| {
         first_line + location.map_or(0, |l| l.line().saturating_sub(1))
     };
-    let yaml_error = |e: serde_saphyr::Error| {
-        ConfigError::at(file, line_of(e.location()), plain_message(&e))
-    };
+    let yaml_error =
+        |e: serde_saphyr::Error| ConfigError::at(file, line_of(e.location()), plain_message(&e));
     let header: Header = serde_saphyr::from_str(text).map_err(yaml_error)?;
     let api_version = header
         .api_version
@@ -279,7 +278,10 @@ fn mesh_config_spec(yaml: MeshConfigYaml) -> Result<MeshConfigSpec, FieldError> 
             .map_err(|e| (at, format!("certificateTtl {:?}: {e}", ttl.value)))?;
         let range = MeshConfigSpec::MIN_CERTIFICATE_TTL..=MeshConfigSpec::MAX_CERTIFICATE_TTL;
         if !range.contains(&parsed) {
-            return Err((at, format!("certificateTtl {:?} is outside 5s..90d", ttl.value)));
+            return Err((
+                at,
+                format!("certificateTtl {:?} is outside 5s..90d", ttl.value),
+            ));
         }
         spec.certificate_ttl = parsed;
     }

@@ -23,13 +23,19 @@ pub struct SpiffeId {
 pub enum SpiffeIdError {
     #[error("SPIFFE ID {0:?} does not start with spiffe://")]
     Scheme(String),
-    #[error("SPIFFE ID {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "SPIFFE ID {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     Shape(String),
     #[error("invalid trust domain {0:?}: use lowercase letters, digits, '.', '-' and '_'")]
     TrustDomain(String),
-    #[error("invalid namespace {0:?}: must be a DNS label (lowercase letters, digits and '-', at most 63)")]
+    #[error(
+        "invalid namespace {0:?}: must be a DNS label (lowercase letters, digits and '-', at most 63)"
+    )]
     Namespace(String),
-    #[error("invalid service account {0:?}: must be a DNS subdomain (lowercase letters, digits, '-' and '.', at most 253)")]
+    #[error(
+        "invalid service account {0:?}: must be a DNS subdomain (lowercase letters, digits, '-' and '.', at most 253)"
+    )]
     ServiceAccount(String),
 }
 
@@ -65,6 +71,11 @@ impl SpiffeId {
 
     pub fn service_account(&self) -> &str {
         &self.uri[self.service_account_start..]
+    }
+
+    /// The control plane's own identity in a trust domain.
+    pub fn control_plane(trust_domain: &str) -> Result<Self, SpiffeIdError> {
+        Self::new(trust_domain, "tessera-system", "tessera-control-plane")
     }
 
     /// The full URI, as it appears in the certificate's URI SAN.
@@ -157,12 +168,17 @@ mod tests {
 
     #[test]
     fn parses_and_exposes_parts() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/frontend".parse().unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/frontend"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "shop");
         assert_eq!(id.service_account(), "frontend");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/frontend");
-        assert_eq!(SpiffeId::new("cluster.local", "shop", "frontend").unwrap(), id);
+        assert_eq!(
+            SpiffeId::new("cluster.local", "shop", "frontend").unwrap(),
+            id
+        );
     }
 
     #[test]

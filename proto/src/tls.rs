@@ -225,9 +225,9 @@ impl Trust {
 fn rejected(error: TlsError) -> rustls::Error {
     match error {
         TlsError::Rustls(inner) => inner,
-        other => rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-            other,
-        )))),
+        other => {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(other))))
+        }
     }
 }
 
@@ -490,25 +490,39 @@ mod tests {
             "spiffe://td/ns/a/sa/b".try_into().unwrap(),
         )];
         let cert = params.self_signed(&key).unwrap();
-        assert_eq!(spiffe_id_of(cert.der()).unwrap().as_str(), "spiffe://td/ns/a/sa/b");
+        assert_eq!(
+            spiffe_id_of(cert.der()).unwrap().as_str(),
+            "spiffe://td/ns/a/sa/b"
+        );
 
         params.subject_alt_names.push(rcgen::SanType::URI(
             "spiffe://td/ns/a/sa/c".try_into().unwrap(),
         ));
         let two = params.self_signed(&key).unwrap();
-        assert!(matches!(spiffe_id_of(two.der()), Err(TlsError::UriSanCount(2))));
+        assert!(matches!(
+            spiffe_id_of(two.der()),
+            Err(TlsError::UriSanCount(2))
+        ));
 
         params.subject_alt_names = vec![rcgen::SanType::DnsName("a.b".try_into().unwrap())];
         let none = params.self_signed(&key).unwrap();
-        assert!(matches!(spiffe_id_of(none.der()), Err(TlsError::UriSanCount(0))));
+        assert!(matches!(
+            spiffe_id_of(none.der()),
+            Err(TlsError::UriSanCount(0))
+        ));
     }
 
     #[test]
     fn pem_round_trip() {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::default().self_signed(&key).unwrap();
+        let cert = rcgen::CertificateParams::default()
+            .self_signed(&key)
+            .unwrap();
         let pem = der_to_pem(cert.der());
         assert_eq!(pem, cert.pem());
-        assert_eq!(certs_from_pem(pem.as_bytes()).unwrap(), vec![cert.der().clone()]);
+        assert_eq!(
+            certs_from_pem(pem.as_bytes()).unwrap(),
+            vec![cert.der().clone()]
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tessera_proto::SpiffeId;
-use tessera_proto::spiffe::{self, DEFAULT_TRUST_DOMAIN};
+use tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN;
 
 /// Environment variable that carries the join token, instead of a file.
 pub const JOIN_TOKEN_ENV: &str = "TESSERA_JOIN_TOKEN";
@@ -153,7 +153,12 @@ impl ProxyConfig {
         let config: Self = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
             line: e.location().map_or(0, |l| l.line()),
-            reason: e.to_string().lines().next().unwrap_or("invalid YAML").to_string(),
+            reason: e
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or("invalid YAML")
+                .to_string(),
         })?;
         config.validate()?;
         Ok(config)
@@ -196,7 +201,7 @@ impl ProxyConfig {
     pub fn control_plane_identity(&self) -> Result<SpiffeId, ConfigError> {
         match &self.control_plane.identity {
             Some(id) => Ok(id.clone()),
-            None => default_control_plane_identity(&self.identity.trust_domain)
+            None => SpiffeId::control_plane(&self.identity.trust_domain)
                 .map_err(|e| ConfigError::Semantic(format!("identity.trustDomain: {e}"))),
         }
     }
@@ -217,13 +222,6 @@ impl ProxyConfig {
         })?;
         Ok(Some(JoinToken(token.trim().to_string())))
     }
-}
-
-/// The control plane's identity in a trust domain.
-pub fn default_control_plane_identity(
-    trust_domain: &str,
-) -> Result<SpiffeId, spiffe::SpiffeIdError> {
-    SpiffeId::new(trust_domain, "tessera-system", "tessera-control-plane")
 }
 
 /// A join token. Never printed: `Debug` shows only that one is present.
@@ -278,7 +276,13 @@ mod tests {
             "{MINIMAL}outbound:\n  - listen: 127.0.0.1:1\n    address: x:1\n    identity: spiffe://other/ns/a/sa/b\n"
         );
         let config: ProxyConfig = serde_saphyr::from_str(&foreign).unwrap();
-        assert!(config.validate().unwrap_err().to_string().contains("outside trust domain"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("outside trust domain")
+        );
 
         let typo = MINIMAL.replace("address", "adress");
         assert!(serde_saphyr::from_str::<ProxyConfig>(&typo).is_err());

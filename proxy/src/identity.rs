@@ -202,12 +202,10 @@ impl IdentityManager {
     fn csr(&self, key: &KeyPair) -> Result<Vec<u8>, CertifyError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            self.identity
-                .as_str()
-                .try_into()
-                .map_err(|e: rcgen::Error| CertifyError::Local(e.to_string()))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(self.identity.as_str().try_into().map_err(
+                |e: rcgen::Error| CertifyError::Local(e.to_string()),
+            )?)];
         let csr = params
             .serialize_request(key)
             .map_err(|e| CertifyError::Local(e.to_string()))?;
@@ -216,7 +214,10 @@ impl IdentityManager {
 
     /// Opens a TLS connection to the control plane that verifies its SPIFFE ID, presenting
     /// our certificate when renewing.
-    async fn connect(&self, with_client_cert: bool) -> Result<IdentityClient<Channel>, CertifyError> {
+    async fn connect(
+        &self,
+        with_client_cert: bool,
+    ) -> Result<IdentityClient<Channel>, CertifyError> {
         let unreachable = |reason: String| CertifyError::Unreachable {
             address: self.control_plane.address.clone(),
             reason,
@@ -263,7 +264,10 @@ impl IdentityManager {
         let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
         let named = tls::spiffe_id_of(leaf).map_err(|e| bad(e.to_string()))?;
         if named != self.identity {
-            return Err(bad(format!("certificate is for {named}, not {}", self.identity)));
+            return Err(bad(format!(
+                "certificate is for {named}, not {}",
+                self.identity
+            )));
         }
         tls::verify_chain(&bundle, &chain).map_err(|e| bad(format!("chain: {e}")))?;
         let (serial, not_before, not_after) = validity(leaf).map_err(bad)?;
@@ -354,7 +358,10 @@ mod tests {
         let base = Duration::from_secs(100);
         for _ in 0..1000 {
             let d = jitter(base, 0.5, 0.7);
-            assert!(d >= Duration::from_secs(50) && d < Duration::from_secs(70), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(50) && d < Duration::from_secs(70),
+                "{d:?}"
+            );
         }
     }
 }

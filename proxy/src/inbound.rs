@@ -56,7 +56,10 @@ impl Inbound {
             );
         };
         if !self.identity.has_valid_cert() {
-            return refuse(Refusal::NoLocalCertificate, &"this proxy holds no valid certificate");
+            return refuse(
+                Refusal::NoLocalCertificate,
+                &"this proxy holds no valid certificate",
+            );
         }
         match tokio::time::timeout(self.limits.handshake_timeout, first_byte(&stream)).await {
             Ok(Ok(Some(TLS_HANDSHAKE_RECORD))) => {}

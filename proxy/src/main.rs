@@ -11,7 +11,12 @@ use tessera_proxy::ProxyConfig;
 #[command(name = "tessera-proxy", version, about = "Tessera data-plane proxy")]
 struct Cli {
     /// Log format: text or json.
-    #[arg(long, global = true, default_value = "text", env = "TESSERA_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "TESSERA_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,

@@ -56,7 +56,10 @@ impl Outbound {
             );
         };
         if !self.identity.has_valid_cert() {
-            return refuse(Refusal::NoLocalCertificate, &"this proxy holds no valid certificate");
+            return refuse(
+                Refusal::NoLocalCertificate,
+                &"this proxy holds no valid certificate",
+            );
         }
         let tcp_stream = match tcp::connect(&upstream.address, self.limits.connect_timeout).await {
             Ok(stream) => stream,
@@ -67,13 +70,15 @@ impl Outbound {
             Err(error) => return refuse(Refusal::ConnectFailed, &error),
         };
         let handshake = self.connector.connect(server_name, tcp_stream);
-        let mut tls_stream = match tokio::time::timeout(self.limits.handshake_timeout, handshake).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return refuse(tcp::classify_handshake_error(&error), &error),
-            Err(_) => return refuse(Refusal::HandshakeTimeout, &"TLS handshake timed out"),
-        };
+        let mut tls_stream =
+            match tokio::time::timeout(self.limits.handshake_timeout, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return refuse(tcp::classify_handshake_error(&error), &error),
+                Err(_) => return refuse(Refusal::HandshakeTimeout, &"TLS handshake timed out"),
+            };
         debug!(event = "outbound connection", client_address = %client, peer_identity = %upstream.identity);
-        self.metrics.connection(Direction::Outbound, &upstream.identity);
+        self.metrics
+            .connection(Direction::Outbound, &upstream.identity);
         self.counters.active.inc();
         let result = tcp::relay(&mut app, &mut tls_stream).await;
         self.counters.active.dec();

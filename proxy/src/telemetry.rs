@@ -174,7 +174,11 @@ impl Metrics {
 
     /// Counters and gauges of one direction, resolved once so connections touch no lock.
     pub fn direction(&self, direction: Direction) -> DirectionMetrics {
-        let bytes = |flow| self.bytes.get_or_create(&ByteLabels { direction, flow }).clone();
+        let bytes = |flow| {
+            self.bytes
+                .get_or_create(&ByteLabels { direction, flow })
+                .clone()
+        };
         DirectionMetrics {
             active: self
                 .connections_active

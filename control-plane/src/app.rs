@@ -1,0 +1,236 @@
+//! Wiring of the control plane: configuration, CA, token authority, the gRPC services
+//! on 15012 and the admin endpoint on 15014.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use http::StatusCode;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tessera_proto::SpiffeId;
+use tessera_proto::api::discovery::discovery_server::DiscoveryServer;
+use tessera_proto::api::discovery::{MeshSettings, Snapshot};
+use tessera_proto::api::identity::identity_server::IdentityServer;
+use tessera_proto::resources::{self, MeshConfigSpec};
+use tessera_proto::tls::{self, ClientAuth, CurrentCert, Trust, TrustBundle};
+use tessera_proxy::admin::{self, Reply};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::ca::CertificateAuthority;
+use crate::discovery_service::DiscoveryService;
+use crate::identity_service::IdentityService;
+use crate::telemetry::Metrics;
+use crate::token::{self, TokenAuthority};
+
+/// The control plane's own certificate lives this long and is renewed at half-life.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The file proxies bootstrap trust from.
+pub const TRUST_BUNDLE_FILE: &str = "root-cert.pem";
+
+/// Where the control plane reads from, writes to and listens on.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+}
+
+impl Options {
+    /// The state directory when none is given: `<config>/.tessera-state`.
+    pub fn default_state_dir(config_dir: &Path) -> PathBuf {
+        config_dir.join(".tessera-state")
+    }
+}
+
+/// A started control plane. Dropping it stops every task.
+pub struct RunningControlPlane {
+    pub grpc_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub trust_domain: String,
+    /// PEM file of the current trust bundle, for proxies to bootstrap from.
+    pub trust_bundle_file: PathBuf,
+    pub metrics: Arc<Metrics>,
+    tokens: Arc<TokenAuthority>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RunningControlPlane {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl RunningControlPlane {
+    /// A join token for a workload of this mesh.
+    pub fn create_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        ttl: Duration,
+    ) -> anyhow::Result<String> {
+        let identity = SpiffeId::new(&self.trust_domain, namespace, service_account)?;
+        Ok(self.tokens.create(&identity, ttl))
+    }
+}
+
+/// Reads the mesh settings from the configuration directory.
+pub fn load_mesh_config(config_dir: &Path) -> anyhow::Result<MeshConfigSpec> {
+    let resources = resources::load_dir(config_dir)?;
+    Ok(resources::mesh_config(&resources)?)
+}
+
+/// Creates a join token from the state directory, as `tessera token create` does.
+pub fn create_token(
+    config_dir: &Path,
+    state_dir: &Path,
+    namespace: &str,
+    service_account: &str,
+    ttl: Duration,
+) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        ttl > Duration::ZERO && ttl <= token::MAX_TTL,
+        "--ttl must be between 1s and 30 days"
+    );
+    let mesh = load_mesh_config(config_dir)?;
+    let identity = SpiffeId::new(&mesh.trust_domain, namespace, service_account)?;
+    let tokens = TokenAuthority::load_or_create(state_dir)?;
+    Ok(tokens.create(&identity, ttl))
+}
+
+/// Starts the control plane; returns once it listens.
+pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
+    let mesh = load_mesh_config(&options.config_dir)?;
+    std::fs::create_dir_all(&options.state_dir).with_context(|| {
+        format!(
+            "cannot create state directory {}",
+            options.state_dir.display()
+        )
+    })?;
+    let ca = Arc::new(certificate_authority(&options, &mesh)?);
+    let trust_bundle = TrustBundle::new(ca.trust_bundle().to_vec())?;
+    let trust_bundle_file = options.state_dir.join(TRUST_BUNDLE_FILE);
+    crate::state::write_public(&trust_bundle_file, trust_bundle.to_pem().as_bytes())?;
+    let tokens = Arc::new(TokenAuthority::load_or_create(&options.state_dir)?);
+    let metrics = Arc::new(Metrics::new());
+
+    let own_identity = SpiffeId::control_plane(&mesh.trust_domain)?;
+    let serving_cert = CurrentCert::new();
+    renew_serving_cert(&ca, &own_identity, &serving_cert)?;
+    let trust = Trust::new(mesh.trust_domain.clone(), trust_bundle);
+    let server_config =
+        tls::server_config(trust, serving_cert.clone(), ClientAuth::Optional, &[b"h2"])?;
+
+    let identity_service = IdentityService {
+        ca: ca.clone(),
+        tokens: tokens.clone(),
+        trust_domain: mesh.trust_domain.clone(),
+        certificate_ttl: mesh.certificate_ttl,
+        metrics: metrics.clone(),
+    };
+    // Snapshots change with the configuration once it is watched; today they carry
+    // the mesh settings read at start.
+    let (_snapshot_sender, snapshots) = tokio::sync::watch::channel(Snapshot {
+        version: "1".into(),
+        mesh: Some(MeshSettings {
+            trust_domain: mesh.trust_domain.clone(),
+            certificate_ttl_seconds: mesh.certificate_ttl.as_secs(),
+        }),
+    });
+    let discovery_service = DiscoveryService {
+        snapshots,
+        metrics: metrics.clone(),
+    };
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity_service))
+        .add_service(DiscoveryServer::new(discovery_service));
+
+    let grpc_listener = TcpListener::bind(options.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.grpc_listen))?;
+    let grpc_address = grpc_listener.local_addr()?;
+    let admin_listener = TcpListener::bind(options.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.admin_listen))?;
+    let admin_address = admin_listener.local_addr()?;
+
+    let acceptor = TlsAcceptor::from(Arc::new(server_config));
+    let admin_metrics = metrics.clone();
+    let tasks = vec![
+        tokio::spawn(crate::grpc::serve(grpc_listener, acceptor, router)),
+        tokio::spawn(admin::serve(admin_listener, move |path| match path {
+            "/live" | "/ready" => Reply::text(StatusCode::OK, "ok\n"),
+            "/metrics" => Reply::metrics(admin_metrics.encode()),
+            _ => Reply::not_found(),
+        })),
+        tokio::spawn(keep_serving_cert_fresh(ca, own_identity, serving_cert)),
+    ];
+    info!(
+        event = "control plane started",
+        trust_domain = %mesh.trust_domain,
+        grpc = %grpc_address,
+        admin = %admin_address,
+        certificate_ttl = %humantime::format_duration(mesh.certificate_ttl),
+        trust_bundle = %trust_bundle_file.display(),
+    );
+    Ok(RunningControlPlane {
+        grpc_address,
+        admin_address,
+        trust_domain: mesh.trust_domain,
+        trust_bundle_file,
+        metrics,
+        tokens,
+        tasks,
+    })
+}
+
+fn certificate_authority(
+    options: &Options,
+    mesh: &MeshConfigSpec,
+) -> anyhow::Result<CertificateAuthority> {
+    match &mesh.plugin_ca_dir {
+        Some(dir) => {
+            let dir = options.config_dir.join(dir);
+            info!(event = "using plug-in CA", path = %dir.display());
+            CertificateAuthority::plugin(&dir).context("plug-in CA")
+        }
+        None => CertificateAuthority::dev_root(&options.state_dir, &mesh.trust_domain)
+            .context("development CA"),
+    }
+}
+
+fn renew_serving_cert(
+    ca: &CertificateAuthority,
+    identity: &SpiffeId,
+    cert: &CurrentCert,
+) -> anyhow::Result<()> {
+    let (issued, key) = ca.issue_with_new_key(identity, SERVING_CERT_TTL)?;
+    let private_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    cert.set(CertifiedKey::from_der(
+        issued.chain,
+        private_key,
+        &tls::crypto_provider(),
+    )?);
+    Ok(())
+}
+
+async fn keep_serving_cert_fresh(
+    ca: Arc<CertificateAuthority>,
+    identity: SpiffeId,
+    cert: Arc<CurrentCert>,
+) {
+    loop {
+        tokio::time::sleep(SERVING_CERT_TTL / 2).await;
+        if let Err(error) = renew_serving_cert(&ca, &identity, &cert) {
+            warn!(event = "control plane certificate renewal failed", error = %error);
+        }
+    }
+}

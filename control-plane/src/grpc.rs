@@ -1,0 +1,138 @@
+//! The control plane's gRPC endpoint (port 15012): TLS terminated here with our own
+//! SPIFFE verifier, then handed to tonic. Client certificates are optional at the TLS
+//! layer — a proxy's first call has none and authenticates with a join token — and each
+//! service decides what it requires from the [`Caller`] attached to every request.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tessera_proto::SpiffeId;
+use tessera_proto::tls;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, Router};
+use tracing::warn;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more wait in the backlog.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// Who is calling: their address, and their SPIFFE ID if they presented a certificate.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub address: SocketAddr,
+    pub identity: Option<SpiffeId>,
+}
+
+/// A TLS connection that tells tonic who is on the other end.
+struct CallerStream {
+    stream: TlsStream<TcpStream>,
+    caller: Caller,
+}
+
+impl Connected for CallerStream {
+    type ConnectInfo = Caller;
+
+    fn connect_info(&self) -> Caller {
+        self.caller.clone()
+    }
+}
+
+impl AsyncRead for CallerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CallerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Serves `router` over TLS on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
+    let (connections, incoming) = mpsc::channel(64);
+    let accepting = tokio::spawn(accept(listener, acceptor, connections));
+    let served = router
+        .serve_with_incoming(ReceiverStream::new(incoming))
+        .await;
+    accepting.abort();
+    if let Err(error) = served {
+        warn!(event = "gRPC server stopped", error = %error);
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    connections: mpsc::Sender<Result<CallerStream, std::io::Error>>,
+) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let Ok(permit) = pending.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, address) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(event = "accept failed", error = %error);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let connections = connections.clone();
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            drop(permit);
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    return warn!(event = "control plane TLS handshake refused", caller = %address, reason = %error);
+                }
+                Err(_) => {
+                    return warn!(event = "control plane TLS handshake refused", caller = %address, reason = "timed out");
+                }
+            };
+            let identity = tls::peer_identity(stream.get_ref().1);
+            let caller = Caller { address, identity };
+            let _ = connections.send(Ok(CallerStream { stream, caller })).await;
+        });
+    }
+}

@@ -1,0 +1,131 @@
+//! The identity API: authenticates the caller, checks its CSR, has the CA sign it.
+//!
+//! Callers authenticate with a join token (first certificate) or with the certificate
+//! they hold (renewal). Every issuance and every refusal is one structured log line with
+//! identity, serial, expiry, caller address and reason — never the token or a key.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_proto::SpiffeId;
+use tessera_proto::api::identity::identity_server::Identity;
+use tessera_proto::api::identity::{CertifyRequest, CertifyResponse};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::ca::{CertificateAuthority, CsrRefusal, validate_csr};
+use crate::grpc::Caller;
+use crate::telemetry::{Metrics, RefusalReason};
+use crate::token::{TokenAuthority, TokenRefusal};
+
+/// Serves `Certify`.
+pub struct IdentityService {
+    pub ca: Arc<CertificateAuthority>,
+    pub tokens: Arc<TokenAuthority>,
+    pub trust_domain: String,
+    pub certificate_ttl: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// How the caller proved who it is.
+#[derive(Debug, Clone, Copy)]
+enum Credential {
+    JoinToken,
+    Certificate,
+}
+
+impl IdentityService {
+    fn authenticate(
+        &self,
+        caller: &Caller,
+        join_token: &str,
+    ) -> Result<(SpiffeId, Credential), (RefusalReason, Status, String)> {
+        if !join_token.is_empty() {
+            return self
+                .tokens
+                .verify(join_token, &self.trust_domain)
+                .map(|id| (id, Credential::JoinToken))
+                .map_err(|refusal| {
+                    let status = match refusal {
+                        TokenRefusal::Expired(_) => Status::unauthenticated(refusal.to_string()),
+                        _ => Status::unauthenticated("join token rejected"),
+                    };
+                    (RefusalReason::Token, status, refusal.to_string())
+                });
+        }
+        match &caller.identity {
+            Some(identity) => Ok((identity.clone(), Credential::Certificate)),
+            None => {
+                let reason = "no join token and no client certificate";
+                Err((
+                    RefusalReason::Unauthenticated,
+                    Status::unauthenticated(reason),
+                    reason.to_string(),
+                ))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let Some(caller) = request.extensions().get::<Caller>().cloned() else {
+            return Err(Status::internal("caller unknown"));
+        };
+        let request = request.into_inner();
+        let refuse = |reason: RefusalReason, identity: Option<&SpiffeId>, detail: &str| {
+            self.metrics.refused(reason);
+            warn!(
+                event = "certificate refused",
+                caller = %caller.address,
+                identity = identity.map(tracing::field::display),
+                reason = reason.as_str(),
+                detail,
+            );
+        };
+        let (identity, credential) = self.authenticate(&caller, &request.join_token).map_err(
+            |(reason, status, detail)| {
+                refuse(reason, None, &detail);
+                status
+            },
+        )?;
+        let csr = validate_csr(&request.csr_der, &identity).map_err(|refusal| {
+            refuse(RefusalReason::Csr, Some(&identity), &refusal.to_string());
+            match refusal {
+                CsrRefusal::IdentityMismatch { .. } => {
+                    Status::permission_denied(refusal.to_string())
+                }
+                _ => Status::invalid_argument(refusal.to_string()),
+            }
+        })?;
+        let issued = self
+            .ca
+            .issue(&csr, &identity, self.certificate_ttl)
+            .map_err(|error| {
+                refuse(RefusalReason::Internal, Some(&identity), &error.to_string());
+                Status::internal("certificate authority failed")
+            })?;
+        self.metrics.issued();
+        info!(
+            event = "certificate issued",
+            identity = %identity,
+            serial = %issued.serial,
+            not_after = %rfc3339(issued.not_after),
+            caller = %caller.address,
+            authenticated_by = ?credential,
+        );
+        Ok(Response::new(CertifyResponse {
+            cert_chain_der: issued.chain.into_iter().map(|c| c.to_vec()).collect(),
+            trust_bundle_der: self.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+        }))
+    }
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
+}
