@@ -160,7 +160,7 @@ impl IdentityManager {
                         retry_in_ms = retry.as_millis() as u64,
                     );
                     tokio::time::sleep(jitter(retry, 0.8, 1.2)).await;
-                    retry = (retry * 2).min(MAX_RETRY);
+                    retry = next_retry(retry, expires);
                 }
             }
         }
@@ -308,6 +308,15 @@ impl IdentityManager {
     }
 }
 
+/// Doubles the retry delay, capped at [`MAX_RETRY`] and at a quarter of what is left of
+/// the current certificate, so a short outage never outlasts a short-lived certificate.
+fn next_retry(retry: Duration, expires: Option<SystemTime>) -> Duration {
+    let left = expires
+        .and_then(|at| at.duration_since(SystemTime::now()).ok())
+        .map_or(MAX_RETRY, |left| (left / 4).max(FIRST_RETRY));
+    (retry * 2).min(MAX_RETRY).min(left)
+}
+
 /// Serial (hex), notBefore and notAfter of a certificate.
 fn validity(cert: &CertificateDer<'_>) -> Result<(String, SystemTime, SystemTime), String> {
     let (_, parsed) =
@@ -352,6 +361,21 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_backs_off_within_the_certificate_lifetime() {
+        let far = Some(SystemTime::now() + Duration::from_secs(3600));
+        assert_eq!(
+            next_retry(Duration::from_secs(1), far),
+            Duration::from_secs(2)
+        );
+        assert_eq!(next_retry(Duration::from_secs(8), far), MAX_RETRY);
+        assert_eq!(next_retry(Duration::from_secs(8), None), MAX_RETRY);
+        let soon = Some(SystemTime::now() + Duration::from_secs(8));
+        assert!(next_retry(Duration::from_secs(8), soon) <= Duration::from_secs(2));
+        let expired = Some(SystemTime::now() - Duration::from_secs(1));
+        assert_eq!(next_retry(Duration::from_secs(8), expired), MAX_RETRY);
+    }
 
     #[test]
     fn jitter_stays_in_range() {

@@ -1,1 +1,519 @@
+//! Support for Tessera's end-to-end tests: real `tessera` and `tessera-proxy` processes,
+//! real sockets, real TLS. Every e2e test builds on these helpers.
+//!
+//! Processes are killed when their handle drops, and their output is captured line by
+//! line so tests can assert on what each side logged.
 
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub mod certs;
+pub mod grpc;
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+pub const NAMESPACE: &str = "shop";
+
+/// Path of a binary built from this workspace (same profile as the running test).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port. Ports handed out are remembered so parallel tests in one
+/// process never get the same one.
+pub fn free_port() -> u16 {
+    static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        let mut taken = TAKEN.lock().expect("port registry");
+        if !taken.contains(&port) {
+            taken.push(port);
+            return port;
+        }
+    }
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A scratch directory removed at drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "tessera-e2e-{label}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Captured output lines of a process.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<String>>>);
+
+impl Logs {
+    fn capture(&self, stream: impl std::io::Read + Send + 'static, echo_prefix: String) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if std::env::var_os("TESSERA_TEST_ECHO").is_some() {
+                    eprintln!("[{echo_prefix}] {line}");
+                }
+                lines.lock().expect("log lines").push(line);
+            }
+        });
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().expect("log lines").clone()
+    }
+
+    /// Lines containing every one of `needles`.
+    pub fn matching(&self, needles: &[&str]) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|line| needles.iter().all(|n| line.contains(n)))
+            .collect()
+    }
+
+    pub fn count(&self, needles: &[&str]) -> usize {
+        self.matching(needles).len()
+    }
+
+    /// Waits until a line contains all of `needles`; returns it.
+    pub async fn wait_for(&self, needles: &[&str], timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.matching(needles).into_iter().next() {
+                return Ok(line);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no log line with {needles:?} within {timeout:?}; log:\n{}",
+                    self.lines().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A child process killed at drop.
+pub struct Process {
+    child: Child,
+    pub logs: Logs,
+}
+
+impl Process {
+    pub fn spawn(label: &str, command: &mut Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {label}: {e}"));
+        let logs = Logs::default();
+        if let Some(out) = child.stdout.take() {
+            logs.capture(out, label.to_string());
+        }
+        if let Some(err) = child.stderr.take() {
+            logs.capture(err, label.to_string());
+        }
+        Self { child, logs }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `tessera control-plane` process with its own config and state directories.
+pub struct ControlPlane {
+    pub dir: TempDir,
+    pub grpc_port: u16,
+    pub admin_port: u16,
+    pub process: Process,
+}
+
+impl ControlPlane {
+    /// Starts a control plane whose MeshConfig has `certificate_ttl` and any `extra_spec`
+    /// lines (indented under `spec:`).
+    pub async fn start(certificate_ttl: &str, extra_spec: &str) -> Self {
+        let dir = TempDir::new("cp");
+        std::fs::create_dir_all(dir.path().join("config")).expect("config dir");
+        std::fs::write(
+            dir.path().join("config/mesh.yaml"),
+            format!(
+                "apiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: {TRUST_DOMAIN}\n  certificateTtl: {certificate_ttl}\n{extra_spec}"
+            ),
+        )
+        .expect("write mesh.yaml");
+        let grpc_port = free_port();
+        let admin_port = free_port();
+        let process = Self::spawn(&dir, grpc_port, admin_port);
+        let control_plane = Self {
+            dir,
+            grpc_port,
+            admin_port,
+            process,
+        };
+        control_plane.wait_started().await;
+        control_plane
+    }
+
+    fn spawn(dir: &TempDir, grpc_port: u16, admin_port: u16) -> Process {
+        Process::spawn(
+            "control-plane",
+            Command::new(binary("tessera"))
+                .arg("control-plane")
+                .arg("--config")
+                .arg(dir.path().join("config"))
+                .arg("--state-dir")
+                .arg(dir.path().join("state"))
+                .arg("--listen")
+                .arg(local(grpc_port).to_string())
+                .arg("--admin")
+                .arg(local(admin_port).to_string()),
+        )
+    }
+
+    async fn wait_started(&self) {
+        self.process
+            .logs
+            .wait_for(&["control plane started"], Duration::from_secs(20))
+            .await
+            .expect("control plane starts");
+    }
+
+    /// Kills the process (as a crash would).
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts it again on the same ports and state.
+    pub async fn restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(&self.dir, self.grpc_port, self.admin_port);
+        self.wait_started().await;
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn trust_bundle_file(&self) -> PathBuf {
+        self.state_dir().join("root-cert.pem")
+    }
+
+    /// A join token from `tessera token create`.
+    pub fn token(&self, service_account: &str, ttl: &str) -> String {
+        let output = Command::new(binary("tessera"))
+            .args([
+                "token",
+                "create",
+                "--namespace",
+                NAMESPACE,
+                "--service-account",
+                service_account,
+                "--ttl",
+                ttl,
+            ])
+            .arg("--config")
+            .arg(self.config_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .output()
+            .expect("run tessera token create");
+        assert!(
+            output.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .expect("utf-8 token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn address(&self) -> String {
+        local(self.grpc_port).to_string()
+    }
+}
+
+/// One outbound upstream of a test proxy.
+pub struct Upstream {
+    pub listen_port: u16,
+    pub address: SocketAddr,
+    pub identity: String,
+}
+
+/// A `tessera-proxy run` process.
+pub struct Proxy {
+    pub dir: TempDir,
+    pub admin_port: u16,
+    pub inbound_port: Option<u16>,
+    pub outbound_ports: Vec<u16>,
+    pub process: Process,
+}
+
+impl Proxy {
+    /// Starts a proxy for `service_account`, with an inbound port forwarding to `app` (if
+    /// any) and the given upstreams. `token` is written to a file the proxy reads.
+    pub fn start(
+        control_plane_address: &str,
+        trust_bundle: &Path,
+        service_account: &str,
+        token: &str,
+        app: Option<SocketAddr>,
+        upstreams: &[Upstream],
+    ) -> Self {
+        let dir = TempDir::new(service_account);
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, token).expect("write token");
+        let admin_port = free_port();
+        let inbound_port = app.map(|_| free_port());
+        let mut yaml = format!(
+            "identity:\n  trustDomain: {TRUST_DOMAIN}\n  namespace: {NAMESPACE}\n  serviceAccount: {service_account}\n  joinTokenFile: {}\ncontrolPlane:\n  address: {control_plane_address}\n  trustBundleFile: {}\nadmin: {}\nlimits:\n  handshakeTimeout: 3s\n",
+            token_file.display(),
+            trust_bundle.display(),
+            local(admin_port)
+        );
+        if let (Some(app), Some(port)) = (app, inbound_port) {
+            yaml.push_str(&format!(
+                "inbound:\n  - listen: {}\n    forwardTo: {app}\n",
+                local(port)
+            ));
+        }
+        if !upstreams.is_empty() {
+            yaml.push_str("outbound:\n");
+            for upstream in upstreams {
+                yaml.push_str(&format!(
+                    "  - listen: {}\n    address: {}\n    identity: {}\n",
+                    local(upstream.listen_port),
+                    upstream.address,
+                    upstream.identity
+                ));
+            }
+        }
+        let config = dir.path().join("proxy.yaml");
+        std::fs::write(&config, yaml).expect("write proxy.yaml");
+        let process = Process::spawn(
+            service_account,
+            Command::new(binary("tessera-proxy"))
+                .args(["--log-format", "json", "run", "--config"])
+                .arg(&config)
+                .env_remove("TESSERA_JOIN_TOKEN"),
+        );
+        Self {
+            dir,
+            admin_port,
+            inbound_port,
+            outbound_ports: upstreams.iter().map(|u| u.listen_port).collect(),
+            process,
+        }
+    }
+
+    pub fn inbound(&self) -> SocketAddr {
+        local(self.inbound_port.expect("proxy has an inbound port"))
+    }
+
+    pub fn outbound(&self, index: usize) -> SocketAddr {
+        local(self.outbound_ports[index])
+    }
+
+    /// GETs an admin path; returns (status, body).
+    pub async fn admin(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(local(self.admin_port), path).await
+    }
+
+    /// Waits until `/ready` says 200.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = self.admin("/ready").await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "proxy not ready within {timeout:?}; log:\n{}",
+                    self.process.logs.lines().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Identity of a service account in the test namespace.
+pub fn spiffe(service_account: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{service_account}")
+}
+
+/// A minimal HTTP/1.1 GET, enough for the admin endpoints.
+pub async fn http_get(address: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// A TCP echo server that counts every byte it receives.
+pub struct EchoServer {
+    pub address: SocketAddr,
+    pub bytes_received: Arc<AtomicU64>,
+    pub connections: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoServer {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind echo server");
+        let address = listener.local_addr().expect("echo address");
+        let bytes_received = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
+        let (bytes, conns) = (bytes_received.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                let bytes = bytes.clone();
+                tokio::spawn(async move {
+                    let (mut reader, mut writer) = stream.split();
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        match reader.read(&mut buffer).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                bytes.fetch_add(n as u64, Ordering::SeqCst);
+                                if writer.write_all(&buffer[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    // Half-close answered by closing our side once all is echoed.
+                    let _ = writer.shutdown().await;
+                });
+            }
+        });
+        Self {
+            address,
+            bytes_received,
+            connections,
+            task,
+        }
+    }
+
+    pub fn received(&self) -> u64 {
+        self.bytes_received.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends `payload` over a fresh connection, half-closes, and reads the whole echo back.
+pub async fn echo_roundtrip(address: SocketAddr, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    let payload = payload.to_vec();
+    let sender = tokio::spawn(async move {
+        writer.write_all(&payload).await?;
+        writer.shutdown().await?;
+        Ok::<_, std::io::Error>(writer)
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), reader.read_to_end(&mut echoed)).await??;
+    sender.await??;
+    Ok(echoed)
+}
+
+/// Random bytes for payloads.
+pub fn random_payload(len: usize) -> Vec<u8> {
+    (0..len).map(|_| rand::random::<u8>()).collect()
+}
+
+/// Waits until `condition` holds, polling.
+pub async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    condition()
+}
+
+/// Installs the crypto provider for in-test TLS clients.
+pub fn init() {
+    tessera_proto::tls::install_crypto_provider();
+}

@@ -1,0 +1,30 @@
+//! The README's first command works and shows verified identities.
+
+use std::process::Command;
+
+use tessera_tests::binary;
+
+#[test]
+fn demo_runs_and_shows_verified_identities() {
+    let output = Command::new(binary("tessera"))
+        .args(["demo", "--duration", "4s"])
+        .output()
+        .expect("run tessera demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "mTLS connections with spiffe://cluster.local/ns/shop/sa/frontend",
+        "refused: plaintext",
+        "refused: unexpected_identity",
+        "0 failed",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "demo output lacks {expected:?}:\n{stdout}"
+        );
+    }
+}

@@ -1,0 +1,226 @@
+//! The identity API refuses every credential or CSR it must, with a clear status for the
+//! caller and a log line on the control plane, and issues nothing.
+
+use std::time::Duration;
+
+use tessera_tests::certs::csr;
+use tessera_tests::*;
+use tonic::Code;
+
+async fn certify(
+    control_plane: &ControlPlane,
+    csr_der: Vec<u8>,
+    token: &str,
+) -> Result<(), tonic::Status> {
+    tessera_tests::grpc::certify(
+        &control_plane.address(),
+        &control_plane.trust_bundle_file(),
+        csr_der,
+        token,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Asserts a refusal with `code`, a log line naming `reason`, and no issuance.
+async fn assert_refused(
+    control_plane: &ControlPlane,
+    result: Result<(), tonic::Status>,
+    code: Code,
+    reason: &str,
+    detail: &str,
+) {
+    let status = result.expect_err("request must be refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    let logs = &control_plane.process.logs;
+    let line = logs
+        .wait_for(
+            &[
+                "certificate refused",
+                &format!("reason=\"{reason}\""),
+                detail,
+            ],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert!(line.contains("caller=127.0.0.1:"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_join_tokens_are_refused() {
+    init();
+    let control_plane = ControlPlane::start("1h", "").await;
+    let web = spiffe("web");
+
+    // Sanity: the same request with a good token succeeds, so the refusals below are
+    // about the token alone.
+    certify(
+        &control_plane,
+        csr(&[&web], false),
+        &control_plane.token("web", "10m"),
+    )
+    .await
+    .expect("good token accepted");
+
+    let expired = control_plane.token("web", "1s");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let result = certify(&control_plane, csr(&[&web], false), &expired).await;
+    assert_refused(
+        &control_plane,
+        result,
+        Code::Unauthenticated,
+        "token",
+        "join token expired at",
+    )
+    .await;
+
+    let good = control_plane.token("web", "10m");
+    let (head, mac) = good.rsplit_once('.').unwrap();
+    let mut payload: Vec<u8> = head.bytes().collect();
+    let last = payload.len() - 1;
+    payload[last] = if payload[last] == b'A' { b'B' } else { b'A' };
+    let tampered = format!("{}.{mac}", String::from_utf8(payload).unwrap());
+    let result = certify(&control_plane, csr(&[&web], false), &tampered).await;
+    assert_refused(
+        &control_plane,
+        result,
+        Code::Unauthenticated,
+        "token",
+        "signature does not verify",
+    )
+    .await;
+
+    let other_mesh = ControlPlane::start("1h", "").await;
+    let foreign = other_mesh.token("web", "10m");
+    let before = control_plane
+        .process
+        .logs
+        .count(&["signature does not verify"]);
+    let result = certify(&control_plane, csr(&[&web], false), &foreign).await;
+    assert_eq!(result.unwrap_err().code(), Code::Unauthenticated);
+    assert!(
+        eventually(Duration::from_secs(5), || control_plane
+            .process
+            .logs
+            .count(&["signature does not verify"])
+            > before)
+        .await
+    );
+
+    let result = certify(&control_plane, csr(&[&web], false), "").await;
+    assert_refused(
+        &control_plane,
+        result,
+        Code::Unauthenticated,
+        "unauthenticated",
+        "no join token",
+    )
+    .await;
+
+    assert_eq!(
+        control_plane.process.logs.count(&["certificate issued"]),
+        1,
+        "only the sanity request was issued"
+    );
+    for token in [&expired, &tampered, &foreign, &good] {
+        assert!(
+            control_plane
+                .process
+                .logs
+                .lines()
+                .iter()
+                .all(|l| !l.contains(token.as_str())),
+            "token logged"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csrs_asking_for_more_than_the_caller_is_are_refused() {
+    init();
+    let control_plane = ControlPlane::start("1h", "").await;
+    let web = spiffe("web");
+    let token = control_plane.token("web", "10m");
+
+    let result = certify(&control_plane, csr(&[&spiffe("db")], false), &token).await;
+    assert_refused(
+        &control_plane,
+        result,
+        Code::PermissionDenied,
+        "csr",
+        "but the caller is authenticated as",
+    )
+    .await;
+
+    let result = certify(&control_plane, csr(&[&web], true), &token).await;
+    assert_refused(
+        &control_plane,
+        result,
+        Code::InvalidArgument,
+        "csr",
+        "asks for a CA",
+    )
+    .await;
+
+    let result = certify(&control_plane, csr(&[&web, &spiffe("db")], false), &token).await;
+    assert_refused(
+        &control_plane,
+        result,
+        Code::InvalidArgument,
+        "csr",
+        "2 URI",
+    )
+    .await;
+
+    let result = certify(&control_plane, b"not a csr".to_vec(), &token).await;
+    assert_refused(
+        &control_plane,
+        result,
+        Code::InvalidArgument,
+        "csr",
+        "cannot be parsed",
+    )
+    .await;
+
+    assert_eq!(control_plane.process.logs.count(&["certificate issued"]), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_with_a_bad_token_stays_unready_and_passes_nothing() {
+    init();
+    let control_plane = ControlPlane::start("1h", "").await;
+    let echo = EchoServer::start().await;
+    let good = control_plane.token("server", "10m");
+    let tampered = good.replacen("tessera-join.v1.", "tessera-join.v1.x", 1);
+    let proxy = Proxy::start(
+        &control_plane.address(),
+        &control_plane.trust_bundle_file(),
+        "server",
+        &tampered,
+        Some(echo.address),
+        &[],
+    );
+    proxy
+        .process
+        .logs
+        .wait_for(
+            &["certificate renewal failed", "Unauthenticated"],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let (status, _) = proxy.admin("/ready").await.unwrap();
+    assert_eq!(status, 503);
+    let _ = echo_roundtrip(proxy.inbound(), b"must not arrive").await;
+    proxy
+        .process
+        .logs
+        .wait_for(
+            &["inbound connection refused", "NoLocalCertificate"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(echo.received(), 0);
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: real control-plane and proxy processes on loopback.
+//! They need the binaries built first (`cargo build --bins`), which the test script does.
+
+mod demo;
+mod identity_api;
+mod mtls;
+mod resilience;
+mod rotation;

@@ -1,0 +1,278 @@
+//! The mTLS TCP path between two proxies, and everything it must refuse.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_proto::SpiffeId;
+use tessera_proto::tls::{self, CurrentCert, Trust, TrustBundle};
+use tessera_tests::certs::{Leaf, TestCa};
+use tessera_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsConnector;
+
+/// A control plane, a server proxy in front of an echo server, and a client proxy with
+/// upstreams pointing at the server proxy (one expecting the right identity, one not).
+struct Mesh {
+    control_plane: ControlPlane,
+    echo: EchoServer,
+    server: Proxy,
+    client: Proxy,
+}
+
+async fn mesh() -> Mesh {
+    init();
+    let control_plane = ControlPlane::start("1h", "").await;
+    let echo = EchoServer::start().await;
+    let server = Proxy::start(
+        &control_plane.address(),
+        &control_plane.trust_bundle_file(),
+        "server",
+        &control_plane.token("server", "10m"),
+        Some(echo.address),
+        &[],
+    );
+    let client = Proxy::start(
+        &control_plane.address(),
+        &control_plane.trust_bundle_file(),
+        "client",
+        &control_plane.token("client", "10m"),
+        None,
+        &[
+            Upstream {
+                listen_port: free_port(),
+                address: server.inbound(),
+                identity: spiffe("server"),
+            },
+            Upstream {
+                listen_port: free_port(),
+                address: server.inbound(),
+                identity: spiffe("impostor-check"),
+            },
+        ],
+    );
+    server
+        .wait_ready(Duration::from_secs(20))
+        .await
+        .expect("server proxy ready");
+    client
+        .wait_ready(Duration::from_secs(20))
+        .await
+        .expect("client proxy ready");
+    Mesh {
+        control_plane,
+        echo,
+        server,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bytes_cross_mutual_tls_intact_with_half_close() {
+    let mesh = mesh().await;
+    let payload = random_payload(1 << 20);
+    let echoed = echo_roundtrip(mesh.client.outbound(0), &payload)
+        .await
+        .expect("echo through the mesh");
+    assert_eq!(echoed.len(), payload.len());
+    assert!(echoed == payload, "echoed bytes differ");
+
+    // Each side names the other by its verified SPIFFE ID.
+    let (_, server_metrics) = mesh.server.admin("/metrics").await.unwrap();
+    assert!(
+        server_metrics.contains(&format!("tessera_tcp_connections_total{{direction=\"inbound\",peer_identity=\"{}\",security=\"mtls\"}} 1", spiffe("client"))),
+        "{server_metrics}"
+    );
+    let (_, client_metrics) = mesh.client.admin("/metrics").await.unwrap();
+    assert!(
+        client_metrics.contains(&format!("peer_identity=\"{}\"", spiffe("server"))),
+        "{client_metrics}"
+    );
+    assert!(
+        client_metrics
+            .contains("tessera_tcp_bytes_total{direction=\"outbound\",flow=\"sent\"} 1048576"),
+        "{client_metrics}"
+    );
+    assert!(client_metrics.contains("tessera_identity_cert_expiry_timestamp_seconds"));
+
+    // The admin endpoint shows the certificate, never the key or the token.
+    let (status, certs) = mesh.server.admin("/certs").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(certs.contains(&spiffe("server")), "{certs}");
+    let (_, config) = mesh.client.admin("/config").await.unwrap();
+    let token = std::fs::read_to_string(mesh.client.dir.path().join("token")).unwrap();
+    assert!(!config.contains(&token) && !certs.contains("PRIVATE"));
+
+    // The control plane logged each issuance with identity, serial, expiry and caller.
+    let issued = mesh
+        .control_plane
+        .process
+        .logs
+        .matching(&["certificate issued", &spiffe("server")]);
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    for field in [
+        "serial=",
+        "not_after=",
+        "caller=127.0.0.1:",
+        "authenticated_by=JoinToken",
+    ] {
+        assert!(
+            issued[0].contains(field),
+            "missing {field} in {}",
+            issued[0]
+        );
+    }
+    for logs in [
+        &mesh.control_plane.process.logs,
+        &mesh.client.process.logs,
+        &mesh.server.process.logs,
+    ] {
+        for line in logs.lines() {
+            assert!(
+                !line.contains(&token) && !line.contains("PRIVATE KEY"),
+                "secret in log: {line}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_refuses_a_server_with_another_identity() {
+    let mesh = mesh().await;
+    let result = echo_roundtrip(mesh.client.outbound(1), b"must not arrive").await;
+    assert!(
+        result.map(|echo| echo.is_empty()).unwrap_or(true),
+        "data came back from an unverified server"
+    );
+    let line = mesh
+        .client
+        .process
+        .logs
+        .wait_for(
+            &["outbound connection refused", "UnexpectedIdentity"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert!(
+        line.contains(&spiffe("server")) && line.contains(&spiffe("impostor-check")),
+        "{line}"
+    );
+    assert_eq!(mesh.echo.received(), 0, "bytes reached the application");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plaintext_to_an_mtls_port_is_refused() {
+    let mesh = mesh().await;
+    let mut stream = tokio::net::TcpStream::connect(mesh.server.inbound())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: server\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+    assert!(reply.is_empty(), "plaintext got an answer");
+    mesh.server
+        .process
+        .logs
+        .wait_for(
+            &["inbound connection refused", "Plaintext"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(mesh.echo.received(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn untrusted_and_expired_client_certificates_are_refused() {
+    let mesh = mesh().await;
+    let foreign_ca = TestCa::root("Tessera development root CA");
+    let foreign = foreign_ca.leaf(
+        &spiffe("client"),
+        Duration::from_secs(60),
+        Duration::from_secs(3600),
+        false,
+    );
+    assert_refused_by_server(&mesh, foreign, "UntrustedCertificate").await;
+
+    let mesh_ca = TestCa::from_state_dir(&mesh.control_plane.state_dir());
+    let expired = mesh_ca.leaf(
+        &spiffe("client"),
+        Duration::from_secs(7200),
+        Duration::from_secs(3600),
+        true,
+    );
+    let line = assert_refused_by_server(&mesh, expired, "UntrustedCertificate").await;
+    assert!(line.to_lowercase().contains("expired"), "{line}");
+
+    // Control: a valid certificate from the same CA, presented the same way, is accepted.
+    let valid = mesh_ca.leaf(
+        &spiffe("client"),
+        Duration::from_secs(60),
+        Duration::from_secs(3600),
+        false,
+    );
+    let reply = present(&mesh, valid, b"hello")
+        .await
+        .expect("valid certificate accepted");
+    assert_eq!(reply, b"hello");
+}
+
+/// Connects straight to the server proxy's inbound port with `leaf` as client
+/// certificate; the echo must stay silent and the server must log the refusal.
+async fn assert_refused_by_server(mesh: &Mesh, leaf: Leaf, reason: &str) -> String {
+    let before = mesh
+        .server
+        .process
+        .logs
+        .count(&["inbound connection refused", reason]);
+    let reply = present(mesh, leaf, b"must not arrive").await;
+    assert!(
+        reply.map(|r| r.is_empty()).unwrap_or(true),
+        "refused peer got an answer"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || mesh
+            .server
+            .process
+            .logs
+            .count(&["inbound connection refused", reason])
+            > before)
+        .await,
+        "no refusal logged; log:\n{}",
+        mesh.server.process.logs.lines().join("\n")
+    );
+    assert_eq!(mesh.echo.received(), 0, "bytes reached the application");
+    mesh.server
+        .process
+        .logs
+        .matching(&["inbound connection refused", reason])
+        .pop()
+        .unwrap()
+}
+
+/// A TLS client presenting `leaf`, verifying the server as the mesh does.
+async fn present(mesh: &Mesh, leaf: Leaf, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let bundle = TrustBundle::from_pem(&std::fs::read(mesh.control_plane.trust_bundle_file())?)?;
+    let trust = Trust::new(TRUST_DOMAIN, bundle);
+    let cert = CurrentCert::new();
+    cert.set(rustls::sign::CertifiedKey::from_der(
+        leaf.chain,
+        leaf.key,
+        &tls::crypto_provider(),
+    )?);
+    let expected: SpiffeId = spiffe("server").parse()?;
+    let config = tls::client_config(trust, expected, Some(cert), &[])?;
+    let tcp = tokio::net::TcpStream::connect(mesh.server.inbound()).await?;
+    let peer = tcp.peer_addr()?;
+    let mut stream = TlsConnector::from(Arc::new(config))
+        .connect(tls::server_name_for(peer), tcp)
+        .await?;
+    stream.write_all(message).await?;
+    stream.shutdown().await?;
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await??;
+    Ok(reply)
+}
