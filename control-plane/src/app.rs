@@ -234,3 +234,16 @@ async fn keep_serving_cert_fresh(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_mesh_config_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/mesh");
+        let mesh = load_mesh_config(&dir).unwrap();
+        assert_eq!(mesh.trust_domain, "cluster.local");
+        assert_eq!(mesh.certificate_ttl, Duration::from_secs(24 * 3600));
+    }
+}

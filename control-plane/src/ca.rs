@@ -122,7 +122,11 @@ impl CertificateAuthority {
         }
         let signer_not_after = parsed.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_der(&signer, key).map_err(material)?;
-        let mut chain = vec![signer];
+        // Peers hold the roots already; a chain carries only what leads to them.
+        let mut chain = Vec::with_capacity(intermediates.len() + 1);
+        if !trust_bundle.contains(&signer) {
+            chain.push(signer);
+        }
         chain.extend(intermediates);
         let ca = Self {
             issuer,

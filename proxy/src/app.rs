@@ -25,15 +25,21 @@ pub enum StartError {
     #[error("trust bundle {path}: {source}")]
     TrustBundle {
         path: std::path::PathBuf,
-        source: tls::TlsError,
+        source: Box<tls::TlsError>,
     },
     #[error("TLS setup: {0}")]
-    Tls(#[from] tls::TlsError),
+    Tls(Box<tls::TlsError>),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
         source: std::io::Error,
     },
+}
+
+impl From<tls::TlsError> for StartError {
+    fn from(error: tls::TlsError) -> Self {
+        Self::Tls(Box::new(error))
+    }
 }
 
 /// A started proxy. Dropping it stops every task.
@@ -137,7 +143,7 @@ fn identity_manager(
     let path = &config.control_plane.trust_bundle_file;
     let bundle_error = |source| StartError::TrustBundle {
         path: path.clone(),
-        source,
+        source: Box::new(source),
     };
     let pem = std::fs::read(path).map_err(|e| bundle_error(tls::TlsError::Pem(e.to_string())))?;
     let bundle = TrustBundle::from_pem(&pem).map_err(bundle_error)?;

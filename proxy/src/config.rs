@@ -289,6 +289,14 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/proxy.yaml");
+        let config = ProxyConfig::load(&example).unwrap();
+        assert_eq!(config.outbound[0].identity.service_account(), "payments");
+        assert_eq!(config.inbound[0].listen.port(), 15006);
+    }
+
+    #[test]
     fn join_token_is_never_printed() {
         let token = JoinToken::new("secret-value".into());
         assert!(!format!("{token:?}").contains("secret"));
