@@ -1,7 +1,8 @@
 //! `tessera demo`: a whole mesh on loopback, no root and no cluster needed.
 //!
 //! A control plane, three services (frontend, orders, payments) each behind its own
-//! proxy, traffic driven between them over mTLS, and two calls that must be refused: a
+//! proxy, traffic driven between them over mTLS (frontend calls orders, which calls
+//! payments; frontend also calls payments directly), and two calls that must be refused: a
 //! plaintext client knocking on an mTLS port, and a proxy told to expect a different
 //! identity than the one the server proves. At the end it prints who talked to whom with
 //! which verified identity, certificate renewals and refusals, and fails if the mesh did
@@ -11,8 +12,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -64,8 +65,10 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         control_plane.grpc_address, control_plane.admin_address
     );
 
-    let payments_app = start_service("payments").await?;
-    let orders_app = start_service("orders").await?;
+    let payments_app = start_service("payments", Arc::default()).await?;
+    // Orders calls payments for every order, through the orders proxy.
+    let orders_downstream: Arc<OnceLock<SocketAddr>> = Arc::default();
+    let orders_app = start_service("orders", orders_downstream.clone()).await?;
     let payments = start_proxy(
         &control_plane,
         workdir,
@@ -84,6 +87,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     )
     .await?;
     let orders_in = orders.inbound_addresses[0];
+    let _ = orders_downstream.set(orders.outbound_addresses[0]);
     let frontend = start_proxy(
         &control_plane,
         workdir,
@@ -116,7 +120,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     }
 
     println!(
-        "\nDriving traffic: frontend → orders, frontend → payments (mTLS, identities verified both ways)..."
+        "\nDriving traffic: frontend → orders → payments, and frontend → payments (mTLS, identities verified both ways)..."
     );
     let frontend_to_orders = frontend.outbound_addresses[0];
     let frontend_to_payments = frontend.outbound_addresses[1];
@@ -145,7 +149,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         .await
         .is_ok_and(|r| !r.is_empty());
     println!(
-        "  frontend expects payments, orders answers     {}",
+        "  frontend expects payments, orders answers       {}",
         verdict(impostor_refused)
     );
 
@@ -228,18 +232,31 @@ async fn call(address: SocketAddr, message: &str) -> anyhow::Result<String> {
     Ok(reply)
 }
 
-/// A tiny service: answers "<name> got: <request>".
-async fn start_service(name: &'static str) -> anyhow::Result<SocketAddr> {
+/// A tiny service: answers "<name> got: <request>". With a downstream, it first asks that
+/// service (through its own proxy) and appends the answer.
+async fn start_service(
+    name: &'static str,
+    downstream: Arc<OnceLock<SocketAddr>>,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0))).await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let downstream = downstream.clone();
             tokio::spawn(async move {
                 let mut request = Vec::new();
-                if stream.read_to_end(&mut request).await.is_ok() {
-                    let reply = format!("{name} got: {}", String::from_utf8_lossy(&request));
-                    let _ = stream.write_all(reply.as_bytes()).await;
+                if stream.read_to_end(&mut request).await.is_err() {
+                    return;
                 }
+                let request = String::from_utf8_lossy(&request);
+                let mut reply = format!("{name} got: {request}");
+                if let Some(next) = downstream.get() {
+                    match call(*next, &request).await {
+                        Ok(answer) => reply = format!("{name} asked → {answer}"),
+                        Err(_) => reply = format!("{name}: downstream failed"),
+                    }
+                }
+                let _ = stream.write_all(reply.as_bytes()).await;
             });
         }
     });

@@ -482,6 +482,170 @@ pub fn server_name_for(addr: std::net::SocketAddr) -> ServerName<'static> {
 mod tests {
     use super::*;
 
+    /// A root and a workload certificate for `sa` signed by it.
+    struct Pki {
+        root: CertificateDer<'static>,
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    }
+
+    impl Pki {
+        fn new() -> Self {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+            let root = params.self_signed(&key).unwrap().der().clone();
+            Self {
+                root,
+                issuer: rcgen::Issuer::new(params, key),
+            }
+        }
+
+        fn workload(&self, sa: &str) -> Arc<CurrentCert> {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            let uri = format!("spiffe://td/ns/ns/sa/{sa}");
+            params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+            params.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+            let current = CurrentCert::new();
+            current.set(
+                CertifiedKey::from_der(vec![cert.der().clone()], der, &crypto_provider()).unwrap(),
+            );
+            current
+        }
+
+        fn trust(&self) -> Arc<Trust> {
+            Trust::new("td", TrustBundle::new(vec![self.root.clone()]).unwrap())
+        }
+    }
+
+    /// Runs a handshake in memory; returns both connections or the first error.
+    fn handshake(
+        client: ClientConfig,
+        server: ServerConfig,
+    ) -> Result<(rustls::ClientConnection, rustls::ServerConnection), rustls::Error> {
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name)?;
+        let mut server = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets()?;
+            let mut wire = Vec::new();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets()?;
+        }
+        Ok((client, server))
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("td", "ns", sa).unwrap()
+    }
+
+    #[test]
+    fn mutual_tls_names_both_peers_over_tls13_with_hybrid_kx() {
+        let pki = Pki::new();
+        let server =
+            server_config(pki.trust(), pki.workload("api"), ClientAuth::Required, &[]).unwrap();
+        let client = client_config(pki.trust(), id("api"), Some(pki.workload("web")), &[]).unwrap();
+        let (client, server) = handshake(client, server).unwrap();
+        assert_eq!(peer_identity(&server), Some(id("web")));
+        assert_eq!(peer_identity(&client), Some(id("api")));
+        assert_eq!(
+            client.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        let group = client.negotiated_key_exchange_group().unwrap().name();
+        assert_eq!(group, rustls::NamedGroup::X25519MLKEM768);
+    }
+
+    #[test]
+    fn refuses_wrong_identity_unknown_root_and_missing_client_cert() {
+        let pki = Pki::new();
+        let server =
+            || server_config(pki.trust(), pki.workload("api"), ClientAuth::Required, &[]).unwrap();
+
+        let expects_db =
+            client_config(pki.trust(), id("db"), Some(pki.workload("web")), &[]).unwrap();
+        let error = handshake(expects_db, server()).unwrap_err();
+        let rustls::Error::InvalidCertificate(CertificateError::Other(other)) = &error else {
+            panic!("{error}");
+        };
+        let reason = other.0.downcast_ref::<TlsError>().unwrap().to_string();
+        assert_eq!(
+            reason,
+            "peer presented spiffe://td/ns/ns/sa/api, but spiffe://td/ns/ns/sa/db was expected"
+        );
+
+        let foreign = Pki::new();
+        let stranger =
+            client_config(pki.trust(), id("api"), Some(foreign.workload("web")), &[]).unwrap();
+        assert!(handshake(stranger, server()).is_err());
+
+        let anonymous = client_config(pki.trust(), id("api"), None, &[]).unwrap();
+        assert!(handshake(anonymous, server()).is_err());
+
+        // Optional client auth (the control plane) lets the anonymous client in, unnamed.
+        let optional =
+            server_config(pki.trust(), pki.workload("api"), ClientAuth::Optional, &[]).unwrap();
+        let anonymous = client_config(pki.trust(), id("api"), None, &[]).unwrap();
+        let (_, server) = handshake(anonymous, optional).unwrap();
+        assert_eq!(peer_identity(&server), None);
+    }
+
+    #[test]
+    fn a_new_bundle_applies_to_the_next_handshake() {
+        let old = Pki::new();
+        let new = Pki::new();
+        let trust = old.trust();
+        let server = || {
+            server_config(
+                trust.clone(),
+                old.workload("api"),
+                ClientAuth::Required,
+                &[],
+            )
+            .unwrap()
+        };
+        let client =
+            || client_config(new.trust(), id("api"), Some(new.workload("web")), &[]).unwrap();
+        // The client trusts only the new root; the server's own cert is from the old one.
+        let client_trusting_both = client_config(
+            Trust::new(
+                "td",
+                TrustBundle::new(vec![old.root.clone(), new.root.clone()]).unwrap(),
+            ),
+            id("api"),
+            Some(new.workload("web")),
+            &[],
+        )
+        .unwrap();
+        assert!(handshake(client(), server()).is_err());
+        assert!(
+            handshake(client_trusting_both, server()).is_err(),
+            "server does not trust the new root yet"
+        );
+        trust.replace_bundle(TrustBundle::new(vec![old.root.clone(), new.root.clone()]).unwrap());
+        let client_trusting_both = client_config(
+            Trust::new(
+                "td",
+                TrustBundle::new(vec![old.root.clone(), new.root.clone()]).unwrap(),
+            ),
+            id("api"),
+            Some(new.workload("web")),
+            &[],
+        )
+        .unwrap();
+        assert!(handshake(client_trusting_both, server()).is_ok());
+    }
+
     #[test]
     fn reads_the_single_uri_san() {
         let key = rcgen::KeyPair::generate().unwrap();

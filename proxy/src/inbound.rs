@@ -71,7 +71,12 @@ impl Inbound {
             tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(stream)).await;
         let mut tls_stream = match accepted {
             Ok(Ok(tls_stream)) => tls_stream,
-            Ok(Err(error)) => return refuse(tcp::classify_handshake_error(&error), &error),
+            Ok(Err(error)) => {
+                return refuse(
+                    tcp::classify_handshake_error(&error),
+                    &tcp::describe_handshake_error(&error),
+                );
+            }
             Err(_) => return refuse(Refusal::HandshakeTimeout, &"TLS handshake timed out"),
         };
         let Some(peer_identity) = tls::peer_identity(tls_stream.get_ref().1) else {

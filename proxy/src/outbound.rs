@@ -73,7 +73,12 @@ impl Outbound {
         let mut tls_stream =
             match tokio::time::timeout(self.limits.handshake_timeout, handshake).await {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => return refuse(tcp::classify_handshake_error(&error), &error),
+                Ok(Err(error)) => {
+                    return refuse(
+                        tcp::classify_handshake_error(&error),
+                        &tcp::describe_handshake_error(&error),
+                    );
+                }
                 Err(_) => return refuse(Refusal::HandshakeTimeout, &"TLS handshake timed out"),
             };
         debug!(event = "outbound connection", client_address = %client, peer_identity = %upstream.identity);

@@ -62,6 +62,23 @@ pub async fn connect(address: &str, timeout: Duration) -> std::io::Result<TcpStr
     Ok(stream)
 }
 
+/// Says why a handshake failed in words an operator can act on: our own verifier's
+/// reason when it refused, rustls' otherwise.
+pub fn describe_handshake_error(error: &std::io::Error) -> String {
+    let tls_error = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls_error {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            match other.0.downcast_ref::<TlsError>() {
+                Some(reason) => format!("invalid peer certificate: {reason}"),
+                None => error.to_string(),
+            }
+        }
+        _ => error.to_string(),
+    }
+}
+
 /// Names the reason a handshake failed, for the metric label.
 pub fn classify_handshake_error(error: &std::io::Error) -> Refusal {
     let Some(tls_error) = error
