@@ -36,17 +36,15 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback port. Ports handed out are remembered so parallel tests in one
-/// process never get the same one.
+/// A free loopback port, chosen below the kernel's ephemeral range (32768+) so that no
+/// outgoing connection can grab it between this call and the process binding it. Ports
+/// handed out are remembered so parallel tests in one process never share one.
 pub fn free_port() -> u16 {
     static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     loop {
-        let port = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind an ephemeral port");
+        let port = 20_000 + rand::random::<u16>() % 12_000;
         let mut taken = TAKEN.lock().expect("port registry");
-        if !taken.contains(&port) {
+        if !taken.contains(&port) && StdListener::bind(("127.0.0.1", port)).is_ok() {
             taken.push(port);
             return port;
         }
