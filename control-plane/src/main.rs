@@ -103,7 +103,11 @@ fn main() -> anyhow::Result<()> {
                 admin_listen: admin,
             })
             .await?;
-            wait_for_signal().await
+            tessera_proxy::app::shutdown_signal()
+                .await
+                .context("cannot watch for signals")?;
+            tracing::info!(event = "control plane stopping");
+            Ok(())
         }),
         Command::Token {
             command:
@@ -122,15 +126,4 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo { duration } => runtime.block_on(demo::run(duration)),
     }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        result = tokio::signal::ctrl_c() => result.context("cannot watch SIGINT")?,
-    }
-    tracing::info!(event = "control plane stopping");
-    Ok(())
 }

@@ -136,6 +136,16 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     })
 }
 
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => Ok(()),
+        result = tokio::signal::ctrl_c() => result,
+    }
+}
+
 fn identity_manager(
     config: &ProxyConfig,
     metrics: Arc<Metrics>,

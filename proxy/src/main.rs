@@ -48,17 +48,9 @@ fn main() -> anyhow::Result<()> {
 async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config = ProxyConfig::load(&config_path)?;
     let _proxy = tessera_proxy::start(config).await?;
-    wait_for_signal().await?;
+    tessera_proxy::app::shutdown_signal()
+        .await
+        .context("cannot watch for signals")?;
     tracing::info!(event = "proxy stopping");
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        result = tokio::signal::ctrl_c() => result.context("cannot watch SIGINT")?,
-    }
     Ok(())
 }

@@ -286,6 +286,24 @@ impl ControlPlane {
     pub fn address(&self) -> String {
         local(self.grpc_port).to_string()
     }
+
+    /// Starts a proxy certified by this control plane (token valid 10 minutes).
+    pub fn proxy(
+        &self,
+        service_account: &str,
+        app: Option<SocketAddr>,
+        upstreams: &[Upstream],
+    ) -> Proxy {
+        let token = self.token(service_account, "10m");
+        Proxy::start(
+            &self.address(),
+            &self.trust_bundle_file(),
+            service_account,
+            &token,
+            app,
+            upstreams,
+        )
+    }
 }
 
 /// One outbound upstream of a test proxy.
@@ -389,6 +407,36 @@ impl Proxy {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// The usual topology: a "server" proxy in front of `app`, and a "client" proxy with one
+/// outbound upstream per entry of `expected`, all pointing at the server proxy but each
+/// expecting the given service account. Both are ready when this returns.
+pub struct ProxyPair {
+    pub server: Proxy,
+    pub client: Proxy,
+}
+
+impl ProxyPair {
+    pub async fn start(control_plane: &ControlPlane, app: SocketAddr, expected: &[&str]) -> Self {
+        let server = control_plane.proxy("server", Some(app), &[]);
+        let upstreams: Vec<Upstream> = expected
+            .iter()
+            .map(|service_account| Upstream {
+                listen_port: free_port(),
+                address: server.inbound(),
+                identity: spiffe(service_account),
+            })
+            .collect();
+        let client = control_plane.proxy("client", None, &upstreams);
+        for proxy in [&server, &client] {
+            proxy
+                .wait_ready(Duration::from_secs(20))
+                .await
+                .expect("proxy ready");
+        }
+        Self { server, client }
     }
 }
 

@@ -23,41 +23,8 @@ async fn mesh() -> Mesh {
     init();
     let control_plane = ControlPlane::start("1h", "").await;
     let echo = EchoServer::start().await;
-    let server = Proxy::start(
-        &control_plane.address(),
-        &control_plane.trust_bundle_file(),
-        "server",
-        &control_plane.token("server", "10m"),
-        Some(echo.address),
-        &[],
-    );
-    let client = Proxy::start(
-        &control_plane.address(),
-        &control_plane.trust_bundle_file(),
-        "client",
-        &control_plane.token("client", "10m"),
-        None,
-        &[
-            Upstream {
-                listen_port: free_port(),
-                address: server.inbound(),
-                identity: spiffe("server"),
-            },
-            Upstream {
-                listen_port: free_port(),
-                address: server.inbound(),
-                identity: spiffe("impostor-check"),
-            },
-        ],
-    );
-    server
-        .wait_ready(Duration::from_secs(20))
-        .await
-        .expect("server proxy ready");
-    client
-        .wait_ready(Duration::from_secs(20))
-        .await
-        .expect("client proxy ready");
+    let ProxyPair { server, client } =
+        ProxyPair::start(&control_plane, echo.address, &["server", "impostor-check"]).await;
     Mesh {
         control_plane,
         echo,

@@ -12,28 +12,8 @@ async fn traffic_survives_a_control_plane_restart() {
     init();
     let mut control_plane = ControlPlane::start("24s", "").await;
     let echo = EchoServer::start().await;
-    let server = Proxy::start(
-        &control_plane.address(),
-        &control_plane.trust_bundle_file(),
-        "server",
-        &control_plane.token("server", "10m"),
-        Some(echo.address),
-        &[],
-    );
-    let client = Proxy::start(
-        &control_plane.address(),
-        &control_plane.trust_bundle_file(),
-        "client",
-        &control_plane.token("client", "10m"),
-        None,
-        &[Upstream {
-            listen_port: free_port(),
-            address: server.inbound(),
-            identity: spiffe("server"),
-        }],
-    );
-    server.wait_ready(Duration::from_secs(20)).await.unwrap();
-    client.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let ProxyPair { server, client } =
+        ProxyPair::start(&control_plane, echo.address, &["server"]).await;
 
     let traffic = tokio::spawn(churn(
         client.outbound(0),

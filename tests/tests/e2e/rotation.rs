@@ -45,28 +45,8 @@ async fn certificates_rotate_under_load_without_loss() {
     init();
     let control_plane = ControlPlane::start("10s", "").await;
     let echo = EchoServer::start().await;
-    let server = Proxy::start(
-        &control_plane.address(),
-        &control_plane.trust_bundle_file(),
-        "server",
-        &control_plane.token("server", "10m"),
-        Some(echo.address),
-        &[],
-    );
-    let client = Proxy::start(
-        &control_plane.address(),
-        &control_plane.trust_bundle_file(),
-        "client",
-        &control_plane.token("client", "10m"),
-        None,
-        &[Upstream {
-            listen_port: free_port(),
-            address: server.inbound(),
-            identity: spiffe("server"),
-        }],
-    );
-    server.wait_ready(Duration::from_secs(20)).await.unwrap();
-    client.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let ProxyPair { server, client } =
+        ProxyPair::start(&control_plane, echo.address, &["server"]).await;
 
     let deadline = Instant::now() + Duration::from_secs(40);
     let route = client.outbound(0);
@@ -182,27 +162,10 @@ async fn a_bundle_with_old_and_new_roots_joins_both() {
     let old_echo = EchoServer::start().await;
     let new_echo = EchoServer::start().await;
     let strict_echo = EchoServer::start().await;
-    let new_side = Proxy::start(
-        &new_cp.address(),
-        &new_cp.trust_bundle_file(),
-        "new-side",
-        &new_cp.token("new-side", "10m"),
-        Some(new_echo.address),
-        &[],
-    );
-    let new_only = Proxy::start(
-        &new_only_cp.address(),
-        &new_only_cp.trust_bundle_file(),
-        "new-only",
-        &new_only_cp.token("new-only", "10m"),
-        Some(strict_echo.address),
-        &[],
-    );
-    let old_side = Proxy::start(
-        &old_cp.address(),
-        &old_cp.trust_bundle_file(),
+    let new_side = new_cp.proxy("new-side", Some(new_echo.address), &[]);
+    let new_only = new_only_cp.proxy("new-only", Some(strict_echo.address), &[]);
+    let old_side = old_cp.proxy(
         "old-side",
-        &old_cp.token("old-side", "10m"),
         Some(old_echo.address),
         &[
             Upstream {
@@ -250,11 +213,8 @@ async fn a_bundle_with_old_and_new_roots_joins_both() {
     assert_eq!(strict_echo.received(), 0);
 
     // And the other direction: new-root client → old-root server.
-    let reverse = Proxy::start(
-        &new_cp.address(),
-        &new_cp.trust_bundle_file(),
+    let reverse = new_cp.proxy(
         "new-client",
-        &new_cp.token("new-client", "10m"),
         None,
         &[Upstream {
             listen_port: free_port(),
