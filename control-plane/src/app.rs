@@ -12,7 +12,6 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tessera_proto::SpiffeId;
 use tessera_proto::api::discovery::discovery_server::DiscoveryServer;
-use tessera_proto::api::discovery::{MeshSettings, Snapshot};
 use tessera_proto::api::identity::identity_server::IdentityServer;
 use tessera_proto::resources::{self, MeshConfigSpec};
 use tessera_proto::tls::{self, ClientAuth, CurrentCert, Trust, TrustBundle};
@@ -136,15 +135,9 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         certificate_ttl: mesh.certificate_ttl,
         metrics: metrics.clone(),
     };
-    // Snapshots change with the configuration once it is watched; today they carry
-    // the mesh settings read at start.
-    let (_snapshot_sender, snapshots) = tokio::sync::watch::channel(Snapshot {
-        version: "1".into(),
-        mesh: Some(MeshSettings {
-            trust_domain: mesh.trust_domain.clone(),
-            certificate_ttl_seconds: mesh.certificate_ttl.as_secs(),
-        }),
-    });
+    let snapshot = crate::config::load_snapshot(&options.config_dir, &mesh.trust_domain)?;
+    let (snapshot_sender, snapshots) =
+        tokio::sync::watch::channel(crate::config::to_message(1, &snapshot));
     let discovery_service = DiscoveryService {
         snapshots,
         metrics: metrics.clone(),
@@ -172,6 +165,12 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
             _ => Reply::not_found(),
         })),
         tokio::spawn(keep_serving_cert_fresh(ca, own_identity, serving_cert)),
+        tokio::spawn(crate::config::watch_dir(
+            options.config_dir.clone(),
+            mesh.trust_domain.clone(),
+            snapshot,
+            snapshot_sender,
+        )),
     ];
     info!(
         event = "control plane started",

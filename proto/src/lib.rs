@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod logging;
+pub mod mesh;
 pub mod resources;
 pub mod spiffe;
 pub mod tls;

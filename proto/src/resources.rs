@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
 use crate::spiffe::{self, DEFAULT_TRUST_DOMAIN};
@@ -74,13 +74,190 @@ pub struct Resource {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Spec {
     MeshConfig(MeshConfigSpec),
+    Service(ServiceSpec),
+    Workload(WorkloadSpec),
+    RoutePolicy(RoutePolicySpec),
 }
 
 impl Spec {
     pub fn kind(&self) -> &'static str {
         match self {
             Spec::MeshConfig(_) => "MeshConfig",
+            Spec::Service(_) => "Service",
+            Spec::Workload(_) => "Workload",
+            Spec::RoutePolicy(_) => "RoutePolicy",
         }
+    }
+}
+
+/// How the proxy treats a port's traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Sniff: HTTP/1.x, HTTP/2 prior knowledge, else opaque TCP.
+    #[default]
+    Detect,
+    /// HTTP/1.x.
+    Http,
+    /// HTTP/2 with prior knowledge, which covers gRPC.
+    #[serde(alias = "grpc")]
+    Http2,
+    /// Bytes, never parsed; no detection delay (server-speaks-first protocols).
+    #[serde(alias = "tcp")]
+    Opaque,
+}
+
+/// A service: a name that clients call and the ports it offers. Local mode only; in a
+/// cluster this comes from Kubernetes Services.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// One instance of a service: the address of its proxy's inbound (mTLS) port and the
+/// service account it runs as. Local mode only; in a cluster these are Pods.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub service: String,
+    pub service_account: String,
+    /// `host:port` of the workload proxy's inbound listener.
+    pub address: String,
+}
+
+/// Timeouts, retries and outlier detection for calls to one service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutePolicySpec {
+    /// The service this policy governs (same namespace).
+    pub service: String,
+    /// Whole request, retries included.
+    #[serde(default, with = "optional_duration")]
+    pub timeout: Option<Duration>,
+    /// Each attempt.
+    #[serde(default, with = "optional_duration")]
+    pub per_try_timeout: Option<Duration>,
+    #[serde(default)]
+    pub retries: Option<RetrySpec>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts after the first.
+    #[serde(default = "default_retry_attempts")]
+    pub attempts: u32,
+    /// Retry non-idempotent requests too (e.g. gRPC unary calls known to be safe).
+    #[serde(default)]
+    pub retryable: bool,
+    #[serde(default)]
+    pub budget: RetryBudgetSpec,
+}
+
+fn default_retry_attempts() -> u32 {
+    2
+}
+
+/// Retries may add at most `ratio` of live traffic plus `minPerSecond`, so they can never
+/// multiply an outage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudgetSpec {
+    pub ratio: f64,
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetSpec {
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            min_per_second: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_base_ejection", with = "duration")]
+    pub base_ejection_time: Duration,
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetectionSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_time: default_base_ejection(),
+            max_ejection_percent: default_max_ejection_percent(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_ejection_percent() -> u32 {
+    50
+}
+
+/// Durations as "10s", "250ms".
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => super::duration::serialize(d, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(deserializer)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -181,7 +358,9 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Resource>, ConfigError> {
 pub fn mesh_config(resources: &[Resource]) -> Result<MeshConfigSpec, ConfigError> {
     let mut found: Option<(&Origin, &MeshConfigSpec)> = None;
     for resource in resources {
-        let Spec::MeshConfig(spec) = &resource.spec;
+        let Spec::MeshConfig(spec) = &resource.spec else {
+            continue;
+        };
         if let Some((first, _)) = found {
             return Err(ConfigError {
                 origin: resource.origin.clone(),
@@ -256,11 +435,30 @@ fn parse_document(file: &Path, first_line: u64, text: &str) -> Result<Resource, 
                 spec: Spec::MeshConfig(spec),
             })
         }
+        "Service" => typed(text, origin, Spec::Service).map_err(yaml_error),
+        "Workload" => typed(text, origin, Spec::Workload).map_err(yaml_error),
+        "RoutePolicy" => typed(text, origin, Spec::RoutePolicy).map_err(yaml_error),
         other => Err(ConfigError {
             origin,
-            reason: format!("unknown kind {other:?} (this version understands: MeshConfig)"),
+            reason: format!(
+                "unknown kind {other:?} (this version understands: MeshConfig, Service, Workload, RoutePolicy)"
+            ),
         }),
     }
+}
+
+/// Parses a document whose spec deserializes straight into its domain type.
+fn typed<S: serde::de::DeserializeOwned + Default>(
+    text: &str,
+    origin: Origin,
+    wrap: fn(S) -> Spec,
+) -> Result<Resource, serde_saphyr::Error> {
+    let document: Document<S> = serde_saphyr::from_str(text)?;
+    Ok(Resource {
+        origin,
+        metadata: document.metadata,
+        spec: wrap(document.spec.unwrap_or_default()),
+    })
 }
 
 type FieldError = (Option<serde_saphyr::Location>, String);

@@ -11,7 +11,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::info;
 
 use crate::config::ProxyConfig;
-use crate::identity::{ControlPlane, IdentityManager};
+use crate::control_plane::ControlPlane;
+use crate::identity::IdentityManager;
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::telemetry::{Direction, Metrics};

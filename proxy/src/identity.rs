@@ -7,12 +7,10 @@
 //! unreachable the proxy retries with capped exponential backoff and keeps serving on the
 //! certificate it has until that expires.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use hyper_util::rt::TokioIo;
 use rand::Rng;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::sign::CertifiedKey;
@@ -22,12 +20,10 @@ use tessera_proto::SpiffeId;
 use tessera_proto::api::identity::CertifyRequest;
 use tessera_proto::api::identity::identity_client::IdentityClient;
 use tessera_proto::tls::{self, CurrentCert, Trust, TrustBundle};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
 use crate::config::JoinToken;
+use crate::control_plane::{self, ControlPlane};
 use crate::telemetry::Metrics;
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -72,13 +68,6 @@ mod unix_seconds {
     pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
     }
-}
-
-/// Where to get certificates from.
-#[derive(Debug, Clone)]
-pub struct ControlPlane {
-    pub address: String,
-    pub identity: SpiffeId,
 }
 
 /// Keeps the workload certificate fresh and publishes it to the TLS configs.
@@ -179,13 +168,28 @@ impl IdentityManager {
             (Some(token), false) => token.expose().to_string(),
             (None, false) => return Err(CertifyError::NoCredential),
         };
-        let mut client = self.connect(renewing).await?;
-        let response = client
-            .certify(CertifyRequest {
-                csr_der: csr,
-                join_token,
-            })
+        let client_cert = renewing.then(|| self.cert.clone());
+        let channel = self
+            .control_plane
+            .connect(self.trust.clone(), client_cert)
             .await
+            .map_err(|e| match e {
+                control_plane::ConnectError::Unreachable { address, reason } => {
+                    CertifyError::Unreachable { address, reason }
+                }
+                control_plane::ConnectError::Tls(reason) => CertifyError::Local(reason),
+            })?;
+        let mut client = IdentityClient::new(channel);
+        let call = client.certify(CertifyRequest {
+            csr_der: csr,
+            join_token,
+        });
+        let response = tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| CertifyError::Unreachable {
+                address: self.control_plane.address.clone(),
+                reason: "no answer in time".into(),
+            })?
             .map_err(|status| match status.code() {
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                     CertifyError::Unreachable {
@@ -210,44 +214,6 @@ impl IdentityManager {
             .serialize_request(key)
             .map_err(|e| CertifyError::Local(e.to_string()))?;
         Ok(csr.der().to_vec())
-    }
-
-    /// Opens a TLS connection to the control plane that verifies its SPIFFE ID, presenting
-    /// our certificate when renewing.
-    async fn connect(
-        &self,
-        with_client_cert: bool,
-    ) -> Result<IdentityClient<Channel>, CertifyError> {
-        let unreachable = |reason: String| CertifyError::Unreachable {
-            address: self.control_plane.address.clone(),
-            reason,
-        };
-        let client_cert = with_client_cert.then(|| self.cert.clone());
-        let config = tls::client_config(
-            self.trust.clone(),
-            self.control_plane.identity.clone(),
-            client_cert,
-            &[b"h2"],
-        )
-        .map_err(|e| CertifyError::Local(e.to_string()))?;
-        let connector = TlsConnector::from(Arc::new(config));
-        let address = self.control_plane.address.clone();
-        let channel = Endpoint::from_static("http://tessera-control-plane")
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_with_connector(tower::service_fn(move |_| {
-                let connector = connector.clone();
-                let address = address.clone();
-                async move {
-                    let tcp = TcpStream::connect(address.as_str()).await?;
-                    let peer: SocketAddr = tcp.peer_addr()?;
-                    let tls = connector.connect(tls::server_name_for(peer), tcp).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(tls))
-                }
-            }))
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
-        Ok(IdentityClient::new(channel))
     }
 
     /// Checks the answer and makes it the certificate new handshakes use.
@@ -344,18 +310,6 @@ fn unix(t: SystemTime) -> u64 {
 /// A random point between `low` and `high` times `base`.
 fn jitter(base: Duration, low: f64, high: f64) -> Duration {
     base.mul_f64(rand::rng().random_range(low..high))
-}
-
-/// An error with its causes, which tonic hides behind "transport error".
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -7,10 +7,16 @@
 
 pub mod admin;
 pub mod app;
+pub mod balance;
 pub mod config;
+pub mod control_plane;
+pub mod detect;
+pub mod discovery;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
+pub mod retry;
 pub mod tcp;
 pub mod telemetry;
 

@@ -1,0 +1,81 @@
+//! Configuration from a directory of resource files (local mode), watched for changes.
+//!
+//! Every change is parsed and checked whole; a good one becomes the next snapshot and
+//! reaches every connected proxy, a bad one is refused with file, line and reason and the
+//! last good snapshot stays in force.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tessera_proto::api::discovery::Snapshot;
+use tessera_proto::mesh::MeshSnapshot;
+use tessera_proto::resources::{self, ConfigError};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+/// Editors write a file in several steps; wait for them to settle.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Reads the directory into a mesh snapshot.
+pub fn load_snapshot(dir: &Path, trust_domain: &str) -> Result<MeshSnapshot, ConfigError> {
+    let resources = resources::load_dir(dir)?;
+    MeshSnapshot::from_resources(trust_domain, &resources)
+}
+
+/// Wraps a mesh snapshot for the wire.
+pub fn to_message(version: u64, snapshot: &MeshSnapshot) -> Snapshot {
+    Snapshot {
+        version: version.to_string(),
+        // Serializing plain data structures cannot fail.
+        mesh_json: serde_json::to_vec(snapshot).unwrap_or_default(),
+    }
+}
+
+/// Watches `dir` and publishes every good change to `snapshots`. Runs until dropped.
+pub async fn watch_dir(
+    dir: PathBuf,
+    trust_domain: String,
+    mut current: MeshSnapshot,
+    snapshots: watch::Sender<Snapshot>,
+) {
+    let (changes, mut changed) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // A full channel already means "reload pending": nothing is lost.
+            let _ = changes.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(watcher) => watcher,
+        Err(error) => return warn!(event = "cannot watch configuration", error = %error),
+    };
+    if let Err(error) =
+        notify::Watcher::watch(&mut watcher, &dir, notify::RecursiveMode::NonRecursive)
+    {
+        return warn!(event = "cannot watch configuration", path = %dir.display(), error = %error);
+    }
+    let mut version = 1;
+    while changed.recv().await.is_some() {
+        tokio::time::sleep(SETTLE).await;
+        while changed.try_recv().is_ok() {}
+        match load_snapshot(&dir, &trust_domain) {
+            Ok(snapshot) if snapshot == current => {}
+            Ok(snapshot) => {
+                version += 1;
+                snapshots.send_replace(to_message(version, &snapshot));
+                info!(
+                    event = "configuration updated",
+                    version,
+                    services = snapshot.services.len(),
+                    proxies = snapshots.receiver_count().saturating_sub(1),
+                );
+                current = snapshot;
+            }
+            Err(error) => warn!(
+                event = "configuration refused",
+                error = %error,
+                "keeping the last good configuration"
+            ),
+        }
+    }
+}

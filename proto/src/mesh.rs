@@ -1,0 +1,281 @@
+//! The mesh as proxies see it: every service with its ports, its endpoints (address and
+//! the identity each must prove) and its route policy. The control plane builds one
+//! snapshot from the resources and streams it; proxies route from it.
+//!
+//! Snapshots travel as JSON inside the discovery API's `Snapshot` message: both sides
+//! share these types, and a proxy rejects a snapshot it cannot parse, keeping its last.
+
+use serde::{Deserialize, Serialize};
+
+use crate::SpiffeId;
+use crate::resources::{
+    ConfigError, Origin, Protocol, Resource, RoutePolicySpec, ServicePort, Spec,
+};
+use crate::spiffe::validate_namespace;
+
+/// Namespace of resources that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Everything a proxy needs to route.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSnapshot {
+    pub trust_domain: String,
+    pub services: Vec<ServiceEntry>,
+}
+
+/// One service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntry {
+    pub name: String,
+    pub namespace: String,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub route: Option<RoutePolicySpec>,
+}
+
+impl ServiceEntry {
+    /// `name.namespace`, how proxies name upstream services.
+    pub fn key(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+
+    /// The protocol declared for `port`, or for the only port when `port` is unset.
+    pub fn protocol(&self, port: Option<u16>) -> Protocol {
+        match (port, self.ports.as_slice()) {
+            (Some(port), ports) => ports
+                .iter()
+                .find(|p| p.port == port)
+                .map_or(Protocol::Detect, |p| p.protocol),
+            (None, [only]) => only.protocol,
+            (None, _) => Protocol::Detect,
+        }
+    }
+}
+
+/// One instance of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub workload: String,
+    /// `host:port` of the workload proxy's inbound listener.
+    pub address: String,
+    pub identity: SpiffeId,
+}
+
+impl MeshSnapshot {
+    /// Builds the snapshot, checking references between resources.
+    pub fn from_resources(trust_domain: &str, resources: &[Resource]) -> Result<Self, ConfigError> {
+        let mut services: Vec<(ServiceEntry, &Origin)> = Vec::new();
+        for resource in resources {
+            let Spec::Service(spec) = &resource.spec else {
+                continue;
+            };
+            let namespace = namespace_of(resource)?;
+            let name = &resource.metadata.name;
+            validate_namespace(name)
+                .map_err(|e| invalid(resource, format!("service name: {e}")))?;
+            if let Some((_, first)) = services
+                .iter()
+                .find(|(s, _)| s.name == *name && s.namespace == namespace)
+            {
+                return Err(invalid(
+                    resource,
+                    format!("service {name}.{namespace} is already defined at {first}"),
+                ));
+            }
+            services.push((
+                ServiceEntry {
+                    name: name.clone(),
+                    namespace,
+                    ports: spec.ports.clone(),
+                    endpoints: Vec::new(),
+                    route: None,
+                },
+                &resource.origin,
+            ));
+        }
+        for resource in resources {
+            match &resource.spec {
+                Spec::Workload(spec) => {
+                    let namespace = namespace_of(resource)?;
+                    let identity =
+                        SpiffeId::new(trust_domain, &namespace, &spec.service_account)
+                            .map_err(|e| invalid(resource, format!("serviceAccount: {e}")))?;
+                    if !spec.address.contains(':') {
+                        return Err(invalid(
+                            resource,
+                            format!("address {:?} must be host:port", spec.address),
+                        ));
+                    }
+                    let service =
+                        find(&mut services, &spec.service, &namespace).ok_or_else(|| {
+                            invalid(
+                                resource,
+                                format!(
+                                    "workload names service {}.{namespace}, which is not defined",
+                                    spec.service
+                                ),
+                            )
+                        })?;
+                    service.endpoints.push(Endpoint {
+                        workload: resource.metadata.name.clone(),
+                        address: spec.address.clone(),
+                        identity,
+                    });
+                }
+                Spec::RoutePolicy(spec) => {
+                    let namespace = namespace_of(resource)?;
+                    validate_route(spec).map_err(|reason| invalid(resource, reason))?;
+                    let service = find(&mut services, &spec.service, &namespace)
+                        .ok_or_else(|| invalid(resource, format!("route policy names service {}.{namespace}, which is not defined", spec.service)))?;
+                    if service.route.is_some() {
+                        return Err(invalid(
+                            resource,
+                            format!(
+                                "service {}.{namespace} already has a route policy",
+                                spec.service
+                            ),
+                        ));
+                    }
+                    service.route = Some(spec.clone());
+                }
+                _ => {}
+            }
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            services: services.into_iter().map(|(s, _)| s).collect(),
+        })
+    }
+}
+
+fn find<'a>(
+    services: &'a mut [(ServiceEntry, &Origin)],
+    name: &str,
+    namespace: &str,
+) -> Option<&'a mut ServiceEntry> {
+    services
+        .iter_mut()
+        .map(|(s, _)| s)
+        .find(|s| s.name == name && s.namespace == namespace)
+}
+
+fn namespace_of(resource: &Resource) -> Result<String, ConfigError> {
+    let namespace = resource
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    validate_namespace(&namespace).map_err(|e| invalid(resource, e.to_string()))?;
+    Ok(namespace)
+}
+
+fn validate_route(spec: &RoutePolicySpec) -> Result<(), String> {
+    if let Some(retries) = &spec.retries {
+        if retries.attempts > 10 {
+            return Err("retries.attempts must be at most 10".into());
+        }
+        if !(0.0..=1.0).contains(&retries.budget.ratio) {
+            return Err("retries.budget.ratio must be between 0 and 1".into());
+        }
+    }
+    if let Some(outlier) = &spec.outlier_detection
+        && (outlier.consecutive_failures == 0 || outlier.max_ejection_percent > 100)
+    {
+        return Err(
+            "outlierDetection: consecutiveFailures ≥ 1 and maxEjectionPercent ≤ 100".into(),
+        );
+    }
+    for (name, value) in [
+        ("timeout", spec.timeout),
+        ("perTryTimeout", spec.per_try_timeout),
+    ] {
+        if value.is_some_and(|d| d.is_zero()) {
+            return Err(format!("{name} must be positive"));
+        }
+    }
+    Ok(())
+}
+
+fn invalid(resource: &Resource, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        origin: resource.origin.clone(),
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::resources::parse_file;
+
+    const MESH: &str = "apiVersion: tessera.dev/v1alpha1
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tessera.dev/v1alpha1
+kind: Workload
+metadata: {name: orders-1, namespace: shop}
+spec: {service: orders, serviceAccount: orders, address: 127.0.0.1:16006}
+---
+apiVersion: tessera.dev/v1alpha1
+kind: RoutePolicy
+metadata: {name: orders, namespace: shop}
+spec:
+  service: orders
+  timeout: 2s
+  retries: {attempts: 3}
+";
+
+    #[test]
+    fn builds_services_with_endpoints_and_routes() {
+        let resources = parse_file(Path::new("mesh.yaml"), MESH).unwrap();
+        let snapshot = MeshSnapshot::from_resources("cluster.local", &resources).unwrap();
+        let orders = &snapshot.services[0];
+        assert_eq!(orders.key(), "orders.shop");
+        assert_eq!(orders.protocol(None), Protocol::Http);
+        assert_eq!(
+            orders.endpoints[0].identity.as_str(),
+            "spiffe://cluster.local/ns/shop/sa/orders"
+        );
+        let route = orders.route.as_ref().unwrap();
+        assert_eq!(route.timeout, Some(std::time::Duration::from_secs(2)));
+        assert_eq!(route.retries.as_ref().unwrap().budget.ratio, 0.2);
+        let json = serde_json::to_string(&snapshot).unwrap();
+        assert_eq!(
+            serde_json::from_str::<MeshSnapshot>(&json).unwrap(),
+            snapshot
+        );
+    }
+
+    #[test]
+    fn dangling_references_point_at_their_line() {
+        let text = MESH.replace(
+            "service: orders, serviceAccount",
+            "service: ordres, serviceAccount",
+        );
+        let resources = parse_file(Path::new("mesh.yaml"), &text).unwrap();
+        let error = MeshSnapshot::from_resources("cluster.local", &resources).unwrap_err();
+        assert_eq!(error.origin.line, 8, "{error}");
+        assert!(error.reason.contains("ordres.shop"), "{error}");
+
+        let text = MESH.replace(
+            "retries: {attempts: 3}",
+            "retries: {attempts: 3, budget: {ratio: 2, minPerSecond: 1}}",
+        );
+        let resources = parse_file(Path::new("mesh.yaml"), &text).unwrap();
+        let error = MeshSnapshot::from_resources("cluster.local", &resources).unwrap_err();
+        assert_eq!(error.origin.line, 13, "{error}");
+
+        let text = MESH.replace("protocol: http", "protocol: smtp");
+        let error = parse_file(Path::new("mesh.yaml"), &text).unwrap_err();
+        assert_eq!(error.origin.line, 5, "{error}");
+    }
+}

@@ -1,0 +1,263 @@
+//! Load balancing over a service's endpoints: power of two choices on a load score, with
+//! outlier ejection, and one pooled multiplexed HTTP/2 mTLS connection per endpoint.
+//!
+//! The score is (requests in flight + 1) × EWMA latency, so a slow or busy endpoint loses
+//! the comparison. An endpoint that fails `consecutiveFailures` times in a row is ejected
+//! for `baseEjectionTime` × the number of times it has been ejected (capped), and is
+//! re-admitted afterwards to prove itself again. Endpoints added or removed by discovery
+//! keep their state; a removed one stays alive while requests still hold it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rand::Rng;
+use tessera_proto::SpiffeId;
+use tessera_proto::resources::OutlierDetectionSpec;
+use tokio_rustls::TlsConnector;
+use tracing::{info, warn};
+
+/// ALPN between proxies: multiplexed HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN between proxies: one HTTP/1.1 connection, for upgrades (WebSocket).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// ALPN between proxies: opaque bytes.
+pub const ALPN_TCP: &[u8] = b"tessera/tcp";
+
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Latency assumed for an endpoint before it has answered anything.
+const INITIAL_EWMA_MICROS: u64 = 1_000;
+
+/// TLS connectors for one peer identity, one per ALPN.
+pub struct Connectors {
+    pub h2: TlsConnector,
+    pub http1: TlsConnector,
+    pub tcp: TlsConnector,
+}
+
+/// Builds the connectors that accept only `identity`.
+pub type ConnectorFactory =
+    dyn Fn(&SpiffeId) -> Result<Connectors, tessera_proto::tls::TlsError> + Send + Sync;
+
+/// One endpoint and everything learned about it.
+pub struct EndpointState {
+    pub address: String,
+    pub identity: SpiffeId,
+    pub connectors: Connectors,
+    /// The pooled HTTP/2 connection, shared by all requests.
+    pub h2: ArcSwapOption<hyper::client::conn::http2::SendRequest<crate::http::Body>>,
+    /// Held only while a new HTTP/2 connection is being established.
+    pub connecting: tokio::sync::Mutex<()>,
+    in_flight: AtomicU32,
+    ewma_micros: AtomicU64,
+    consecutive_failures: AtomicU32,
+    ejections: AtomicU32,
+    /// Milliseconds since the balancer's epoch; 0 when not ejected.
+    ejected_until: AtomicU64,
+}
+
+impl EndpointState {
+    fn score(&self) -> u64 {
+        u64::from(self.in_flight.load(Ordering::Relaxed) + 1)
+            * self.ewma_micros.load(Ordering::Relaxed).max(1)
+    }
+}
+
+/// Counts a request in flight on an endpoint until dropped.
+pub struct InFlight(Arc<EndpointState>);
+
+impl InFlight {
+    pub fn endpoint(&self) -> &Arc<EndpointState> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The endpoints of one upstream.
+pub struct Balancer {
+    name: String,
+    endpoints: ArcSwap<Vec<Arc<EndpointState>>>,
+    outlier: ArcSwapOption<OutlierDetectionSpec>,
+    epoch: Instant,
+}
+
+impl Balancer {
+    pub fn new(name: String) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            outlier: ArcSwapOption::empty(),
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Replaces the endpoint set, keeping the state of endpoints that stay.
+    pub fn update(
+        &self,
+        wanted: &[(String, SpiffeId)],
+        outlier: Option<OutlierDetectionSpec>,
+        connectors: &ConnectorFactory,
+    ) {
+        let current = self.endpoints.load_full();
+        let mut next = Vec::with_capacity(wanted.len());
+        for (address, identity) in wanted {
+            if let Some(existing) = current
+                .iter()
+                .find(|e| e.address == *address && e.identity == *identity)
+            {
+                next.push(existing.clone());
+                continue;
+            }
+            match connectors(identity) {
+                Ok(connectors) => next.push(Arc::new(EndpointState {
+                    address: address.clone(),
+                    identity: identity.clone(),
+                    connectors,
+                    h2: ArcSwapOption::empty(),
+                    connecting: tokio::sync::Mutex::new(()),
+                    in_flight: AtomicU32::new(0),
+                    ewma_micros: AtomicU64::new(INITIAL_EWMA_MICROS),
+                    consecutive_failures: AtomicU32::new(0),
+                    ejections: AtomicU32::new(0),
+                    ejected_until: AtomicU64::new(0),
+                })),
+                Err(error) => {
+                    warn!(event = "endpoint skipped", upstream = %self.name, address, error = %error)
+                }
+            }
+        }
+        self.outlier.store(outlier.map(Arc::new));
+        self.endpoints.store(Arc::new(next));
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn now_millis(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Picks an endpoint: the better of two random non-ejected ones. `None` when there is
+    /// no endpoint at all.
+    pub fn pick(&self) -> Option<InFlight> {
+        let endpoints = self.endpoints.load();
+        let now = self.now_millis();
+        let admitted = |e: &&Arc<EndpointState>| e.ejected_until.load(Ordering::Relaxed) <= now;
+        let healthy = endpoints.iter().filter(admitted).count();
+        let chosen = match healthy {
+            0 => {
+                // Everything ejected: better to try than to fail outright.
+                endpoints
+                    .iter()
+                    .min_by_key(|e| e.ejected_until.load(Ordering::Relaxed))?
+            }
+            1 => endpoints.iter().find(admitted)?,
+            n => {
+                let mut rng = rand::rng();
+                let first = rng.random_range(0..n);
+                let mut second = rng.random_range(0..n - 1);
+                if second >= first {
+                    second += 1;
+                }
+                let mut candidates = endpoints.iter().filter(admitted);
+                let (a, b) = if first < second {
+                    (first, second)
+                } else {
+                    (second, first)
+                };
+                let x = candidates.nth(a)?;
+                let y = candidates.nth(b - a - 1)?;
+                if x.score() <= y.score() { x } else { y }
+            }
+        };
+        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(chosen.clone()))
+    }
+
+    /// Records a successful answer and its latency.
+    pub fn success(&self, endpoint: &EndpointState, latency: Duration) {
+        endpoint.consecutive_failures.store(0, Ordering::Relaxed);
+        let sample = latency.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = endpoint.ewma_micros.load(Ordering::Relaxed);
+        // EWMA with weight 1/8: cheap, and quick enough to notice a slow endpoint.
+        endpoint
+            .ewma_micros
+            .store(old - old / 8 + sample / 8, Ordering::Relaxed);
+    }
+
+    /// Records a failure (connect error, reset, 5xx); ejects the endpoint when it has
+    /// failed too often in a row and not too many others are ejected already.
+    pub fn failure(&self, endpoint: &EndpointState) {
+        let failures = endpoint
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        // Failures make an endpoint look slow too, so P2C avoids it before ejection.
+        endpoint
+            .ewma_micros
+            .fetch_add(INITIAL_EWMA_MICROS, Ordering::Relaxed);
+        let Some(outlier) = self.outlier.load_full() else {
+            return;
+        };
+        if failures < outlier.consecutive_failures {
+            return;
+        }
+        let now = self.now_millis();
+        let endpoints = self.endpoints.load();
+        let ejected = endpoints
+            .iter()
+            .filter(|e| e.ejected_until.load(Ordering::Relaxed) > now)
+            .count();
+        let allowed = endpoints.len() * outlier.max_ejection_percent as usize / 100;
+        if ejected >= allowed || endpoint.ejected_until.load(Ordering::Relaxed) > now {
+            return;
+        }
+        let times = endpoint.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let duration = (outlier.base_ejection_time * times).min(MAX_EJECTION);
+        endpoint
+            .ejected_until
+            .store(now + duration.as_millis() as u64, Ordering::Relaxed);
+        endpoint.consecutive_failures.store(0, Ordering::Relaxed);
+        endpoint.h2.store(None);
+        warn!(
+            event = "endpoint ejected",
+            upstream = %self.name,
+            address = %endpoint.address,
+            identity = %endpoint.identity,
+            consecutive_failures = failures,
+            for_ms = duration.as_millis() as u64,
+        );
+    }
+
+    /// Re-admits endpoints whose ejection ended, with a log line; called per request, cheap.
+    pub fn readmit_expired(&self) {
+        let now = self.now_millis();
+        for endpoint in self.endpoints.load().iter() {
+            let until = endpoint.ejected_until.load(Ordering::Relaxed);
+            if until != 0
+                && until <= now
+                && endpoint
+                    .ejected_until
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                info!(event = "endpoint re-admitted", upstream = %self.name, address = %endpoint.address);
+            }
+        }
+    }
+}

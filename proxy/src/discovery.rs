@@ -1,0 +1,128 @@
+//! The proxy's view of the mesh, kept current by the control plane's discovery stream.
+//!
+//! The stream authenticates with the workload certificate, so it starts once the proxy
+//! has one. Every snapshot replaces the view atomically; a snapshot that cannot be parsed
+//! is refused and the last good view stays. When the control plane goes away the proxy
+//! keeps routing on its last view and reconnects with backoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_proto::api::discovery::WatchRequest;
+use tessera_proto::api::discovery::discovery_client::DiscoveryClient;
+use tessera_proto::mesh::{MeshSnapshot, ServiceEntry};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::control_plane::{ControlPlane, error_chain};
+use crate::identity::IdentityManager;
+
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// The services a proxy can route to, by `name.namespace`.
+#[derive(Debug, Default)]
+pub struct MeshView {
+    pub version: String,
+    pub services: HashMap<String, Arc<ServiceEntry>>,
+}
+
+impl MeshView {
+    fn from_snapshot(version: String, snapshot: MeshSnapshot) -> Self {
+        let services = snapshot
+            .services
+            .into_iter()
+            .map(|service| (service.key(), Arc::new(service)))
+            .collect();
+        Self { version, services }
+    }
+}
+
+/// Holds the current view and tells subscribers when it changes.
+pub struct Discovery {
+    view: watch::Sender<Option<Arc<MeshView>>>,
+}
+
+impl Discovery {
+    pub fn new() -> Arc<Self> {
+        let (view, _) = watch::channel(None);
+        Arc::new(Self { view })
+    }
+
+    /// The current view, if one has arrived.
+    pub fn current(&self) -> Option<Arc<MeshView>> {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that sees every new view.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<MeshView>>> {
+        self.view.subscribe()
+    }
+
+    pub fn has_view(&self) -> bool {
+        self.view.borrow().is_some()
+    }
+
+    /// Follows the discovery stream forever.
+    pub async fn run(self: Arc<Self>, control_plane: ControlPlane, identity: Arc<IdentityManager>) {
+        let mut retry = FIRST_RETRY;
+        loop {
+            while !identity.has_valid_cert() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            match self.follow(&control_plane, &identity).await {
+                Ok(()) => retry = FIRST_RETRY,
+                Err(reason) => {
+                    warn!(event = "discovery stream lost", reason = %reason, retry_in_ms = retry.as_millis() as u64, "routing on the last configuration");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                }
+            }
+        }
+    }
+
+    async fn follow(
+        &self,
+        control_plane: &ControlPlane,
+        identity: &IdentityManager,
+    ) -> Result<(), String> {
+        let channel = control_plane
+            .connect(identity.trust(), Some(identity.current_cert()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let known_version = self
+            .current()
+            .map(|v| v.version.clone())
+            .unwrap_or_default();
+        let mut stream = DiscoveryClient::new(channel)
+            .watch(WatchRequest { known_version })
+            .await
+            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+            .into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(snapshot)) => self.apply(snapshot.version, &snapshot.mesh_json),
+                Ok(None) => return Err("control plane closed the stream".into()),
+                Err(status) => return Err(error_chain(&status)),
+            }
+        }
+    }
+
+    fn apply(&self, version: String, json: &[u8]) {
+        match serde_json::from_slice::<MeshSnapshot>(json) {
+            Ok(snapshot) => {
+                let services = snapshot.services.len();
+                self.view
+                    .send_replace(Some(Arc::new(MeshView::from_snapshot(
+                        version.clone(),
+                        snapshot,
+                    ))));
+                info!(event = "configuration received", version = %version, services);
+            }
+            Err(error) => {
+                warn!(event = "configuration refused", version = %version, error = %error, "keeping the last good configuration")
+            }
+        }
+    }
+}

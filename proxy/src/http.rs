@@ -1,0 +1,213 @@
+//! HTTP pieces shared by inbound and outbound: the body type, hop-by-hop header
+//! handling (RFC 9110 §7.6.1), the HTTP/1.1-over-HTTP/2 marker, and honest error
+//! responses with a `tessera-proxy-error` header (or the matching gRPC status).
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty};
+
+/// Error type inside bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body the proxy sends: streamed, never buffered whole.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Set by the outbound proxy when it carries an HTTP/1.1 request over HTTP/2, so the
+/// inbound proxy talks HTTP/1.1 to the application again.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("tessera-orig-proto");
+/// Names why the proxy answered instead of the application.
+pub const PROXY_ERROR: HeaderName = HeaderName::from_static("tessera-proxy-error");
+
+/// Boxes any body into [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
+pub fn empty() -> Body {
+    boxed(Empty::<Bytes>::new().map_err(|never| match never {}))
+}
+
+/// Removes hop-by-hop headers: those named in `Connection` and the fixed list. `TE:
+/// trailers` survives (gRPC needs it); `Upgrade` survives when `keep_upgrade` (the
+/// request is being upgraded end to end).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in [
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// True for requests asking to switch protocols (WebSocket and friends).
+pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() <= Version::HTTP_11 && request.headers().contains_key(header::UPGRADE)
+}
+
+/// True for gRPC calls, which get errors as gRPC statuses.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Why the proxy answered itself. Each maps to a status and a short reason; bodies and
+/// headers never carry internal addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The service has no endpoint at all, or every one is ejected.
+    NoEndpoints,
+    /// No connection could be made to the chosen endpoint.
+    Unreachable,
+    /// The upstream reset or closed the request.
+    Reset,
+    /// The route's timeout passed.
+    Timeout,
+    /// The local application refused the connection.
+    AppUnavailable,
+    /// The request itself cannot be forwarded (e.g. no usable authority).
+    BadRequest,
+}
+
+impl ProxyError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            ProxyError::NoEndpoints => "no-healthy-endpoints",
+            ProxyError::Unreachable => "upstream-unreachable",
+            ProxyError::Reset => "upstream-reset",
+            ProxyError::Timeout => "timeout",
+            ProxyError::AppUnavailable => "application-unavailable",
+            ProxyError::BadRequest => "bad-request",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Unreachable | ProxyError::Reset | ProxyError::AppUnavailable => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// gRPC status code: UNAVAILABLE, DEADLINE_EXCEEDED or INVALID_ARGUMENT.
+    fn grpc_status(self) -> &'static str {
+        match self {
+            ProxyError::Timeout => "4",
+            ProxyError::BadRequest => "3",
+            _ => "14",
+        }
+    }
+
+    /// The response for a caller speaking `version`, gRPC or not.
+    pub fn response(self, grpc: bool) -> Response<Body> {
+        let mut response = Response::new(empty());
+        let headers = response.headers_mut();
+        headers.insert(PROXY_ERROR, HeaderValue::from_static(self.reason()));
+        if grpc {
+            // Trailers-only response: status in the headers, as gRPC allows.
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
+            headers.insert("grpc-message", HeaderValue::from_static(self.reason()));
+        } else {
+            *response.status_mut() = self.status();
+            *response.body_mut() = boxed(
+                http_body_util::Full::new(Bytes::from_static(self.reason().as_bytes()))
+                    .map_err(|never| match never {}),
+            );
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_but_keeps_te_trailers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut headers, false);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-app", "te"]);
+        assert_eq!(headers[header::TE], "trailers");
+    }
+
+    #[test]
+    fn keeps_upgrade_when_upgrading() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers[header::UPGRADE], "websocket");
+        assert_eq!(headers[header::CONNECTION], "Upgrade");
+    }
+
+    #[test]
+    fn grpc_errors_are_trailers_only_statuses() {
+        let response = ProxyError::Timeout.response(true);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "4");
+        let response = ProxyError::NoEndpoints.response(false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[PROXY_ERROR], "no-healthy-endpoints");
+    }
+}
