@@ -264,11 +264,11 @@ async fn start_service(
 }
 
 fn upstream(address: SocketAddr, service_account: &str) -> anyhow::Result<OutboundUpstream> {
-    Ok(OutboundUpstream {
-        listen: SocketAddr::from((LOCALHOST, 0)),
-        address: address.to_string(),
-        identity: SpiffeId::new("cluster.local", NAMESPACE, service_account)?,
-    })
+    Ok(OutboundUpstream::fixed(
+        SocketAddr::from((LOCALHOST, 0)),
+        address.to_string(),
+        SpiffeId::new("cluster.local", NAMESPACE, service_account)?,
+    ))
 }
 
 async fn start_proxy(

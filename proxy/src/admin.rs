@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::config::ProxyConfig;
+use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
 use crate::telemetry::Metrics;
 
@@ -99,16 +100,21 @@ where
 /// The proxy's admin routes.
 pub fn routes(
     identity: Arc<IdentityManager>,
+    discovery: Arc<Discovery>,
     metrics: Arc<Metrics>,
     config: Arc<ProxyConfig>,
 ) -> impl Fn(&str) -> Reply + Send + Sync + 'static {
     move |path| match path {
         "/live" => Reply::text(StatusCode::OK, "live\n"),
-        "/ready" if identity.has_valid_cert() => Reply::text(StatusCode::OK, "ready\n"),
-        "/ready" => Reply::text(
+        "/ready" if !identity.has_valid_cert() => Reply::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no valid certificate\n",
         ),
+        "/ready" if !discovery.has_view() => Reply::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no configuration from the control plane yet\n",
+        ),
+        "/ready" => Reply::text(StatusCode::OK, "ready\n"),
         "/metrics" => Reply::metrics(metrics.encode()),
         "/certs" => match identity.status() {
             Some(status) => Reply::json(&*status),

@@ -10,11 +10,20 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::info;
 
-use crate::config::ProxyConfig;
+use arc_swap::ArcSwap;
+use tessera_proto::SpiffeId;
+use tessera_proto::resources::Protocol;
+use tracing::warn;
+
+use crate::balance::{ALPN_H2, ALPN_HTTP1, ALPN_TCP, ConnectorFactory, Connectors};
+use crate::config::{ProxyConfig, UpstreamTarget};
 use crate::control_plane::ControlPlane;
+use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
+use crate::inbound::AppClient;
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
+use crate::router::Upstream;
 use crate::telemetry::{Direction, Metrics};
 use crate::{admin, config};
 
@@ -49,6 +58,7 @@ pub struct RunningProxy {
     pub inbound_addresses: Vec<SocketAddr>,
     pub outbound_addresses: Vec<SocketAddr>,
     pub identity: Arc<IdentityManager>,
+    pub discovery: Arc<Discovery>,
     pub metrics: Arc<Metrics>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -69,18 +79,31 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let identity = identity_manager(&config, metrics.clone())?;
-    let mut tasks = vec![tokio::spawn(identity.clone().run())];
+    let discovery = Discovery::new();
+    let control_plane = ControlPlane {
+        address: config.control_plane.address.clone(),
+        identity: config.control_plane_identity()?,
+    };
+    let mut tasks = vec![
+        tokio::spawn(identity.clone().run()),
+        tokio::spawn(discovery.clone().run(control_plane, identity.clone())),
+    ];
 
     let admin_listener = bind(config.admin).await?;
     let admin_address = local_address(&admin_listener, config.admin)?;
-    let routes = admin::routes(identity.clone(), metrics.clone(), config.clone());
+    let routes = admin::routes(
+        identity.clone(),
+        discovery.clone(),
+        metrics.clone(),
+        config.clone(),
+    );
     tasks.push(tokio::spawn(admin::serve(admin_listener, routes)));
 
     let server_config = tls::server_config(
         identity.trust(),
         identity.current_cert(),
         ClientAuth::Required,
-        &[],
+        &[ALPN_H2, ALPN_HTTP1, ALPN_TCP],
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let mut inbound_addresses = Vec::new();
@@ -89,6 +112,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         inbound_addresses.push(local_address(&listener, port.listen)?);
         let inbound = Arc::new(Inbound {
             port: port.clone(),
+            app: AppClient::new(port.forward_to, &config.limits),
             acceptor: acceptor.clone(),
             identity: identity.clone(),
             metrics: metrics.clone(),
@@ -98,19 +122,43 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tasks.push(tokio::spawn(inbound.serve(listener)));
     }
 
+    let connectors = connector_factory(&identity);
     let mut outbound_addresses = Vec::new();
-    for upstream in &config.outbound {
-        let listener = bind(upstream.listen).await?;
-        outbound_addresses.push(local_address(&listener, upstream.listen)?);
-        let client_config = tls::client_config(
-            identity.trust(),
-            upstream.identity.clone(),
-            Some(identity.current_cert()),
-            &[],
-        )?;
+    for upstream_config in &config.outbound {
+        let listener = bind(upstream_config.listen).await?;
+        outbound_addresses.push(local_address(&listener, upstream_config.listen)?);
+        let target = upstream_config.target()?;
+        let name = match &target {
+            UpstreamTarget::Service { key, .. } => key.clone(),
+            UpstreamTarget::Fixed { address, .. } => address.clone(),
+        };
+        let upstream = Upstream::new(name, metrics.clone(), config.limits.clone());
+        let protocol = Arc::new(ArcSwap::from_pointee(
+            upstream_config.protocol.unwrap_or_default(),
+        ));
+        match target {
+            UpstreamTarget::Fixed { address, identity } => {
+                upstream
+                    .balancer
+                    .update(&[(address, identity)], None, &*connectors);
+            }
+            UpstreamTarget::Service { key, port } => {
+                tasks.push(tokio::spawn(follow_service(
+                    discovery.clone(),
+                    upstream.clone(),
+                    ServiceBinding {
+                        key,
+                        port,
+                        protocol_override: upstream_config.protocol,
+                        protocol: protocol.clone(),
+                    },
+                    connectors.clone(),
+                )));
+            }
+        }
         let outbound = Arc::new(Outbound {
-            upstream: upstream.clone(),
-            connector: TlsConnector::from(Arc::new(client_config)),
+            upstream,
+            protocol,
             identity: identity.clone(),
             metrics: metrics.clone(),
             counters: metrics.direction(Direction::Outbound),
@@ -132,8 +180,74 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         inbound_addresses,
         outbound_addresses,
         identity,
+        discovery,
         metrics,
         tasks,
+    })
+}
+
+/// How an outbound listener follows its service in discovery.
+struct ServiceBinding {
+    key: String,
+    port: Option<u16>,
+    protocol_override: Option<Protocol>,
+    protocol: Arc<ArcSwap<Protocol>>,
+}
+
+/// Keeps an upstream's endpoints, route policy and protocol in step with discovery.
+async fn follow_service(
+    discovery: Arc<Discovery>,
+    upstream: Arc<Upstream>,
+    binding: ServiceBinding,
+    connectors: Arc<ConnectorFactory>,
+) {
+    let mut views = discovery.subscribe();
+    loop {
+        let view = views.borrow_and_update().clone();
+        if let Some(view) = view {
+            match view.services.get(&binding.key) {
+                Some(service) => {
+                    let endpoints: Vec<_> = service
+                        .endpoints
+                        .iter()
+                        .map(|e| (e.address.clone(), e.identity.clone()))
+                        .collect();
+                    let route = service.route.as_ref();
+                    let outlier = route.and_then(|r| r.outlier_detection.clone());
+                    upstream.balancer.update(&endpoints, outlier, &*connectors);
+                    upstream.set_policy(route);
+                    let protocol = binding
+                        .protocol_override
+                        .unwrap_or_else(|| service.protocol(binding.port));
+                    binding.protocol.store(Arc::new(protocol));
+                }
+                None => {
+                    warn!(event = "unknown upstream service", service = %binding.key);
+                    upstream.balancer.update(&[], None, &*connectors);
+                    upstream.set_policy(None);
+                }
+            }
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// TLS connectors per peer identity, presenting this proxy's current certificate.
+fn connector_factory(identity: &IdentityManager) -> Arc<ConnectorFactory> {
+    let trust = identity.trust();
+    let cert = identity.current_cert();
+    Arc::new(move |peer: &SpiffeId| {
+        let make = |alpn: &[u8]| {
+            tls::client_config(trust.clone(), peer.clone(), Some(cert.clone()), &[alpn])
+                .map(|config| TlsConnector::from(Arc::new(config)))
+        };
+        Ok(Connectors {
+            h2: make(ALPN_H2)?,
+            http1: make(ALPN_HTTP1)?,
+            tcp: make(ALPN_TCP)?,
+        })
     })
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tessera_proto::SpiffeId;
+use tessera_proto::resources::Protocol;
 use tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN;
 
 /// Environment variable that carries the join token, instead of a file.
@@ -86,15 +87,88 @@ pub struct InboundPort {
     pub forward_to: SocketAddr,
 }
 
-/// One outbound upstream: local plaintext in, mTLS to a remote proxy.
+/// One outbound listener: local plaintext in, mTLS to an upstream. The upstream is
+/// either a named service resolved through discovery (`service`, optionally `port`), or
+/// a fixed remote proxy (`address` + the `identity` it must prove).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboundUpstream {
     pub listen: SocketAddr,
-    /// The remote proxy's inbound address, `host:port`.
-    pub address: String,
-    /// The identity the remote proxy must prove; anything else is refused.
-    pub identity: SpiffeId,
+    /// `name.namespace` of a service known to discovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The service port whose declared protocol applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// A fixed remote proxy's inbound address, `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The identity the fixed remote proxy must prove; anything else is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<SpiffeId>,
+    /// Overrides the protocol (default: the service port's, else detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+}
+
+/// Where an outbound listener sends its traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTarget {
+    Service { key: String, port: Option<u16> },
+    Fixed { address: String, identity: SpiffeId },
+}
+
+impl OutboundUpstream {
+    /// A fixed upstream.
+    pub fn fixed(listen: SocketAddr, address: String, identity: SpiffeId) -> Self {
+        Self {
+            listen,
+            service: None,
+            port: None,
+            address: Some(address),
+            identity: Some(identity),
+            protocol: None,
+        }
+    }
+
+    /// An upstream service resolved through discovery.
+    pub fn service(listen: SocketAddr, key: String) -> Self {
+        Self {
+            listen,
+            service: Some(key),
+            port: None,
+            address: None,
+            identity: None,
+            protocol: None,
+        }
+    }
+
+    pub fn target(&self) -> Result<UpstreamTarget, ConfigError> {
+        match (&self.service, &self.address, &self.identity) {
+            (Some(key), None, None)
+                if key
+                    .split_once('.')
+                    .is_some_and(|(n, ns)| !n.is_empty() && !ns.is_empty()) =>
+            {
+                Ok(UpstreamTarget::Service {
+                    key: key.clone(),
+                    port: self.port,
+                })
+            }
+            (Some(key), None, None) => Err(ConfigError::Semantic(format!(
+                "outbound {}: service {key:?} must be name.namespace",
+                self.listen
+            ))),
+            (None, Some(address), Some(identity)) => Ok(UpstreamTarget::Fixed {
+                address: address.clone(),
+                identity: identity.clone(),
+            }),
+            _ => Err(ConfigError::Semantic(format!(
+                "outbound {}: set either service, or address and identity",
+                self.listen
+            ))),
+        }
+    }
 }
 
 /// Bounds on what a peer can make the proxy hold.
@@ -107,6 +181,10 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
+    /// How long an outbound connection may stay silent before it is taken for a
+    /// server-speaks-first protocol and proxied as opaque TCP.
+    #[serde(with = "humantime_serde_compat")]
+    pub detect_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -115,6 +193,7 @@ impl Default for Limits {
             max_connections: 10_000,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            detect_timeout: Duration::from_millis(200),
         }
     }
 }
@@ -175,10 +254,12 @@ impl ProxyConfig {
             )));
         }
         for upstream in &self.outbound {
-            if upstream.identity.trust_domain() != self.identity.trust_domain {
+            if let UpstreamTarget::Fixed { identity, .. } = upstream.target()?
+                && identity.trust_domain() != self.identity.trust_domain
+            {
                 return Err(ConfigError::Semantic(format!(
-                    "outbound {}: identity {} is outside trust domain {}",
-                    upstream.listen, upstream.identity, self.identity.trust_domain
+                    "outbound {}: identity {identity} is outside trust domain {}",
+                    upstream.listen, self.identity.trust_domain
                 )));
             }
         }
@@ -292,7 +373,17 @@ mod tests {
     fn the_documented_example_is_valid() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/proxy.yaml");
         let config = ProxyConfig::load(&example).unwrap();
-        assert_eq!(config.outbound[0].identity.service_account(), "payments");
+        let UpstreamTarget::Fixed { identity, .. } = config.outbound[0].target().unwrap() else {
+            panic!("fixed upstream expected");
+        };
+        assert_eq!(identity.service_account(), "payments");
+        assert_eq!(
+            config.outbound[1].target().unwrap(),
+            UpstreamTarget::Service {
+                key: "orders.shop".into(),
+                port: None
+            }
+        );
         assert_eq!(config.inbound[0].listen.port(), 15006);
     }
 

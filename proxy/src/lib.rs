@@ -17,6 +17,7 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod retry;
+pub mod router;
 pub mod tcp;
 pub mod telemetry;
 

@@ -1,27 +1,32 @@
-//! Outbound: plaintext from the local application, mTLS to the upstream proxy.
+//! Outbound: plaintext from the local application, mTLS to the upstream.
 //!
-//! The application's bytes are not read until the upstream has proved the SPIFFE ID
-//! configured for it; a wrong or untrusted peer gets nothing and the application's
-//! connection is closed.
+//! Each connection is classified — by the protocol configured or declared for the
+//! service port, else by detection — then either relayed as opaque bytes to one endpoint,
+//! or served as HTTP/1.1 or HTTP/2 with every request routed on its own (see `router`).
+//! Nothing is sent anywhere until the upstream proxy has proved the identity expected of
+//! it; a wrong or untrusted peer gets nothing and the application's connection is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tessera_proto::tls;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tessera_proto::resources::Protocol;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
-use crate::config::{Limits, OutboundUpstream};
+use crate::config::Limits;
+use crate::detect::{self, Detected};
 use crate::identity::IdentityManager;
+use crate::router::Upstream;
 use crate::tcp;
 use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal};
 
-/// What every outbound connection to one upstream needs.
+/// One outbound listener and the upstream it serves.
 pub struct Outbound {
-    pub upstream: OutboundUpstream,
-    /// Built once; verifies exactly `upstream.identity`.
-    pub connector: TlsConnector,
+    pub upstream: Arc<Upstream>,
+    /// The protocol to assume; `Detect` sniffs each connection.
+    pub protocol: Arc<arc_swap::ArcSwap<Protocol>>,
     pub identity: Arc<IdentityManager>,
     pub metrics: Arc<Metrics>,
     pub counters: DirectionMetrics,
@@ -42,59 +47,86 @@ impl Outbound {
         .await;
     }
 
-    async fn handle(&self, mut app: TcpStream, client: SocketAddr) {
-        let upstream = &self.upstream;
-        let refuse = |reason: Refusal, detail: &dyn std::fmt::Display| {
-            self.metrics.refuse(Direction::Outbound, reason);
-            warn!(
+    async fn handle(&self, app: TcpStream, client: SocketAddr) {
+        if !self.identity.has_valid_cert() {
+            self.metrics
+                .refuse(Direction::Outbound, Refusal::NoLocalCertificate);
+            return warn!(
                 event = "outbound connection refused",
                 client_address = %client,
-                upstream = %upstream.address,
-                expected_identity = %upstream.identity,
-                reason = ?reason,
-                detail = %detail,
-            );
-        };
-        if !self.identity.has_valid_cert() {
-            return refuse(
-                Refusal::NoLocalCertificate,
-                &"this proxy holds no valid certificate",
+                upstream = %self.upstream.name,
+                reason = ?Refusal::NoLocalCertificate,
+                detail = "this proxy holds no valid certificate",
             );
         }
-        let tcp_stream = match tcp::connect(&upstream.address, self.limits.connect_timeout).await {
-            Ok(stream) => stream,
-            Err(error) => return refuse(Refusal::ConnectFailed, &error),
+        let detected = match **self.protocol.load() {
+            Protocol::Opaque => Detected::Opaque,
+            Protocol::Http => Detected::Http1,
+            Protocol::Http2 => Detected::Http2,
+            Protocol::Detect => match detect::detect(&app, self.limits.detect_timeout).await {
+                Ok(detected) => detected,
+                Err(_) => return,
+            },
         };
-        let server_name = match tcp_stream.peer_addr() {
-            Ok(address) => tls::server_name_for(address),
-            Err(error) => return refuse(Refusal::ConnectFailed, &error),
-        };
-        let handshake = self.connector.connect(server_name, tcp_stream);
-        let mut tls_stream =
-            match tokio::time::timeout(self.limits.handshake_timeout, handshake).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
-                    return refuse(
-                        tcp::classify_handshake_error(&error),
-                        &tcp::describe_handshake_error(&error),
-                    );
-                }
-                Err(_) => return refuse(Refusal::HandshakeTimeout, &"TLS handshake timed out"),
-            };
-        debug!(event = "outbound connection", client_address = %client, peer_identity = %upstream.identity);
-        self.metrics
-            .connection(Direction::Outbound, &upstream.identity);
+        debug!(event = "outbound connection", client_address = %client, upstream = %self.upstream.name, protocol = ?detected);
         self.counters.active.inc();
-        let result = tcp::relay(&mut app, &mut tls_stream).await;
-        self.counters.active.dec();
-        let (sent, received) = match result {
-            Ok(counts) => counts,
-            Err(error) => {
-                debug!(event = "outbound connection ended with error", client_address = %client, error = %error);
-                (0, 0)
+        match detected {
+            Detected::Opaque => self.relay(app).await,
+            Detected::Http1 => {
+                let upstream = self.upstream.clone();
+                let service = service_fn(move |request| upstream.clone().handle(request));
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(self.limits.handshake_timeout)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .serve_connection(TokioIo::new(app), service)
+                    .with_upgrades()
+                    .await;
+                if let Err(error) = served {
+                    debug!(event = "outbound HTTP/1 connection error", client_address = %client, error = %error);
+                }
             }
+            Detected::Http2 => {
+                let upstream = self.upstream.clone();
+                let service = service_fn(move |request| upstream.clone().handle(request));
+                let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(MAX_HEADER_BYTES as u32)
+                    .serve_connection(TokioIo::new(app), service)
+                    .await;
+                if let Err(error) = served {
+                    debug!(event = "outbound HTTP/2 connection error", client_address = %client, error = %error);
+                }
+            }
+        }
+        self.counters.active.dec();
+    }
+
+    /// Opaque bytes to one endpoint.
+    async fn relay(&self, mut app: TcpStream) {
+        let balancer = &self.upstream.balancer;
+        balancer.readmit_expired();
+        let Some(in_flight) = balancer.pick() else {
+            return warn!(event = "outbound connection refused", upstream = %self.upstream.name, reason = "no endpoints");
         };
-        self.counters.sent.inc_by(sent);
-        self.counters.received.inc_by(received);
+        let endpoint = in_flight.endpoint().clone();
+        let mut stream = match self
+            .upstream
+            .connect(&endpoint, &endpoint.connectors.tcp)
+            .await
+        {
+            Ok(stream) => stream,
+            Err(_) => return balancer.failure(&endpoint),
+        };
+        match tcp::relay(&mut app, &mut stream).await {
+            Ok((sent, received)) => {
+                self.counters.sent.inc_by(sent);
+                self.counters.received.inc_by(received);
+            }
+            Err(error) => debug!(event = "outbound connection ended with error", error = %error),
+        }
     }
 }
+
+/// Request headers beyond this are refused (431 for HTTP/1, a stream error for HTTP/2).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;

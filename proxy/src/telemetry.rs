@@ -94,6 +94,11 @@ pub struct ByteLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
     pub direction: Direction,
     pub reason: Refusal,
@@ -102,6 +107,7 @@ pub struct RefusalLabels {
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
+    pub retries: Family<UpstreamLabels, Counter>,
     pub connections: Family<ConnectionLabels, Counter>,
     pub connections_active: Family<DirectionLabels, Gauge>,
     pub bytes: Family<ByteLabels, Counter>,
@@ -126,6 +132,7 @@ impl Metrics {
             refused: Family::default(),
             cert_expiry: Gauge::default(),
             cert_renewals: Counter::default(),
+            retries: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -157,6 +164,11 @@ impl Metrics {
             "identity_cert_renewals",
             "Workload certificates obtained from the control plane",
             metrics.cert_renewals.clone(),
+        );
+        registry.register(
+            "retries",
+            "Requests retried, by upstream",
+            metrics.retries.clone(),
         );
         Self {
             registry,
@@ -198,6 +210,15 @@ impl Metrics {
                 security: "mtls",
             })
             .inc();
+    }
+
+    /// The retry counter of one upstream.
+    pub fn retries(&self, upstream: &str) -> Counter {
+        self.retries
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .clone()
     }
 
     pub fn refuse(&self, direction: Direction, reason: Refusal) {

@@ -1,0 +1,409 @@
+//! Outbound HTTP: one request from the local application to an upstream service.
+//!
+//! The request crosses to the chosen endpoint's proxy on a pooled, multiplexed HTTP/2
+//! mTLS connection (HTTP/1.1 requests too, marked so the far side restores them).
+//! Timeouts bound the whole request and each attempt; retries replay small bodies on
+//! connection failures, 502/503/504 and gRPC UNAVAILABLE, within the retry budget; every
+//! outcome feeds the balancer's load estimate and outlier ejection. Upgrades (WebSocket)
+//! get a dedicated HTTP/1.1 connection and are spliced once switched.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::metrics::counter::Counter;
+use tessera_proto::resources::{RetrySpec, RoutePolicySpec};
+use tessera_proto::tls;
+use tokio_rustls::client::TlsStream;
+use tracing::{debug, warn};
+
+use crate::balance::{Balancer, EndpointState};
+use crate::config::Limits;
+use crate::http::{self as proxy_http, Body, ORIG_PROTO, ProxyError, boxed};
+use crate::retry::RetryBudget;
+use crate::tcp;
+use crate::telemetry::{Direction, Metrics};
+
+/// Bodies up to this size are kept so a request can be retried.
+const MAX_REPLAY_BODY: usize = 64 * 1024;
+
+/// Timeouts and retries in force for one upstream.
+#[derive(Default)]
+struct Policy {
+    timeout: Option<Duration>,
+    per_try_timeout: Option<Duration>,
+    retries: Option<RetrySpec>,
+    budget: Option<RetryBudget>,
+}
+
+/// An upstream service as the outbound proxy sees it.
+pub struct Upstream {
+    pub name: String,
+    pub balancer: Arc<Balancer>,
+    policy: ArcSwap<Policy>,
+    policy_spec: ArcSwapOption<RoutePolicySpec>,
+    metrics: Arc<Metrics>,
+    retries: Counter,
+    limits: Limits,
+}
+
+impl Upstream {
+    pub fn new(name: String, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
+        let retries = metrics.retries(&name);
+        Arc::new(Self {
+            balancer: Balancer::new(name.clone()),
+            name,
+            policy: ArcSwap::from_pointee(Policy::default()),
+            policy_spec: ArcSwapOption::empty(),
+            metrics,
+            retries,
+            limits,
+        })
+    }
+
+    /// Applies a route policy from discovery; an unchanged one keeps its budget window.
+    pub fn set_policy(&self, spec: Option<&RoutePolicySpec>) {
+        if self.policy_spec.load().as_deref() == spec {
+            return;
+        }
+        let policy = spec.map_or_else(Policy::default, |spec| Policy {
+            timeout: spec.timeout,
+            per_try_timeout: spec.per_try_timeout,
+            budget: spec
+                .retries
+                .as_ref()
+                .map(|r| RetryBudget::new(r.budget.clone())),
+            retries: spec.retries.clone(),
+        });
+        self.policy.store(Arc::new(policy));
+        self.policy_spec.store(spec.cloned().map(Arc::new));
+    }
+
+    /// Forwards one request; never fails: errors become honest responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, std::convert::Infallible> {
+        let grpc = proxy_http::is_grpc(request.headers());
+        let result = if proxy_http::is_upgrade(&request) {
+            self.upgrade(request).await
+        } else {
+            self.forward(request).await
+        };
+        Ok(result.unwrap_or_else(|error| {
+            debug!(event = "request failed", upstream = %self.name, reason = error.reason());
+            error.response(grpc)
+        }))
+    }
+
+    async fn forward(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+        let policy = self.policy.load_full();
+        let (mut parts, body) = request.into_parts();
+        let original_version = parts.version;
+        to_http2(&mut parts)?;
+        let replay = match &policy.retries {
+            Some(retries) if retryable(&parts.method, retries) => replayable(body).await,
+            _ => Replay::Once(boxed(body)),
+        };
+        if let Some(budget) = &policy.budget {
+            budget.deposit();
+        }
+        let attempts = self.attempts(&policy, parts, replay);
+        let mut response = match policy.timeout {
+            Some(limit) => tokio::time::timeout(limit, attempts)
+                .await
+                .map_err(|_| ProxyError::Timeout)??,
+            None => attempts.await?,
+        };
+        proxy_http::strip_hop_by_hop(response.headers_mut(), false);
+        *response.version_mut() = original_version;
+        Ok(response.map(boxed))
+    }
+
+    async fn attempts(
+        &self,
+        policy: &Policy,
+        parts: http::request::Parts,
+        mut replay: Replay,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let max_attempts = match (&replay, &policy.retries) {
+            (Replay::Buffered(_), Some(retries)) => 1 + retries.attempts,
+            _ => 1,
+        };
+        let mut attempt = 1;
+        loop {
+            self.balancer.readmit_expired();
+            let in_flight = self.balancer.pick().ok_or(ProxyError::NoEndpoints)?;
+            let endpoint = in_flight.endpoint();
+            let Some(body) = replay.next() else {
+                return Err(ProxyError::Reset);
+            };
+            let request = Request::from_parts(parts.clone(), body);
+            let started = Instant::now();
+            let sent = self.send(endpoint, request);
+            let outcome = match policy.per_try_timeout {
+                Some(limit) => tokio::time::timeout(limit, sent)
+                    .await
+                    .unwrap_or(Err(ProxyError::Timeout)),
+                None => sent.await,
+            };
+            let retry_worthy = match &outcome {
+                Ok(response) => should_retry(response),
+                Err(_) => true,
+            };
+            match &outcome {
+                Ok(response) if !response.status().is_server_error() && !retry_worthy => {
+                    self.balancer.success(endpoint, started.elapsed())
+                }
+                _ => self.balancer.failure(endpoint),
+            }
+            drop(in_flight);
+            let budget_allows = || policy.budget.as_ref().is_some_and(RetryBudget::withdraw);
+            if !retry_worthy || attempt >= max_attempts || !budget_allows() {
+                return outcome;
+            }
+            self.retries.inc();
+            attempt += 1;
+        }
+    }
+
+    async fn send(
+        &self,
+        endpoint: &EndpointState,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = self.h2_sender(endpoint).await?;
+        if sender.ready().await.is_err() {
+            endpoint.h2.store(None);
+            return Err(ProxyError::Unreachable);
+        }
+        sender.send_request(request).await.map_err(|error| {
+            debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
+            ProxyError::Reset
+        })
+    }
+
+    /// The endpoint's pooled HTTP/2 connection, established on first use.
+    async fn h2_sender(
+        &self,
+        endpoint: &EndpointState,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
+        let pooled = || {
+            endpoint
+                .h2
+                .load_full()
+                .filter(|sender| !sender.is_closed())
+                .map(|sender| (*sender).clone())
+        };
+        if let Some(sender) = pooled() {
+            return Ok(sender);
+        }
+        let _connecting = endpoint.connecting.lock().await;
+        if let Some(sender) = pooled() {
+            return Ok(sender);
+        }
+        let stream = self.connect(endpoint, &endpoint.connectors.h2).await?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| ProxyError::Unreachable)?;
+        let address = endpoint.address.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(event = "upstream connection closed", address, error = %error);
+            }
+        });
+        endpoint.h2.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
+    /// Opens an mTLS connection to an endpoint's proxy that must prove its identity.
+    pub async fn connect(
+        &self,
+        endpoint: &EndpointState,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> Result<TlsStream<tokio::net::TcpStream>, ProxyError> {
+        let tcp = tcp::connect(&endpoint.address, self.limits.connect_timeout)
+            .await
+            .map_err(|error| {
+                warn!(event = "upstream unreachable", upstream = %self.name, address = %endpoint.address, error = %error);
+                self.metrics.refuse(Direction::Outbound, crate::telemetry::Refusal::ConnectFailed);
+                ProxyError::Unreachable
+            })?;
+        let peer = tcp.peer_addr().map_err(|_| ProxyError::Unreachable)?;
+        let handshake = connector.connect(tls::server_name_for(peer), tcp);
+        let stream = match tokio::time::timeout(self.limits.handshake_timeout, handshake).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                let reason = tcp::classify_handshake_error(&error);
+                self.metrics.refuse(Direction::Outbound, reason);
+                warn!(
+                    event = "outbound connection refused",
+                    upstream = %self.name,
+                    address = %endpoint.address,
+                    expected_identity = %endpoint.identity,
+                    reason = ?reason,
+                    detail = %tcp::describe_handshake_error(&error),
+                );
+                return Err(ProxyError::Unreachable);
+            }
+            Err(_) => {
+                self.metrics.refuse(
+                    Direction::Outbound,
+                    crate::telemetry::Refusal::HandshakeTimeout,
+                );
+                return Err(ProxyError::Unreachable);
+            }
+        };
+        self.metrics
+            .connection(Direction::Outbound, &endpoint.identity);
+        Ok(stream)
+    }
+
+    /// An HTTP/1.1 upgrade: its own connection to the endpoint, spliced after 101.
+    async fn upgrade(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+        self.balancer.readmit_expired();
+        let in_flight = self.balancer.pick().ok_or(ProxyError::NoEndpoints)?;
+        let endpoint = in_flight.endpoint().clone();
+        let stream = self.connect(&endpoint, &endpoint.connectors.http1).await?;
+        forward_upgrade(request, TokioIo::new(stream)).await
+    }
+}
+
+/// Sends an upgrade request over a fresh HTTP/1.1 connection `io` and, when the other
+/// side switches protocols, splices the two upgraded connections together.
+pub async fn forward_upgrade<I>(
+    mut request: Request<Incoming>,
+    io: I,
+) -> Result<Response<Body>, ProxyError>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let client_side = hyper::upgrade::on(&mut request);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|_| ProxyError::Unreachable)?;
+    tokio::spawn(connection.with_upgrades());
+    let (mut parts, body) = request.into_parts();
+    proxy_http::strip_hop_by_hop(&mut parts.headers, true);
+    parts.version = Version::HTTP_11;
+    let mut response = sender
+        .send_request(Request::from_parts(parts, boxed(body)))
+        .await
+        .map_err(|_| ProxyError::Reset)?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let server_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            let (Ok(client), Ok(server)) = tokio::join!(client_side, server_side) else {
+                return;
+            };
+            let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+            let _ = tcp::relay(&mut client, &mut server).await;
+        });
+    } else {
+        proxy_http::strip_hop_by_hop(response.headers_mut(), false);
+    }
+    Ok(response.map(boxed))
+}
+
+/// Prepares a request for the proxy-to-proxy HTTP/2 hop.
+fn to_http2(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
+    if parts.version <= Version::HTTP_11 {
+        parts
+            .headers
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
+    proxy_http::strip_hop_by_hop(&mut parts.headers, false);
+    let authority = match parts.uri.authority() {
+        Some(authority) => authority.as_str().to_string(),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost")
+            .to_string(),
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|_| ProxyError::BadRequest)?;
+    parts.headers.remove(header::HOST);
+    parts.version = Version::HTTP_2;
+    Ok(())
+}
+
+/// Idempotent methods may always be retried; others only on routes marked retryable.
+fn retryable(method: &Method, retries: &RetrySpec) -> bool {
+    retries.retryable
+        || matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        )
+}
+
+/// 502/503/504, or a gRPC UNAVAILABLE carried in the headers (trailers-only answer).
+fn should_retry(response: &Response<Incoming>) -> bool {
+    matches!(response.status().as_u16(), 502..=504)
+        || response
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|status| status == "14")
+}
+
+/// A request body: replayable when small, else streamed once.
+enum Replay {
+    Buffered(Bytes),
+    Once(Body),
+    Spent,
+}
+
+impl Replay {
+    fn next(&mut self) -> Option<Body> {
+        match std::mem::replace(self, Replay::Spent) {
+            Replay::Buffered(bytes) => {
+                *self = Replay::Buffered(bytes.clone());
+                Some(boxed(Full::new(bytes).map_err(|never| match never {})))
+            }
+            Replay::Once(body) => Some(body),
+            Replay::Spent => None,
+        }
+    }
+}
+
+/// Buffers a body for replay when it is known to be small; otherwise leaves it streaming.
+async fn replayable(body: Incoming) -> Replay {
+    use http_body::Body as _;
+    let small = body.is_end_stream()
+        || body
+            .size_hint()
+            .upper()
+            .is_some_and(|upper| upper <= MAX_REPLAY_BODY as u64);
+    if !small {
+        return Replay::Once(boxed(body));
+    }
+    match Limited::new(body, MAX_REPLAY_BODY).collect().await {
+        Ok(collected) => Replay::Buffered(collected.to_bytes()),
+        // The client broke off or lied about the size: nothing left to send.
+        Err(_) => Replay::Spent,
+    }
+}
