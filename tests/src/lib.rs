@@ -16,8 +16,10 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+pub mod backend;
 pub mod certs;
 pub mod grpc;
+pub mod l7;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const NAMESPACE: &str = "shop";
@@ -163,6 +165,16 @@ impl Process {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Peak resident memory (VmHWM) in bytes, from /proc.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
 }
 
 impl Drop for Process {
@@ -287,6 +299,20 @@ impl ControlPlane {
         local(self.grpc_port).to_string()
     }
 
+    /// Writes (or replaces) a resource file in the configuration directory.
+    pub fn write_config(&self, name: &str, yaml: &str) {
+        let path = self.config_dir().join(name);
+        let temporary = path.with_extension("tmp");
+        std::fs::write(&temporary, yaml).expect("write config");
+        std::fs::rename(&temporary, &path).expect("move config into place");
+    }
+
+    /// A proxy for a workload whose inbound port is fixed in advance.
+    pub fn workload_proxy(&self, service_account: &str, app: SocketAddr, inbound_port: u16) -> Proxy {
+        let token = self.token(service_account, "10m");
+        Proxy::launch(&self.address(), &self.trust_bundle_file(), service_account, &token, Some((app, inbound_port)), &[])
+    }
+
     /// Starts a proxy certified by this control plane (token valid 10 minutes).
     pub fn proxy(
         &self,
@@ -306,11 +332,44 @@ impl ControlPlane {
     }
 }
 
-/// One outbound upstream of a test proxy.
+/// One outbound listener of a test proxy.
 pub struct Upstream {
     pub listen_port: u16,
-    pub address: SocketAddr,
-    pub identity: String,
+    pub target: Target,
+}
+
+/// Where an outbound listener sends traffic.
+pub enum Target {
+    /// A fixed remote proxy that must prove `identity`.
+    Fixed { address: SocketAddr, identity: String },
+    /// A service (`name.namespace`) resolved through discovery.
+    Service(String),
+}
+
+impl Upstream {
+    pub fn fixed(address: SocketAddr, identity: String) -> Self {
+        Self {
+            listen_port: free_port(),
+            target: Target::Fixed { address, identity },
+        }
+    }
+
+    pub fn service(key: &str) -> Self {
+        Self {
+            listen_port: free_port(),
+            target: Target::Service(key.to_string()),
+        }
+    }
+
+    fn yaml(&self) -> String {
+        let listen = local(self.listen_port);
+        match &self.target {
+            Target::Fixed { address, identity } => {
+                format!("  - listen: {listen}\n    address: {address}\n    identity: {identity}\n")
+            }
+            Target::Service(key) => format!("  - listen: {listen}\n    service: {key}\n"),
+        }
+    }
 }
 
 /// A `tessera-proxy run` process.
@@ -333,11 +392,26 @@ impl Proxy {
         app: Option<SocketAddr>,
         upstreams: &[Upstream],
     ) -> Self {
+        let inbound_port = app.map(|_| free_port());
+        Self::launch(control_plane_address, trust_bundle, service_account, token, app.zip(inbound_port), upstreams)
+    }
+
+    /// Like [`Proxy::start`], with the inbound listener on a port chosen beforehand (so
+    /// a Workload resource can name it).
+    pub fn launch(
+        control_plane_address: &str,
+        trust_bundle: &Path,
+        service_account: &str,
+        token: &str,
+        inbound: Option<(SocketAddr, u16)>,
+        upstreams: &[Upstream],
+    ) -> Self {
+        let app = inbound.map(|(app, _)| app);
+        let inbound_port = inbound.map(|(_, port)| port);
         let dir = TempDir::new(service_account);
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, token).expect("write token");
         let admin_port = free_port();
-        let inbound_port = app.map(|_| free_port());
         let mut yaml = format!(
             "identity:\n  trustDomain: {TRUST_DOMAIN}\n  namespace: {NAMESPACE}\n  serviceAccount: {service_account}\n  joinTokenFile: {}\ncontrolPlane:\n  address: {control_plane_address}\n  trustBundleFile: {}\nadmin: {}\nlimits:\n  handshakeTimeout: 3s\n",
             token_file.display(),
@@ -353,12 +427,7 @@ impl Proxy {
         if !upstreams.is_empty() {
             yaml.push_str("outbound:\n");
             for upstream in upstreams {
-                yaml.push_str(&format!(
-                    "  - listen: {}\n    address: {}\n    identity: {}\n",
-                    local(upstream.listen_port),
-                    upstream.address,
-                    upstream.identity
-                ));
+                yaml.push_str(&upstream.yaml());
             }
         }
         let config = dir.path().join("proxy.yaml");
@@ -423,11 +492,7 @@ impl ProxyPair {
         let server = control_plane.proxy("server", Some(app), &[]);
         let upstreams: Vec<Upstream> = expected
             .iter()
-            .map(|service_account| Upstream {
-                listen_port: free_port(),
-                address: server.inbound(),
-                identity: spiffe(service_account),
-            })
+            .map(|service_account| Upstream::fixed(server.inbound(), spiffe(service_account)))
             .collect();
         let client = control_plane.proxy("client", None, &upstreams);
         for proxy in [&server, &client] {

@@ -168,16 +168,8 @@ async fn a_bundle_with_old_and_new_roots_joins_both() {
         "old-side",
         Some(old_echo.address),
         &[
-            Upstream {
-                listen_port: free_port(),
-                address: new_side.inbound(),
-                identity: spiffe("new-side"),
-            },
-            Upstream {
-                listen_port: free_port(),
-                address: new_only.inbound(),
-                identity: spiffe("new-only"),
-            },
+            Upstream::fixed(new_side.inbound(), spiffe("new-side")),
+            Upstream::fixed(new_only.inbound(), spiffe("new-only")),
         ],
     );
     for proxy in [&old_side, &new_side, &new_only] {
@@ -216,11 +208,7 @@ async fn a_bundle_with_old_and_new_roots_joins_both() {
     let reverse = new_cp.proxy(
         "new-client",
         None,
-        &[Upstream {
-            listen_port: free_port(),
-            address: old_side.inbound(),
-            identity: spiffe("old-side"),
-        }],
+        &[Upstream::fixed(old_side.inbound(), spiffe("old-side"))],
     );
     reverse.wait_ready(Duration::from_secs(20)).await.unwrap();
     assert!(echo_roundtrip(reverse.outbound(0), &payload).await.unwrap() == payload);
