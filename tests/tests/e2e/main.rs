@@ -2,6 +2,7 @@
 //! They need the binaries built first (`cargo build --bins`), which the test script does.
 
 mod demo;
+mod grpc;
 mod http;
 mod identity_api;
 mod mtls;
