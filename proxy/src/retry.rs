@@ -67,15 +67,18 @@ impl RetryBudget {
         self.bucket().requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Takes one retry from the budget, if there is room.
+    /// Takes one retry from the budget, if there is room. Claims first and gives back
+    /// when over, so concurrent callers can never overdraw the budget together.
     pub fn withdraw(&self) -> bool {
+        let bucket = self.bucket();
+        bucket.retries.fetch_add(1, Ordering::Relaxed);
         let (requests, retries) = self.window();
         let allowed = (requests as f64 * self.spec.ratio) as u64
             + u64::from(self.spec.min_per_second) * BUCKETS as u64;
-        if retries >= allowed {
+        if retries > allowed {
+            bucket.retries.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
-        self.bucket().retries.fetch_add(1, Ordering::Relaxed);
         true
     }
 }

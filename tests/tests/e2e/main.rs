@@ -6,5 +6,6 @@ mod grpc;
 mod http;
 mod identity_api;
 mod mtls;
+mod reliability;
 mod resilience;
 mod rotation;
