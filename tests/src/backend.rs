@@ -59,7 +59,9 @@ impl HttpBackend {
     /// `/fail` always 503, `/sleep/<ms>` answers late, `/ws` is a WebSocket echo,
     /// anything else answers with the backend's name.
     pub async fn start(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         let address = listener.local_addr().expect("backend address");
         let behaviour = Arc::new(Behaviour::default());
         let requests = Arc::new(AtomicU64::new(0));
@@ -72,8 +74,11 @@ impl HttpBackend {
                         let (name, behaviour, requests) = state.clone();
                         async move { respond(request, &name, &behaviour, &requests).await }
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         });
@@ -94,7 +99,9 @@ impl HttpBackend {
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 fn full(text: impl Into<Bytes>) -> BoxBody {
-    Full::new(text.into()).map_err(|never| match never {}).boxed()
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 async fn respond(
@@ -105,7 +112,10 @@ async fn respond(
 ) -> Result<Response<BoxBody>, std::io::Error> {
     requests.fetch_add(1, Ordering::SeqCst);
     if behaviour.reset.load(Ordering::SeqCst) == 1 {
-        return Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "told to reset"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "told to reset",
+        ));
     }
     let path = request.uri().path().to_string();
     let response = match path.as_str() {
@@ -114,7 +124,10 @@ async fn respond(
             let mut body = request.into_body();
             let mut total = 0u64;
             while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame.map_err(|e| std::io::Error::other(e.to_string()))?.into_data() {
+                if let Ok(data) = frame
+                    .map_err(|e| std::io::Error::other(e.to_string()))?
+                    .into_data()
+                {
                     total += data.len() as u64;
                 }
             }
@@ -143,8 +156,16 @@ async fn respond(
                 .unwrap_or("")
                 .to_string();
             let mut response = Response::new(full(name.to_string()));
-            response.headers_mut().insert("x-seen-host", host.parse().unwrap_or(http::HeaderValue::from_static("")));
-            response.headers_mut().insert("x-seen-version", format!("{:?}", request.version()).parse().unwrap_or(http::HeaderValue::from_static("")));
+            response.headers_mut().insert(
+                "x-seen-host",
+                host.parse().unwrap_or(http::HeaderValue::from_static("")),
+            );
+            response.headers_mut().insert(
+                "x-seen-version",
+                format!("{:?}", request.version())
+                    .parse()
+                    .unwrap_or(http::HeaderValue::from_static("")),
+            );
             response
         }
     };
@@ -165,7 +186,12 @@ fn websocket(mut request: Request<Incoming>) -> Response<BoxBody> {
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
         while let Some(Ok(message)) = socket.next().await {
             if message.is_close() || socket.send(message).await.is_err() {
                 break;
@@ -175,8 +201,14 @@ fn websocket(mut request: Request<Incoming>) -> Response<BoxBody> {
     let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
-    headers.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
-    headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
     if let Ok(accept) = derive_accept_key(key.as_bytes()).parse() {
         headers.insert("sec-websocket-accept", accept);
     }
@@ -191,7 +223,9 @@ type MessageStream = Pin<Box<dyn Stream<Item = Result<Message, Status>> + Send>>
 
 fn with_trailer<T>(message: T) -> GrpcResponse<T> {
     let mut response = GrpcResponse::new(message);
-    response.metadata_mut().insert("x-served-by", "echo".parse().expect("ascii"));
+    response
+        .metadata_mut()
+        .insert("x-served-by", "echo".parse().expect("ascii"));
     response
 }
 
@@ -202,31 +236,56 @@ impl Echo for EchoService {
         if message.text == "fail" {
             return Err(Status::failed_precondition("asked to fail"));
         }
-        Ok(with_trailer(Message { text: format!("echo: {}", message.text), count: message.count + 1 }))
+        Ok(with_trailer(Message {
+            text: format!("echo: {}", message.text),
+            count: message.count + 1,
+        }))
     }
 
     type ServerStreamStream = MessageStream;
 
-    async fn server_stream(&self, request: GrpcRequest<Message>) -> Result<GrpcResponse<MessageStream>, Status> {
+    async fn server_stream(
+        &self,
+        request: GrpcRequest<Message>,
+    ) -> Result<GrpcResponse<MessageStream>, Status> {
         let message = request.into_inner();
-        let items = (0..message.count).map(move |i| Ok(Message { text: format!("{} #{i}", message.text), count: i }));
+        let items = (0..message.count).map(move |i| {
+            Ok(Message {
+                text: format!("{} #{i}", message.text),
+                count: i,
+            })
+        });
         Ok(with_trailer(Box::pin(tokio_stream::iter(items))))
     }
 
-    async fn client_stream(&self, request: GrpcRequest<Streaming<Message>>) -> Result<GrpcResponse<Message>, Status> {
+    async fn client_stream(
+        &self,
+        request: GrpcRequest<Streaming<Message>>,
+    ) -> Result<GrpcResponse<Message>, Status> {
         let mut stream = request.into_inner();
         let (mut texts, mut count) = (Vec::new(), 0);
         while let Some(message) = stream.message().await? {
             texts.push(message.text);
             count += message.count;
         }
-        Ok(with_trailer(Message { text: texts.join(","), count }))
+        Ok(with_trailer(Message {
+            text: texts.join(","),
+            count,
+        }))
     }
 
     type BidiStream = MessageStream;
 
-    async fn bidi(&self, request: GrpcRequest<Streaming<Message>>) -> Result<GrpcResponse<MessageStream>, Status> {
-        let stream = request.into_inner().map(|message| message.map(|m| Message { text: m.text.to_uppercase(), count: m.count * 2 }));
+    async fn bidi(
+        &self,
+        request: GrpcRequest<Streaming<Message>>,
+    ) -> Result<GrpcResponse<MessageStream>, Status> {
+        let stream = request.into_inner().map(|message| {
+            message.map(|m| Message {
+                text: m.text.to_uppercase(),
+                count: m.count * 2,
+            })
+        });
         Ok(with_trailer(Box::pin(stream)))
     }
 }
@@ -247,7 +306,9 @@ pub async fn start_grpc() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 
 /// A server-speaks-first service (think SMTP): greets on accept, then echoes a line.
 pub async fn start_greeter() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind greeter");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind greeter");
     let address = listener.local_addr().expect("greeter address");
     let task = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {

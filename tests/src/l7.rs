@@ -40,7 +40,10 @@ impl L7Mesh {
         crate::init();
         let control_plane = ControlPlane::start("1h", "").await;
         let ports: Vec<u16> = apps.iter().map(|_| free_port()).collect();
-        control_plane.write_config("backend.yaml", &service_config(protocol, &ports, route_policy));
+        control_plane.write_config(
+            "backend.yaml",
+            &service_config(protocol, &ports, route_policy),
+        );
         control_plane
             .process
             .logs
@@ -54,7 +57,10 @@ impl L7Mesh {
             .collect();
         let client = control_plane.proxy("client", None, &[Upstream::service(SERVICE)]);
         for proxy in servers.iter().chain([&client]) {
-            proxy.wait_ready(Duration::from_secs(20)).await.expect("proxy ready");
+            proxy
+                .wait_ready(Duration::from_secs(20))
+                .await
+                .expect("proxy ready");
         }
         Self {
             control_plane,
@@ -97,10 +103,16 @@ impl Http1Client {
     }
 
     pub async fn get(&mut self, path: &str) -> anyhow::Result<Answer> {
-        self.send(http::Method::GET, path, bytes::Bytes::new()).await
+        self.send(http::Method::GET, path, bytes::Bytes::new())
+            .await
     }
 
-    pub async fn send(&mut self, method: http::Method, path: &str, body: bytes::Bytes) -> anyhow::Result<Answer> {
+    pub async fn send(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        body: bytes::Bytes,
+    ) -> anyhow::Result<Answer> {
         use http_body_util::BodyExt;
         self.sender.ready().await?;
         let request = http::Request::builder()

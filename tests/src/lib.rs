@@ -168,7 +168,8 @@ impl Process {
 
     /// Peak resident memory (VmHWM) in bytes, from /proc.
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|line| line.strip_prefix("VmHWM:"))
@@ -308,9 +309,21 @@ impl ControlPlane {
     }
 
     /// A proxy for a workload whose inbound port is fixed in advance.
-    pub fn workload_proxy(&self, service_account: &str, app: SocketAddr, inbound_port: u16) -> Proxy {
+    pub fn workload_proxy(
+        &self,
+        service_account: &str,
+        app: SocketAddr,
+        inbound_port: u16,
+    ) -> Proxy {
         let token = self.token(service_account, "10m");
-        Proxy::launch(&self.address(), &self.trust_bundle_file(), service_account, &token, Some((app, inbound_port)), &[])
+        Proxy::launch(
+            &self.address(),
+            &self.trust_bundle_file(),
+            service_account,
+            &token,
+            Some((app, inbound_port)),
+            &[],
+        )
     }
 
     /// Starts a proxy certified by this control plane (token valid 10 minutes).
@@ -341,7 +354,10 @@ pub struct Upstream {
 /// Where an outbound listener sends traffic.
 pub enum Target {
     /// A fixed remote proxy that must prove `identity`.
-    Fixed { address: SocketAddr, identity: String },
+    Fixed {
+        address: SocketAddr,
+        identity: String,
+    },
     /// A service (`name.namespace`) resolved through discovery.
     Service(String),
 }
@@ -393,7 +409,14 @@ impl Proxy {
         upstreams: &[Upstream],
     ) -> Self {
         let inbound_port = app.map(|_| free_port());
-        Self::launch(control_plane_address, trust_bundle, service_account, token, app.zip(inbound_port), upstreams)
+        Self::launch(
+            control_plane_address,
+            trust_bundle,
+            service_account,
+            token,
+            app.zip(inbound_port),
+            upstreams,
+        )
     }
 
     /// Like [`Proxy::start`], with the inbound listener on a port chosen beforehand (so

@@ -19,19 +19,30 @@ async fn client(address: SocketAddr) -> EchoClient<Channel> {
 }
 
 fn message(text: &str, count: u32) -> Message {
-    Message { text: text.into(), count }
+    Message {
+        text: text.into(),
+        count,
+    }
 }
 
 /// Runs every call kind and returns what came back, in comparable form.
 async fn exercise(mut client: EchoClient<Channel>) -> Vec<String> {
     let mut seen = Vec::new();
     let unary = client.unary(message("hi", 41)).await.unwrap();
-    seen.push(format!("unary {:?} served-by={:?}", unary.get_ref(), unary.metadata().get("x-served-by")));
+    seen.push(format!(
+        "unary {:?} served-by={:?}",
+        unary.get_ref(),
+        unary.metadata().get("x-served-by")
+    ));
 
     let failed = client.unary(message("fail", 0)).await.unwrap_err();
     seen.push(format!("error {:?} {}", failed.code(), failed.message()));
 
-    let mut stream = client.server_stream(message("item", 5)).await.unwrap().into_inner();
+    let mut stream = client
+        .server_stream(message("item", 5))
+        .await
+        .unwrap()
+        .into_inner();
     while let Some(item) = stream.message().await.unwrap() {
         seen.push(format!("server-stream {item:?}"));
     }
@@ -41,14 +52,21 @@ async fn exercise(mut client: EchoClient<Channel>) -> Vec<String> {
     seen.push(format!("client-stream {:?}", joined.get_ref()));
 
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut replies = client.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut replies = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     for i in 0..3 {
         tx.send(message(&format!("ping{i}"), i)).await.unwrap();
         let reply = replies.message().await.unwrap().expect("bidi reply");
         seen.push(format!("bidi {reply:?}"));
     }
     drop(tx);
-    assert!(replies.message().await.unwrap().is_none(), "bidi stream ends with OK status");
+    assert!(
+        replies.message().await.unwrap().is_none(),
+        "bidi stream ends with OK status"
+    );
     seen
 }
 

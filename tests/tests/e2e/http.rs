@@ -18,7 +18,10 @@ async fn http1_keep_alive_carries_many_requests_on_one_connection() {
     let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
     for i in 0..50 {
         let body = Bytes::from(format!("ping {i}"));
-        let answer = client.send(Method::POST, "/echo", body.clone()).await.unwrap();
+        let answer = client
+            .send(Method::POST, "/echo", body.clone())
+            .await
+            .unwrap();
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.body, body);
     }
@@ -35,7 +38,10 @@ async fn chunked_upload_of_100_mb_streams_with_bounded_memory() {
     let backend = HttpBackend::start("upload").await;
     let mesh = L7Mesh::start(&[backend.address], "http", None).await;
     let stream = tokio::net::TcpStream::connect(mesh.entry()).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(connection);
 
     const CHUNK: usize = 256 * 1024;
@@ -44,14 +50,21 @@ async fn chunked_upload_of_100_mb_streams_with_bounded_memory() {
     tokio::spawn(async move {
         let chunk = Bytes::from(vec![7u8; CHUNK]);
         for _ in 0..TOTAL / CHUNK {
-            if tx.send(Ok(http_body::Frame::data(chunk.clone()))).await.is_err() {
+            if tx
+                .send(Ok(http_body::Frame::data(chunk.clone())))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
     });
     // No content-length: hyper sends it chunked.
     let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let request = http::Request::post("/upload").header("host", "backend.shop").body(body).unwrap();
+    let request = http::Request::post("/upload")
+        .header("host", "backend.shop")
+        .body(body)
+        .unwrap();
     let started = Instant::now();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -67,7 +80,10 @@ async fn chunked_upload_of_100_mb_streams_with_bounded_memory() {
         server_rss >> 20
     );
     // Streaming, not buffering: each proxy stays far below the 100 MiB it carried.
-    assert!(client_rss < 48 << 20 && server_rss < 48 << 20, "client {client_rss} server {server_rss}");
+    assert!(
+        client_rss < 48 << 20 && server_rss < 48 << 20,
+        "client {client_rss} server {server_rss}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -75,11 +91,17 @@ async fn websocket_echo_through_the_mesh() {
     let backend = HttpBackend::start("ws").await;
     let mesh = L7Mesh::start(&[backend.address], "http", None).await;
     let stream = tokio::net::TcpStream::connect(mesh.entry()).await.unwrap();
-    let (mut socket, response) = tokio_tungstenite::client_async("ws://backend.shop/ws", stream).await.expect("websocket handshake through the proxies");
+    let (mut socket, response) = tokio_tungstenite::client_async("ws://backend.shop/ws", stream)
+        .await
+        .expect("websocket handshake through the proxies");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
     for text in ["hello", "through", "two proxies"] {
         socket.send(Message::text(text)).await.unwrap();
-        let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.unwrap().unwrap().unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(echoed, Message::text(text));
     }
     let binary = vec![1u8, 2, 3, 255];
@@ -99,19 +121,31 @@ async fn unknown_service_and_dead_application_get_honest_errors() {
     let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
     let answer = client.get("/").await.unwrap();
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(answer.headers["tessera-proxy-error"], "application-unavailable");
+    assert_eq!(
+        answer.headers["tessera-proxy-error"],
+        "application-unavailable"
+    );
     let body = String::from_utf8_lossy(&answer.body);
-    assert!(!body.contains("127.0.0.1"), "internal address in body: {body}");
+    assert!(
+        !body.contains("127.0.0.1"),
+        "internal address in body: {body}"
+    );
 
     // Remove every workload: the service has no endpoint left.
-    mesh.control_plane.write_config("backend.yaml", &tessera_tests::l7::service_config("http", &[], None));
+    mesh.control_plane.write_config(
+        "backend.yaml",
+        &tessera_tests::l7::service_config("http", &[], None),
+    );
     let mut status = 0;
     for _ in 0..50 {
         let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
         let answer = client.get("/").await.unwrap();
         status = answer.status.as_u16();
         if status == 503 {
-            assert_eq!(answer.headers["tessera-proxy-error"], "no-healthy-endpoints");
+            assert_eq!(
+                answer.headers["tessera-proxy-error"],
+                "no-healthy-endpoints"
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -2,6 +2,8 @@
 //! They need the binaries built first (`cargo build --bins`), which the test script does.
 
 mod demo;
+mod detection;
+mod discovery;
 mod grpc;
 mod http;
 mod identity_api;

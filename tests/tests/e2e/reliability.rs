@@ -20,7 +20,10 @@ fn sample(metrics: &str, name_and_labels: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn retries_mask_a_backend_failing_30_percent() {
     let backend = HttpBackend::start("flaky").await;
-    backend.behaviour.failure_percent.store(30, Ordering::SeqCst);
+    backend
+        .behaviour
+        .failure_percent
+        .store(30, Ordering::SeqCst);
     let policy = "  retries:\n    attempts: 6\n    budget: {ratio: 0.7, minPerSecond: 20}\n";
     let mesh = L7Mesh::start(&[backend.address], "http", Some(policy)).await;
     let started = Instant::now();
@@ -34,8 +37,15 @@ async fn retries_mask_a_backend_failing_30_percent() {
         backend.requests()
     );
     assert!(ok >= 9_990, "only {ok} of 10000 succeeded");
-    assert!(retries > 2_000.0, "a 30 % failure rate must have caused retries: {retries}");
-    assert_eq!(backend.requests(), 10_000 + retries as u64, "every retry reached the backend once");
+    assert!(
+        retries > 2_000.0,
+        "a 30 % failure rate must have caused retries: {retries}"
+    );
+    assert_eq!(
+        backend.requests(),
+        10_000 + retries as u64,
+        "every retry reached the backend once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -47,16 +57,25 @@ async fn retries_stay_within_budget_when_everything_fails() {
     let started = Instant::now();
     let statuses = load(mesh.entry(), "/fail", requests, 8).await;
     let elapsed = started.elapsed();
-    assert!(statuses.iter().all(|s| *s == 503), "the application's own 503 comes back");
+    assert!(
+        statuses.iter().all(|s| *s == 503),
+        "the application's own 503 comes back"
+    );
     let (_, metrics) = mesh.client.admin("/metrics").await.unwrap();
     let retries = sample(&metrics, "tessera_retries_total{upstream=\"backend.shop\"}");
     // Budget: 20 % of traffic plus 5/s over a 10 s window (the floor counts once per
     // window, the whole run fits in one or two).
     let windows = (elapsed.as_secs_f64() / 10.0).ceil().max(1.0);
     let allowed = 0.2 * requests as f64 + 5.0 * 10.0 * windows;
-    println!("{requests} requests in {elapsed:?}: {retries} retries, budget {allowed}; without a budget: {}", requests * 3);
+    println!(
+        "{requests} requests in {elapsed:?}: {retries} retries, budget {allowed}; without a budget: {}",
+        requests * 3
+    );
     assert!(retries > 0.0, "retries happened");
-    assert!(retries <= allowed, "{retries} retries exceed the budget of {allowed}");
+    assert!(
+        retries <= allowed,
+        "{retries} retries exceed the budget of {allowed}"
+    );
     assert_eq!(backend.requests(), requests as u64 + retries as u64);
 }
 
@@ -76,7 +95,10 @@ async fn a_route_timeout_answers_504_on_time() {
     }
     println!("504 after {elapsed:?}");
     for took in elapsed {
-        assert!(took >= Duration::from_millis(150) && took <= Duration::from_millis(250), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(150) && took <= Duration::from_millis(250),
+            "{took:?}"
+        );
     }
 }
 
@@ -92,17 +114,28 @@ async fn a_resetting_endpoint_is_ejected_then_readmitted() {
     let mesh = L7Mesh::start(&addresses, "http", Some(policy)).await;
     let statuses = load(mesh.entry(), "/", 300, 4).await;
     assert!(statuses.iter().all(|s| *s == 200));
-    assert!(backends.iter().all(|b| b.requests() > 0), "all three endpoints served");
+    assert!(
+        backends.iter().all(|b| b.requests() > 0),
+        "all three endpoints served"
+    );
 
     backends[2].behaviour.reset.store(1, Ordering::SeqCst);
     // Until it is ejected, its failures reach clients (no retries on this route).
     let warmup = load(mesh.entry(), "/", 100, 4).await;
     let failed_before = warmup.iter().filter(|s| **s != 200).count();
-    mesh.client.process.logs.wait_for(&["endpoint ejected"], Duration::from_secs(5)).await.unwrap();
+    mesh.client
+        .process
+        .logs
+        .wait_for(&["endpoint ejected"], Duration::from_secs(5))
+        .await
+        .unwrap();
     let ejected_at = Instant::now();
     let statuses = load(mesh.entry(), "/", 1_000, 4).await;
     let ok = statuses.iter().filter(|s| **s == 200).count();
-    println!("{failed_before} failures before ejection; after: {ok}/1000 ok in {:?}", ejected_at.elapsed());
+    println!(
+        "{failed_before} failures before ejection; after: {ok}/1000 ok in {:?}",
+        ejected_at.elapsed()
+    );
     assert!(ok >= 990, "{ok}/1000 after ejection");
 
     // It recovers; after the ejection time it is tried again and serves.
@@ -111,6 +144,9 @@ async fn a_resetting_endpoint_is_ejected_then_readmitted() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let statuses = load(mesh.entry(), "/", 300, 4).await;
     assert!(statuses.iter().all(|s| *s == 200));
-    assert!(backends[2].requests() > served_before + 20, "re-admitted endpoint gets traffic again");
+    assert!(
+        backends[2].requests() > served_before + 20,
+        "re-admitted endpoint gets traffic again"
+    );
     assert!(mesh.client.process.logs.count(&["endpoint re-admitted"]) >= 1);
 }
