@@ -36,6 +36,8 @@ pub struct Behaviour {
     pub failure_percent: AtomicU32,
     /// When 1, every request is answered by dropping the connection.
     pub reset: AtomicU32,
+    /// Delay before every answer, in milliseconds.
+    pub delay_ms: AtomicU32,
 }
 
 /// A running HTTP backend.
@@ -116,6 +118,10 @@ async fn respond(
             std::io::ErrorKind::ConnectionReset,
             "told to reset",
         ));
+    }
+    let delay = behaviour.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
     }
     let path = request.uri().path().to_string();
     let response = match path.as_str() {

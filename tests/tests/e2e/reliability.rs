@@ -150,3 +150,57 @@ async fn a_resetting_endpoint_is_ejected_then_readmitted() {
     );
     assert!(mesh.client.process.logs.count(&["endpoint re-admitted"]) >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_per_try_timeout_retries_on_a_faster_endpoint() {
+    let slow = HttpBackend::start("slow").await;
+    slow.behaviour.delay_ms.store(2_000, Ordering::SeqCst);
+    let fast = HttpBackend::start("fast").await;
+    let policy = "  perTryTimeout: 100ms\n  timeout: 1s\n  retries:\n    attempts: 2\n";
+    let mesh = L7Mesh::start(&[slow.address, fast.address], "http", Some(policy)).await;
+    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
+    for _ in 0..40 {
+        let started = Instant::now();
+        let answer = client.get("/").await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.body, "fast");
+        assert!(started.elapsed() < Duration::from_millis(600), "{:?}", started.elapsed());
+    }
+    assert!(slow.requests() >= 1, "the slow endpoint was tried and timed out at least once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_come_and_go_under_load_without_failures() {
+    let backends = [
+        HttpBackend::start("one").await,
+        HttpBackend::start("two").await,
+        HttpBackend::start("three").await,
+    ];
+    let mesh = L7Mesh::start(&[backends[0].address, backends[1].address], "http", None).await;
+    let entry = mesh.entry();
+    let traffic = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < deadline {
+            statuses.extend(load(entry, "/sleep/5", 40, 4).await);
+        }
+        statuses
+    });
+    // Add a third workload (with its own proxy), then remove the first.
+    let port = tessera_tests::free_port();
+    let third = mesh.control_plane.workload_proxy("backend", backends[2].address, port);
+    third.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let first_port = mesh.servers[0].inbound_port.unwrap();
+    let second_port = mesh.servers[1].inbound_port.unwrap();
+    mesh.control_plane.write_config("backend.yaml", &tessera_tests::l7::service_config("http", &[first_port, second_port, port], None));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    mesh.control_plane.write_config("backend.yaml", &tessera_tests::l7::service_config("http", &[second_port, port], None));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let first_after_removal = backends[0].requests();
+    let statuses = traffic.await.unwrap();
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    println!("{} requests while endpoints changed, {failed} failed; served: {} {} {}", statuses.len(), backends[0].requests(), backends[1].requests(), backends[2].requests());
+    assert_eq!(failed, 0);
+    assert!(backends[2].requests() > 0, "the added endpoint got traffic");
+    assert_eq!(backends[0].requests(), first_after_removal, "the removed endpoint got new traffic");
+}
