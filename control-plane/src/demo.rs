@@ -1,22 +1,30 @@
 //! `tessera demo`: a whole mesh on loopback, no root and no cluster needed.
 //!
-//! A control plane, three services (frontend, orders, payments) each behind its own
-//! proxy, traffic driven between them over mTLS (frontend calls orders, which calls
-//! payments; frontend also calls payments directly), and two calls that must be refused: a
-//! plaintext client knocking on an mTLS port, and a proxy told to expect a different
-//! identity than the one the server proves. At the end it prints who talked to whom with
-//! which verified identity, certificate renewals and refusals, and fails if the mesh did
-//! not behave.
+//! A control plane and four workloads, each behind its own proxy, all configured the way
+//! an operator would (resource files the control plane watches):
+//! - `orders`, an HTTP service with two replicas; `orders-2` fails 30 % of its requests,
+//!   and a RoutePolicy with retries hides that from callers;
+//! - `payments`, an opaque TCP service;
+//! - `frontend`, which calls both through its proxy.
+//!
+//! Two calls must be refused: a plaintext client knocking on an mTLS port, and a proxy
+//! told to expect a different identity than the server proves. At the end the demo
+//! prints who talked to whom with which verified identity, what the retries masked,
+//! certificate renewals and refusals — and fails if the mesh did not behave.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use tessera_proto::SpiffeId;
 use tessera_proxy::config::{
     ControlPlaneConfig, IdentityConfig, InboundPort, Limits, OutboundUpstream,
@@ -31,6 +39,32 @@ const NAMESPACE: &str = "shop";
 /// Short, so renewals happen while the demo watches.
 const DEMO_CERT_TTL: &str = "12s";
 const LOCALHOST: [u8; 4] = [127, 0, 0, 1];
+/// How often the flaky orders replica fails, in percent.
+const FLAKY_PERCENT: u32 = 30;
+
+const SERVICES: &str = "\
+apiVersion: tessera.dev/v1alpha1
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tessera.dev/v1alpha1
+kind: RoutePolicy
+metadata: {name: orders, namespace: shop}
+spec:
+  service: orders
+  timeout: 2s
+  retries:
+    attempts: 3
+    budget: {ratio: 0.5, minPerSecond: 10}
+---
+apiVersion: tessera.dev/v1alpha1
+kind: Service
+metadata: {name: payments, namespace: shop}
+spec:
+  ports: [{port: 9090, protocol: opaque}]
+";
 
 /// Runs the demo for `duration`, or until Ctrl-C; returns an error if the mesh misbehaved.
 pub async fn run(duration: Duration) -> anyhow::Result<()> {
@@ -49,26 +83,44 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
             "apiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: demo\nspec:\n  trustDomain: cluster.local\n  certificateTtl: {DEMO_CERT_TTL}\n"
         ),
     )?;
+    std::fs::write(config_dir.join("services.yaml"), SERVICES)?;
     let control_plane = app::start(app::Options {
         state_dir: workdir.join("state"),
-        config_dir,
+        config_dir: config_dir.clone(),
         grpc_listen: SocketAddr::from((LOCALHOST, 0)),
         admin_listen: SocketAddr::from((LOCALHOST, 0)),
     })
     .await?;
     println!(
-        "Tessera demo: a mesh of three services on loopback, for {}",
+        "Tessera demo: four workloads on loopback, for {}",
         humantime::format_duration(duration)
     );
     println!(
-        "  control plane    gRPC+TLS {}   admin http://{}/metrics",
-        control_plane.grpc_address, control_plane.admin_address
+        "  control plane     gRPC+TLS {}   admin http://{}/metrics   config {}",
+        control_plane.grpc_address,
+        control_plane.admin_address,
+        config_dir.display()
     );
 
-    let payments_app = start_service("payments", Arc::default()).await?;
-    // Orders calls payments for every order, through the orders proxy.
-    let orders_downstream: Arc<OnceLock<SocketAddr>> = Arc::default();
-    let orders_app = start_service("orders", orders_downstream.clone()).await?;
+    let orders_1_app = start_orders("orders-1", 0, Duration::from_millis(3)).await?;
+    let orders_2_app = start_orders("orders-2", FLAKY_PERCENT, Duration::from_millis(1)).await?;
+    let payments_app = start_payments().await?;
+    let orders_1 = start_proxy(
+        &control_plane,
+        workdir,
+        "orders",
+        Some(orders_1_app.address),
+        vec![],
+    )
+    .await?;
+    let orders_2 = start_proxy(
+        &control_plane,
+        workdir,
+        "orders",
+        Some(orders_2_app.address),
+        vec![],
+    )
+    .await?;
     let payments = start_proxy(
         &control_plane,
         workdir,
@@ -77,79 +129,81 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         vec![],
     )
     .await?;
-    let payments_in = payments.inbound_addresses[0];
-    let orders = start_proxy(
-        &control_plane,
-        workdir,
-        "orders",
-        Some(orders_app),
-        vec![upstream(payments_in, "payments")?],
-    )
-    .await?;
-    let orders_in = orders.inbound_addresses[0];
-    let _ = orders_downstream.set(orders.outbound_addresses[0]);
+    // The workloads, as an operator (or Kubernetes) would register them once they run.
+    std::fs::write(
+        config_dir.join("workloads.yaml"),
+        [
+            workload("orders-1", "orders", orders_1.inbound_addresses[0]),
+            workload("orders-2", "orders", orders_2.inbound_addresses[0]),
+            workload("payments-1", "payments", payments.inbound_addresses[0]),
+        ]
+        .join("---\n"),
+    )?;
+    let any = SocketAddr::from((LOCALHOST, 0));
     let frontend = start_proxy(
         &control_plane,
         workdir,
         "frontend",
         None,
         vec![
-            upstream(orders_in, "orders")?,
-            upstream(payments_in, "payments")?,
-            // Misconfigured on purpose: the server at orders' address is not payments.
-            upstream(orders_in, "payments")?,
+            OutboundUpstream::service(any, "orders.shop".into()),
+            OutboundUpstream::service(any, "payments.shop".into()),
+            // Misconfigured on purpose: the server at orders-1's address is not payments.
+            OutboundUpstream::fixed(
+                any,
+                orders_1.inbound_addresses[0].to_string(),
+                identity("payments")?,
+            ),
         ],
     )
     .await?;
     let proxies = [
         ("frontend", &frontend),
-        ("orders", &orders),
+        ("orders-1", &orders_1),
+        ("orders-2", &orders_2),
         ("payments", &payments),
     ];
     for (name, proxy) in proxies {
         wait_ready(proxy)
             .await
-            .with_context(|| format!("{name} proxy never got a certificate"))?;
+            .with_context(|| format!("{name} proxy never became ready"))?;
         let status = proxy.identity.status().context("no certificate status")?;
         println!(
-            "  {name:<9} proxy  {}  serial {}  admin http://{}/certs",
+            "  {name:<9} proxy   {}  serial {}  admin http://{}/certs",
             status.identity,
             &status.serial[..12],
             proxy.admin_address
         );
     }
+    wait_for_endpoints(&frontend, &["orders.shop", "payments.shop"]).await?;
 
     println!(
-        "\nDriving traffic: frontend → orders → payments, and frontend → payments (mTLS, identities verified both ways)..."
+        "\nDriving traffic: frontend → orders (HTTP, 2 replicas, one flaky) and frontend → payments (TCP)..."
     );
-    let frontend_to_orders = frontend.outbound_addresses[0];
-    let frontend_to_payments = frontend.outbound_addresses[1];
+    let orders_route = frontend.outbound_addresses[0];
+    let payments_route = frontend.outbound_addresses[1];
     let impostor_route = frontend.outbound_addresses[2];
     let stats = Arc::new(Stats::default());
     let deadline = Instant::now() + duration;
-    let traffic = tokio::spawn(drive(
-        stats.clone(),
-        deadline,
-        [frontend_to_orders, frontend_to_payments],
-    ));
+    let traffic = tokio::spawn(drive(stats.clone(), deadline, orders_route, payments_route));
     let interrupted = tokio::select! {
         _ = traffic => false,
         _ = tokio::signal::ctrl_c() => true,
     };
 
     println!("\nExpected refusals:");
-    let plaintext_refused = !call(payments_in, "plaintext hello")
+    let plaintext_refused = !call(payments.inbound_addresses[0], "plaintext hello")
         .await
         .is_ok_and(|r| !r.is_empty());
     println!(
-        "  plaintext client → payments' mTLS port          {}",
+        "  plaintext client → payments' mTLS port            {}",
         verdict(plaintext_refused)
     );
     let impostor_refused = !call(impostor_route, "hello payments?")
         .await
         .is_ok_and(|r| !r.is_empty());
     println!(
-        "  frontend expects payments, orders answers       {}",
+        "  frontend expects payments, orders-1 answers       {}",
         verdict(impostor_refused)
     );
 
@@ -173,6 +227,16 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
                 label(&labels, "reason")
             );
         }
+        for (labels, count) in series(&metrics, "tessera_retries_total") {
+            if count > 0.0 {
+                let _ = writeln!(
+                    table,
+                    "  {name:<9} {:<9} {count:>5} retries to {}",
+                    "outbound",
+                    label(&labels, "upstream")
+                );
+            }
+        }
         let renewals = series(&metrics, "tessera_identity_cert_renewals_total")
             .first()
             .map_or(0.0, |(_, v)| *v);
@@ -183,16 +247,22 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     }
     print!("{table}");
 
-    let ok = stats.ok.load(Ordering::Relaxed);
-    let failed = stats.failed.load(Ordering::Relaxed);
+    let orders_ok = stats.orders_ok.load(Ordering::Relaxed);
+    let orders_failed = stats.orders_failed.load(Ordering::Relaxed);
+    let payments_ok = stats.payments_ok.load(Ordering::Relaxed);
+    let payments_failed = stats.payments_failed.load(Ordering::Relaxed);
+    let flaky_failures = orders_2_app.failures.load(Ordering::Relaxed);
     println!(
-        "\nRequests: {ok} answered, {failed} failed; refusals enforced: {}",
-        plaintext_refused && impostor_refused
+        "\nOrders:   {orders_ok} answered, {orders_failed} failed. orders-1 served {}, orders-2 served {} and failed {flaky_failures} of them ({FLAKY_PERCENT} % flaky): the frontend proxy retried them, no caller saw one",
+        orders_1_app.served.load(Ordering::Relaxed),
+        orders_2_app.served.load(Ordering::Relaxed),
     );
+    println!("Payments: {payments_ok} answered, {payments_failed} failed");
     if interrupted {
         println!("(interrupted)");
     }
-    if ok == 0 || failed > 0 || !plaintext_refused || !impostor_refused {
+    let failed = orders_failed + payments_failed;
+    if orders_ok == 0 || payments_ok == 0 || failed > 0 || !plaintext_refused || !impostor_refused {
         bail!("the mesh did not behave as it should (see above)");
     }
     println!(
@@ -203,26 +273,74 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
 
 #[derive(Default)]
 struct Stats {
-    ok: AtomicU64,
-    failed: AtomicU64,
+    orders_ok: AtomicU64,
+    orders_failed: AtomicU64,
+    payments_ok: AtomicU64,
+    payments_failed: AtomicU64,
 }
 
-async fn drive(stats: Arc<Stats>, deadline: Instant, routes: [SocketAddr; 2]) {
+async fn drive(stats: Arc<Stats>, deadline: Instant, orders: SocketAddr, payments: SocketAddr) {
+    let mut client = None;
     let mut n = 0u64;
     while Instant::now() < deadline {
-        for route in routes {
-            n += 1;
-            let message = format!("request #{n}");
-            match call(route, &message).await {
-                Ok(reply) if reply.ends_with(&message) => stats.ok.fetch_add(1, Ordering::Relaxed),
-                _ => stats.failed.fetch_add(1, Ordering::Relaxed),
+        n += 1;
+        let ok = match get(&mut client, orders, &format!("/order/{n}")).await {
+            Ok(body) => body.contains(&format!("order #{n}")),
+            Err(_) => false,
+        };
+        let counter = if ok {
+            &stats.orders_ok
+        } else {
+            &stats.orders_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if n % 5 == 0 {
+            let message = format!("charge #{n}");
+            let ok = call(payments, &message)
+                .await
+                .is_ok_and(|reply| reply.ends_with(&message));
+            let counter = if ok {
+                &stats.payments_ok
+            } else {
+                &stats.payments_failed
             };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-/// One request over a fresh connection: send, half-close, read the whole answer.
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// One GET on a kept-alive HTTP/1.1 connection, reconnecting when it closed.
+async fn get(
+    client: &mut Option<Sender>,
+    address: SocketAddr,
+    path: &str,
+) -> anyhow::Result<String> {
+    if client.as_ref().is_none_or(Sender::is_closed) {
+        let stream = TcpStream::connect(address).await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        *client = Some(sender);
+    }
+    let sender = client.as_mut().context("no connection")?;
+    sender.ready().await?;
+    let request = http::Request::get(path)
+        .header(http::header::HOST, "orders.shop")
+        .body(Empty::new())?;
+    let response = sender.send_request(request).await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "status {}",
+        response.status()
+    );
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// One request over a fresh TCP connection: send, half-close, read the whole answer.
 async fn call(address: SocketAddr, message: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect(address).await?;
     stream.write_all(message.as_bytes()).await?;
@@ -232,43 +350,86 @@ async fn call(address: SocketAddr, message: &str) -> anyhow::Result<String> {
     Ok(reply)
 }
 
-/// A tiny service: answers "<name> got: <request>". With a downstream, it first asks that
-/// service (through its own proxy) and appends the answer.
-async fn start_service(
+/// An orders replica: answers "<name>: order #<n>", or 503 for `failure_percent` of them.
+struct OrdersApp {
+    address: SocketAddr,
+    served: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+}
+
+/// `work` is how long each order takes, so the balancer has latency to compare.
+async fn start_orders(
     name: &'static str,
-    downstream: Arc<OnceLock<SocketAddr>>,
-) -> anyhow::Result<SocketAddr> {
+    failure_percent: u32,
+    work: Duration,
+) -> anyhow::Result<OrdersApp> {
+    let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0))).await?;
+    let address = listener.local_addr()?;
+    let served = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let counters = (served.clone(), failures.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counters = counters.clone();
+            let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let (served, counter) = counters.clone();
+                async move {
+                    served.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(work).await;
+                    let order = request
+                        .uri()
+                        .path()
+                        .trim_start_matches("/order/")
+                        .to_string();
+                    let mut response = http::Response::new(Full::new(Bytes::from(format!(
+                        "{name}: order #{order}"
+                    ))));
+                    if rand::random::<u32>() % 100 < failure_percent {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    Ok(OrdersApp {
+        address,
+        served,
+        failures,
+    })
+}
+
+/// The payments service: answers "payments got: <request>" over plain TCP.
+async fn start_payments() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0))).await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let downstream = downstream.clone();
             tokio::spawn(async move {
                 let mut request = Vec::new();
-                if stream.read_to_end(&mut request).await.is_err() {
-                    return;
+                if stream.read_to_end(&mut request).await.is_ok() {
+                    let reply = format!("payments got: {}", String::from_utf8_lossy(&request));
+                    let _ = stream.write_all(reply.as_bytes()).await;
                 }
-                let request = String::from_utf8_lossy(&request);
-                let mut reply = format!("{name} got: {request}");
-                if let Some(next) = downstream.get() {
-                    match call(*next, &request).await {
-                        Ok(answer) => reply = format!("{name} asked → {answer}"),
-                        Err(_) => reply = format!("{name}: downstream failed"),
-                    }
-                }
-                let _ = stream.write_all(reply.as_bytes()).await;
             });
         }
     });
     Ok(address)
 }
 
-fn upstream(address: SocketAddr, service_account: &str) -> anyhow::Result<OutboundUpstream> {
-    Ok(OutboundUpstream::fixed(
-        SocketAddr::from((LOCALHOST, 0)),
-        address.to_string(),
-        SpiffeId::new("cluster.local", NAMESPACE, service_account)?,
-    ))
+fn workload(name: &str, service: &str, address: SocketAddr) -> String {
+    format!(
+        "apiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec: {{service: {service}, serviceAccount: {service}, address: \"{address}\"}}\n"
+    )
+}
+
+fn identity(service_account: &str) -> anyhow::Result<SpiffeId> {
+    Ok(SpiffeId::new("cluster.local", NAMESPACE, service_account)?)
 }
 
 async fn start_proxy(
@@ -279,7 +440,8 @@ async fn start_proxy(
     outbound: Vec<OutboundUpstream>,
 ) -> anyhow::Result<RunningProxy> {
     let token = control_plane.create_token(NAMESPACE, service_account, Duration::from_secs(600))?;
-    let token_file: PathBuf = workdir.join(format!("{service_account}.token"));
+    let token_file: PathBuf =
+        workdir.join(format!("{service_account}-{}.token", rand::random::<u32>()));
     std::fs::write(&token_file, token)?;
     let config = ProxyConfig {
         identity: IdentityConfig {
@@ -308,8 +470,26 @@ async fn start_proxy(
 }
 
 async fn wait_ready(proxy: &RunningProxy) -> anyhow::Result<()> {
+    wait_until(|| proxy.identity.has_valid_cert() && proxy.discovery.has_view()).await
+}
+
+async fn wait_for_endpoints(proxy: &RunningProxy, services: &[&str]) -> anyhow::Result<()> {
+    wait_until(|| {
+        proxy.discovery.current().is_some_and(|view| {
+            services.iter().all(|key| {
+                view.services
+                    .get(*key)
+                    .is_some_and(|s| !s.endpoints.is_empty())
+            })
+        })
+    })
+    .await
+    .context("the frontend proxy never learned the workloads")
+}
+
+async fn wait_until(condition: impl Fn() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !proxy.identity.has_valid_cert() {
+    while !condition() {
         if Instant::now() > deadline {
             bail!("timed out");
         }

@@ -2,7 +2,8 @@
 //! outlier ejection, and one pooled multiplexed HTTP/2 mTLS connection per endpoint.
 //!
 //! The score is (requests in flight + 1) × EWMA latency, so a slow or busy endpoint loses
-//! the comparison. An endpoint that fails `consecutiveFailures` times in a row is ejected
+//! the comparison. The latency estimate decays with time since it was last fed, so an
+//! endpoint that lost traffic after a bad spell is tried again instead of starved. An endpoint that fails `consecutiveFailures` times in a row is ejected
 //! for `baseEjectionTime` × the number of times it has been ejected (capped), and is
 //! re-admitted afterwards to prove itself again. Endpoints added or removed by discovery
 //! keep their state; a removed one stays alive while requests still hold it.
@@ -28,6 +29,8 @@ pub const ALPN_TCP: &[u8] = b"tessera/tcp";
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// Latency assumed for an endpoint before it has answered anything.
 const INITIAL_EWMA_MICROS: u64 = 1_000;
+/// An unfed latency estimate halves this often.
+const DECAY_HALF_LIFE_MILLIS: f64 = 1_000.0;
 
 /// TLS connectors for one peer identity, one per ALPN.
 pub struct Connectors {
@@ -51,6 +54,8 @@ pub struct EndpointState {
     pub connecting: tokio::sync::Mutex<()>,
     in_flight: AtomicU32,
     ewma_micros: AtomicU64,
+    /// When `ewma_micros` was last fed, in milliseconds since the balancer's epoch.
+    fed_at: AtomicU64,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
     /// Milliseconds since the balancer's epoch; 0 when not ejected.
@@ -58,9 +63,22 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
-    fn score(&self) -> u64 {
-        u64::from(self.in_flight.load(Ordering::Relaxed) + 1)
-            * self.ewma_micros.load(Ordering::Relaxed).max(1)
+    /// Load × decayed latency; lower is better.
+    fn score(&self, now_millis: u64) -> f64 {
+        let idle = now_millis.saturating_sub(self.fed_at.load(Ordering::Relaxed)) as f64;
+        let latency = self.ewma_micros.load(Ordering::Relaxed).max(1) as f64
+            * (-idle / DECAY_HALF_LIFE_MILLIS).exp2();
+        f64::from(self.in_flight.load(Ordering::Relaxed) + 1) * latency
+    }
+
+    /// Feeds the latency estimate, decaying what it held for the time it sat unfed.
+    fn feed(&self, now_millis: u64, update: impl Fn(u64) -> u64) {
+        let idle =
+            now_millis.saturating_sub(self.fed_at.swap(now_millis, Ordering::Relaxed)) as f64;
+        let held = self.ewma_micros.load(Ordering::Relaxed) as f64
+            * (-idle / DECAY_HALF_LIFE_MILLIS).exp2();
+        self.ewma_micros
+            .store(update(held as u64), Ordering::Relaxed);
     }
 }
 
@@ -127,6 +145,7 @@ impl Balancer {
                     connecting: tokio::sync::Mutex::new(()),
                     in_flight: AtomicU32::new(0),
                     ewma_micros: AtomicU64::new(INITIAL_EWMA_MICROS),
+                    fed_at: AtomicU64::new(self.now_millis()),
                     consecutive_failures: AtomicU32::new(0),
                     ejections: AtomicU32::new(0),
                     ejected_until: AtomicU64::new(0),
@@ -182,7 +201,7 @@ impl Balancer {
                 };
                 let x = candidates.nth(a)?;
                 let y = candidates.nth(b - a - 1)?;
-                if x.score() <= y.score() { x } else { y }
+                if x.score(now) <= y.score(now) { x } else { y }
             }
         };
         chosen.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -193,11 +212,8 @@ impl Balancer {
     pub fn success(&self, endpoint: &EndpointState, latency: Duration) {
         endpoint.consecutive_failures.store(0, Ordering::Relaxed);
         let sample = latency.as_micros().min(u128::from(u64::MAX)) as u64;
-        let old = endpoint.ewma_micros.load(Ordering::Relaxed);
         // EWMA with weight 1/8: cheap, and quick enough to notice a slow endpoint.
-        endpoint
-            .ewma_micros
-            .store(old - old / 8 + sample / 8, Ordering::Relaxed);
+        endpoint.feed(self.now_millis(), |old| old - old / 8 + sample / 8);
     }
 
     /// Records a failure (connect error, reset, 5xx); ejects the endpoint when it has
@@ -259,5 +275,100 @@ impl Balancer {
                 info!(event = "endpoint re-admitted", upstream = %self.name, address = %endpoint.address);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn balancer(addresses: &[&str]) -> Arc<Balancer> {
+        let balancer = Balancer::new("test".into());
+        let id: SpiffeId = "spiffe://td/ns/a/sa/b".parse().unwrap();
+        let wanted: Vec<_> = addresses
+            .iter()
+            .map(|a| (a.to_string(), id.clone()))
+            .collect();
+        let trust = tessera_proto::tls::Trust::new(
+            "td",
+            tessera_proto::tls::TrustBundle::new(vec![test_root()]).unwrap(),
+        );
+        let factory = move |peer: &SpiffeId| {
+            let make = || {
+                tessera_proto::tls::client_config(trust.clone(), peer.clone(), None, &[])
+                    .map(|c| TlsConnector::from(Arc::new(c)))
+            };
+            Ok(Connectors {
+                h2: make()?,
+                http1: make()?,
+                tcp: make()?,
+            })
+        };
+        let outlier = OutlierDetectionSpec {
+            consecutive_failures: 2,
+            base_ejection_time: Duration::from_secs(60),
+            max_ejection_percent: 50,
+        };
+        balancer.update(&wanted, Some(outlier), &factory);
+        balancer
+    }
+
+    fn test_root() -> rustls_pki_types::CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn share_of(balancer: &Balancer, address: &str, picks: usize) -> f64 {
+        let hits = (0..picks)
+            .filter(|_| balancer.pick().unwrap().endpoint().address == address)
+            .count();
+        hits as f64 / picks as f64
+    }
+
+    #[test]
+    fn prefers_the_faster_endpoint() {
+        let balancer = balancer(&["fast:1", "slow:1"]);
+        for endpoint in balancer.endpoints.load().iter() {
+            let latency = if endpoint.address == "fast:1" { 1 } else { 20 };
+            for _ in 0..50 {
+                balancer.success(endpoint, Duration::from_millis(latency));
+            }
+        }
+        assert!(share_of(&balancer, "fast:1", 100) > 0.95);
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_within_the_cap() {
+        let balancer = balancer(&["a:1", "b:1", "c:1", "d:1"]);
+        let endpoints = balancer.endpoints.load_full();
+        for endpoint in endpoints.iter().take(3) {
+            balancer.failure(endpoint);
+            balancer.failure(endpoint);
+        }
+        // At most 50 % of four endpoints may be ejected: two.
+        let now = balancer.now_millis();
+        let ejected = endpoints
+            .iter()
+            .filter(|e| e.ejected_until.load(Ordering::Relaxed) > now)
+            .count();
+        assert_eq!(ejected, 2);
+        let picked: std::collections::HashSet<_> = (0..200)
+            .map(|_| balancer.pick().unwrap().endpoint().address.clone())
+            .collect();
+        assert!(
+            !picked.contains("a:1") && !picked.contains("b:1"),
+            "ejected endpoints are not picked: {picked:?}"
+        );
+    }
+
+    #[test]
+    fn a_removed_endpoint_stays_usable_while_held() {
+        let balancer = balancer(&["a:1"]);
+        let held = balancer.pick().unwrap();
+        balancer.update(&[], None, &|_: &SpiffeId| unreachable!());
+        assert!(balancer.pick().is_none());
+        assert_eq!(held.endpoint().address, "a:1");
     }
 }

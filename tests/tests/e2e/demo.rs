@@ -27,4 +27,21 @@ fn demo_runs_and_shows_verified_identities() {
             "demo output lacks {expected:?}:\n{stdout}"
         );
     }
+    // Retries masked the flaky replica: it failed, callers saw no failure.
+    let orders = stdout
+        .lines()
+        .find(|line| line.starts_with("Orders:"))
+        .expect("orders summary");
+    assert!(orders.contains(", 0 failed."), "{orders}");
+    let flaky_failures: u64 = orders
+        .split("failed ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("flaky failure count");
+    assert!(
+        flaky_failures > 0,
+        "the flaky replica never failed: {orders}"
+    );
+    assert!(stdout.contains("retries to orders.shop"), "{stdout}");
 }

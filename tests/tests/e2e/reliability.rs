@@ -164,9 +164,16 @@ async fn a_per_try_timeout_retries_on_a_faster_endpoint() {
         let answer = client.get("/").await.unwrap();
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.body, "fast");
-        assert!(started.elapsed() < Duration::from_millis(600), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
     }
-    assert!(slow.requests() >= 1, "the slow endpoint was tried and timed out at least once");
+    assert!(
+        slow.requests() >= 1,
+        "the slow endpoint was tried and timed out at least once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -188,19 +195,37 @@ async fn endpoints_come_and_go_under_load_without_failures() {
     });
     // Add a third workload (with its own proxy), then remove the first.
     let port = tessera_tests::free_port();
-    let third = mesh.control_plane.workload_proxy("backend", backends[2].address, port);
+    let third = mesh
+        .control_plane
+        .workload_proxy("backend", backends[2].address, port);
     third.wait_ready(Duration::from_secs(20)).await.unwrap();
     let first_port = mesh.servers[0].inbound_port.unwrap();
     let second_port = mesh.servers[1].inbound_port.unwrap();
-    mesh.control_plane.write_config("backend.yaml", &tessera_tests::l7::service_config("http", &[first_port, second_port, port], None));
+    mesh.control_plane.write_config(
+        "backend.yaml",
+        &tessera_tests::l7::service_config("http", &[first_port, second_port, port], None),
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    mesh.control_plane.write_config("backend.yaml", &tessera_tests::l7::service_config("http", &[second_port, port], None));
+    mesh.control_plane.write_config(
+        "backend.yaml",
+        &tessera_tests::l7::service_config("http", &[second_port, port], None),
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     let first_after_removal = backends[0].requests();
     let statuses = traffic.await.unwrap();
     let failed = statuses.iter().filter(|s| **s != 200).count();
-    println!("{} requests while endpoints changed, {failed} failed; served: {} {} {}", statuses.len(), backends[0].requests(), backends[1].requests(), backends[2].requests());
+    println!(
+        "{} requests while endpoints changed, {failed} failed; served: {} {} {}",
+        statuses.len(),
+        backends[0].requests(),
+        backends[1].requests(),
+        backends[2].requests()
+    );
     assert_eq!(failed, 0);
     assert!(backends[2].requests() > 0, "the added endpoint got traffic");
-    assert_eq!(backends[0].requests(), first_after_removal, "the removed endpoint got new traffic");
+    assert_eq!(
+        backends[0].requests(),
+        first_after_removal,
+        "the removed endpoint got new traffic"
+    );
 }
