@@ -294,7 +294,7 @@ async fn drive(stats: Arc<Stats>, deadline: Instant, orders: SocketAddr, payment
             &stats.orders_failed
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             let message = format!("charge #{n}");
             let ok = call(payments, &message)
                 .await
