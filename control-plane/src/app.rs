@@ -244,5 +244,8 @@ mod tests {
         let mesh = load_mesh_config(&dir).unwrap();
         assert_eq!(mesh.trust_domain, "cluster.local");
         assert_eq!(mesh.certificate_ttl, Duration::from_secs(24 * 3600));
+        let snapshot = crate::config::load_snapshot(&dir, &mesh.trust_domain).unwrap();
+        assert_eq!(snapshot.services[0].endpoints.len(), 1);
+        assert!(snapshot.services[0].route.is_some());
     }
 }
