@@ -5,6 +5,7 @@
 pub mod api;
 pub mod logging;
 pub mod mesh;
+pub mod policy;
 pub mod resources;
 pub mod spiffe;
 pub mod tls;

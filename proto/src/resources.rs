@@ -77,6 +77,9 @@ pub enum Spec {
     Service(ServiceSpec),
     Workload(WorkloadSpec),
     RoutePolicy(RoutePolicySpec),
+    PeerAuthentication(crate::policy::PeerAuthenticationSpec),
+    AuthorizationPolicy(crate::policy::AuthorizationPolicySpec),
+    RequestAuthentication(crate::policy::RequestAuthenticationSpec),
 }
 
 impl Spec {
@@ -86,6 +89,9 @@ impl Spec {
             Spec::Service(_) => "Service",
             Spec::Workload(_) => "Workload",
             Spec::RoutePolicy(_) => "RoutePolicy",
+            Spec::PeerAuthentication(_) => "PeerAuthentication",
+            Spec::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Spec::RequestAuthentication(_) => "RequestAuthentication",
         }
     }
 }
@@ -438,10 +444,15 @@ fn parse_document(file: &Path, first_line: u64, text: &str) -> Result<Resource, 
         "Service" => typed(text, origin, Spec::Service).map_err(yaml_error),
         "Workload" => typed(text, origin, Spec::Workload).map_err(yaml_error),
         "RoutePolicy" => typed(text, origin, Spec::RoutePolicy).map_err(yaml_error),
+        "PeerAuthentication" => typed(text, origin, Spec::PeerAuthentication).map_err(yaml_error),
+        "AuthorizationPolicy" => typed(text, origin, Spec::AuthorizationPolicy).map_err(yaml_error),
+        "RequestAuthentication" => {
+            typed(text, origin, Spec::RequestAuthentication).map_err(yaml_error)
+        }
         other => Err(ConfigError {
             origin,
             reason: format!(
-                "unknown kind {other:?} (this version understands: MeshConfig, Service, Workload, RoutePolicy)"
+                "unknown kind {other:?} (this version understands: MeshConfig, Service, Workload, RoutePolicy, PeerAuthentication, AuthorizationPolicy, RequestAuthentication)"
             ),
         }),
     }
