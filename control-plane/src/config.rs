@@ -18,8 +18,31 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 /// Reads the directory into a mesh snapshot.
 pub fn load_snapshot(dir: &Path, trust_domain: &str) -> Result<MeshSnapshot, ConfigError> {
-    let resources = resources::load_dir(dir)?;
+    let mut resources = resources::load_dir(dir)?;
+    inline_jwks_files(dir, &mut resources)?;
     MeshSnapshot::from_resources(trust_domain, &resources)
+}
+
+/// Reads `jwksFile`s (relative to the configuration directory) into the resources, so
+/// proxies receive key sets inline and never need the files.
+fn inline_jwks_files(dir: &Path, resources: &mut [resources::Resource]) -> Result<(), ConfigError> {
+    for resource in resources {
+        let origin = resource.origin.clone();
+        let resources::Spec::RequestAuthentication(spec) = &mut resource.spec else {
+            continue;
+        };
+        for rule in &mut spec.jwt_rules {
+            if let Some(file) = rule.jwks_file.take() {
+                let path = dir.join(&file);
+                let jwks = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+                    origin: origin.clone(),
+                    reason: format!("jwksFile {}: {e}", path.display()),
+                })?;
+                rule.jwks = Some(jwks);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Wraps a mesh snapshot for the wire.

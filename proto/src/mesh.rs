@@ -8,6 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::SpiffeId;
+use crate::policy::{
+    AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
+};
 use crate::resources::{
     ConfigError, Origin, Protocol, Resource, RoutePolicySpec, ServicePort, Spec,
 };
@@ -22,6 +25,12 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct MeshSnapshot {
     pub trust_domain: String,
     pub services: Vec<ServiceEntry>,
+    #[serde(default)]
+    pub peer_authentications: Vec<Named<PeerAuthenticationSpec>>,
+    #[serde(default)]
+    pub authorization_policies: Vec<Named<AuthorizationPolicySpec>>,
+    #[serde(default)]
+    pub request_authentications: Vec<Named<RequestAuthenticationSpec>>,
 }
 
 /// One service.
@@ -145,10 +154,38 @@ impl MeshSnapshot {
                 _ => {}
             }
         }
-        Ok(Self {
+        let mut snapshot = Self {
             trust_domain: trust_domain.to_string(),
             services: services.into_iter().map(|(s, _)| s).collect(),
-        })
+            ..Self::default()
+        };
+        for resource in resources {
+            let name = || resource.metadata.name.clone();
+            match &resource.spec {
+                Spec::PeerAuthentication(spec) => snapshot.peer_authentications.push(Named {
+                    name: name(),
+                    namespace: namespace_of(resource)?,
+                    spec: spec.clone(),
+                }),
+                Spec::AuthorizationPolicy(spec) => snapshot.authorization_policies.push(Named {
+                    name: name(),
+                    namespace: namespace_of(resource)?,
+                    spec: spec.clone(),
+                }),
+                Spec::RequestAuthentication(spec) => {
+                    for rule in &spec.jwt_rules {
+                        validate_jwt_rule(rule).map_err(|reason| invalid(resource, reason))?;
+                    }
+                    snapshot.request_authentications.push(Named {
+                        name: name(),
+                        namespace: namespace_of(resource)?,
+                        spec: spec.clone(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(snapshot)
     }
 }
 
@@ -171,6 +208,24 @@ fn namespace_of(resource: &Resource) -> Result<String, ConfigError> {
         .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
     validate_namespace(&namespace).map_err(|e| invalid(resource, e.to_string()))?;
     Ok(namespace)
+}
+
+fn validate_jwt_rule(rule: &crate::policy::JwtRule) -> Result<(), String> {
+    if rule.issuer.is_empty() {
+        return Err("jwtRules: issuer must be set".into());
+    }
+    let Some(jwks) = &rule.jwks else {
+        return Err(format!(
+            "jwtRules for {}: set jwks or jwksFile",
+            rule.issuer
+        ));
+    };
+    let parsed: serde_json::Value = serde_json::from_str(jwks)
+        .map_err(|e| format!("jwks for {}: not JSON: {e}", rule.issuer))?;
+    if !parsed.get("keys").is_some_and(serde_json::Value::is_array) {
+        return Err(format!("jwks for {}: no \"keys\" array", rule.issuer));
+    }
+    Ok(())
 }
 
 fn validate_route(spec: &RoutePolicySpec) -> Result<(), String> {

@@ -19,7 +19,10 @@ use tracing::debug;
 use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
+use crate::inbound::Inbound;
+use crate::migration::SourceReport;
 use crate::telemetry::Metrics;
+use serde::Serialize;
 
 /// One admin answer.
 pub struct Reply {
@@ -103,6 +106,7 @@ pub fn routes(
     discovery: Arc<Discovery>,
     metrics: Arc<Metrics>,
     config: Arc<ProxyConfig>,
+    inbounds: Vec<Arc<Inbound>>,
 ) -> impl Fn(&str) -> Reply + Send + Sync + 'static {
     move |path| match path {
         "/live" => Reply::text(StatusCode::OK, "live\n"),
@@ -123,6 +127,49 @@ pub fn routes(
         // The configuration holds no secret: the join token lives in a file or the
         // environment and only its path is part of the config.
         "/config" => Reply::json(&*config),
+        "/migration" => Reply::json(&migration_report(&identity, &inbounds)),
         _ => Reply::not_found(),
+    }
+}
+
+/// Who reaches each inbound port, over mTLS and in plaintext, and under which mode.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationReport {
+    pub workload: String,
+    pub ports: Vec<PortReport>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortReport {
+    pub listen: std::net::SocketAddr,
+    pub application_port: u16,
+    pub mode: String,
+    pub mode_policy: Option<String>,
+    pub mtls: Vec<SourceReport>,
+    pub plaintext: Vec<SourceReport>,
+}
+
+fn migration_report(identity: &IdentityManager, inbounds: &[Arc<Inbound>]) -> MigrationReport {
+    MigrationReport {
+        workload: identity.identity().to_string(),
+        ports: inbounds
+            .iter()
+            .map(|inbound| {
+                let policy = inbound.policy.load();
+                let (mtls, plaintext) = inbound.sources.report();
+                PortReport {
+                    listen: inbound.port.listen,
+                    application_port: inbound.app_port(),
+                    mode: policy
+                        .as_ref()
+                        .map_or("unknown".into(), |p| p.mode.to_string()),
+                    mode_policy: policy.as_ref().and_then(|p| p.mode_policy.clone()),
+                    mtls,
+                    plaintext,
+                }
+            })
+            .collect(),
     }
 }

@@ -10,11 +10,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::info;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tessera_proto::SpiffeId;
 use tessera_proto::resources::Protocol;
 use tracing::warn;
 
+use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_HTTP1, ALPN_TCP, ConnectorFactory, Connectors};
 use crate::config::{ProxyConfig, UpstreamTarget};
 use crate::control_plane::ControlPlane;
@@ -22,6 +23,7 @@ use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
 use crate::inbound::AppClient;
 use crate::inbound::Inbound;
+use crate::migration::SourceLog;
 use crate::outbound::Outbound;
 use crate::router::Upstream;
 use crate::telemetry::{Direction, Metrics};
@@ -60,6 +62,7 @@ pub struct RunningProxy {
     pub identity: Arc<IdentityManager>,
     pub discovery: Arc<Discovery>,
     pub metrics: Arc<Metrics>,
+    pub inbounds: Vec<Arc<Inbound>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -89,16 +92,6 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tokio::spawn(discovery.clone().run(control_plane, identity.clone())),
     ];
 
-    let admin_listener = bind(config.admin).await?;
-    let admin_address = local_address(&admin_listener, config.admin)?;
-    let routes = admin::routes(
-        identity.clone(),
-        discovery.clone(),
-        metrics.clone(),
-        config.clone(),
-    );
-    tasks.push(tokio::spawn(admin::serve(admin_listener, routes)));
-
     let server_config = tls::server_config(
         identity.trust(),
         identity.current_cert(),
@@ -107,6 +100,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let mut inbound_addresses = Vec::new();
+    let mut inbounds = Vec::new();
     for port in &config.inbound {
         let listener = bind(port.listen).await?;
         inbound_addresses.push(local_address(&listener, port.listen)?);
@@ -118,9 +112,29 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             metrics: metrics.clone(),
             counters: metrics.direction(Direction::Inbound),
             limits: config.limits.clone(),
+            policy: ArcSwapOption::empty(),
+            sources: SourceLog::default(),
         });
+        inbounds.push(inbound.clone());
         tasks.push(tokio::spawn(inbound.serve(listener)));
     }
+
+    tasks.push(tokio::spawn(follow_inbound_policy(
+        discovery.clone(),
+        identity.clone(),
+        inbounds.clone(),
+    )));
+
+    let admin_listener = bind(config.admin).await?;
+    let admin_address = local_address(&admin_listener, config.admin)?;
+    let routes = admin::routes(
+        identity.clone(),
+        discovery.clone(),
+        metrics.clone(),
+        config.clone(),
+        inbounds.clone(),
+    );
+    tasks.push(tokio::spawn(admin::serve(admin_listener, routes)));
 
     let connectors = connector_factory(&identity);
     let mut outbound_addresses = Vec::new();
@@ -182,6 +196,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         identity,
         discovery,
         metrics,
+        inbounds,
         tasks,
     })
 }
@@ -226,6 +241,27 @@ async fn follow_service(
                     upstream.balancer.update(&[], None, &*connectors);
                     upstream.set_policy(None);
                 }
+            }
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Keeps each inbound port's policy in step with discovery.
+async fn follow_inbound_policy(
+    discovery: Arc<Discovery>,
+    identity: Arc<IdentityManager>,
+    inbounds: Vec<Arc<Inbound>>,
+) {
+    let mut views = discovery.subscribe();
+    loop {
+        let view = views.borrow_and_update().clone();
+        if let Some(view) = view {
+            for inbound in &inbounds {
+                let policy = InboundPolicy::resolve(&view, identity.identity(), inbound.app_port());
+                inbound.policy.store(Some(Arc::new(policy)));
             }
         }
         if views.changed().await.is_err() {

@@ -12,6 +12,9 @@ use std::time::Duration;
 use tessera_proto::api::discovery::WatchRequest;
 use tessera_proto::api::discovery::discovery_client::DiscoveryClient;
 use tessera_proto::mesh::{MeshSnapshot, ServiceEntry};
+use tessera_proto::policy::{
+    AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
+};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -26,6 +29,9 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 pub struct MeshView {
     pub version: String,
     pub services: HashMap<String, Arc<ServiceEntry>>,
+    pub peer_authentications: Vec<Named<PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Named<AuthorizationPolicySpec>>,
+    pub request_authentications: Vec<Named<RequestAuthenticationSpec>>,
 }
 
 impl MeshView {
@@ -35,7 +41,13 @@ impl MeshView {
             .into_iter()
             .map(|service| (service.key(), Arc::new(service)))
             .collect();
-        Self { version, services }
+        Self {
+            version,
+            services,
+            peer_authentications: snapshot.peer_authentications,
+            authorization_policies: snapshot.authorization_policies,
+            request_authentications: snapshot.request_authentications,
+        }
     }
 }
 

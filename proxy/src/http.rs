@@ -104,6 +104,10 @@ pub enum ProxyError {
     AppUnavailable,
     /// The request itself cannot be forwarded (e.g. no usable authority).
     BadRequest,
+    /// Authorization policy denied the request.
+    Forbidden,
+    /// The request carried a token that is not acceptable; names why.
+    Unauthenticated(&'static str),
 }
 
 impl ProxyError {
@@ -115,6 +119,8 @@ impl ProxyError {
             ProxyError::Timeout => "timeout",
             ProxyError::AppUnavailable => "application-unavailable",
             ProxyError::BadRequest => "bad-request",
+            ProxyError::Forbidden => "access-denied",
+            ProxyError::Unauthenticated(reason) => reason,
         }
     }
 
@@ -126,14 +132,19 @@ impl ProxyError {
             }
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
-    /// gRPC status code: UNAVAILABLE, DEADLINE_EXCEEDED or INVALID_ARGUMENT.
+    /// gRPC status code: UNAVAILABLE, DEADLINE_EXCEEDED, INVALID_ARGUMENT,
+    /// PERMISSION_DENIED or UNAUTHENTICATED.
     fn grpc_status(self) -> &'static str {
         match self {
             ProxyError::Timeout => "4",
             ProxyError::BadRequest => "3",
+            ProxyError::Forbidden => "7",
+            ProxyError::Unauthenticated(_) => "16",
             _ => "14",
         }
     }
@@ -153,6 +164,12 @@ impl ProxyError {
             headers.insert("grpc-message", HeaderValue::from_static(self.reason()));
         } else {
             *response.status_mut() = self.status();
+            if let ProxyError::Unauthenticated(_) = self {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
             *response.body_mut() = boxed(
                 http_body_util::Full::new(Bytes::from_static(self.reason().as_bytes()))
                     .map_err(|never| match never {}),

@@ -1,16 +1,18 @@
-//! Inbound: mTLS from other proxies, plaintext to the local application.
+//! Inbound: traffic for the local application, from other proxies (mTLS) or — where a
+//! PeerAuthentication allows it — from plaintext callers still outside the mesh.
 //!
-//! ALPN says what the peer proxy carries: multiplexed HTTP/2 (requests forwarded one by
-//! one over pooled connections, HTTP/1.1 restored where the caller spoke it), a single
-//! HTTP/1.1 connection (upgrades), or opaque bytes.
-//!
-//! Nothing reaches the application before the peer has completed a TLS 1.3 handshake
-//! with a certificate that chains to the trust bundle and names a SPIFFE ID of our trust
-//! domain. Plaintext is refused on sight of its first byte.
+//! The first byte tells them apart (a TLS handshake record or not). STRICT ports refuse
+//! plaintext on sight. Over mTLS, ALPN says what the peer proxy carries: multiplexed
+//! HTTP/2 (requests forwarded one by one, HTTP/1.1 restored where the caller spoke it),
+//! one HTTP/1.1 connection (upgrades), or opaque bytes; plaintext is detected like
+//! outbound traffic. Every HTTP request passes JWT validation and authorization before
+//! it is forwarded; an opaque connection is authorized before the application's
+//! connection is even opened, so a denied peer never gets a byte to it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
@@ -18,17 +20,23 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tessera_proto::SpiffeId;
+use tessera_proto::policy::{self, MtlsMode};
 use tessera_proto::tls;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use crate::authn::JwtOutcome;
+use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_HTTP1};
-use crate::http::{Body, ORIG_PROTO, ProxyError, boxed};
-use crate::outbound::MAX_HEADER_BYTES;
-
 use crate::config::{InboundPort, Limits};
+use crate::detect::{self, Detected};
+use crate::http::{Body, ORIG_PROTO, ProxyError, boxed};
 use crate::identity::IdentityManager;
+use crate::migration::SourceLog;
+use crate::outbound::MAX_HEADER_BYTES;
 use crate::tcp;
 use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal};
 
@@ -44,9 +52,34 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     pub counters: DirectionMetrics,
     pub limits: Limits,
+    /// `None` until the first configuration: then every connection is refused.
+    pub policy: ArcSwapOption<InboundPolicy>,
+    pub sources: SourceLog,
+}
+
+/// Who is on the other end of one connection.
+#[derive(Clone)]
+struct Peer {
+    address: SocketAddr,
+    /// Verified SPIFFE ID; `None` for plaintext.
+    identity: Option<SpiffeId>,
+}
+
+impl Peer {
+    fn describe(&self) -> String {
+        match &self.identity {
+            Some(identity) => identity.to_string(),
+            None => format!("plaintext {}", self.address.ip()),
+        }
+    }
 }
 
 impl Inbound {
+    /// The application port policies are written against.
+    pub fn app_port(&self) -> u16 {
+        self.port.forward_to.port()
+    }
+
     /// Serves the port until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.limits.max_connections;
@@ -60,63 +93,137 @@ impl Inbound {
         .await;
     }
 
-    async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
-        let refuse = |reason: Refusal, detail: &dyn std::fmt::Display| {
-            self.metrics.refuse(Direction::Inbound, reason);
-            warn!(
-                event = "inbound connection refused",
-                peer_address = %peer,
-                port = self.port.listen.port(),
-                reason = ?reason,
-                detail = %detail,
-            );
-        };
+    fn refuse(&self, peer: SocketAddr, reason: Refusal, detail: &dyn std::fmt::Display) {
+        self.metrics.refuse(Direction::Inbound, reason);
+        warn!(
+            event = "inbound connection refused",
+            peer_address = %peer,
+            port = self.port.listen.port(),
+            reason = ?reason,
+            detail = %detail,
+        );
+    }
+
+    async fn handle(self: Arc<Self>, stream: TcpStream, address: SocketAddr) {
         if !self.identity.has_valid_cert() {
-            return refuse(
+            return self.refuse(
+                address,
                 Refusal::NoLocalCertificate,
                 &"this proxy holds no valid certificate",
             );
         }
+        let Some(policy) = self.policy.load_full() else {
+            return self.refuse(
+                address,
+                Refusal::NoConfiguration,
+                &"no configuration from the control plane yet",
+            );
+        };
         match tokio::time::timeout(self.limits.handshake_timeout, first_byte(&stream)).await {
-            Ok(Ok(Some(TLS_HANDSHAKE_RECORD))) => {}
-            Ok(Ok(Some(_))) => return refuse(Refusal::Plaintext, &"plaintext on an mTLS port"),
-            Ok(Ok(None)) | Ok(Err(_)) => return, // closed before saying anything
-            Err(_) => return refuse(Refusal::HandshakeTimeout, &"no TLS ClientHello in time"),
+            Ok(Ok(Some(TLS_HANDSHAKE_RECORD))) => self.mtls(stream, address).await,
+            Ok(Ok(Some(_))) if policy.mode == MtlsMode::Strict => {
+                let by = policy.mode_policy.as_deref().unwrap_or("default");
+                self.refuse(
+                    address,
+                    Refusal::Plaintext,
+                    &format!("plaintext on a STRICT mTLS port (PeerAuthentication {by})"),
+                )
+            }
+            Ok(Ok(Some(_))) => self.plaintext(stream, address).await,
+            Ok(Ok(None)) | Ok(Err(_)) => {} // closed before saying anything
+            Err(_) => self.refuse(
+                address,
+                Refusal::HandshakeTimeout,
+                &"nothing received in time",
+            ),
         }
+    }
+
+    async fn mtls(self: Arc<Self>, stream: TcpStream, address: SocketAddr) {
         let accepted =
             tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(stream)).await;
         let tls_stream = match accepted {
             Ok(Ok(tls_stream)) => tls_stream,
             Ok(Err(error)) => {
-                return refuse(
+                return self.refuse(
+                    address,
                     tcp::classify_handshake_error(&error),
                     &tcp::describe_handshake_error(&error),
                 );
             }
-            Err(_) => return refuse(Refusal::HandshakeTimeout, &"TLS handshake timed out"),
+            Err(_) => {
+                return self.refuse(
+                    address,
+                    Refusal::HandshakeTimeout,
+                    &"TLS handshake timed out",
+                );
+            }
         };
-        let Some(peer_identity) = tls::peer_identity(tls_stream.get_ref().1) else {
+        let Some(identity) = tls::peer_identity(tls_stream.get_ref().1) else {
             // The verifier demands a SPIFFE certificate, so this is unreachable in
             // practice; refuse rather than forward an unnamed peer.
-            return refuse(Refusal::NoCertificate, &"no peer identity after handshake");
+            return self.refuse(
+                address,
+                Refusal::NoCertificate,
+                &"no peer identity after handshake",
+            );
         };
-        debug!(event = "inbound connection", peer_address = %peer, peer_identity = %peer_identity);
-        self.metrics.connection(Direction::Inbound, &peer_identity);
+        debug!(event = "inbound connection", peer_address = %address, peer_identity = %identity);
+        self.metrics.connection(Direction::Inbound, &identity);
+        self.sources.mtls(identity.as_str());
+        let alpn = tls_stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let peer = Peer {
+            address,
+            identity: Some(identity),
+        };
         self.counters.active.inc();
-        match tls_stream.get_ref().1.alpn_protocol() {
-            Some(ALPN_H2) => self.serve_h2(tls_stream, peer).await,
-            Some(ALPN_HTTP1) => self.serve_http1(tls_stream, peer).await,
+        match alpn.as_deref() {
+            Some(ALPN_H2) => self.serve_http(tls_stream, peer, Detected::Http2).await,
+            Some(ALPN_HTTP1) => self.serve_http(tls_stream, peer, Detected::Http1).await,
             _ => self.relay(tls_stream, peer).await,
         }
         self.counters.active.dec();
     }
 
-    /// Opaque bytes to the application.
-    async fn relay(
-        &self,
-        mut tls_stream: tokio_rustls::server::TlsStream<TcpStream>,
-        peer: SocketAddr,
-    ) {
+    /// A caller outside the mesh, on a PERMISSIVE or DISABLE port.
+    async fn plaintext(self: Arc<Self>, stream: TcpStream, address: SocketAddr) {
+        self.metrics.plaintext_connection();
+        self.sources.plaintext(address.ip());
+        let detected = detect::detect(&stream, self.limits.detect_timeout)
+            .await
+            .unwrap_or(Detected::Opaque);
+        let peer = Peer {
+            address,
+            identity: None,
+        };
+        self.counters.active.inc();
+        match detected {
+            Detected::Opaque => self.relay(stream, peer).await,
+            http => self.serve_http(stream, peer, http).await,
+        }
+        self.counters.active.dec();
+    }
+
+    /// Opaque bytes to the application, once authorized.
+    async fn relay<S>(&self, mut stream: S, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Some(policy) = self.policy.load_full() else {
+            return;
+        };
+        let decision = policy.authorize(
+            &policy::Request {
+                source: peer.identity.as_ref(),
+                request_principal: None,
+                port: self.app_port(),
+                http: None,
+            },
+            &self.metrics,
+        );
+        if !decision.allowed {
+            return self.log_denial(&peer, &decision, None, "connection denied");
+        }
         let forward_to = self.port.forward_to.to_string();
         let mut app = match tcp::connect(&forward_to, self.limits.connect_timeout).await {
             Ok(app) => app,
@@ -126,60 +233,131 @@ impl Inbound {
                 return warn!(event = "application unreachable", application = %forward_to, error = %error);
             }
         };
-        match tcp::relay(&mut tls_stream, &mut app).await {
+        match tcp::relay(&mut stream, &mut app).await {
             Ok((received, sent)) => {
                 self.counters.received.inc_by(received);
                 self.counters.sent.inc_by(sent);
             }
             Err(error) => {
-                debug!(event = "inbound connection ended with error", peer_address = %peer, error = %error)
+                debug!(event = "inbound connection ended with error", peer = %peer.describe(), error = %error)
             }
         }
     }
 
-    /// Multiplexed HTTP/2 from another proxy; each request to the application.
-    async fn serve_h2(
-        &self,
-        tls_stream: tokio_rustls::server::TlsStream<TcpStream>,
-        peer: SocketAddr,
-    ) {
-        let app = self.app.clone();
+    /// HTTP/1.1 or HTTP/2, each request authorized on its own.
+    async fn serve_http<S>(self: &Arc<Self>, stream: S, peer: Peer, protocol: Detected)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let inbound = self.clone();
+        let peer_for_service = peer.clone();
         let service = service_fn(move |request| {
-            let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(app.forward(request).await) }
+            let inbound = inbound.clone();
+            let peer = peer_for_service.clone();
+            async move { Ok::<_, std::convert::Infallible>(inbound.request(request, &peer).await) }
         });
-        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-            .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .serve_connection(TokioIo::new(tls_stream), service)
-            .await;
+        let io = TokioIo::new(stream);
+        let served = match protocol {
+            Detected::Http2 => {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                    .max_header_list_size(MAX_HEADER_BYTES as u32)
+                    .serve_connection(io, service)
+                    .await
+            }
+            _ => {
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(self.limits.handshake_timeout)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .serve_connection(io, service)
+                    .with_upgrades()
+                    .await
+            }
+        };
         if let Err(error) = served {
-            debug!(event = "inbound HTTP/2 connection error", peer_address = %peer, error = %error);
+            debug!(event = "inbound HTTP connection error", peer = %peer.describe(), error = %error);
         }
     }
 
-    /// One HTTP/1.1 connection from another proxy: upgrades (WebSocket).
-    async fn serve_http1(
-        &self,
-        tls_stream: tokio_rustls::server::TlsStream<TcpStream>,
-        peer: SocketAddr,
-    ) {
-        let app = self.app.clone();
-        let service = service_fn(move |request| {
-            let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(app.forward(request).await) }
-        });
-        let served = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.handshake_timeout)
-            .max_buf_size(MAX_HEADER_BYTES)
-            .serve_connection(TokioIo::new(tls_stream), service)
-            .with_upgrades()
-            .await;
-        if let Err(error) = served {
-            debug!(event = "inbound HTTP/1 connection error", peer_address = %peer, error = %error);
+    /// Authenticates and authorizes one request, then forwards it.
+    async fn request(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let grpc = crate::http::is_grpc(request.headers());
+        let Some(policy) = self.policy.load_full() else {
+            return ProxyError::Forbidden.response(grpc);
+        };
+        let jwt = match &policy.jwt {
+            Some(validator) => validator.check(request.headers(), request.uri()),
+            None => JwtOutcome::Absent,
+        };
+        let request_principal = match &jwt {
+            JwtOutcome::Invalid(reason) => {
+                warn!(
+                    event = "request refused",
+                    source = %peer.describe(),
+                    destination = %self.identity.identity(),
+                    method = %request.method(),
+                    path = request.uri().path(),
+                    reason,
+                );
+                return ProxyError::Unauthenticated(reason).response(grpc);
+            }
+            JwtOutcome::Valid(principal) => Some(principal.as_str()),
+            JwtOutcome::Absent => None,
+        };
+        let decision = {
+            let host = request
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| {
+                    request
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
+                .unwrap_or("");
+            let headers = request.headers();
+            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            let attributes = policy::Request {
+                source: peer.identity.as_ref(),
+                request_principal,
+                port: self.app_port(),
+                http: Some(policy::HttpRequest {
+                    method: request.method().as_str(),
+                    path: request.uri().path(),
+                    host,
+                    header: &header,
+                }),
+            };
+            policy.authorize(&attributes, &self.metrics)
+        };
+        if !decision.allowed {
+            let target = format!("{} {}", request.method(), request.uri().path());
+            self.log_denial(peer, &decision, Some(&target), "request denied");
+            return ProxyError::Forbidden.response(grpc);
         }
+        self.app.forward(request).await
+    }
+
+    fn log_denial(
+        &self,
+        peer: &Peer,
+        decision: &policy::Decision,
+        target: Option<&str>,
+        event: &str,
+    ) {
+        warn!(
+            event,
+            source = %peer.describe(),
+            destination = %self.identity.identity(),
+            port = self.app_port(),
+            target,
+            policy = decision.policy.as_deref().unwrap_or("none"),
+            rule = decision.rule,
+            reason = decision.reason,
+        );
     }
 }
 
@@ -218,7 +396,8 @@ impl AppClient {
 
     async fn request(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = request.into_parts();
-        let http1 = parts.headers.remove(ORIG_PROTO).is_some();
+        // HTTP/1.1 when a peer proxy says its caller spoke it, or a plaintext caller does.
+        let http1 = parts.headers.remove(ORIG_PROTO).is_some() || parts.version <= Version::HTTP_11;
         if !parts.headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())

@@ -7,6 +7,8 @@
 
 pub mod admin;
 pub mod app;
+pub mod authn;
+pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod control_plane;
@@ -15,6 +17,7 @@ pub mod discovery;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod migration;
 pub mod outbound;
 pub mod retry;
 pub mod router;

@@ -43,6 +43,8 @@ pub enum Refusal {
     HandshakeFailed,
     /// The remote address or local application did not accept the TCP connection.
     ConnectFailed,
+    /// No configuration from the control plane yet: nothing is let in blind.
+    NoConfiguration,
 }
 
 impl EncodeLabelValue for Direction {
@@ -62,6 +64,7 @@ impl Refusal {
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::HandshakeFailed => "handshake_failed",
             Refusal::ConnectFailed => "connect_failed",
+            Refusal::NoConfiguration => "no_configuration",
         }
     }
 }
@@ -77,7 +80,7 @@ pub struct ConnectionLabels {
     pub direction: Direction,
     /// Verified SPIFFE ID of the other proxy.
     pub peer_identity: String,
-    /// Always "mtls" today; plaintext arrives with PERMISSIVE mode.
+    /// "mtls", or "plaintext" on PERMISSIVE / DISABLE ports.
     pub security: &'static str,
 }
 
@@ -94,6 +97,13 @@ pub struct ByteLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub decision: &'static str,
+    /// `namespace/name`, or "none" when no policy decided.
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub upstream: String,
 }
@@ -107,6 +117,7 @@ pub struct RefusalLabels {
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
+    pub authz: Family<AuthzLabels, Counter>,
     pub retries: Family<UpstreamLabels, Counter>,
     pub connections: Family<ConnectionLabels, Counter>,
     pub connections_active: Family<DirectionLabels, Gauge>,
@@ -133,6 +144,7 @@ impl Metrics {
             cert_expiry: Gauge::default(),
             cert_renewals: Counter::default(),
             retries: Family::default(),
+            authz: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -164,6 +176,11 @@ impl Metrics {
             "identity_cert_renewals",
             "Workload certificates obtained from the control plane",
             metrics.cert_renewals.clone(),
+        );
+        registry.register(
+            "authz_decisions",
+            "Authorization decisions, by outcome and deciding policy",
+            metrics.authz.clone(),
         );
         registry.register(
             "retries",
@@ -201,6 +218,17 @@ impl Metrics {
         }
     }
 
+    /// Counts one plaintext connection accepted on a PERMISSIVE or DISABLE port.
+    pub fn plaintext_connection(&self) {
+        self.connections
+            .get_or_create(&ConnectionLabels {
+                direction: Direction::Inbound,
+                peer_identity: String::new(),
+                security: "plaintext",
+            })
+            .inc();
+    }
+
     /// Counts one established connection with a verified peer.
     pub fn connection(&self, direction: Direction, peer_identity: &tessera_proto::SpiffeId) {
         self.connections
@@ -210,6 +238,26 @@ impl Metrics {
                 security: "mtls",
             })
             .inc();
+    }
+
+    /// Counts one authorization decision (and every AUDIT policy it matched).
+    pub fn authz_decision(&self, decision: &tessera_proto::policy::Decision) {
+        let policy = decision.policy.clone().unwrap_or_else(|| "none".into());
+        let outcome = if decision.allowed { "allow" } else { "deny" };
+        self.authz
+            .get_or_create(&AuthzLabels {
+                decision: outcome,
+                policy,
+            })
+            .inc();
+        for audited in &decision.audited {
+            self.authz
+                .get_or_create(&AuthzLabels {
+                    decision: "audit",
+                    policy: audited.clone(),
+                })
+                .inc();
+        }
     }
 
     /// The retry counter of one upstream.
