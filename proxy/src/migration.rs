@@ -75,6 +75,6 @@ fn snapshot(sources: &Mutex<HashMap<String, Seen>>) -> Vec<SourceReport> {
             last_seen_seconds_ago: seen.last.map_or(0, |t| t.elapsed().as_secs()),
         })
         .collect();
-    report.sort_by(|a, b| b.connections.cmp(&a.connections));
+    report.sort_by_key(|r| std::cmp::Reverse(r.connections));
     report
 }
