@@ -63,7 +63,15 @@ pub async fn watch_dir(
 ) {
     let (changes, mut changed) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Reading the files ourselves raises access events: only changes count, or
+        // every reload would trigger the next.
+        let is_change = event.is_ok_and(|e| {
+            use notify::EventKind::{Create, Modify, Remove};
+            use notify::event::ModifyKind::Metadata;
+            matches!(e.kind, Create(_) | Modify(_) | Remove(_))
+                && !matches!(e.kind, Modify(Metadata(_)))
+        });
+        if is_change {
             // A full channel already means "reload pending": nothing is lost.
             let _ = changes.try_send(());
         }

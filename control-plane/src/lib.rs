@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod ca;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod discovery_service;

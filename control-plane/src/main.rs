@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tessera_control_plane::{app, demo};
+use tessera_control_plane::{app, cli, demo};
 use tessera_proto::logging::{self, LogFormat};
 
 #[derive(Parser)]
@@ -48,11 +48,63 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Checks on a running mesh.
+    Check {
+        #[command(subcommand)]
+        command: CheckCommand,
+    },
+    /// Questions about policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Run a small mesh on loopback and show what it does.
     Demo {
         /// How long to drive traffic.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
         duration: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckCommand {
+    /// Who still sends plaintext to each port, and would STRICT break them?
+    Migration {
+        /// Admin address of a proxy (repeat for each).
+        #[arg(long = "proxy", required = true)]
+        proxies: Vec<SocketAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// The decision for one request, and the rule that made it.
+    Explain {
+        /// The control plane's configuration directory.
+        #[arg(long)]
+        config: PathBuf,
+        /// The caller's SPIFFE ID, or "unauthenticated" for plaintext.
+        #[arg(long)]
+        from: String,
+        /// The service called, name.namespace.
+        #[arg(long)]
+        to: String,
+        /// The application port.
+        #[arg(long)]
+        port: u16,
+        /// HTTP method; leave out for opaque TCP.
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        host: Option<String>,
+        /// A request header, name=value (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// iss/sub of a validated JWT.
+        #[arg(long)]
+        request_principal: Option<String>,
     },
 }
 
@@ -125,5 +177,57 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { duration } => runtime.block_on(demo::run(duration)),
+        Command::Check {
+            command: CheckCommand::Migration { proxies },
+        } => {
+            print!("{}", runtime.block_on(cli::check_migration(&proxies))?);
+            Ok(())
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    config,
+                    from,
+                    to,
+                    port,
+                    method,
+                    path,
+                    host,
+                    headers,
+                    request_principal,
+                },
+        } => {
+            let from = match from.as_str() {
+                "unauthenticated" | "plaintext" => None,
+                id => Some(id.parse().context("--from")?),
+            };
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    h.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .context("--header must be name=value")
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (report, allowed) = cli::explain(
+                &config,
+                &cli::Hypothetical {
+                    from,
+                    to: &to,
+                    port,
+                    method: method.as_deref(),
+                    path: &path,
+                    host: host.as_deref(),
+                    headers: &headers,
+                    request_principal: request_principal.as_deref(),
+                },
+            )?;
+            print!("{report}");
+            // Scripts can test the outcome: 0 allowed, 3 denied.
+            if !allowed {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
     }
 }

@@ -159,3 +159,33 @@ pub async fn load(address: SocketAddr, path: &str, total: usize, connections: us
     }
     statuses
 }
+
+impl L7Mesh {
+    /// Writes a resource file and waits until every proxy has the new configuration.
+    pub async fn apply(&self, file: &str, yaml: &str) {
+        let proxies: Vec<&Proxy> = self.servers.iter().chain([&self.client]).collect();
+        let before: Vec<usize> = proxies
+            .iter()
+            .map(|p| p.process.logs.count(&["configuration received"]))
+            .collect();
+        self.control_plane.write_config(file, yaml);
+        for (proxy, before) in proxies.iter().zip(before) {
+            let arrived = crate::eventually(Duration::from_secs(5), || {
+                proxy.process.logs.count(&["configuration received"]) > before
+            })
+            .await;
+            assert!(
+                arrived,
+                "configuration {file} did not reach a proxy; control plane log:\n{}",
+                self.control_plane.process.logs.lines().join("\n")
+            );
+        }
+    }
+}
+
+/// A resource document in namespace `shop`.
+pub fn resource(kind: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: tessera.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{spec}"
+    )
+}

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 pub mod backend;
 pub mod certs;
 pub mod grpc;
+pub mod jwt;
 pub mod l7;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";

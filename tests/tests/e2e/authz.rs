@@ -1,0 +1,293 @@
+//! Authorization and request authentication enforced by real proxies: allowed and denied
+//! HTTP, gRPC and TCP; JWT cases; `tessera policy explain` agreeing with the proxy.
+
+use std::process::Command;
+use std::time::Duration;
+
+use http::StatusCode;
+use tessera_tests::backend::echo_proto::Message;
+use tessera_tests::backend::echo_proto::echo_client::EchoClient;
+use tessera_tests::backend::{HttpBackend, start_grpc};
+use tessera_tests::jwt::{AUDIENCE, ISSUER, Issuer};
+use tessera_tests::l7::{Http1Client, L7Mesh, resource};
+use tessera_tests::{EchoServer, binary, echo_roundtrip, spiffe};
+
+fn allow_client_get(paths: &str) -> String {
+    resource(
+        "AuthorizationPolicy",
+        "backend-readers",
+        &format!(
+            "  selector: {{serviceAccount: backend}}\n  action: ALLOW\n  rules:\n  - from: [{{source: {{principals: [\"{}\"]}}}}]\n    to: [{{operation: {{methods: [GET], paths: [{paths}]}}}}]\n",
+            spiffe("client")
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_calls_are_allowed_or_denied_by_policy() {
+    let backend = HttpBackend::start("guarded").await;
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+    mesh.apply("policy.yaml", &allow_client_get("\"/public*\""))
+        .await;
+    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
+
+    let allowed = client.get("/public/menu").await.unwrap();
+    assert_eq!(allowed.status, StatusCode::OK);
+    let served = backend.requests();
+
+    let denied = client.get("/admin").await.unwrap();
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert_eq!(denied.headers["tessera-proxy-error"], "access-denied");
+    assert!(
+        !String::from_utf8_lossy(&denied.body).contains("backend-readers"),
+        "policy internals in the body"
+    );
+    assert_eq!(
+        backend.requests(),
+        served,
+        "a denied request reached the application"
+    );
+
+    let line = mesh.servers[0]
+        .process
+        .logs
+        .wait_for(&["request denied", "/admin"], Duration::from_secs(5))
+        .await
+        .unwrap();
+    for field in [
+        spiffe("client"),
+        spiffe("backend"),
+        "no ALLOW policy matched".to_string(),
+    ] {
+        assert!(line.contains(&field), "denial log lacks {field}: {line}");
+    }
+    let (_, metrics) = mesh.servers[0].admin("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("tessera_authz_decisions_total{decision=\"deny\",policy=\"none\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "tessera_authz_decisions_total{decision=\"allow\",policy=\"shop/backend-readers\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // The CLI explains both from the same engine.
+    let explain = |path: &str| {
+        Command::new(binary("tessera"))
+            .args(["policy", "explain", "--config"])
+            .arg(mesh.control_plane.config_dir())
+            .args([
+                "--from",
+                &spiffe("client"),
+                "--to",
+                "backend.shop",
+                "--port",
+                &backend.address.port().to_string(),
+                "--method",
+                "GET",
+                "--path",
+                path,
+            ])
+            .output()
+            .unwrap()
+    };
+    let output = explain("/admin");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("decision: DENY") && text.contains("no ALLOW policy matched"),
+        "{text}"
+    );
+    let output = explain("/public/menu");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("decision: ALLOW by shop/backend-readers, rule 0"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_calls_are_allowed_or_denied_by_policy() {
+    let (service, _task) = start_grpc().await;
+    let mesh = L7Mesh::start(&[service], "grpc", None).await;
+    let policy = resource(
+        "AuthorizationPolicy",
+        "unary-only",
+        "  action: ALLOW\n  rules:\n  - to: [{operation: {paths: [/tessera.test.v1.Echo/Unary]}}]\n",
+    );
+    mesh.apply("policy.yaml", &policy).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.entry()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = EchoClient::new(channel);
+    let reply = client
+        .unary(Message {
+            text: "ok".into(),
+            count: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.get_ref().text, "echo: ok");
+    let status = client
+        .server_stream(Message {
+            text: "no".into(),
+            count: 3,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_connections_are_allowed_or_denied_before_a_byte_moves() {
+    let echo = EchoServer::start().await;
+    let mesh = L7Mesh::start(&[echo.address], "opaque", None).await;
+    let allow = resource(
+        "AuthorizationPolicy",
+        "tcp",
+        &format!(
+            "  action: ALLOW\n  rules:\n  - from: [{{source: {{principals: [\"{}\"]}}}}]\n    to: [{{operation: {{ports: [{}]}}}}]\n",
+            spiffe("client"),
+            echo.address.port()
+        ),
+    );
+    mesh.apply("policy.yaml", &allow).await;
+    let payload = tessera_tests::random_payload(4096);
+    assert!(echo_roundtrip(mesh.entry(), &payload).await.unwrap() == payload);
+    let received = echo.received();
+
+    let deny = resource(
+        "AuthorizationPolicy",
+        "tcp",
+        &format!(
+            "  action: DENY\n  rules:\n  - from: [{{source: {{principals: [\"{}\"]}}}}]\n",
+            spiffe("client")
+        ),
+    );
+    mesh.apply("policy.yaml", &deny).await;
+    let echoed = echo_roundtrip(mesh.entry(), b"must not arrive")
+        .await
+        .unwrap_or_default();
+    assert!(echoed.is_empty());
+    mesh.servers[0]
+        .process
+        .logs
+        .wait_for(&["connection denied", "shop/tcp"], Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        echo.received(),
+        received,
+        "bytes reached the application after a denial"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwts_are_validated_before_authorization() {
+    let backend = HttpBackend::start("jwt").await;
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+    let issuer = Issuer::new();
+    let jwks = issuer.jwks.replace('"', "\\\"");
+    let policies = [
+        resource("RequestAuthentication", "jwt", &format!("  jwtRules:\n  - issuer: {ISSUER}\n    audiences: [{AUDIENCE}]\n    jwks: \"{jwks}\"\n")),
+        resource("AuthorizationPolicy", "need-jwt", &format!("  action: ALLOW\n  rules:\n  - from: [{{source: {{requestPrincipals: [\"{ISSUER}/*\"]}}}}]\n")),
+    ]
+    .join("---\n");
+    mesh.apply("jwt.yaml", &policies).await;
+
+    let call = |token: Option<String>, query: &'static str| {
+        let entry = mesh.entry();
+        async move {
+            let stream = tokio::net::TcpStream::connect(entry).await.unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            let mut request =
+                http::Request::get(format!("/orders{query}")).header("host", "backend.shop");
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            let response = sender
+                .send_request(
+                    request
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let reason = response
+                .headers()
+                .get("tessera-proxy-error")
+                .map(|v| v.to_str().unwrap().to_string());
+            (response.status(), reason)
+        }
+    };
+    let (status, _) = call(Some(issuer.valid()), "").await;
+    assert_eq!(status, StatusCode::OK);
+    let served = backend.requests();
+
+    let cases = [
+        (
+            "expired",
+            Some(issuer.expired()),
+            "",
+            StatusCode::UNAUTHORIZED,
+            "jwt-expired",
+        ),
+        (
+            "wrong audience",
+            Some(issuer.wrong_audience()),
+            "",
+            StatusCode::UNAUTHORIZED,
+            "jwt-wrong-audience",
+        ),
+        (
+            "alg none",
+            Some(issuer.alg_none()),
+            "",
+            StatusCode::UNAUTHORIZED,
+            "jwt-malformed",
+        ),
+        (
+            "HS256 with the public key",
+            Some(issuer.hs256_with_public_key()),
+            "",
+            StatusCode::UNAUTHORIZED,
+            "jwt-algorithm-not-allowed",
+        ),
+        (
+            "unknown kid",
+            Some(issuer.unknown_kid()),
+            "",
+            StatusCode::UNAUTHORIZED,
+            "jwt-unknown-kid",
+        ),
+        (
+            "token in the URL",
+            None,
+            "?access_token=abc",
+            StatusCode::UNAUTHORIZED,
+            "jwt-in-url",
+        ),
+        ("no token", None, "", StatusCode::FORBIDDEN, "access-denied"),
+    ];
+    for (name, token, query, expected_status, expected_reason) in cases {
+        let (status, reason) = call(token, query).await;
+        assert_eq!(status, expected_status, "{name}");
+        assert_eq!(reason.as_deref(), Some(expected_reason), "{name}");
+    }
+    assert_eq!(
+        backend.requests(),
+        served,
+        "a refused request reached the application"
+    );
+    let (status, _) = call(Some(issuer.valid()), "").await;
+    assert_eq!(status, StatusCode::OK);
+}
