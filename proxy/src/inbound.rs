@@ -287,6 +287,16 @@ impl Inbound {
         let Some(policy) = self.policy.load_full() else {
             return ProxyError::Forbidden.response(grpc);
         };
+        if peer.identity.is_none() && policy.mode == MtlsMode::Strict {
+            // The port went STRICT while this plaintext connection was open.
+            warn!(
+                event = "request refused",
+                source = %peer.describe(),
+                destination = %self.identity.identity(),
+                reason = "plaintext on a STRICT mTLS port",
+            );
+            return ProxyError::Forbidden.response(grpc);
+        }
         let jwt = match &policy.jwt {
             Some(validator) => validator.check(request.headers(), request.uri()),
             None => JwtOutcome::Absent,
