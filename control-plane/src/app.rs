@@ -135,6 +135,8 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         certificate_ttl: mesh.certificate_ttl,
         metrics: metrics.clone(),
     };
+    let config_watch = crate::config::watch(&options.config_dir)
+        .with_context(|| format!("cannot watch {}", options.config_dir.display()))?;
     let snapshot = crate::config::load_snapshot(&options.config_dir, &mesh.trust_domain)?;
     let (snapshot_sender, snapshots) =
         tokio::sync::watch::channel(crate::config::to_message(1, &snapshot));
@@ -165,7 +167,8 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
             _ => Reply::not_found(),
         })),
         tokio::spawn(keep_serving_cert_fresh(ca, own_identity, serving_cert)),
-        tokio::spawn(crate::config::watch_dir(
+        tokio::spawn(crate::config::follow(
+            config_watch,
             options.config_dir.clone(),
             mesh.trust_domain.clone(),
             snapshot,
@@ -247,5 +250,7 @@ mod tests {
         let snapshot = crate::config::load_snapshot(&dir, &mesh.trust_domain).unwrap();
         assert_eq!(snapshot.services[0].endpoints.len(), 1);
         assert!(snapshot.services[0].route.is_some());
+        assert_eq!(snapshot.peer_authentications.len(), 1);
+        assert_eq!(snapshot.authorization_policies.len(), 2);
     }
 }

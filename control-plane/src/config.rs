@@ -54,15 +54,17 @@ pub fn to_message(version: u64, snapshot: &MeshSnapshot) -> Snapshot {
     }
 }
 
-/// Watches `dir` and publishes every good change to `snapshots`. Runs until dropped.
-pub async fn watch_dir(
-    dir: PathBuf,
-    trust_domain: String,
-    mut current: MeshSnapshot,
-    snapshots: watch::Sender<Snapshot>,
-) {
-    let (changes, mut changed) = mpsc::channel::<()>(1);
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+/// A registered watch on the configuration directory.
+pub struct ConfigWatch {
+    _watcher: notify::RecommendedWatcher,
+    changed: mpsc::Receiver<()>,
+}
+
+/// Starts watching `dir`. Call before reading the first snapshot, so that no change
+/// made after that read can be missed.
+pub fn watch(dir: &Path) -> Result<ConfigWatch, notify::Error> {
+    let (changes, changed) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reading the files ourselves raises access events: only changes count, or
         // every reload would trigger the next.
         let is_change = event.is_ok_and(|e| {
@@ -75,20 +77,26 @@ pub async fn watch_dir(
             // A full channel already means "reload pending": nothing is lost.
             let _ = changes.try_send(());
         }
-    });
-    let mut watcher = match watcher {
-        Ok(watcher) => watcher,
-        Err(error) => return warn!(event = "cannot watch configuration", error = %error),
-    };
-    if let Err(error) =
-        notify::Watcher::watch(&mut watcher, &dir, notify::RecursiveMode::NonRecursive)
-    {
-        return warn!(event = "cannot watch configuration", path = %dir.display(), error = %error);
-    }
+    })?;
+    notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(ConfigWatch {
+        _watcher: watcher,
+        changed,
+    })
+}
+
+/// Publishes every good change seen by `watch` to `snapshots`. Runs until dropped.
+pub async fn follow(
+    mut watch: ConfigWatch,
+    dir: PathBuf,
+    trust_domain: String,
+    mut current: MeshSnapshot,
+    snapshots: watch::Sender<Snapshot>,
+) {
     let mut version = 1;
-    while changed.recv().await.is_some() {
+    while watch.changed.recv().await.is_some() {
         tokio::time::sleep(SETTLE).await;
-        while changed.try_recv().is_ok() {}
+        while watch.changed.try_recv().is_ok() {}
         match load_snapshot(&dir, &trust_domain) {
             Ok(snapshot) if snapshot == current => {}
             Ok(snapshot) => {

@@ -7,8 +7,9 @@
 //! - `payments`, an opaque TCP service;
 //! - `frontend`, which calls both through its proxy.
 //!
-//! Two calls must be refused: a plaintext client knocking on an mTLS port, and a proxy
-//! told to expect a different identity than the server proves. At the end the demo
+//! Three calls must be refused: a plaintext client knocking on an mTLS port, a proxy
+//! told to expect a different identity than the server proves, and a DELETE that an
+//! AuthorizationPolicy forbids. At the end the demo
 //! prints who talked to whom with which verified identity, what the retries masked,
 //! certificate renewals and refusals — and fails if the mesh did not behave.
 
@@ -58,6 +59,15 @@ spec:
   retries:
     attempts: 3
     budget: {ratio: 0.5, minPerSecond: 10}
+---
+apiVersion: tessera.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-cancel, namespace: shop}
+spec:
+  selector: {serviceAccount: orders}
+  action: DENY
+  rules:
+  - to: [{operation: {methods: [DELETE]}}]
 ---
 apiVersion: tessera.dev/v1alpha1
 kind: Service
@@ -206,6 +216,12 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         "  frontend expects payments, orders-1 answers       {}",
         verdict(impostor_refused)
     );
+    let cancel_status = delete(orders_route, "/order/1").await.unwrap_or_default();
+    let cancel_denied = cancel_status == http::StatusCode::FORBIDDEN;
+    println!(
+        "  frontend DELETE /order/1 (policy shop/no-cancel)  {} ({cancel_status})",
+        verdict(cancel_denied)
+    );
 
     println!("\nWhat the proxies saw (from their /metrics):");
     let mut table = String::new();
@@ -226,6 +242,16 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
                 label(&labels, "direction"),
                 label(&labels, "reason")
             );
+        }
+        for (labels, count) in series(&metrics, "tessera_authz_decisions_total") {
+            if label(&labels, "decision") == "deny" {
+                let _ = writeln!(
+                    table,
+                    "  {name:<9} {:<9} {count:>5} denied by policy {}",
+                    "inbound",
+                    label(&labels, "policy")
+                );
+            }
         }
         for (labels, count) in series(&metrics, "tessera_retries_total") {
             if count > 0.0 {
@@ -262,7 +288,13 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         println!("(interrupted)");
     }
     let failed = orders_failed + payments_failed;
-    if orders_ok == 0 || payments_ok == 0 || failed > 0 || !plaintext_refused || !impostor_refused {
+    if orders_ok == 0
+        || payments_ok == 0
+        || failed > 0
+        || !plaintext_refused
+        || !impostor_refused
+        || !cancel_denied
+    {
         bail!("the mesh did not behave as it should (see above)");
     }
     println!(
@@ -338,6 +370,18 @@ async fn get(
     );
     let body = response.into_body().collect().await?.to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A DELETE on a fresh connection; returns the status.
+async fn delete(address: SocketAddr, path: &str) -> anyhow::Result<http::StatusCode> {
+    let stream = TcpStream::connect(address).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::delete(path)
+        .header(http::header::HOST, "orders.shop")
+        .body(Empty::<Bytes>::new())?;
+    Ok(sender.send_request(request).await?.status())
 }
 
 /// One request over a fresh TCP connection: send, half-close, read the whole answer.

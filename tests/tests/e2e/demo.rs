@@ -20,6 +20,7 @@ fn demo_runs_and_shows_verified_identities() {
         "mTLS connections with spiffe://cluster.local/ns/shop/sa/frontend",
         "refused: plaintext",
         "refused: unexpected_identity",
+        "denied by policy shop/no-cancel",
         "0 failed",
     ] {
         assert!(
