@@ -217,3 +217,79 @@ fn unverified_issuer(token: &str) -> Option<String> {
     let json = URL_SAFE_NO_PAD.decode(payload).ok()?;
     serde_json::from_slice::<UnverifiedIssuer>(&json).ok()?.iss
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    fn rule(jwks: String) -> JwtRule {
+        JwtRule {
+            issuer: "https://issuer".into(),
+            audiences: vec!["api".into()],
+            jwks: Some(jwks),
+            jwks_file: None,
+        }
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers
+    }
+
+    fn claims() -> serde_json::Value {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        serde_json::json!({"iss": "https://issuer", "sub": "bob", "aud": "api", "exp": now + 600})
+    }
+
+    #[test]
+    fn accepts_eddsa_and_rejects_confusion() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let x = URL_SAFE_NO_PAD.encode(key.public_key_raw());
+        let jwks = format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"e1","x":"{x}"}}]}}"#);
+        let validator = JwtValidator::new(&[&rule(jwks)]).unwrap();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some("e1".into());
+        let signing = EncodingKey::from_ed_pem(key.serialize_pem().as_bytes()).unwrap();
+        let token = jsonwebtoken::encode(&header, &claims(), &signing).unwrap();
+        let uri: Uri = "/".parse().unwrap();
+        assert_eq!(
+            validator.check(&bearer(&token), &uri),
+            JwtOutcome::Valid("https://issuer/bob".into())
+        );
+        let mut forged = Header::new(Algorithm::HS256);
+        forged.kid = Some("e1".into());
+        let secret = EncodingKey::from_secret(key.public_key_raw());
+        let token = jsonwebtoken::encode(&forged, &claims(), &secret).unwrap();
+        assert_eq!(
+            validator.check(&bearer(&token), &uri),
+            JwtOutcome::Invalid("jwt-algorithm-not-allowed")
+        );
+        assert_eq!(validator.check(&HeaderMap::new(), &uri), JwtOutcome::Absent);
+        let mut basic = HeaderMap::new();
+        basic.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(
+            validator.check(&basic, &uri),
+            JwtOutcome::Invalid("jwt-malformed")
+        );
+    }
+
+    #[test]
+    fn refuses_symmetric_keys_and_mismatched_alg() {
+        let hmac = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"h"}]}"#.to_string();
+        let error = JwtValidator::new(&[&rule(hmac)]).err().unwrap();
+        assert!(error.contains("HMAC"), "{error}");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let x = URL_SAFE_NO_PAD.encode(key.public_key_raw());
+        let lying =
+            format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","alg":"RS256","x":"{x}"}}]}}"#);
+        assert!(JwtValidator::new(&[&rule(lying)]).is_err());
+    }
+}
