@@ -161,11 +161,14 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let admin_metrics = metrics.clone();
     let tasks = vec![
         tokio::spawn(crate::grpc::serve(grpc_listener, acceptor, router)),
-        tokio::spawn(admin::serve(admin_listener, move |path| match path {
-            "/live" | "/ready" => Reply::text(StatusCode::OK, "ok\n"),
-            "/metrics" => Reply::metrics(admin_metrics.encode()),
-            _ => Reply::not_found(),
-        })),
+        tokio::spawn(admin::serve(
+            admin_listener,
+            move |path, headers| match path {
+                "/live" | "/ready" => Reply::text(StatusCode::OK, "ok\n"),
+                "/metrics" => Reply::metrics(admin_metrics.encode(), headers),
+                _ => Reply::not_found(),
+            },
+        )),
         tokio::spawn(keep_serving_cert_fresh(ca, own_identity, serving_cert)),
         tokio::spawn(crate::config::follow(
             config_watch,

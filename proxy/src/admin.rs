@@ -51,11 +51,25 @@ impl Reply {
         }
     }
 
-    pub fn metrics(body: String) -> Self {
-        Self {
-            status: StatusCode::OK,
-            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            body,
+    /// Metrics in the format the scraper asked for: OpenMetrics (with exemplars) when
+    /// its `Accept` names it, as Prometheus does, else the classic text format.
+    pub fn metrics(openmetrics: String, headers: &http::HeaderMap) -> Self {
+        let wants_openmetrics = headers
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+        if wants_openmetrics {
+            Self {
+                status: StatusCode::OK,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: openmetrics,
+            }
+        } else {
+            Self {
+                status: StatusCode::OK,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: to_prometheus_text(&openmetrics),
+            }
         }
     }
 
@@ -64,10 +78,10 @@ impl Reply {
     }
 }
 
-/// Serves GET requests on `listener`, answering each path with `route`.
+/// Serves GET requests on `listener`, answering each path (and its headers) with `route`.
 pub async fn serve<R>(listener: TcpListener, route: R)
 where
-    R: Fn(&str) -> Reply + Send + Sync + 'static,
+    R: Fn(&str, &http::HeaderMap) -> Reply + Send + Sync + 'static,
 {
     let route = Arc::new(route);
     loop {
@@ -79,7 +93,7 @@ where
         tokio::spawn(async move {
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let reply = if request.method() == Method::GET {
-                    route(request.uri().path())
+                    route(request.uri().path(), request.headers())
                 } else {
                     Reply::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n")
                 };
@@ -107,8 +121,8 @@ pub fn routes(
     metrics: Arc<Metrics>,
     config: Arc<ProxyConfig>,
     inbounds: Vec<Arc<Inbound>>,
-) -> impl Fn(&str) -> Reply + Send + Sync + 'static {
-    move |path| match path {
+) -> impl Fn(&str, &http::HeaderMap) -> Reply + Send + Sync + 'static {
+    move |path, headers| match path {
         "/live" => Reply::text(StatusCode::OK, "live\n"),
         "/ready" if !identity.has_valid_cert() => Reply::text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -119,7 +133,7 @@ pub fn routes(
             "not ready: no configuration from the control plane yet\n",
         ),
         "/ready" => Reply::text(StatusCode::OK, "ready\n"),
-        "/metrics" => Reply::metrics(metrics.encode()),
+        "/metrics" => Reply::metrics(metrics.encode(), headers),
         "/certs" => match identity.status() {
             Some(status) => Reply::json(&*status),
             None => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n"),
@@ -171,5 +185,53 @@ fn migration_report(identity: &IdentityManager, inbounds: &[Arc<Inbound>]) -> Mi
                 }
             })
             .collect(),
+    }
+}
+
+/// OpenMetrics → Prometheus text 0.0.4: no `# EOF` or `# UNIT`, no exemplars, and counter
+/// families named with their `_total` suffix as that format expects.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# TYPE ", "# HELP "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match rewritten {
+            Some(line) => text.push_str(&line),
+            None => text.push_str(line.split(" # {").next().unwrap_or(line)),
+        }
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_openmetrics_to_prometheus_text() {
+        let openmetrics = "# HELP tessera_requests Requests.\n# TYPE tessera_requests counter\ntessera_requests_total{code=\"200\"} 3\n# HELP tessera_request_duration_seconds Latency.\n# TYPE tessera_request_duration_seconds histogram\n# UNIT tessera_request_duration_seconds seconds\ntessera_request_duration_seconds_bucket{le=\"0.01\"} 2 # {trace_id=\"abc\"} 0.004\n# EOF\n";
+        let text = to_prometheus_text(openmetrics);
+        assert_eq!(
+            text,
+            "# HELP tessera_requests_total Requests.\n# TYPE tessera_requests_total counter\ntessera_requests_total{code=\"200\"} 3\n# HELP tessera_request_duration_seconds Latency.\n# TYPE tessera_request_duration_seconds histogram\ntessera_request_duration_seconds_bucket{le=\"0.01\"} 2\n"
+        );
     }
 }

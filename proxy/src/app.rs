@@ -146,7 +146,12 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             UpstreamTarget::Service { key, .. } => key.clone(),
             UpstreamTarget::Fixed { address, .. } => address.clone(),
         };
-        let upstream = Upstream::new(name, metrics.clone(), config.limits.clone());
+        let upstream = Upstream::new(
+            name,
+            identity.identity().to_string(),
+            metrics.clone(),
+            config.limits.clone(),
+        );
         let protocol = Arc::new(ArcSwap::from_pointee(
             upstream_config.protocol.unwrap_or_default(),
         ));

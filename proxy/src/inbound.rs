@@ -38,7 +38,7 @@ use crate::identity::IdentityManager;
 use crate::migration::SourceLog;
 use crate::outbound::MAX_HEADER_BYTES;
 use crate::tcp;
-use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal};
+use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal, RequestMeter};
 
 /// The first byte of every TLS connection (a handshake record).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -281,8 +281,26 @@ impl Inbound {
         }
     }
 
-    /// Authenticates and authorizes one request, then forwards it.
+    /// Measures one request end to end.
     async fn request(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let meter = RequestMeter::start(
+            self.metrics.clone(),
+            Direction::Inbound,
+            peer.identity
+                .as_ref()
+                .map_or_else(|| "unauthenticated".to_string(), ToString::to_string),
+            self.identity.identity().to_string(),
+            if peer.identity.is_some() {
+                "mtls"
+            } else {
+                "plaintext"
+            },
+        );
+        meter.finish(self.authorized_request(request, peer).await)
+    }
+
+    /// Authenticates and authorizes one request, then forwards it.
+    async fn authorized_request(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let grpc = crate::http::is_grpc(request.headers());
         let Some(policy) = self.policy.load_full() else {
             return ProxyError::Forbidden.response(grpc);

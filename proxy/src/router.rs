@@ -28,7 +28,7 @@ use crate::config::Limits;
 use crate::http::{self as proxy_http, Body, ORIG_PROTO, ProxyError, boxed};
 use crate::retry::RetryBudget;
 use crate::tcp;
-use crate::telemetry::{Direction, Metrics};
+use crate::telemetry::{Direction, Metrics, RequestMeter};
 
 /// Bodies up to this size are kept so a request can be retried.
 const MAX_REPLAY_BODY: usize = 64 * 1024;
@@ -45,6 +45,8 @@ struct Policy {
 /// An upstream service as the outbound proxy sees it.
 pub struct Upstream {
     pub name: String,
+    /// This proxy's own identity, the source of every request it sends.
+    local_identity: String,
     pub balancer: Arc<Balancer>,
     policy: ArcSwap<Policy>,
     policy_spec: ArcSwapOption<RoutePolicySpec>,
@@ -54,9 +56,15 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(name: String, metrics: Arc<Metrics>, limits: Limits) -> Arc<Self> {
+    pub fn new(
+        name: String,
+        local_identity: String,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Arc<Self> {
         let retries = metrics.retries(&name);
         Arc::new(Self {
+            local_identity,
             balancer: Balancer::new(name.clone()),
             name,
             policy: ArcSwap::from_pointee(Policy::default()),
@@ -91,15 +99,23 @@ impl Upstream {
         request: Request<Incoming>,
     ) -> Result<Response<Body>, std::convert::Infallible> {
         let grpc = proxy_http::is_grpc(request.headers());
+        let meter = RequestMeter::start(
+            self.metrics.clone(),
+            Direction::Outbound,
+            self.local_identity.clone(),
+            self.name.clone(),
+            "mtls",
+        );
         let result = if proxy_http::is_upgrade(&request) {
             self.upgrade(request).await
         } else {
             self.forward(request).await
         };
-        Ok(result.unwrap_or_else(|error| {
+        let response = result.unwrap_or_else(|error| {
             debug!(event = "request failed", upstream = %self.name, reason = error.reason());
             error.response(grpc)
-        }))
+        });
+        Ok(meter.finish(response))
     }
 
     async fn forward(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
