@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean clone: unit tests, then end-to-end tests that start
-# real control-plane and proxy processes on loopback.
-#
-# The e2e tests need nothing beyond the Rust toolchain today; system packages they come
-# to need (Prometheus, iptables, ...) are installed here, so a fresh machine passes.
+# real control-plane and proxy processes (and a real Prometheus) on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# System packages the e2e tests use. Installed when running as root (CI is); otherwise
+# the tests that need them say that they skipped.
+packages=()
+command -v prometheus >/dev/null 2>&1 || packages+=(prometheus)
+if [ "${#packages[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "installing: ${packages[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    else
+        echo "not root: ${packages[*]} not installed; tests needing them will skip" >&2
+    fi
+fi
 
 # Binaries first: the e2e tests run them as separate processes.
 cargo build --workspace --bins

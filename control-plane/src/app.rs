@@ -176,6 +176,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
             mesh.trust_domain.clone(),
             snapshot,
             snapshot_sender,
+            metrics.clone(),
         )),
     ];
     info!(

@@ -232,3 +232,240 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
     }
     Ok((out, all_allowed))
 }
+
+/// One workload's RED figures, as `tessera stat` shows them.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStat {
+    /// The destination as the serving proxy names it (its SPIFFE ID).
+    pub destination: String,
+    pub requests: f64,
+    pub success_rate: Option<f64>,
+    pub requests_per_second: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// Reads inbound request metrics from each proxy, twice `window` apart (once when the
+/// window is zero: totals since start), and summarises them per destination.
+pub async fn stat(
+    proxies: &[SocketAddr],
+    window: std::time::Duration,
+) -> anyhow::Result<Vec<ServiceStat>> {
+    let scrape = || async {
+        let mut samples = Vec::new();
+        for admin in proxies {
+            let body = get(*admin, "/metrics")
+                .await
+                .with_context(|| format!("proxy admin {admin}"))?;
+            samples.extend(parse_samples(&String::from_utf8_lossy(&body)));
+        }
+        anyhow::Ok(samples)
+    };
+    let before = if window.is_zero() {
+        Vec::new()
+    } else {
+        scrape().await?
+    };
+    if !window.is_zero() {
+        tokio::time::sleep(window).await;
+    }
+    let after = scrape().await?;
+    let per_second = (!window.is_zero()).then(|| window.as_secs_f64());
+    Ok(summarise(&before, &after, per_second))
+}
+
+/// Renders stats as the terminal table.
+pub fn stat_table(stats: &[ServiceStat]) -> String {
+    let mut out = format!(
+        "{:<55} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+        "DESTINATION", "SUCCESS", "RPS", "P50", "P95", "P99", "REQUESTS"
+    );
+    let percent = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0));
+    let number =
+        |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.1}{unit}"));
+    for stat in stats {
+        let _ = writeln!(
+            out,
+            "{:<55} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            stat.destination,
+            percent(stat.success_rate),
+            number(stat.requests_per_second, ""),
+            number(stat.p50_ms, "ms"),
+            number(stat.p95_ms, "ms"),
+            number(stat.p99_ms, "ms"),
+            stat.requests
+        );
+    }
+    out
+}
+
+/// A parsed sample: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+fn parse_samples(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let line = line.split(" # {").next()?;
+            let (series, value) = line.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    Some((k.to_string(), v.trim_matches('"').to_string()))
+                })
+                .collect();
+            Some((name.to_string(), labels, value))
+        })
+        .collect()
+}
+
+fn label<'a>(labels: &'a [(String, String)], key: &str) -> &'a str {
+    labels
+        .iter()
+        .find(|(k, _)| k == key)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+fn summarise(before: &[Sample], after: &[Sample], window_seconds: Option<f64>) -> Vec<ServiceStat> {
+    use std::collections::BTreeMap;
+    // Totals per destination: (requests, successes, buckets le → count).
+    type Totals = BTreeMap<String, (f64, f64, BTreeMap<u64, f64>)>;
+    let totals = |samples: &[Sample]| {
+        let mut totals: Totals = BTreeMap::new();
+        for (name, labels, value) in samples {
+            let relevant = matches!(
+                name.as_str(),
+                "tessera_requests_total" | "tessera_request_duration_seconds_bucket"
+            );
+            if !relevant || label(labels, "direction") != "inbound" {
+                continue;
+            }
+            let entry = totals
+                .entry(label(labels, "destination").to_string())
+                .or_default();
+            match name.as_str() {
+                "tessera_requests_total" => {
+                    entry.0 += value;
+                    let code: u16 = label(labels, "code").parse().unwrap_or(0);
+                    let grpc = label(labels, "grpc_status");
+                    if code < 500 && (grpc.is_empty() || grpc == "0") {
+                        entry.1 += value;
+                    }
+                }
+                "tessera_request_duration_seconds_bucket" => {
+                    let le = label(labels, "le");
+                    let bound = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().unwrap_or(f64::INFINITY)
+                    };
+                    *entry.2.entry(bound.to_bits()).or_default() += value;
+                }
+                _ => {}
+            }
+        }
+        totals
+    };
+    let (before, after) = (totals(before), totals(after));
+    after
+        .into_iter()
+        .map(|(destination, (requests, successes, buckets))| {
+            let (requests_before, successes_before, buckets_before) =
+                before.get(&destination).cloned().unwrap_or_default();
+            let requests = requests - requests_before;
+            let successes = successes - successes_before;
+            let mut delta: Vec<(f64, f64)> = buckets
+                .iter()
+                .map(|(bound, count)| {
+                    (
+                        f64::from_bits(*bound),
+                        count - buckets_before.get(bound).copied().unwrap_or(0.0),
+                    )
+                })
+                .collect();
+            delta.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let quantile = |q| histogram_quantile(q, &delta).map(|s| s * 1000.0);
+            ServiceStat {
+                destination,
+                requests,
+                success_rate: (requests > 0.0).then(|| successes / requests),
+                requests_per_second: window_seconds.map(|w| requests / w),
+                p50_ms: quantile(0.5),
+                p95_ms: quantile(0.95),
+                p99_ms: quantile(0.99),
+            }
+        })
+        .collect()
+}
+
+/// Prometheus' `histogram_quantile`: linear interpolation inside the bucket that holds
+/// the quantile. `buckets` are (upper bound, cumulative count), sorted.
+fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(bound, count) in buckets {
+        if count >= rank {
+            if bound.is_infinite() {
+                return Some(lower.0);
+            }
+            let in_bucket = count - lower.1;
+            let fraction = if in_bucket > 0.0 {
+                (rank - lower.1) / in_bucket
+            } else {
+                0.0
+            };
+            return Some(lower.0 + (bound - lower.0) * fraction);
+        }
+        lower = (bound, count);
+    }
+    Some(lower.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_like_prometheus() {
+        let buckets = [
+            (0.01, 10.0),
+            (0.02, 90.0),
+            (0.05, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert_eq!(histogram_quantile(0.1, &buckets), Some(0.01));
+        let p50 = histogram_quantile(0.5, &buckets).unwrap();
+        assert!((p50 - 0.015).abs() < 1e-9, "{p50}");
+        let p95 = histogram_quantile(0.95, &buckets).unwrap();
+        assert!((p95 - 0.035).abs() < 1e-9, "{p95}");
+        assert_eq!(histogram_quantile(0.5, &[]), None);
+    }
+
+    #[test]
+    fn summarises_inbound_requests_per_destination() {
+        let text = "tessera_requests_total{direction=\"inbound\",source=\"a\",destination=\"d\",code=\"200\",grpc_status=\"\",security=\"mtls\"} 8\n\
+            tessera_requests_total{direction=\"inbound\",source=\"a\",destination=\"d\",code=\"503\",grpc_status=\"\",security=\"mtls\"} 2\n\
+            tessera_requests_total{direction=\"outbound\",source=\"a\",destination=\"x\",code=\"200\",grpc_status=\"\",security=\"mtls\"} 99\n\
+            tessera_request_duration_seconds_bucket{direction=\"inbound\",destination=\"d\",code_class=\"2xx\",le=\"0.01\"} 8 # {trace_id=\"t\"} 0.004\n\
+            tessera_request_duration_seconds_bucket{direction=\"inbound\",destination=\"d\",code_class=\"2xx\",le=\"+Inf\"} 8\n\
+            tessera_request_duration_seconds_bucket{direction=\"inbound\",destination=\"d\",code_class=\"5xx\",le=\"0.01\"} 2\n\
+            tessera_request_duration_seconds_bucket{direction=\"inbound\",destination=\"d\",code_class=\"5xx\",le=\"+Inf\"} 2\n";
+        let stats = summarise(&[], &parse_samples(text), None);
+        assert_eq!(stats.len(), 1);
+        assert_eq!(stats[0].requests, 10.0);
+        assert_eq!(stats[0].success_rate, Some(0.8));
+        assert!(stats[0].p99_ms.unwrap() <= 10.0);
+    }
+}

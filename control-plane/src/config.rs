@@ -92,9 +92,11 @@ pub async fn follow(
     trust_domain: String,
     mut current: MeshSnapshot,
     snapshots: watch::Sender<Snapshot>,
+    metrics: std::sync::Arc<crate::telemetry::Metrics>,
 ) {
     let mut version = 1;
     while watch.changed.recv().await.is_some() {
+        let noticed = std::time::Instant::now();
         tokio::time::sleep(SETTLE).await;
         while watch.changed.try_recv().is_ok() {}
         match load_snapshot(&dir, &trust_domain) {
@@ -102,6 +104,9 @@ pub async fn follow(
             Ok(snapshot) => {
                 version += 1;
                 snapshots.send_replace(to_message(version, &snapshot));
+                metrics
+                    .config_push_latency
+                    .observe(noticed.elapsed().as_secs_f64());
                 info!(
                     event = "configuration updated",
                     version,

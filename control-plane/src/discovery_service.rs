@@ -49,8 +49,10 @@ impl Discovery for DiscoveryService {
         let gauge = self.metrics.discovery_streams.clone();
         gauge.inc();
         let guard = StreamGauge(gauge);
+        let pushes = self.metrics.config_pushes.clone();
         let stream = WatchStream::new(self.snapshots.clone()).map(move |snapshot| {
             let _open = &guard;
+            pushes.inc();
             Ok(snapshot)
         });
         Ok(Response::new(Box::pin(stream)))

@@ -53,6 +53,19 @@ enum Command {
         #[command(subcommand)]
         command: CheckCommand,
     },
+    /// Success rate, requests per second and latency percentiles per workload, read from
+    /// proxies' admin endpoints.
+    Stat {
+        /// Admin address of a proxy (repeat for each).
+        #[arg(long = "proxy", required = true)]
+        proxies: Vec<SocketAddr>,
+        /// Measure over this window (0s: totals since the proxies started).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        window: Duration,
+        /// Output: table or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+    },
     /// Questions about policy.
     Policy {
         #[command(subcommand)]
@@ -177,6 +190,19 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { duration } => runtime.block_on(demo::run(duration)),
+        Command::Stat {
+            proxies,
+            window,
+            output,
+        } => {
+            let stats = runtime.block_on(cli::stat(&proxies, window))?;
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&stats)?),
+                "table" => print!("{}", cli::stat_table(&stats)),
+                other => anyhow::bail!("unknown output {other:?}: use table or json"),
+            }
+            Ok(())
+        }
         Command::Check {
             command: CheckCommand::Migration { proxies },
         } => {

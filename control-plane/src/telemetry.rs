@@ -4,6 +4,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Why a certificate request was refused; a closed set, so labels stay bounded.
@@ -47,6 +48,10 @@ pub struct Metrics {
     issued: Counter,
     refused: Family<RefusalLabels, Counter>,
     pub discovery_streams: Gauge,
+    /// Snapshots delivered to proxies (one per proxy per version).
+    pub config_pushes: Counter,
+    /// From a configuration change noticed to the new snapshot published.
+    pub config_push_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -61,6 +66,20 @@ impl Metrics {
         let issued = Counter::default();
         let refused = Family::default();
         let discovery_streams = Gauge::default();
+        let config_pushes = Counter::default();
+        let config_push_latency =
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0].into_iter());
+        registry.register(
+            "config_pushes",
+            "Configuration snapshots delivered to proxies",
+            config_pushes.clone(),
+        );
+        registry.register_with_unit(
+            "config_push_latency",
+            "From a configuration change noticed to the snapshot published",
+            prometheus_client::registry::Unit::Seconds,
+            config_push_latency.clone(),
+        );
         registry.register(
             "ca_certificates_issued",
             "Workload certificates signed",
@@ -81,6 +100,8 @@ impl Metrics {
             issued,
             refused,
             discovery_streams,
+            config_pushes,
+            config_push_latency,
         }
     }
 

@@ -38,6 +38,8 @@ pub struct Behaviour {
     pub reset: AtomicU32,
     /// Delay before every answer, in milliseconds.
     pub delay_ms: AtomicU32,
+    /// Up to this many extra milliseconds, at random.
+    pub jitter_ms: AtomicU32,
 }
 
 /// A running HTTP backend.
@@ -119,7 +121,13 @@ async fn respond(
             "told to reset",
         ));
     }
-    let delay = behaviour.delay_ms.load(Ordering::SeqCst);
+    let jitter = behaviour.jitter_ms.load(Ordering::SeqCst);
+    let delay = behaviour.delay_ms.load(Ordering::SeqCst)
+        + if jitter > 0 {
+            rand::random::<u32>() % jitter
+        } else {
+            0
+        };
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
     }

@@ -10,6 +10,7 @@ mod http;
 mod identity_api;
 mod migration;
 mod mtls;
+mod observability;
 mod reliability;
 mod resilience;
 mod rotation;

@@ -1,0 +1,245 @@
+//! What operators see: a real Prometheus scraping two proxies agrees with the load
+//! generator, and `tessera stat` agrees with the proxies' /metrics.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tessera_tests::backend::HttpBackend;
+use tessera_tests::l7::{Http1Client, L7Mesh};
+use tessera_tests::{Process, TempDir, binary, free_port, http_get, local};
+
+/// One request as the generator saw it.
+struct Observation {
+    at: f64,
+    ok: bool,
+    seconds: f64,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+async fn query(prometheus: std::net::SocketAddr, promql: &str, at: f64) -> f64 {
+    let encoded: String = promql
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let (status, body) = http_get(
+        prometheus,
+        &format!("/api/v1/query?query={encoded}&time={at:.3}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value =
+        serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {body}"));
+    json["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no value for {promql}: {body}"))
+}
+
+fn within(label: &str, measured: f64, expected: f64, tolerance: f64) {
+    let off = (measured - expected).abs() / expected;
+    println!(
+        "{label}: Prometheus {measured:.4}, load generator {expected:.4} ({:.1} % apart)",
+        off * 100.0
+    );
+    assert!(off <= tolerance, "{label}: {measured} vs {expected}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_agrees_with_the_load_generator() {
+    if Command::new("prometheus")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        println!("SKIPPED: prometheus is not installed (scripts/test.sh installs it as root)");
+        return;
+    }
+    let backend = HttpBackend::start("measured").await;
+    backend
+        .behaviour
+        .failure_percent
+        .store(10, Ordering::SeqCst);
+    backend.behaviour.delay_ms.store(32, Ordering::SeqCst);
+    backend.behaviour.jitter_ms.store(12, Ordering::SeqCst);
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+
+    let dir = TempDir::new("prometheus");
+    let port = free_port();
+    let targets = format!(
+        "'{}', '{}'",
+        local(mesh.client.admin_port),
+        local(mesh.servers[0].admin_port)
+    );
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tessera\n    static_configs:\n      - targets: [{targets}]\n"),
+    )
+    .unwrap();
+    let prometheus_process = Process::spawn(
+        "prometheus",
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}")),
+    );
+    let prometheus = local(port);
+    prometheus_process
+        .logs
+        .wait_for(
+            &["Server is ready to receive web requests"],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+
+    // Closed-loop load, four connections, for 16 s.
+    let entry = mesh.entry();
+    let deadline = Instant::now() + Duration::from_secs(16);
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut client = Http1Client::connect(entry).await.unwrap();
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    let answer = client.get("/flaky").await.unwrap();
+                    seen.push(Observation {
+                        at: unix_now(),
+                        ok: answer.status.is_success(),
+                        seconds: started.elapsed().as_secs_f64(),
+                    });
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut observations = Vec::new();
+    for worker in workers {
+        observations.extend(worker.await.unwrap());
+    }
+    // Compare over the 10 s that end one second before the load stopped.
+    let at = observations.iter().map(|o| o.at).fold(0.0, f64::max) - 1.0;
+    let window: Vec<&Observation> = observations
+        .iter()
+        .filter(|o| o.at > at - 10.0 && o.at <= at)
+        .collect();
+    let rate = window.len() as f64 / 10.0;
+    let success = window.iter().filter(|o| o.ok).count() as f64 / window.len() as f64;
+    let mut latencies: Vec<f64> = window.iter().map(|o| o.seconds).collect();
+    latencies.sort_by(f64::total_cmp);
+    let p99 = latencies[(latencies.len() as f64 * 0.99) as usize - 1];
+    tokio::time::sleep(Duration::from_secs(3)).await; // let Prometheus scrape past `at`
+
+    let selector = "direction=\"outbound\"";
+    let measured_rate = query(
+        prometheus,
+        &format!("sum(rate(tessera_requests_total{{{selector}}}[10s]))"),
+        at,
+    )
+    .await;
+    within("request rate (req/s)", measured_rate, rate, 0.10);
+    let measured_success = query(
+        prometheus,
+        &format!("sum(rate(tessera_requests_total{{{selector},code!~\"5..\"}}[10s])) / sum(rate(tessera_requests_total{{{selector}}}[10s]))"),
+        at,
+    )
+    .await;
+    within("success rate", measured_success, success, 0.10);
+    let measured_p99 = query(
+        prometheus,
+        &format!("histogram_quantile(0.99, sum by (le) (rate(tessera_request_duration_seconds_bucket{{{selector}}}[10s])))"),
+        at,
+    )
+    .await;
+    within("p99 latency (s)", measured_p99, p99, 0.10);
+    // The serving proxy is scraped too, and saw the same requests inbound.
+    let inbound = query(
+        prometheus,
+        "sum(rate(tessera_requests_total{direction=\"inbound\"}[10s]))",
+        at,
+    )
+    .await;
+    within("inbound request rate (req/s)", inbound, rate, 0.10);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tessera_stat_agrees_with_metrics() {
+    let backend = HttpBackend::start("stat").await;
+    backend
+        .behaviour
+        .failure_percent
+        .store(25, Ordering::SeqCst);
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
+    for _ in 0..80 {
+        client.get("/flaky").await.unwrap();
+    }
+    let admin = local(mesh.servers[0].admin_port).to_string();
+    let (_, metrics) = mesh.servers[0].admin("/metrics").await.unwrap();
+    let (mut total, mut ok) = (0.0, 0.0);
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("tessera_requests_total{direction=\"inbound\""))
+    {
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        total += value;
+        if line.contains("code=\"200\"") {
+            ok += value;
+        }
+    }
+    assert_eq!(total, 80.0, "{metrics}");
+
+    let output = Command::new(binary("tessera"))
+        .args(["stat", "--proxy", &admin, "--window", "0s", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let row = &stats[0];
+    assert_eq!(row["destination"], tessera_tests::spiffe("backend"));
+    assert_eq!(row["requests"], 80.0);
+    let success = row["successRate"].as_f64().unwrap();
+    assert!(
+        (success - ok / total).abs() < 1e-9,
+        "stat {success} vs metrics {}",
+        ok / total
+    );
+    assert!(row["p99Ms"].as_f64().unwrap() > 0.0);
+
+    let output = Command::new(binary("tessera"))
+        .args(["stat", "--proxy", &admin, "--window", "0s"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    println!("{table}");
+    assert!(
+        table.contains("SUCCESS") && table.contains(&tessera_tests::spiffe("backend")),
+        "{table}"
+    );
+}
