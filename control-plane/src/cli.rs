@@ -272,7 +272,7 @@ pub async fn stat(
         tokio::time::sleep(window).await;
     }
     let after = scrape().await?;
-    let per_second = (!window.is_zero()).then(|| window.as_secs_f64());
+    let per_second = (!window.is_zero()).then_some(window.as_secs_f64());
     Ok(summarise(&before, &after, per_second))
 }
 

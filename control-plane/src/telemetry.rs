@@ -68,7 +68,7 @@ impl Metrics {
         let discovery_streams = Gauge::default();
         let config_pushes = Counter::default();
         let config_push_latency =
-            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0].into_iter());
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]);
         registry.register(
             "config_pushes",
             "Configuration snapshots delivered to proxies",
