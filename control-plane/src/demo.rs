@@ -509,6 +509,8 @@ async fn start_proxy(
             .collect(),
         outbound,
         limits: Limits::default(),
+        tracing: None,
+        access_log: false,
     };
     Ok(tessera_proxy::start(config).await?)
 }

@@ -27,6 +27,7 @@ use crate::migration::SourceLog;
 use crate::outbound::Outbound;
 use crate::router::Upstream;
 use crate::telemetry::{Direction, Metrics};
+use crate::trace::Tracer;
 use crate::{admin, config};
 
 /// Why the proxy could not start.
@@ -99,6 +100,19 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         &[ALPN_H2, ALPN_HTTP1, ALPN_TCP],
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
+    let tracer = Arc::new(match &config.tracing {
+        Some(tracing) => Tracer::start(
+            tracing,
+            format!(
+                "{}.{}",
+                identity.identity().service_account(),
+                identity.identity().namespace()
+            ),
+            identity.identity().to_string(),
+            metrics.spans_dropped.clone(),
+        ),
+        None => Tracer::disabled(metrics.spans_dropped.clone()),
+    });
     let mut inbound_addresses = Vec::new();
     let mut inbounds = Vec::new();
     for port in &config.inbound {
@@ -114,6 +128,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             limits: config.limits.clone(),
             policy: ArcSwapOption::empty(),
             sources: SourceLog::default(),
+            tracer: tracer.clone(),
+            access_log: config.access_log,
         });
         inbounds.push(inbound.clone());
         tasks.push(tokio::spawn(inbound.serve(listener)));
@@ -151,6 +167,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             identity.identity().to_string(),
             metrics.clone(),
             config.limits.clone(),
+            tracer.clone(),
+            config.access_log,
         );
         let protocol = Arc::new(ArcSwap::from_pointee(
             upstream_config.protocol.unwrap_or_default(),

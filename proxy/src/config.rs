@@ -49,6 +49,12 @@ pub struct ProxyConfig {
     pub outbound: Vec<OutboundUpstream>,
     #[serde(default)]
     pub limits: Limits,
+    /// Export spans to an OTLP collector; absent: no spans (trace headers pass through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<crate::trace::TracingConfig>,
+    /// One JSON line per request on stdout.
+    #[serde(default)]
+    pub access_log: bool,
 }
 
 /// Who this proxy is, and how it proves it the first time.

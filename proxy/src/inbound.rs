@@ -39,6 +39,7 @@ use crate::migration::SourceLog;
 use crate::outbound::MAX_HEADER_BYTES;
 use crate::tcp;
 use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal, RequestMeter};
+use crate::trace::{self, Tracer};
 
 /// The first byte of every TLS connection (a handshake record).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -55,6 +56,8 @@ pub struct Inbound {
     /// `None` until the first configuration: then every connection is refused.
     pub policy: ArcSwapOption<InboundPolicy>,
     pub sources: SourceLog,
+    pub tracer: Arc<Tracer>,
+    pub access_log: bool,
 }
 
 /// Who is on the other end of one connection.
@@ -281,8 +284,25 @@ impl Inbound {
         }
     }
 
-    /// Measures one request end to end.
-    async fn request(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    /// Measures and traces one request end to end.
+    async fn request(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let parent = trace::extract(request.headers());
+        let span = self.tracer.start_span(
+            parent.as_ref(),
+            request.method().to_string(),
+            trace::SpanKind::Server,
+        );
+        if let Some(span) = &span {
+            span.inject(request.headers_mut());
+        }
+        let trace_id = span
+            .as_ref()
+            .filter(|s| s.sampled)
+            .map(|s| s.trace_id_hex());
+        let (method, path) = (
+            request.method().to_string(),
+            request.uri().path().to_string(),
+        );
         let meter = RequestMeter::start(
             self.metrics.clone(),
             Direction::Inbound,
@@ -295,8 +315,32 @@ impl Inbound {
             } else {
                 "plaintext"
             },
-        );
-        meter.finish(self.authorized_request(request, peer).await)
+        )
+        .with_trace(trace_id)
+        .with_access_log(self.access_log, request.method(), request.uri());
+        let response = self.authorized_request(request, peer).await;
+        if let Some(span) = span {
+            let mut attributes = vec![
+                ("http.request.method", method),
+                ("url.path", path),
+                (
+                    "http.response.status_code",
+                    response.status().as_u16().to_string(),
+                ),
+                ("tessera.peer.identity", peer.describe()),
+                ("tessera.workload", self.identity.identity().to_string()),
+            ];
+            if let Some(status) = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+            {
+                attributes.push(("rpc.grpc.status_code", status.to_string()));
+            }
+            let error = response.status().is_server_error();
+            self.tracer.finish(span, attributes, error);
+        }
+        meter.finish(response)
     }
 
     /// Authenticates and authorizes one request, then forwards it.

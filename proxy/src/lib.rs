@@ -23,6 +23,7 @@ pub mod retry;
 pub mod router;
 pub mod tcp;
 pub mod telemetry;
+pub mod trace;
 
 pub use app::{RunningProxy, start};
 pub use config::ProxyConfig;

@@ -29,6 +29,7 @@ use crate::http::{self as proxy_http, Body, ORIG_PROTO, ProxyError, boxed};
 use crate::retry::RetryBudget;
 use crate::tcp;
 use crate::telemetry::{Direction, Metrics, RequestMeter};
+use crate::trace::{self, TraceContext, Tracer};
 
 /// Bodies up to this size are kept so a request can be retried.
 const MAX_REPLAY_BODY: usize = 64 * 1024;
@@ -53,6 +54,8 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     retries: Counter,
     limits: Limits,
+    tracer: Arc<Tracer>,
+    access_log: bool,
 }
 
 impl Upstream {
@@ -61,10 +64,14 @@ impl Upstream {
         local_identity: String,
         metrics: Arc<Metrics>,
         limits: Limits,
+        tracer: Arc<Tracer>,
+        access_log: bool,
     ) -> Arc<Self> {
         let retries = metrics.retries(&name);
         Arc::new(Self {
             local_identity,
+            tracer,
+            access_log,
             balancer: Balancer::new(name.clone()),
             name,
             policy: ArcSwap::from_pointee(Policy::default()),
@@ -99,17 +106,21 @@ impl Upstream {
         request: Request<Incoming>,
     ) -> Result<Response<Body>, std::convert::Infallible> {
         let grpc = proxy_http::is_grpc(request.headers());
+        // The caller's trace, or a new one: every attempt of this request joins it.
+        let context = trace::extract(request.headers()).or_else(|| self.tracer.root_context());
         let meter = RequestMeter::start(
             self.metrics.clone(),
             Direction::Outbound,
             self.local_identity.clone(),
             self.name.clone(),
             "mtls",
-        );
+        )
+        .with_trace(sampled_trace_id(context.as_ref()))
+        .with_access_log(self.access_log, request.method(), request.uri());
         let result = if proxy_http::is_upgrade(&request) {
             self.upgrade(request).await
         } else {
-            self.forward(request).await
+            self.forward(request, context).await
         };
         let response = result.unwrap_or_else(|error| {
             debug!(event = "request failed", upstream = %self.name, reason = error.reason());
@@ -118,7 +129,11 @@ impl Upstream {
         Ok(meter.finish(response))
     }
 
-    async fn forward(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        context: Option<TraceContext>,
+    ) -> Result<Response<Body>, ProxyError> {
         let policy = self.policy.load_full();
         let (mut parts, body) = request.into_parts();
         let original_version = parts.version;
@@ -130,7 +145,7 @@ impl Upstream {
         if let Some(budget) = &policy.budget {
             budget.deposit();
         }
-        let attempts = self.attempts(&policy, parts, replay);
+        let attempts = self.attempts(&policy, parts, replay, context.as_ref());
         let mut response = match policy.timeout {
             Some(limit) => tokio::time::timeout(limit, attempts)
                 .await
@@ -147,6 +162,7 @@ impl Upstream {
         policy: &Policy,
         parts: http::request::Parts,
         mut replay: Replay,
+        context: Option<&TraceContext>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let max_attempts = match (&replay, &policy.retries) {
             (Replay::Buffered(_), Some(retries)) => 1 + retries.attempts,
@@ -160,7 +176,15 @@ impl Upstream {
             let Some(body) = replay.next() else {
                 return Err(ProxyError::Reset);
             };
-            let request = Request::from_parts(parts.clone(), body);
+            let mut attempt_parts = parts.clone();
+            // A client span per attempt: retries show up as siblings in the trace.
+            let span =
+                self.tracer
+                    .start_span(context, parts.method.to_string(), trace::SpanKind::Client);
+            if let Some(span) = &span {
+                span.inject(&mut attempt_parts.headers);
+            }
+            let request = Request::from_parts(attempt_parts, body);
             let started = Instant::now();
             let sent = self.send(endpoint, request);
             let outcome = match policy.per_try_timeout {
@@ -178,6 +202,25 @@ impl Upstream {
                     self.balancer.success(endpoint, started.elapsed())
                 }
                 _ => self.balancer.failure(endpoint),
+            }
+            if let Some(span) = span {
+                let status = outcome.as_ref().map_or_else(
+                    |e| e.reason().to_string(),
+                    |r| r.status().as_u16().to_string(),
+                );
+                let attributes = vec![
+                    ("http.request.method", parts.method.to_string()),
+                    ("url.path", parts.uri.path().to_string()),
+                    (
+                        "server.address",
+                        parts.uri.host().unwrap_or_default().to_string(),
+                    ),
+                    ("http.response.status_code", status),
+                    ("tessera.upstream", self.name.clone()),
+                    ("tessera.peer.identity", endpoint.identity.to_string()),
+                    ("tessera.attempt", attempt.to_string()),
+                ];
+                self.tracer.finish(span, attributes, retry_worthy);
             }
             drop(in_flight);
             let budget_allows = || policy.budget.as_ref().is_some_and(RetryBudget::withdraw);
@@ -328,6 +371,13 @@ where
         proxy_http::strip_hop_by_hop(response.headers_mut(), false);
     }
     Ok(response.map(boxed))
+}
+
+/// The trace id to attach to latency samples, for sampled requests.
+pub fn sampled_trace_id(context: Option<&TraceContext>) -> Option<String> {
+    context
+        .filter(|c| c.sampled)
+        .map(|c| c.trace_id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Prepares a request for the proxy-to-proxy HTTP/2 hop.

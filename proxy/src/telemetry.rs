@@ -124,6 +124,7 @@ pub struct RefusalLabels {
 pub struct Metrics {
     registry: Registry,
     pub http: RequestMetrics,
+    pub spans_dropped: Counter,
     pub authz: Family<AuthzLabels, Counter>,
     pub retries: Family<UpstreamLabels, Counter>,
     pub connections: Family<ConnectionLabels, Counter>,
@@ -144,8 +145,15 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tessera");
         let http = RequestMetrics::new(&mut registry);
+        let spans_dropped = Counter::default();
+        registry.register(
+            "spans_dropped",
+            "Spans dropped because the export queue was full or the collector failed",
+            spans_dropped.clone(),
+        );
         let metrics = Self {
             http,
+            spans_dropped,
             connections: Family::default(),
             connections_active: Family::default(),
             bytes: Family::default(),
@@ -371,6 +379,8 @@ pub struct RequestMeter {
     security: &'static str,
     started: Instant,
     trace_id: Option<String>,
+    /// Set when access logging is on: (method, path without query).
+    access: Option<(http::Method, String)>,
 }
 
 impl RequestMeter {
@@ -389,7 +399,21 @@ impl RequestMeter {
             security,
             started: Instant::now(),
             trace_id: None,
+            access: None,
         }
+    }
+
+    /// Logs the request as one JSON line when it ends.
+    pub fn with_access_log(
+        mut self,
+        enabled: bool,
+        method: &http::Method,
+        uri: &http::Uri,
+    ) -> Self {
+        if enabled {
+            self.access = Some((method.clone(), uri.path().to_string()));
+        }
+        self
     }
 
     /// Attaches the trace of a sampled request, shown as the latency exemplar.
@@ -406,6 +430,11 @@ impl RequestMeter {
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let proxy_error = response
+            .headers()
+            .get(crate::http::PROXY_ERROR)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         response.map(|body| {
             crate::http::boxed(MeasuredBody {
                 inner: body,
@@ -413,6 +442,8 @@ impl RequestMeter {
                     meter: self,
                     code,
                     grpc_status,
+                    proxy_error,
+                    bytes: 0,
                 }),
             })
         })
@@ -423,12 +454,32 @@ struct Pending {
     meter: RequestMeter,
     code: u16,
     grpc_status: Option<String>,
+    proxy_error: Option<String>,
+    /// Body bytes sent to the caller.
+    bytes: u64,
 }
 
 impl Pending {
     fn record(self) {
         let meter = self.meter;
         let elapsed = meter.started.elapsed().as_secs_f64();
+        if let Some((method, path)) = &meter.access {
+            tracing::info!(
+                target: "access",
+                event = "request",
+                direction = meter.direction.as_str(),
+                source = %meter.source,
+                destination = %meter.destination,
+                method = %method,
+                path = %path,
+                status = self.code,
+                grpc_status = self.grpc_status.as_deref(),
+                duration_ms = elapsed * 1000.0,
+                bytes = self.bytes,
+                trace_id = meter.trace_id.as_deref(),
+                proxy_error = self.proxy_error.as_deref(),
+            );
+        }
         let code_class = match self.code {
             100..=199 => "1xx",
             200..=299 => "2xx",

@@ -37,8 +37,19 @@ pub fn service_config(protocol: &str, inbound_ports: &[u16], route_policy: Optio
 impl L7Mesh {
     /// Starts everything and waits until the client proxy routes to every workload.
     pub async fn start(apps: &[SocketAddr], protocol: &str, route_policy: Option<&str>) -> Self {
+        Self::start_with(apps, protocol, route_policy, "").await
+    }
+
+    /// Like [`L7Mesh::start`], with `proxy_yaml` appended to every proxy's configuration.
+    pub async fn start_with(
+        apps: &[SocketAddr],
+        protocol: &str,
+        route_policy: Option<&str>,
+        proxy_yaml: &str,
+    ) -> Self {
         crate::init();
-        let control_plane = ControlPlane::start("1h", "").await;
+        let mut control_plane = ControlPlane::start("1h", "").await;
+        control_plane.proxy_extra_yaml = proxy_yaml.to_string();
         let ports: Vec<u16> = apps.iter().map(|_| free_port()).collect();
         control_plane.write_config(
             "backend.yaml",

@@ -21,6 +21,7 @@ pub mod certs;
 pub mod grpc;
 pub mod jwt;
 pub mod l7;
+pub mod otlp;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const NAMESPACE: &str = "shop";
@@ -187,6 +188,8 @@ impl Drop for Process {
 
 /// A `tessera control-plane` process with its own config and state directories.
 pub struct ControlPlane {
+    /// Appended to the YAML of every proxy this control plane starts.
+    pub proxy_extra_yaml: String,
     pub dir: TempDir,
     pub grpc_port: u16,
     pub admin_port: u16,
@@ -210,6 +213,7 @@ impl ControlPlane {
         let admin_port = free_port();
         let process = Self::spawn(&dir, grpc_port, admin_port);
         let control_plane = Self {
+            proxy_extra_yaml: String::new(),
             dir,
             grpc_port,
             admin_port,
@@ -324,6 +328,7 @@ impl ControlPlane {
             &token,
             Some((app, inbound_port)),
             &[],
+            &self.proxy_extra_yaml,
         )
     }
 
@@ -335,13 +340,14 @@ impl ControlPlane {
         upstreams: &[Upstream],
     ) -> Proxy {
         let token = self.token(service_account, "10m");
-        Proxy::start(
+        Proxy::launch(
             &self.address(),
             &self.trust_bundle_file(),
             service_account,
             &token,
-            app,
+            app.map(|app| (app, free_port())),
             upstreams,
+            &self.proxy_extra_yaml,
         )
     }
 }
@@ -417,6 +423,7 @@ impl Proxy {
             token,
             app.zip(inbound_port),
             upstreams,
+            "",
         )
     }
 
@@ -429,6 +436,7 @@ impl Proxy {
         token: &str,
         inbound: Option<(SocketAddr, u16)>,
         upstreams: &[Upstream],
+        extra_yaml: &str,
     ) -> Self {
         let app = inbound.map(|(app, _)| app);
         let inbound_port = inbound.map(|(_, port)| port);
@@ -454,6 +462,7 @@ impl Proxy {
                 yaml.push_str(&upstream.yaml());
             }
         }
+        yaml.push_str(extra_yaml);
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml).expect("write proxy.yaml");
         let process = Process::spawn(

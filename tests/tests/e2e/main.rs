@@ -14,3 +14,4 @@ mod observability;
 mod reliability;
 mod resilience;
 mod rotation;
+mod tracing;
