@@ -534,6 +534,9 @@ impl http_body::Body for MeasuredBody {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(pending)) = (frame.data_ref(), self.pending.as_mut()) {
+                    pending.bytes += data.len() as u64;
+                }
                 if let (Some(trailers), Some(pending)) =
                     (frame.trailers_ref(), self.pending.as_mut())
                     && let Some(status) = trailers.get("grpc-status").and_then(|v| v.to_str().ok())

@@ -243,3 +243,72 @@ async fn tessera_stat_agrees_with_metrics() {
         "{table}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_logs_and_control_plane_metrics() {
+    let backend = HttpBackend::start("logged").await;
+    let mesh = L7Mesh::start_with(&[backend.address], "http", None, "accessLog: true\n").await;
+    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
+    assert!(
+        client
+            .get("/orders/42?secret=token")
+            .await
+            .unwrap()
+            .status
+            .is_success()
+    );
+
+    let line = mesh
+        .client
+        .process
+        .logs
+        .wait_for(
+            &["\"event\":\"request\"", "/orders/42"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["direction"], "outbound");
+    assert_eq!(entry["source"], tessera_tests::spiffe("client"));
+    assert_eq!(entry["destination"], "backend.shop");
+    assert_eq!(entry["method"], "GET");
+    assert_eq!(
+        entry["path"], "/orders/42",
+        "no query string in access logs"
+    );
+    assert_eq!(entry["status"], 200);
+    assert!(entry["duration_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(entry["bytes"], 6); // "logged"
+    assert!(entry["timestamp"].is_string());
+    assert!(!line.contains("secret=token"));
+    let inbound = mesh.servers[0]
+        .process
+        .logs
+        .wait_for(
+            &["\"event\":\"request\"", "\"direction\":\"inbound\""],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert!(
+        inbound.contains(&tessera_tests::spiffe("client")),
+        "{inbound}"
+    );
+
+    let (status, metrics) = http_get(local(mesh.control_plane.admin_port), "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    for expected in [
+        "tessera_ca_certificates_issued_total 2",
+        "tessera_discovery_connected_proxies 2",
+        "tessera_config_pushes_total",
+        "tessera_config_push_latency_seconds_count 1",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "control plane metrics lack {expected}:\n{metrics}"
+        );
+    }
+}
