@@ -188,6 +188,13 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     wait_for_endpoints(&frontend, &["orders.shop", "payments.shop"]).await?;
 
     println!(
+        "\nWhile it runs: tessera stat{} --window 2s",
+        proxies
+            .iter()
+            .map(|(_, p)| format!(" --proxy {}", p.admin_address))
+            .collect::<String>()
+    );
+    println!(
         "\nDriving traffic: frontend → orders (HTTP, 2 replicas, one flaky) and frontend → payments (TCP)..."
     );
     let orders_route = frontend.outbound_addresses[0];
@@ -272,6 +279,16 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         );
     }
     print!("{table}");
+
+    println!("\nRED figures per workload (what `tessera stat` prints for these proxies):");
+    let admins: Vec<SocketAddr> = proxies
+        .iter()
+        .map(|(_, proxy)| proxy.admin_address)
+        .collect();
+    match crate::cli::stat(&admins, Duration::ZERO).await {
+        Ok(stats) => print!("{}", crate::cli::stat_table(&stats)),
+        Err(error) => println!("  (stat failed: {error:#})"),
+    }
 
     let orders_ok = stats.orders_ok.load(Ordering::Relaxed);
     let orders_failed = stats.orders_failed.load(Ordering::Relaxed);

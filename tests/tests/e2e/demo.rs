@@ -46,3 +46,85 @@ fn demo_runs_and_shows_verified_identities() {
     );
     assert!(stdout.contains("retries to orders.shop"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tessera_stat_reads_a_running_demo() {
+    let demo = tessera_tests::Process::spawn(
+        "demo",
+        Command::new(binary("tessera")).args(["demo", "--duration", "12s"]),
+    );
+    let line = demo
+        .logs
+        .wait_for(
+            &["While it runs: tessera stat"],
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let admins: Vec<String> = line
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|pair| pair[0] == "--proxy")
+        .map(|pair| pair[1].to_string())
+        .collect();
+    assert_eq!(admins.len(), 4, "{line}");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let mut args = vec!["stat".to_string()];
+    for admin in &admins {
+        args.extend(["--proxy".to_string(), admin.clone()]);
+    }
+    let output = Command::new(binary("tessera"))
+        .args(&args)
+        .args(["--window", "2s"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    println!("{table}");
+    let orders = table
+        .lines()
+        .find(|l| l.contains("/sa/orders"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let rps: f64 = orders
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{orders}"));
+    assert!(rps > 1.0, "{orders}");
+
+    // Totals agree with the proxies' own /metrics, read right after.
+    let output = Command::new(binary("tessera"))
+        .args(&args)
+        .args(["--window", "0s", "-o", "json"])
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let row = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["destination"].as_str().unwrap().ends_with("/sa/orders"))
+        .unwrap()
+        .clone();
+    let mut total = 0.0;
+    for admin in &admins {
+        let (_, metrics) = tessera_tests::http_get(admin.parse().unwrap(), "/metrics")
+            .await
+            .unwrap();
+        total += metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("tessera_requests_total{direction=\"inbound\"")
+                    && l.contains("/sa/orders\"")
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>();
+    }
+    let stat_total = row["requests"].as_f64().unwrap();
+    println!("stat: {stat_total} requests, /metrics a moment later: {total}");
+    assert!(
+        stat_total <= total && stat_total >= total * 0.9,
+        "stat {stat_total} vs metrics {total}"
+    );
+}
