@@ -179,13 +179,12 @@ impl Inbound {
             address,
             identity: Some(identity),
         };
-        self.counters.active.inc();
+        let _open = self.counters.open();
         match alpn.as_deref() {
             Some(ALPN_H2) => self.serve_http(tls_stream, peer, Detected::Http2).await,
             Some(ALPN_HTTP1) => self.serve_http(tls_stream, peer, Detected::Http1).await,
             _ => self.relay(tls_stream, peer).await,
         }
-        self.counters.active.dec();
     }
 
     /// A caller outside the mesh, on a PERMISSIVE or DISABLE port.
@@ -199,12 +198,11 @@ impl Inbound {
             address,
             identity: None,
         };
-        self.counters.active.inc();
+        let _open = self.counters.open();
         match detected {
             Detected::Opaque => self.relay(stream, peer).await,
             http => self.serve_http(stream, peer, http).await,
         }
-        self.counters.active.dec();
     }
 
     /// Opaque bytes to the application, once authorized.

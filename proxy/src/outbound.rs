@@ -69,7 +69,7 @@ impl Outbound {
             },
         };
         debug!(event = "outbound connection", client_address = %client, upstream = %self.upstream.name, protocol = ?detected);
-        self.counters.active.inc();
+        let _open = self.counters.open();
         match detected {
             Detected::Opaque => self.relay(app).await,
             Detected::Http1 => {
@@ -99,7 +99,6 @@ impl Outbound {
                 }
             }
         }
-        self.counters.active.dec();
     }
 
     /// Opaque bytes to one endpoint.

@@ -129,6 +129,7 @@ pub struct Metrics {
     pub retries: Family<UpstreamLabels, Counter>,
     pub connections: Family<ConnectionLabels, Counter>,
     pub connections_active: Family<DirectionLabels, Gauge>,
+    pub connections_closed: Family<DirectionLabels, Counter>,
     pub bytes: Family<ByteLabels, Counter>,
     pub refused: Family<RefusalLabels, Counter>,
     pub cert_expiry: Gauge<f64, AtomicU64>,
@@ -156,6 +157,7 @@ impl Metrics {
             spans_dropped,
             connections: Family::default(),
             connections_active: Family::default(),
+            connections_closed: Family::default(),
             bytes: Family::default(),
             refused: Family::default(),
             cert_expiry: Gauge::default(),
@@ -173,6 +175,11 @@ impl Metrics {
             "tcp_connections_active",
             "Connections open now",
             metrics.connections_active.clone(),
+        );
+        registry.register(
+            "tcp_connections_closed",
+            "Connections that carried traffic and have ended",
+            metrics.connections_closed.clone(),
         );
         registry.register(
             "tcp_bytes",
@@ -228,6 +235,10 @@ impl Metrics {
         DirectionMetrics {
             active: self
                 .connections_active
+                .get_or_create(&DirectionLabels { direction })
+                .clone(),
+            closed: self
+                .connections_closed
                 .get_or_create(&DirectionLabels { direction })
                 .clone(),
             sent: bytes("sent"),
@@ -297,6 +308,7 @@ impl Metrics {
 #[derive(Clone)]
 pub struct DirectionMetrics {
     pub active: Gauge,
+    pub closed: Counter,
     /// Bytes sent to the peer proxy.
     pub sent: Counter,
     /// Bytes received from the peer proxy.
@@ -568,5 +580,23 @@ impl Drop for MeasuredBody {
         if let Some(pending) = self.pending.take() {
             pending.record();
         }
+    }
+}
+
+impl DirectionMetrics {
+    /// Marks a connection open until the returned guard drops.
+    pub fn open(&self) -> OpenConnection {
+        self.active.inc();
+        OpenConnection(self.clone())
+    }
+}
+
+/// An open connection in the active gauge; counted as closed when dropped.
+pub struct OpenConnection(DirectionMetrics);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.active.dec();
+        self.0.closed.inc();
     }
 }

@@ -61,6 +61,22 @@ async fn bytes_cross_mutual_tls_intact_with_half_close() {
     );
     assert!(client_metrics.contains("tessera_identity_cert_expiry_timestamp_seconds"));
 
+    // The connection is counted closed once both directions finished.
+    let mut closed = false;
+    for _ in 0..50 {
+        let (_, metrics) = mesh.server.admin("/metrics").await.unwrap();
+        if metrics.contains("tessera_tcp_connections_closed_total{direction=\"inbound\"} 1") {
+            assert!(
+                metrics.contains("tessera_tcp_connections_active{direction=\"inbound\"} 0"),
+                "{metrics}"
+            );
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed, "closed connection not counted");
+
     // The admin endpoint shows the certificate, never the key or the token.
     let (status, certs) = mesh.server.admin("/certs").await.unwrap();
     assert_eq!(status, 200);
