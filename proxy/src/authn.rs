@@ -96,6 +96,14 @@ impl JwtValidator {
         Ok(Self { issuers })
     }
 
+    /// A validator with no trusted issuer: every presented token is refused. In force
+    /// when the configured key sets cannot be used, so a broken policy fails closed.
+    pub fn reject_all() -> Self {
+        Self {
+            issuers: Vec::new(),
+        }
+    }
+
     /// Checks the request's token, if it carries one.
     pub fn check(&self, headers: &HeaderMap, uri: &Uri) -> JwtOutcome {
         if uri

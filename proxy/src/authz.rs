@@ -50,10 +50,7 @@ impl InboundPolicy {
                 Err(error) => {
                     // Fail closed: a validator that accepts nothing.
                     warn!(event = "request authentication unusable", error = %error, "every token will be refused");
-                    Some(
-                        JwtValidator::new(&[])
-                            .unwrap_or_else(|_| unreachable!("empty rules always build")),
-                    )
+                    Some(JwtValidator::reject_all())
                 }
             }
         };
