@@ -20,6 +20,7 @@ use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
 use crate::inbound::Inbound;
+use crate::lifecycle::Drain;
 use crate::migration::SourceReport;
 use crate::telemetry::Metrics;
 use serde::Serialize;
@@ -121,9 +122,13 @@ pub fn routes(
     metrics: Arc<Metrics>,
     config: Arc<ProxyConfig>,
     inbounds: Vec<Arc<Inbound>>,
+    drain: Drain,
 ) -> impl Fn(&str, &http::HeaderMap) -> Reply + Send + Sync + 'static {
     move |path, headers| match path {
         "/live" => Reply::text(StatusCode::OK, "live\n"),
+        "/ready" if drain.is_draining() => {
+            Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+        }
         "/ready" if !identity.has_valid_cert() => Reply::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no valid certificate\n",

@@ -23,6 +23,7 @@ use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
 use crate::inbound::AppClient;
 use crate::inbound::Inbound;
+use crate::lifecycle::DrainTrigger;
 use crate::migration::SourceLog;
 use crate::outbound::Outbound;
 use crate::router::Upstream;
@@ -64,7 +65,26 @@ pub struct RunningProxy {
     pub discovery: Arc<Discovery>,
     pub metrics: Arc<Metrics>,
     pub inbounds: Vec<Arc<Inbound>>,
+    drain: Option<DrainTrigger>,
+    drain_timeout: std::time::Duration,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    /// Graceful stop: not ready, no new connections, in-flight work finishes within the
+    /// configured bound. Returns the connections still open when the bound ran out.
+    pub async fn shutdown(mut self) -> usize {
+        let Some(trigger) = self.drain.take() else {
+            return 0;
+        };
+        info!(
+            event = "draining",
+            bound_ms = self.drain_timeout.as_millis() as u64
+        );
+        let left = trigger.drain(self.drain_timeout).await;
+        info!(event = "drained", connections_left = left);
+        left
+    }
 }
 
 impl Drop for RunningProxy {
@@ -100,6 +120,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         &[ALPN_H2, ALPN_HTTP1, ALPN_TCP],
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
+    let (drain_trigger, drain) = crate::lifecycle::channel();
     let tracer = Arc::new(match &config.tracing {
         Some(tracing) => Tracer::start(
             tracing,
@@ -130,6 +151,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             sources: SourceLog::default(),
             tracer: tracer.clone(),
             access_log: config.access_log,
+            drain: drain.clone(),
         });
         inbounds.push(inbound.clone());
         tasks.push(tokio::spawn(inbound.serve(listener)));
@@ -149,6 +171,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         metrics.clone(),
         config.clone(),
         inbounds.clone(),
+        drain.clone(),
     );
     tasks.push(tokio::spawn(admin::serve(admin_listener, routes)));
 
@@ -200,6 +223,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
             metrics: metrics.clone(),
             counters: metrics.direction(Direction::Outbound),
             limits: config.limits.clone(),
+            drain: drain.clone(),
         });
         tasks.push(tokio::spawn(outbound.serve(listener)));
     }
@@ -220,6 +244,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         discovery,
         metrics,
         inbounds,
+        drain: Some(drain_trigger),
+        drain_timeout: config.limits.drain_timeout,
         tasks,
     })
 }

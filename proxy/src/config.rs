@@ -191,6 +191,9 @@ pub struct Limits {
     /// server-speaks-first protocol and proxied as opaque TCP.
     #[serde(with = "humantime_serde_compat")]
     pub detect_timeout: Duration,
+    /// On SIGTERM, how long in-flight connections may take to finish.
+    #[serde(with = "humantime_serde_compat")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -200,6 +203,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             detect_timeout: Duration::from_millis(200),
+            drain_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
 use crate::http::{Body, ORIG_PROTO, ProxyError, boxed};
 use crate::identity::IdentityManager;
+use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
 use crate::outbound::MAX_HEADER_BYTES;
 use crate::tcp;
@@ -58,6 +59,7 @@ pub struct Inbound {
     pub sources: SourceLog,
     pub tracer: Arc<Tracer>,
     pub access_log: bool,
+    pub drain: Drain,
 }
 
 /// Who is on the other end of one connection.
@@ -86,7 +88,8 @@ impl Inbound {
     /// Serves the port until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.limits.max_connections;
-        tcp::accept_loop(listener, limit, move |stream, peer, permit| {
+        let drain = self.drain.clone();
+        tcp::accept_loop(listener, limit, drain, move |stream, peer, permit| {
             let inbound = self.clone();
             async move {
                 inbound.handle(stream, peer).await;
@@ -260,21 +263,21 @@ impl Inbound {
         let io = TokioIo::new(stream);
         let served = match protocol {
             Detected::Http2 => {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
                     .max_header_list_size(MAX_HEADER_BYTES as u32)
-                    .serve_connection(io, service)
-                    .await
+                    .serve_connection(io, service);
+                crate::serve_gracefully!(connection, self.drain)
             }
             _ => {
-                hyper::server::conn::http1::Builder::new()
+                let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(self.limits.handshake_timeout)
                     .max_buf_size(MAX_HEADER_BYTES)
                     .serve_connection(io, service)
-                    .with_upgrades()
-                    .await
+                    .with_upgrades();
+                crate::serve_gracefully!(connection, self.drain)
             }
         };
         if let Err(error) = served {

@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod lifecycle;
 pub mod migration;
 pub mod outbound;
 pub mod retry;

@@ -47,10 +47,11 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config = ProxyConfig::load(&config_path)?;
-    let _proxy = tessera_proxy::start(config).await?;
+    let proxy = tessera_proxy::start(config).await?;
     tessera_proxy::app::shutdown_signal()
         .await
         .context("cannot watch for signals")?;
-    tracing::info!(event = "proxy stopping");
+    proxy.shutdown().await;
+    tracing::info!(event = "proxy stopped");
     Ok(())
 }

@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 use crate::config::Limits;
 use crate::detect::{self, Detected};
 use crate::identity::IdentityManager;
+use crate::lifecycle::Drain;
 use crate::router::Upstream;
 use crate::tcp;
 use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal};
@@ -31,13 +32,15 @@ pub struct Outbound {
     pub metrics: Arc<Metrics>,
     pub counters: DirectionMetrics,
     pub limits: Limits,
+    pub drain: Drain,
 }
 
 impl Outbound {
     /// Serves the local listener until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.limits.max_connections;
-        tcp::accept_loop(listener, limit, move |stream, client, permit| {
+        let drain = self.drain.clone();
+        tcp::accept_loop(listener, limit, drain, move |stream, client, permit| {
             let outbound = self.clone();
             async move {
                 outbound.handle(stream, client).await;
@@ -75,13 +78,13 @@ impl Outbound {
             Detected::Http1 => {
                 let upstream = self.upstream.clone();
                 let service = service_fn(move |request| upstream.clone().handle(request));
-                let served = hyper::server::conn::http1::Builder::new()
+                let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(self.limits.handshake_timeout)
                     .max_buf_size(MAX_HEADER_BYTES)
                     .serve_connection(TokioIo::new(app), service)
-                    .with_upgrades()
-                    .await;
+                    .with_upgrades();
+                let served = crate::serve_gracefully!(connection, self.drain);
                 if let Err(error) = served {
                     debug!(event = "outbound HTTP/1 connection error", client_address = %client, error = %error);
                 }
@@ -89,11 +92,11 @@ impl Outbound {
             Detected::Http2 => {
                 let upstream = self.upstream.clone();
                 let service = service_fn(move |request| upstream.clone().handle(request));
-                let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_header_list_size(MAX_HEADER_BYTES as u32)
-                    .serve_connection(TokioIo::new(app), service)
-                    .await;
+                    .serve_connection(TokioIo::new(app), service);
+                let served = crate::serve_gracefully!(connection, self.drain);
                 if let Err(error) = served {
                     debug!(event = "outbound HTTP/2 connection error", client_address = %client, error = %error);
                 }

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
+use crate::lifecycle::Drain;
 use crate::telemetry::Refusal;
 
 /// Buffer per direction per connection: large enough for a full TLS record.
@@ -17,7 +18,7 @@ const COPY_BUFFER: usize = 16 * 1024;
 
 /// Accepts connections forever, at most `limit` open at once, and hands each to
 /// `handle` in its own task.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, limit: usize, handle: F)
+pub async fn accept_loop<F, Fut>(listener: TcpListener, limit: usize, drain: Drain, handle: F)
 where
     F: Fn(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -26,13 +27,25 @@ where
     loop {
         // Waiting for a permit before accepting leaves excess connections in the
         // kernel's backlog instead of in our memory.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
+        let accepted = tokio::select! {
+            () = drain.signaled() => return, // drops the listener: no new connections
+            accepted = async {
+                let permit = permits.clone().acquire_owned().await;
+                (permit, listener.accept().await)
+            } => accepted,
+        };
+        let (Ok(permit), accepted) = accepted else {
             return;
         };
-        match listener.accept().await {
+        match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, permit));
+                let in_flight = drain.track();
+                let work = handle(stream, peer, permit);
+                tokio::spawn(async move {
+                    work.await;
+                    drop(in_flight);
+                });
             }
             Err(error) => {
                 // Out of file descriptors and the like: pause instead of spinning.
