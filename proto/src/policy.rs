@@ -235,7 +235,13 @@ pub fn selects(
     selector: Option<&WorkloadSelector>,
     workload: WorkloadRef<'_>,
 ) -> bool {
-    specificity(namespace, selector, workload).is_some()
+    // A mesh-wide policy with a selector applies to that service account in every
+    // namespace, as in Istio.
+    let mesh_wide_selected = namespace == ROOT_NAMESPACE
+        && selector
+            .and_then(|s| s.service_account.as_deref())
+            .is_some_and(|account| account == workload.service_account);
+    mesh_wide_selected || specificity(namespace, selector, workload).is_some()
 }
 
 /// The mTLS mode of one application port, and the policy that decided it. The most
@@ -429,10 +435,11 @@ fn operation_matches(operation: &Operation, request: &Request<'_>, lenient: bool
     let http_ok = match request.http {
         None => !http_fields || lenient,
         Some(http) => {
-            let method = |m: &String| m == "*" || m.eq_ignore_ascii_case(http.method);
+            // Methods are case-sensitive (RFC 9110): `get` is not `GET`.
+            let method = |m: &String| m == "*" || m == http.method;
             let path = |p: &String| wildcard(p, http.path);
-            let host =
-                |h: &String| wildcard(&h.to_ascii_lowercase(), &http.host.to_ascii_lowercase());
+            let requested = host_without_port(http.host).to_ascii_lowercase();
+            let host = |h: &String| wildcard(&h.to_ascii_lowercase(), &requested);
             any_or_empty(&operation.methods, method)
                 && none_of(&operation.not_methods, method)
                 && any_or_empty(&operation.paths, path)
@@ -470,6 +477,74 @@ fn any_or_empty<T>(values: &[T], matches: impl Fn(&T) -> bool) -> bool {
 
 fn none_of<T>(values: &[T], matches: impl Fn(&T) -> bool) -> bool {
     !values.iter().any(matches)
+}
+
+/// The path policies are matched against, and the one forwarded: percent-encoded
+/// unreserved characters decoded, `.`/`..` segments resolved and repeated slashes merged
+/// (RFC 3986 §6.2.2), so `/a/../admin`, `//admin` and `/%61dmin` are all `/admin`.
+pub fn normalize_path(path: &str) -> String {
+    let decoded = decode_unreserved(path);
+    let ends_with_slash =
+        decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other),
+        }
+    }
+    let mut normalized = String::with_capacity(decoded.len() + 1);
+    for segment in &segments {
+        normalized.push('/');
+        normalized.push_str(segment);
+    }
+    if normalized.is_empty() || (ends_with_slash && !segments.is_empty()) {
+        normalized.push('/');
+    }
+    normalized
+}
+
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = path.get(i + 1..i + 3)
+            && let Ok(value) = u8::from_str_radix(hex, 16)
+        {
+            if value.is_ascii_alphanumeric() || b"-._~".contains(&value) {
+                out.push(value as char);
+            } else {
+                out.push('%');
+                out.push_str(&hex.to_ascii_uppercase());
+            }
+            i += 3;
+            continue;
+        }
+        // Multi-byte characters cannot appear in a request path; copy bytes verbatim.
+        out.push(bytes[i] as char);
+        i += 1;
+    }
+    out
+}
+
+/// `example.com:8080` and `example.com.` both name `example.com`.
+fn host_without_port(host: &str) -> &str {
+    let host = match host.rsplit_once(':') {
+        Some((name, port))
+            if !name.ends_with(']')
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && !name.contains(':') =>
+        {
+            name
+        }
+        _ => host,
+    };
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 /// A principal pattern against a SPIFFE ID, written with or without `spiffe://`.
@@ -675,6 +750,16 @@ mod tests {
             "host",
             "action: ALLOW\nrules:\n- to: [{operation: {hosts: [\"*.shop\"]}}]\n",
         );
+        let deny_admin_host = policy(
+            "shop",
+            "admin-host",
+            "action: DENY\nrules:\n- to: [{operation: {hosts: [admin.shop]}}]\n",
+        );
+        let mesh_selected_deny = policy(
+            ROOT_NAMESPACE,
+            "orders-everywhere",
+            "selector: {serviceAccount: orders}\naction: DENY\nrules: [{}]\n",
+        );
         let not_namespace = policy(
             "shop",
             "not-ops",
@@ -746,11 +831,11 @@ mod tests {
                 None,
             ),
             (
-                "method match is case-insensitive",
+                "method match is case-sensitive",
                 vec![allow_frontend_post_orders.clone()],
                 http(frontend(), "post", "/orders"),
-                true,
-                Some("shop/frontend-orders"),
+                false,
+                None,
             ),
             (
                 "deny beats allow",
@@ -1059,6 +1144,33 @@ mod tests {
                 Some("shop/host"),
             ),
             (
+                "host with port still matches",
+                vec![deny_admin_host.clone()],
+                Call {
+                    http: Some(("GET", "/", "admin.shop:8080")),
+                    ..http(frontend(), "GET", "/")
+                },
+                false,
+                Some("shop/admin-host"),
+            ),
+            (
+                "host with trailing dot still matches",
+                vec![deny_admin_host.clone()],
+                Call {
+                    http: Some(("GET", "/", "admin.shop.")),
+                    ..http(frontend(), "GET", "/")
+                },
+                false,
+                Some("shop/admin-host"),
+            ),
+            (
+                "mesh-wide deny with a selector applies in every namespace",
+                vec![mesh_selected_deny.clone()],
+                http(frontend(), "GET", "/"),
+                false,
+                Some("tessera-system/orders-everywhere"),
+            ),
+            (
                 "notNamespaces denies outsiders",
                 vec![not_namespace.clone()],
                 http(admin(), "GET", "/"),
@@ -1088,6 +1200,25 @@ mod tests {
         }
         let audited = decide(&[audit_all, allow_all], &http(frontend(), "GET", "/"));
         assert_eq!(audited.audited, vec!["shop/audit".to_string()]);
+    }
+
+    #[test]
+    fn paths_are_normalized_before_matching() {
+        for (raw, normal) in [
+            ("/admin", "/admin"),
+            ("/x/../admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("/a/./b/", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/../../etc", "/etc"),
+            ("/", "/"),
+            ("", "/"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/%zz", "/%zz"),
+        ] {
+            assert_eq!(normalize_path(raw), normal, "{raw}");
+        }
     }
 
     fn peer(namespace: &str, yaml: &str) -> Named<PeerAuthenticationSpec> {

@@ -106,15 +106,17 @@ impl JwtValidator {
 
     /// Checks the request's token, if it carries one.
     pub fn check(&self, headers: &HeaderMap, uri: &Uri) -> JwtOutcome {
-        if uri
-            .query()
-            .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("access_token=")))
-        {
+        if uri.query().is_some_and(carries_token) {
             return JwtOutcome::Invalid("jwt-in-url");
         }
-        let Some(value) = headers.get(header::AUTHORIZATION) else {
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let Some(value) = values.next() else {
             return JwtOutcome::Absent;
         };
+        if values.next().is_some() {
+            // The application might read another one than we validated.
+            return JwtOutcome::Invalid("jwt-malformed");
+        }
         let Some(token) = value.to_str().ok().and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
@@ -184,6 +186,17 @@ impl JwtValidator {
         }
         outcome
     }
+}
+
+/// Whether a query string carries an access token, however its name is encoded.
+fn carries_token(query: &str) -> bool {
+    query.split(['&', ';']).any(|pair| {
+        let name = pair.split('=').next().unwrap_or("");
+        tessera_proto::policy::normalize_path(&format!("/{name}"))
+            .trim_start_matches('/')
+            .replace("%5F", "_")
+            .eq_ignore_ascii_case("access_token")
+    })
 }
 
 /// The algorithms a key may verify, from its own type (and `alg`, if it names one).
@@ -281,6 +294,25 @@ mod tests {
             JwtOutcome::Invalid("jwt-algorithm-not-allowed")
         );
         assert_eq!(validator.check(&HeaderMap::new(), &uri), JwtOutcome::Absent);
+        for query in [
+            "/?access_token=x",
+            "/?a=1;access_token=x",
+            "/?access%5Ftoken=x",
+            "/?ACCESS_TOKEN=x",
+        ] {
+            let uri: Uri = query.parse().unwrap();
+            assert_eq!(
+                validator.check(&HeaderMap::new(), &uri),
+                JwtOutcome::Invalid("jwt-in-url"),
+                "{query}"
+            );
+        }
+        let mut twice = bearer(&jsonwebtoken::encode(&header, &claims(), &signing).unwrap());
+        twice.append(header::AUTHORIZATION, "Bearer other".parse().unwrap());
+        assert_eq!(
+            validator.check(&twice, &uri),
+            JwtOutcome::Invalid("jwt-malformed")
+        );
         let mut basic = HeaderMap::new();
         basic.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
         assert_eq!(

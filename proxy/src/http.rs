@@ -66,6 +66,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    headers.remove("http2-settings");
     if !keep_upgrade {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
@@ -75,9 +76,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// True for requests asking to switch protocols (WebSocket and friends).
+/// True for requests asking to switch protocols (WebSocket and friends). `h2c` is not
+/// one: it would turn an authorized request into an unchecked HTTP/2 tunnel, so it is
+/// stripped like any hop-by-hop header and the request served as plain HTTP/1.1.
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
-    request.version() <= Version::HTTP_11 && request.headers().contains_key(header::UPGRADE)
+    request.version() <= Version::HTTP_11
+        && request
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|protocol| !protocol.trim().eq_ignore_ascii_case("h2c"))
 }
 
 /// True for gRPC calls, which get errors as gRPC statuses.

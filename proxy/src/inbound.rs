@@ -287,6 +287,7 @@ impl Inbound {
 
     /// Measures and traces one request end to end.
     async fn request(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        canonicalize(&mut request, peer.identity.is_some());
         let parent = trace::extract(request.headers());
         let span = self.tracer.start_span(
             parent.as_ref(),
@@ -431,6 +432,36 @@ impl Inbound {
             rule = decision.rule,
             reason = decision.reason,
         );
+    }
+}
+
+/// Puts a request in the one form that is both authorized and forwarded: the normalized
+/// path, `Host` equal to the authority (so the application sees the host the policy
+/// checked), and the HTTP/1.1 marker honoured only from peer proxies.
+fn canonicalize<B>(request: &mut Request<B>, from_peer_proxy: bool) {
+    if !from_peer_proxy {
+        request.headers_mut().remove(ORIG_PROTO);
+    }
+    if let Some(authority) = request.uri().authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        request.headers_mut().insert(header::HOST, host);
+    }
+    let path = request.uri().path();
+    let normalized = policy::normalize_path(path);
+    if normalized != path {
+        let mut parts = request.uri().clone().into_parts();
+        let query = parts
+            .path_and_query
+            .as_ref()
+            .and_then(|p| p.query())
+            .map_or(String::new(), |q| format!("?{q}"));
+        if let Ok(path_and_query) = format!("{normalized}{query}").parse() {
+            parts.path_and_query = Some(path_and_query);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
     }
 }
 
