@@ -442,6 +442,7 @@ fn canonicalize<B>(request: &mut Request<B>, from_peer_proxy: bool) {
     if !from_peer_proxy {
         request.headers_mut().remove(ORIG_PROTO);
     }
+    merge_repeated_headers(request.headers_mut());
     if let Some(authority) = request.uri().authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
@@ -461,6 +462,28 @@ fn canonicalize<B>(request: &mut Request<B>, from_peer_proxy: bool) {
             if let Ok(uri) = http::Uri::from_parts(parts) {
                 *request.uri_mut() = uri;
             }
+        }
+    }
+}
+
+/// Joins repeated headers into one value (RFC 9110 §5.3; cookies with "; "), so policy
+/// conditions see every value the application will see.
+fn merge_repeated_headers(headers: &mut http::HeaderMap) {
+    let repeated: Vec<header::HeaderName> = headers
+        .keys()
+        .filter(|name| headers.get_all(*name).iter().nth(1).is_some())
+        .cloned()
+        .collect();
+    for name in repeated {
+        let joined: Vec<&[u8]> = headers
+            .get_all(&name)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        // HTTP/2 splits cookies into several fields; they rejoin with "; " (RFC 9113).
+        let separator: &[u8] = if name == header::COOKIE { b"; " } else { b", " };
+        if let Ok(value) = HeaderValue::from_bytes(&joined.join(separator)) {
+            headers.insert(name, value);
         }
     }
 }
