@@ -482,7 +482,16 @@ fn none_of<T>(values: &[T], matches: impl Fn(&T) -> bool) -> bool {
 /// The path policies are matched against, and the one forwarded: percent-encoded
 /// unreserved characters decoded, `.`/`..` segments resolved and repeated slashes merged
 /// (RFC 3986 §6.2.2), so `/a/../admin`, `//admin` and `/%61dmin` are all `/admin`.
-pub fn normalize_path(path: &str) -> String {
+pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+    // Most paths are already normal: no allocation for them.
+    let suspicious = path.is_empty()
+        || !path.starts_with('/')
+        || path.contains("//")
+        || path.contains("/.")
+        || path.contains('%');
+    if !suspicious {
+        return std::borrow::Cow::Borrowed(path);
+    }
     let decoded = decode_unreserved(path);
     let ends_with_slash =
         decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
@@ -504,7 +513,7 @@ pub fn normalize_path(path: &str) -> String {
     if normalized.is_empty() || (ends_with_slash && !segments.is_empty()) {
         normalized.push('/');
     }
-    normalized
+    std::borrow::Cow::Owned(normalized)
 }
 
 fn decode_unreserved(path: &str) -> String {

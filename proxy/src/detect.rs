@@ -55,7 +55,7 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<De
 }
 
 /// `None` while the prefix could still become either protocol.
-fn classify(prefix: &[u8]) -> Option<Detected> {
+pub fn classify(prefix: &[u8]) -> Option<Detected> {
     if prefix.len() >= H2_PREFACE.len() && prefix.starts_with(H2_PREFACE) {
         return Some(Detected::Http2);
     }

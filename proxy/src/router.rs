@@ -377,7 +377,7 @@ where
 pub fn sampled_trace_id(context: Option<&TraceContext>) -> Option<String> {
     context
         .filter(|c| c.sampled)
-        .map(|c| c.trace_id.iter().map(|b| format!("{b:02x}")).collect())
+        .map(|c| crate::trace::hex(&c.trace_id))
 }
 
 /// Prepares a request for the proxy-to-proxy HTTP/2 hop.

@@ -147,8 +147,15 @@ fn decode_hex(hex: &str, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Lower-case hex, as trace ids are written.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(DIGITS[usize::from(byte >> 4)] as char);
+        text.push(DIGITS[usize::from(byte & 0x0f)] as char);
+    }
+    text
 }
 
 /// Replaces the trace headers with ours: `traceparent` (with the caller's `tracestate`)
