@@ -280,7 +280,9 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     }
     print!("{table}");
 
-    println!("\nRED figures per workload (what `tessera stat` prints for these proxies):");
+    println!(
+        "\nRED figures per workload, as the serving proxies saw them — before the callers' retries (what `tessera stat` prints):"
+    );
     let admins: Vec<SocketAddr> = proxies
         .iter()
         .map(|(_, proxy)| proxy.admin_address)

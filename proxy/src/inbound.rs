@@ -393,7 +393,13 @@ impl Inbound {
                 })
                 .unwrap_or("");
             let headers = request.headers();
-            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            // UTF-8, not only visible ASCII: a value a condition cannot read must not slip
+            // past a DENY because of one non-ASCII character.
+            let header = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            };
             let attributes = policy::Request {
                 source: peer.identity.as_ref(),
                 request_principal,
