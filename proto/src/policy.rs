@@ -8,6 +8,7 @@
 //! policies are recorded without effect; no policy at all allows. Unlike Istio, a port
 //! with no PeerAuthentication is STRICT: the mesh denies plaintext until told otherwise.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -319,8 +320,16 @@ pub struct Decision {
 
 /// Evaluates the authorization policies that select a workload (callers filter with
 /// [`selects`]) against one request.
-pub fn authorize(policies: &[&Named<AuthorizationPolicySpec>], request: &Request<'_>) -> Decision {
-    let with_action = |action| policies.iter().filter(move |p| p.spec.action == action);
+pub fn authorize<P>(policies: &[P], request: &Request<'_>) -> Decision
+where
+    P: std::borrow::Borrow<Named<AuthorizationPolicySpec>>,
+{
+    let with_action = |action| {
+        policies
+            .iter()
+            .map(Borrow::borrow)
+            .filter(move |p: &&Named<AuthorizationPolicySpec>| p.spec.action == action)
+    };
     let audited = with_action(Action::Audit)
         .filter(|p| matching_rule(&p.spec, request).is_some())
         .map(|p| p.id())

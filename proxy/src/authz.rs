@@ -64,8 +64,7 @@ impl InboundPolicy {
 
     /// Evaluates a request or connection, counting the decision.
     pub fn authorize(&self, request: &policy::Request<'_>, metrics: &Metrics) -> Decision {
-        let selected: Vec<&Named<AuthorizationPolicySpec>> = self.authz.iter().collect();
-        let decision = policy::authorize(&selected, request);
+        let decision = policy::authorize(&self.authz, request);
         metrics.authz_decision(&decision);
         decision
     }

@@ -301,10 +301,14 @@ impl Inbound {
             .as_ref()
             .filter(|s| s.sampled)
             .map(|s| s.trace_id_hex());
-        let (method, path) = (
-            request.method().to_string(),
-            request.uri().path().to_string(),
-        );
+        // What the span will need once the request is gone; only when tracing.
+        let span_target = span.as_ref().map(|_| {
+            (
+                request.method().to_string(),
+                request.uri().path().to_string(),
+            )
+        });
+
         let meter = RequestMeter::start(
             self.metrics.clone(),
             Direction::Inbound,
@@ -321,7 +325,7 @@ impl Inbound {
         .with_trace(trace_id)
         .with_access_log(self.access_log, request.method(), request.uri());
         let response = self.authorized_request(request, peer).await;
-        if let Some(span) = span {
+        if let (Some(span), Some((method, path))) = (span, span_target) {
             let mut attributes = vec![
                 ("http.request.method", method),
                 ("url.path", path),

@@ -124,14 +124,39 @@ impl Http1Client {
         path: &str,
         body: bytes::Bytes,
     ) -> anyhow::Result<Answer> {
+        self.request(method, path, &[], body).await
+    }
+
+    /// A GET with extra headers (tokens, trace context).
+    pub async fn get_with(
+        &mut self,
+        path: &str,
+        headers: &[(String, String)],
+    ) -> anyhow::Result<Answer> {
+        self.request(http::Method::GET, path, headers, bytes::Bytes::new())
+            .await
+    }
+
+    async fn request(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        headers: &[(String, String)],
+        body: bytes::Bytes,
+    ) -> anyhow::Result<Answer> {
         use http_body_util::BodyExt;
         self.sender.ready().await?;
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(method)
             .uri(path)
-            .header(http::header::HOST, "backend.shop")
-            .body(http_body_util::Full::new(body))?;
-        let response = self.sender.send_request(request).await?;
+            .header(http::header::HOST, "backend.shop");
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let response = self
+            .sender
+            .send_request(request.body(http_body_util::Full::new(body))?)
+            .await?;
         let (parts, body) = response.into_parts();
         Ok(Answer {
             status: parts.status,

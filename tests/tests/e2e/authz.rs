@@ -212,30 +212,20 @@ async fn jwts_are_validated_before_authorization() {
     let call = |token: Option<String>, query: &'static str| {
         let entry = mesh.entry();
         async move {
-            let stream = tokio::net::TcpStream::connect(entry).await.unwrap();
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(connection);
-            let mut request =
-                http::Request::get(format!("/orders{query}")).header("host", "backend.shop");
-            if let Some(token) = token {
-                request = request.header("authorization", format!("Bearer {token}"));
-            }
-            let response = sender
-                .send_request(
-                    request
-                        .body(http_body_util::Empty::<bytes::Bytes>::new())
-                        .unwrap(),
-                )
+            let headers: Vec<(String, String)> = token
+                .map(|t| ("authorization".to_string(), format!("Bearer {t}")))
+                .into_iter()
+                .collect();
+            let mut client = Http1Client::connect(entry).await.unwrap();
+            let answer = client
+                .get_with(&format!("/orders{query}"), &headers)
                 .await
                 .unwrap();
-            let reason = response
-                .headers()
+            let reason = answer
+                .headers
                 .get("tessera-proxy-error")
                 .map(|v| v.to_str().unwrap().to_string());
-            (response.status(), reason)
+            (answer.status, reason)
         }
     };
     let (status, _) = call(Some(issuer.valid()), "").await;

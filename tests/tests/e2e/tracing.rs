@@ -23,25 +23,12 @@ async fn get_with(
     path: &str,
     headers: &HashMap<String, String>,
 ) -> StatusCode {
-    let stream = tokio::net::TcpStream::connect(entry).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let mut request = http::Request::get(path).header("host", "backend.shop");
-    for (name, value) in headers {
-        request = request.header(name.as_str(), value.as_str());
-    }
-    let response = sender
-        .send_request(
-            request
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    response.status()
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut client = Http1Client::connect(entry).await.unwrap();
+    client.get_with(path, &headers).await.unwrap().status
 }
 
 #[tokio::test(flavor = "multi_thread")]
