@@ -40,6 +40,9 @@ pub struct ServiceEntry {
     pub name: String,
     pub namespace: String,
     pub ports: Vec<ServicePort>,
+    /// Virtual IPs of the service (transparent mode routes by these).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
     pub endpoints: Vec<Endpoint>,
     #[serde(default)]
     pub route: Option<RoutePolicySpec>,
@@ -86,6 +89,18 @@ impl MeshSnapshot {
             let name = &resource.metadata.name;
             validate_namespace(name)
                 .map_err(|e| invalid(resource, format!("service name: {e}")))?;
+            if let Some((other, first)) = services
+                .iter()
+                .find(|(s, _)| s.addresses.iter().any(|a| spec.addresses.contains(a)))
+            {
+                return Err(invalid(
+                    resource,
+                    format!(
+                        "an address of {name}.{namespace} already belongs to {} ({first})",
+                        other.key()
+                    ),
+                ));
+            }
             if let Some((_, first)) = services
                 .iter()
                 .find(|(s, _)| s.name == *name && s.namespace == namespace)
@@ -100,6 +115,7 @@ impl MeshSnapshot {
                     name: name.clone(),
                     namespace,
                     ports: spec.ports.clone(),
+                    addresses: spec.addresses.clone(),
                     endpoints: Vec::new(),
                     route: None,
                 },

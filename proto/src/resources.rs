@@ -120,6 +120,10 @@ pub enum Protocol {
 pub struct ServiceSpec {
     #[serde(default)]
     pub ports: Vec<ServicePort>,
+    /// Virtual IPs clients dial (a Kubernetes Service's cluster IPs): a transparent
+    /// proxy routes a connection to one of these, on a declared port, to this service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

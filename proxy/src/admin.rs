@@ -4,22 +4,26 @@
 //!
 //! [`serve`] is a minimal router the control plane reuses for its own admin port.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{Empty, Full};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::config::ProxyConfig;
+use crate::config::{AppProbe, Limits, ProxyConfig};
 use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
-use crate::inbound::Inbound;
+use crate::inbound::{Inbound, InboundSet};
 use crate::lifecycle::Drain;
 use crate::migration::SourceReport;
 use crate::telemetry::Metrics;
@@ -84,6 +88,14 @@ pub async fn serve<R>(listener: TcpListener, route: R)
 where
     R: Fn(&str, &http::HeaderMap) -> Reply + Send + Sync + 'static,
 {
+    serve_with_probes(listener, route, None).await;
+}
+
+/// [`serve`], with the application's probes forwarded under `/app-health/`.
+pub async fn serve_with_probes<R>(listener: TcpListener, route: R, probes: Option<Arc<AppProbes>>)
+where
+    R: Fn(&str, &http::HeaderMap) -> Reply + Send + Sync + 'static,
+{
     let route = Arc::new(route);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -91,18 +103,26 @@ where
             continue;
         };
         let route = route.clone();
+        let probes = probes.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                let reply = if request.method() == Method::GET {
-                    route(request.uri().path(), request.headers())
-                } else {
-                    Reply::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n")
-                };
-                let response = Response::builder()
-                    .status(reply.status)
-                    .header(header::CONTENT_TYPE, reply.content_type)
-                    .body(Full::new(Bytes::from(reply.body)));
-                async move { Ok::<_, Infallible>(response.unwrap_or_default()) }
+                let route = route.clone();
+                let probes = probes.clone();
+                async move {
+                    let path = request.uri().path();
+                    let reply = match (request.method(), &probes) {
+                        (&Method::GET, Some(probes)) if probes.handles(path) => {
+                            probes.check(path).await
+                        }
+                        (&Method::GET, _) => route(path, request.headers()),
+                        _ => Reply::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"),
+                    };
+                    let response = Response::builder()
+                        .status(reply.status)
+                        .header(header::CONTENT_TYPE, reply.content_type)
+                        .body(Full::new(Bytes::from(reply.body)));
+                    Ok::<_, Infallible>(response.unwrap_or_default())
+                }
             });
             if let Err(error) = http1::Builder::new()
                 .max_buf_size(16 * 1024)
@@ -115,13 +135,91 @@ where
     }
 }
 
+/// The application's own HTTP probes, reachable on the admin port. The kubelet speaks
+/// plaintext, which a STRICT application port refuses; injection points the pod's probes
+/// here instead and the proxy asks the application itself, over loopback.
+pub struct AppProbes {
+    probes: HashMap<String, Probe>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+struct Probe {
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    timeout: std::time::Duration,
+}
+
+impl AppProbes {
+    /// `None` when there are no probes to serve.
+    pub fn new(config: &BTreeMap<String, AppProbe>, limits: &Limits) -> Option<Arc<Self>> {
+        let probes: HashMap<String, Probe> = config
+            .iter()
+            .filter_map(|(path, probe)| Some((path.clone(), Probe::new(probe)?)))
+            .collect();
+        if probes.is_empty() {
+            return None;
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(limits.connect_timeout));
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Some(Arc::new(Self { probes, client }))
+    }
+
+    fn handles(&self, path: &str) -> bool {
+        self.probes.contains_key(path)
+    }
+
+    /// The application's answer: its status code, or 503 when it cannot be reached in time.
+    async fn check(&self, path: &str) -> Reply {
+        let Some(probe) = self.probes.get(path) else {
+            return Reply::not_found();
+        };
+        let mut request = http::Request::new(Empty::new());
+        *request.uri_mut() = probe.uri.clone();
+        *request.headers_mut() = probe.headers.clone();
+        match tokio::time::timeout(probe.timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => {
+                let status = response.status();
+                Reply::text(status, format!("application answered {status}\n"))
+            }
+            Ok(Err(error)) => {
+                debug!(event = "application probe failed", probe = path, error = %error);
+                Reply::text(StatusCode::SERVICE_UNAVAILABLE, "application unreachable\n")
+            }
+            Err(_) => Reply::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application probe timed out\n",
+            ),
+        }
+    }
+}
+
+impl Probe {
+    fn new(config: &AppProbe) -> Option<Self> {
+        let uri = format!("http://127.0.0.1:{}{}", config.port, config.path)
+            .parse()
+            .ok()?;
+        let mut headers = http::HeaderMap::new();
+        for header in &config.http_headers {
+            let name = http::HeaderName::from_bytes(header.name.as_bytes()).ok()?;
+            let value = http::HeaderValue::from_str(&header.value).ok()?;
+            headers.append(name, value);
+        }
+        Some(Self {
+            uri,
+            headers,
+            timeout: std::time::Duration::from_secs(u64::from(config.timeout_seconds.max(1))),
+        })
+    }
+}
+
 /// The proxy's admin routes.
 pub fn routes(
     identity: Arc<IdentityManager>,
     discovery: Arc<Discovery>,
     metrics: Arc<Metrics>,
     config: Arc<ProxyConfig>,
-    inbounds: Vec<Arc<Inbound>>,
+    inbounds: Arc<InboundSet>,
     drain: Drain,
 ) -> impl Fn(&str, &http::HeaderMap) -> Reply + Send + Sync + 'static {
     move |path, headers| match path {
@@ -146,7 +244,7 @@ pub fn routes(
         // The configuration holds no secret: the join token lives in a file or the
         // environment and only its path is part of the config.
         "/config" => Reply::json(&*config),
-        "/migration" => Reply::json(&migration_report(&identity, &inbounds)),
+        "/migration" => Reply::json(&migration_report(&identity, &inbounds.all())),
         _ => Reply::not_found(),
     }
 }

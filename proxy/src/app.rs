@@ -15,20 +15,21 @@ use tessera_proto::SpiffeId;
 use tessera_proto::resources::Protocol;
 use tracing::warn;
 
+use crate::admin::AppProbes;
 use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_HTTP1, ALPN_TCP, ConnectorFactory, Connectors};
-use crate::config::{ProxyConfig, UpstreamTarget};
+use crate::config::{InboundPort, Limits, ProxyConfig, UpstreamTarget};
 use crate::control_plane::ControlPlane;
 use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
-use crate::inbound::AppClient;
-use crate::inbound::Inbound;
-use crate::lifecycle::DrainTrigger;
+use crate::inbound::{AppClient, Inbound, InboundSet};
+use crate::lifecycle::{Drain, DrainTrigger};
 use crate::migration::SourceLog;
 use crate::outbound::Outbound;
 use crate::router::Upstream;
 use crate::telemetry::{Direction, Metrics};
 use crate::trace::Tracer;
+use crate::transparent::{TransparentInbound, TransparentOutbound};
 use crate::{admin, config};
 
 /// Why the proxy could not start.
@@ -61,10 +62,12 @@ pub struct RunningProxy {
     pub admin_address: SocketAddr,
     pub inbound_addresses: Vec<SocketAddr>,
     pub outbound_addresses: Vec<SocketAddr>,
+    /// Transparent (inbound, outbound) listeners, when configured.
+    pub transparent_addresses: Option<(SocketAddr, SocketAddr)>,
     pub identity: Arc<IdentityManager>,
     pub discovery: Arc<Discovery>,
     pub metrics: Arc<Metrics>,
-    pub inbounds: Vec<Arc<Inbound>>,
+    pub inbounds: Arc<InboundSet>,
     drain: Option<DrainTrigger>,
     drain_timeout: std::time::Duration,
     tasks: Vec<JoinHandle<()>>,
@@ -119,7 +122,6 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         ClientAuth::Required,
         &[ALPN_H2, ALPN_HTTP1, ALPN_TCP],
     )?;
-    let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let (drain_trigger, drain) = crate::lifecycle::channel();
     let tracer = Arc::new(match &config.tracing {
         Some(tracing) => Tracer::start(
@@ -134,34 +136,27 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         ),
         None => Tracer::disabled(metrics.spans_dropped.clone()),
     });
+    let shared = Arc::new(Shared {
+        acceptor: TlsAcceptor::from(Arc::new(server_config)),
+        connectors: connector_factory(&identity),
+        identity: identity.clone(),
+        discovery: discovery.clone(),
+        metrics: metrics.clone(),
+        limits: config.limits.clone(),
+        tracer,
+        access_log: config.access_log,
+        drain: drain.clone(),
+        inbounds: Arc::new(InboundSet::default()),
+    });
+
     let mut inbound_addresses = Vec::new();
-    let mut inbounds = Vec::new();
     for port in &config.inbound {
         let listener = bind(port.listen).await?;
         inbound_addresses.push(local_address(&listener, port.listen)?);
-        let inbound = Arc::new(Inbound {
-            port: port.clone(),
-            app: AppClient::new(port.forward_to, &config.limits),
-            acceptor: acceptor.clone(),
-            identity: identity.clone(),
-            metrics: metrics.clone(),
-            counters: metrics.direction(Direction::Inbound),
-            limits: config.limits.clone(),
-            policy: ArcSwapOption::empty(),
-            sources: SourceLog::default(),
-            tracer: tracer.clone(),
-            access_log: config.access_log,
-            drain: drain.clone(),
-        });
-        inbounds.push(inbound.clone());
+        let inbound = shared.inbound(port.clone());
         tasks.push(tokio::spawn(inbound.serve(listener)));
     }
-
-    tasks.push(tokio::spawn(follow_inbound_policy(
-        discovery.clone(),
-        identity.clone(),
-        inbounds.clone(),
-    )));
+    tasks.push(tokio::spawn(follow_inbound_policy(shared.clone())));
 
     let admin_listener = bind(config.admin).await?;
     let admin_address = local_address(&admin_listener, config.admin)?;
@@ -170,62 +165,53 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         discovery.clone(),
         metrics.clone(),
         config.clone(),
-        inbounds.clone(),
+        shared.inbounds.clone(),
         drain.clone(),
     );
-    tasks.push(tokio::spawn(admin::serve(admin_listener, routes)));
+    let probes = AppProbes::new(&config.app_probes, &config.limits);
+    tasks.push(tokio::spawn(admin::serve_with_probes(
+        admin_listener,
+        routes,
+        probes,
+    )));
 
-    let connectors = connector_factory(&identity);
     let mut outbound_addresses = Vec::new();
     for upstream_config in &config.outbound {
         let listener = bind(upstream_config.listen).await?;
         outbound_addresses.push(local_address(&listener, upstream_config.listen)?);
-        let target = upstream_config.target()?;
-        let name = match &target {
-            UpstreamTarget::Service { key, .. } => key.clone(),
-            UpstreamTarget::Fixed { address, .. } => address.clone(),
-        };
-        let upstream = Upstream::new(
-            name,
-            identity.identity().to_string(),
-            metrics.clone(),
-            config.limits.clone(),
-            tracer.clone(),
-            config.access_log,
-        );
-        let protocol = Arc::new(ArcSwap::from_pointee(
-            upstream_config.protocol.unwrap_or_default(),
-        ));
-        match target {
+        let (outbound, follow) = match upstream_config.target()? {
             UpstreamTarget::Fixed { address, identity } => {
-                upstream
-                    .balancer
-                    .update(&[(address, identity)], None, &*connectors);
+                let outbound = shared.outbound(address.clone(), upstream_config.protocol);
+                outbound.upstream.balancer.update(
+                    &[(address, identity)],
+                    None,
+                    &*shared.connectors,
+                );
+                (outbound, None)
             }
             UpstreamTarget::Service { key, port } => {
-                tasks.push(tokio::spawn(follow_service(
-                    discovery.clone(),
-                    upstream.clone(),
-                    ServiceBinding {
-                        key,
-                        port,
-                        protocol_override: upstream_config.protocol,
-                        protocol: protocol.clone(),
-                    },
-                    connectors.clone(),
-                )));
+                let (outbound, follow) =
+                    shared.service_outbound(key, port, upstream_config.protocol);
+                (outbound, Some(follow))
             }
-        }
-        let outbound = Arc::new(Outbound {
-            upstream,
-            protocol,
-            identity: identity.clone(),
-            metrics: metrics.clone(),
-            counters: metrics.direction(Direction::Outbound),
-            limits: config.limits.clone(),
-            drain: drain.clone(),
-        });
+        };
+        tasks.extend(follow);
         tasks.push(tokio::spawn(outbound.serve(listener)));
+    }
+
+    let mut transparent_addresses = None;
+    if let Some(transparent) = &config.transparent {
+        let inbound_listener = bind(transparent.inbound_listen).await?;
+        let outbound_listener = bind(transparent.outbound_listen).await?;
+        let addresses = (
+            local_address(&inbound_listener, transparent.inbound_listen)?,
+            local_address(&outbound_listener, transparent.outbound_listen)?,
+        );
+        transparent_addresses = Some(addresses);
+        let inbound = TransparentInbound::new(shared.clone(), addresses.0);
+        tasks.push(tokio::spawn(inbound.serve(inbound_listener)));
+        let outbound = TransparentOutbound::new(shared.clone(), addresses.1);
+        tasks.push(tokio::spawn(outbound.serve(outbound_listener)));
     }
 
     info!(
@@ -234,20 +220,113 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         admin = %admin_address,
         inbound = ?inbound_addresses,
         outbound = ?outbound_addresses,
+        transparent = ?transparent_addresses,
         control_plane = %config.control_plane.address,
     );
     Ok(RunningProxy {
         admin_address,
         inbound_addresses,
         outbound_addresses,
+        transparent_addresses,
         identity,
         discovery,
         metrics,
-        inbounds,
+        inbounds: shared.inbounds.clone(),
         drain: Some(drain_trigger),
         drain_timeout: config.limits.drain_timeout,
         tasks,
     })
+}
+
+/// What every listener's connections share; transparent listeners use it to create the
+/// inbound ports and outbound services they meet at run time.
+pub struct Shared {
+    pub acceptor: TlsAcceptor,
+    pub connectors: Arc<ConnectorFactory>,
+    pub identity: Arc<IdentityManager>,
+    pub discovery: Arc<Discovery>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub tracer: Arc<Tracer>,
+    pub access_log: bool,
+    pub drain: Drain,
+    pub inbounds: Arc<InboundSet>,
+}
+
+impl Shared {
+    /// An inbound port, registered so policy updates reach it, with the policy of the
+    /// current view already applied (fail closed until there is one).
+    pub fn inbound(&self, port: InboundPort) -> Arc<Inbound> {
+        let inbound = Arc::new(Inbound {
+            app: AppClient::new(port.forward_to, &self.limits),
+            port,
+            acceptor: self.acceptor.clone(),
+            identity: self.identity.clone(),
+            metrics: self.metrics.clone(),
+            counters: self.metrics.direction(Direction::Inbound),
+            limits: self.limits.clone(),
+            policy: ArcSwapOption::empty(),
+            sources: SourceLog::default(),
+            tracer: self.tracer.clone(),
+            access_log: self.access_log,
+            drain: self.drain.clone(),
+        });
+        // Registered before reading the view: a view published in between is then
+        // applied by `follow_inbound_policy`, one published before is read here.
+        self.inbounds.add(inbound.clone());
+        if let Some(view) = self.discovery.current() {
+            self.apply_policy(&inbound, &view);
+        }
+        inbound
+    }
+
+    fn apply_policy(&self, inbound: &Inbound, view: &crate::discovery::MeshView) {
+        let policy = InboundPolicy::resolve(view, self.identity.identity(), inbound.app_port());
+        inbound.policy.store(Some(Arc::new(policy)));
+    }
+
+    /// An outbound for a fixed upstream `name` (endpoints set by the caller).
+    pub fn outbound(&self, name: String, protocol: Option<Protocol>) -> Arc<Outbound> {
+        let upstream = Upstream::new(
+            name,
+            self.identity.identity().to_string(),
+            self.metrics.clone(),
+            self.limits.clone(),
+            self.tracer.clone(),
+            self.access_log,
+        );
+        Arc::new(Outbound {
+            upstream,
+            protocol: Arc::new(ArcSwap::from_pointee(protocol.unwrap_or_default())),
+            identity: self.identity.clone(),
+            metrics: self.metrics.clone(),
+            counters: self.metrics.direction(Direction::Outbound),
+            limits: self.limits.clone(),
+            drain: self.drain.clone(),
+        })
+    }
+
+    /// An outbound for a service port, and the task keeping it in step with discovery.
+    pub fn service_outbound(
+        &self,
+        key: String,
+        port: Option<u16>,
+        protocol_override: Option<Protocol>,
+    ) -> (Arc<Outbound>, JoinHandle<()>) {
+        let outbound = self.outbound(key.clone(), protocol_override);
+        let follow = tokio::spawn(follow_service(
+            self.discovery.clone(),
+            outbound.upstream.clone(),
+            ServiceBinding {
+                key,
+                port,
+                protocol_override,
+                protocol: outbound.protocol.clone(),
+            },
+            self.connectors.clone(),
+        ));
+        (outbound, follow)
+    }
 }
 
 /// How an outbound listener follows its service in discovery.
@@ -299,18 +378,13 @@ async fn follow_service(
 }
 
 /// Keeps each inbound port's policy in step with discovery.
-async fn follow_inbound_policy(
-    discovery: Arc<Discovery>,
-    identity: Arc<IdentityManager>,
-    inbounds: Vec<Arc<Inbound>>,
-) {
-    let mut views = discovery.subscribe();
+async fn follow_inbound_policy(shared: Arc<Shared>) {
+    let mut views = shared.discovery.subscribe();
     loop {
         let view = views.borrow_and_update().clone();
         if let Some(view) = view {
-            for inbound in &inbounds {
-                let policy = InboundPolicy::resolve(&view, identity.identity(), inbound.app_port());
-                inbound.policy.store(Some(Arc::new(policy)));
+            for inbound in shared.inbounds.all().iter() {
+                shared.apply_policy(inbound, &view);
             }
         }
         if views.changed().await.is_err() {

@@ -4,6 +4,7 @@
 //! application port, and each outbound listener carries local plaintext to a remote
 //! proxy, which must prove the SPIFFE ID configured for it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +16,9 @@ use tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN;
 
 /// Environment variable that carries the join token, instead of a file.
 pub const JOIN_TOKEN_ENV: &str = "TESSERA_JOIN_TOKEN";
+/// Environment variable holding the whole configuration (YAML) when no file is given:
+/// how an injected sidecar is configured.
+pub const CONFIG_ENV: &str = "TESSERA_PROXY_CONFIG";
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,80 @@ pub struct ProxyConfig {
     /// One JSON line per request on stdout.
     #[serde(default)]
     pub access_log: bool,
+    /// Transparent mode: listeners for traffic that iptables (`tessera-proxy init`)
+    /// redirects, each connection going where its original destination says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transparent: Option<TransparentConfig>,
+    /// The application's HTTP probes, served on the admin port under
+    /// `/app-health/...` and forwarded to the application (injection rewrites the
+    /// pod's probes to these, so they work when the application port is STRICT).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_probes: BTreeMap<String, AppProbe>,
+}
+
+/// The listeners iptables redirects to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TransparentConfig {
+    #[serde(default = "default_transparent_inbound")]
+    pub inbound_listen: SocketAddr,
+    #[serde(default = "default_transparent_outbound")]
+    pub outbound_listen: SocketAddr,
+}
+
+impl Default for TransparentConfig {
+    fn default() -> Self {
+        Self {
+            inbound_listen: default_transparent_inbound(),
+            outbound_listen: default_transparent_outbound(),
+        }
+    }
+}
+
+fn default_transparent_inbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+
+fn default_transparent_outbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15001))
+}
+
+/// One application probe: where the kubelet's request goes on the application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppProbe {
+    pub port: u16,
+    #[serde(default = "default_probe_path")]
+    pub path: String,
+    /// Only HTTP: an HTTPS probe is left alone by injection.
+    #[serde(default = "default_probe_scheme")]
+    pub scheme: String,
+    #[serde(default = "default_probe_timeout")]
+    pub timeout_seconds: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_headers: Vec<ProbeHeader>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProbeHeader {
+    pub name: String,
+    pub value: String,
+}
+
+/// Where application probes live on the admin port.
+pub const APP_PROBE_PREFIX: &str = "/app-health/";
+
+fn default_probe_path() -> String {
+    "/".into()
+}
+
+fn default_probe_scheme() -> String {
+    "HTTP".into()
+}
+
+fn default_probe_timeout() -> u32 {
+    1
 }
 
 /// Who this proxy is, and how it proves it the first time.
@@ -69,6 +147,10 @@ pub struct IdentityConfig {
     /// appears in configuration, logs or the admin endpoint.
     #[serde(default)]
     pub join_token_file: Option<PathBuf>,
+    /// A projected Kubernetes service-account token (audience `tessera`), sent instead
+    /// of a join token to authenticate the first certificate request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_token_file: Option<PathBuf>,
 }
 
 /// Where the control plane is and how to recognise it.
@@ -239,7 +321,12 @@ impl ProxyConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: Self = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Invalid {
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates YAML; `path` names where it came from in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = serde_saphyr::from_str(text).map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
             line: e.location().map_or(0, |l| l.line()),
             reason: e
@@ -270,6 +357,19 @@ impl ProxyConfig {
                 return Err(ConfigError::Semantic(format!(
                     "outbound {}: identity {identity} is outside trust domain {}",
                     upstream.listen, self.identity.trust_domain
+                )));
+            }
+        }
+        for (path, probe) in &self.app_probes {
+            if !path.starts_with(APP_PROBE_PREFIX) || !probe.path.starts_with('/') {
+                return Err(ConfigError::Semantic(format!(
+                    "appProbes {path:?}: must be under {APP_PROBE_PREFIX} and name an absolute path"
+                )));
+            }
+            if !probe.scheme.eq_ignore_ascii_case("http") {
+                return Err(ConfigError::Semantic(format!(
+                    "appProbes {path:?}: scheme {} is not supported (HTTP only)",
+                    probe.scheme
                 )));
             }
         }

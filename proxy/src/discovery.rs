@@ -6,6 +6,7 @@
 //! keeps routing on its last view and reconnects with backoff.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,22 +33,41 @@ pub struct MeshView {
     pub peer_authentications: Vec<Named<PeerAuthenticationSpec>>,
     pub authorization_policies: Vec<Named<AuthorizationPolicySpec>>,
     pub request_authentications: Vec<Named<RequestAuthenticationSpec>>,
+    /// Service keys by virtual IP, for transparent outbound routing.
+    pub by_address: HashMap<IpAddr, String>,
 }
 
 impl MeshView {
     fn from_snapshot(version: String, snapshot: MeshSnapshot) -> Self {
-        let services = snapshot
+        let services: HashMap<String, Arc<ServiceEntry>> = snapshot
             .services
             .into_iter()
             .map(|service| (service.key(), Arc::new(service)))
             .collect();
+        let by_address = services
+            .iter()
+            .flat_map(|(key, service)| service.addresses.iter().map(|ip| (*ip, key.clone())))
+            .collect();
         Self {
             version,
             services,
+            by_address,
             peer_authentications: snapshot.peer_authentications,
             authorization_policies: snapshot.authorization_policies,
             request_authentications: snapshot.request_authentications,
         }
+    }
+}
+
+impl MeshView {
+    /// The service a connection to `destination` is for: its virtual IP, on a port the
+    /// service declares (or any port when it declares none).
+    pub fn service_at(&self, destination: SocketAddr) -> Option<&str> {
+        let key = self.by_address.get(&destination.ip())?;
+        let service = self.services.get(key)?;
+        let port_declared =
+            service.ports.is_empty() || service.ports.iter().any(|p| p.port == destination.port());
+        port_declared.then_some(key.as_str())
     }
 }
 

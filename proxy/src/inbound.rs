@@ -62,6 +62,26 @@ pub struct Inbound {
     pub drain: Drain,
 }
 
+/// Every inbound port the proxy serves. Explicit ports are known at start; transparent
+/// mode adds one per application port as its first connection arrives. Readers (policy
+/// updates, the admin endpoint) take a snapshot without locking.
+#[derive(Default)]
+pub struct InboundSet(arc_swap::ArcSwap<Vec<Arc<Inbound>>>);
+
+impl InboundSet {
+    pub fn add(&self, inbound: Arc<Inbound>) {
+        self.0.rcu(|all| {
+            let mut all = Vec::clone(all);
+            all.push(inbound.clone());
+            all
+        });
+    }
+
+    pub fn all(&self) -> Arc<Vec<Arc<Inbound>>> {
+        self.0.load_full()
+    }
+}
+
 /// Who is on the other end of one connection.
 #[derive(Clone)]
 struct Peer {
@@ -110,7 +130,8 @@ impl Inbound {
         );
     }
 
-    async fn handle(self: Arc<Self>, stream: TcpStream, address: SocketAddr) {
+    /// Serves one accepted connection.
+    pub(crate) async fn handle(self: Arc<Self>, stream: TcpStream, address: SocketAddr) {
         if !self.identity.has_valid_cert() {
             return self.refuse(
                 address,

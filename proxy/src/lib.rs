@@ -10,6 +10,7 @@ pub mod app;
 pub mod authn;
 pub mod authz;
 pub mod balance;
+pub mod capture;
 pub mod config;
 pub mod control_plane;
 pub mod detect;
@@ -25,6 +26,7 @@ pub mod router;
 pub mod tcp;
 pub mod telemetry;
 pub mod trace;
+pub mod transparent;
 
 pub use app::{RunningProxy, start};
 pub use config::ProxyConfig;

@@ -1,11 +1,14 @@
-//! `tessera-proxy`: parse arguments, start the proxy, wait for a signal.
+//! `tessera-proxy`: parse arguments, then either program the pod's traffic capture
+//! (`init`) or start the proxy and wait for a signal (`run`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tessera_proto::logging::{self, LogFormat};
 use tessera_proxy::ProxyConfig;
+use tessera_proxy::capture::{self, CaptureConfig, Family};
+use tessera_proxy::config::CONFIG_ENV;
 
 #[derive(Parser)]
 #[command(name = "tessera-proxy", version, about = "Tessera data-plane proxy")]
@@ -26,32 +29,122 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Run {
-        /// Proxy configuration file (YAML).
-        #[arg(long, env = "TESSERA_PROXY_CONFIG")]
-        config: PathBuf,
+        /// Proxy configuration file (YAML). Without it, the YAML itself is read from the
+        /// TESSERA_PROXY_CONFIG environment variable (how injected sidecars get it).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
+    /// Program iptables (nat table) so the pod's TCP traffic goes through the proxy:
+    /// inbound to --inbound-port, outbound to --outbound-port, except the proxy's own.
+    /// Idempotent; prints the rules it installs.
+    Init(InitArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// UID the proxy runs as; its traffic is never captured.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// Also exempt traffic of this GID.
+    #[arg(long)]
+    proxy_gid: Option<u32>,
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Comma-separated destination ports whose inbound connections bypass the proxy.
+    #[arg(long, default_value = "")]
+    exclude_inbound_ports: String,
+    /// Comma-separated source CIDRs whose inbound connections bypass the proxy.
+    #[arg(long, default_value = "")]
+    exclude_inbound_cidrs: String,
+    /// Comma-separated destination ports whose outbound connections bypass the proxy.
+    #[arg(long, default_value = "")]
+    exclude_outbound_ports: String,
+    /// Comma-separated destination CIDRs whose outbound connections bypass the proxy.
+    #[arg(long, default_value = "")]
+    exclude_outbound_cidrs: String,
+    /// Remove every rule and chain `init` installed, then exit.
+    #[arg(long)]
+    cleanup: bool,
+    /// Print the rules without touching iptables.
+    #[arg(long)]
+    dry_run: bool,
+    /// Leave IPv6 alone (by default ip6tables is programmed when the host has it).
+    #[arg(long)]
+    no_ipv6: bool,
+}
+
+/// A comma-separated flag value, or an error naming the flag and the bad item.
+fn list<T: std::str::FromStr>(flag: &str, text: &str) -> anyhow::Result<Vec<T>> {
+    capture::parse_list(text).map_err(|reason| anyhow::anyhow!("{flag}: {reason}"))
 }
 
 fn main() -> anyhow::Result<()> {
     tessera_proto::tls::install_crypto_provider();
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     match cli.command {
-        Command::Run { config } => runtime.block_on(run(config)),
+        Command::Run { config } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(run(config))
+        }
+        Command::Init(args) => init(args),
     }
 }
 
-async fn run(config_path: PathBuf) -> anyhow::Result<()> {
-    let config = ProxyConfig::load(&config_path)?;
+async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match config_path {
+        Some(path) => ProxyConfig::load(&path)?,
+        None => {
+            let text = std::env::var(CONFIG_ENV).with_context(|| {
+                format!("no configuration: pass --config FILE or set {CONFIG_ENV} to the YAML")
+            })?;
+            ProxyConfig::parse(&text, std::path::Path::new(CONFIG_ENV))?
+        }
+    };
     let proxy = tessera_proxy::start(config).await?;
     tessera_proxy::app::shutdown_signal()
         .await
         .context("cannot watch for signals")?;
     proxy.shutdown().await;
     tracing::info!(event = "proxy stopped");
+    Ok(())
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let config = CaptureConfig {
+        proxy_uid: args.proxy_uid,
+        proxy_gid: args.proxy_gid,
+        inbound_port: args.inbound_port,
+        outbound_port: args.outbound_port,
+        exclude_inbound_ports: list("--exclude-inbound-ports", &args.exclude_inbound_ports)?,
+        exclude_inbound_cidrs: list("--exclude-inbound-cidrs", &args.exclude_inbound_cidrs)?,
+        exclude_outbound_ports: list("--exclude-outbound-ports", &args.exclude_outbound_ports)?,
+        exclude_outbound_cidrs: list("--exclude-outbound-cidrs", &args.exclude_outbound_cidrs)?,
+    };
+    let mut families = vec![Family::V4];
+    if !args.no_ipv6 && (args.dry_run || capture::available(Family::V6)) {
+        families.push(Family::V6);
+    }
+    for family in families {
+        let label = match family {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        };
+        if args.dry_run {
+            println!("# {label} (dry run)\n{}", capture::rules(&config, family));
+        } else if args.cleanup {
+            capture::remove(family).with_context(|| format!("{label}: cleanup"))?;
+            println!("# {label}: Tessera rules removed");
+        } else {
+            let batch =
+                capture::install(&config, family).with_context(|| format!("{label}: install"))?;
+            println!("# {label}: installed\n{batch}");
+        }
+    }
     Ok(())
 }

@@ -50,7 +50,8 @@ impl Outbound {
         .await;
     }
 
-    async fn handle(&self, app: TcpStream, client: SocketAddr) {
+    /// Serves one accepted connection.
+    pub(crate) async fn handle(&self, app: TcpStream, client: SocketAddr) {
         if !self.identity.has_valid_cert() {
             self.metrics
                 .refuse(Direction::Outbound, Refusal::NoLocalCertificate);

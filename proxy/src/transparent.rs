@@ -1,0 +1,245 @@
+//! Transparent mode: the listeners iptables redirects a pod's traffic to
+//! (`tessera-proxy init`). Each connection's original destination (SO_ORIGINAL_DST) says
+//! where it was going:
+//! - outbound (15001): a service VIP and port known to discovery is routed like an
+//!   explicit outbound listener for that service (mTLS, balancing, retries, policy);
+//!   any other destination passes through as plain TCP, so workloads outside the mesh
+//!   stay reachable while a migration is under way;
+//! - inbound (15006): the local application port the peer asked for, with that port's
+//!   mTLS mode and authorization.
+//!
+//! The proxy's own connections are exempt from capture (its UID), so forwarding to the
+//! original destination cannot loop; a connection made straight to a transparent
+//! listener (no redirect happened) is refused for the same reason.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::app::Shared;
+use crate::config::InboundPort;
+use crate::inbound::Inbound;
+use crate::outbound::Outbound;
+use crate::tcp;
+use crate::telemetry::{Direction, Refusal};
+
+/// Distinct application ports one proxy serves inbound; a peer probing every port of
+/// the pod must not make the proxy build a client per port without bound.
+const MAX_INBOUND_PORTS: usize = 256;
+
+/// Where a redirected connection was going before iptables sent it to us.
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let socket = socket2::SockRef::from(stream);
+    let original = if stream.local_addr()?.is_ipv4() {
+        socket.original_dst_v4()?
+    } else {
+        socket.original_dst_v6()?
+    };
+    original.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original destination is not an IP address",
+        )
+    })
+}
+
+/// The original destination of a redirected connection, or `None` (logged) when there
+/// is none or it is the listener itself — a client that dialled the proxy port directly,
+/// which would otherwise make the proxy connect to itself.
+fn redirected_destination(
+    stream: &TcpStream,
+    client: SocketAddr,
+    listener: &str,
+) -> Option<SocketAddr> {
+    match original_destination(stream) {
+        Ok(original) if stream.local_addr().ok() == Some(original) => {
+            warn!(
+                event = "connection refused",
+                listener,
+                client_address = %client,
+                reason = "connected to the transparent listener directly, not redirected",
+            );
+            None
+        }
+        Ok(original) => Some(original),
+        Err(error) => {
+            warn!(event = "connection refused", listener, client_address = %client, reason = "no original destination", error = %error);
+            None
+        }
+    }
+}
+
+/// The transparent outbound listener.
+pub struct TransparentOutbound {
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+    /// One outbound per service port met so far, with the task that follows it.
+    services: Mutex<HashMap<ServicePort, Followed>>,
+}
+
+/// A service key (`name.namespace`) and one of its ports.
+type ServicePort = (String, u16);
+/// An outbound and the task keeping it in step with discovery.
+type Followed = (Arc<Outbound>, JoinHandle<()>);
+
+impl TransparentOutbound {
+    pub fn new(shared: Arc<Shared>, listen: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            shared,
+            listen,
+            services: Mutex::default(),
+        })
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let limit = self.shared.limits.max_connections;
+        let drain = self.shared.drain.clone();
+        tcp::accept_loop(listener, limit, drain, move |stream, client, permit| {
+            let outbound = self.clone();
+            async move {
+                outbound.handle(stream, client).await;
+                drop(permit);
+            }
+        })
+        .await;
+    }
+
+    async fn handle(&self, stream: TcpStream, client: SocketAddr) {
+        let Some(original) = redirected_destination(&stream, client, "transparent outbound") else {
+            return;
+        };
+        let Some(view) = self.shared.discovery.current() else {
+            // Fail closed: without a view we cannot tell a mesh service (which must get
+            // mTLS) from an outside destination.
+            self.shared
+                .metrics
+                .refuse(Direction::Outbound, Refusal::NoConfiguration);
+            return warn!(event = "outbound connection refused", client_address = %client, destination = %original, reason = "no configuration from the control plane yet");
+        };
+        match view.service_at(original) {
+            Some(key) => {
+                let outbound = self.service_outbound(key, original.port());
+                outbound.handle(stream, client).await;
+            }
+            None => self.passthrough(stream, client, original).await,
+        }
+    }
+
+    fn service_outbound(&self, key: &str, port: u16) -> Arc<Outbound> {
+        let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
+        let (outbound, _) = services
+            .entry((key.to_string(), port))
+            .or_insert_with(|| {
+                debug!(event = "transparent outbound service", service = key, port, listener = %self.listen);
+                self.shared
+                    .service_outbound(key.to_string(), Some(port), None)
+            });
+        outbound.clone()
+    }
+
+    /// A destination outside the mesh: plain TCP, as if there were no proxy.
+    async fn passthrough(&self, mut stream: TcpStream, client: SocketAddr, original: SocketAddr) {
+        debug!(event = "passthrough", client_address = %client, destination = %original);
+        let counters = self.shared.metrics.direction(Direction::Outbound);
+        let _open = counters.open();
+        let mut upstream = match tcp::connect(
+            &original.to_string(),
+            self.shared.limits.connect_timeout,
+        )
+        .await
+        {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                return debug!(event = "passthrough destination unreachable", destination = %original, error = %error);
+            }
+        };
+        match tcp::relay(&mut stream, &mut upstream).await {
+            Ok((sent, received)) => {
+                counters.sent.inc_by(sent);
+                counters.received.inc_by(received);
+            }
+            Err(error) => debug!(event = "passthrough ended with error", error = %error),
+        }
+    }
+}
+
+impl Drop for TransparentOutbound {
+    fn drop(&mut self) {
+        let services = self
+            .services
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (_, follow) in services.values() {
+            follow.abort();
+        }
+    }
+}
+
+/// The transparent inbound listener.
+pub struct TransparentInbound {
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+    /// One inbound per application address met so far.
+    ports: Mutex<HashMap<SocketAddr, Arc<Inbound>>>,
+}
+
+impl TransparentInbound {
+    pub fn new(shared: Arc<Shared>, listen: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            shared,
+            listen,
+            ports: Mutex::default(),
+        })
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let limit = self.shared.limits.max_connections;
+        let drain = self.shared.drain.clone();
+        tcp::accept_loop(listener, limit, drain, move |stream, client, permit| {
+            let inbound = self.clone();
+            async move {
+                inbound.handle(stream, client).await;
+                drop(permit);
+            }
+        })
+        .await;
+    }
+
+    async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
+        let Some(original) = redirected_destination(&stream, peer, "transparent inbound") else {
+            return;
+        };
+        match self.inbound_for(original) {
+            Some(inbound) => inbound.handle(stream, peer).await,
+            None => {
+                self.shared
+                    .metrics
+                    .refuse(Direction::Inbound, Refusal::ConnectFailed);
+                warn!(event = "inbound connection refused", peer_address = %peer, destination = %original, reason = "too many distinct application ports", limit = MAX_INBOUND_PORTS);
+            }
+        }
+    }
+
+    /// The inbound for an application address; the application is reached at the very
+    /// address the peer dialled (the proxy's own traffic is not captured).
+    fn inbound_for(&self, application: SocketAddr) -> Option<Arc<Inbound>> {
+        let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(inbound) = ports.get(&application) {
+            return Some(inbound.clone());
+        }
+        if ports.len() >= MAX_INBOUND_PORTS {
+            return None;
+        }
+        let inbound = self.shared.inbound(InboundPort {
+            listen: self.listen,
+            forward_to: application,
+        });
+        ports.insert(application, inbound.clone());
+        Some(inbound)
+    }
+}
