@@ -1,10 +1,12 @@
 //! Operator commands that read the mesh rather than run it: `tessera check migration`
 //! (who still sends plaintext, and would STRICT break them) and `tessera policy explain`
-//! (the decision for one hypothetical request, from the same engine the proxies run).
+//! (the decision for one hypothetical request, from the same engine the proxies run),
+//! `tessera stat`, and `tessera inject` (sidecars added to Kubernetes YAML files).
 
 use std::fmt::Write as _;
+use std::io::Read as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use http_body_util::{BodyExt, Empty};
@@ -12,6 +14,8 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tessera_proto::SpiffeId;
 use tessera_proto::policy::{self, MtlsMode, WorkloadRef};
+
+use crate::inject::{self, Outcome, SkipReason};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -431,6 +435,65 @@ fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
         lower = (bound, count);
     }
     Some(lower.0)
+}
+
+/// `tessera inject`: the documents of every source (`-` is stdin) with sidecars added,
+/// as one YAML stream, and a line per workload saying what was done. Any failure
+/// returns an error and no YAML at all, so nothing half-injected is ever written.
+pub fn inject(
+    sources: &[PathBuf],
+    options: &inject::Options,
+) -> anyhow::Result<(String, Vec<String>)> {
+    let mut yaml = String::new();
+    let mut report = Vec::new();
+    for source in sources {
+        let label = if source.as_os_str() == "-" {
+            "<stdin>".to_string()
+        } else {
+            source.display().to_string()
+        };
+        let input = read_source(source).with_context(|| format!("cannot read {label}"))?;
+        let injected = inject::manifests::inject_manifests(&input, options)
+            .with_context(|| format!("{label}: nothing was written"))?;
+        if !yaml.is_empty() {
+            if !yaml.ends_with('\n') {
+                yaml.push('\n');
+            }
+            yaml.push_str("---\n");
+        }
+        yaml.push_str(&injected.yaml);
+        for document in injected.reports {
+            let done = match document.outcome {
+                Outcome::Skipped(SkipReason::NotAWorkload) => continue,
+                Outcome::Injected => "injected".to_string(),
+                Outcome::Skipped(reason) => format!("skipped: {reason}"),
+            };
+            report.push(format!("{label}: {}: {done}", document.object));
+        }
+    }
+    Ok((yaml, report))
+}
+
+fn read_source(source: &Path) -> std::io::Result<String> {
+    if source.as_os_str() == "-" {
+        let mut input = String::new();
+        std::io::stdin().read_to_string(&mut input)?;
+        Ok(input)
+    } else {
+        std::fs::read_to_string(source)
+    }
+}
+
+/// `HOST:PORT`, as the proxies will dial the control plane.
+pub fn parse_host_port(text: &str) -> Result<String, String> {
+    let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0)
+    });
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?} is not HOST:PORT"))
+    }
 }
 
 #[cfg(test)]

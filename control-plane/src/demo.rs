@@ -512,6 +512,7 @@ async fn start_proxy(
             namespace: NAMESPACE.into(),
             service_account: service_account.into(),
             join_token_file: Some(token_file),
+            service_account_token_file: None,
         },
         control_plane: ControlPlaneConfig {
             address: control_plane.grpc_address.to_string(),
@@ -530,6 +531,8 @@ async fn start_proxy(
         limits: Limits::default(),
         tracing: None,
         access_log: false,
+        transparent: None,
+        app_probes: Default::default(),
     };
     Ok(tessera_proxy::start(config).await?)
 }

@@ -3,7 +3,8 @@
 //! `ca` signs workload certificates that `identity_service` hands out after checking
 //! `token`s or current certificates; `discovery_service` streams configuration; `grpc`
 //! terminates TLS for both on one port; `app` wires them; `demo` runs a whole mesh on
-//! loopback.
+//! loopback. `inject` adds the sidecar to Kubernetes objects, for `tessera inject` and
+//! for `webhook`, the admission webhook on 15017.
 
 pub mod app;
 pub mod ca;
@@ -13,6 +14,7 @@ pub mod demo;
 pub mod discovery_service;
 pub mod grpc;
 pub mod identity_service;
+pub mod inject;
 pub mod state;
 pub mod telemetry;
 pub mod token;

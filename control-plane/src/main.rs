@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tessera_control_plane::{app, cli, demo};
+use tessera_control_plane::{app, cli, demo, inject};
 use tessera_proto::logging::{self, LogFormat};
 
 #[derive(Parser)]
@@ -70,6 +70,18 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Add the Tessera sidecar to Kubernetes workloads in YAML (printed to stdout).
+    Inject {
+        /// YAML file, possibly multi-document; `-` or none for stdin (repeatable).
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// Image of the proxy and of its init container.
+        #[arg(long, default_value_t = inject::default_proxy_image())]
+        proxy_image: String,
+        /// Where injected proxies reach the control plane.
+        #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE_ADDRESS, value_parser = cli::parse_host_port)]
+        control_plane_address: String,
     },
     /// Run a small mesh on loopback and show what it does.
     Demo {
@@ -190,6 +202,25 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { duration } => runtime.block_on(demo::run(duration)),
+        Command::Inject {
+            mut files,
+            proxy_image,
+            control_plane_address,
+        } => {
+            if files.is_empty() {
+                files.push(PathBuf::from("-"));
+            }
+            let options = inject::Options {
+                proxy_image,
+                control_plane_address,
+            };
+            let (yaml, report) = cli::inject(&files, &options)?;
+            for line in report {
+                eprintln!("{line}");
+            }
+            std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())
+                .context("cannot write to stdout")
+        }
         Command::Stat {
             proxies,
             window,

@@ -1,0 +1,328 @@
+//! Sidecar injection: the one mutation behind both `tessera inject` (files) and the
+//! admission webhook (pods at creation).
+//!
+//! Objects stay `serde_json::Value`s so fields this code does not know — newer API
+//! versions, other tools' additions — survive untouched; only what injection adds is
+//! built with typed k8s-openapi structs. `annotations` reads the owner's choices,
+//! `probes` reroutes HTTP probes through the proxy, `sidecar` builds what is added,
+//! `manifests` handles multi-document YAML for the CLI.
+
+pub mod annotations;
+pub mod manifests;
+pub mod probes;
+pub mod sidecar;
+
+use serde_json::{Map, Value};
+
+use annotations::{Annotations, InjectChoice};
+pub use sidecar::{INIT_CONTAINER, PROXY_CONTAINER};
+
+/// The default control plane address, as `deploy/kubernetes` installs it.
+pub const DEFAULT_CONTROL_PLANE_ADDRESS: &str = "tessera-control-plane.tessera-system.svc:15012";
+
+/// What to inject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub proxy_image: String,
+    /// `host:port` of the control plane's gRPC endpoint, as proxies will dial it.
+    pub control_plane_address: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            proxy_image: default_proxy_image(),
+            control_plane_address: DEFAULT_CONTROL_PLANE_ADDRESS.into(),
+        }
+    }
+}
+
+/// The proxy image released with this version of the control plane.
+pub fn default_proxy_image() -> String {
+    concat!(
+        "ghcr.io/tessera-mesh/tessera-proxy:",
+        env!("CARGO_PKG_VERSION")
+    )
+    .to_string()
+}
+
+/// Why an object was left as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Not a kind that runs pods (Service, ConfigMap, …).
+    NotAWorkload,
+    /// `tessera.dev/inject: "false"`.
+    OptedOut,
+    /// `hostNetwork: true`.
+    HostNetwork,
+    /// It already has a `tessera-proxy` init container.
+    AlreadyInjected,
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SkipReason::NotAWorkload => "not a workload",
+            SkipReason::OptedOut => "opted out (tessera.dev/inject: \"false\")",
+            SkipReason::HostNetwork => "host network",
+            SkipReason::AlreadyInjected => "already injected",
+        })
+    }
+}
+
+/// What injection did to an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Injected,
+    Skipped(SkipReason),
+}
+
+/// Why an object cannot be injected. The object is then left unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("annotation {annotation}: {value:?} is not valid: {reason}")]
+    InvalidAnnotation {
+        annotation: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{path} must be {expected}")]
+    Malformed {
+        path: String,
+        expected: &'static str,
+    },
+    #[error("{path} already has {name:?}, a name reserved for the Tessera sidecar")]
+    ReservedName { path: String, name: String },
+    #[error("cannot build the sidecar: {0}")]
+    Internal(String),
+}
+
+/// Injects the sidecar into a Pod or into the pod template of a workload (Deployment,
+/// StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job, CronJob); any other
+/// object is `Skipped(NotAWorkload)`. On error `object` is unchanged.
+pub fn inject_object(object: &mut Value, options: &Options) -> Result<Outcome, InjectError> {
+    let Some(template_path) = pod_template_path(object) else {
+        return Ok(Outcome::Skipped(SkipReason::NotAWorkload));
+    };
+    let template = object
+        .pointer_mut(template_path)
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| malformed(&dotted(template_path), "an object"))?;
+    let base = dotted(&format!("{template_path}/spec"));
+    let Some(spec) = template.get("spec") else {
+        return Err(malformed(&base, "an object"));
+    };
+    // Injection works on a copy, swapped in only when complete: never half-injected.
+    let mut draft = spec.clone();
+    let outcome = inject_pod_spec(template.get("metadata"), &mut draft, &base, options)?;
+    if outcome == Outcome::Injected {
+        template.insert("spec".into(), draft);
+    }
+    Ok(outcome)
+}
+
+/// Where the pod (template) of a kind lives, as a JSON pointer; `None` for kinds that
+/// run no pods. The API group is checked too: a CRD of another group may well be
+/// called `Deployment`, and its schema is not ours to guess.
+fn pod_template_path(object: &Value) -> Option<&'static str> {
+    let kind = object.get("kind")?.as_str()?;
+    let api_version = object.get("apiVersion")?.as_str()?;
+    let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+    match (group, kind) {
+        ("", "Pod") => Some(""),
+        ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
+        | ("", "ReplicationController")
+        | ("batch", "Job") => Some("/spec/template"),
+        ("batch", "CronJob") => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
+fn inject_pod_spec(
+    metadata: Option<&Value>,
+    spec: &mut Value,
+    base: &str,
+    options: &Options,
+) -> Result<Outcome, InjectError> {
+    let annotations = Annotations::of(metadata);
+    if annotations.inject_choice()? == InjectChoice::OptOut {
+        return Ok(Outcome::Skipped(SkipReason::OptedOut));
+    }
+    let spec = spec
+        .as_object_mut()
+        .ok_or_else(|| malformed(base, "an object"))?;
+    // The proxy would capture the node's traffic, not the pod's, and every such pod
+    // on a node would fight over ports 15001/15006/15020.
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Ok(Outcome::Skipped(SkipReason::HostNetwork));
+    }
+    if names(spec, "initContainers", base)?.contains(&PROXY_CONTAINER) {
+        return Ok(Outcome::Skipped(SkipReason::AlreadyInjected));
+    }
+    let exclusions = annotations.exclusions()?;
+    refuse_reserved_names(spec, base)?;
+
+    let containers = spec
+        .get_mut("containers")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| malformed(&format!("{base}.containers"), "a list of containers"))?;
+    let app_probes = probes::rewrite(containers);
+    let added = [
+        to_value(&sidecar::init_container(options, &exclusions))?,
+        to_value(&sidecar::proxy_container(options, &app_probes)?)?,
+    ];
+    // First, so the capture is in place and the proxy ready before any app container,
+    // including the app's own init containers, opens a connection.
+    list_mut(spec, "initContainers", base)?.splice(0..0, added);
+    for volume in sidecar::volumes() {
+        list_mut(spec, "volumes", base)?.push(to_value(&volume)?);
+    }
+    Ok(Outcome::Injected)
+}
+
+fn refuse_reserved_names(spec: &Map<String, Value>, base: &str) -> Result<(), InjectError> {
+    let reserved = [
+        ("initContainers", &sidecar::RESERVED_CONTAINERS),
+        ("containers", &sidecar::RESERVED_CONTAINERS),
+        ("volumes", &sidecar::RESERVED_VOLUMES),
+    ];
+    for (field, reserved_names) in reserved {
+        if let Some(name) = names(spec, field, base)?
+            .into_iter()
+            .find(|name| reserved_names.contains(name))
+        {
+            return Err(InjectError::ReservedName {
+                path: format!("{base}.{field}"),
+                name: name.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The `name`s of a list of named items (containers, volumes); empty when absent.
+fn names<'a>(
+    spec: &'a Map<String, Value>,
+    field: &str,
+    base: &str,
+) -> Result<Vec<&'a str>, InjectError> {
+    match spec.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => Ok(items
+            .iter()
+            .filter_map(|item| item.get("name").and_then(Value::as_str))
+            .collect()),
+        Some(_) => Err(malformed(&format!("{base}.{field}"), "a list")),
+    }
+}
+
+/// A list field, created empty when absent.
+fn list_mut<'a>(
+    spec: &'a mut Map<String, Value>,
+    field: &str,
+    base: &str,
+) -> Result<&'a mut Vec<Value>, InjectError> {
+    let value = spec
+        .entry(field)
+        .and_modify(|v| {
+            if v.is_null() {
+                *v = Value::Array(Vec::new());
+            }
+        })
+        .or_insert_with(|| Value::Array(Vec::new()));
+    value
+        .as_array_mut()
+        .ok_or_else(|| malformed(&format!("{base}.{field}"), "a list"))
+}
+
+fn to_value(item: &impl serde::Serialize) -> Result<Value, InjectError> {
+    serde_json::to_value(item).map_err(|e| InjectError::Internal(e.to_string()))
+}
+
+fn malformed(path: &str, expected: &'static str) -> InjectError {
+    InjectError::Malformed {
+        path: path.to_string(),
+        expected,
+    }
+}
+
+/// `/spec/template/spec` → `spec.template.spec`, as `kubectl explain` names fields.
+fn dotted(pointer: &str) -> String {
+    let path = pointer.trim_start_matches('/').replace('/', ".");
+    if path.is_empty() { ".".into() } else { path }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(spec: Value) -> Value {
+        json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p" }, "spec": spec })
+    }
+
+    #[test]
+    fn refuses_reserved_names_and_malformed_specs_leaving_the_object_unchanged() {
+        let cases = [
+            (
+                pod(json!({ "containers": [{ "name": "tessera-init" }] })),
+                "spec.containers already has \"tessera-init\"",
+            ),
+            (
+                pod(
+                    json!({ "containers": [{ "name": "a" }], "volumes": [{ "name": "tessera-token" }] }),
+                ),
+                "spec.volumes already has \"tessera-token\"",
+            ),
+            (
+                pod(json!({ "containers": "a" })),
+                "spec.containers must be a list",
+            ),
+            (
+                pod(json!({})),
+                "spec.containers must be a list of containers",
+            ),
+            (
+                json!({ "apiVersion": "apps/v1", "kind": "Deployment", "spec": {} }),
+                "spec.template must be an object",
+            ),
+        ];
+        for (mut object, message) in cases {
+            let before = object.clone();
+            let error = inject_object(&mut object, &Options::default()).unwrap_err();
+            assert!(error.to_string().contains(message), "{error}");
+            assert_eq!(object, before);
+        }
+    }
+
+    #[test]
+    fn only_known_groups_are_workloads() {
+        let mut foreign = json!({
+            "apiVersion": "example.com/v1", "kind": "Deployment",
+            "spec": { "template": { "spec": { "containers": [{ "name": "a" }] } } }
+        });
+        let before = foreign.clone();
+        assert_eq!(
+            inject_object(&mut foreign, &Options::default()).unwrap(),
+            Outcome::Skipped(SkipReason::NotAWorkload)
+        );
+        assert_eq!(foreign, before);
+    }
+
+    #[test]
+    fn null_lists_are_treated_as_empty() {
+        let mut object = pod(
+            json!({ "containers": [{ "name": "a" }], "initContainers": null, "volumes": null }),
+        );
+        assert_eq!(
+            inject_object(&mut object, &Options::default()).unwrap(),
+            Outcome::Injected
+        );
+        assert_eq!(
+            object["spec"]["initContainers"].as_array().unwrap().len(),
+            2
+        );
+        assert_eq!(object["spec"]["volumes"].as_array().unwrap().len(), 2);
+    }
+}
