@@ -20,7 +20,7 @@ use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_HTTP1, ALPN_TCP, ConnectorFactory, Connectors};
 use crate::config::{InboundPort, Limits, ProxyConfig, UpstreamTarget};
 use crate::control_plane::ControlPlane;
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, MeshView};
 use crate::identity::IdentityManager;
 use crate::inbound::{AppClient, Inbound, InboundSet};
 use crate::lifecycle::{Drain, DrainTrigger};
@@ -280,7 +280,7 @@ impl Shared {
         inbound
     }
 
-    fn apply_policy(&self, inbound: &Inbound, view: &crate::discovery::MeshView) {
+    fn apply_policy(&self, inbound: &Inbound, view: &MeshView) {
         let policy = InboundPolicy::resolve(view, self.identity.identity(), inbound.app_port());
         inbound.policy.store(Some(Arc::new(policy)));
     }
@@ -314,15 +314,22 @@ impl Shared {
         protocol_override: Option<Protocol>,
     ) -> (Arc<Outbound>, JoinHandle<()>) {
         let outbound = self.outbound(key.clone(), protocol_override);
+        let binding = ServiceBinding {
+            key,
+            port,
+            protocol_override,
+            protocol: outbound.protocol.clone(),
+        };
+        // Applied now, not only in the task: a transparent connection creating this
+        // outbound is served right after, and must not find it empty.
+        let mut views = self.discovery.subscribe();
+        if let Some(view) = views.borrow_and_update().clone() {
+            apply_service(&view, &outbound.upstream, &binding, &*self.connectors);
+        }
         let follow = tokio::spawn(follow_service(
-            self.discovery.clone(),
+            views,
             outbound.upstream.clone(),
-            ServiceBinding {
-                key,
-                port,
-                protocol_override,
-                protocol: outbound.protocol.clone(),
-            },
+            binding,
             self.connectors.clone(),
         ));
         (outbound, follow)
@@ -338,41 +345,51 @@ struct ServiceBinding {
 }
 
 /// Keeps an upstream's endpoints, route policy and protocol in step with discovery.
+/// The subscription starts from the current view, so no snapshot is missed.
 async fn follow_service(
-    discovery: Arc<Discovery>,
+    mut views: tokio::sync::watch::Receiver<Option<Arc<MeshView>>>,
     upstream: Arc<Upstream>,
     binding: ServiceBinding,
     connectors: Arc<ConnectorFactory>,
 ) {
-    let mut views = discovery.subscribe();
     loop {
         let view = views.borrow_and_update().clone();
         if let Some(view) = view {
-            match view.services.get(&binding.key) {
-                Some(service) => {
-                    let endpoints: Vec<_> = service
-                        .endpoints
-                        .iter()
-                        .map(|e| (e.address.clone(), e.identity.clone()))
-                        .collect();
-                    let route = service.route.as_ref();
-                    let outlier = route.and_then(|r| r.outlier_detection.clone());
-                    upstream.balancer.update(&endpoints, outlier, &*connectors);
-                    upstream.set_policy(route);
-                    let protocol = binding
-                        .protocol_override
-                        .unwrap_or_else(|| service.protocol(binding.port));
-                    binding.protocol.store(Arc::new(protocol));
-                }
-                None => {
-                    warn!(event = "unknown upstream service", service = %binding.key);
-                    upstream.balancer.update(&[], None, &*connectors);
-                    upstream.set_policy(None);
-                }
-            }
+            apply_service(&view, &upstream, &binding, &*connectors);
         }
         if views.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Applies one view to an upstream.
+fn apply_service(
+    view: &MeshView,
+    upstream: &Upstream,
+    binding: &ServiceBinding,
+    connectors: &ConnectorFactory,
+) {
+    match view.services.get(&binding.key) {
+        Some(service) => {
+            let endpoints: Vec<_> = service
+                .endpoints
+                .iter()
+                .map(|e| (e.address.clone(), e.identity.clone()))
+                .collect();
+            let route = service.route.as_ref();
+            let outlier = route.and_then(|r| r.outlier_detection.clone());
+            upstream.balancer.update(&endpoints, outlier, connectors);
+            upstream.set_policy(route);
+            let protocol = binding
+                .protocol_override
+                .unwrap_or_else(|| service.protocol(binding.port));
+            binding.protocol.store(Arc::new(protocol));
+        }
+        None => {
+            warn!(event = "unknown upstream service", service = %binding.key);
+            upstream.balancer.update(&[], None, connectors);
+            upstream.set_policy(None);
         }
     }
 }
