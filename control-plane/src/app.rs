@@ -1,5 +1,5 @@
 //! Wiring of the control plane: configuration, CA, token authority, the gRPC services
-//! on 15012 and the admin endpoint on 15014.
+//! on 15012, the admin endpoint on 15014 and the injection webhook on 15017.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use http::StatusCode;
+use rcgen::KeyPair;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tessera_proto::SpiffeId;
@@ -21,11 +22,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::ca::CertificateAuthority;
+use crate::ca::{CertificateAuthority, Issued};
 use crate::discovery_service::DiscoveryService;
 use crate::identity_service::IdentityService;
 use crate::telemetry::Metrics;
 use crate::token::{self, TokenAuthority};
+use crate::webhook;
 
 /// The control plane's own certificate lives this long and is renewed at half-life.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -39,6 +41,9 @@ pub struct Options {
     pub state_dir: PathBuf,
     pub grpc_listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    pub webhook_listen: SocketAddr,
+    /// What the webhook injects.
+    pub inject: crate::inject::Options,
 }
 
 impl Options {
@@ -52,6 +57,7 @@ impl Options {
 pub struct RunningControlPlane {
     pub grpc_address: SocketAddr,
     pub admin_address: SocketAddr,
+    pub webhook_address: SocketAddr,
     pub trust_domain: String,
     /// PEM file of the current trust bundle, for proxies to bootstrap from.
     pub trust_bundle_file: PathBuf,
@@ -123,7 +129,27 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
 
     let own_identity = SpiffeId::control_plane(&mesh.trust_domain)?;
     let serving_cert = CurrentCert::new();
-    renew_serving_cert(&ca, &own_identity, &serving_cert)?;
+    let issue_serving_cert = {
+        let (ca, identity) = (ca.clone(), own_identity.clone());
+        move || {
+            let (issued, key) = ca.issue_with_new_key(&identity, SERVING_CERT_TTL)?;
+            certified_key(issued, &key)
+        }
+    };
+    serving_cert.set(issue_serving_cert()?);
+    let webhook_cert = CurrentCert::new();
+    let issue_webhook_cert = {
+        let ca = ca.clone();
+        move || {
+            let (issued, key) = ca.issue_server_cert(
+                &webhook::DNS_NAMES,
+                &webhook::IP_ADDRESSES,
+                SERVING_CERT_TTL,
+            )?;
+            certified_key(issued, &key)
+        }
+    };
+    webhook_cert.set(issue_webhook_cert()?);
     let trust = Trust::new(mesh.trust_domain.clone(), trust_bundle);
     let server_config =
         tls::server_config(trust, serving_cert.clone(), ClientAuth::Optional, &[b"h2"])?;
@@ -156,6 +182,12 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         .await
         .with_context(|| format!("cannot listen on {}", options.admin_listen))?;
     let admin_address = admin_listener.local_addr()?;
+    let webhook_listener = TcpListener::bind(options.webhook_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.webhook_listen))?;
+    let webhook_address = webhook_listener.local_addr()?;
+    let webhook_acceptor =
+        TlsAcceptor::from(Arc::new(webhook::server_config(webhook_cert.clone())?));
 
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let admin_metrics = metrics.clone();
@@ -169,7 +201,13 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
                 _ => Reply::not_found(),
             },
         )),
-        tokio::spawn(keep_serving_cert_fresh(ca, own_identity, serving_cert)),
+        tokio::spawn(webhook::serve(
+            webhook_listener,
+            webhook_acceptor,
+            Arc::new(options.inject.clone()),
+        )),
+        tokio::spawn(keep_fresh(serving_cert, issue_serving_cert, "gRPC")),
+        tokio::spawn(keep_fresh(webhook_cert, issue_webhook_cert, "webhook")),
         tokio::spawn(crate::config::follow(
             config_watch,
             options.config_dir.clone(),
@@ -184,12 +222,14 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         trust_domain = %mesh.trust_domain,
         grpc = %grpc_address,
         admin = %admin_address,
+        webhook = %webhook_address,
         certificate_ttl = %humantime::format_duration(mesh.certificate_ttl),
         trust_bundle = %trust_bundle_file.display(),
     );
     Ok(RunningControlPlane {
         grpc_address,
         admin_address,
+        webhook_address,
         trust_domain: mesh.trust_domain,
         trust_bundle_file,
         metrics,
@@ -213,30 +253,28 @@ fn certificate_authority(
     }
 }
 
-fn renew_serving_cert(
-    ca: &CertificateAuthority,
-    identity: &SpiffeId,
-    cert: &CurrentCert,
-) -> anyhow::Result<()> {
-    let (issued, key) = ca.issue_with_new_key(identity, SERVING_CERT_TTL)?;
+fn certified_key(issued: Issued, key: &KeyPair) -> anyhow::Result<CertifiedKey> {
     let private_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    cert.set(CertifiedKey::from_der(
+    Ok(CertifiedKey::from_der(
         issued.chain,
         private_key,
         &tls::crypto_provider(),
-    )?);
-    Ok(())
+    )?)
 }
 
-async fn keep_serving_cert_fresh(
-    ca: Arc<CertificateAuthority>,
-    identity: SpiffeId,
+/// Re-issues one of the control plane's own certificates at half its lifetime.
+async fn keep_fresh(
     cert: Arc<CurrentCert>,
+    issue: impl Fn() -> anyhow::Result<CertifiedKey>,
+    endpoint: &'static str,
 ) {
     loop {
         tokio::time::sleep(SERVING_CERT_TTL / 2).await;
-        if let Err(error) = renew_serving_cert(&ca, &identity, &cert) {
-            warn!(event = "control plane certificate renewal failed", error = %error);
+        match issue() {
+            Ok(renewed) => cert.set(renewed),
+            Err(error) => {
+                warn!(event = "control plane certificate renewal failed", endpoint, error = %error);
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 //! CA decides every field of the certificate itself; from the CSR it takes only the
 //! public key, after checking that the request asks for nothing it may not have.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -166,15 +167,40 @@ impl CertificateAuthority {
         Ok((issued, key))
     }
 
+    /// Issues a TLS server certificate for `dns_names` and `ips` (the admission
+    /// webhook's), for a key made here. Unlike an SVID it names a host, not a workload:
+    /// the Kubernetes API server checks it by DNS name against the `caBundle`.
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        ttl: Duration,
+    ) -> Result<(Issued, KeyPair), CaError> {
+        let material = |e: rcgen::Error| CaError::Material(e.to_string());
+        let key = KeyPair::generate().map_err(material)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        if let Some(first) = dns_names.first() {
+            params.distinguished_name.push(DnType::CommonName, *first);
+        }
+        for name in dns_names {
+            let name = (*name).try_into().map_err(material)?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let issued = self.sign(&key, params, ttl)?;
+        Ok((issued, key))
+    }
+
     fn issue_for_key(
         &self,
         public_key: &impl rcgen::PublicKeyData,
         identity: &SpiffeId,
         ttl: Duration,
     ) -> Result<Issued, CaError> {
-        let now = OffsetDateTime::from(SystemTime::now());
-        let not_after = (now + ttl).min(self.signer_not_after);
-        let serial = random_serial();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
@@ -184,12 +210,26 @@ impl CertificateAuthority {
             vec![SanType::URI(identity.as_str().try_into().map_err(
                 |e: rcgen::Error| CaError::Material(e.to_string()),
             )?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        self.sign(public_key, params, ttl)
+    }
+
+    /// Signs an end-entity certificate: `params` say who it is for, the CA decides the
+    /// rest (validity cut short by its own expiry, serial, key usage, not a CA).
+    fn sign(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        mut params: CertificateParams,
+        ttl: Duration,
+    ) -> Result<Issued, CaError> {
+        let now = OffsetDateTime::from(SystemTime::now());
+        let not_after = (now + ttl).min(self.signer_not_after);
+        let serial = random_serial();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = now - BACKDATE;
         params.not_after = not_after;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
@@ -420,6 +460,47 @@ mod tests {
             validate_csr(&tampered, &me).unwrap_err(),
             CsrRefusal::Malformed
         );
+    }
+
+    #[test]
+    fn issues_a_server_certificate_for_names_and_addresses() {
+        let ca = CertificateAuthority::dev_root(&tempdir(), "cluster.local").unwrap();
+        let localhost = IpAddr::from([127, 0, 0, 1]);
+        let (issued, key) = ca
+            .issue_server_cert(
+                &["webhook.tessera-system.svc", "localhost"],
+                &[localhost],
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+        assert!(!cert.is_ca());
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+        let sans: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|name| name.to_string())
+            .collect();
+        assert_eq!(
+            sans,
+            [
+                "DNSName(webhook.tessera-system.svc)",
+                "DNSName(localhost)",
+                "IPAddress(7f:00:00:01)"
+            ]
+        );
+        assert!(tls::spiffe_id_of(&issued.chain[0]).is_err());
+        let bundle = TrustBundle::new(ca.trust_bundle().to_vec()).unwrap();
+        tls::verify_chain(&bundle, &issued.chain).unwrap();
     }
 
     fn tempdir() -> PathBuf {

@@ -99,6 +99,8 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         config_dir: config_dir.clone(),
         grpc_listen: SocketAddr::from((LOCALHOST, 0)),
         admin_listen: SocketAddr::from((LOCALHOST, 0)),
+        webhook_listen: SocketAddr::from((LOCALHOST, 0)),
+        inject: Default::default(),
     })
     .await?;
     println!(

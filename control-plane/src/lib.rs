@@ -18,3 +18,4 @@ pub mod inject;
 pub mod state;
 pub mod telemetry;
 pub mod token;
+pub mod webhook;

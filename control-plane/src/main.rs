@@ -30,7 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the control plane: CA and identity API, discovery API (15012), admin (15014).
+    /// Run the control plane: CA and identity API, discovery API (15012), admin (15014),
+    /// sidecar injection webhook (15017).
     ControlPlane {
         /// Directory of tessera.dev/v1alpha1 resources (YAML).
         #[arg(long)]
@@ -42,6 +43,15 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "0.0.0.0:15014")]
         admin: SocketAddr,
+        /// The admission webhook (HTTPS, POST /inject).
+        #[arg(long, default_value = "0.0.0.0:15017")]
+        webhook: SocketAddr,
+        /// Image the webhook injects.
+        #[arg(long, default_value_t = inject::default_proxy_image())]
+        proxy_image: String,
+        /// Where injected proxies reach this control plane.
+        #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE_ADDRESS, value_parser = cli::parse_host_port)]
+        control_plane_address: String,
     },
     /// Join tokens for workloads outside Kubernetes.
     Token {
@@ -171,6 +181,9 @@ fn main() -> anyhow::Result<()> {
             state_dir,
             listen,
             admin,
+            webhook,
+            proxy_image,
+            control_plane_address,
         } => runtime.block_on(async {
             let state_dir = state_dir.unwrap_or_else(|| app::Options::default_state_dir(&config));
             let _control_plane = app::start(app::Options {
@@ -178,6 +191,11 @@ fn main() -> anyhow::Result<()> {
                 state_dir,
                 grpc_listen: listen,
                 admin_listen: admin,
+                webhook_listen: webhook,
+                inject: inject::Options {
+                    proxy_image,
+                    control_plane_address,
+                },
             })
             .await?;
             tessera_proxy::app::shutdown_signal()

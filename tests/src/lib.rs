@@ -258,7 +258,10 @@ impl ControlPlane {
                 .arg("--listen")
                 .arg(local(grpc_port).to_string())
                 .arg("--admin")
-                .arg(local(admin_port).to_string()),
+                .arg(local(admin_port).to_string())
+                // Port 0: parallel tests never fight over 15017; see `webhook_address`.
+                .arg("--webhook")
+                .arg(local(0).to_string()),
         )
     }
 
@@ -292,6 +295,24 @@ impl ControlPlane {
 
     pub fn trust_bundle_file(&self) -> PathBuf {
         self.state_dir().join("root-cert.pem")
+    }
+
+    /// Where the admission webhook listens (chosen by the OS at start, read from the
+    /// start-up log line).
+    pub fn webhook_address(&self) -> SocketAddr {
+        self.process
+            .logs
+            .matching(&["control plane started"])
+            .last()
+            .and_then(|line| {
+                line.split_once("webhook=")?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .expect("control plane logs its webhook address")
     }
 
     /// A join token from `tessera token create`.

@@ -101,9 +101,23 @@ pub enum InjectError {
 /// StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job, CronJob); any other
 /// object is `Skipped(NotAWorkload)`. On error `object` is unchanged.
 pub fn inject_object(object: &mut Value, options: &Options) -> Result<Outcome, InjectError> {
-    let Some(template_path) = pod_template_path(object) else {
-        return Ok(Outcome::Skipped(SkipReason::NotAWorkload));
-    };
+    match pod_template_path(object) {
+        Some(template_path) => inject_template(object, template_path, options),
+        None => Ok(Outcome::Skipped(SkipReason::NotAWorkload)),
+    }
+}
+
+/// Injects the sidecar into a Pod, whatever its `kind` field says (the webhook knows
+/// the kind from the request). On error `pod` is unchanged.
+pub fn inject_pod(pod: &mut Value, options: &Options) -> Result<Outcome, InjectError> {
+    inject_template(pod, "", options)
+}
+
+fn inject_template(
+    object: &mut Value,
+    template_path: &str,
+    options: &Options,
+) -> Result<Outcome, InjectError> {
     let template = object
         .pointer_mut(template_path)
         .and_then(Value::as_object_mut)

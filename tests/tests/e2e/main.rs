@@ -8,6 +8,7 @@ mod discovery;
 mod grpc;
 mod http;
 mod identity_api;
+mod injection;
 mod lifecycle;
 mod migration;
 mod mtls;

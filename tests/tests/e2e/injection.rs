@@ -1,0 +1,232 @@
+//! The admission webhook of a real control plane: AdmissionReviews over HTTPS, the
+//! server certificate verified against the mesh root by the names Kubernetes dials, and
+//! the JSONPatch, applied to the pod, giving exactly what `tessera inject` gives.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::RootCertStore;
+use rustls_pki_types::ServerName;
+use serde_json::{Value, json};
+use tessera_control_plane::inject;
+use tessera_tests::*;
+use tokio_rustls::TlsConnector;
+
+const SERVICE_NAME: &str = "tessera-control-plane.tessera-system.svc";
+
+/// POSTs `body` to the webhook, verifying its certificate for `server_name` against the
+/// trust bundle; returns (status, body).
+async fn post(
+    control_plane: &ControlPlane,
+    server_name: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut roots = RootCertStore::empty();
+    let bundle = std::fs::read(control_plane.trust_bundle_file())?;
+    for root in tessera_proto::tls::certs_from_pem(&bundle)? {
+        roots.add(root)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(tessera_proto::tls::crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(control_plane.webhook_address()).await?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(server_name.to_string())?, tcp)
+        .await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::post(path)
+        .header(http::header::HOST, server_name)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await??;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes().to_vec();
+    Ok((status, body))
+}
+
+fn admission_review(uid: &str, pod: &Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "requestKind": { "group": "", "version": "v1", "kind": "Pod" },
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": { "username": "system:serviceaccount:kube-system:replicaset-controller" },
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": { "kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1" }
+        }
+    }))
+    .unwrap()
+}
+
+/// A pod as a ReplicaSet creates it: no name or namespace yet, probes on a named port.
+fn pod(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "orders-5d8f7c9b6-",
+            "labels": { "app": "orders" },
+            "annotations": annotations
+        },
+        "spec": {
+            "serviceAccountName": "orders",
+            "initContainers": [{ "name": "migrate", "image": "example.com/orders:3" }],
+            "containers": [{
+                "name": "orders",
+                "image": "example.com/orders:3",
+                "ports": [{ "name": "http", "containerPort": 8080, "protocol": "TCP" }],
+                "livenessProbe": { "httpGet": { "path": "/healthz", "port": "http" }, "periodSeconds": 5 },
+                "readinessProbe": { "httpGet": { "path": "/ready", "port": 8443, "scheme": "HTTPS" } }
+            }],
+            "volumes": [{ "name": "cache", "emptyDir": {} }],
+            "restartPolicy": "Always"
+        }
+    })
+}
+
+async fn review(control_plane: &ControlPlane, uid: &str, pod: &Value) -> Value {
+    let (status, body) = post(
+        control_plane,
+        SERVICE_NAME,
+        "/inject",
+        admission_review(uid, pod),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(review["kind"], "AdmissionReview");
+    assert_eq!(review["response"]["uid"], uid);
+    review["response"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_patch_injects_what_the_cli_injects() {
+    init();
+    let control_plane = ControlPlane::start("1h", "").await;
+    let original = pod(json!({ "tessera.dev/exclude-outbound-ports": "5432" }));
+
+    let response = review(&control_plane, "5a1f3c1e-0001", &original).await;
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().expect("base64 patch"))
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut patched = original.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+
+    let mut expected = original.clone();
+    let outcome = inject::inject_pod(&mut expected, &inject::Options::default()).unwrap();
+    assert_eq!(outcome, inject::Outcome::Injected);
+    assert_eq!(patched, expected);
+    assert_eq!(
+        patched["spec"]["initContainers"][1]["name"],
+        "tessera-proxy"
+    );
+    assert_eq!(
+        patched["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"],
+        15020
+    );
+
+    let line = control_plane
+        .process
+        .logs
+        .wait_for(
+            &["admission review", "5a1f3c1e-0001"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    for expected in [
+        "namespace=shop",
+        "pod=orders-5d8f7c9b6-",
+        "result=\"injected\"",
+    ] {
+        assert!(line.contains(expected), "{expected} not in {line}");
+    }
+
+    // An injected pod (a retried creation) and an opted-out pod get no patch.
+    for (uid, pod) in [
+        ("5a1f3c1e-0002", patched),
+        (
+            "5a1f3c1e-0003",
+            pod(json!({ "tessera.dev/inject": "false" })),
+        ),
+    ] {
+        let response = review(&control_plane, uid, &pod).await;
+        assert_eq!(response["allowed"], true);
+        assert!(response.get("patch").is_none(), "{response}");
+    }
+    let line = control_plane
+        .process
+        .logs
+        .wait_for(
+            &["admission review", "5a1f3c1e-0003"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert!(line.contains("opted out"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_refuses_what_it_must() {
+    init();
+    let control_plane = ControlPlane::start("1h", "").await;
+
+    let invalid = pod(json!({ "tessera.dev/exclude-inbound-ports": "8080,metrics" }));
+    let response = review(&control_plane, "5a1f3c1e-0004", &invalid).await;
+    assert_eq!(response["allowed"], false);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("tessera.dev/exclude-inbound-ports: \"8080,metrics\" is not valid"),
+        "{message}"
+    );
+    assert!(response.get("patch").is_none());
+
+    let (status, body) = post(
+        &control_plane,
+        "localhost",
+        "/inject",
+        b"{\"kind\":".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 400);
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.contains("not an AdmissionReview"), "{body}");
+
+    let huge = vec![b' '; 4 * 1024 * 1024 + 1];
+    let (status, _) = post(&control_plane, "localhost", "/inject", huge)
+        .await
+        .unwrap();
+    assert_eq!(status, 413);
+
+    let (status, _) = post(&control_plane, "localhost", "/other", Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    // The certificate names the webhook's Service and loopback, nothing else.
+    let error = post(&control_plane, "example.com", "/inject", Vec::new())
+        .await
+        .expect_err("a certificate for another name is refused");
+    assert!(format!("{error:#}").contains("certificate"), "{error:#}");
+}
