@@ -8,6 +8,14 @@ cd "$(dirname "$0")/.."
 # the tests that need them say that they skipped.
 packages=()
 command -v prometheus >/dev/null 2>&1 || packages+=(prometheus)
+# Transparent-mode tests: pods as network namespaces with iptables capture, unmodified
+# clients (curl, redis-cli) and a packet capture on the bridge.
+command -v iptables-restore >/dev/null 2>&1 || packages+=(iptables)
+command -v tcpdump >/dev/null 2>&1 || packages+=(tcpdump)
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
+command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v setpriv >/dev/null 2>&1 || packages+=(util-linux)
 if [ "${#packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "installing: ${packages[*]}"

@@ -89,12 +89,13 @@ impl Default for TransparentConfig {
     }
 }
 
+// Dual-stack ([::] also accepts IPv4 on Linux), so IPv6 pods are captured too.
 fn default_transparent_inbound() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 15006))
+    SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15006))
 }
 
 fn default_transparent_outbound() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 15001))
+    SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15001))
 }
 
 /// One application probe: where the kubelet's request goes on the application.

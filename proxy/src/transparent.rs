@@ -32,10 +32,12 @@ use crate::telemetry::{Direction, Refusal};
 /// the pod must not make the proxy build a client per port without bound.
 const MAX_INBOUND_PORTS: usize = 256;
 
-/// Where a redirected connection was going before iptables sent it to us.
+/// Where a redirected connection was going before iptables sent it to us. IPv4
+/// connections on a dual-stack listener (v4-mapped addresses) carry an IPv4 original
+/// destination; only native IPv6 ones ask ip6tables' conntrack.
 pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
-    let original = if stream.local_addr()?.is_ipv4() {
+    let original = if stream.local_addr()?.ip().to_canonical().is_ipv4() {
         socket.original_dst_v4()?
     } else {
         socket.original_dst_v6()?
@@ -48,6 +50,11 @@ pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
     })
 }
 
+/// The address with any v4-mapped IPv6 form turned back into IPv4.
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
+}
+
 /// The original destination of a redirected connection, or `None` (logged) when there
 /// is none or it is the listener itself — a client that dialled the proxy port directly,
 /// which would otherwise make the proxy connect to itself.
@@ -57,7 +64,7 @@ fn redirected_destination(
     listener: &str,
 ) -> Option<SocketAddr> {
     match original_destination(stream) {
-        Ok(original) if stream.local_addr().ok() == Some(original) => {
+        Ok(original) if stream.local_addr().ok().map(canonical) == Some(canonical(original)) => {
             warn!(
                 event = "connection refused",
                 listener,
@@ -66,7 +73,7 @@ fn redirected_destination(
             );
             None
         }
-        Ok(original) => Some(original),
+        Ok(original) => Some(canonical(original)),
         Err(error) => {
             warn!(event = "connection refused", listener, client_address = %client, reason = "no original destination", error = %error);
             None
@@ -121,6 +128,7 @@ impl TransparentOutbound {
                 .refuse(Direction::Outbound, Refusal::NoConfiguration);
             return warn!(event = "outbound connection refused", client_address = %client, destination = %original, reason = "no configuration from the control plane yet");
         };
+        let client = canonical(client);
         match view.service_at(original) {
             Some(key) => {
                 let outbound = self.service_outbound(key, original.port());
@@ -215,7 +223,7 @@ impl TransparentInbound {
             return;
         };
         match self.inbound_for(original) {
-            Some(inbound) => inbound.handle(stream, peer).await,
+            Some(inbound) => inbound.handle(stream, canonical(peer)).await,
             None => {
                 self.shared
                     .metrics

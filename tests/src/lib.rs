@@ -21,6 +21,7 @@ pub mod certs;
 pub mod grpc;
 pub mod jwt;
 pub mod l7;
+pub mod netns;
 pub mod otlp;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -159,6 +160,10 @@ impl Process {
         Self { child, logs }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -216,6 +221,9 @@ pub struct ControlPlane {
     pub dir: TempDir,
     pub grpc_port: u16,
     pub admin_port: u16,
+    /// Where the gRPC port listens: loopback, or a bridge address that network-namespace
+    /// pods can reach.
+    pub listen_ip: std::net::IpAddr,
     pub process: Process,
 }
 
@@ -223,6 +231,15 @@ impl ControlPlane {
     /// Starts a control plane whose MeshConfig has `certificate_ttl` and any `extra_spec`
     /// lines (indented under `spec:`).
     pub async fn start(certificate_ttl: &str, extra_spec: &str) -> Self {
+        Self::start_on(local(0).ip(), certificate_ttl, extra_spec).await
+    }
+
+    /// [`ControlPlane::start`], with the gRPC port listening on `listen_ip`.
+    pub async fn start_on(
+        listen_ip: std::net::IpAddr,
+        certificate_ttl: &str,
+        extra_spec: &str,
+    ) -> Self {
         let dir = TempDir::new("cp");
         std::fs::create_dir_all(dir.path().join("config")).expect("config dir");
         std::fs::write(
@@ -234,19 +251,20 @@ impl ControlPlane {
         .expect("write mesh.yaml");
         let grpc_port = free_port();
         let admin_port = free_port();
-        let process = Self::spawn(&dir, grpc_port, admin_port);
+        let process = Self::spawn(&dir, SocketAddr::new(listen_ip, grpc_port), admin_port);
         let control_plane = Self {
             proxy_extra_yaml: String::new(),
             dir,
             grpc_port,
             admin_port,
+            listen_ip,
             process,
         };
         control_plane.wait_started().await;
         control_plane
     }
 
-    fn spawn(dir: &TempDir, grpc_port: u16, admin_port: u16) -> Process {
+    fn spawn(dir: &TempDir, grpc: SocketAddr, admin_port: u16) -> Process {
         Process::spawn(
             "control-plane",
             Command::new(binary("tessera"))
@@ -256,7 +274,7 @@ impl ControlPlane {
                 .arg("--state-dir")
                 .arg(dir.path().join("state"))
                 .arg("--listen")
-                .arg(local(grpc_port).to_string())
+                .arg(grpc.to_string())
                 .arg("--admin")
                 .arg(local(admin_port).to_string())
                 // Port 0: parallel tests never fight over 15017; see `webhook_address`.
@@ -281,7 +299,8 @@ impl ControlPlane {
     /// Starts it again on the same ports and state.
     pub async fn restart(&mut self) {
         self.process.kill();
-        self.process = Self::spawn(&self.dir, self.grpc_port, self.admin_port);
+        let grpc = SocketAddr::new(self.listen_ip, self.grpc_port);
+        self.process = Self::spawn(&self.dir, grpc, self.admin_port);
         self.wait_started().await;
     }
 
@@ -346,7 +365,7 @@ impl ControlPlane {
     }
 
     pub fn address(&self) -> String {
-        local(self.grpc_port).to_string()
+        SocketAddr::new(self.listen_ip, self.grpc_port).to_string()
     }
 
     /// Writes (or replaces) a resource file in the configuration directory.

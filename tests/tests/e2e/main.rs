@@ -17,3 +17,4 @@ mod reliability;
 mod resilience;
 mod rotation;
 mod tracing;
+mod transparent;
