@@ -39,7 +39,18 @@ impl IdentityService {
         &self,
         caller: &Caller,
         join_token: &str,
+        kubernetes_token: &str,
     ) -> Result<(SpiffeId, Credential), (RefusalReason, Status, String)> {
+        if join_token.is_empty() && !kubernetes_token.is_empty() && caller.identity.is_none() {
+            // Verifying it needs the Kubernetes API (TokenReview); never guess from its
+            // unverified claims.
+            let reason = "Kubernetes service-account tokens are verified with TokenReview, which needs cluster mode; this control plane runs in local mode (use a join token)";
+            return Err((
+                RefusalReason::Token,
+                Status::unauthenticated(reason),
+                reason.to_string(),
+            ));
+        }
         if !join_token.is_empty() {
             return self
                 .tokens
@@ -87,12 +98,12 @@ impl Identity for IdentityService {
                 detail,
             );
         };
-        let (identity, credential) = self.authenticate(&caller, &request.join_token).map_err(
-            |(reason, status, detail)| {
+        let (identity, credential) = self
+            .authenticate(&caller, &request.join_token, &request.kubernetes_token)
+            .map_err(|(reason, status, detail)| {
                 refuse(reason, None, &detail);
                 status
-            },
-        )?;
+            })?;
         let csr = validate_csr(&request.csr_der, &identity).map_err(|refusal| {
             refuse(RefusalReason::Csr, Some(&identity), &refusal.to_string());
             match refusal {

@@ -456,7 +456,7 @@ fn identity_manager(
     Ok(IdentityManager::new(
         config.workload_identity()?,
         control_plane,
-        config.join_token()?,
+        config.bootstrap()?,
         trust,
         metrics,
     ))

@@ -398,6 +398,19 @@ impl ProxyConfig {
         }
     }
 
+    /// The first-certificate credential: a join token if there is one, else the
+    /// Kubernetes service-account token file.
+    pub fn bootstrap(&self) -> Result<Option<Bootstrap>, ConfigError> {
+        if let Some(token) = self.join_token()? {
+            return Ok(Some(Bootstrap::JoinToken(token)));
+        }
+        Ok(self
+            .identity
+            .service_account_token_file
+            .clone()
+            .map(Bootstrap::KubernetesTokenFile))
+    }
+
     /// The join token: `TESSERA_JOIN_TOKEN` if set, else the token file, else none.
     pub fn join_token(&self) -> Result<Option<JoinToken>, ConfigError> {
         if let Ok(token) = std::env::var(JOIN_TOKEN_ENV)
@@ -414,6 +427,15 @@ impl ProxyConfig {
         })?;
         Ok(Some(JoinToken(token.trim().to_string())))
     }
+}
+
+/// What authenticates the first certificate request.
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    JoinToken(JoinToken),
+    /// A projected Kubernetes service-account token, re-read at every use: the kubelet
+    /// rotates the file.
+    KubernetesTokenFile(PathBuf),
 }
 
 /// A join token. Never printed: `Debug` shows only that one is present.

@@ -22,7 +22,7 @@ use tessera_proto::api::identity::identity_client::IdentityClient;
 use tessera_proto::tls::{self, CurrentCert, Trust, TrustBundle};
 use tracing::{info, warn};
 
-use crate::config::JoinToken;
+use crate::config::Bootstrap;
 use crate::control_plane::{self, ControlPlane};
 use crate::telemetry::Metrics;
 
@@ -74,7 +74,7 @@ mod unix_seconds {
 pub struct IdentityManager {
     identity: SpiffeId,
     control_plane: ControlPlane,
-    join_token: Option<JoinToken>,
+    bootstrap: Option<Bootstrap>,
     trust: Arc<Trust>,
     cert: Arc<CurrentCert>,
     status: ArcSwapOption<CertStatus>,
@@ -85,14 +85,14 @@ impl IdentityManager {
     pub fn new(
         identity: SpiffeId,
         control_plane: ControlPlane,
-        join_token: Option<JoinToken>,
+        bootstrap: Option<Bootstrap>,
         trust: Arc<Trust>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             identity,
             control_plane,
-            join_token,
+            bootstrap,
             trust,
             cert: CurrentCert::new(),
             status: ArcSwapOption::empty(),
@@ -163,11 +163,28 @@ impl IdentityManager {
         // Renewal authenticates with the current certificate; the token only bootstraps
         // (or rescues a proxy whose certificate expired during an outage).
         let renewing = self.has_valid_cert();
-        let join_token = match (&self.join_token, renewing) {
-            (_, true) => String::new(),
-            (Some(token), false) => token.expose().to_string(),
-            (None, false) => return Err(CertifyError::NoCredential),
+        let mut request = CertifyRequest {
+            csr_der: csr,
+            ..CertifyRequest::default()
         };
+        match (&self.bootstrap, renewing) {
+            (_, true) => {}
+            (Some(Bootstrap::JoinToken(token)), false) => {
+                request.join_token = token.expose().to_string();
+            }
+            (Some(Bootstrap::KubernetesTokenFile(path)), false) => {
+                request.kubernetes_token = std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        CertifyError::Local(format!(
+                            "cannot read the service-account token {}: {e}",
+                            path.display()
+                        ))
+                    })?
+                    .trim()
+                    .to_string();
+            }
+            (None, false) => return Err(CertifyError::NoCredential),
+        }
         let client_cert = renewing.then(|| self.cert.clone());
         let channel = self
             .control_plane
@@ -180,10 +197,7 @@ impl IdentityManager {
                 control_plane::ConnectError::Tls(reason) => CertifyError::Local(reason),
             })?;
         let mut client = IdentityClient::new(channel);
-        let call = client.certify(CertifyRequest {
-            csr_der: csr,
-            join_token,
-        });
+        let call = client.certify(request);
         let response = tokio::time::timeout(CALL_TIMEOUT, call)
             .await
             .map_err(|_| CertifyError::Unreachable {

@@ -45,6 +45,7 @@ pub async fn certify(
         .certify(CertifyRequest {
             csr_der,
             join_token: join_token.to_string(),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)

@@ -224,3 +224,49 @@ async fn a_proxy_with_a_bad_token_stays_unready_and_passes_nothing() {
         .unwrap();
     assert_eq!(echo.received(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kubernetes_token_is_sent_but_refused_by_a_local_mode_control_plane() {
+    init();
+    let control_plane = ControlPlane::start("1h", "").await;
+    let dir = TempDir::new("k8s-token");
+    let token_file = dir.path().join("token");
+    let token = "eyJhbGciOiJSUzI1NiJ9.projected-sa-token-8c21.signature";
+    std::fs::write(&token_file, token).unwrap();
+    // Configured the way injection configures a sidecar: YAML in the environment.
+    let config = format!(
+        "identity:\n  namespace: shop\n  serviceAccount: web\n  serviceAccountTokenFile: {}\ncontrolPlane:\n  address: {}\n  trustBundleFile: {}\nadmin: 127.0.0.1:{}\n",
+        token_file.display(),
+        control_plane.address(),
+        control_plane.trust_bundle_file().display(),
+        free_port(),
+    );
+    let proxy = Process::spawn(
+        "k8s-proxy",
+        std::process::Command::new(binary("tessera-proxy"))
+            .args(["--log-format", "json", "run"])
+            .env("TESSERA_PROXY_CONFIG", config)
+            .env_remove("TESSERA_JOIN_TOKEN"),
+    );
+    proxy
+        .logs
+        .wait_for(
+            &["certificate renewal failed", "TokenReview"],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    control_plane
+        .process
+        .logs
+        .wait_for(
+            &["certificate refused", "reason=\"token\"", "local mode"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(control_plane.process.logs.count(&["certificate issued"]), 0);
+    for logs in [&proxy.logs, &control_plane.process.logs] {
+        assert_eq!(logs.count(&["projected-sa-token"]), 0, "a token was logged");
+    }
+}
