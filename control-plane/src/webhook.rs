@@ -420,4 +420,60 @@ mod tests {
         assert_eq!(error.status(), StatusCode::BAD_REQUEST);
         assert!(error.to_string().contains("v1beta1"), "{error}");
     }
+
+    /// `deploy/kubernetes` names the same Service, path, ports and ConfigMap as the code.
+    #[test]
+    fn the_kubernetes_manifests_match_the_webhook() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+        let load = |file: &str| -> Vec<Value> {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap();
+            serde_saphyr::from_multiple(&text).unwrap()
+        };
+        let find = |documents: &[Value], kind: &str| -> Value {
+            documents
+                .iter()
+                .find(|d| d["kind"] == kind)
+                .cloned()
+                .unwrap()
+        };
+
+        let webhook = &find(&load("webhook.yaml"), "MutatingWebhookConfiguration")["webhooks"][0];
+        let service = &webhook["clientConfig"]["service"];
+        assert_eq!(service["path"], PATH);
+        assert_eq!(service["port"], 15017);
+        let host = format!(
+            "{}.{}.svc",
+            service["name"].as_str().unwrap(),
+            service["namespace"].as_str().unwrap()
+        );
+        assert_eq!(host, DNS_NAMES[0]);
+        assert_eq!(webhook["failurePolicy"], "Fail");
+
+        let control_plane = load("control-plane.yaml");
+        let service = find(&control_plane, "Service");
+        let ports: Vec<&Value> = service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| &p["port"])
+            .collect();
+        assert_eq!(ports, [15012, 15014, 15017]);
+        let args = find(&control_plane, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+            ["args"]
+            .clone();
+        let address = format!(
+            "--control-plane-address={}",
+            inject::DEFAULT_CONTROL_PLANE_ADDRESS
+        );
+        assert!(
+            args.as_array().unwrap().contains(&Value::from(address)),
+            "{args}"
+        );
+
+        let config_map = find(&load("namespace.yaml"), "ConfigMap");
+        assert_eq!(
+            config_map["metadata"]["name"],
+            inject::sidecar::CA_ROOT_CONFIG_MAP
+        );
+    }
 }
