@@ -16,6 +16,11 @@ command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v setpriv >/dev/null 2>&1 || packages+=(util-linux)
+# Benchmark smoke run: the HAProxy pair, nginx as the server, wrk and h2load as load.
+command -v haproxy >/dev/null 2>&1 || packages+=(haproxy)
+command -v nginx >/dev/null 2>&1 || packages+=(nginx)
+command -v wrk >/dev/null 2>&1 || packages+=(wrk)
+command -v h2load >/dev/null 2>&1 || packages+=(nghttp2-client)
 if [ "${#packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "installing: ${packages[*]}"
@@ -28,4 +33,7 @@ fi
 
 # Binaries first: the e2e tests run them as separate processes.
 cargo build --workspace --bins
+# The benchmark harness, briefly (~15 s of load): every path serves every workload.
+# Timing is never asserted; a missing tool is reported as skipped.
+cargo run -p tessera-benches -- smoke
 cargo test --workspace

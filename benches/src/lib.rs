@@ -1,4 +1,26 @@
-//! Tessera's benchmarks. `benches/hot_paths.rs` measures, with criterion, the pieces of
-//! work the proxy does on every connection or request: protocol detection, policy
-//! evaluation, path normalization, header propagation and metrics recording.
-//! Run them with `cargo bench -p tessera-benches`.
+//! Tessera's benchmarks.
+//!
+//! The side-by-side harness (`cargo run --release -p tessera-benches -- all`) starts
+//! every process itself — servers, a Tessera control plane and proxy pair, an HAProxy
+//! pair — and measures the same workloads through each path in one run: `topology`
+//! builds the paths, `load` drives them, `proc_stats` reads each proxy's CPU time and
+//! memory from /proc, `control_plane` measures certificate signing and configuration
+//! push, `report` prints the table and writes JSON. `scenario` decides what runs in
+//! which order.
+//!
+//! `benches/hot_paths.rs` measures, with criterion, the pieces of work the proxy does on
+//! every connection or request: protocol detection, policy evaluation, path
+//! normalization, header propagation and metrics recording. Run them with
+//! `cargo bench -p tessera-benches`.
+
+pub mod certs;
+pub mod control_plane;
+pub mod error;
+pub mod load;
+pub mod proc_stats;
+pub mod process;
+pub mod report;
+pub mod scenario;
+pub mod topology;
+
+pub use error::BenchError;

@@ -1,0 +1,118 @@
+//! `tessera-benches`: the side-by-side benchmark harness.
+//!
+//! `all` builds the release binaries, starts every path and measures them (~5 min);
+//! `smoke` runs every path briefly and fails when one does not serve (CI). The table is
+//! printed and the JSON written to `--json` (default: `<target dir>/bench-results.json`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tessera_benches::process::binary_dir;
+use tessera_benches::scenario::{self, Plan};
+use tessera_benches::topology::backends;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera-benches",
+    about = "Tessera vs direct vs HAProxy, measured in one run"
+)]
+struct Cli {
+    /// Where to write the JSON results.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The full run (release build required; builds the proxy and control plane first).
+    All {
+        /// Use the binaries as they are, without `cargo build --release --bins`.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// A short run of every path and workload; exits non-zero when a path fails to
+    /// serve. Asserts nothing about timing.
+    Smoke,
+    /// Internal: the gRPC and TCP echo servers, run as a child process.
+    #[command(hide = true)]
+    ServeBackends,
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    tessera_proto::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let plan = match cli.command {
+        Command::ServeBackends => {
+            runtime.block_on(backends::serve())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::All { no_build } => {
+            if cfg!(debug_assertions) {
+                bail!(
+                    "`all` measures release builds: run `cargo run --release -p tessera-benches -- all`"
+                );
+            }
+            if !no_build {
+                build_release_binaries()?;
+            }
+            Plan::all()
+        }
+        Command::Smoke => Plan::smoke(),
+    };
+    let report = runtime.block_on(scenario::run(plan))?;
+    println!("{}", report.render());
+    let json_path = match cli.json {
+        Some(path) => path,
+        None => default_json_path()?,
+    };
+    let json = serde_json::to_string_pretty(&report).context("serialize the results")?;
+    std::fs::write(&json_path, json).with_context(|| format!("write {}", json_path.display()))?;
+    println!("results written to {}", json_path.display());
+    let failures = scenario::failures(&report);
+    if failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("paths that failed to serve:\n  {}", failures.join("\n  "));
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `cargo build --release --bins` for the two binaries under test, into the target
+/// directory this executable runs from (cargo honours `CARGO_TARGET_DIR` either way).
+fn build_release_binaries() -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!(
+        "building release binaries: cargo build --release --bins -p tessera-proxy -p tessera-control-plane"
+    );
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--bins",
+            "-p",
+            "tessera-proxy",
+            "-p",
+            "tessera-control-plane",
+        ])
+        .status()
+        .context("run cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release --bins failed ({status})");
+    }
+    Ok(())
+}
+
+/// `<target dir>/bench-results.json`, beside the profile directories.
+fn default_json_path() -> anyhow::Result<PathBuf> {
+    let profile_dir = binary_dir()?;
+    let target_dir = profile_dir.parent().unwrap_or(&profile_dir);
+    Ok(target_dir.join("bench-results.json"))
+}
