@@ -89,14 +89,18 @@ impl MeshSnapshot {
             let name = &resource.metadata.name;
             validate_namespace(name)
                 .map_err(|e| invalid(resource, format!("service name: {e}")))?;
-            if let Some((other, first)) = services
-                .iter()
-                .find(|(s, _)| s.addresses.iter().any(|a| spec.addresses.contains(a)))
-            {
+            let taken = services.iter().find_map(|(other, first)| {
+                let address = other
+                    .addresses
+                    .iter()
+                    .find(|a| spec.addresses.contains(a))?;
+                Some((address, other, first))
+            });
+            if let Some((address, other, first)) = taken {
                 return Err(invalid(
                     resource,
                     format!(
-                        "an address of {name}.{namespace} already belongs to {} ({first})",
+                        "address {address} of {name}.{namespace} already belongs to {} ({first})",
                         other.key()
                     ),
                 ));
@@ -324,6 +328,34 @@ spec:
             serde_json::from_str::<MeshSnapshot>(&json).unwrap(),
             snapshot
         );
+    }
+
+    #[test]
+    fn a_virtual_ip_belongs_to_one_service() {
+        let two = "apiVersion: tessera.dev/v1alpha1
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec: {addresses: [10.96.0.10, \"fd96::10\"]}
+---
+apiVersion: tessera.dev/v1alpha1
+kind: Service
+metadata: {name: payments, namespace: shop}
+spec: {addresses: [\"fd96::10\"]}
+";
+        let resources = parse_file(Path::new("vips.yaml"), two).unwrap();
+        let error = MeshSnapshot::from_resources("cluster.local", &resources).unwrap_err();
+        assert_eq!(error.origin.line, 7, "{error}");
+        assert!(
+            error
+                .reason
+                .contains("fd96::10 of payments.shop already belongs to orders.shop"),
+            "{error}"
+        );
+
+        let distinct = two.replace("[\"fd96::10\"]", "[\"fd96::11\"]");
+        let resources = parse_file(Path::new("vips.yaml"), &distinct).unwrap();
+        let snapshot = MeshSnapshot::from_resources("cluster.local", &resources).unwrap();
+        assert_eq!(snapshot.services[0].addresses.len(), 2);
     }
 
     #[test]

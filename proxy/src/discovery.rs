@@ -158,3 +158,34 @@ impl Discovery {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> MeshView {
+        let json = r#"{"trustDomain": "cluster.local", "services": [
+            {"name": "web", "namespace": "shop", "addresses": ["10.96.0.10"],
+             "ports": [{"port": 80}], "endpoints": []},
+            {"name": "any", "namespace": "shop", "addresses": ["fd96::20"],
+             "ports": [], "endpoints": []}]}"#;
+        MeshView::from_snapshot("1".into(), serde_json::from_str(json).unwrap())
+    }
+
+    #[test]
+    fn services_are_found_by_virtual_ip_and_declared_port() {
+        let view = view();
+        assert_eq!(
+            view.service_at("10.96.0.10:80".parse().unwrap()),
+            Some("web.shop")
+        );
+        // An undeclared port of a VIP is not the service's.
+        assert_eq!(view.service_at("10.96.0.10:81".parse().unwrap()), None);
+        assert_eq!(view.service_at("10.96.0.11:80".parse().unwrap()), None);
+        // A service that declares no ports takes them all.
+        assert_eq!(
+            view.service_at("[fd96::20]:5432".parse().unwrap()),
+            Some("any.shop")
+        );
+    }
+}
