@@ -365,4 +365,52 @@ mod tests {
         let config = config_of(&proxy_container(&Options::default(), &BTreeMap::new()).unwrap());
         assert!(!config.contains("appProbes"), "{config}");
     }
+
+    /// What the kubelet does to the env value: `$(VAR)` expanded, `$$` unescaped.
+    fn expand(config: &str) -> String {
+        config
+            .replace("$(POD_NAMESPACE)", "shop")
+            .replace("$(POD_SERVICE_ACCOUNT)", "orders")
+            .replace("$$", "$")
+    }
+
+    /// The contract with the proxy: the injected configuration is one its own parser
+    /// accepts, and it means what injection intended.
+    #[test]
+    fn the_proxy_accepts_the_injected_configuration() {
+        let probes = BTreeMap::from([(
+            "/app-health/orders/livez".to_string(),
+            AppProbe {
+                port: 8080,
+                path: "/healthz$(X)".into(),
+                timeout_seconds: 3,
+                http_headers: vec![("X-Probe".into(), "a: b".into())],
+            },
+        )]);
+        let config = expand(&config_of(
+            &proxy_container(&Options::default(), &probes).unwrap(),
+        ));
+        let parsed = tessera_proxy::ProxyConfig::parse(&config, std::path::Path::new("env"))
+            .unwrap_or_else(|e| panic!("{e}\n{config}"));
+        assert_eq!(
+            parsed.workload_identity().unwrap().as_str(),
+            "spiffe://cluster.local/ns/shop/sa/orders"
+        );
+        assert_eq!(
+            parsed.control_plane.address,
+            Options::default().control_plane_address
+        );
+        assert_eq!(parsed.admin.port(), ADMIN_PORT);
+        let transparent = parsed.transparent.as_ref().unwrap();
+        assert_eq!(transparent.inbound_listen.port(), INBOUND_PORT);
+        assert_eq!(transparent.outbound_listen.port(), OUTBOUND_PORT);
+        let probe = &parsed.app_probes["/app-health/orders/livez"];
+        assert_eq!((probe.port, probe.path.as_str()), (8080, "/healthz$(X)"));
+        assert_eq!(probe.timeout_seconds, 3);
+        assert_eq!(probe.http_headers[0].value, "a: b");
+        assert!(matches!(
+            parsed.bootstrap().unwrap(),
+            Some(tessera_proxy::config::Bootstrap::KubernetesTokenFile(_))
+        ));
+    }
 }

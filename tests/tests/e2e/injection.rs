@@ -230,3 +230,46 @@ async fn webhook_refuses_what_it_must() {
         .expect_err("a certificate for another name is refused");
     assert!(format!("{error:#}").contains("certificate"), "{error:#}");
 }
+
+/// The contract with `tessera-proxy init`: the injected init container's arguments are
+/// ones it accepts, and its rules honour the exclusion annotations.
+#[test]
+fn the_proxy_init_accepts_the_injected_arguments() {
+    let mut injected = pod(json!({
+        "tessera.dev/exclude-inbound-ports": "9100",
+        "tessera.dev/exclude-outbound-ports": "5432,6379",
+        "tessera.dev/exclude-outbound-cidrs": "169.254.169.254/32,fd00::/8"
+    }));
+    inject::inject_pod(&mut injected, &inject::Options::default()).unwrap();
+    let init = &injected["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "tessera-init");
+    let args: Vec<&str> = init["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|arg| arg.as_str().unwrap())
+        .collect();
+
+    let output = std::process::Command::new(binary("tessera-proxy"))
+        .args(&args)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{args:?}: {}{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "15020",
+        "9100",
+        "5432",
+        "6379",
+        "169.254.169.254/32",
+        "fd00::/8",
+        "1337",
+    ] {
+        assert!(stdout.contains(expected), "{expected} not in:\n{stdout}");
+    }
+}
