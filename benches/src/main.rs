@@ -37,6 +37,9 @@ enum Command {
     /// A short run of every path and workload; exits non-zero when a path fails to
     /// serve. Asserts nothing about timing.
     Smoke,
+    /// Start every path and keep it up until Ctrl-C (prints addresses and pids): for
+    /// profiling a proxy under load by hand.
+    Up,
     /// Internal: the gRPC and TCP echo servers, run as a child process.
     #[command(hide = true)]
     ServeBackends,
@@ -66,6 +69,10 @@ fn main() -> anyhow::Result<ExitCode> {
             Plan::all()
         }
         Command::Smoke => Plan::smoke(),
+        Command::Up => {
+            runtime.block_on(scenario::hold())?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     let report = runtime.block_on(scenario::run(plan))?;
     println!("{}", report.render());

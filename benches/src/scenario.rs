@@ -117,47 +117,27 @@ pub async fn run(plan: Plan) -> Result<Report> {
         skipped: tools.missing(),
         ..Report::default()
     };
-    let backends = Backends::start(tools.nginx).await?;
-    eprintln!("servers up: {:?}", backends.entry);
-    let tessera = TesseraPair::start(backends.entry).await?;
-    eprintln!("tessera pair up");
-    let haproxy = if tools.haproxy {
-        Some(HaproxyPair::start(backends.entry).await?)
-    } else {
-        None
-    };
-    let direct = Path {
-        kind: PathKind::Direct,
-        entry: backends.entry,
-        proxies: Vec::new(),
-    };
-    let paths: Vec<Path> = [
-        Some(direct),
-        Some(tessera.path()),
-        haproxy.as_ref().map(HaproxyPair::path),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let idle_memory = read_memory(&paths)?;
+    let topology = Topology::start(&tools).await?;
+    let paths = &topology.paths;
+    let idle_memory = read_memory(paths)?;
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()
         .filter(|w| tools.nginx || !matches!(w, Workload::Http1Small | Workload::Http1Body64k))
         .collect();
     for &workload in &workloads {
-        for path in &paths {
+        for path in paths {
             if let Some(measurement) = closed_loop(path, workload, plan, &tools).await? {
                 eprintln!("{}", progress(&measurement));
                 report.measurements.push(measurement);
             }
         }
-        for path in &paths {
+        for path in paths {
             let measurement = open_loop(path, workload, plan).await?;
             eprintln!("{}", progress(&measurement));
             report.measurements.push(measurement);
         }
     }
-    for path in &paths {
+    for path in paths {
         let measurement = measure(path, Workload::TcpEcho, Mode::NewConnections, || {
             echo::connection_rate(path.entry.tcp, NEW_CONNECTION_LOOPS, plan.new_connections)
         })
@@ -165,7 +145,7 @@ pub async fn run(plan: Plan) -> Result<Report> {
         eprintln!("{}", progress(&measurement));
         report.measurements.push(measurement);
     }
-    let peak_memory = read_memory(&paths)?;
+    let peak_memory = read_memory(paths)?;
     let mut with_idle = Vec::new();
     if tools.nginx {
         for path in paths.iter().filter(|p| !p.proxies.is_empty()) {
@@ -181,10 +161,72 @@ pub async fn run(plan: Plan) -> Result<Report> {
         }
     }
     report.memory = merge_memory(idle_memory, peak_memory, with_idle);
-    let harness = Harness::new(&tessera.control_plane)?;
+    let harness = Harness::new(&topology.tessera.control_plane)?;
     report.certify = Some(harness.certify_rate(CERTIFY_CLIENTS, plan.certify).await?);
     report.config_push = Some(harness.config_push(plan.discovery_streams).await?);
     Ok(report)
+}
+
+/// Every path, started; dropping this stops every process.
+pub struct Topology {
+    pub paths: Vec<Path>,
+    pub tessera: TesseraPair,
+    _haproxy: Option<HaproxyPair>,
+    _backends: Backends,
+}
+
+impl Topology {
+    async fn start(tools: &Tools) -> Result<Self> {
+        let backends = Backends::start(tools.nginx).await?;
+        let tessera = TesseraPair::start(backends.entry).await?;
+        let haproxy = if tools.haproxy {
+            Some(HaproxyPair::start(backends.entry).await?)
+        } else {
+            None
+        };
+        let direct = Path {
+            kind: PathKind::Direct,
+            entry: backends.entry,
+            proxies: Vec::new(),
+        };
+        let paths = [
+            Some(direct),
+            Some(tessera.path()),
+            haproxy.as_ref().map(HaproxyPair::path),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        Ok(Self {
+            paths,
+            tessera,
+            _haproxy: haproxy,
+            _backends: backends,
+        })
+    }
+}
+
+/// Starts every path and keeps it up until Ctrl-C, printing where each workload
+/// enters and the proxies' pids: for profiling a proxy under load by hand.
+pub async fn hold() -> Result<()> {
+    let tools = Tools::detect();
+    let topology = Topology::start(&tools).await?;
+    for path in &topology.paths {
+        println!(
+            "{:<8} http1 {}  grpc {}  tcp {}",
+            path.kind.name(),
+            path.entry.http1,
+            path.entry.grpc,
+            path.entry.tcp
+        );
+        for proxy in &path.proxies {
+            println!("         {} pid {}", proxy.side, proxy.pid);
+        }
+    }
+    println!("up; Ctrl-C stops everything");
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(crate::error::BenchError::io("wait for Ctrl-C"))
 }
 
 fn notes(plan: Plan) -> Vec<String> {

@@ -48,6 +48,17 @@ pub struct Settings {
     pub streams_per_connection: usize,
 }
 
+impl Target {
+    fn describe(&self) -> String {
+        match self {
+            Self::Http(request) => {
+                format!("{:?} {}{}", request.version, request.address, request.path)
+            }
+            Self::Echo { address, .. } => format!("echo at {address}"),
+        }
+    }
+}
+
 /// One worker's connection.
 enum Connection {
     Http(Sender, Arc<HttpRequest>),
@@ -55,7 +66,21 @@ enum Connection {
 }
 
 impl Connection {
+    /// Opens a connection and sends one request on it, so that the path behind it (a
+    /// proxy's upstream connection, its handshake) is in place before timing starts.
     async fn open(target: &Target) -> Result<Self> {
+        let mut connection = Self::connect(target).await?;
+        if connection.call().await {
+            Ok(connection)
+        } else {
+            Err(BenchError::failed(
+                "open-loop warm-up request",
+                target.describe(),
+            ))
+        }
+    }
+
+    async fn connect(target: &Target) -> Result<Self> {
         match target {
             Target::Http(request) => Ok(Self::Http(
                 Sender::connect(request).await?,
