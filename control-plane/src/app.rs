@@ -42,7 +42,7 @@ pub struct Options {
     pub grpc_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub webhook_listen: SocketAddr,
-    /// What the webhook injects.
+    /// What the webhook injects; its trust domain is always the MeshConfig's.
     pub inject: crate::inject::Options,
 }
 
@@ -204,7 +204,10 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         tokio::spawn(webhook::serve(
             webhook_listener,
             webhook_acceptor,
-            Arc::new(options.inject.clone()),
+            Arc::new(crate::inject::Options {
+                trust_domain: mesh.trust_domain.clone(),
+                ..options.inject.clone()
+            }),
         )),
         tokio::spawn(keep_fresh(serving_cert, issue_serving_cert, "gRPC")),
         tokio::spawn(keep_fresh(webhook_cert, issue_webhook_cert, "webhook")),

@@ -92,6 +92,9 @@ enum Command {
         /// Where injected proxies reach the control plane.
         #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE_ADDRESS, value_parser = cli::parse_host_port)]
         control_plane_address: String,
+        /// The mesh's trust domain (the control plane's MeshConfig `trustDomain`).
+        #[arg(long, default_value = tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
     /// Run a small mesh on loopback and show what it does.
     Demo {
@@ -195,6 +198,8 @@ fn main() -> anyhow::Result<()> {
                 inject: inject::Options {
                     proxy_image,
                     control_plane_address,
+                    // Whatever this says, the webhook injects the MeshConfig's.
+                    ..inject::Options::default()
                 },
             })
             .await?;
@@ -224,6 +229,7 @@ fn main() -> anyhow::Result<()> {
             mut files,
             proxy_image,
             control_plane_address,
+            trust_domain,
         } => {
             if files.is_empty() {
                 files.push(PathBuf::from("-"));
@@ -231,6 +237,7 @@ fn main() -> anyhow::Result<()> {
             let options = inject::Options {
                 proxy_image,
                 control_plane_address,
+                trust_domain,
             };
             let (yaml, report) = cli::inject(&files, &options)?;
             for line in report {

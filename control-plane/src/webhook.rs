@@ -243,7 +243,11 @@ async fn handle(request: Request<Incoming>, options: &inject::Options) -> Respon
         return text(StatusCode::NOT_FOUND, format!("not found; POST {PATH}\n"));
     }
     if request.method() != Method::POST {
-        return text(StatusCode::METHOD_NOT_ALLOWED, format!("POST {PATH}\n"));
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, format!("POST {PATH}\n"));
+        response
+            .headers_mut()
+            .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+        return response;
     }
     let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
@@ -286,12 +290,20 @@ fn log(reviewed: &Reviewed) {
     };
     info!(
         event = "admission review",
-        uid = %reviewed.uid,
-        namespace = %reviewed.namespace,
-        pod = %reviewed.pod,
+        uid = %printable(&reviewed.uid),
+        namespace = %printable(&reviewed.namespace),
+        pod = %printable(&reviewed.pod),
         result,
-        reason,
+        reason = %printable(reason),
     );
+}
+
+/// Text from the request, made safe for a log line: bounded, no control characters.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(512)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -419,6 +431,12 @@ mod tests {
         let error = review(&serde_json::to_vec(&beta).unwrap(), &options).unwrap_err();
         assert_eq!(error.status(), StatusCode::BAD_REQUEST);
         assert!(error.to_string().contains("v1beta1"), "{error}");
+    }
+
+    #[test]
+    fn logged_request_text_is_printable_and_bounded() {
+        assert_eq!(printable("web-1\nINFO forged"), "web-1?INFO forged");
+        assert_eq!(printable(&"x".repeat(10_000)).len(), 512);
     }
 
     /// `deploy/kubernetes` names the same Service, path, ports and ConfigMap as the code.

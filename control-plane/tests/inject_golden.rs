@@ -191,8 +191,8 @@ fn command_line() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8(output.stdout).unwrap();
-    let pod = std::fs::read_to_string(golden_dir().join("expected/pod.yaml")).unwrap();
-    let job = std::fs::read_to_string(golden_dir().join("expected/job.yaml")).unwrap();
+    let injected = |case: &str| inject_manifests(&input(case), &options()).unwrap().yaml;
+    let (pod, job) = (injected("pod"), injected("job"));
     assert_eq!(stdout, format!("{pod}---\n{job}"));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("Pod/debug: injected"), "{stderr}");

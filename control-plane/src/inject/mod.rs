@@ -26,6 +26,8 @@ pub struct Options {
     pub proxy_image: String,
     /// `host:port` of the control plane's gRPC endpoint, as proxies will dial it.
     pub control_plane_address: String,
+    /// The mesh's trust domain: the proxy's SPIFFE ID and the control plane's it expects.
+    pub trust_domain: String,
 }
 
 impl Default for Options {
@@ -33,6 +35,7 @@ impl Default for Options {
         Self {
             proxy_image: default_proxy_image(),
             control_plane_address: DEFAULT_CONTROL_PLANE_ADDRESS.into(),
+            trust_domain: tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN.into(),
         }
     }
 }

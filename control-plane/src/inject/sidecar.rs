@@ -190,6 +190,7 @@ struct Bootstrap {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct BootstrapIdentity {
+    trust_domain: String,
     namespace: &'static str,
     service_account: &'static str,
     service_account_token_file: String,
@@ -232,6 +233,7 @@ fn bootstrap_config(
 ) -> Result<String, InjectError> {
     let bootstrap = Bootstrap {
         identity: BootstrapIdentity {
+            trust_domain: escape_env(&options.trust_domain),
             namespace: "$(POD_NAMESPACE)",
             service_account: "$(POD_SERVICE_ACCOUNT)",
             service_account_token_file: format!("{TOKEN_DIR}/token"),
@@ -408,6 +410,19 @@ mod tests {
         assert_eq!((probe.port, probe.path.as_str()), (8080, "/healthz$(X)"));
         assert_eq!(probe.timeout_seconds, 3);
         assert_eq!(probe.http_headers[0].value, "a: b");
+        let other_mesh = Options {
+            trust_domain: "example.org".into(),
+            ..Options::default()
+        };
+        let config = expand(&config_of(
+            &proxy_container(&other_mesh, &BTreeMap::new()).unwrap(),
+        ));
+        let other =
+            tessera_proxy::ProxyConfig::parse(&config, std::path::Path::new("env")).unwrap();
+        assert_eq!(
+            other.workload_identity().unwrap().as_str(),
+            "spiffe://example.org/ns/shop/sa/orders"
+        );
         assert!(matches!(
             parsed.bootstrap().unwrap(),
             Some(tessera_proxy::config::Bootstrap::KubernetesTokenFile(_))
