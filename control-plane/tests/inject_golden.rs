@@ -136,6 +136,20 @@ fn opted_out_and_host_network_pods_are_left_alone() {
 }
 
 #[test]
+fn list() {
+    let injected = check("list", &[("List", INJECTED)]);
+    let items: serde_json::Value = serde_saphyr::from_str(&injected.yaml).unwrap();
+    let init = |i: usize| {
+        items["items"][i]
+            .pointer("/spec/template/spec/initContainers")
+            .cloned()
+    };
+    assert_eq!(init(0), None);
+    assert_eq!(init(1).unwrap().as_array().unwrap().len(), 2);
+    assert!(items["items"][2]["spec"].get("initContainers").is_none());
+}
+
+#[test]
 fn probes() {
     check("probes", &[("Pod/api", INJECTED)]);
 }

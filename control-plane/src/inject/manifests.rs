@@ -8,14 +8,14 @@
 
 use serde_json::Value;
 
-use super::{InjectError, Options, Outcome, inject_object};
+use super::{InjectError, Options, Outcome, describe, inject_object};
 
 /// What happened to one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DocumentReport {
     /// 1-based, in input order.
     pub document: usize,
-    /// `Deployment/web`, or `document` when it has no kind and name.
+    /// `Deployment/web`, or the kind alone, or `object`.
     pub object: String,
     pub outcome: Outcome,
 }
@@ -78,7 +78,7 @@ pub fn inject_manifests(input: &str, options: &Options) -> Result<Injected, Mani
         }
         number += 1;
         let mut object = parse(&document, number)?;
-        let name = object_name(&object);
+        let name = describe(&object);
         let outcome =
             inject_object(&mut object, options).map_err(|source| ManifestError::Inject {
                 document: number,
@@ -164,19 +164,6 @@ fn parse(document: &Document<'_>, number: usize) -> Result<Value, ManifestError>
         line: document.line,
         reason: e.to_string(),
     })
-}
-
-fn object_name(object: &Value) -> String {
-    let kind = object.get("kind").and_then(Value::as_str);
-    let metadata = object.get("metadata");
-    let name = metadata
-        .and_then(|m| m.get("name").or_else(|| m.get("generateName")))
-        .and_then(Value::as_str);
-    match (kind, name) {
-        (Some(kind), Some(name)) => format!("{kind}/{name}"),
-        (Some(kind), None) => kind.to_string(),
-        _ => "document".to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -98,15 +98,73 @@ pub enum InjectError {
     ReservedName { path: String, name: String },
     #[error("cannot build the sidecar: {0}")]
     Internal(String),
+    /// In an item of a `List`.
+    #[error("items[{index}] ({object}): {source}")]
+    InItem {
+        index: usize,
+        object: String,
+        source: Box<InjectError>,
+    },
 }
 
 /// Injects the sidecar into a Pod or into the pod template of a workload (Deployment,
-/// StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job, CronJob); any other
-/// object is `Skipped(NotAWorkload)`. On error `object` is unchanged.
+/// StatefulSet, DaemonSet, ReplicaSet, ReplicationController, Job, CronJob), or into
+/// each item of a `List` (what `kubectl get -o yaml` prints for several objects); any
+/// other object is `Skipped(NotAWorkload)`. On error `object` is unchanged.
 pub fn inject_object(object: &mut Value, options: &Options) -> Result<Outcome, InjectError> {
+    if is_list(object) {
+        return inject_list(object, options);
+    }
     match pod_template_path(object) {
         Some(template_path) => inject_template(object, template_path, options),
         None => Ok(Outcome::Skipped(SkipReason::NotAWorkload)),
+    }
+}
+
+fn is_list(object: &Value) -> bool {
+    object.get("apiVersion").and_then(Value::as_str) == Some("v1")
+        && object.get("kind").and_then(Value::as_str) == Some("List")
+}
+
+/// Injected if any item was; else why the first workload among them was skipped.
+fn inject_list(list: &mut Value, options: &Options) -> Result<Outcome, InjectError> {
+    let Some(items) = list.get_mut("items").and_then(Value::as_array_mut) else {
+        return Ok(Outcome::Skipped(SkipReason::NotAWorkload));
+    };
+    // On a copy, so an error in a later item leaves the earlier ones unchanged too.
+    let mut draft = items.clone();
+    let mut outcomes = Vec::with_capacity(draft.len());
+    for (index, item) in draft.iter_mut().enumerate() {
+        let outcome = inject_object(item, options).map_err(|source| InjectError::InItem {
+            index,
+            object: describe(item),
+            source: Box::new(source),
+        })?;
+        outcomes.push(outcome);
+    }
+    *items = draft;
+    let outcome = if outcomes.contains(&Outcome::Injected) {
+        Outcome::Injected
+    } else {
+        outcomes
+            .into_iter()
+            .find(|o| *o != Outcome::Skipped(SkipReason::NotAWorkload))
+            .unwrap_or(Outcome::Skipped(SkipReason::NotAWorkload))
+    };
+    Ok(outcome)
+}
+
+/// `Deployment/web`, or the kind alone, or `object`: how errors and reports name it.
+pub fn describe(object: &Value) -> String {
+    let kind = object.get("kind").and_then(Value::as_str);
+    let name = object
+        .get("metadata")
+        .and_then(|m| m.get("name").or_else(|| m.get("generateName")))
+        .and_then(Value::as_str);
+    match (kind, name) {
+        (Some(kind), Some(name)) => format!("{kind}/{name}"),
+        (Some(kind), None) => kind.to_string(),
+        _ => "object".to_string(),
     }
 }
 
@@ -325,6 +383,30 @@ mod tests {
             Outcome::Skipped(SkipReason::NotAWorkload)
         );
         assert_eq!(foreign, before);
+    }
+
+    #[test]
+    fn an_error_in_a_list_item_names_it_and_changes_nothing() {
+        let mut list = json!({
+            "apiVersion": "v1", "kind": "List",
+            "items": [
+                pod(json!({ "containers": [{ "name": "a" }] })),
+                {
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": { "name": "q", "annotations": { "tessera.dev/exclude-inbound-ports": "x" } },
+                    "spec": { "containers": [{ "name": "b" }] }
+                }
+            ]
+        });
+        let before = list.clone();
+        let error = inject_object(&mut list, &Options::default()).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("items[1] (Pod/q): annotation tessera.dev/exclude-inbound-ports"),
+            "{error}"
+        );
+        assert_eq!(list, before);
     }
 
     #[test]
