@@ -484,6 +484,13 @@ fn read_source(source: &Path) -> std::io::Result<String> {
     }
 }
 
+/// A trust domain a SPIFFE ID can be made of.
+pub fn parse_trust_domain(text: &str) -> Result<String, String> {
+    SpiffeId::control_plane(text)
+        .map(|_| text.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// `HOST:PORT`, as the proxies will dial the control plane.
 pub fn parse_host_port(text: &str) -> Result<String, String> {
     let valid = text.rsplit_once(':').is_some_and(|(host, port)| {

@@ -93,7 +93,7 @@ enum Command {
         #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE_ADDRESS, value_parser = cli::parse_host_port)]
         control_plane_address: String,
         /// The mesh's trust domain (the control plane's MeshConfig `trustDomain`).
-        #[arg(long, default_value = tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN)]
+        #[arg(long, default_value = tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = cli::parse_trust_domain)]
         trust_domain: String,
     },
     /// Run a small mesh on loopback and show what it does.
@@ -198,7 +198,7 @@ fn main() -> anyhow::Result<()> {
                 inject: inject::Options {
                     proxy_image,
                     control_plane_address,
-                    // Whatever this says, the webhook injects the MeshConfig's.
+                    // The trust domain is the MeshConfig's, set by `app::start`.
                     ..inject::Options::default()
                 },
             })

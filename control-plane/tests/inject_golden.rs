@@ -244,9 +244,16 @@ fn command_line() {
     );
     assert!(stderr.contains("document 2 (from line 5)"), "{stderr}");
 
-    let output = Command::new(tessera)
-        .args(["inject", "--control-plane-address", "no-port"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
+    for bad_flag in [
+        ["--control-plane-address", "no-port"],
+        ["--trust-domain", "Not A Domain"],
+    ] {
+        let output = Command::new(tessera)
+            .arg("inject")
+            .args(bad_flag)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{bad_flag:?}");
+        assert!(output.stdout.is_empty());
+    }
 }
