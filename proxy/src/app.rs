@@ -27,7 +27,7 @@ use crate::lifecycle::{Drain, DrainTrigger};
 use crate::migration::SourceLog;
 use crate::outbound::Outbound;
 use crate::router::Upstream;
-use crate::telemetry::{Direction, Metrics};
+use crate::telemetry::{Direction, Label, Metrics};
 use crate::trace::Tracer;
 use crate::transparent::{TransparentInbound, TransparentOutbound};
 use crate::{admin, config};
@@ -260,6 +260,7 @@ impl Shared {
         let inbound = Arc::new(Inbound {
             app: AppClient::new(port.forward_to, &self.limits),
             port,
+            workload: Label::new(self.identity.identity().as_str()),
             acceptor: self.acceptor.clone(),
             identity: self.identity.clone(),
             metrics: self.metrics.clone(),

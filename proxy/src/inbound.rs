@@ -39,7 +39,7 @@ use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
 use crate::outbound::MAX_HEADER_BYTES;
 use crate::tcp;
-use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal, RequestMeter};
+use crate::telemetry::{Direction, DirectionMetrics, Label, Metrics, Refusal, RequestMeter};
 use crate::trace::{self, Tracer};
 
 /// The first byte of every TLS connection (a handshake record).
@@ -48,6 +48,8 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// What every inbound connection needs.
 pub struct Inbound {
     pub port: InboundPort,
+    /// This workload's identity as a metric label.
+    pub workload: Label,
     pub app: Arc<AppClient>,
     pub acceptor: TlsAcceptor,
     pub identity: Arc<IdentityManager>,
@@ -88,6 +90,23 @@ struct Peer {
     address: SocketAddr,
     /// Verified SPIFFE ID; `None` for plaintext.
     identity: Option<SpiffeId>,
+    /// The identity as a metric label, made once per connection.
+    label: Label,
+}
+
+impl Peer {
+    fn new(address: SocketAddr, identity: Option<SpiffeId>) -> Self {
+        let label = Label::new(
+            identity
+                .as_ref()
+                .map_or("unauthenticated", |id| id.as_str()),
+        );
+        Self {
+            address,
+            identity,
+            label,
+        }
+    }
 }
 
 impl Peer {
@@ -199,10 +218,7 @@ impl Inbound {
         self.metrics.connection(Direction::Inbound, &identity);
         self.sources.mtls(identity.as_str());
         let alpn = tls_stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        let peer = Peer {
-            address,
-            identity: Some(identity),
-        };
+        let peer = Peer::new(address, Some(identity));
         let _open = self.counters.open();
         match alpn.as_deref() {
             Some(ALPN_H2) => self.serve_http(tls_stream, peer, Detected::Http2).await,
@@ -218,10 +234,7 @@ impl Inbound {
         let detected = detect::detect(&stream, self.limits.detect_timeout)
             .await
             .unwrap_or(Detected::Opaque);
-        let peer = Peer {
-            address,
-            identity: None,
-        };
+        let peer = Peer::new(address, None);
         let _open = self.counters.open();
         match detected {
             Detected::Opaque => self.relay(stream, peer).await,
@@ -312,7 +325,7 @@ impl Inbound {
         let parent = trace::extract(request.headers());
         let span = self.tracer.start_span(
             parent.as_ref(),
-            request.method().to_string(),
+            request.method().as_str(),
             trace::SpanKind::Server,
         );
         if let Some(span) = &span {
@@ -333,10 +346,8 @@ impl Inbound {
         let meter = RequestMeter::start(
             self.metrics.clone(),
             Direction::Inbound,
-            peer.identity
-                .as_ref()
-                .map_or_else(|| "unauthenticated".to_string(), ToString::to_string),
-            self.identity.identity().to_string(),
+            peer.label.clone(),
+            self.workload.clone(),
             if peer.identity.is_some() {
                 "mtls"
             } else {
@@ -522,6 +533,8 @@ fn merge_repeated_headers(headers: &mut http::HeaderMap) {
 /// Requests to the local application, over pooled connections.
 pub struct AppClient {
     address: SocketAddr,
+    /// `address` as a URI authority, parsed once.
+    authority: http::uri::Authority,
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
     connect_timeout: std::time::Duration,
@@ -533,8 +546,13 @@ impl AppClient {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(limits.connect_timeout));
         let builder = || Client::builder(TokioExecutor::new());
+        // Without any IPv6 scope id, "ip:port" / "[ip]:port" is always a valid authority.
+        let plain = SocketAddr::new(address.ip(), address.port());
+        let authority = http::uri::Authority::try_from(plain.to_string())
+            .expect("an IP address and port form a valid URI authority");
         Arc::new(Self {
             address,
+            authority,
             http1: builder().build(connector.clone()),
             http2: builder().http2_only(true).build(connector),
             connect_timeout: limits.connect_timeout,
@@ -563,10 +581,17 @@ impl AppClient {
             parts.headers.insert(header::HOST, host);
         }
         crate::http::strip_hop_by_hop(&mut parts.headers, false);
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = format!("http://{}{path}", self.address)
-            .parse()
-            .map_err(|_| ProxyError::BadRequest)?;
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        parts.uri = http::Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
         let client = if http1 {
             parts.version = Version::HTTP_11;
             &self.http1

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -28,7 +29,7 @@ use crate::config::Limits;
 use crate::http::{self as proxy_http, Body, ORIG_PROTO, ProxyError, boxed};
 use crate::retry::RetryBudget;
 use crate::tcp;
-use crate::telemetry::{Direction, Metrics, RequestMeter};
+use crate::telemetry::{Direction, Label, Metrics, RequestMeter};
 use crate::trace::{self, TraceContext, Tracer};
 
 /// Bodies up to this size are kept so a request can be retried.
@@ -46,8 +47,10 @@ struct Policy {
 /// An upstream service as the outbound proxy sees it.
 pub struct Upstream {
     pub name: String,
+    /// `name` as a metric label.
+    name_label: Label,
     /// This proxy's own identity, the source of every request it sends.
-    local_identity: String,
+    local_identity: Label,
     pub balancer: Arc<Balancer>,
     policy: ArcSwap<Policy>,
     policy_spec: ArcSwapOption<RoutePolicySpec>,
@@ -69,7 +72,8 @@ impl Upstream {
     ) -> Arc<Self> {
         let retries = metrics.retries(&name);
         Arc::new(Self {
-            local_identity,
+            local_identity: Label::new(local_identity),
+            name_label: Label::new(name.as_str()),
             tracer,
             access_log,
             balancer: Balancer::new(name.clone()),
@@ -112,7 +116,7 @@ impl Upstream {
             self.metrics.clone(),
             Direction::Outbound,
             self.local_identity.clone(),
-            self.name.clone(),
+            self.name_label.clone(),
             "mtls",
         )
         .with_trace(sampled_trace_id(context.as_ref()))
@@ -160,7 +164,7 @@ impl Upstream {
     async fn attempts(
         &self,
         policy: &Policy,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         mut replay: Replay,
         context: Option<&TraceContext>,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -176,14 +180,29 @@ impl Upstream {
             let Some(body) = replay.next() else {
                 return Err(ProxyError::Reset);
             };
-            let mut attempt_parts = parts.clone();
+            // Headers are copied only when another attempt may need them.
+            let mut attempt_parts = if attempt < max_attempts {
+                parts.clone()
+            } else {
+                take_parts(&mut parts)
+            };
             // A client span per attempt: retries show up as siblings in the trace.
-            let span =
-                self.tracer
-                    .start_span(context, parts.method.to_string(), trace::SpanKind::Client);
-            if let Some(span) = &span {
+            let span = self.tracer.start_span(
+                context,
+                attempt_parts.method.as_str(),
+                trace::SpanKind::Client,
+            );
+            // What the span will need once the request is sent; only when tracing.
+            let span = span.map(|span| {
                 span.inject(&mut attempt_parts.headers);
-            }
+                let uri = &attempt_parts.uri;
+                let target = (
+                    attempt_parts.method.to_string(),
+                    uri.path().to_string(),
+                    uri.host().unwrap_or_default().to_string(),
+                );
+                (span, target)
+            });
             let request = Request::from_parts(attempt_parts, body);
             let started = Instant::now();
             let sent = self.send(endpoint, request);
@@ -203,18 +222,15 @@ impl Upstream {
                 }
                 _ => self.balancer.failure(endpoint),
             }
-            if let Some(span) = span {
+            if let Some((span, span_target)) = span {
                 let status = outcome.as_ref().map_or_else(
                     |e| e.reason().to_string(),
                     |r| r.status().as_u16().to_string(),
                 );
                 let attributes = vec![
-                    ("http.request.method", parts.method.to_string()),
-                    ("url.path", parts.uri.path().to_string()),
-                    (
-                        "server.address",
-                        parts.uri.host().unwrap_or_default().to_string(),
-                    ),
+                    ("http.request.method", span_target.0),
+                    ("url.path", span_target.1),
+                    ("server.address", span_target.2),
                     ("http.response.status_code", status),
                     ("tessera.upstream", self.name.clone()),
                     ("tessera.peer.identity", endpoint.identity.to_string()),
@@ -380,7 +396,9 @@ pub fn sampled_trace_id(context: Option<&TraceContext>) -> Option<String> {
         .map(|c| crate::trace::hex(&c.trace_id))
 }
 
-/// Prepares a request for the proxy-to-proxy HTTP/2 hop.
+/// Prepares a request for the proxy-to-proxy HTTP/2 hop: absolute URI (the authority
+/// from `Host` for HTTP/1.1 callers), no `Host`, no hop-by-hop headers. The path is
+/// shared with the incoming URI, not copied.
 fn to_http2(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
     if parts.version <= Version::HTTP_11 {
         parts
@@ -388,29 +406,37 @@ fn to_http2(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
             .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
     proxy_http::strip_hop_by_hop(&mut parts.headers, false);
-    let authority = match parts.uri.authority() {
-        Some(authority) => authority.as_str().to_string(),
-        None => parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost")
-            .to_string(),
-    };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-        .map_err(|_| ProxyError::BadRequest)?;
+    if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
+        let authority = match parts.uri.authority() {
+            Some(authority) => authority.clone(),
+            None => match parts.headers.get(header::HOST) {
+                Some(host) => {
+                    Authority::try_from(host.as_bytes()).map_err(|_| ProxyError::BadRequest)?
+                }
+                None => Authority::from_static("localhost"),
+            },
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
+    }
     parts.headers.remove(header::HOST);
     parts.version = Version::HTTP_2;
     Ok(())
+}
+
+/// Moves the parts out for the last attempt, leaving an empty shell behind.
+fn take_parts(parts: &mut http::request::Parts) -> http::request::Parts {
+    let (empty, ()) = Request::new(()).into_parts();
+    std::mem::replace(parts, empty)
 }
 
 /// Idempotent methods may always be retried; others only on routes marked retryable.

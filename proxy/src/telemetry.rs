@@ -53,6 +53,46 @@ pub enum Refusal {
     NoConfiguration,
 }
 
+/// A label value shared by every request of one caller or destination: cloning it is a
+/// reference count, not a string copy.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct Label(Arc<str>);
+
+impl Label {
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, &self.0)
+    }
+}
+
+/// The gRPC status label: one of the 17 codes, else "other" (bounded cardinality, and
+/// no string allocated per request).
+fn grpc_status_label(value: &str) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    CODES
+        .iter()
+        .find(|code| **code == value)
+        .copied()
+        .unwrap_or("other")
+}
+
 impl EncodeLabelValue for Direction {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         std::fmt::Write::write_str(encoder, self.as_str())
@@ -326,12 +366,12 @@ const LATENCY_BUCKETS: [f64; 24] = [
 pub struct RequestLabels {
     pub direction: Direction,
     /// Caller: a SPIFFE ID, or "unauthenticated".
-    pub source: String,
+    pub source: Label,
     /// Outbound: the upstream service; inbound: this workload's SPIFFE ID.
-    pub destination: String,
+    pub destination: Label,
     pub code: u16,
     /// gRPC status (from trailers or a trailers-only answer); empty for plain HTTP.
-    pub grpc_status: String,
+    pub grpc_status: &'static str,
     /// "mtls" or "plaintext" (the hop this proxy saw).
     pub security: &'static str,
 }
@@ -339,7 +379,7 @@ pub struct RequestLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
     pub direction: Direction,
-    pub destination: String,
+    pub destination: Label,
     pub code_class: &'static str,
 }
 
@@ -386,8 +426,8 @@ impl RequestMetrics {
 pub struct RequestMeter {
     metrics: Arc<Metrics>,
     direction: Direction,
-    source: String,
-    destination: String,
+    source: Label,
+    destination: Label,
     security: &'static str,
     started: Instant,
     trace_id: Option<String>,
@@ -399,8 +439,8 @@ impl RequestMeter {
     pub fn start(
         metrics: Arc<Metrics>,
         direction: Direction,
-        source: String,
-        destination: String,
+        source: Label,
+        destination: Label,
         security: &'static str,
     ) -> Self {
         Self {
@@ -441,7 +481,7 @@ impl RequestMeter {
             .headers()
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            .map(grpc_status_label);
         let proxy_error = response
             .headers()
             .get(crate::http::PROXY_ERROR)
@@ -465,7 +505,7 @@ impl RequestMeter {
 struct Pending {
     meter: RequestMeter,
     code: u16,
-    grpc_status: Option<String>,
+    grpc_status: Option<&'static str>,
     proxy_error: Option<String>,
     /// Body bytes sent to the caller.
     bytes: u64,
@@ -485,7 +525,7 @@ impl Pending {
                 method = %method,
                 path = %path,
                 status = self.code,
-                grpc_status = self.grpc_status.as_deref(),
+                grpc_status = self.grpc_status,
                 duration_ms = elapsed * 1000.0,
                 bytes = self.bytes,
                 trace_id = meter.trace_id.as_deref(),
@@ -553,7 +593,7 @@ impl http_body::Body for MeasuredBody {
                     (frame.trailers_ref(), self.pending.as_mut())
                     && let Some(status) = trailers.get("grpc-status").and_then(|v| v.to_str().ok())
                 {
-                    pending.grpc_status = Some(status.to_string());
+                    pending.grpc_status = Some(grpc_status_label(status));
                 }
             }
             std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_))) => {

@@ -264,7 +264,7 @@ impl Tracer {
     pub fn start_span(
         &self,
         parent: Option<&TraceContext>,
-        name: String,
+        name: &str,
         kind: span::SpanKind,
     ) -> Option<ActiveSpan> {
         self.queue.as_ref()?;
@@ -295,7 +295,7 @@ impl Tracer {
                     .to_string(),
                 parent_span_id: parent_span.map(|p| p.to_vec()).unwrap_or_default(),
                 flags: u32::from(sampled),
-                name,
+                name: name.to_string(),
                 kind: kind as i32,
                 start_time_unix_nano: unix_nanos(),
                 ..Span::default()
