@@ -43,9 +43,13 @@ pub const IP_ADDRESSES: [IpAddr; 1] = [IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
 
 /// Pods are a few KiB; the API server's own limit on a request is 3 MiB.
 const MAX_BODY: usize = 4 * 1024 * 1024;
-const MAX_CONNECTIONS: usize = 256;
+/// The API server keeps a few connections; 64 bodies in flight bound memory to 256 MiB.
+const MAX_CONNECTIONS: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Also closes idle keep-alive connections: hyper starts it when waiting for a request.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The API server gives up after the webhook's `timeoutSeconds` (10 s) anyway.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request is not an AdmissionReview this webhook can answer (HTTP 400).
 #[derive(Debug, thiserror::Error)]
@@ -249,7 +253,14 @@ async fn handle(request: Request<Incoming>, options: &inject::Options) -> Respon
             .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
         return response;
     }
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+    let reading = Limited::new(request.into_body(), MAX_BODY).collect();
+    let Ok(read) = tokio::time::timeout(BODY_TIMEOUT, reading).await else {
+        return text(
+            StatusCode::REQUEST_TIMEOUT,
+            "body not received in time\n".into(),
+        );
+    };
+    let body = match read {
         Ok(body) => body.to_bytes(),
         Err(error) if error.is::<LengthLimitError>() => {
             return text(
