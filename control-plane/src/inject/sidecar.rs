@@ -242,10 +242,11 @@ fn bootstrap_config(
             address: escape_env(&options.control_plane_address),
             trust_bundle_file: format!("{CA_ROOT_DIR}/root-cert.pem"),
         },
-        admin: format!("0.0.0.0:{ADMIN_PORT}"),
+        // Dual-stack: the kubelet probes the pod IP, IPv4 or IPv6.
+        admin: format!("[::]:{ADMIN_PORT}"),
         transparent: BootstrapTransparent {
-            inbound_listen: format!("0.0.0.0:{INBOUND_PORT}"),
-            outbound_listen: format!("0.0.0.0:{OUTBOUND_PORT}"),
+            inbound_listen: format!("[::]:{INBOUND_PORT}"),
+            outbound_listen: format!("[::]:{OUTBOUND_PORT}"),
         },
         app_probes: app_probes
             .iter()
