@@ -114,6 +114,8 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         config_dir.display()
     );
 
+    show_injection()?;
+
     let orders_1_app = start_orders("orders-1", 0, Duration::from_millis(3)).await?;
     let orders_2_app = start_orders("orders-2", FLAKY_PERCENT, Duration::from_millis(1)).await?;
     let payments_app = start_payments().await?;
@@ -321,6 +323,69 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     println!(
         "The mesh works: every byte above crossed mutual TLS between verified SPIFFE identities."
     );
+    Ok(())
+}
+
+/// A Deployment as a team would write it, before injection.
+const SAMPLE_DEPLOYMENT: &str = r#"{
+  "apiVersion": "apps/v1", "kind": "Deployment",
+  "metadata": {"name": "orders", "namespace": "shop"},
+  "spec": {"template": {
+    "metadata": {"labels": {"app": "orders"}},
+    "spec": {"serviceAccountName": "orders", "containers": [{
+      "name": "orders", "image": "shop/orders:1.4",
+      "ports": [{"name": "http", "containerPort": 8080}],
+      "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}}}]}}}}"#;
+
+/// What `tessera inject` (and the webhook) add to a pod, shown on a sample Deployment.
+fn show_injection() -> anyhow::Result<()> {
+    use crate::inject::{self, Outcome, SkipReason};
+    let mut deployment: serde_json::Value = serde_json::from_str(SAMPLE_DEPLOYMENT)?;
+    let options = inject::Options::default();
+    let outcome = inject::inject_object(&mut deployment, &options)?;
+    let pod = &deployment["spec"]["template"]["spec"];
+    let (Outcome::Injected, Some(init), Some(proxy)) = (
+        outcome,
+        pod["initContainers"].get(0),
+        pod["initContainers"].get(1),
+    ) else {
+        bail!("injection did not add the sidecar: {outcome:?}");
+    };
+    let args: Vec<&str> = init["args"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let added: Vec<&str> = init["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "\nKubernetes injection (tessera inject, or the webhook on 15017) of Deployment shop/orders:"
+    );
+    println!(
+        "  + init container {}: tessera-proxy {} (capabilities: {})",
+        init["name"].as_str().unwrap_or("?"),
+        args.join(" "),
+        added.join(", ")
+    );
+    println!(
+        "  + native sidecar {} (restartPolicy {}, UID {}, read-only root: {}), probes on 15020",
+        proxy["name"].as_str().unwrap_or("?"),
+        proxy["restartPolicy"].as_str().unwrap_or("?"),
+        proxy["securityContext"]["runAsUser"],
+        proxy["securityContext"]["readOnlyRootFilesystem"],
+    );
+    let probe = &pod["containers"][0]["readinessProbe"]["httpGet"];
+    println!(
+        "  ~ readinessProbe of orders → :{}{} (STRICT mTLS would refuse the kubelet's plaintext)",
+        probe["port"],
+        probe["path"].as_str().unwrap_or("?")
+    );
+    let again = inject::inject_object(&mut deployment, &options)?;
+    if again != Outcome::Skipped(SkipReason::AlreadyInjected) {
+        bail!("injecting twice changed the Deployment again: {again:?}");
+    }
+    println!("  injecting again changes nothing");
     Ok(())
 }
 
