@@ -22,6 +22,10 @@ fn demo_runs_and_shows_verified_identities() {
         "refused: unexpected_identity",
         "denied by policy shop/no-cancel",
         "0 failed",
+        "(capabilities: NET_ADMIN, NET_RAW)",
+        "native sidecar tessera-proxy (restartPolicy Always, UID 1337",
+        "readinessProbe of orders → :15020/app-health/orders/readyz",
+        "injecting again changes nothing",
     ] {
         assert!(
             stdout.contains(expected),
