@@ -40,6 +40,15 @@ enum Command {
     /// Start every path and keep it up until Ctrl-C (prints addresses and pids): for
     /// profiling a proxy under load by hand.
     Up,
+    /// Connect → echo → close loops against one address (e.g. a pair's TCP entry
+    /// printed by `up`), for profiling the handshake path by hand.
+    NewConnections {
+        address: std::net::SocketAddr,
+        #[arg(long, default_value = "10")]
+        seconds: u64,
+        #[arg(long, default_value = "16")]
+        concurrency: usize,
+    },
     /// Internal: the gRPC and TCP echo servers, run as a child process.
     #[command(hide = true)]
     ServeBackends,
@@ -69,6 +78,26 @@ fn main() -> anyhow::Result<ExitCode> {
             Plan::all()
         }
         Command::Smoke => Plan::smoke(),
+        Command::NewConnections {
+            address,
+            seconds,
+            concurrency,
+        } => {
+            let duration = std::time::Duration::from_secs(seconds);
+            let result = runtime.block_on(tessera_benches::load::echo::connection_rate(
+                address,
+                concurrency,
+                duration,
+            ))?;
+            println!(
+                "{:.0} connections/s ({} ok, {} errors) [{}]",
+                result.per_second(),
+                result.completed,
+                result.errors,
+                result.generator
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Up => {
             runtime.block_on(scenario::hold())?;
             return Ok(ExitCode::SUCCESS);

@@ -167,7 +167,10 @@ async fn start_control_plane(dir: &ScratchDir, services: &[BenchService]) -> Res
             .arg("--listen")
             .arg(address.to_string())
             .arg("--admin")
-            .arg(local(free_port()).to_string()),
+            .arg(local(free_port()).to_string())
+            // Port 0: the admission webhook must not need 15017, which another control
+            // plane on this machine may hold.
+            .args(["--webhook", "127.0.0.1:0"]),
     )?;
     process
         .wait_for_output("control plane started", READY_TIMEOUT)
