@@ -116,6 +116,8 @@ async fn accept(
                 continue;
             }
         };
+        // Small request/response messages: Nagle plus delayed ACKs would add ~40 ms.
+        let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let connections = connections.clone();
         tokio::spawn(async move {

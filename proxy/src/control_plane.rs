@@ -48,6 +48,8 @@ impl ControlPlane {
                 let address = address.clone();
                 async move {
                     let tcp = TcpStream::connect(address.as_str()).await?;
+                    // Small messages each way: no Nagle delay on top of delayed ACKs.
+                    tcp.set_nodelay(true)?;
                     let peer: SocketAddr = tcp.peer_addr()?;
                     let tls = connector.connect(tls::server_name_for(peer), tcp).await?;
                     Ok::<_, std::io::Error>(TokioIo::new(tls))
