@@ -120,21 +120,9 @@ pub async fn run(plan: Plan) -> Result<Report> {
     let topology = Topology::start(&tools).await?;
     let paths = &topology.paths;
     let idle_memory = read_memory(paths)?;
-    let workloads: Vec<Workload> = Workload::ALL
-        .into_iter()
-        .filter(|w| tools.nginx || !matches!(w, Workload::Http1Small | Workload::Http1Body64k))
-        .collect();
-    for &workload in &workloads {
-        for path in paths {
-            if let Some(measurement) = closed_loop(path, workload, plan, &tools).await? {
-                eprintln!("{}", progress(&measurement));
-                report.measurements.push(measurement);
-            }
-        }
-        for path in paths {
-            let measurement = open_loop(path, workload, plan).await?;
-            eprintln!("{}", progress(&measurement));
-            report.measurements.push(measurement);
+    for workload in Workload::ALL {
+        if tools.nginx || !matches!(workload, Workload::Http1Small | Workload::Http1Body64k) {
+            measure_workload(paths, workload, plan, &tools, &mut report).await?;
         }
     }
     for path in paths {
@@ -142,29 +130,66 @@ pub async fn run(plan: Plan) -> Result<Report> {
             echo::connection_rate(path.entry.tcp, NEW_CONNECTION_LOOPS, plan.new_connections)
         })
         .await?;
-        eprintln!("{}", progress(&measurement));
-        report.measurements.push(measurement);
+        record(&mut report, measurement);
     }
     let peak_memory = read_memory(paths)?;
-    let mut with_idle = Vec::new();
-    if tools.nginx {
-        for path in paths.iter().filter(|p| !p.proxies.is_empty()) {
-            let connections =
-                IdleConnections::open(path.entry.http1, "/small", plan.idle_connections).await?;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            with_idle.extend(read_memory(std::slice::from_ref(path))?);
-            report.idle_connections.push(IdleConnectionsFigure {
-                path: path.kind,
-                requested: plan.idle_connections,
-                open: connections.open_count(),
-            });
-        }
-    }
+    let with_idle = if tools.nginx {
+        measure_idle_connections(paths, plan, &mut report).await?
+    } else {
+        Vec::new()
+    };
     report.memory = merge_memory(idle_memory, peak_memory, with_idle);
     let harness = Harness::new(&topology.tessera.control_plane)?;
     report.certify = Some(harness.certify_rate(CERTIFY_CLIENTS, plan.certify).await?);
     report.config_push = Some(harness.config_push(plan.discovery_streams).await?);
     Ok(report)
+}
+
+/// Closed loop on every path, then open loop on every path, for one workload.
+async fn measure_workload(
+    paths: &[Path],
+    workload: Workload,
+    plan: Plan,
+    tools: &Tools,
+    report: &mut Report,
+) -> Result<()> {
+    for path in paths {
+        if let Some(measurement) = closed_loop(path, workload, plan, tools).await? {
+            record(report, measurement);
+        }
+    }
+    for path in paths {
+        record(report, open_loop(path, workload, plan).await?);
+    }
+    Ok(())
+}
+
+/// Memory of each pair while `plan.idle_connections` HTTP/1.1 connections are held
+/// open through its client-side proxy.
+async fn measure_idle_connections(
+    paths: &[Path],
+    plan: Plan,
+    report: &mut Report,
+) -> Result<MemoryReadings> {
+    let mut readings = Vec::new();
+    for path in paths.iter().filter(|p| !p.proxies.is_empty()) {
+        let connections =
+            IdleConnections::open(path.entry.http1, "/small", plan.idle_connections).await?;
+        // Let the proxies settle what each connection keeps.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        readings.extend(read_memory(std::slice::from_ref(path))?);
+        report.idle_connections.push(IdleConnectionsFigure {
+            path: path.kind,
+            requested: plan.idle_connections,
+            open: connections.open_count(),
+        });
+    }
+    Ok(readings)
+}
+
+fn record(report: &mut Report, measurement: Measurement) {
+    eprintln!("{}", progress(&measurement));
+    report.measurements.push(measurement);
 }
 
 /// Every path, started; dropping this stops every process.
