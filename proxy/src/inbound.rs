@@ -39,7 +39,9 @@ use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
 use crate::outbound::MAX_HEADER_BYTES;
 use crate::tcp;
-use crate::telemetry::{Direction, DirectionMetrics, Label, Metrics, Refusal, RequestMeter};
+use crate::telemetry::{
+    Direction, DirectionMetrics, Label, Metrics, Refusal, RequestMeter, RequestSeries,
+};
 use crate::trace::{self, Tracer};
 
 /// The first byte of every TLS connection (a handshake record).
@@ -90,23 +92,8 @@ struct Peer {
     address: SocketAddr,
     /// Verified SPIFFE ID; `None` for plaintext.
     identity: Option<SpiffeId>,
-    /// The identity as a metric label, made once per connection.
-    label: Label,
-}
-
-impl Peer {
-    fn new(address: SocketAddr, identity: Option<SpiffeId>) -> Self {
-        let label = Label::new(
-            identity
-                .as_ref()
-                .map_or("unauthenticated", |id| id.as_str()),
-        );
-        Self {
-            address,
-            identity,
-            label,
-        }
-    }
+    /// The request metrics of this connection, resolved once.
+    series: Arc<RequestSeries>,
 }
 
 impl Peer {
@@ -119,6 +106,25 @@ impl Peer {
 }
 
 impl Inbound {
+    fn peer(&self, address: SocketAddr, identity: Option<SpiffeId>) -> Peer {
+        let (source, security) = match &identity {
+            Some(id) => (Label::new(id.as_str()), "mtls"),
+            None => (Label::new("unauthenticated"), "plaintext"),
+        };
+        let series = RequestSeries::new(
+            self.metrics.clone(),
+            Direction::Inbound,
+            source,
+            self.workload.clone(),
+            security,
+        );
+        Peer {
+            address,
+            identity,
+            series,
+        }
+    }
+
     /// The application port policies are written against.
     pub fn app_port(&self) -> u16 {
         self.port.forward_to.port()
@@ -218,7 +224,7 @@ impl Inbound {
         self.metrics.connection(Direction::Inbound, &identity);
         self.sources.mtls(identity.as_str());
         let alpn = tls_stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        let peer = Peer::new(address, Some(identity));
+        let peer = self.peer(address, Some(identity));
         let _open = self.counters.open();
         match alpn.as_deref() {
             Some(ALPN_H2) => self.serve_http(tls_stream, peer, Detected::Http2).await,
@@ -234,7 +240,7 @@ impl Inbound {
         let detected = detect::detect(&stream, self.limits.detect_timeout)
             .await
             .unwrap_or(Detected::Opaque);
-        let peer = Peer::new(address, None);
+        let peer = self.peer(address, None);
         let _open = self.counters.open();
         match detected {
             Detected::Opaque => self.relay(stream, peer).await,
@@ -343,20 +349,11 @@ impl Inbound {
             )
         });
 
-        let meter = RequestMeter::start(
-            self.metrics.clone(),
-            Direction::Inbound,
-            peer.label.clone(),
-            self.workload.clone(),
-            if peer.identity.is_some() {
-                "mtls"
-            } else {
-                "plaintext"
-            },
-        )
-        .with_trace(trace_id)
-        .with_access_log(self.access_log, request.method(), request.uri());
-        let response = self.authorized_request(request, peer).await;
+        let meter = RequestMeter::start(peer.series.clone())
+            .with_trace(trace_id)
+            .with_access_log(self.access_log, request.method(), request.uri());
+        // Boxed: hyper moves this future into a task per stream (see router).
+        let response = Box::pin(self.authorized_request(request, peer)).await;
         if let (Some(span), Some((method, path))) = (span, span_target) {
             let mut attributes = vec![
                 ("http.request.method", method),

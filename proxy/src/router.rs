@@ -29,7 +29,7 @@ use crate::config::Limits;
 use crate::http::{self as proxy_http, Body, ORIG_PROTO, ProxyError, boxed};
 use crate::retry::RetryBudget;
 use crate::tcp;
-use crate::telemetry::{Direction, Label, Metrics, RequestMeter};
+use crate::telemetry::{Direction, Label, Metrics, RequestMeter, RequestSeries};
 use crate::trace::{self, TraceContext, Tracer};
 
 /// Bodies up to this size are kept so a request can be retried.
@@ -47,10 +47,8 @@ struct Policy {
 /// An upstream service as the outbound proxy sees it.
 pub struct Upstream {
     pub name: String,
-    /// `name` as a metric label.
-    name_label: Label,
-    /// This proxy's own identity, the source of every request it sends.
-    local_identity: Label,
+    /// The request metrics of this upstream (source: this proxy's identity).
+    series: Arc<RequestSeries>,
     pub balancer: Arc<Balancer>,
     policy: ArcSwap<Policy>,
     policy_spec: ArcSwapOption<RoutePolicySpec>,
@@ -71,9 +69,15 @@ impl Upstream {
         access_log: bool,
     ) -> Arc<Self> {
         let retries = metrics.retries(&name);
+        let series = RequestSeries::new(
+            metrics.clone(),
+            Direction::Outbound,
+            Label::new(local_identity),
+            Label::new(name.as_str()),
+            "mtls",
+        );
         Arc::new(Self {
-            local_identity: Label::new(local_identity),
-            name_label: Label::new(name.as_str()),
+            series,
             tracer,
             access_log,
             balancer: Balancer::new(name.clone()),
@@ -112,19 +116,15 @@ impl Upstream {
         let grpc = proxy_http::is_grpc(request.headers());
         // The caller's trace, or a new one: every attempt of this request joins it.
         let context = trace::extract(request.headers()).or_else(|| self.tracer.root_context());
-        let meter = RequestMeter::start(
-            self.metrics.clone(),
-            Direction::Outbound,
-            self.local_identity.clone(),
-            self.name_label.clone(),
-            "mtls",
-        )
-        .with_trace(sampled_trace_id(context.as_ref()))
-        .with_access_log(self.access_log, request.method(), request.uri());
+        let meter = RequestMeter::start(self.series.clone())
+            .with_trace(sampled_trace_id(context.as_ref()))
+            .with_access_log(self.access_log, request.method(), request.uri());
+        // Boxed: hyper moves this service future into a task per stream; a pointer
+        // moves cheaply, the whole retrying, timing-out forward would not.
         let result = if proxy_http::is_upgrade(&request) {
-            self.upgrade(request).await
+            Box::pin(self.upgrade(request)).await
         } else {
-            self.forward(request, context).await
+            Box::pin(self.forward(request, context)).await
         };
         let response = result.unwrap_or_else(|error| {
             debug!(event = "request failed", upstream = %self.name, reason = error.reason());

@@ -422,13 +422,102 @@ impl RequestMetrics {
     }
 }
 
-/// One request being measured: recorded once, when the answer's body ends (or is dropped).
-pub struct RequestMeter {
+/// The requests of one (direction, source, destination, security): their metric series
+/// are resolved once and kept, so recording a request is a few atomic operations — no
+/// label hashing, no family lock, no allocation. Outbound has one per upstream, inbound
+/// one per peer connection.
+pub struct RequestSeries {
     metrics: Arc<Metrics>,
     direction: Direction,
     source: Label,
     destination: Label,
     security: &'static str,
+    /// Latency by code class (1xx..5xx), created on first use.
+    latency: [std::sync::OnceLock<LatencyHistogram>; 5],
+    /// Request counters by (code, gRPC status) seen so far; grows to the handful of
+    /// outcomes a route has, read without locking.
+    counters: arc_swap::ArcSwap<Vec<(u16, &'static str, Counter)>>,
+}
+
+impl RequestSeries {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        direction: Direction,
+        source: Label,
+        destination: Label,
+        security: &'static str,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            direction,
+            source,
+            destination,
+            security,
+            latency: Default::default(),
+            counters: Default::default(),
+        })
+    }
+
+    fn latency(&self, code: u16) -> &LatencyHistogram {
+        let (index, code_class) = match code {
+            100..=199 => (0, "1xx"),
+            200..=299 => (1, "2xx"),
+            300..=399 => (2, "3xx"),
+            400..=499 => (3, "4xx"),
+            _ => (4, "5xx"),
+        };
+        self.latency[index].get_or_init(|| {
+            self.metrics
+                .http
+                .latency
+                .get_or_create(&LatencyLabels {
+                    direction: self.direction,
+                    destination: self.destination.clone(),
+                    code_class,
+                })
+                .clone()
+        })
+    }
+
+    fn count(&self, code: u16, grpc_status: &'static str) {
+        let known = self.counters.load();
+        if let Some((_, _, counter)) = known
+            .iter()
+            .find(|(c, g, _)| *c == code && *g == grpc_status)
+        {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .metrics
+            .http
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: self.direction,
+                source: self.source.clone(),
+                destination: self.destination.clone(),
+                code,
+                grpc_status,
+                security: self.security,
+            })
+            .clone();
+        counter.inc();
+        self.counters.rcu(|known| {
+            let mut known = Vec::clone(known);
+            if !known
+                .iter()
+                .any(|(c, g, _)| *c == code && *g == grpc_status)
+            {
+                known.push((code, grpc_status, counter.clone()));
+            }
+            known
+        });
+    }
+}
+
+/// One request being measured: recorded once, when the answer's body ends (or is dropped).
+pub struct RequestMeter {
+    series: Arc<RequestSeries>,
     started: Instant,
     trace_id: Option<String>,
     /// Set when access logging is on: (method, path without query).
@@ -436,19 +525,9 @@ pub struct RequestMeter {
 }
 
 impl RequestMeter {
-    pub fn start(
-        metrics: Arc<Metrics>,
-        direction: Direction,
-        source: Label,
-        destination: Label,
-        security: &'static str,
-    ) -> Self {
+    pub fn start(series: Arc<RequestSeries>) -> Self {
         Self {
-            metrics,
-            direction,
-            source,
-            destination,
-            security,
+            series,
             started: Instant::now(),
             trace_id: None,
             access: None,
@@ -514,14 +593,15 @@ struct Pending {
 impl Pending {
     fn record(self) {
         let meter = self.meter;
+        let series = &meter.series;
         let elapsed = meter.started.elapsed().as_secs_f64();
         if let Some((method, path)) = &meter.access {
             tracing::info!(
                 target: "access",
                 event = "request",
-                direction = meter.direction.as_str(),
-                source = %meter.source,
-                destination = %meter.destination,
+                direction = series.direction.as_str(),
+                source = %series.source,
+                destination = %series.destination,
                 method = %method,
                 path = %path,
                 status = self.code,
@@ -532,40 +612,12 @@ impl Pending {
                 proxy_error = self.proxy_error.as_deref(),
             );
         }
-        let code_class = match self.code {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        meter
-            .metrics
-            .http
-            .latency
-            .get_or_create(&LatencyLabels {
-                direction: meter.direction,
-                destination: meter.destination.clone(),
-                code_class,
-            })
-            .observe(
-                elapsed,
-                meter.trace_id.map(|trace_id| TraceExemplar { trace_id }),
-                None,
-            );
-        meter
-            .metrics
-            .http
-            .requests
-            .get_or_create(&RequestLabels {
-                direction: meter.direction,
-                source: meter.source,
-                destination: meter.destination,
-                code: self.code,
-                grpc_status: self.grpc_status.unwrap_or_default(),
-                security: meter.security,
-            })
-            .inc();
+        series.latency(self.code).observe(
+            elapsed,
+            meter.trace_id.map(|trace_id| TraceExemplar { trace_id }),
+            None,
+        );
+        series.count(self.code, self.grpc_status.unwrap_or_default());
     }
 }
 
