@@ -255,7 +255,10 @@ pub async fn hold() -> Result<()> {
 }
 
 fn notes(plan: Plan) -> Vec<String> {
+    let workers =
+        std::env::var("TESSERA_PROXY_WORKERS").unwrap_or_else(|_| "the proxy's default".into());
     vec![
+        format!("tessera-proxy worker threads: {workers} (set TESSERA_PROXY_WORKERS to compare)"),
         format!("profile {}: closed loop {:?}, open loop {:?} at {} req/s per run", plan.name, plan.closed_loop, plan.open_loop, plan.rate_per_second),
         "absolute numbers on a shared 2-core VM are noisy (load generators, servers and proxies share the cores); the same-run comparison is what counts".into(),
         "CPU: utime+stime of each proxy process from /proc/<pid>/stat before and after each run, divided by the requests served".into(),
