@@ -533,7 +533,11 @@ pub struct AppClient {
     /// `address` as a URI authority, parsed once.
     authority: http::uri::Authority,
     http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
+    /// One multiplexed HTTP/2 connection to the application, shared by every request:
+    /// no pool checkout (and its lock) per request.
+    http2: ArcSwapOption<hyper::client::conn::http2::SendRequest<Body>>,
+    /// Held only while (re)connecting the HTTP/2 connection.
+    connecting: tokio::sync::Mutex<()>,
     connect_timeout: std::time::Duration,
 }
 
@@ -550,8 +554,9 @@ impl AppClient {
         Arc::new(Self {
             address,
             authority,
-            http1: builder().build(connector.clone()),
-            http2: builder().http2_only(true).build(connector),
+            http1: builder().build(connector),
+            http2: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
             connect_timeout: limits.connect_timeout,
         })
     }
@@ -589,27 +594,85 @@ impl AppClient {
                 .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         );
         parts.uri = http::Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
-        let client = if http1 {
-            parts.version = Version::HTTP_11;
-            &self.http1
+        let request = Request::from_parts(parts, boxed(body));
+        let mut response = if http1 {
+            self.send_http1(request).await?
         } else {
-            parts.version = Version::HTTP_2;
-            &self.http2
+            self.send_http2(request).await?
         };
-        let mut response = client
-            .request(Request::from_parts(parts, boxed(body)))
-            .await
-            .map_err(|error| {
-                if error.is_connect() {
-                    warn!(event = "application unreachable", application = %self.address, error = %error);
-                    ProxyError::AppUnavailable
-                } else {
-                    debug!(event = "application error", application = %self.address, error = %error);
-                    ProxyError::Reset
-                }
-            })?;
         crate::http::strip_hop_by_hop(response.headers_mut(), false);
         Ok(response.map(boxed))
+    }
+
+    async fn send_http1(
+        &self,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        *request.version_mut() = Version::HTTP_11;
+        self.http1.request(request).await.map_err(|error| {
+            if error.is_connect() {
+                warn!(event = "application unreachable", application = %self.address, error = %error);
+                ProxyError::AppUnavailable
+            } else {
+                debug!(event = "application error", application = %self.address, error = %error);
+                ProxyError::Reset
+            }
+        })
+    }
+
+    async fn send_http2(
+        &self,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        *request.version_mut() = Version::HTTP_2;
+        let mut sender = self.http2_sender().await?;
+        if sender.ready().await.is_err() {
+            self.http2.store(None);
+            return Err(ProxyError::AppUnavailable);
+        }
+        sender.send_request(request).await.map_err(|error| {
+            debug!(event = "application error", application = %self.address, error = %error);
+            ProxyError::Reset
+        })
+    }
+
+    /// The application's HTTP/2 connection, (re)established when there is none.
+    async fn http2_sender(
+        &self,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
+        let open = || {
+            self.http2
+                .load_full()
+                .filter(|sender| !sender.is_closed())
+                .map(|sender| (*sender).clone())
+        };
+        if let Some(sender) = open() {
+            return Ok(sender);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(sender) = open() {
+            return Ok(sender);
+        }
+        let unreachable = |error: &dyn std::fmt::Display| {
+            warn!(event = "application unreachable", application = %self.address, error = %error);
+            ProxyError::AppUnavailable
+        };
+        let stream = tcp::connect(&self.address.to_string(), self.connect_timeout)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let address = self.address;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(event = "application connection closed", application = %address, error = %error);
+            }
+        });
+        self.http2.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
     }
 
     async fn upgrade(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
