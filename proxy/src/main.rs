@@ -10,12 +10,6 @@ use tessera_proxy::ProxyConfig;
 use tessera_proxy::capture::{self, CaptureConfig, Family};
 use tessera_proxy::config::CONFIG_ENV;
 
-/// mimalloc: per-thread free lists suit the proxy's many small, short-lived
-/// allocations (glibc's malloc family was 7–13 % of request CPU) and return freed
-/// memory to the OS, which glibc did not after 1,000 idle connections closed.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "tessera-proxy", version, about = "Tessera data-plane proxy")]
 struct Cli {
