@@ -87,6 +87,13 @@ impl Family {
         }
     }
 
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
+
     fn includes(self, net: &IpNet) -> bool {
         matches!(
             (self, net),
@@ -144,8 +151,17 @@ pub fn rules(config: &CaptureConfig, family: Family) -> String {
     }
     let _ = writeln!(out, "-A {INBOUND} -p tcp -j {IN_REDIRECT}");
 
-    // Outbound: never the proxy's own traffic (no loops), never loopback (calls within
-    // the pod), never the exclusions.
+    // Outbound: the proxy's connection to its own pod's address (the pod called its own
+    // service) goes to the inbound side like any peer's; otherwise never the proxy's own
+    // traffic (no loops), never loopback (calls within the pod), never the exclusions.
+    // The inbound side reaches the application over 127.0.0.1 / ::1, which this leaves
+    // alone.
+    let _ = writeln!(
+        out,
+        "-A {OUTPUT} -o lo ! -d {} -m owner --uid-owner {} -j {IN_REDIRECT}",
+        family.loopback(),
+        config.proxy_uid
+    );
     let _ = writeln!(
         out,
         "-A {OUTPUT} -m owner --uid-owner {} -j RETURN",
@@ -309,6 +325,13 @@ mod tests {
         let lines: Vec<&str> = rules.lines().collect();
         let position = |needle: &str| lines.iter().position(|l| *l == needle).unwrap();
         let uid = position("-A TESSERA_OUTPUT -m owner --uid-owner 1337 -j RETURN");
+        let to_self = position(
+            "-A TESSERA_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j TESSERA_IN_REDIRECT",
+        );
+        assert!(
+            to_self < uid,
+            "the pod's own address must reach the inbound side"
+        );
         let redirect = position("-A TESSERA_OUTPUT -p tcp -j TESSERA_REDIRECT");
         assert!(uid < redirect);
         assert!(position("-A TESSERA_OUTPUT -o lo -j RETURN") < redirect);

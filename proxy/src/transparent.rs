@@ -5,16 +5,17 @@
 //!   explicit outbound listener for that service (mTLS, balancing, retries, policy);
 //!   any other destination passes through as plain TCP, so workloads outside the mesh
 //!   stay reachable while a migration is under way;
-//! - inbound (15006): the local application port the peer asked for, with that port's
-//!   mTLS mode and authorization.
+//! - inbound (15006): the local application port the peer asked for (reached over
+//!   loopback), with that port's mTLS mode and authorization.
 //!
-//! The proxy's own connections are exempt from capture (its UID), so forwarding to the
-//! original destination cannot loop; a connection made straight to a transparent
-//! listener (no redirect happened) is refused for the same reason.
+//! The proxy's own connections are exempt from capture (its UID) except those to its own
+//! pod address, which go to its inbound side; the inbound side forwards over loopback,
+//! which is never captured, so nothing loops. A connection made straight to a
+//! transparent listener (no redirect happened) is refused for the same reason.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -233,9 +234,17 @@ impl TransparentInbound {
         }
     }
 
-    /// The inbound for an application address; the application is reached at the very
-    /// address the peer dialled (the proxy's own traffic is not captured).
-    fn inbound_for(&self, application: SocketAddr) -> Option<Arc<Inbound>> {
+    /// The inbound for the application address a peer dialled. The application is
+    /// reached over loopback on that port: the proxy's connections to its own pod
+    /// address are captured (so a pod calling its own service still passes its inbound
+    /// policy), loopback ones are not.
+    fn inbound_for(&self, dialled: SocketAddr) -> Option<Arc<Inbound>> {
+        let loopback: IpAddr = if dialled.is_ipv4() {
+            Ipv4Addr::LOCALHOST.into()
+        } else {
+            Ipv6Addr::LOCALHOST.into()
+        };
+        let application = SocketAddr::new(loopback, dialled.port());
         let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(inbound) = ports.get(&application) {
             return Some(inbound.clone());

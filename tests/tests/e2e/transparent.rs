@@ -343,6 +343,21 @@ async fn unmodified_apps_talk_through_transparent_sidecars() {
         .unwrap();
     assert_eq!(stdout(&denied), "403", "intruder must be denied");
 
+    // A pod calling its own service: its proxy's connection to its own pod address is
+    // captured for its inbound side, so the inbound policy applies (web may not call
+    // web) instead of TLS bytes landing on the application.
+    let self_call = network
+        .command(&web, "curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10"])
+        .arg("http://web.shop:8080/self")
+        .output()
+        .unwrap();
+    assert_eq!(
+        stdout(&self_call),
+        "403",
+        "a self-call must pass the inbound policy"
+    );
+
     // A destination outside the mesh passes through.
     let outside = network
         .command(&client, "curl")
@@ -402,6 +417,14 @@ async fn unmodified_apps_talk_through_transparent_sidecars() {
             .logs
             .count(&["request denied", "sa/intruder"])
             >= 1
+    );
+    assert!(
+        web_sidecar
+            .process
+            .logs
+            .count(&["request denied", "sa/web\"", "/self"])
+            >= 1,
+        "the self-call was not judged by the inbound policy"
     );
     assert!(
         web_sidecar
