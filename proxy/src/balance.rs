@@ -49,9 +49,7 @@ pub struct EndpointState {
     pub identity: SpiffeId,
     pub connectors: Connectors,
     /// The pooled HTTP/2 connection, shared by all requests.
-    pub h2: ArcSwapOption<hyper::client::conn::http2::SendRequest<crate::http::Body>>,
-    /// Held only while a new HTTP/2 connection is being established.
-    pub connecting: tokio::sync::Mutex<()>,
+    pub h2: crate::http::SharedH2,
     in_flight: AtomicU32,
     ewma_micros: AtomicU64,
     /// When `ewma_micros` was last fed, in milliseconds since the balancer's epoch.
@@ -141,8 +139,7 @@ impl Balancer {
                     address: address.clone(),
                     identity: identity.clone(),
                     connectors,
-                    h2: ArcSwapOption::empty(),
-                    connecting: tokio::sync::Mutex::new(()),
+                    h2: crate::http::SharedH2::default(),
                     in_flight: AtomicU32::new(0),
                     ewma_micros: AtomicU64::new(INITIAL_EWMA_MICROS),
                     fed_at: AtomicU64::new(self.now_millis()),
@@ -249,7 +246,7 @@ impl Balancer {
             .ejected_until
             .store(now + duration.as_millis() as u64, Ordering::Relaxed);
         endpoint.consecutive_failures.store(0, Ordering::Relaxed);
-        endpoint.h2.store(None);
+        endpoint.h2.reset();
         warn!(
             event = "endpoint ejected",
             upstream = %self.name,

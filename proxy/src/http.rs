@@ -236,3 +236,65 @@ mod tests {
         assert_eq!(response.headers()[PROXY_ERROR], "no-healthy-endpoints");
     }
 }
+
+/// One multiplexed HTTP/2 client connection shared by every request to one peer (a
+/// remote proxy, or the local application), established on first use and again after
+/// it closes. Requests only load a pointer; the mutex is held only while connecting.
+#[derive(Default)]
+pub struct SharedH2 {
+    sender: arc_swap::ArcSwapOption<hyper::client::conn::http2::SendRequest<Body>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl SharedH2 {
+    /// A sender on the open connection, or on a new one over the stream `connect`
+    /// makes. `peer` names the other end in logs.
+    pub async fn sender<S, F, Fut>(
+        &self,
+        peer: &str,
+        connect: F,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<S, ProxyError>>,
+    {
+        let open = || {
+            self.sender
+                .load_full()
+                .filter(|sender| !sender.is_closed())
+                .map(|sender| (*sender).clone())
+        };
+        if let Some(sender) = open() {
+            return Ok(sender);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(sender) = open() {
+            return Ok(sender);
+        }
+        let stream = connect().await?;
+        let (sender, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(std::time::Duration::from_secs(20))
+                .handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|error| {
+                    tracing::debug!(event = "HTTP/2 handshake failed", peer, error = %error);
+                    ProxyError::Unreachable
+                })?;
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(event = "HTTP/2 connection closed", peer, error = %error);
+            }
+        });
+        self.sender.store(Some(std::sync::Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
+    /// Forgets the connection: the next request opens a new one.
+    pub fn reset(&self) {
+        self.sender.store(None);
+    }
+}

@@ -33,7 +33,7 @@ use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_HTTP1};
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
-use crate::http::{Body, ORIG_PROTO, ProxyError, boxed};
+use crate::http::{Body, ORIG_PROTO, ProxyError, SharedH2, boxed};
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
@@ -134,12 +134,9 @@ impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.limits.max_connections;
         let drain = self.drain.clone();
-        tcp::accept_loop(listener, limit, drain, move |stream, peer, permit| {
+        tcp::accept_loop(listener, limit, drain, move |stream, peer| {
             let inbound = self.clone();
-            async move {
-                inbound.handle(stream, peer).await;
-                drop(permit);
-            }
+            async move { inbound.handle(stream, peer).await }
         })
         .await;
     }
@@ -535,9 +532,7 @@ pub struct AppClient {
     http1: Client<HttpConnector, Body>,
     /// One multiplexed HTTP/2 connection to the application, shared by every request:
     /// no pool checkout (and its lock) per request.
-    http2: ArcSwapOption<hyper::client::conn::http2::SendRequest<Body>>,
-    /// Held only while (re)connecting the HTTP/2 connection.
-    connecting: tokio::sync::Mutex<()>,
+    http2: SharedH2,
     connect_timeout: std::time::Duration,
 }
 
@@ -555,8 +550,7 @@ impl AppClient {
             address,
             authority,
             http1: builder().build(connector),
-            http2: ArcSwapOption::empty(),
-            connecting: tokio::sync::Mutex::new(()),
+            http2: SharedH2::default(),
             connect_timeout: limits.connect_timeout,
         })
     }
@@ -625,54 +619,25 @@ impl AppClient {
         mut request: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
         *request.version_mut() = Version::HTTP_2;
-        let mut sender = self.http2_sender().await?;
+        let mut sender = self
+            .http2
+            .sender(self.authority.as_str(), || async {
+                tcp::connect(&self.address.to_string(), self.connect_timeout)
+                    .await
+                    .map_err(|error| {
+                        warn!(event = "application unreachable", application = %self.address, error = %error);
+                        ProxyError::AppUnavailable
+                    })
+            })
+            .await?;
         if sender.ready().await.is_err() {
-            self.http2.store(None);
+            self.http2.reset();
             return Err(ProxyError::AppUnavailable);
         }
         sender.send_request(request).await.map_err(|error| {
             debug!(event = "application error", application = %self.address, error = %error);
             ProxyError::Reset
         })
-    }
-
-    /// The application's HTTP/2 connection, (re)established when there is none.
-    async fn http2_sender(
-        &self,
-    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
-        let open = || {
-            self.http2
-                .load_full()
-                .filter(|sender| !sender.is_closed())
-                .map(|sender| (*sender).clone())
-        };
-        if let Some(sender) = open() {
-            return Ok(sender);
-        }
-        let _connecting = self.connecting.lock().await;
-        if let Some(sender) = open() {
-            return Ok(sender);
-        }
-        let unreachable = |error: &dyn std::fmt::Display| {
-            warn!(event = "application unreachable", application = %self.address, error = %error);
-            ProxyError::AppUnavailable
-        };
-        let stream = tcp::connect(&self.address.to_string(), self.connect_timeout)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let address = self.address;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(event = "application connection closed", application = %address, error = %error);
-            }
-        });
-        self.http2.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
     }
 
     async fn upgrade(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {

@@ -40,12 +40,9 @@ impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.limits.max_connections;
         let drain = self.drain.clone();
-        tcp::accept_loop(listener, limit, drain, move |stream, client, permit| {
+        tcp::accept_loop(listener, limit, drain, move |stream, client| {
             let outbound = self.clone();
-            async move {
-                outbound.handle(stream, client).await;
-                drop(permit);
-            }
+            async move { outbound.handle(stream, client).await }
         })
         .await;
     }

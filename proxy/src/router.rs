@@ -17,7 +17,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tessera_proto::resources::{RetrySpec, RoutePolicySpec};
 use tessera_proto::tls;
@@ -253,51 +253,20 @@ impl Upstream {
         endpoint: &EndpointState,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.h2_sender(endpoint).await?;
+        let mut sender = endpoint
+            .h2
+            .sender(&endpoint.address, || {
+                self.connect(endpoint, &endpoint.connectors.h2)
+            })
+            .await?;
         if sender.ready().await.is_err() {
-            endpoint.h2.store(None);
+            endpoint.h2.reset();
             return Err(ProxyError::Unreachable);
         }
         sender.send_request(request).await.map_err(|error| {
             debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
             ProxyError::Reset
         })
-    }
-
-    /// The endpoint's pooled HTTP/2 connection, established on first use.
-    async fn h2_sender(
-        &self,
-        endpoint: &EndpointState,
-    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
-        let pooled = || {
-            endpoint
-                .h2
-                .load_full()
-                .filter(|sender| !sender.is_closed())
-                .map(|sender| (*sender).clone())
-        };
-        if let Some(sender) = pooled() {
-            return Ok(sender);
-        }
-        let _connecting = endpoint.connecting.lock().await;
-        if let Some(sender) = pooled() {
-            return Ok(sender);
-        }
-        let stream = self.connect(endpoint, &endpoint.connectors.h2).await?;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|_| ProxyError::Unreachable)?;
-        let address = endpoint.address.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(event = "upstream connection closed", address, error = %error);
-            }
-        });
-        endpoint.h2.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
     }
 
     /// Opens an mTLS connection to an endpoint's proxy that must prove its identity.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tessera_proto::tls::TlsError;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::warn;
 
 use crate::lifecycle::Drain;
@@ -17,10 +17,10 @@ use crate::telemetry::Refusal;
 const COPY_BUFFER: usize = 16 * 1024;
 
 /// Accepts connections forever, at most `limit` open at once, and hands each to
-/// `handle` in its own task.
+/// `handle` in its own task (which holds the connection's permit until it ends).
 pub async fn accept_loop<F, Fut>(listener: TcpListener, limit: usize, drain: Drain, handle: F)
 where
-    F: Fn(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit) -> Fut,
+    F: Fn(TcpStream, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(limit));
@@ -41,10 +41,10 @@ where
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let in_flight = drain.track();
-                let work = handle(stream, peer, permit);
+                let work = handle(stream, peer);
                 tokio::spawn(async move {
                     work.await;
-                    drop(in_flight);
+                    drop((permit, in_flight));
                 });
             }
             Err(error) => {

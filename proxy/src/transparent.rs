@@ -36,14 +36,15 @@ const MAX_INBOUND_PORTS: usize = 256;
 /// Where a redirected connection was going before iptables sent it to us. IPv4
 /// connections on a dual-stack listener (v4-mapped addresses) carry an IPv4 original
 /// destination; only native IPv6 ones ask ip6tables' conntrack.
-pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// `local` is the connection's own address (canonical: v4-mapped shown as IPv4).
+fn original_destination(stream: &TcpStream, local: SocketAddr) -> io::Result<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
-    let original = if stream.local_addr()?.ip().to_canonical().is_ipv4() {
+    let original = if local.is_ipv4() {
         socket.original_dst_v4()?
     } else {
         socket.original_dst_v6()?
     };
-    original.as_socket().ok_or_else(|| {
+    original.as_socket().map(canonical).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             "original destination is not an IP address",
@@ -64,8 +65,12 @@ fn redirected_destination(
     client: SocketAddr,
     listener: &str,
 ) -> Option<SocketAddr> {
-    match original_destination(stream) {
-        Ok(original) if stream.local_addr().ok().map(canonical) == Some(canonical(original)) => {
+    let found = stream
+        .local_addr()
+        .map(canonical)
+        .and_then(|local| Ok((local, original_destination(stream, local)?)));
+    match found {
+        Ok((local, original)) if original == local => {
             warn!(
                 event = "connection refused",
                 listener,
@@ -74,7 +79,7 @@ fn redirected_destination(
             );
             None
         }
-        Ok(original) => Some(canonical(original)),
+        Ok((_, original)) => Some(original),
         Err(error) => {
             warn!(event = "connection refused", listener, client_address = %client, reason = "no original destination", error = %error);
             None
@@ -107,12 +112,9 @@ impl TransparentOutbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.shared.limits.max_connections;
         let drain = self.shared.drain.clone();
-        tcp::accept_loop(listener, limit, drain, move |stream, client, permit| {
+        tcp::accept_loop(listener, limit, drain, move |stream, client| {
             let outbound = self.clone();
-            async move {
-                outbound.handle(stream, client).await;
-                drop(permit);
-            }
+            async move { outbound.handle(stream, client).await }
         })
         .await;
     }
@@ -209,12 +211,9 @@ impl TransparentInbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.shared.limits.max_connections;
         let drain = self.shared.drain.clone();
-        tcp::accept_loop(listener, limit, drain, move |stream, client, permit| {
+        tcp::accept_loop(listener, limit, drain, move |stream, client| {
             let inbound = self.clone();
-            async move {
-                inbound.handle(stream, client).await;
-                drop(permit);
-            }
+            async move { inbound.handle(stream, client).await }
         })
         .await;
     }
