@@ -34,7 +34,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Threads serving traffic. A sidecar shares its pod's CPU with the application:
-        /// two is plenty, and one costs the least CPU per request.
+        /// two is plenty (one measured the same within noise here).
         #[arg(long, env = "TESSERA_PROXY_WORKERS", default_value_t = 2)]
         workers: usize,
     },
