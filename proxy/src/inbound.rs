@@ -250,9 +250,40 @@ impl Inbound {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let Some(policy) = self.policy.load_full() else {
+        let Ok(mut app) = self.open_opaque(&peer).await else {
             return;
         };
+        self.splice(&mut stream, &mut app, &peer).await;
+    }
+
+    /// One opaque connection tunnelled by a peer proxy (a `CONNECT` stream on its pooled
+    /// HTTP/2 connection): authorized and connected to the application exactly like a
+    /// connection of its own, and only then answered 200 and spliced.
+    async fn tunnel(self: Arc<Self>, mut request: Request<Incoming>, peer: Peer) -> Response<Body> {
+        let mut app = match self.open_opaque(&peer).await {
+            Ok(app) => app,
+            Err(error) => return error.response(false),
+        };
+        let upgrade = hyper::upgrade::on(&mut request);
+        let in_flight = self.drain.track();
+        tokio::spawn(async move {
+            let _open = (self.counters.open(), in_flight);
+            match upgrade.await {
+                Ok(tunnel) => {
+                    self.splice(&mut TokioIo::new(tunnel), &mut app, &peer)
+                        .await
+                }
+                Err(error) => {
+                    debug!(event = "tunnel not opened", peer = %peer.describe(), error = %error)
+                }
+            }
+        });
+        Response::new(crate::http::empty())
+    }
+
+    /// Authorizes an opaque connection and connects to the application for it.
+    async fn open_opaque(&self, peer: &Peer) -> Result<TcpStream, ProxyError> {
+        let policy = self.policy.load_full().ok_or(ProxyError::Forbidden)?;
         let decision = policy.authorize(
             &policy::Request {
                 source: peer.identity.as_ref(),
@@ -263,18 +294,26 @@ impl Inbound {
             &self.metrics,
         );
         if !decision.allowed {
-            return self.log_denial(&peer, &decision, None, "connection denied");
+            self.log_denial(peer, &decision, None, "connection denied");
+            return Err(ProxyError::Forbidden);
         }
-        let forward_to = self.port.forward_to.to_string();
-        let mut app = match tcp::connect(&forward_to, self.limits.connect_timeout).await {
-            Ok(app) => app,
-            Err(error) => {
+        let forward_to = self.port.forward_to;
+        tcp::connect(forward_to, self.limits.connect_timeout)
+            .await
+            .map_err(|error| {
                 self.metrics
                     .refuse(Direction::Inbound, Refusal::ConnectFailed);
-                return warn!(event = "application unreachable", application = %forward_to, error = %error);
-            }
-        };
-        match tcp::relay(&mut stream, &mut app).await {
+                warn!(event = "application unreachable", application = %forward_to, error = %error);
+                ProxyError::AppUnavailable
+            })
+    }
+
+    /// Copies both ways between a peer's connection (or tunnel) and the application.
+    async fn splice<S>(&self, stream: &mut S, app: &mut TcpStream, peer: &Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tcp::relay(stream, app).await {
             Ok((received, sent)) => {
                 self.counters.received.inc_by(received);
                 self.counters.sent.inc_by(sent);
@@ -295,14 +334,24 @@ impl Inbound {
         let service = service_fn(move |request| {
             let inbound = inbound.clone();
             let peer = peer_for_service.clone();
-            async move { Ok::<_, std::convert::Infallible>(inbound.request(request, &peer).await) }
+            async move {
+                let response = if is_tunnel(&request, &peer) {
+                    inbound.tunnel(request, peer).await
+                } else {
+                    inbound.request(request, &peer).await
+                };
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
         let io = TokioIo::new(stream);
+        // Streams carry requests and tunnelled connections alike: a peer may hold as many
+        // at once as it could open connections.
+        let streams = u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX);
         let served = match protocol {
             Detected::Http2 => {
                 let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
-                    .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                    .max_concurrent_streams(streams)
                     .max_header_list_size(MAX_HEADER_BYTES as u32)
                     .serve_connection(io, service);
                 crate::serve_gracefully!(connection, self.drain)
@@ -471,6 +520,15 @@ impl Inbound {
     }
 }
 
+/// A tunnelled opaque connection: `CONNECT` over HTTP/2, which only a peer proxy sends
+/// (an application's own CONNECT never reaches here as HTTP/2: outbound proxies forward
+/// requests with a path, and plaintext callers are not peers).
+fn is_tunnel<B>(request: &Request<B>, peer: &Peer) -> bool {
+    request.method() == http::Method::CONNECT
+        && request.version() == Version::HTTP_2
+        && peer.identity.is_some()
+}
+
 /// Puts a request in the one form that is both authorized and forwarded: the normalized
 /// path, `Host` equal to the authority (so the application sees the host the policy
 /// checked), and the HTTP/1.1 marker honoured only from peer proxies.
@@ -622,7 +680,7 @@ impl AppClient {
         let mut sender = self
             .http2
             .sender(self.authority.as_str(), || async {
-                tcp::connect(&self.address.to_string(), self.connect_timeout)
+                tcp::connect(self.address, self.connect_timeout)
                     .await
                     .map_err(|error| {
                         warn!(event = "application unreachable", application = %self.address, error = %error);
@@ -641,15 +699,12 @@ impl AppClient {
     }
 
     async fn upgrade(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
-        let app = tcp::connect(&self.address.to_string(), self.connect_timeout)
+        let app = tcp::connect(self.address, self.connect_timeout)
             .await
             .map_err(|_| ProxyError::AppUnavailable)?;
         crate::router::forward_upgrade(request, TokioIo::new(app)).await
     }
 }
-
-/// Concurrent requests one peer proxy may have open on one connection.
-const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Waits for the first byte without consuming it. `None` when the peer closed.
 async fn first_byte(stream: &TcpStream) -> std::io::Result<Option<u8>> {

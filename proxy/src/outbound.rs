@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use crate::config::Limits;
 use crate::detect::{self, Detected};
+use crate::http::ProxyError;
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::router::Upstream;
@@ -102,7 +103,7 @@ impl Outbound {
         }
     }
 
-    /// Opaque bytes to one endpoint.
+    /// Opaque bytes to one endpoint, tunnelled over the pooled connection to its proxy.
     async fn relay(&self, mut app: TcpStream) {
         let balancer = &self.upstream.balancer;
         balancer.readmit_expired();
@@ -110,15 +111,13 @@ impl Outbound {
             return warn!(event = "outbound connection refused", upstream = %self.upstream.name, reason = "no endpoints");
         };
         let endpoint = in_flight.endpoint().clone();
-        let mut stream = match self
-            .upstream
-            .connect(&endpoint, &endpoint.connectors.tcp)
-            .await
-        {
-            Ok(stream) => stream,
+        let tunnel = match self.upstream.tunnel(&endpoint).await {
+            Ok(tunnel) => tunnel,
+            // The peer's policy said no: the endpoint is healthy.
+            Err(ProxyError::Forbidden) => return,
             Err(_) => return balancer.failure(&endpoint),
         };
-        match tcp::relay(&mut app, &mut stream).await {
+        match tcp::relay(&mut app, &mut TokioIo::new(tunnel)).await {
             Ok((sent, received)) => {
                 self.counters.sent.inc_by(sent);
                 self.counters.received.inc_by(received);

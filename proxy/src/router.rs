@@ -253,6 +253,18 @@ impl Upstream {
         endpoint: &EndpointState,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = self.h2_sender(endpoint).await?;
+        sender.send_request(request).await.map_err(|error| {
+            debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
+            ProxyError::Reset
+        })
+    }
+
+    /// A ready sender on the endpoint's pooled HTTP/2 connection, opened if needed.
+    async fn h2_sender(
+        &self,
+        endpoint: &EndpointState,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
         let mut sender = endpoint
             .h2
             .sender(&endpoint.address, || {
@@ -263,10 +275,44 @@ impl Upstream {
             endpoint.h2.reset();
             return Err(ProxyError::Unreachable);
         }
-        sender.send_request(request).await.map_err(|error| {
-            debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
-            ProxyError::Reset
-        })
+        Ok(sender)
+    }
+
+    /// Opens a tunnel for one opaque TCP connection: a `CONNECT` stream on the pooled
+    /// HTTP/2 connection to the endpoint's proxy, so a new application connection
+    /// costs one stream instead of one TLS handshake. The peer answers 200 only once it
+    /// has authorized the connection and reached its application.
+    pub async fn tunnel(
+        &self,
+        endpoint: &EndpointState,
+    ) -> Result<hyper::upgrade::Upgraded, ProxyError> {
+        // The authority names the endpoint the peer was dialled at (RFC 9113 §8.5).
+        let authority =
+            Authority::try_from(endpoint.address.as_str()).map_err(|_| ProxyError::BadRequest)?;
+        let mut sender = self.h2_sender(endpoint).await?;
+        let mut request = Request::new(proxy_http::empty());
+        *request.method_mut() = Method::CONNECT;
+        *request.uri_mut() = Uri::from(authority);
+        *request.version_mut() = Version::HTTP_2;
+        let opened = async {
+            let response = sender.send_request(request).await.map_err(|error| {
+                debug!(event = "tunnel refused", upstream = %self.name, address = %endpoint.address, error = %error);
+                ProxyError::Reset
+            })?;
+            if response.status() != StatusCode::OK {
+                debug!(event = "tunnel refused", upstream = %self.name, address = %endpoint.address, status = %response.status());
+                return Err(match response.status() {
+                    StatusCode::FORBIDDEN => ProxyError::Forbidden,
+                    _ => ProxyError::Unreachable,
+                });
+            }
+            hyper::upgrade::on(response)
+                .await
+                .map_err(|_| ProxyError::Reset)
+        };
+        tokio::time::timeout(self.limits.handshake_timeout, opened)
+            .await
+            .map_err(|_| ProxyError::Timeout)?
     }
 
     /// Opens an mTLS connection to an endpoint's proxy that must prove its identity.

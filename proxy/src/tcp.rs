@@ -67,7 +67,10 @@ where
 }
 
 /// Connects with a bound on how long it may take.
-pub async fn connect(address: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+pub async fn connect(
+    address: impl tokio::net::ToSocketAddrs,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;

@@ -158,12 +158,7 @@ impl TransparentOutbound {
         debug!(event = "passthrough", client_address = %client, destination = %original);
         let counters = self.shared.metrics.direction(Direction::Outbound);
         let _open = counters.open();
-        let mut upstream = match tcp::connect(
-            &original.to_string(),
-            self.shared.limits.connect_timeout,
-        )
-        .await
-        {
+        let mut upstream = match tcp::connect(original, self.shared.limits.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
                 return debug!(event = "passthrough destination unreachable", destination = %original, error = %error);

@@ -61,13 +61,14 @@ async fn bytes_cross_mutual_tls_intact_with_half_close() {
     );
     assert!(client_metrics.contains("tessera_identity_cert_expiry_timestamp_seconds"));
 
-    // The connection is counted closed once both directions finished.
+    // The connection is counted closed once both directions finished; the pooled mTLS
+    // connection that tunnelled it stays open (and counted) for the next one.
     let mut closed = false;
     for _ in 0..50 {
         let (_, metrics) = mesh.server.admin("/metrics").await.unwrap();
         if metrics.contains("tessera_tcp_connections_closed_total{direction=\"inbound\"} 1") {
             assert!(
-                metrics.contains("tessera_tcp_connections_active{direction=\"inbound\"} 0"),
+                metrics.contains("tessera_tcp_connections_active{direction=\"inbound\"} 1"),
                 "{metrics}"
             );
             closed = true;
@@ -76,6 +77,19 @@ async fn bytes_cross_mutual_tls_intact_with_half_close() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(closed, "closed connection not counted");
+
+    // Further connections are tunnelled over that one mTLS connection: no new handshake.
+    for _ in 0..5 {
+        let echoed = echo_roundtrip(mesh.client.outbound(0), b"again")
+            .await
+            .unwrap();
+        assert_eq!(echoed, b"again");
+    }
+    let (_, server_metrics) = mesh.server.admin("/metrics").await.unwrap();
+    assert!(
+        server_metrics.contains(&format!("tessera_tcp_connections_total{{direction=\"inbound\",peer_identity=\"{}\",security=\"mtls\"}} 1", spiffe("client"))),
+        "{server_metrics}"
+    );
 
     // The admin endpoint shows the certificate, never the key or the token.
     let (status, certs) = mesh.server.admin("/certs").await.unwrap();
