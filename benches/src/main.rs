@@ -49,6 +49,19 @@ enum Command {
         #[arg(long, default_value = "16")]
         concurrency: usize,
     },
+    /// HTTP/1.1 GETs of `path` at a fixed rate against one address (e.g. a pair's
+    /// HTTP/1.1 entry printed by `up`), for profiling the fixed-rate path by hand.
+    OpenLoop {
+        address: std::net::SocketAddr,
+        #[arg(long, default_value = "/small")]
+        path: String,
+        #[arg(long, default_value = "1000")]
+        rate: u32,
+        #[arg(long, default_value = "10")]
+        seconds: u64,
+        #[arg(long, default_value = "32")]
+        connections: usize,
+    },
     /// Internal: the gRPC and TCP echo servers, run as a child process.
     #[command(hide = true)]
     ServeBackends,
@@ -96,6 +109,25 @@ fn main() -> anyhow::Result<ExitCode> {
                 result.errors,
                 result.generator
             );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::OpenLoop {
+            address,
+            path,
+            rate,
+            seconds,
+            connections,
+        } => {
+            use tessera_benches::load::{HttpRequest, open_loop};
+            let settings = open_loop::Settings {
+                rate_per_second: rate,
+                duration: std::time::Duration::from_secs(seconds),
+                connections,
+                streams_per_connection: 1,
+            };
+            let target = open_loop::Target::Http(HttpRequest::get(address, &path));
+            let result = runtime.block_on(open_loop::run(&target, settings))?;
+            println!("{result:#?}");
             return Ok(ExitCode::SUCCESS);
         }
         Command::Up => {

@@ -324,7 +324,7 @@ impl Report {
     fn render_connections(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "\n== New connections (opaque TCP connect → echo → close; through a pair each is a new mTLS handshake) =="
+            "\n== New connections (opaque TCP connect → echo → close; through HAProxy each is a new mTLS handshake, through Tessera a new stream on its pooled mTLS connection) =="
         );
         let _ = writeln!(
             out,

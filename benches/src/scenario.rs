@@ -262,7 +262,7 @@ fn notes(plan: Plan) -> Vec<String> {
         format!("profile {}: closed loop {:?}, open loop {:?} at {} req/s per run", plan.name, plan.closed_loop, plan.open_loop, plan.rate_per_second),
         "absolute numbers on a shared 2-core VM are noisy (load generators, servers and proxies share the cores); the same-run comparison is what counts".into(),
         "CPU: utime+stime of each proxy process from /proc/<pid>/stat before and after each run, divided by the requests served".into(),
-        "Tessera between proxies: pooled HTTP/2 for HTTP, one mTLS connection per opaque TCP connection; HAProxy between proxies: HTTP/1.1 for HTTP/1.1, h2 for gRPC, one connection per TCP connection; both TLS 1.3, client certificates verified, no session resumption".into(),
+        "Tessera between proxies: one pooled HTTP/2 mTLS connection carrying HTTP requests and opaque TCP connections (CONNECT streams); HAProxy between proxies: HTTP/1.1 for HTTP/1.1, h2 for gRPC, one connection per TCP connection; both TLS 1.3, client certificates verified, no session resumption".into(),
     ]
 }
 

@@ -265,17 +265,21 @@ impl Upstream {
         &self,
         endpoint: &EndpointState,
     ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
-        let mut sender = endpoint
-            .h2
-            .sender(&endpoint.address, || {
-                self.connect(endpoint, &endpoint.connectors.h2)
-            })
-            .await?;
-        if sender.ready().await.is_err() {
+        // The pooled connection may have closed under us (peer restarted, went away):
+        // then one fresh connection, before any byte of the request was sent.
+        for _ in 0..2 {
+            let mut sender = endpoint
+                .h2
+                .sender(&endpoint.address, || {
+                    self.connect(endpoint, &endpoint.connectors.h2)
+                })
+                .await?;
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
             endpoint.h2.reset();
-            return Err(ProxyError::Unreachable);
         }
-        Ok(sender)
+        Err(ProxyError::Unreachable)
     }
 
     /// Opens a tunnel for one opaque TCP connection: a `CONNECT` stream on the pooled

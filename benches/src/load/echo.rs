@@ -1,6 +1,7 @@
 //! Our own generators for opaque TCP, where no HTTP tool fits: echo round trips on
 //! kept-open connections (closed loop), and the connect → echo → close loop that makes
-//! every round trip a new connection — through a proxy pair, a new mTLS handshake.
+//! every round trip a new connection — through HAProxy, a new mTLS handshake; through
+//! Tessera, a new stream on the pooled mTLS connection between the proxies.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
