@@ -259,17 +259,35 @@ impl SharedH2 {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<S, ProxyError>>,
     {
-        let open = || {
-            self.sender
-                .load_full()
-                .filter(|sender| !sender.is_closed())
-                .map(|sender| (*sender).clone())
-        };
-        if let Some(sender) = open() {
+        if let Some(sender) = self.open() {
             return Ok(sender);
         }
+        // Boxed: connecting (TCP, TLS handshake, HTTP/2 handshake) is a large future that
+        // every request's future would otherwise carry, and copy, for a path rarely taken.
+        Box::pin(self.reconnect(peer, connect)).await
+    }
+
+    /// A sender on the connection, if it is open.
+    fn open(&self) -> Option<hyper::client::conn::http2::SendRequest<Body>> {
+        self.sender
+            .load_full()
+            .filter(|sender| !sender.is_closed())
+            .map(|sender| (*sender).clone())
+    }
+
+    /// Opens a new connection, unless another task just did.
+    async fn reconnect<S, F, Fut>(
+        &self,
+        peer: &str,
+        connect: F,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<S, ProxyError>>,
+    {
         let _connecting = self.connecting.lock().await;
-        if let Some(sender) = open() {
+        if let Some(sender) = self.open() {
             return Ok(sender);
         }
         let stream = connect().await?;

@@ -21,6 +21,8 @@ fn demo_runs_and_shows_verified_identities() {
         "refused: plaintext",
         "refused: unexpected_identity",
         "denied by policy shop/no-cancel",
+        // Opaque TCP is tunnelled over the pooled connection: no handshake per call.
+        "carried between the proxies over 1 mTLS connection(s)",
         "0 failed",
         "(capabilities: NET_ADMIN, NET_RAW)",
         "native sidecar tessera-proxy (restartPolicy Always, UID 1337",
