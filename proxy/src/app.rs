@@ -157,6 +157,9 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tasks.push(tokio::spawn(inbound.serve(listener)));
     }
     tasks.push(tokio::spawn(follow_inbound_policy(shared.clone())));
+    tasks.push(tokio::spawn(crate::memory::release_periodically(
+        crate::memory::RELEASE_INTERVAL,
+    )));
 
     let admin_listener = bind(config.admin).await?;
     let admin_address = local_address(&admin_listener, config.admin)?;

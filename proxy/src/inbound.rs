@@ -351,6 +351,8 @@ impl Inbound {
             Detected::Http2 => {
                 let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    .initial_stream_window_size(crate::http::STREAM_WINDOW)
+                    .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
                     .max_concurrent_streams(streams)
                     .max_header_list_size(MAX_HEADER_BYTES as u32)
                     .serve_connection(io, service);
@@ -599,7 +601,13 @@ impl AppClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(limits.connect_timeout));
-        let builder = || Client::builder(TokioExecutor::new());
+        // Reads from the application stop at 64 KiB buffered per connection (hyper would
+        // grow the buffer to ~400 KiB under large bodies: 25 MB over 64 connections).
+        let builder = || {
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder.http1_max_buf_size(APP_READ_BUFFER);
+            builder
+        };
         // Without any IPv6 scope id, "ip:port" / "[ip]:port" is always a valid authority.
         let plain = SocketAddr::new(address.ip(), address.port());
         let authority = http::uri::Authority::try_from(plain.to_string())
@@ -705,6 +713,9 @@ impl AppClient {
         crate::router::forward_upgrade(request, TokioIo::new(app)).await
     }
 }
+
+/// Most an application connection's read buffer grows to.
+const APP_READ_BUFFER: usize = 64 * 1024;
 
 /// Waits for the first byte without consuming it. `None` when the peer closed.
 async fn first_byte(stream: &TcpStream) -> std::io::Result<Option<u8>> {

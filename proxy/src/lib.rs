@@ -19,6 +19,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod lifecycle;
+pub mod memory;
 pub mod migration;
 pub mod outbound;
 pub mod retry;

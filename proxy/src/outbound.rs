@@ -93,6 +93,8 @@ impl Outbound {
                 let service = service_fn(move |request| upstream.clone().handle(request));
                 let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    .initial_stream_window_size(crate::http::STREAM_WINDOW)
+                    .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
                     .max_header_list_size(MAX_HEADER_BYTES as u32)
                     .serve_connection(TokioIo::new(app), service);
                 let served = crate::serve_gracefully!(connection, self.drain);

@@ -248,7 +248,7 @@ fn start_proxy(
     let config_file = dir.write(&format!("{service_account}.yaml"), config)?;
     let process = Process::spawn(
         service_account,
-        Command::new(workspace_binary("tessera-proxy")?)
+        Command::new(proxy_binary()?)
             .args(["run", "--config"])
             .arg(config_file)
             .env_remove("TESSERA_JOIN_TOKEN")
@@ -269,5 +269,14 @@ async fn wait_ready(proxy: &mut StartedProxy) -> Result<()> {
             return Err(proxy.process.not_ready(READY_TIMEOUT));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The proxy under test: `TESSERA_BENCH_PROXY` when set (e.g. the `sidecar` profile's
+/// build, which `all` does not make), else this profile's build.
+fn proxy_binary() -> Result<PathBuf> {
+    match std::env::var_os("TESSERA_BENCH_PROXY") {
+        Some(path) => Ok(path.into()),
+        None => workspace_binary("tessera-proxy"),
     }
 }
