@@ -237,6 +237,11 @@ mod tests {
     }
 }
 
+/// A future on the heap. Made in a plain function (`fn … -> BoxFuture { Box::pin(…) }`),
+/// the large future is built straight into its box: boxed inside an `async fn`, it would
+/// still take its full size in the caller's state as a temporary.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// HTTP/2 flow-control windows, ours to grant: what a peer may send before we read it,
 /// so what one stream / one connection can make us buffer. 256 KiB per stream still
 /// fills a 1 ms round trip at 250 MB/s; hyper's client defaults (2 MiB / 5 MiB) let one
@@ -263,15 +268,28 @@ impl SharedH2 {
     ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<S, ProxyError>>,
+        F: FnOnce() -> Fut + Send,
+        Fut: std::future::Future<Output = Result<S, ProxyError>> + Send,
     {
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
         // Boxed: connecting (TCP, TLS handshake, HTTP/2 handshake) is a large future that
         // every request's future would otherwise carry, and copy, for a path rarely taken.
-        Box::pin(self.reconnect(peer, connect)).await
+        self.boxed_reconnect(peer, connect).await
+    }
+
+    fn boxed_reconnect<'a, S, F, Fut>(
+        &'a self,
+        peer: &'a str,
+        connect: F,
+    ) -> BoxFuture<'a, Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'a,
+        Fut: std::future::Future<Output = Result<S, ProxyError>> + Send + 'a,
+    {
+        Box::pin(self.reconnect(peer, connect))
     }
 
     /// A sender on the connection, if it is open.
@@ -304,7 +322,10 @@ impl SharedH2 {
                 .keep_alive_interval(std::time::Duration::from_secs(20))
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
-                .handshake(hyper_util::rt::TokioIo::new(stream))
+                // Boxed: hyper spawns a task per request whose type is sized for the
+                // whole connection, IO (a TLS session) included; a pointer keeps each
+                // request's task — and the copies made of it — small.
+                .handshake(hyper_util::rt::TokioIo::new(Box::new(stream)))
                 .await
                 .map_err(|error| {
                     tracing::debug!(event = "HTTP/2 handshake failed", peer, error = %error);

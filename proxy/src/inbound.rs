@@ -33,7 +33,7 @@ use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_HTTP1};
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
-use crate::http::{Body, ORIG_PROTO, ProxyError, SharedH2, boxed};
+use crate::http::{Body, BoxFuture, ORIG_PROTO, ProxyError, SharedH2, boxed};
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
@@ -281,6 +281,16 @@ impl Inbound {
         Response::new(crate::http::empty())
     }
 
+    /// Boxed: the tunnel's setup (authorizing, connecting) stays out of every request's
+    /// per-stream task.
+    fn boxed_tunnel(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: Peer,
+    ) -> BoxFuture<'static, Response<Body>> {
+        Box::pin(self.tunnel(request, peer))
+    }
+
     /// Authorizes an opaque connection and connects to the application for it.
     async fn open_opaque(&self, peer: &Peer) -> Result<TcpStream, ProxyError> {
         let policy = self.policy.load_full().ok_or(ProxyError::Forbidden)?;
@@ -336,7 +346,7 @@ impl Inbound {
             let peer = peer_for_service.clone();
             async move {
                 let response = if is_tunnel(&request, &peer) {
-                    inbound.tunnel(request, peer).await
+                    inbound.boxed_tunnel(request, peer).await
                 } else {
                     inbound.request(request, &peer).await
                 };
@@ -401,7 +411,7 @@ impl Inbound {
             .with_trace(trace_id)
             .with_access_log(self.access_log, request.method(), request.uri());
         // Boxed: hyper moves this future into a task per stream (see router).
-        let response = Box::pin(self.authorized_request(request, peer)).await;
+        let response = self.boxed_authorized_request(request, peer).await;
         if let (Some(span), Some((method, path))) = (span, span_target) {
             let mut attributes = vec![
                 ("http.request.method", method),
@@ -424,6 +434,14 @@ impl Inbound {
             self.tracer.finish(span, attributes, error);
         }
         meter.finish(response)
+    }
+
+    fn boxed_authorized_request<'a>(
+        &'a self,
+        request: Request<Incoming>,
+        peer: &'a Peer,
+    ) -> BoxFuture<'a, Response<Body>> {
+        Box::pin(self.authorized_request(request, peer))
     }
 
     /// Authenticates and authorizes one request, then forwards it.

@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use crate::balance::{Balancer, EndpointState};
 use crate::config::Limits;
-use crate::http::{self as proxy_http, Body, ORIG_PROTO, ProxyError, boxed};
+use crate::http::{self as proxy_http, Body, BoxFuture, ORIG_PROTO, ProxyError, boxed};
 use crate::retry::RetryBudget;
 use crate::tcp;
 use crate::telemetry::{Direction, Label, Metrics, RequestMeter, RequestSeries};
@@ -122,15 +122,30 @@ impl Upstream {
         // Boxed: hyper moves this service future into a task per stream; a pointer
         // moves cheaply, the whole retrying, timing-out forward would not.
         let result = if proxy_http::is_upgrade(&request) {
-            Box::pin(self.upgrade(request)).await
+            self.boxed_upgrade(request).await
         } else {
-            Box::pin(self.forward(request, context)).await
+            self.boxed_forward(request, context).await
         };
         let response = result.unwrap_or_else(|error| {
             debug!(event = "request failed", upstream = %self.name, reason = error.reason());
             error.response(grpc)
         });
         Ok(meter.finish(response))
+    }
+
+    fn boxed_forward(
+        &self,
+        request: Request<Incoming>,
+        context: Option<TraceContext>,
+    ) -> BoxFuture<'_, Result<Response<Body>, ProxyError>> {
+        Box::pin(self.forward(request, context))
+    }
+
+    fn boxed_upgrade(
+        &self,
+        request: Request<Incoming>,
+    ) -> BoxFuture<'_, Result<Response<Body>, ProxyError>> {
+        Box::pin(self.upgrade(request))
     }
 
     async fn forward(
