@@ -426,7 +426,6 @@ fn connector_factory(identity: &IdentityManager) -> Arc<ConnectorFactory> {
         Ok(Connectors {
             h2: make(ALPN_H2)?,
             http1: make(ALPN_HTTP1)?,
-            tcp: make(ALPN_TCP)?,
         })
     })
 }

@@ -23,7 +23,8 @@ use tracing::{info, warn};
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN between proxies: one HTTP/1.1 connection, for upgrades (WebSocket).
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-/// ALPN between proxies: opaque bytes.
+/// ALPN between proxies: opaque bytes on a connection of their own. Still accepted from
+/// proxies that predate tunnelling opaque TCP over the pooled HTTP/2 connection.
 pub const ALPN_TCP: &[u8] = b"tessera/tcp";
 
 const MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -36,7 +37,6 @@ const DECAY_HALF_LIFE_MILLIS: f64 = 1_000.0;
 pub struct Connectors {
     pub h2: TlsConnector,
     pub http1: TlsConnector,
-    pub tcp: TlsConnector,
 }
 
 /// Builds the connectors that accept only `identity`.
@@ -298,7 +298,6 @@ mod tests {
             Ok(Connectors {
                 h2: make()?,
                 http1: make()?,
-                tcp: make()?,
             })
         };
         let outlier = OutlierDetectionSpec {

@@ -1,8 +1,9 @@
 //! Outbound: plaintext from the local application, mTLS to the upstream.
 //!
 //! Each connection is classified — by the protocol configured or declared for the
-//! service port, else by detection — then either relayed as opaque bytes to one endpoint,
-//! or served as HTTP/1.1 or HTTP/2 with every request routed on its own (see `router`).
+//! service port, else by detection — then either relayed as opaque bytes to one endpoint
+//! (a `CONNECT` stream on the pooled mTLS connection to its proxy), or served as HTTP/1.1
+//! or HTTP/2 with every request routed on its own (see `router`).
 //! Nothing is sent anywhere until the upstream proxy has proved the identity expected of
 //! it; a wrong or untrusted peer gets nothing and the application's connection is closed.
 
