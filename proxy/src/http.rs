@@ -252,20 +252,19 @@ pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// One multiplexed HTTP/2 client connection shared by every request to one peer (a
 /// remote proxy, or the local application), established on first use and again after
 /// it closes. Requests only load a pointer; the mutex is held only while connecting.
+/// A handle for sending requests on an HTTP/2 client connection.
+pub type Sender = hyper::client::conn::http2::SendRequest<Body>;
+
 #[derive(Default)]
 pub struct SharedH2 {
-    sender: arc_swap::ArcSwapOption<hyper::client::conn::http2::SendRequest<Body>>,
+    sender: arc_swap::ArcSwapOption<Sender>,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl SharedH2 {
     /// A sender on the open connection, or on a new one over the stream `connect`
     /// makes. `peer` names the other end in logs.
-    pub async fn sender<S, F, Fut>(
-        &self,
-        peer: &str,
-        connect: F,
-    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError>
+    pub async fn sender<S, F, Fut>(&self, peer: &str, connect: F) -> Result<Sender, ProxyError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         F: FnOnce() -> Fut + Send,
@@ -276,24 +275,11 @@ impl SharedH2 {
         }
         // Boxed: connecting (TCP, TLS handshake, HTTP/2 handshake) is a large future that
         // every request's future would otherwise carry, and copy, for a path rarely taken.
-        self.boxed_reconnect(peer, connect).await
-    }
-
-    fn boxed_reconnect<'a, S, F, Fut>(
-        &'a self,
-        peer: &'a str,
-        connect: F,
-    ) -> BoxFuture<'a, Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError>>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        F: FnOnce() -> Fut + Send + 'a,
-        Fut: std::future::Future<Output = Result<S, ProxyError>> + Send + 'a,
-    {
-        Box::pin(self.reconnect(peer, connect))
+        self.reconnect(peer, connect).await
     }
 
     /// A sender on the connection, if it is open.
-    fn open(&self) -> Option<hyper::client::conn::http2::SendRequest<Body>> {
+    fn open(&self) -> Option<Sender> {
         self.sender
             .load_full()
             .filter(|sender| !sender.is_closed())
@@ -301,44 +287,46 @@ impl SharedH2 {
     }
 
     /// Opens a new connection, unless another task just did.
-    async fn reconnect<S, F, Fut>(
-        &self,
-        peer: &str,
+    fn reconnect<'a, S, F, Fut>(
+        &'a self,
+        peer: &'a str,
         connect: F,
-    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError>
+    ) -> BoxFuture<'a, Result<Sender, ProxyError>>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<S, ProxyError>>,
+        F: FnOnce() -> Fut + Send + 'a,
+        Fut: std::future::Future<Output = Result<S, ProxyError>> + Send + 'a,
     {
-        let _connecting = self.connecting.lock().await;
-        if let Some(sender) = self.open() {
-            return Ok(sender);
-        }
-        let stream = connect().await?;
-        let (sender, connection) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(std::time::Duration::from_secs(20))
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                // Boxed: hyper spawns a task per request whose type is sized for the
-                // whole connection, IO (a TLS session) included; a pointer keeps each
-                // request's task — and the copies made of it — small.
-                .handshake(hyper_util::rt::TokioIo::new(Box::new(stream)))
-                .await
-                .map_err(|error| {
-                    tracing::debug!(event = "HTTP/2 handshake failed", peer, error = %error);
-                    ProxyError::Unreachable
-                })?;
-        let peer = peer.to_string();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(event = "HTTP/2 connection closed", peer, error = %error);
+        Box::pin(async move {
+            let _connecting = self.connecting.lock().await;
+            if let Some(sender) = self.open() {
+                return Ok(sender);
             }
-        });
-        self.sender.store(Some(std::sync::Arc::new(sender.clone())));
-        Ok(sender)
+            let stream = connect().await?;
+            let (sender, connection) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive_interval(std::time::Duration::from_secs(20))
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    // Boxed: hyper spawns a task per request whose type is sized for the
+                    // whole connection, IO (a TLS session) included; a pointer keeps each
+                    // request's task — and the copies made of it — small.
+                    .handshake(hyper_util::rt::TokioIo::new(Box::new(stream)))
+                    .await
+                    .map_err(|error| {
+                        tracing::debug!(event = "HTTP/2 handshake failed", peer, error = %error);
+                        ProxyError::Unreachable
+                    })?;
+            let peer = peer.to_string();
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(event = "HTTP/2 connection closed", peer, error = %error);
+                }
+            });
+            self.sender.store(Some(std::sync::Arc::new(sender.clone())));
+            Ok(sender)
+        })
     }
 
     /// Forgets the connection: the next request opens a new one.

@@ -276,10 +276,7 @@ impl Upstream {
     }
 
     /// A ready sender on the endpoint's pooled HTTP/2 connection, opened if needed.
-    async fn h2_sender(
-        &self,
-        endpoint: &EndpointState,
-    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, ProxyError> {
+    async fn h2_sender(&self, endpoint: &EndpointState) -> Result<proxy_http::Sender, ProxyError> {
         // The pooled connection may have closed under us (peer restarted, went away):
         // then one fresh connection, before any byte of the request was sent.
         for _ in 0..2 {
