@@ -34,7 +34,7 @@ use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_HTTP1};
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
-use crate::http::{Body, BoxFuture, ORIG_PROTO, ProxyError, SharedH2, boxed};
+use crate::http::{Body, BoxFuture, BoxingExecutor, ORIG_PROTO, ProxyError, SharedH2, boxed};
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
@@ -360,7 +360,7 @@ impl Inbound {
         let streams = u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX);
         let served = match protocol {
             Detected::Http2 => {
-                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let connection = hyper::server::conn::http2::Builder::new(BoxingExecutor)
                     .timer(TokioTimer::new())
                     .initial_stream_window_size(crate::http::STREAM_WINDOW)
                     .initial_connection_window_size(crate::http::CONNECTION_WINDOW)

@@ -11,14 +11,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tessera_proto::resources::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::config::Limits;
 use crate::detect::{self, Detected};
-use crate::http::ProxyError;
+use crate::http::{BoxingExecutor, ProxyError};
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::router::Upstream;
@@ -92,7 +92,7 @@ impl Outbound {
             Detected::Http2 => {
                 let upstream = self.upstream.clone();
                 let service = service_fn(move |request| upstream.clone().handle(request));
-                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let connection = hyper::server::conn::http2::Builder::new(BoxingExecutor)
                     .timer(TokioTimer::new())
                     .initial_stream_window_size(crate::http::STREAM_WINDOW)
                     .initial_connection_window_size(crate::http::CONNECTION_WINDOW)

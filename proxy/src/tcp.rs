@@ -13,8 +13,9 @@ use tracing::warn;
 use crate::lifecycle::Drain;
 use crate::telemetry::Refusal;
 
-/// Buffer per direction per connection: large enough for a full TLS record.
-const COPY_BUFFER: usize = 16 * 1024;
+/// Buffer per direction per connection (allocated and zeroed for every connection, and
+/// held while it is open): tokio's default, half a TLS record or HTTP/2 frame.
+const COPY_BUFFER: usize = 8 * 1024;
 
 /// Accepts connections forever, at most `limit` open at once, and hands each to
 /// `handle` in its own task (which holds the connection's permit until it ends).
