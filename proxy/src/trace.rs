@@ -205,7 +205,8 @@ pub struct Tracer {
 
 /// A span in progress.
 pub struct ActiveSpan {
-    span: Span,
+    /// Boxed: request futures hold an `Option<ActiveSpan>` whether tracing is on or not.
+    span: Box<Span>,
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub sampled: bool,
@@ -285,7 +286,7 @@ impl Tracer {
         };
         let span_id: [u8; 8] = rng.random();
         Some(ActiveSpan {
-            span: Span {
+            span: Box::new(Span {
                 trace_id: trace_id.to_vec(),
                 span_id: span_id.to_vec(),
                 trace_state: tracestate
@@ -299,7 +300,7 @@ impl Tracer {
                 kind: kind as i32,
                 start_time_unix_nano: unix_nanos(),
                 ..Span::default()
-            },
+            }),
             trace_id,
             span_id,
             sampled,
@@ -329,7 +330,7 @@ impl Tracer {
                 code: status::StatusCode::Error as i32,
             });
         }
-        if queue.try_send(active.span).is_err() {
+        if queue.try_send(*active.span).is_err() {
             self.dropped.inc();
         }
     }
