@@ -33,6 +33,10 @@ enum Command {
         /// Use the binaries as they are, without `cargo build --release --bins`.
         #[arg(long)]
         no_build: bool,
+        /// Runs of each load measurement, paths taking turns; the median is reported
+        /// (this VM's single runs swing 20-30 %).
+        #[arg(long, default_value = "1")]
+        repeat: usize,
     },
     /// A short run of every path and workload; exits non-zero when a path fails to
     /// serve. Asserts nothing about timing.
@@ -79,7 +83,7 @@ fn main() -> anyhow::Result<ExitCode> {
             runtime.block_on(backends::serve())?;
             return Ok(ExitCode::SUCCESS);
         }
-        Command::All { no_build } => {
+        Command::All { no_build, repeat } => {
             if cfg!(debug_assertions) {
                 bail!(
                     "`all` measures release builds: run `cargo run --release -p tessera-benches -- all`"
@@ -88,7 +92,10 @@ fn main() -> anyhow::Result<ExitCode> {
             if !no_build {
                 build_release_binaries()?;
             }
-            Plan::all()
+            Plan {
+                repeat,
+                ..Plan::all()
+            }
         }
         Command::Smoke => Plan::smoke(),
         Command::NewConnections {

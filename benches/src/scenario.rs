@@ -29,6 +29,8 @@ pub struct Plan {
     pub idle_connections: usize,
     pub discovery_streams: usize,
     pub certify: Duration,
+    /// Runs of each load measurement; the one with the median figure is reported.
+    pub repeat: usize,
 }
 
 impl Plan {
@@ -43,6 +45,7 @@ impl Plan {
             idle_connections: 1_000,
             discovery_streams: 1_000,
             certify: Duration::from_secs(5),
+            repeat: 1,
         }
     }
 
@@ -57,6 +60,7 @@ impl Plan {
             idle_connections: 50,
             discovery_streams: 50,
             certify: Duration::from_millis(500),
+            repeat: 1,
         }
     }
 }
@@ -125,12 +129,20 @@ pub async fn run(plan: Plan) -> Result<Report> {
             measure_workload(paths, workload, plan, &tools, &mut report).await?;
         }
     }
-    for path in paths {
-        let measurement = measure(path, Workload::TcpEcho, Mode::NewConnections, || {
-            echo::connection_rate(path.entry.tcp, NEW_CONNECTION_LOOPS, plan.new_connections)
-        })
-        .await?;
-        record(&mut report, measurement);
+    let mut new_connections: Vec<Vec<Measurement>> = paths.iter().map(|_| Vec::new()).collect();
+    for _ in 0..plan.repeat.max(1) {
+        for (runs, path) in new_connections.iter_mut().zip(paths) {
+            let measurement = measure(path, Workload::TcpEcho, Mode::NewConnections, || {
+                echo::connection_rate(path.entry.tcp, NEW_CONNECTION_LOOPS, plan.new_connections)
+            })
+            .await?;
+            runs.push(measurement);
+        }
+    }
+    for runs in new_connections {
+        if let Some(measurement) = median(runs) {
+            record(&mut report, measurement);
+        }
     }
     let peak_memory = read_memory(paths)?;
     let with_idle = if tools.nginx {
@@ -153,15 +165,42 @@ async fn measure_workload(
     tools: &Tools,
     report: &mut Report,
 ) -> Result<()> {
-    for path in paths {
-        if let Some(measurement) = closed_loop(path, workload, plan, tools).await? {
+    // Rounds take every path in turn, so a noisy moment hits all paths alike.
+    let mut closed: Vec<Vec<Measurement>> = paths.iter().map(|_| Vec::new()).collect();
+    for _ in 0..plan.repeat.max(1) {
+        for (runs, path) in closed.iter_mut().zip(paths) {
+            if let Some(measurement) = closed_loop(path, workload, plan, tools).await? {
+                runs.push(measurement);
+            }
+        }
+    }
+    let mut open: Vec<Vec<Measurement>> = paths.iter().map(|_| Vec::new()).collect();
+    for _ in 0..plan.repeat.max(1) {
+        for (runs, path) in open.iter_mut().zip(paths) {
+            runs.push(open_loop(path, workload, plan).await?);
+        }
+    }
+    for runs in closed.into_iter().chain(open) {
+        if let Some(measurement) = median(runs) {
             record(report, measurement);
         }
     }
-    for path in paths {
-        record(report, open_loop(path, workload, plan).await?);
-    }
     Ok(())
+}
+
+/// The run with the median figure: CPU per request for a proxied path, else the
+/// direct path's p50 latency (open loop) or throughput (closed loop).
+fn median(mut runs: Vec<Measurement>) -> Option<Measurement> {
+    let figure = |m: &Measurement| {
+        m.pair_us_per_request()
+            .unwrap_or_else(|| match &m.load.latency {
+                Some(latency) => latency.p50_us,
+                None => m.load.per_second(),
+            })
+    };
+    runs.sort_by(|a, b| figure(a).total_cmp(&figure(b)));
+    let middle = runs.len() / 2;
+    (!runs.is_empty()).then(|| runs.swap_remove(middle))
 }
 
 /// Memory of each pair while `plan.idle_connections` HTTP/1.1 connections are held
@@ -260,6 +299,7 @@ fn notes(plan: Plan) -> Vec<String> {
     vec![
         format!("tessera-proxy worker threads: {workers} (set TESSERA_PROXY_WORKERS to compare)"),
         format!("profile {}: closed loop {:?}, open loop {:?} at {} req/s per run", plan.name, plan.closed_loop, plan.open_loop, plan.rate_per_second),
+        format!("each load figure: the median of {} run(s), by pair CPU per request (direct path: by p50 or throughput)", plan.repeat.max(1)),
         "absolute numbers on a shared 2-core VM are noisy (load generators, servers and proxies share the cores); the same-run comparison is what counts".into(),
         "CPU: utime+stime of each proxy process from /proc/<pid>/stat before and after each run, divided by the requests served".into(),
         "Tessera between proxies: one pooled HTTP/2 mTLS connection carrying HTTP requests and opaque TCP connections (CONNECT streams); HAProxy between proxies: HTTP/1.1 for HTTP/1.1, h2 for gRPC, one connection per TCP connection; both TLS 1.3, client certificates verified, no session resumption".into(),
@@ -455,4 +495,51 @@ pub fn failures(report: &Report) -> Vec<String> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::ProcessCpu;
+
+    fn run(path: PathKind, cpu_us: Option<f64>, per_second: u64) -> Measurement {
+        Measurement {
+            path,
+            workload: Workload::TcpEcho,
+            mode: Mode::ClosedLoop,
+            load: LoadResult {
+                generator: String::new(),
+                completed: per_second,
+                errors: 0,
+                elapsed: Duration::from_secs(1),
+                latency: None,
+            },
+            cpu: cpu_us
+                .map(|us| ProcessCpu {
+                    side: "client-side",
+                    cpu_seconds: 0.0,
+                    us_per_request: us,
+                    seconds_per_10k_requests: 0.0,
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_median_run_is_reported() {
+        let runs = vec![
+            run(PathKind::Tessera, Some(50.0), 10),
+            run(PathKind::Tessera, Some(30.0), 20),
+            run(PathKind::Tessera, Some(40.0), 30),
+        ];
+        assert_eq!(median(runs).unwrap().pair_us_per_request(), Some(40.0));
+        let direct = vec![
+            run(PathKind::Direct, None, 900),
+            run(PathKind::Direct, None, 100),
+            run(PathKind::Direct, None, 500),
+        ];
+        assert_eq!(median(direct).unwrap().load.completed, 500);
+        assert!(median(Vec::new()).is_none());
+    }
 }
