@@ -17,7 +17,9 @@ use tracing::warn;
 
 use crate::admin::AppProbes;
 use crate::authz::InboundPolicy;
-use crate::balance::{ALPN_H2, ALPN_HTTP1, ALPN_TCP, ConnectorFactory, Connectors};
+use crate::balance::{
+    ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1, ALPN_TCP, ConnectorFactory, Connectors,
+};
 use crate::config::{InboundPort, Limits, ProxyConfig, UpstreamTarget};
 use crate::control_plane::ControlPlane;
 use crate::discovery::{Discovery, MeshView};
@@ -120,7 +122,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         identity.trust(),
         identity.current_cert(),
         ClientAuth::Required,
-        &[ALPN_H2, ALPN_HTTP1, ALPN_TCP],
+        &[ALPN_H2_TUNNELS, ALPN_H2, ALPN_HTTP1, ALPN_TCP],
     )?;
     let (drain_trigger, drain) = crate::lifecycle::channel();
     let tracer = Arc::new(match &config.tracing {
@@ -419,13 +421,14 @@ fn connector_factory(identity: &IdentityManager) -> Arc<ConnectorFactory> {
     let trust = identity.trust();
     let cert = identity.current_cert();
     Arc::new(move |peer: &SpiffeId| {
-        let make = |alpn: &[u8]| {
-            tls::client_config(trust.clone(), peer.clone(), Some(cert.clone()), &[alpn])
+        let make = |alpn: &[&[u8]]| {
+            tls::client_config(trust.clone(), peer.clone(), Some(cert.clone()), alpn)
                 .map(|config| TlsConnector::from(Arc::new(config)))
         };
         Ok(Connectors {
-            h2: make(ALPN_H2)?,
-            http1: make(ALPN_HTTP1)?,
+            h2: make(&[ALPN_H2_TUNNELS, ALPN_H2])?,
+            http1: make(&[ALPN_HTTP1])?,
+            tcp: make(&[ALPN_TCP])?,
         })
     })
 }

@@ -19,12 +19,15 @@ use tessera_proto::resources::OutlierDetectionSpec;
 use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
+/// ALPN between proxies: multiplexed HTTP/2 that also carries opaque TCP connections as
+/// `CONNECT` streams. Offered first; a peer that predates tunnels answers `h2`.
+pub const ALPN_H2_TUNNELS: &[u8] = b"tessera/h2";
 /// ALPN between proxies: multiplexed HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN between proxies: one HTTP/1.1 connection, for upgrades (WebSocket).
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-/// ALPN between proxies: opaque bytes on a connection of their own. Still accepted from
-/// proxies that predate tunnelling opaque TCP over the pooled HTTP/2 connection.
+/// ALPN between proxies: opaque bytes on a connection of their own, to and from proxies
+/// that predate tunnelling opaque TCP over the pooled HTTP/2 connection.
 pub const ALPN_TCP: &[u8] = b"tessera/tcp";
 
 const MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -37,6 +40,8 @@ const DECAY_HALF_LIFE_MILLIS: f64 = 1_000.0;
 pub struct Connectors {
     pub h2: TlsConnector,
     pub http1: TlsConnector,
+    /// Only for peers that cannot take tunnels.
+    pub tcp: TlsConnector,
 }
 
 /// Builds the connectors that accept only `identity`.
@@ -298,6 +303,7 @@ mod tests {
             Ok(Connectors {
                 h2: make()?,
                 http1: make()?,
+                tcp: make()?,
             })
         };
         let outlier = OutlierDetectionSpec {

@@ -276,17 +276,19 @@ pub type Sender = hyper::client::conn::http2::SendRequest<Body>;
 #[derive(Default)]
 pub struct SharedH2 {
     sender: arc_swap::ArcSwapOption<Sender>,
+    /// Whether the peer on the current connection takes tunnelled TCP connections.
+    tunnels: std::sync::atomic::AtomicBool,
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl SharedH2 {
     /// A sender on the open connection, or on a new one over the stream `connect`
-    /// makes. `peer` names the other end in logs.
+    /// makes (with whether its peer takes tunnels). `peer` names the other end in logs.
     pub async fn sender<S, F, Fut>(&self, peer: &str, connect: F) -> Result<Sender, ProxyError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         F: FnOnce() -> Fut + Send,
-        Fut: std::future::Future<Output = Result<S, ProxyError>> + Send,
+        Fut: std::future::Future<Output = Result<(S, bool), ProxyError>> + Send,
     {
         if let Some(sender) = self.open() {
             return Ok(sender);
@@ -313,14 +315,14 @@ impl SharedH2 {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         F: FnOnce() -> Fut + Send + 'a,
-        Fut: std::future::Future<Output = Result<S, ProxyError>> + Send + 'a,
+        Fut: std::future::Future<Output = Result<(S, bool), ProxyError>> + Send + 'a,
     {
         Box::pin(async move {
             let _connecting = self.connecting.lock().await;
             if let Some(sender) = self.open() {
                 return Ok(sender);
             }
-            let stream = connect().await?;
+            let (stream, tunnels) = connect().await?;
             let (sender, connection) = hyper::client::conn::http2::Builder::new(BoxingExecutor)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(std::time::Duration::from_secs(20))
@@ -341,9 +343,16 @@ impl SharedH2 {
                     tracing::debug!(event = "HTTP/2 connection closed", peer, error = %error);
                 }
             });
+            self.tunnels
+                .store(tunnels, std::sync::atomic::Ordering::Release);
             self.sender.store(Some(std::sync::Arc::new(sender.clone())));
             Ok(sender)
         })
+    }
+
+    /// Whether the peer of the last connection opened takes tunnelled TCP connections.
+    pub fn carries_tunnels(&self) -> bool {
+        self.tunnels.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Forgets the connection: the next request opens a new one.

@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 
 use crate::authn::JwtOutcome;
 use crate::authz::InboundPolicy;
-use crate::balance::{ALPN_H2, ALPN_HTTP1};
+use crate::balance::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1};
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
 use crate::http::{Body, BoxFuture, BoxingExecutor, ORIG_PROTO, ProxyError, SharedH2, boxed};
@@ -225,7 +225,9 @@ impl Inbound {
         let peer = self.peer(address, Some(identity));
         let _open = self.counters.open();
         match alpn.as_deref() {
-            Some(ALPN_H2) => self.serve_http(tls_stream, peer, Detected::Http2).await,
+            Some(ALPN_H2 | ALPN_H2_TUNNELS) => {
+                self.serve_http(tls_stream, peer, Detected::Http2).await
+            }
             Some(ALPN_HTTP1) => self.serve_http(tls_stream, peer, Detected::Http1).await,
             _ => self.relay(tls_stream, peer).await,
         }
@@ -707,12 +709,13 @@ impl AppClient {
         let mut sender = self
             .http2
             .sender(self.authority.as_str(), || async {
-                tcp::connect(self.address, self.connect_timeout)
+                let app = tcp::connect(self.address, self.connect_timeout)
                     .await
                     .map_err(|error| {
                         warn!(event = "application unreachable", application = %self.address, error = %error);
                         ProxyError::AppUnavailable
-                    })
+                    })?;
+                Ok((app, false)) // an application never takes tunnels
             })
             .await?;
         if sender.ready().await.is_err() {

@@ -114,13 +114,22 @@ impl Outbound {
             return warn!(event = "outbound connection refused", upstream = %self.upstream.name, reason = "no endpoints");
         };
         let endpoint = in_flight.endpoint().clone();
-        let tunnel = match self.upstream.tunnel(&endpoint).await {
-            Ok(tunnel) => tunnel,
+        let relayed = match self.upstream.tunnel(&endpoint).await {
+            Ok(Some(tunnel)) => tcp::relay(&mut app, &mut TokioIo::new(tunnel)).await,
+            // A peer from before tunnels: a connection of its own.
+            Ok(None) => match self
+                .upstream
+                .connect(&endpoint, &endpoint.connectors.tcp)
+                .await
+            {
+                Ok(mut stream) => tcp::relay(&mut app, &mut stream).await,
+                Err(_) => return balancer.failure(&endpoint),
+            },
             // The peer's policy said no: the endpoint is healthy.
             Err(ProxyError::Forbidden) => return,
             Err(_) => return balancer.failure(&endpoint),
         };
-        match tcp::relay(&mut app, &mut TokioIo::new(tunnel)).await {
+        match relayed {
             Ok((sent, received)) => {
                 self.counters.sent.inc_by(sent);
                 self.counters.received.inc_by(received);

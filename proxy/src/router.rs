@@ -24,7 +24,7 @@ use tessera_proto::tls;
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
-use crate::balance::{Balancer, EndpointState};
+use crate::balance::{ALPN_H2_TUNNELS, Balancer, EndpointState};
 use crate::config::Limits;
 use crate::http::{self as proxy_http, Body, BoxFuture, ORIG_PROTO, ProxyError, boxed};
 use crate::retry::RetryBudget;
@@ -282,8 +282,10 @@ impl Upstream {
         for _ in 0..2 {
             let mut sender = endpoint
                 .h2
-                .sender(&endpoint.address, || {
-                    self.connect(endpoint, &endpoint.connectors.h2)
+                .sender(&endpoint.address, || async {
+                    let stream = self.connect(endpoint, &endpoint.connectors.h2).await?;
+                    let tunnels = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2_TUNNELS);
+                    Ok((stream, tunnels))
                 })
                 .await?;
             if sender.ready().await.is_ok() {
@@ -297,15 +299,19 @@ impl Upstream {
     /// Opens a tunnel for one opaque TCP connection: a `CONNECT` stream on the pooled
     /// HTTP/2 connection to the endpoint's proxy, so a new application connection
     /// costs one stream instead of one TLS handshake. The peer answers 200 only once it
-    /// has authorized the connection and reached its application.
+    /// has authorized the connection and reached its application. `None` when the peer
+    /// predates tunnels: then the connection needs one of its own.
     pub async fn tunnel(
         &self,
         endpoint: &EndpointState,
-    ) -> Result<hyper::upgrade::Upgraded, ProxyError> {
+    ) -> Result<Option<hyper::upgrade::Upgraded>, ProxyError> {
         // The authority names the endpoint the peer was dialled at (RFC 9113 §8.5).
         let authority =
             Authority::try_from(endpoint.address.as_str()).map_err(|_| ProxyError::BadRequest)?;
         let mut sender = self.h2_sender(endpoint).await?;
+        if !endpoint.h2.carries_tunnels() {
+            return Ok(None);
+        }
         let mut request = Request::new(proxy_http::empty());
         *request.method_mut() = Method::CONNECT;
         *request.uri_mut() = Uri::from(authority);
@@ -324,6 +330,7 @@ impl Upstream {
             }
             hyper::upgrade::on(response)
                 .await
+                .map(Some)
                 .map_err(|_| ProxyError::Reset)
         };
         tokio::time::timeout(self.limits.handshake_timeout, opened)

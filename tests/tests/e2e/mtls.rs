@@ -261,7 +261,9 @@ async fn present(mesh: &Mesh, leaf: Leaf, message: &[u8]) -> anyhow::Result<Vec<
         &tls::crypto_provider(),
     )?);
     let expected: SpiffeId = spiffe("server").parse()?;
-    let config = tls::client_config(trust, expected, Some(cert), &[])?;
+    // ALPN tessera/tcp: opaque bytes on a connection of their own, as proxies that
+    // predate tunnelling over the pooled HTTP/2 connection send them.
+    let config = tls::client_config(trust, expected, Some(cert), &[b"tessera/tcp"])?;
     let tcp = tokio::net::TcpStream::connect(mesh.server.inbound()).await?;
     let peer = tcp.peer_addr()?;
     let mut stream = TlsConnector::from(Arc::new(config))
@@ -272,4 +274,128 @@ async fn present(mesh: &Mesh, leaf: Leaf, message: &[u8]) -> anyhow::Result<Vec<
     let mut reply = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await??;
     Ok(reply)
+}
+
+/// A peer proxy from before tunnelling offers `h2` but not `tessera/h2`: opaque TCP must
+/// then reach it the way it expects, over a connection of its own (ALPN `tessera/tcp`),
+/// not as a `CONNECT` it would take for an HTTP request.
+#[tokio::test(flavor = "multi_thread")]
+async fn opaque_tcp_reaches_a_peer_that_predates_tunnels() {
+    init();
+    let control_plane = ControlPlane::start("1h", "").await;
+    let old_peer = OldPeer::start(&control_plane).await;
+    let client = control_plane.proxy(
+        "client",
+        None,
+        &[Upstream::fixed(old_peer.address, spiffe("server"))],
+    );
+    client.wait_ready(Duration::from_secs(20)).await.unwrap();
+
+    for _ in 0..3 {
+        let echoed = echo_roundtrip(client.outbound(0), b"to an older proxy")
+            .await
+            .unwrap();
+        assert_eq!(echoed, b"to an older proxy");
+    }
+    let seen = old_peer.alpn.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter()
+            .filter(|alpn| alpn.as_slice() == b"tessera/tcp")
+            .count(),
+        3,
+        "{seen:?}"
+    );
+    assert_eq!(
+        old_peer.connects.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+/// What an inbound proxy of the previous version speaks: HTTP/2 (answering every request,
+/// CONNECT included, as HTTP) and opaque bytes on `tessera/tcp` connections (echoed).
+struct OldPeer {
+    address: std::net::SocketAddr,
+    /// ALPN of every accepted connection.
+    alpn: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    /// CONNECT requests received over HTTP/2 (an old peer would mishandle them).
+    connects: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl OldPeer {
+    async fn start(control_plane: &ControlPlane) -> Self {
+        let leaf = TestCa::from_state_dir(&control_plane.state_dir()).leaf(
+            &spiffe("server"),
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+            false,
+        );
+        let bundle =
+            TrustBundle::from_pem(&std::fs::read(control_plane.trust_bundle_file()).unwrap())
+                .unwrap();
+        let cert = CurrentCert::new();
+        cert.set(
+            rustls::sign::CertifiedKey::from_der(leaf.chain, leaf.key, &tls::crypto_provider())
+                .unwrap(),
+        );
+        let config = tls::server_config(
+            Trust::new(TRUST_DOMAIN, bundle),
+            cert,
+            tls::ClientAuth::Required,
+            &[b"h2", b"http/1.1", b"tessera/tcp"],
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = Self {
+            address: listener.local_addr().unwrap(),
+            alpn: Arc::default(),
+            connects: Arc::default(),
+        };
+        let (alpn, connects) = (peer.alpn.clone(), peer.connects.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, alpn, connects) = (acceptor.clone(), alpn.clone(), connects.clone());
+                tokio::spawn(async move {
+                    let Ok(mut stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let negotiated = stream
+                        .get_ref()
+                        .1
+                        .alpn_protocol()
+                        .unwrap_or_default()
+                        .to_vec();
+                    alpn.lock().unwrap().push(negotiated.clone());
+                    if negotiated == b"tessera/tcp" {
+                        let mut received = Vec::new();
+                        let _ = stream.read_to_end(&mut received).await;
+                        let _ = stream.write_all(&received).await;
+                        let _ = stream.shutdown().await;
+                        return;
+                    }
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| {
+                            if request.method() == http::Method::CONNECT {
+                                connects.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            async {
+                                let mut response = http::Response::new(http_body_util::Empty::<
+                                    bytes::Bytes,
+                                >::new(
+                                ));
+                                *response.status_mut() = http::StatusCode::BAD_GATEWAY;
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        peer
+    }
 }
