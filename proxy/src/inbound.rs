@@ -3,12 +3,13 @@
 //!
 //! The first byte tells them apart (a TLS handshake record or not). STRICT ports refuse
 //! plaintext on sight. Over mTLS, ALPN says what the peer proxy carries: multiplexed
-//! HTTP/2 (requests forwarded one by one, HTTP/1.1 restored where the caller spoke it,
-//! and opaque TCP connections tunnelled as `CONNECT` streams), one HTTP/1.1 connection
-//! (upgrades), or opaque bytes (`tessera/tcp`, from proxies that predate tunnelling);
-//! plaintext is detected like outbound traffic. Every HTTP request passes JWT validation
-//! and authorization before it is forwarded; an opaque connection is authorized before
-//! the application's connection is even opened, so a denied peer never gets a byte to it.
+//! HTTP/2 (`tessera/h2` or `h2`: requests forwarded one by one, HTTP/1.1 restored where
+//! the caller spoke it, and opaque TCP connections tunnelled as `CONNECT` streams), one
+//! HTTP/1.1 connection (upgrades), or opaque bytes (`tessera/tcp`, from proxies that
+//! predate tunnelling); plaintext is detected like outbound traffic. Every HTTP request
+//! passes JWT validation and authorization before it is forwarded; an opaque connection
+//! is authorized before the application's connection is even opened, so a denied peer
+//! never gets a byte to it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
