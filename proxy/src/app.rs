@@ -159,7 +159,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         tasks.push(tokio::spawn(inbound.serve(listener)));
     }
     tasks.push(tokio::spawn(follow_inbound_policy(shared.clone())));
-    tasks.push(tokio::spawn(crate::memory::release_periodically(
+    tasks.push(tokio::spawn(crate::memory::release_when_quiet(
         crate::memory::RELEASE_INTERVAL,
     )));
 
