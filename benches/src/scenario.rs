@@ -129,21 +129,15 @@ pub async fn run(plan: Plan) -> Result<Report> {
             measure_workload(paths, workload, plan, &tools, &mut report).await?;
         }
     }
-    let mut new_connections: Vec<Vec<Measurement>> = paths.iter().map(|_| Vec::new()).collect();
-    for _ in 0..plan.repeat.max(1) {
-        for (runs, path) in new_connections.iter_mut().zip(paths) {
-            let measurement = measure(path, Workload::TcpEcho, Mode::NewConnections, || {
-                echo::connection_rate(path.entry.tcp, NEW_CONNECTION_LOOPS, plan.new_connections)
-            })
-            .await?;
-            runs.push(measurement);
-        }
-    }
-    for runs in new_connections {
-        if let Some(measurement) = median(runs) {
-            record(&mut report, measurement);
-        }
-    }
+    measure_rounds(paths, plan, &mut report, |index| async move {
+        let path = &paths[index];
+        let measurement = measure(path, Workload::TcpEcho, Mode::NewConnections, || {
+            echo::connection_rate(path.entry.tcp, NEW_CONNECTION_LOOPS, plan.new_connections)
+        })
+        .await?;
+        Ok(Some(measurement))
+    })
+    .await?;
     let peak_memory = read_memory(paths)?;
     let with_idle = if tools.nginx {
         measure_idle_connections(paths, plan, &mut report).await?
@@ -165,23 +159,38 @@ async fn measure_workload(
     tools: &Tools,
     report: &mut Report,
 ) -> Result<()> {
-    // Rounds take every path in turn, so a noisy moment hits all paths alike.
-    let mut closed: Vec<Vec<Measurement>> = paths.iter().map(|_| Vec::new()).collect();
+    measure_rounds(paths, plan, report, |index| {
+        closed_loop(&paths[index], workload, plan, tools)
+    })
+    .await?;
+    measure_rounds(paths, plan, report, |index| async move {
+        open_loop(&paths[index], workload, plan).await.map(Some)
+    })
+    .await
+}
+
+/// Runs `run` (given a path's index) `plan.repeat` times on every path, the paths taking
+/// turns so a noisy moment hits them alike, and records each path's median run.
+async fn measure_rounds<F, Fut>(
+    paths: &[Path],
+    plan: Plan,
+    report: &mut Report,
+    run: F,
+) -> Result<()>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Measurement>>>,
+{
+    let mut runs: Vec<Vec<Measurement>> = paths.iter().map(|_| Vec::new()).collect();
     for _ in 0..plan.repeat.max(1) {
-        for (runs, path) in closed.iter_mut().zip(paths) {
-            if let Some(measurement) = closed_loop(path, workload, plan, tools).await? {
-                runs.push(measurement);
+        for (index, path_runs) in runs.iter_mut().enumerate() {
+            if let Some(measurement) = run(index).await? {
+                path_runs.push(measurement);
             }
         }
     }
-    let mut open: Vec<Vec<Measurement>> = paths.iter().map(|_| Vec::new()).collect();
-    for _ in 0..plan.repeat.max(1) {
-        for (runs, path) in open.iter_mut().zip(paths) {
-            runs.push(open_loop(path, workload, plan).await?);
-        }
-    }
-    for runs in closed.into_iter().chain(open) {
-        if let Some(measurement) = median(runs) {
+    for path_runs in runs {
+        if let Some(measurement) = median(path_runs) {
             record(report, measurement);
         }
     }

@@ -144,7 +144,7 @@ impl Balancer {
                     address: address.clone(),
                     identity: identity.clone(),
                     connectors,
-                    h2: crate::http::SharedH2::default(),
+                    h2: crate::http::SharedH2::new(crate::http::ProxyError::Unreachable),
                     in_flight: AtomicU32::new(0),
                     ewma_micros: AtomicU64::new(INITIAL_EWMA_MICROS),
                     fed_at: AtomicU64::new(self.now_millis()),

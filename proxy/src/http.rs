@@ -249,9 +249,6 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 pub const STREAM_WINDOW: u32 = 256 * 1024;
 pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
 
-/// One multiplexed HTTP/2 client connection shared by every request to one peer (a
-/// remote proxy, or the local application), established on first use and again after
-/// it closes. Requests only load a pointer; the mutex is held only while connecting.
 /// Runs hyper's HTTP/2 tasks (one per request on a client connection, one per stream on
 /// a server connection) from a box. hyper gives every client request's task the type of
 /// its whole connection task, kilobytes in size; tokio copies a task's future into place
@@ -273,29 +270,52 @@ where
 /// A handle for sending requests on an HTTP/2 client connection.
 pub type Sender = hyper::client::conn::http2::SendRequest<Body>;
 
-#[derive(Default)]
+/// One multiplexed HTTP/2 client connection shared by every request to one peer (a
+/// remote proxy, or the local application), established on first use and again after
+/// it closes. Requests only load a pointer; the mutex is held only while connecting.
 pub struct SharedH2 {
     sender: arc_swap::ArcSwapOption<Sender>,
     /// Whether the peer on the current connection takes tunnelled TCP connections.
     tunnels: std::sync::atomic::AtomicBool,
     connecting: tokio::sync::Mutex<()>,
+    /// The answer when even a fresh connection will not take a request.
+    unavailable: ProxyError,
 }
 
 impl SharedH2 {
-    /// A sender on the open connection, or on a new one over the stream `connect`
+    pub fn new(unavailable: ProxyError) -> Self {
+        Self {
+            sender: arc_swap::ArcSwapOption::empty(),
+            tunnels: std::sync::atomic::AtomicBool::new(false),
+            connecting: tokio::sync::Mutex::new(()),
+            unavailable,
+        }
+    }
+
+    /// A ready sender on the open connection, or on a new one over the stream `connect`
     /// makes (with whether its peer takes tunnels). `peer` names the other end in logs.
+    /// A connection that closed under us (the peer restarted, went away) is replaced
+    /// once, before any byte of the request was sent.
     pub async fn sender<S, F, Fut>(&self, peer: &str, connect: F) -> Result<Sender, ProxyError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        F: FnOnce() -> Fut + Send,
+        F: Fn() -> Fut + Send + Sync,
         Fut: std::future::Future<Output = Result<(S, bool), ProxyError>> + Send,
     {
-        if let Some(sender) = self.open() {
-            return Ok(sender);
+        for _ in 0..2 {
+            let mut sender = match self.open() {
+                Some(sender) => sender,
+                // Boxed: connecting (TCP, TLS handshake, HTTP/2 handshake) is a large
+                // future that every request's future would otherwise carry, and copy,
+                // for a path rarely taken.
+                None => self.reconnect(peer, &connect).await?,
+            };
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+            self.reset();
         }
-        // Boxed: connecting (TCP, TLS handshake, HTTP/2 handshake) is a large future that
-        // every request's future would otherwise carry, and copy, for a path rarely taken.
-        self.reconnect(peer, connect).await
+        Err(self.unavailable)
     }
 
     /// A sender on the connection, if it is open.
@@ -310,11 +330,11 @@ impl SharedH2 {
     fn reconnect<'a, S, F, Fut>(
         &'a self,
         peer: &'a str,
-        connect: F,
+        connect: &'a F,
     ) -> BoxFuture<'a, Result<Sender, ProxyError>>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        F: FnOnce() -> Fut + Send + 'a,
+        F: Fn() -> Fut + Send + Sync + 'a,
         Fut: std::future::Future<Output = Result<(S, bool), ProxyError>> + Send + 'a,
     {
         Box::pin(async move {

@@ -638,7 +638,7 @@ impl AppClient {
             address,
             authority,
             http1: builder().build(connector),
-            http2: SharedH2::default(),
+            http2: SharedH2::new(ProxyError::AppUnavailable),
             connect_timeout: limits.connect_timeout,
         })
     }
@@ -719,10 +719,6 @@ impl AppClient {
                 Ok((app, false)) // an application never takes tunnels
             })
             .await?;
-        if sender.ready().await.is_err() {
-            self.http2.reset();
-            return Err(ProxyError::AppUnavailable);
-        }
         sender.send_request(request).await.map_err(|error| {
             debug!(event = "application error", application = %self.address, error = %error);
             ProxyError::Reset

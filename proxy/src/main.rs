@@ -34,7 +34,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Threads serving traffic. One (the default) runs everything on one thread
-        /// with no cross-thread hand-offs: 25-40 % less CPU per request than two in the
+        /// with no cross-thread hand-offs: 20-40 % less CPU per request than two in the
         /// benchmarks. More only pay off for a pod whose traffic needs over a core.
         #[arg(long, env = "TESSERA_PROXY_WORKERS", default_value_t = 1)]
         workers: usize,

@@ -117,14 +117,13 @@ impl Outbound {
         let relayed = match self.upstream.tunnel(&endpoint).await {
             Ok(Some(tunnel)) => tcp::relay(&mut app, &mut TokioIo::new(tunnel)).await,
             // A peer from before tunnels: a connection of its own.
-            Ok(None) => match self
-                .upstream
-                .connect(&endpoint, &endpoint.connectors.tcp)
-                .await
-            {
-                Ok(mut stream) => tcp::relay(&mut app, &mut stream).await,
-                Err(_) => return balancer.failure(&endpoint),
-            },
+            Ok(None) => {
+                let connector = &endpoint.connectors.tcp;
+                let Ok(mut stream) = self.upstream.connect(&endpoint, connector).await else {
+                    return balancer.failure(&endpoint);
+                };
+                tcp::relay(&mut app, &mut stream).await
+            }
             // The peer's policy said no: the endpoint is healthy.
             Err(ProxyError::Forbidden) => return,
             Err(_) => return balancer.failure(&endpoint),

@@ -277,23 +277,14 @@ impl Upstream {
 
     /// A ready sender on the endpoint's pooled HTTP/2 connection, opened if needed.
     async fn h2_sender(&self, endpoint: &EndpointState) -> Result<proxy_http::Sender, ProxyError> {
-        // The pooled connection may have closed under us (peer restarted, went away):
-        // then one fresh connection, before any byte of the request was sent.
-        for _ in 0..2 {
-            let mut sender = endpoint
-                .h2
-                .sender(&endpoint.address, || async {
-                    let stream = self.connect(endpoint, &endpoint.connectors.h2).await?;
-                    let tunnels = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2_TUNNELS);
-                    Ok((stream, tunnels))
-                })
-                .await?;
-            if sender.ready().await.is_ok() {
-                return Ok(sender);
-            }
-            endpoint.h2.reset();
-        }
-        Err(ProxyError::Unreachable)
+        endpoint
+            .h2
+            .sender(&endpoint.address, || async {
+                let stream = self.connect(endpoint, &endpoint.connectors.h2).await?;
+                let tunnels = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2_TUNNELS);
+                Ok((stream, tunnels))
+            })
+            .await
     }
 
     /// Opens a tunnel for one opaque TCP connection: a `CONNECT` stream on the pooled
