@@ -37,6 +37,13 @@ pub fn empty() -> Body {
 /// trailers` survives (gRPC needs it); `Upgrade` survives when `keep_upgrade` (the
 /// request is being upgraded end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a lookup per name.
+    let acts_on = |(name, value): (&HeaderName, &HeaderValue)| {
+        is_hop_by_hop(name) && !(name == header::TE && value == "trailers")
+    };
+    if !headers.iter().any(acts_on) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -64,9 +71,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     ] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    headers.remove("http2-settings");
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(HTTP2_SETTINGS);
     if !keep_upgrade {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
@@ -74,6 +81,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Headers that [`strip_hop_by_hop`] may have to act on (`TE` unless it is just
+/// `trailers`, which survives as it is).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::UPGRADE,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        HTTP2_SETTINGS,
+    ]
+    .contains(name)
 }
 
 /// True for requests asking to switch protocols (WebSocket and friends). `h2c` is not
@@ -214,6 +243,31 @@ mod tests {
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-app", "te"]);
         assert_eq!(headers[header::TE], "trailers");
+    }
+
+    #[test]
+    fn leaves_end_to_end_headers_and_te_trailers_alone() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers, before);
+        // Any one hop-by-hop header is still found among end-to-end ones.
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "http2-settings",
+            "trailer",
+        ] {
+            let mut with_hop = before.clone();
+            with_hop.insert(HeaderName::from_static(name), HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut with_hop, false);
+            assert_eq!(with_hop, before, "{name} must go");
+        }
     }
 
     #[test]
