@@ -54,7 +54,7 @@ pub struct EndpointState {
     pub identity: SpiffeId,
     pub connectors: Connectors,
     /// The pooled HTTP/2 connection, shared by all requests.
-    pub h2: crate::http::SharedH2,
+    pub h2: crate::multiplex::SharedH2,
     in_flight: AtomicU32,
     ewma_micros: AtomicU64,
     /// When `ewma_micros` was last fed, in milliseconds since the balancer's epoch.
@@ -144,7 +144,7 @@ impl Balancer {
                     address: address.clone(),
                     identity: identity.clone(),
                     connectors,
-                    h2: crate::http::SharedH2::new(crate::http::ProxyError::Unreachable),
+                    h2: crate::multiplex::SharedH2::new(crate::http::ProxyError::Unreachable),
                     in_flight: AtomicU32::new(0),
                     ewma_micros: AtomicU64::new(INITIAL_EWMA_MICROS),
                     fed_at: AtomicU64::new(self.now_millis()),

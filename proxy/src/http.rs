@@ -303,11 +303,10 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 pub const STREAM_WINDOW: u32 = 256 * 1024;
 pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
 
-/// Runs hyper's HTTP/2 tasks (one per request on a client connection, one per stream on
-/// a server connection) from a box. hyper gives every client request's task the type of
-/// its whole connection task, kilobytes in size; tokio copies a task's future into place
-/// when it starts and again when it completes, so a pointer-sized future saves copying
-/// that twice per request for one extra allocation.
+/// Runs hyper's HTTP/2 server tasks (one per stream) from a box. hyper gives each
+/// stream's task a type that holds the service's future; tokio copies a task's future
+/// into place when it starts and again when it completes, so a pointer-sized future saves
+/// copying that twice per request for one extra allocation.
 #[derive(Clone, Copy, Default)]
 pub struct BoxingExecutor;
 
@@ -318,119 +317,5 @@ where
 {
     fn execute(&self, future: F) {
         tokio::spawn(Box::pin(future));
-    }
-}
-
-/// A handle for sending requests on an HTTP/2 client connection.
-pub type Sender = hyper::client::conn::http2::SendRequest<Body>;
-
-/// One multiplexed HTTP/2 client connection shared by every request to one peer (a
-/// remote proxy, or the local application), established on first use and again after
-/// it closes. Requests only load a pointer; the mutex is held only while connecting.
-pub struct SharedH2 {
-    sender: arc_swap::ArcSwapOption<Sender>,
-    /// Whether the peer on the current connection takes tunnelled TCP connections.
-    tunnels: std::sync::atomic::AtomicBool,
-    connecting: tokio::sync::Mutex<()>,
-    /// The answer when even a fresh connection will not take a request.
-    unavailable: ProxyError,
-}
-
-impl SharedH2 {
-    pub fn new(unavailable: ProxyError) -> Self {
-        Self {
-            sender: arc_swap::ArcSwapOption::empty(),
-            tunnels: std::sync::atomic::AtomicBool::new(false),
-            connecting: tokio::sync::Mutex::new(()),
-            unavailable,
-        }
-    }
-
-    /// A ready sender on the open connection, or on a new one over the stream `connect`
-    /// makes (with whether its peer takes tunnels). `peer` names the other end in logs.
-    /// A connection that closed under us (the peer restarted, went away) is replaced
-    /// once, before any byte of the request was sent.
-    pub async fn sender<S, F, Fut>(&self, peer: &str, connect: F) -> Result<Sender, ProxyError>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        F: Fn() -> Fut + Send + Sync,
-        Fut: std::future::Future<Output = Result<(S, bool), ProxyError>> + Send,
-    {
-        for _ in 0..2 {
-            let mut sender = match self.open() {
-                Some(sender) => sender,
-                // Boxed: connecting (TCP, TLS handshake, HTTP/2 handshake) is a large
-                // future that every request's future would otherwise carry, and copy,
-                // for a path rarely taken.
-                None => self.reconnect(peer, &connect).await?,
-            };
-            if sender.ready().await.is_ok() {
-                return Ok(sender);
-            }
-            self.reset();
-        }
-        Err(self.unavailable)
-    }
-
-    /// A sender on the connection, if it is open.
-    fn open(&self) -> Option<Sender> {
-        self.sender
-            .load_full()
-            .filter(|sender| !sender.is_closed())
-            .map(|sender| (*sender).clone())
-    }
-
-    /// Opens a new connection, unless another task just did.
-    fn reconnect<'a, S, F, Fut>(
-        &'a self,
-        peer: &'a str,
-        connect: &'a F,
-    ) -> BoxFuture<'a, Result<Sender, ProxyError>>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        F: Fn() -> Fut + Send + Sync + 'a,
-        Fut: std::future::Future<Output = Result<(S, bool), ProxyError>> + Send + 'a,
-    {
-        Box::pin(async move {
-            let _connecting = self.connecting.lock().await;
-            if let Some(sender) = self.open() {
-                return Ok(sender);
-            }
-            let (stream, tunnels) = connect().await?;
-            let (sender, connection) = hyper::client::conn::http2::Builder::new(BoxingExecutor)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(std::time::Duration::from_secs(20))
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                // Boxed: hyper spawns a task per request whose type is sized for the
-                // whole connection, IO (a TLS session) included; a pointer keeps each
-                // request's task — and the copies made of it — small.
-                .handshake(hyper_util::rt::TokioIo::new(Box::new(stream)))
-                .await
-                .map_err(|error| {
-                    tracing::debug!(event = "HTTP/2 handshake failed", peer, error = %error);
-                    ProxyError::Unreachable
-                })?;
-            let peer = peer.to_string();
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(event = "HTTP/2 connection closed", peer, error = %error);
-                }
-            });
-            self.tunnels
-                .store(tunnels, std::sync::atomic::Ordering::Release);
-            self.sender.store(Some(std::sync::Arc::new(sender.clone())));
-            Ok(sender)
-        })
-    }
-
-    /// Whether the peer of the last connection opened takes tunnelled TCP connections.
-    pub fn carries_tunnels(&self) -> bool {
-        self.tunnels.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Forgets the connection: the next request opens a new one.
-    pub fn reset(&self) {
-        self.sender.store(None);
     }
 }

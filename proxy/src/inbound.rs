@@ -35,10 +35,11 @@ use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1};
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
-use crate::http::{Body, BoxFuture, BoxingExecutor, ORIG_PROTO, ProxyError, SharedH2, boxed};
+use crate::http::{Body, BoxFuture, BoxingExecutor, ORIG_PROTO, ProxyError, boxed};
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
+use crate::multiplex::{ResponseBody, SharedH2};
 use crate::outbound::MAX_HEADER_BYTES;
 use crate::tcp;
 use crate::telemetry::{
@@ -678,12 +679,12 @@ impl AppClient {
         parts.uri = http::Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
         let request = Request::from_parts(parts, boxed(body));
         let mut response = if http1 {
-            self.send_http1(request).await?
+            self.send_http1(request).await?.map(boxed)
         } else {
-            self.send_http2(request).await?
+            self.send_http2(request).await?.map(boxed)
         };
         crate::http::strip_hop_by_hop(response.headers_mut(), false);
-        Ok(response.map(boxed))
+        Ok(response)
     }
 
     async fn send_http1(
@@ -705,9 +706,9 @@ impl AppClient {
     async fn send_http2(
         &self,
         mut request: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         *request.version_mut() = Version::HTTP_2;
-        let mut sender = self
+        let sender = self
             .http2
             .sender(self.authority.as_str(), || async {
                 let app = tcp::connect(self.address, self.connect_timeout)
@@ -719,7 +720,7 @@ impl AppClient {
                 Ok((app, false)) // an application never takes tunnels
             })
             .await?;
-        sender.send_request(request).await.map_err(|error| {
+        sender.send(request).await.map_err(|error| {
             debug!(event = "application error", application = %self.address, error = %error);
             ProxyError::Reset
         })

@@ -21,6 +21,7 @@ pub mod inbound;
 pub mod lifecycle;
 pub mod memory;
 pub mod migration;
+pub mod multiplex;
 pub mod outbound;
 pub mod retry;
 pub mod router;

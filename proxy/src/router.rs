@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 use crate::balance::{ALPN_H2_TUNNELS, Balancer, EndpointState};
 use crate::config::Limits;
 use crate::http::{self as proxy_http, Body, BoxFuture, ORIG_PROTO, ProxyError, boxed};
+use crate::multiplex::{self, ConnectError, ResponseBody, Tunnel};
 use crate::retry::RetryBudget;
 use crate::tcp;
 use crate::telemetry::{Direction, Label, Metrics, RequestMeter, RequestSeries};
@@ -182,7 +183,7 @@ impl Upstream {
         mut parts: http::request::Parts,
         mut replay: Replay,
         context: Option<&TraceContext>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         let max_attempts = match (&replay, &policy.retries) {
             (Replay::Buffered(_), Some(retries)) => 1 + retries.attempts,
             _ => 1,
@@ -267,16 +268,16 @@ impl Upstream {
         &self,
         endpoint: &EndpointState,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.h2_sender(endpoint).await?;
-        sender.send_request(request).await.map_err(|error| {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let sender = self.h2_sender(endpoint).await?;
+        sender.send(request).await.map_err(|error| {
             debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
             ProxyError::Reset
         })
     }
 
     /// A ready sender on the endpoint's pooled HTTP/2 connection, opened if needed.
-    async fn h2_sender(&self, endpoint: &EndpointState) -> Result<proxy_http::Sender, ProxyError> {
+    async fn h2_sender(&self, endpoint: &EndpointState) -> Result<multiplex::Sender, ProxyError> {
         endpoint
             .h2
             .sender(&endpoint.address, || async {
@@ -292,41 +293,25 @@ impl Upstream {
     /// costs one stream instead of one TLS handshake. The peer answers 200 only once it
     /// has authorized the connection and reached its application. `None` when the peer
     /// predates tunnels: then the connection needs one of its own.
-    pub async fn tunnel(
-        &self,
-        endpoint: &EndpointState,
-    ) -> Result<Option<hyper::upgrade::Upgraded>, ProxyError> {
+    pub async fn tunnel(&self, endpoint: &EndpointState) -> Result<Option<Tunnel>, ProxyError> {
         // The authority names the endpoint the peer was dialled at (RFC 9113 §8.5).
         let authority =
             Authority::try_from(endpoint.address.as_str()).map_err(|_| ProxyError::BadRequest)?;
-        let mut sender = self.h2_sender(endpoint).await?;
+        let sender = self.h2_sender(endpoint).await?;
         if !endpoint.h2.carries_tunnels() {
             return Ok(None);
         }
-        let mut request = Request::new(proxy_http::empty());
-        *request.method_mut() = Method::CONNECT;
-        *request.uri_mut() = Uri::from(authority);
-        *request.version_mut() = Version::HTTP_2;
-        let opened = async {
-            let response = sender.send_request(request).await.map_err(|error| {
-                debug!(event = "tunnel refused", upstream = %self.name, address = %endpoint.address, error = %error);
-                ProxyError::Reset
-            })?;
-            if response.status() != StatusCode::OK {
-                debug!(event = "tunnel refused", upstream = %self.name, address = %endpoint.address, status = %response.status());
-                return Err(match response.status() {
-                    StatusCode::FORBIDDEN => ProxyError::Forbidden,
-                    _ => ProxyError::Unreachable,
-                });
-            }
-            hyper::upgrade::on(response)
-                .await
-                .map(Some)
-                .map_err(|_| ProxyError::Reset)
-        };
-        tokio::time::timeout(self.limits.handshake_timeout, opened)
+        let opened = tokio::time::timeout(self.limits.handshake_timeout, sender.connect(authority))
             .await
-            .map_err(|_| ProxyError::Timeout)?
+            .map_err(|_| ProxyError::Timeout)?;
+        opened.map(Some).map_err(|error| {
+            debug!(event = "tunnel refused", upstream = %self.name, address = %endpoint.address, error = %error);
+            match error {
+                ConnectError::Refused(StatusCode::FORBIDDEN) => ProxyError::Forbidden,
+                ConnectError::Refused(_) => ProxyError::Unreachable,
+                ConnectError::Stream(_) => ProxyError::Reset,
+            }
+        })
     }
 
     /// Opens an mTLS connection to an endpoint's proxy that must prove its identity.
@@ -483,7 +468,7 @@ fn retryable(method: &Method, retries: &RetrySpec) -> bool {
 }
 
 /// 502/503/504, or a gRPC UNAVAILABLE carried in the headers (trailers-only answer).
-fn should_retry(response: &Response<Incoming>) -> bool {
+fn should_retry<B>(response: &Response<B>) -> bool {
     matches!(response.status().as_u16(), 502..=504)
         || response
             .headers()

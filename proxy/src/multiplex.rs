@@ -1,0 +1,668 @@
+//! Multiplexed HTTP/2 client connections — to a peer proxy, or to the local application —
+//! driven on `h2` directly.
+//!
+//! hyper's HTTP/2 client hands every request through a channel to the connection's task,
+//! which spawns a task per request to wait for the response (and another to stream the
+//! request body). Here the request's own task opens the stream, streams a body that is
+//! ready at once (a gRPC message) and waits for the response itself; only a body still
+//! streaming when the response arrives gets a task of its own.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
+use http::{Request, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::debug;
+
+use crate::http::{Body, BoxError, BoxFuture, CONNECTION_WINDOW, ProxyError, STREAM_WINDOW};
+
+/// An idle connection is pinged this often; one that does not answer within as long is
+/// closed, so a vanished peer is noticed before a request waits on it.
+const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// Opens streams on one HTTP/2 connection.
+#[derive(Clone)]
+pub struct Sender {
+    streams: SendRequest<Bytes>,
+}
+
+impl Sender {
+    /// Sends a request and waits for the response head; the request body streams on.
+    pub async fn send(self, request: Request<Body>) -> Result<Response<ResponseBody>, h2::Error> {
+        let (parts, body) = request.into_parts();
+        let end_of_stream = body.is_end_stream();
+        let (response, stream) = self
+            .streams
+            .ready()
+            .await?
+            .send_request(Request::from_parts(parts, ()), end_of_stream)?;
+        let response = if end_of_stream {
+            response.await?
+        } else {
+            ResponseWhileSending {
+                response,
+                body: Some(BodyPump { body, stream }),
+            }
+            .await?
+        };
+        Ok(ResponseBody::attach(response))
+    }
+
+    /// Opens a `CONNECT` stream to `authority`. The tunnel when the peer answers 200,
+    /// its status otherwise.
+    pub async fn connect(self, authority: http::uri::Authority) -> Result<Tunnel, ConnectError> {
+        let mut request = Request::new(());
+        *request.method_mut() = http::Method::CONNECT;
+        *request.uri_mut() = http::Uri::from(authority);
+        let (response, send) = self.streams.ready().await?.send_request(request, false)?;
+        let response = response.await?;
+        if response.status() != StatusCode::OK {
+            return Err(ConnectError::Refused(response.status()));
+        }
+        Ok(Tunnel {
+            send,
+            recv: response.into_body(),
+            unread: Bytes::new(),
+        })
+    }
+}
+
+/// Why a tunnel did not open.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The stream failed (connection closed, stream reset).
+    Stream(h2::Error),
+    /// The peer answered with this status instead of 200.
+    Refused(StatusCode),
+}
+
+impl From<h2::Error> for ConnectError {
+    fn from(error: h2::Error) -> Self {
+        ConnectError::Stream(error)
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Stream(error) => error.fmt(f),
+            ConnectError::Refused(status) => write!(f, "answered {status}"),
+        }
+    }
+}
+
+/// Waits for the response while streaming the request body. A body still streaming when
+/// the response arrives (a stream both ways) finishes in a task of its own.
+struct ResponseWhileSending {
+    response: ResponseFuture,
+    body: Option<BodyPump>,
+}
+
+impl Future for ResponseWhileSending {
+    type Output = Result<Response<RecvStream>, h2::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(body) = &mut self.body
+            && let Poll::Ready(sent) = Pin::new(body).poll(cx)
+        {
+            self.body = None;
+            if let Err(error) = sent {
+                debug!(event = "request body not sent", error = %error);
+            }
+        }
+        let response = ready!(Pin::new(&mut self.response).poll(cx));
+        // A failed stream takes the rest of the body with it.
+        if let Some(body) = self.body.take()
+            && response.is_ok()
+        {
+            tokio::spawn(async move {
+                if let Err(error) = body.await {
+                    debug!(event = "request body not sent", error = %error);
+                }
+            });
+        }
+        Poll::Ready(response)
+    }
+}
+
+/// Streams a request body into its HTTP/2 stream as the peer's window allows; a body
+/// that fails resets the stream, so the peer never takes a truncated body as whole.
+struct BodyPump {
+    body: Body,
+    stream: SendStream<Bytes>,
+}
+
+impl Future for BodyPump {
+    type Output = Result<(), BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let pump = &mut *self;
+        loop {
+            // Room for at least a byte before taking the next chunk: the peer's window
+            // paces how fast the body is read.
+            pump.stream.reserve_capacity(1);
+            if pump.stream.capacity() == 0 {
+                loop {
+                    match ready!(pump.stream.poll_capacity(cx)) {
+                        Some(Ok(0)) => {}
+                        Some(Ok(_)) => break,
+                        Some(Err(error)) => return Poll::Ready(Err(error.into())),
+                        None => return Poll::Ready(Err("stream closed".into())),
+                    }
+                }
+            } else if let Poll::Ready(reason) = pump.stream.poll_reset(cx) {
+                let reason = reason.map_err(BoxError::from)?;
+                return Poll::Ready(Err(format!("peer reset the stream: {reason}").into()));
+            }
+            let frame = match ready!(Pin::new(&mut pump.body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    pump.stream.send_reset(Reason::CANCEL);
+                    return Poll::Ready(Err(error));
+                }
+                None => {
+                    pump.stream.send_data(Bytes::new(), true)?;
+                    return Poll::Ready(Ok(()));
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let end_of_stream = pump.body.is_end_stream();
+                    pump.stream.send_data(data, end_of_stream)?;
+                    if end_of_stream {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        pump.stream.send_trailers(trailers)?;
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A response body arriving on an HTTP/2 stream. What is read is handed back to the
+/// peer's flow-control window at once: the proxy passes bytes on, it does not keep them.
+pub struct ResponseBody {
+    stream: RecvStream,
+    data_done: bool,
+    /// From `content-length`, so an HTTP/1.1 caller gets a length instead of chunks.
+    length: Option<u64>,
+}
+
+impl ResponseBody {
+    /// The response with its body; the length comes from `content-length` when it has one.
+    fn attach(response: Response<RecvStream>) -> Response<ResponseBody> {
+        let length = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse().ok());
+        response.map(|stream| ResponseBody {
+            stream,
+            data_done: false,
+            length,
+        })
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match ready!(self.stream.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.stream.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.stream.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(error))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(length) => SizeHint::with_exact(length),
+            None if self.stream.is_end_stream() => SizeHint::with_exact(0),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// A TCP connection carried on a `CONNECT` stream: bytes both ways, a write shutdown as
+/// END_STREAM, the peer's END_STREAM as end of file.
+pub struct Tunnel {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received but not yet read.
+    unread: Bytes,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.unread.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.unread = data;
+                }
+                Some(Err(error)) => return Poll::Ready(Err(io_error(error))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread[..n]);
+        self.unread.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(data.len());
+        let mut capacity = self.send.capacity();
+        while capacity == 0 {
+            capacity = match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(capacity)) => capacity,
+                Some(Err(error)) => return Poll::Ready(Err(io_error(error))),
+                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+            };
+        }
+        let n = capacity.min(data.len());
+        self.send
+            .send_data(Bytes::copy_from_slice(&data[..n]), false)
+            .map_err(io_error)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // The connection's task writes frames out as they are queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // A second shutdown finds the stream closed for sending: nothing more to do.
+        let _ = self.send.send_data(Bytes::new(), true);
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn io_error(error: h2::Error) -> std::io::Error {
+    match error.get_io() {
+        Some(io) => std::io::Error::new(io.kind(), error.to_string()),
+        None if error.reason() == Some(Reason::NO_ERROR) => {
+            std::io::ErrorKind::ConnectionAborted.into()
+        }
+        None => std::io::Error::new(std::io::ErrorKind::ConnectionReset, error),
+    }
+}
+
+/// The open connection: its sender, and whether its task has ended.
+struct Open {
+    sender: Sender,
+    closed: Arc<AtomicBool>,
+}
+
+/// One multiplexed HTTP/2 client connection shared by every request to one peer (a
+/// remote proxy, or the local application), established on first use and again after
+/// it closes. Requests only load a pointer; the mutex is held only while connecting.
+pub struct SharedH2 {
+    open: arc_swap::ArcSwapOption<Open>,
+    /// Whether the peer on the current connection takes tunnelled TCP connections.
+    tunnels: AtomicBool,
+    connecting: tokio::sync::Mutex<()>,
+    /// The answer when even a fresh connection will not take a request.
+    unavailable: ProxyError,
+}
+
+impl SharedH2 {
+    pub fn new(unavailable: ProxyError) -> Self {
+        Self {
+            open: arc_swap::ArcSwapOption::empty(),
+            tunnels: AtomicBool::new(false),
+            connecting: tokio::sync::Mutex::new(()),
+            unavailable,
+        }
+    }
+
+    /// A ready sender on the open connection, or on a new one over the stream `connect`
+    /// makes (with whether its peer takes tunnels). `peer` names the other end in logs.
+    /// A connection that closed under us (the peer restarted, went away) is replaced
+    /// once, before any byte of the request was sent.
+    pub async fn sender<S, F, Fut>(&self, peer: &str, connect: F) -> Result<Sender, ProxyError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: Fn() -> Fut + Send + Sync,
+        Fut: Future<Output = Result<(S, bool), ProxyError>> + Send,
+    {
+        for _ in 0..2 {
+            let sender = match self.current() {
+                Some(sender) => sender,
+                // Boxed: connecting (TCP, TLS handshake, HTTP/2 handshake) is a large
+                // future that every request's future would otherwise carry, and copy,
+                // for a path rarely taken.
+                None => self.reconnect(peer, &connect).await?,
+            };
+            if let Ok(streams) = sender.streams.ready().await {
+                return Ok(Sender { streams });
+            }
+            self.reset();
+        }
+        Err(self.unavailable)
+    }
+
+    /// A sender on the connection, if it is open.
+    fn current(&self) -> Option<Sender> {
+        let open = self.open.load();
+        let open = open.as_ref()?;
+        (!open.closed.load(Ordering::Acquire)).then(|| open.sender.clone())
+    }
+
+    /// Opens a new connection, unless another task just did.
+    fn reconnect<'a, S, F, Fut>(
+        &'a self,
+        peer: &'a str,
+        connect: &'a F,
+    ) -> BoxFuture<'a, Result<Sender, ProxyError>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: Fn() -> Fut + Send + Sync + 'a,
+        Fut: Future<Output = Result<(S, bool), ProxyError>> + Send + 'a,
+    {
+        Box::pin(async move {
+            let _connecting = self.connecting.lock().await;
+            if let Some(sender) = self.current() {
+                return Ok(sender);
+            }
+            let (stream, tunnels) = connect().await?;
+            let (streams, connection) = h2::client::Builder::new()
+                .enable_push(false)
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .handshake::<_, Bytes>(stream)
+                .await
+                .map_err(|error| {
+                    debug!(event = "HTTP/2 handshake failed", peer, error = %error);
+                    ProxyError::Unreachable
+                })?;
+            let closed = Arc::new(AtomicBool::new(false));
+            tokio::spawn(drive(connection, closed.clone(), peer.to_string()));
+            let sender = Sender { streams };
+            self.tunnels.store(tunnels, Ordering::Release);
+            self.open.store(Some(Arc::new(Open {
+                sender: sender.clone(),
+                closed,
+            })));
+            Ok(sender)
+        })
+    }
+
+    /// Whether the peer of the last connection opened takes tunnelled TCP connections.
+    pub fn carries_tunnels(&self) -> bool {
+        self.tunnels.load(Ordering::Acquire)
+    }
+
+    /// Forgets the connection: the next request opens a new one.
+    pub fn reset(&self) {
+        self.open.store(None);
+    }
+}
+
+/// Runs a connection until it closes or stops answering pings, then marks it closed.
+async fn drive<S>(
+    mut connection: h2::client::Connection<S, Bytes>,
+    closed: Arc<AtomicBool>,
+    peer: String,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ended = match connection.ping_pong() {
+        Some(ping_pong) => tokio::select! {
+            ended = &mut connection => ended.map_err(|error| error.to_string()),
+            silent = keep_alive(ping_pong) => Err(silent.to_string()),
+        },
+        None => (&mut connection).await.map_err(|error| error.to_string()),
+    };
+    closed.store(true, Ordering::Release);
+    if let Err(error) = ended {
+        debug!(event = "HTTP/2 connection closed", peer, error);
+    }
+}
+
+/// Pings every [`KEEP_ALIVE`]; returns once a ping goes unanswered for as long.
+async fn keep_alive(mut ping_pong: PingPong) -> &'static str {
+    loop {
+        tokio::time::sleep(KEEP_ALIVE).await;
+        match tokio::time::timeout(KEEP_ALIVE, ping_pong.ping(Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "ping failed",
+            Err(_) => return "peer stopped answering pings",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client on one end of an in-memory pipe and h2's server on the other.
+    async fn pair() -> (
+        Sender,
+        h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+    ) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(h2::server::handshake(server));
+        let (streams, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        (Sender { streams }, server.await.unwrap().unwrap())
+    }
+
+    const TEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Everything a server receives on a stream, or the stream's error.
+    async fn read_all(mut stream: RecvStream) -> Result<Bytes, h2::Error> {
+        let mut received = Vec::new();
+        while let Some(data) = stream.data().await {
+            let data = data?;
+            let _ = stream.flow_control().release_capacity(data.len());
+            received.extend_from_slice(&data);
+        }
+        Ok(received.into())
+    }
+
+    fn post(body: Body) -> Request<Body> {
+        let mut request = Request::new(body);
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = "http://app/upload".parse().unwrap();
+        request
+    }
+
+    /// A body that yields one chunk and fails once told to, like a client that broke off.
+    struct BrokenBody {
+        chunk: Option<Bytes>,
+        fail: tokio::sync::oneshot::Receiver<()>,
+    }
+
+    impl http_body::Body for BrokenBody {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if let Some(chunk) = self.chunk.take() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            let _ = ready!(Pin::new(&mut self.fail).poll(cx));
+            Poll::Ready(Some(Err("client went away".into())))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_resets_the_stream_instead_of_ending_it() {
+        let (sender, mut server) = pair().await;
+        let (fail, failed) = tokio::sync::oneshot::channel();
+        let body = crate::http::boxed(BrokenBody {
+            chunk: Some(Bytes::from_static(b"first half")),
+            fail: failed,
+        });
+        let sent = tokio::spawn(sender.send(post(body)));
+        let (request, _respond) = server.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let mut stream = request.into_body();
+        let first = stream.data().await.unwrap().unwrap();
+        assert_eq!(first, "first half");
+        fail.send(()).unwrap();
+        let received = read_all(stream).await;
+        assert!(received.is_err(), "the server must not see a complete body");
+        assert!(sent.await.unwrap().is_err(), "nor the caller a response");
+    }
+
+    #[tokio::test]
+    async fn response_carries_data_trailers_and_length() {
+        let (sender, mut server) = pair().await;
+        let body = crate::http::boxed(http_body_util::Full::new(Bytes::from_static(b"ping")));
+        let sent = tokio::spawn(sender.send(post(body)));
+        let (request, mut respond) = server.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let upload = read_all(request.into_body()).await.unwrap();
+        assert_eq!(upload, "ping");
+        let head = Response::builder()
+            .header("content-length", "4")
+            .body(())
+            .unwrap();
+        let mut stream = respond.send_response(head, false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"pong"), false)
+            .unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        stream.send_trailers(trailers).unwrap();
+
+        let response = sent.await.unwrap().unwrap();
+        assert_eq!(response.body().size_hint().exact(), Some(4));
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "pong");
+    }
+
+    #[tokio::test]
+    async fn tunnel_carries_bytes_both_ways_and_half_closes() {
+        let (sender, mut server) = pair().await;
+        let authority = http::uri::Authority::from_static("10.0.0.1:8080");
+        let opened = tokio::spawn(sender.connect(authority));
+        let (request, mut respond) = server.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        assert_eq!(request.method(), http::Method::CONNECT);
+        assert_eq!(request.uri().authority().unwrap(), "10.0.0.1:8080");
+        let mut to_client = respond.send_response(Response::new(()), false).unwrap();
+        let mut tunnel = opened.await.unwrap().unwrap();
+
+        tunnel.write_all(b"hello").await.unwrap();
+        tunnel.shutdown().await.unwrap();
+        let from_client = tokio::time::timeout(TEST_TIMEOUT, read_all(request.into_body()))
+            .await
+            .expect("the shutdown reaches the peer")
+            .unwrap();
+        assert_eq!(
+            from_client, "hello",
+            "shutdown ends the stream: the peer sees EOF"
+        );
+
+        to_client
+            .send_data(Bytes::from_static(b"world"), true)
+            .unwrap();
+        let mut reply = Vec::new();
+        tunnel.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"world");
+    }
+
+    #[tokio::test]
+    async fn a_refused_tunnel_reports_the_status() {
+        let (sender, mut server) = pair().await;
+        let opened = tokio::spawn(sender.connect(http::uri::Authority::from_static("a:1")));
+        let (_request, mut respond) = server.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let forbidden = Response::builder().status(403).body(()).unwrap();
+        respond.send_response(forbidden, true).unwrap();
+        match opened.await.unwrap() {
+            Err(ConnectError::Refused(status)) => assert_eq!(status, StatusCode::FORBIDDEN),
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_is_replaced_once() {
+        let shared = SharedH2::new(ProxyError::Unreachable);
+        let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let connect = || {
+            let connects = connects.clone();
+            async move {
+                connects.fetch_add(1, Ordering::SeqCst);
+                let (client, server) = tokio::io::duplex(64 * 1024);
+                tokio::spawn(async move {
+                    let mut server = h2::server::handshake(server).await.unwrap();
+                    // Serves one request, then closes the connection.
+                    if let Some(Ok((_, mut respond))) = server.accept().await {
+                        respond.send_response(Response::new(()), true).unwrap();
+                    }
+                    server.graceful_shutdown();
+                    std::future::poll_fn(|cx| server.poll_closed(cx)).await.ok();
+                });
+                Ok((client, false))
+            }
+        };
+        let get = || {
+            let mut request = Request::new(crate::http::empty());
+            *request.uri_mut() = "http://app/".parse().unwrap();
+            request
+        };
+        let first = shared.sender("app", connect).await.unwrap();
+        assert_eq!(first.send(get()).await.unwrap().status(), StatusCode::OK);
+        // The server goes away once the first request is served.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = shared.sender("app", connect).await.unwrap();
+        assert_eq!(second.send(get()).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(connects.load(Ordering::SeqCst), 2);
+    }
+}
