@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use crate::http::{Body, BoxError, BoxFuture, CONNECTION_WINDOW, ProxyError, STREAM_WINDOW};
@@ -70,7 +70,6 @@ impl Sender {
         Ok(Tunnel {
             send,
             recv: response.into_body(),
-            unread: Bytes::new(),
         })
     }
 }
@@ -255,73 +254,87 @@ impl http_body::Body for ResponseBody {
     }
 }
 
-/// A TCP connection carried on a `CONNECT` stream: bytes both ways, a write shutdown as
-/// END_STREAM, the peer's END_STREAM as end of file.
+/// A TCP connection carried on a `CONNECT` stream: bytes both ways, an end of file as
+/// END_STREAM and the peer's END_STREAM as end of file.
 pub struct Tunnel {
     send: SendStream<Bytes>,
     recv: RecvStream,
-    /// Received but not yet read.
-    unread: Bytes,
 }
 
-impl AsyncRead for Tunnel {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.unread.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    self.unread = data;
-                }
-                Some(Err(error)) => return Poll::Ready(Err(io_error(error))),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = self.unread.len().min(buf.remaining());
-        buf.put_slice(&self.unread[..n]);
-        self.unread.advance(n);
-        Poll::Ready(Ok(()))
+/// What the relay reads from the application at most at a time; reads share one
+/// buffer of this size until it runs low.
+const RELAY_CHUNK: usize = 8 * 1024;
+
+/// A read buffer running lower than this gets a fresh one.
+const RELAY_MIN_READ: usize = 1024;
+
+impl Tunnel {
+    /// Copies between the application's connection and the tunnel until both directions
+    /// are done; an end of file on one side half-closes the other. Bytes read from the
+    /// application go into the stream as they are (no zeroed buffer, no second copy).
+    /// Returns bytes (application → peer, peer → application).
+    pub async fn relay(self, app: &mut tokio::net::TcpStream) -> std::io::Result<(u64, u64)> {
+        let Tunnel { mut send, mut recv } = self;
+        let (mut from_app, mut to_app) = app.split();
+        tokio::try_join!(
+            upload(&mut from_app, &mut send),
+            download(&mut recv, &mut to_app)
+        )
     }
 }
 
-impl AsyncWrite for Tunnel {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if data.is_empty() {
-            return Poll::Ready(Ok(0));
+/// Application → peer, paced by the stream's window.
+async fn upload<R>(app: &mut R, send: &mut SendStream<Bytes>) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buffer = bytes::BytesMut::new();
+    let mut total = 0;
+    loop {
+        send.reserve_capacity(RELAY_CHUNK);
+        std::future::poll_fn(|cx| poll_window(send, cx)).await?;
+        if buffer.capacity() < RELAY_MIN_READ {
+            buffer = bytes::BytesMut::with_capacity(RELAY_CHUNK);
         }
-        self.send.reserve_capacity(data.len());
-        let mut capacity = self.send.capacity();
-        while capacity == 0 {
-            capacity = match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(capacity)) => capacity,
-                Some(Err(error)) => return Poll::Ready(Err(io_error(error))),
-                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
-            };
+        let read = app.read_buf(&mut buffer).await?;
+        if read == 0 {
+            send.send_data(Bytes::new(), true).map_err(io_error)?;
+            return Ok(total);
         }
-        let n = capacity.min(data.len());
-        self.send
-            .send_data(Bytes::copy_from_slice(&data[..n]), false)
+        total += read as u64;
+        send.send_data(buffer.split().freeze(), false)
             .map_err(io_error)?;
-        Poll::Ready(Ok(n))
     }
+}
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // The connection's task writes frames out as they are queued.
-        Poll::Ready(Ok(()))
+/// Ready once the stream may send at least a byte.
+fn poll_window(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    while send.capacity() == 0 {
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(_)) => {}
+            Some(Err(error)) => return Poll::Ready(Err(io_error(error))),
+            None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+        }
     }
+    Poll::Ready(Ok(()))
+}
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // A second shutdown finds the stream closed for sending: nothing more to do.
-        let _ = self.send.send_data(Bytes::new(), true);
-        Poll::Ready(Ok(()))
+/// Peer → application; window is handed back once the application took the bytes.
+async fn download<W>(recv: &mut RecvStream, app: &mut W) -> std::io::Result<u64>
+where
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut total = 0;
+    while let Some(data) = std::future::poll_fn(|cx| recv.poll_data(cx)).await {
+        let data = data.map_err(io_error)?;
+        app.write_all(&data).await?;
+        let _ = recv.flow_control().release_capacity(data.len());
+        total += data.len() as u64;
     }
+    app.shutdown().await?;
+    Ok(total)
 }
 
 fn io_error(error: h2::Error) -> std::io::Error {
@@ -596,25 +609,31 @@ mod tests {
         assert_eq!(request.method(), http::Method::CONNECT);
         assert_eq!(request.uri().authority().unwrap(), "10.0.0.1:8080");
         let mut to_client = respond.send_response(Response::new(()), false).unwrap();
-        let mut tunnel = opened.await.unwrap().unwrap();
-
-        tunnel.write_all(b"hello").await.unwrap();
-        tunnel.shutdown().await.unwrap();
-        let from_client = tokio::time::timeout(TEST_TIMEOUT, read_all(request.into_body()))
+        let tunnel = opened.await.unwrap().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
-            .expect("the shutdown reaches the peer")
             .unwrap();
-        assert_eq!(
-            from_client, "hello",
-            "shutdown ends the stream: the peer sees EOF"
-        );
+        let (mut proxy_side, _) = listener.accept().await.unwrap();
+        let relayed = tokio::spawn(async move { tunnel.relay(&mut proxy_side).await });
+
+        app.write_all(b"hello").await.unwrap();
+        app.shutdown().await.unwrap();
+        let from_app = tokio::time::timeout(TEST_TIMEOUT, read_all(request.into_body()))
+            .await
+            .expect("the application's end of file reaches the peer")
+            .unwrap();
+        assert_eq!(from_app, "hello");
 
         to_client
             .send_data(Bytes::from_static(b"world"), true)
             .unwrap();
         let mut reply = Vec::new();
-        tunnel.read_to_end(&mut reply).await.unwrap();
+        let read = tokio::time::timeout(TEST_TIMEOUT, app.read_to_end(&mut reply)).await;
+        read.expect("the peer's END_STREAM reaches the application")
+            .unwrap();
         assert_eq!(reply, b"world");
+        assert_eq!(relayed.await.unwrap().unwrap(), (5, 5));
     }
 
     #[tokio::test]

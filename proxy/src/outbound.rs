@@ -115,7 +115,7 @@ impl Outbound {
         };
         let endpoint = in_flight.endpoint().clone();
         let relayed = match self.upstream.tunnel(&endpoint).await {
-            Ok(Some(mut tunnel)) => tcp::relay(&mut app, &mut tunnel).await,
+            Ok(Some(tunnel)) => tunnel.relay(&mut app).await,
             // A peer from before tunnels: a connection of its own.
             Ok(None) => {
                 let connector = &endpoint.connectors.tcp;

@@ -42,7 +42,9 @@ where
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let in_flight = drain.track();
-                let work = handle(stream, peer);
+                // Boxed: a connection's future is kilobytes; tokio copies a task's
+                // future into place at spawn and its stage again when it completes.
+                let work = Box::pin(handle(stream, peer));
                 tokio::spawn(async move {
                     work.await;
                     drop((permit, in_flight));
