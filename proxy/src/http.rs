@@ -141,6 +141,8 @@ pub enum ProxyError {
     AppUnavailable,
     /// The request itself cannot be forwarded (e.g. no usable authority).
     BadRequest,
+    /// The application's response head is larger than the proxy takes.
+    ResponseHeadTooLarge,
     /// Authorization policy denied the request.
     Forbidden,
     /// The request carried a token that is not acceptable; names why.
@@ -156,6 +158,7 @@ impl ProxyError {
             ProxyError::Timeout => "timeout",
             ProxyError::AppUnavailable => "application-unavailable",
             ProxyError::BadRequest => "bad-request",
+            ProxyError::ResponseHeadTooLarge => "response-headers-too-large",
             ProxyError::Forbidden => "access-denied",
             ProxyError::Unauthenticated(reason) => reason,
         }
@@ -164,9 +167,10 @@ impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
             ProxyError::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Unreachable | ProxyError::Reset | ProxyError::AppUnavailable => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Unreachable
+            | ProxyError::Reset
+            | ProxyError::AppUnavailable
+            | ProxyError::ResponseHeadTooLarge => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest => StatusCode::BAD_REQUEST,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,

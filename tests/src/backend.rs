@@ -157,6 +157,14 @@ async fn respond(
         }
         "/fail" => status(StatusCode::SERVICE_UNAVAILABLE, "down"),
         "/ws" => websocket(request),
+        // A response head of about this many bytes.
+        path if path.starts_with("/header/") => {
+            let size = path["/header/".len()..].parse().unwrap_or(0);
+            let mut response = Response::new(full("big head"));
+            let value = http::HeaderValue::from_str(&"x".repeat(size)).expect("ASCII value");
+            response.headers_mut().insert("x-big", value);
+            response
+        }
         path if path.starts_with("/sleep/") => {
             let ms = path["/sleep/".len()..].parse().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;

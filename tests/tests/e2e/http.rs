@@ -1,5 +1,5 @@
 //! HTTP/1.1 through a proxy pair: keep-alive, large streamed uploads with bounded proxy
-//! memory, WebSocket, and honest errors.
+//! memory, WebSocket, oversized response heads, and honest errors.
 
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,29 @@ async fn websocket_echo_through_the_mesh() {
     let echoed = socket.next().await.unwrap().unwrap();
     assert_eq!(echoed.into_data().to_vec(), binary);
     socket.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_response_head_gets_a_named_502_and_the_connection_goes_on() {
+    let backend = HttpBackend::start("heads").await;
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
+    let fits = client.get("/header/12000").await.unwrap();
+    assert_eq!(fits.status, StatusCode::OK);
+    assert_eq!(fits.headers["x-big"].len(), 12000);
+    let too_large = client.get("/header/20000").await.unwrap();
+    assert_eq!(too_large.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        too_large.headers["tessera-proxy-error"],
+        "response-headers-too-large"
+    );
+    let after = client.get("/").await.unwrap();
+    assert_eq!(
+        after.status,
+        StatusCode::OK,
+        "the caller's connection stays usable"
+    );
+    assert_eq!(after.body, "heads");
 }
 
 #[tokio::test(flavor = "multi_thread")]
