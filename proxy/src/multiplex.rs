@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use crate::http::{Body, BoxError, BoxFuture, CONNECTION_WINDOW, ProxyError, STREAM_WINDOW};
+use crate::outbound::MAX_HEADER_BYTES;
 
 /// An idle connection is pinged this often; one that does not answer within as long is
 /// closed, so a vanished peer is noticed before a request waits on it.
@@ -425,10 +426,7 @@ impl SharedH2 {
                 return Ok(sender);
             }
             let (stream, tunnels) = connect().await?;
-            let (streams, connection) = h2::client::Builder::new()
-                .enable_push(false)
-                .initial_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
+            let (streams, connection) = client_settings()
                 .handshake::<_, Bytes>(stream)
                 .await
                 .map_err(|error| {
@@ -456,6 +454,19 @@ impl SharedH2 {
     pub fn reset(&self) {
         self.open.store(None);
     }
+}
+
+/// How the proxy's HTTP/2 client connections are set up.
+fn client_settings() -> h2::client::Builder {
+    let mut settings = h2::client::Builder::new();
+    settings
+        .enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        // Response heads as large as the request heads the proxy takes; h2's default
+        // (16 MiB) would let one response pin that much.
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    settings
 }
 
 /// Runs a connection until it closes or stops answering pings, then marks it closed.
@@ -504,7 +515,7 @@ mod tests {
     ) {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(h2::server::handshake(server));
-        let (streams, connection) = h2::client::handshake(client).await.unwrap();
+        let (streams, connection) = client_settings().handshake(client).await.unwrap();
         tokio::spawn(connection);
         (Sender { streams }, server.await.unwrap().unwrap())
     }
@@ -597,6 +608,24 @@ mod tests {
         let collected = response.into_body().collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
         assert_eq!(collected.to_bytes(), "pong");
+    }
+
+    #[tokio::test]
+    async fn a_response_head_over_the_limit_fails_the_request() {
+        let (sender, mut server) = pair().await;
+        let mut request = Request::new(crate::http::empty());
+        *request.uri_mut() = "http://app/".parse().unwrap();
+        let sent = tokio::spawn(sender.send(request));
+        let (_request, mut respond) = server.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let huge = http::HeaderValue::from_str(&"x".repeat(MAX_HEADER_BYTES + 1)).unwrap();
+        let head = Response::builder().header("x-huge", huge).body(()).unwrap();
+        let _ = respond.send_response(head, true);
+        let outcome = tokio::time::timeout(TEST_TIMEOUT, sent).await.unwrap();
+        assert!(
+            outcome.unwrap().is_err(),
+            "an oversized head must not be accepted"
+        );
     }
 
     #[tokio::test]
