@@ -19,9 +19,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tessera_proto::SpiffeId;
 use tessera_proto::policy::{self, MtlsMode};
 use tessera_proto::tls;
@@ -41,6 +39,7 @@ use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
 use crate::multiplex::{ResponseBody, SharedH2};
 use crate::outbound::MAX_HEADER_BYTES;
+use crate::pool::{Http1Pool, PooledBody};
 use crate::tcp;
 use crate::telemetry::{
     Direction, DirectionMetrics, Label, Metrics, Refusal, RequestMeter, RequestSeries,
@@ -612,7 +611,8 @@ pub struct AppClient {
     address: SocketAddr,
     /// `address` as a URI authority, parsed once.
     authority: http::uri::Authority,
-    http1: Client<HttpConnector, Body>,
+    /// Pooled connections for HTTP/1.1 requests.
+    http1: Arc<Http1Pool>,
     /// One multiplexed HTTP/2 connection to the application, shared by every request:
     /// no pool checkout (and its lock) per request.
     http2: SharedH2,
@@ -621,16 +621,6 @@ pub struct AppClient {
 
 impl AppClient {
     pub fn new(address: SocketAddr, limits: &Limits) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        // Reads from the application stop at 64 KiB buffered per connection (hyper would
-        // grow the buffer to ~400 KiB under large bodies: 25 MB over 64 connections).
-        let builder = || {
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder.http1_max_buf_size(APP_READ_BUFFER);
-            builder
-        };
         // Without any IPv6 scope id, "ip:port" / "[ip]:port" is always a valid authority.
         let plain = SocketAddr::new(address.ip(), address.port());
         let authority = http::uri::Authority::try_from(plain.to_string())
@@ -638,7 +628,7 @@ impl AppClient {
         Arc::new(Self {
             address,
             authority,
-            http1: builder().build(connector),
+            http1: Http1Pool::new(address, limits.connect_timeout, APP_READ_BUFFER),
             http2: SharedH2::new(ProxyError::AppUnavailable),
             connect_timeout: limits.connect_timeout,
         })
@@ -666,17 +656,21 @@ impl AppClient {
             parts.headers.insert(header::HOST, host);
         }
         crate::http::strip_hop_by_hop(&mut parts.headers, false);
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
-        parts.uri = http::Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        // Origin form for HTTP/1.1; HTTP/2 carries the authority as a pseudo-header.
+        parts.uri = if http1 {
+            http::Uri::from(path)
+        } else {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(self.authority.clone());
+            uri.path_and_query = Some(path);
+            http::Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?
+        };
         let request = Request::from_parts(parts, boxed(body));
         let mut response = if http1 {
             self.send_http1(request).await?.map(boxed)
@@ -690,25 +684,12 @@ impl AppClient {
     async fn send_http1(
         &self,
         mut request: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<PooledBody>, ProxyError> {
         *request.version_mut() = Version::HTTP_11;
-        self.http1.request(request).await.map_err(|error| {
-            if error.is_connect() {
-                warn!(event = "application unreachable", application = %self.address, error = %error);
-                ProxyError::AppUnavailable
-            } else if head_too_large(&error) {
-                warn!(
-                    event = "application response refused",
-                    application = %self.address,
-                    reason = "response headers exceed the limit",
-                    limit_bytes = APP_READ_BUFFER,
-                );
-                ProxyError::ResponseHeadTooLarge
-            } else {
-                debug!(event = "application error", application = %self.address, error = %error);
-                ProxyError::Reset
-            }
-        })
+        self.http1
+            .send(request)
+            .await
+            .map_err(|error| error.into_proxy_error(self.address, APP_READ_BUFFER))
     }
 
     async fn send_http2(
@@ -749,13 +730,6 @@ impl AppClient {
 /// pair peaked at 29.8 MiB under 64 KiB bodies, with 16 KiB at 20.4 MiB, for the same
 /// CPU per request.
 const APP_READ_BUFFER: usize = 16 * 1024;
-
-/// Whether the application's response head did not fit in [`APP_READ_BUFFER`].
-fn head_too_large(error: &hyper_util::client::legacy::Error) -> bool {
-    std::error::Error::source(error)
-        .and_then(|source| source.downcast_ref::<hyper::Error>())
-        .is_some_and(hyper::Error::is_parse_too_large)
-}
 
 /// Waits for the first byte without consuming it. `None` when the peer closed.
 async fn first_byte(stream: &TcpStream) -> std::io::Result<Option<u8>> {

@@ -23,6 +23,7 @@ pub mod memory;
 pub mod migration;
 pub mod multiplex;
 pub mod outbound;
+pub mod pool;
 pub mod retry;
 pub mod router;
 pub mod tcp;

@@ -1,0 +1,377 @@
+//! HTTP/1.1 connections to the local application, kept open and reused.
+//!
+//! hyper-util's pooled client serves any number of hosts: a checkout future racing a
+//! connect, a keyed map behind a lock and a task per request to notice when the
+//! connection is free again. The proxy talks to one address, so a stack of idle
+//! connections is enough. A connection goes back on the stack once its response body
+//! has been read to the end; one whose body was abandoned is closed by hyper (HTTP/1.1
+//! cannot cancel a single response) and simply dropped here.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use crate::http::{Body, ProxyError};
+use crate::tcp;
+
+/// A connection unused this long is closed (hyper-util's default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How often idle connections are looked over.
+const EVICT_EVERY: Duration = Duration::from_secs(30);
+
+/// Idle HTTP/1.1 connections to one address.
+pub struct Http1Pool {
+    address: SocketAddr,
+    connect_timeout: Duration,
+    /// Largest response head, and read chunk, per connection.
+    max_read_buffer: usize,
+    /// Most recently used last: reused first, so the oldest idle out.
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+impl Http1Pool {
+    pub fn new(
+        address: SocketAddr,
+        connect_timeout: Duration,
+        max_read_buffer: usize,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            address,
+            connect_timeout,
+            max_read_buffer,
+            idle: Mutex::new(Vec::new()),
+        });
+        tokio::spawn(evict_idle(Arc::downgrade(&pool)));
+        pool
+    }
+
+    /// Sends a request (its URI in origin form, with a `Host` header) on an idle
+    /// connection, or a new one. A request that an idle connection could not take
+    /// because it had closed meanwhile goes on the next one.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<Body>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            if sender.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(SendError::Closed);
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    let pool = Some((Arc::clone(self), sender));
+                    return Ok(response.map(|body| PooledBody::new(body, pool)));
+                }
+                Err(mut error) => match error.take_message() {
+                    // Never written: the connection closed before it could be.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(SendError::Request(error.into_error())),
+                },
+            }
+        }
+    }
+
+    /// An idle connection that is still open.
+    fn checkout(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(entry) = idle.pop() {
+            if !entry.sender.is_closed() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let entry = Idle {
+            sender,
+            since: Instant::now(),
+        };
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(entry);
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
+        let stream = tcp::connect(self.address, self.connect_timeout)
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(self.max_read_buffer)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(SendError::Request)?;
+        let address = self.address;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(event = "application connection closed", application = %address, error = %error);
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Closes connections idle for longer than [`IDLE_TIMEOUT`].
+    fn evict(&self, now: Instant) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|entry| {
+                !entry.sender.is_closed() && now.duration_since(entry.since) < IDLE_TIMEOUT
+            });
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap().len()
+    }
+}
+
+/// Every [`EVICT_EVERY`], until the pool is gone.
+async fn evict_idle(pool: Weak<Http1Pool>) {
+    let mut ticker = tokio::time::interval(EVICT_EVERY);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        pool.evict(Instant::now());
+    }
+}
+
+/// Why a request did not get a response.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection to the application.
+    Connect(std::io::Error),
+    /// A new connection closed before it took the request.
+    Closed,
+    /// The connection failed while sending or receiving.
+    Request(hyper::Error),
+}
+
+impl SendError {
+    /// The answer for the caller; logs what the operator needs to know.
+    pub fn into_proxy_error(self, application: SocketAddr, max_head: usize) -> ProxyError {
+        match self {
+            SendError::Connect(error) => {
+                warn!(event = "application unreachable", %application, error = %error);
+                ProxyError::AppUnavailable
+            }
+            SendError::Request(error) if error.is_parse_too_large() => {
+                warn!(
+                    event = "application response refused",
+                    %application,
+                    reason = "response headers exceed the limit",
+                    limit_bytes = max_head,
+                );
+                ProxyError::ResponseHeadTooLarge
+            }
+            SendError::Request(error) => {
+                debug!(event = "application error", %application, error = %error);
+                ProxyError::Reset
+            }
+            SendError::Closed => {
+                debug!(event = "application error", %application, error = "connection closed");
+                ProxyError::Reset
+            }
+        }
+    }
+}
+
+/// A response body from a pooled connection: the connection goes back to the pool
+/// once the body has been read to its end.
+pub struct PooledBody {
+    body: Incoming,
+    /// Until the body ends.
+    pool: Option<(Arc<Http1Pool>, SendRequest<Body>)>,
+}
+
+impl PooledBody {
+    fn new(body: Incoming, pool: Option<(Arc<Http1Pool>, SendRequest<Body>)>) -> Self {
+        let mut body = Self { body, pool };
+        if body.body.is_end_stream() {
+            // No body to read (204, HEAD, empty): the connection is free now; a caller
+            // need not poll an empty body at all.
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some((pool, sender)) = self.pool.take() {
+            pool.checkin(sender);
+        }
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &frame {
+            None => self.release(),
+            // The connection is in an unknown state: hyper closes it.
+            Some(Err(_)) => self.pool = None,
+            Some(Ok(_)) if self.body.is_end_stream() => self.release(),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server answering each request on a connection with `body`, counting connections.
+    async fn server(body: &'static str) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let service = hyper::service::service_fn(move |_request| async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(crate::http::boxed(
+                        http_body_util::Full::new(Bytes::from_static(body.as_bytes())),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (address, accepted)
+    }
+
+    fn get() -> Request<Body> {
+        let mut request = Request::new(crate::http::empty());
+        *request.uri_mut() = "/".parse().unwrap();
+        request
+            .headers_mut()
+            .insert(http::header::HOST, "app".parse().unwrap());
+        request
+    }
+
+    #[tokio::test]
+    async fn a_read_response_frees_its_connection_for_the_next_request() {
+        let (address, accepted) = server("hello").await;
+        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        for _ in 0..5 {
+            let response = pool.send(get()).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "hello");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unread_body_keeps_its_connection_busy() {
+        let (address, accepted) = server("hello").await;
+        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        let first = pool.send(get()).await.unwrap();
+        let second = pool.send(get()).await.unwrap();
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop((first, second)); // abandoned mid-body: those connections are not reused
+        assert_eq!(pool.idle_count(), 0);
+        let third = pool.send(get()).await.unwrap();
+        assert_eq!(
+            third.into_body().collect().await.unwrap().to_bytes(),
+            "hello"
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_application_closed_is_not_used_again() {
+        // Answers one request per connection, then closes it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // Dropping the stream closes the connection.
+            }
+        });
+        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        for _ in 0..3 {
+            let response = pool.send(get()).await.expect("a fresh connection");
+            assert_eq!(
+                response.into_body().collect().await.unwrap().to_bytes(),
+                "ok"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_timeout() {
+        let (address, _) = server("hello").await;
+        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        let response = pool.send(get()).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        pool.evict(Instant::now() + IDLE_TIMEOUT - Duration::from_secs(1));
+        assert_eq!(pool.idle_count(), 1);
+        pool.evict(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_application_is_a_connect_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        assert!(matches!(pool.send(get()).await, Err(SendError::Connect(_))));
+    }
+}
