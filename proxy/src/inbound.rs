@@ -17,6 +17,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -33,7 +34,7 @@ use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1};
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
-use crate::http::{Body, BoxFuture, BoxingExecutor, ORIG_PROTO, ProxyError, boxed};
+use crate::http::{Body, BoxFuture, BoxingExecutor, ORIG_PROTO, ProxyError};
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
@@ -444,15 +445,15 @@ impl Inbound {
         &'a self,
         request: Request<Incoming>,
         peer: &'a Peer,
-    ) -> BoxFuture<'a, Response<Body>> {
+    ) -> BoxFuture<'a, AppResponse> {
         Box::pin(self.authorized_request(request, peer))
     }
 
     /// Authenticates and authorizes one request, then forwards it.
-    async fn authorized_request(&self, request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    async fn authorized_request(&self, request: Request<Incoming>, peer: &Peer) -> AppResponse {
         let grpc = crate::http::is_grpc(request.headers());
         let Some(policy) = self.policy.load_full() else {
-            return ProxyError::Forbidden.response(grpc);
+            return refusal(ProxyError::Forbidden, grpc);
         };
         if peer.identity.is_none() && policy.mode == MtlsMode::Strict {
             // The port went STRICT while this plaintext connection was open.
@@ -462,7 +463,7 @@ impl Inbound {
                 destination = %self.identity.identity(),
                 reason = "plaintext on a STRICT mTLS port",
             );
-            return ProxyError::Forbidden.response(grpc);
+            return refusal(ProxyError::Forbidden, grpc);
         }
         let jwt = match &policy.jwt {
             Some(validator) => validator.check(request.headers(), request.uri()),
@@ -478,7 +479,7 @@ impl Inbound {
                     path = request.uri().path(),
                     reason,
                 );
-                return ProxyError::Unauthenticated(reason).response(grpc);
+                return refusal(ProxyError::Unauthenticated(reason), grpc);
             }
             JwtOutcome::Valid(principal) => Some(principal.as_str()),
             JwtOutcome::Absent => None,
@@ -519,7 +520,7 @@ impl Inbound {
         if !decision.allowed {
             let target = format!("{} {}", request.method(), request.uri().path());
             self.log_denial(peer, &decision, Some(&target), "request denied");
-            return ProxyError::Forbidden.response(grpc);
+            return refusal(ProxyError::Forbidden, grpc);
         }
         self.app.forward(request).await
     }
@@ -542,6 +543,17 @@ impl Inbound {
             reason = decision.reason,
         );
     }
+}
+
+/// What the application answers, over HTTP/1.1 or HTTP/2.
+type AppBody = Either<PooledBody<Incoming>, ResponseBody>;
+
+/// The application's answer or the proxy's own (a refusal); boxed once, when metered.
+type AppResponse = Response<Either<AppBody, Body>>;
+
+/// The proxy's answer instead of the application's.
+fn refusal(error: ProxyError, grpc: bool) -> AppResponse {
+    error.response(grpc).map(Either::Right)
 }
 
 /// A tunnelled opaque connection: `CONNECT` over HTTP/2, which only a peer proxy sends
@@ -612,7 +624,7 @@ pub struct AppClient {
     /// `address` as a URI authority, parsed once.
     authority: http::uri::Authority,
     /// Pooled connections for HTTP/1.1 requests.
-    http1: Arc<Http1Pool>,
+    http1: Arc<Http1Pool<Incoming>>,
     /// One multiplexed HTTP/2 connection to the application, shared by every request:
     /// no pool checkout (and its lock) per request.
     http2: SharedH2,
@@ -635,17 +647,21 @@ impl AppClient {
     }
 
     /// Forwards one request, restoring HTTP/1.1 when the caller spoke it.
-    pub async fn forward(&self, request: Request<Incoming>) -> Response<Body> {
+    pub async fn forward(&self, request: Request<Incoming>) -> AppResponse {
         let grpc = crate::http::is_grpc(request.headers());
         let result = if crate::http::is_upgrade(&request) {
-            self.upgrade(request).await
+            self.upgrade(request)
+                .await
+                .map(|response| response.map(Either::Right))
         } else {
-            self.request(request).await
+            self.request(request)
+                .await
+                .map(|response| response.map(Either::Left))
         };
-        result.unwrap_or_else(|error| error.response(grpc))
+        result.unwrap_or_else(|error| refusal(error, grpc))
     }
 
-    async fn request(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn request(&self, request: Request<Incoming>) -> Result<Response<AppBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         // HTTP/1.1 when a peer proxy says its caller spoke it, or a plaintext caller does.
         let http1 = parts.headers.remove(ORIG_PROTO).is_some() || parts.version <= Version::HTTP_11;
@@ -671,11 +687,11 @@ impl AppClient {
             uri.path_and_query = Some(path);
             http::Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?
         };
-        let request = Request::from_parts(parts, boxed(body));
+        let request = Request::from_parts(parts, body);
         let mut response = if http1 {
-            self.send_http1(request).await?.map(boxed)
+            self.send_http1(request).await?.map(Either::Left)
         } else {
-            self.send_http2(request).await?.map(boxed)
+            self.send_http2(request).await?.map(Either::Right)
         };
         crate::http::strip_hop_by_hop(response.headers_mut(), false);
         Ok(response)
@@ -683,8 +699,8 @@ impl AppClient {
 
     async fn send_http1(
         &self,
-        mut request: Request<Body>,
-    ) -> Result<Response<PooledBody>, ProxyError> {
+        mut request: Request<Incoming>,
+    ) -> Result<Response<PooledBody<Incoming>>, ProxyError> {
         *request.version_mut() = Version::HTTP_11;
         self.http1
             .send(request)
@@ -694,7 +710,7 @@ impl AppClient {
 
     async fn send_http2(
         &self,
-        mut request: Request<Body>,
+        mut request: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         *request.version_mut() = Version::HTTP_2;
         let sender = self

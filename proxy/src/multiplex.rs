@@ -18,11 +18,11 @@ use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use http::{Request, Response, StatusCode};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
-use crate::http::{Body, BoxError, BoxFuture, CONNECTION_WINDOW, ProxyError, STREAM_WINDOW};
+use crate::http::{BoxError, BoxFuture, CONNECTION_WINDOW, ProxyError, STREAM_WINDOW};
 use crate::outbound::MAX_HEADER_BYTES;
 
 /// An idle connection is pinged this often; one that does not answer within as long is
@@ -37,7 +37,11 @@ pub struct Sender {
 
 impl Sender {
     /// Sends a request and waits for the response head; the request body streams on.
-    pub async fn send(self, request: Request<Body>) -> Result<Response<ResponseBody>, h2::Error> {
+    pub async fn send<B>(self, request: Request<B>) -> Result<Response<ResponseBody>, h2::Error>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let (parts, body) = request.into_parts();
         let end_of_stream = body.is_end_stream();
         let (response, stream) = self
@@ -101,12 +105,16 @@ impl std::fmt::Display for ConnectError {
 
 /// Waits for the response while streaming the request body. A body still streaming when
 /// the response arrives (a stream both ways) finishes in a task of its own.
-struct ResponseWhileSending {
+struct ResponseWhileSending<B> {
     response: ResponseFuture,
-    body: Option<BodyPump>,
+    body: Option<BodyPump<B>>,
 }
 
-impl Future for ResponseWhileSending {
+impl<B> Future for ResponseWhileSending<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     type Output = Result<Response<RecvStream>, h2::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -135,12 +143,16 @@ impl Future for ResponseWhileSending {
 
 /// Streams a request body into its HTTP/2 stream as the peer's window allows; a body
 /// that fails resets the stream, so the peer never takes a truncated body as whole.
-struct BodyPump {
-    body: Body,
+struct BodyPump<B> {
+    body: B,
     stream: SendStream<Bytes>,
 }
 
-impl Future for BodyPump {
+impl<B> Future for BodyPump<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Output = Result<(), BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -166,7 +178,7 @@ impl Future for BodyPump {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => {
                     pump.stream.send_reset(Reason::CANCEL);
-                    return Poll::Ready(Err(error));
+                    return Poll::Ready(Err(error.into()));
                 }
                 None => {
                     pump.stream.send_data(Bytes::new(), true)?;
@@ -505,6 +517,8 @@ async fn keep_alive(mut ping_pong: PingPong) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::Body;
+    use http_body::Body as _;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

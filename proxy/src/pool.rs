@@ -21,7 +21,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-use crate::http::{Body, ProxyError};
+use crate::http::{BoxError, ProxyError};
 use crate::tcp;
 
 /// A connection unused this long is closed (hyper-util's default).
@@ -30,22 +30,26 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often idle connections are looked over.
 const EVICT_EVERY: Duration = Duration::from_secs(30);
 
-/// Idle HTTP/1.1 connections to one address.
-pub struct Http1Pool {
+/// Idle HTTP/1.1 connections to one address, for requests with bodies of type `B`.
+pub struct Http1Pool<B> {
     address: SocketAddr,
     connect_timeout: Duration,
     /// Largest response head, and read chunk, per connection.
     max_read_buffer: usize,
     /// Most recently used last: reused first, so the oldest idle out.
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<Vec<Idle<B>>>,
 }
 
-struct Idle {
-    sender: SendRequest<Body>,
+struct Idle<B> {
+    sender: SendRequest<B>,
     since: Instant,
 }
 
-impl Http1Pool {
+impl<B> Http1Pool<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     pub fn new(
         address: SocketAddr,
         connect_timeout: Duration,
@@ -66,8 +70,8 @@ impl Http1Pool {
     /// because it had closed meanwhile goes on the next one.
     pub async fn send(
         self: &Arc<Self>,
-        mut request: Request<Body>,
-    ) -> Result<Response<PooledBody>, SendError> {
+        mut request: Request<B>,
+    ) -> Result<Response<PooledBody<B>>, SendError> {
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
@@ -94,7 +98,7 @@ impl Http1Pool {
     }
 
     /// An idle connection that is still open.
-    fn checkout(&self) -> Option<SendRequest<Body>> {
+    fn checkout(&self) -> Option<SendRequest<B>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(entry) = idle.pop() {
             if !entry.sender.is_closed() {
@@ -104,7 +108,7 @@ impl Http1Pool {
         None
     }
 
-    fn checkin(&self, sender: SendRequest<Body>) {
+    fn checkin(&self, sender: SendRequest<B>) {
         if sender.is_closed() {
             return;
         }
@@ -118,7 +122,7 @@ impl Http1Pool {
             .push(entry);
     }
 
-    async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
+    async fn connect(&self) -> Result<SendRequest<B>, SendError> {
         let stream = tcp::connect(self.address, self.connect_timeout)
             .await
             .map_err(SendError::Connect)?;
@@ -153,7 +157,11 @@ impl Http1Pool {
 }
 
 /// Every [`EVICT_EVERY`], until the pool is gone.
-async fn evict_idle(pool: Weak<Http1Pool>) {
+async fn evict_idle<B>(pool: Weak<Http1Pool<B>>)
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let mut ticker = tokio::time::interval(EVICT_EVERY);
     ticker.tick().await;
     loop {
@@ -207,14 +215,22 @@ impl SendError {
 
 /// A response body from a pooled connection: the connection goes back to the pool
 /// once the body has been read to its end.
-pub struct PooledBody {
+pub struct PooledBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     body: Incoming,
     /// Until the body ends.
-    pool: Option<(Arc<Http1Pool>, SendRequest<Body>)>,
+    pool: Option<(Arc<Http1Pool<B>>, SendRequest<B>)>,
 }
 
-impl PooledBody {
-    fn new(body: Incoming, pool: Option<(Arc<Http1Pool>, SendRequest<Body>)>) -> Self {
+impl<B> PooledBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn new(body: Incoming, pool: Option<(Arc<Http1Pool<B>>, SendRequest<B>)>) -> Self {
         let mut body = Self { body, pool };
         if body.body.is_end_stream() {
             // No body to read (204, HEAD, empty): the connection is free now; a caller
@@ -231,7 +247,11 @@ impl PooledBody {
     }
 }
 
-impl http_body::Body for PooledBody {
+impl<B> http_body::Body for PooledBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -262,6 +282,7 @@ impl http_body::Body for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::Body;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
@@ -123,13 +123,17 @@ impl Upstream {
         // Boxed: hyper moves this service future into a task per stream; a pointer
         // moves cheaply, the whole retrying, timing-out forward would not.
         let result = if proxy_http::is_upgrade(&request) {
-            self.boxed_upgrade(request).await
+            self.boxed_upgrade(request)
+                .await
+                .map(|response| response.map(Either::Right))
         } else {
-            self.boxed_forward(request, context).await
+            self.boxed_forward(request, context)
+                .await
+                .map(|response| response.map(Either::Left))
         };
         let response = result.unwrap_or_else(|error| {
             debug!(event = "request failed", upstream = %self.name, reason = error.reason());
-            error.response(grpc)
+            error.response(grpc).map(Either::Right)
         });
         Ok(meter.finish(response))
     }
@@ -138,7 +142,7 @@ impl Upstream {
         &self,
         request: Request<Incoming>,
         context: Option<TraceContext>,
-    ) -> BoxFuture<'_, Result<Response<Body>, ProxyError>> {
+    ) -> BoxFuture<'_, Result<Response<ResponseBody>, ProxyError>> {
         Box::pin(self.forward(request, context))
     }
 
@@ -153,14 +157,14 @@ impl Upstream {
         &self,
         request: Request<Incoming>,
         context: Option<TraceContext>,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         let policy = self.policy.load_full();
         let (mut parts, body) = request.into_parts();
         let original_version = parts.version;
         to_http2(&mut parts)?;
         let replay = match &policy.retries {
             Some(retries) if retryable(&parts.method, retries) => replayable(body).await,
-            _ => Replay::Once(boxed(body)),
+            _ => Replay::Once(body),
         };
         if let Some(budget) = &policy.budget {
             budget.deposit();
@@ -174,7 +178,7 @@ impl Upstream {
         };
         proxy_http::strip_hop_by_hop(response.headers_mut(), false);
         *response.version_mut() = original_version;
-        Ok(response.map(boxed))
+        Ok(response)
     }
 
     async fn attempts(
@@ -267,7 +271,7 @@ impl Upstream {
     async fn send(
         &self,
         endpoint: &EndpointState,
-        request: Request<Body>,
+        request: Request<RequestBody>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let sender = self.h2_sender(endpoint).await?;
         sender.send(request).await.map_err(|error| {
@@ -476,21 +480,24 @@ fn should_retry<B>(response: &Response<B>) -> bool {
             .is_some_and(|status| status == "14")
 }
 
+/// What an attempt sends: a kept copy of a small body, or the caller's body itself.
+type RequestBody = Either<Full<Bytes>, Incoming>;
+
 /// A request body: replayable when small, else streamed once.
 enum Replay {
     Buffered(Bytes),
-    Once(Body),
+    Once(Incoming),
     Spent,
 }
 
 impl Replay {
-    fn next(&mut self) -> Option<Body> {
+    fn next(&mut self) -> Option<RequestBody> {
         match std::mem::replace(self, Replay::Spent) {
             Replay::Buffered(bytes) => {
                 *self = Replay::Buffered(bytes.clone());
-                Some(boxed(Full::new(bytes).map_err(|never| match never {})))
+                Some(Either::Left(Full::new(bytes)))
             }
-            Replay::Once(body) => Some(body),
+            Replay::Once(body) => Some(Either::Right(body)),
             Replay::Spent => None,
         }
     }
@@ -505,7 +512,7 @@ async fn replayable(body: Incoming) -> Replay {
             .upper()
             .is_some_and(|upper| upper <= MAX_REPLAY_BODY as u64);
     if !small {
-        return Replay::Once(boxed(body));
+        return Replay::Once(body);
     }
     match Limited::new(body, MAX_REPLAY_BODY).collect().await {
         Ok(collected) => Replay::Buffered(collected.to_bytes()),

@@ -554,7 +554,12 @@ impl RequestMeter {
     }
 
     /// Wraps the answer so the request is recorded when its body completes.
-    pub fn finish(self, response: http::Response<Body>) -> http::Response<Body> {
+    /// Wraps the response body (boxing it once) to record the request when it ends.
+    pub fn finish<B>(self, response: http::Response<B>) -> http::Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + Sync + 'static,
+        B::Error: Into<crate::http::BoxError>,
+    {
         let code = response.status().as_u16();
         let grpc_status = response
             .headers()
@@ -622,12 +627,16 @@ impl Pending {
 }
 
 /// A body that records its request when it ends.
-struct MeasuredBody {
-    inner: Body,
+struct MeasuredBody<B> {
+    inner: B,
     pending: Option<Pending>,
 }
 
-impl http_body::Body for MeasuredBody {
+impl<B> http_body::Body for MeasuredBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<crate::http::BoxError>,
+{
     type Data = bytes::Bytes;
     type Error = crate::http::BoxError;
 
@@ -635,7 +644,9 @@ impl http_body::Body for MeasuredBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(Into::into);
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(data), Some(pending)) = (frame.data_ref(), self.pending.as_mut()) {
@@ -667,7 +678,7 @@ impl http_body::Body for MeasuredBody {
     }
 }
 
-impl Drop for MeasuredBody {
+impl<B> Drop for MeasuredBody<B> {
     fn drop(&mut self) {
         if let Some(pending) = self.pending.take() {
             pending.record();
