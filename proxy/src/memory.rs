@@ -18,7 +18,7 @@ pub const RELEASE_INTERVAL: Duration = Duration::from_secs(10);
 /// Quiet means under 1 % of a core over a whole interval (1,000 req/s is ~13 %).
 const QUIET_SHARE: u32 = 100;
 
-/// Less free heap than this is not worth a trim.
+/// Less newly freed heap than this is not worth a trim.
 const MIN_RELEASE_BYTES: usize = 1 << 20;
 
 /// Every `every`, hands freed heap back if the proxy was quiet all along; forever.
@@ -27,6 +27,7 @@ pub async fn release_when_quiet(every: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     let mut before = cpu_time();
+    let mut trimmed = Trimmed::default();
     loop {
         ticker.tick().await;
         // Unknown CPU time never counts as quiet.
@@ -34,16 +35,37 @@ pub async fn release_when_quiet(every: Duration) {
             (Some(now), Some(before)) => now.saturating_sub(before),
             _ => Duration::MAX,
         };
-        if worth_releasing(busy, every, free_heap_bytes()) {
+        if trimmed.due(busy, every, free_heap_bytes()) {
             release();
+            trimmed.done(free_heap_bytes());
         }
         before = cpu_time();
     }
 }
 
-/// Quiet for the whole interval, with enough freed memory to give back.
-fn worth_releasing(busy: Duration, interval: Duration, free_bytes: usize) -> bool {
-    busy <= interval / QUIET_SHARE && free_bytes >= MIN_RELEASE_BYTES
+/// How much of glibc's free heap is already back with the kernel: glibc still counts
+/// trimmed pages as free, so without this an idle proxy would trim again every interval.
+#[derive(Default)]
+struct Trimmed(usize);
+
+impl Trimmed {
+    /// Whether to trim now, with `free` bytes free in the heap.
+    fn due(&mut self, busy: Duration, interval: Duration, free: usize) -> bool {
+        // Free heap reused since the last trim is back in use: at most what is free now
+        // can still be trimmed.
+        self.0 = self.0.min(free);
+        worth_releasing(busy, interval, free - self.0)
+    }
+
+    /// After a trim, with `free` bytes free (all of them back with the kernel).
+    fn done(&mut self, free: usize) {
+        self.0 = free;
+    }
+}
+
+/// Quiet for the whole interval, with enough memory freed since the last trim.
+fn worth_releasing(busy: Duration, interval: Duration, newly_free_bytes: usize) -> bool {
+    busy <= interval / QUIET_SHARE && newly_free_bytes >= MIN_RELEASE_BYTES
 }
 
 /// CPU time this process has used so far (user + system).
@@ -104,6 +126,26 @@ mod decision_tests {
         assert!(!worth_releasing(busy, interval, 8 << 20));
         assert!(!worth_releasing(quiet, interval, 64 << 10));
         assert!(!worth_releasing(Duration::MAX, interval, 8 << 20));
+    }
+
+    #[test]
+    fn trims_once_per_release_of_memory_not_every_quiet_interval() {
+        let interval = Duration::from_secs(10);
+        let quiet = Duration::from_millis(50);
+        let busy = Duration::from_millis(1_300);
+        let mut trimmed = Trimmed::default();
+        assert!(trimmed.due(quiet, interval, 8 << 20));
+        trimmed.done(8 << 20);
+        assert!(
+            !trimmed.due(quiet, interval, 8 << 20),
+            "nothing new to give back"
+        );
+        assert!(!trimmed.due(quiet, interval, (8 << 20) + (512 << 10)));
+        assert!(trimmed.due(quiet, interval, 10 << 20), "2 MiB freed since");
+        trimmed.done(10 << 20);
+        // Traffic reuses all but 2 MiB of the free heap, then frees 2 MiB more.
+        assert!(!trimmed.due(busy, interval, 2 << 20));
+        assert!(trimmed.due(quiet, interval, 4 << 20));
     }
 }
 
