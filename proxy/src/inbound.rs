@@ -41,7 +41,7 @@ use crate::migration::SourceLog;
 use crate::multiplex::{ResponseBody, SharedH2};
 use crate::outbound::MAX_HEADER_BYTES;
 use crate::pool::{Http1Pool, PooledBody};
-use crate::tcp;
+use crate::tcp::{self, Io};
 use crate::telemetry::{
     Direction, DirectionMetrics, Label, Metrics, Refusal, RequestMeter, RequestSeries,
 };
@@ -228,9 +228,13 @@ impl Inbound {
         let _open = self.counters.open();
         match alpn.as_deref() {
             Some(ALPN_H2 | ALPN_H2_TUNNELS) => {
-                self.serve_http(tls_stream, peer, Detected::Http2).await
+                self.serve_http(Box::new(tls_stream), peer, Detected::Http2)
+                    .await
             }
-            Some(ALPN_HTTP1) => self.serve_http(tls_stream, peer, Detected::Http1).await,
+            Some(ALPN_HTTP1) => {
+                self.serve_http(Box::new(tls_stream), peer, Detected::Http1)
+                    .await
+            }
             _ => self.relay(tls_stream, peer).await,
         }
     }
@@ -246,7 +250,7 @@ impl Inbound {
         let _open = self.counters.open();
         match detected {
             Detected::Opaque => self.relay(stream, peer).await,
-            http => self.serve_http(stream, peer, http).await,
+            http => self.serve_http(Box::new(stream), peer, http).await,
         }
     }
 
@@ -340,10 +344,9 @@ impl Inbound {
     }
 
     /// HTTP/1.1 or HTTP/2, each request authorized on its own.
-    async fn serve_http<S>(self: &Arc<Self>, stream: S, peer: Peer, protocol: Detected)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    /// One transport type (TLS from peers, plain TCP from callers in PERMISSIVE mode):
+    /// hyper's servers are compiled once.
+    async fn serve_http(self: &Arc<Self>, stream: Box<dyn Io>, peer: Peer, protocol: Detected) {
         let inbound = self.clone();
         let peer_for_service = peer.clone();
         let service = service_fn(move |request| {

@@ -24,6 +24,7 @@ use tracing::debug;
 
 use crate::http::{BoxError, BoxFuture, CONNECTION_WINDOW, ProxyError, STREAM_WINDOW};
 use crate::outbound::MAX_HEADER_BYTES;
+use crate::tcp::Io;
 
 /// An idle connection is pinged this often; one that does not answer within as long is
 /// closed, so a vanished peer is noticed before a request waits on it.
@@ -439,7 +440,9 @@ impl SharedH2 {
             }
             let (stream, tunnels) = connect().await?;
             let (streams, connection) = client_settings()
-                .handshake::<_, Bytes>(stream)
+                // One IO type for every connection: h2's connection code is compiled
+                // once, not once per transport (TLS to peers, TCP to the application).
+                .handshake::<Box<dyn Io>, Bytes>(Box::new(stream))
                 .await
                 .map_err(|error| {
                     debug!(event = "HTTP/2 handshake failed", peer, error = %error);
@@ -482,13 +485,11 @@ fn client_settings() -> h2::client::Builder {
 }
 
 /// Runs a connection until it closes or stops answering pings, then marks it closed.
-async fn drive<S>(
-    mut connection: h2::client::Connection<S, Bytes>,
+async fn drive(
+    mut connection: h2::client::Connection<Box<dyn Io>, Bytes>,
     closed: Arc<AtomicBool>,
     peer: String,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let ended = match connection.ping_pong() {
         Some(ping_pong) => tokio::select! {
             ended = &mut connection => ended.map_err(|error| error.to_string()),

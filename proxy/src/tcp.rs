@@ -17,6 +17,12 @@ use crate::telemetry::Refusal;
 /// held while it is open): tokio's default, half a TLS record or HTTP/2 frame.
 const COPY_BUFFER: usize = 8 * 1024;
 
+/// A connection's transport, whatever it is (TLS or plain TCP). Protocol code that takes
+/// `Box<dyn Io>` is compiled once instead of once per transport.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
 /// Accepts connections forever, at most `limit` open at once, and hands each to
 /// `handle` in its own task (which holds the connection's permit until it ends).
 pub async fn accept_loop<F, Fut>(listener: TcpListener, limit: usize, drain: Drain, handle: F)
