@@ -97,12 +97,19 @@ where
         }
     }
 
-    /// An idle connection that is still open.
+    /// The most recently used connection that can take a request now. One whose response
+    /// has ended may still be sending its request's body (an application can answer
+    /// before reading an upload): it stays for later rather than hold this request up.
     fn checkout(&self) -> Option<SendRequest<B>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(entry) = idle.pop() {
-            if !entry.sender.is_closed() {
-                return Some(entry.sender);
+        let mut index = idle.len();
+        while index > 0 {
+            index -= 1;
+            let sender = &idle[index].sender;
+            if sender.is_closed() {
+                idle.remove(index);
+            } else if sender.is_ready() {
+                return Some(idle.remove(index).sender);
             }
         }
         None
@@ -372,6 +379,67 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A body that sends one chunk and then never ends, like a stalled upload.
+    struct StalledUpload(Option<Bytes>);
+
+    impl http_body::Body for StalledUpload {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.0.take() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_an_upload_does_not_hold_up_the_next_request() {
+        // Answers each request head at once with 204, never reading an upload, and keeps
+        // every connection open.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4096];
+                    while let Ok(read) = stream.read(&mut head).await {
+                        if read == 0 {
+                            break;
+                        }
+                        if head[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        let mut upload = Request::new(crate::http::boxed(StalledUpload(Some(Bytes::from_static(
+            b"first part",
+        )))));
+        *upload.method_mut() = http::Method::POST;
+        *upload.uri_mut() = "/upload".parse().unwrap();
+        upload
+            .headers_mut()
+            .insert(http::header::HOST, "app".parse().unwrap());
+        let answered = pool.send(upload).await.unwrap();
+        assert!(answered.body().is_end_stream());
+        let next = tokio::time::timeout(Duration::from_secs(5), pool.send(get()))
+            .await
+            .expect("the next request must not wait for the stalled upload")
+            .unwrap();
+        assert_eq!(next.status(), http::StatusCode::NO_CONTENT);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
