@@ -682,6 +682,12 @@ impl AppClient {
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         // Origin form for HTTP/1.1; HTTP/2 carries the authority as a pseudo-header.
         parts.uri = if http1 {
+            // HTTP/1.1 requires a Host; an HTTP/1.0 caller may have sent none.
+            if !parts.headers.contains_key(header::HOST)
+                && let Ok(host) = HeaderValue::from_str(self.authority.as_str())
+            {
+                parts.headers.insert(header::HOST, host);
+            }
             http::Uri::from(path)
         } else {
             let mut uri = http::uri::Parts::default();

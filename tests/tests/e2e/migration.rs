@@ -125,3 +125,26 @@ async fn permissive_to_strict_under_load() {
     let report = migration_report(server.admin_port);
     assert!(report.contains("— STRICT (by shop/backend)"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plaintext_http_1_0_caller_without_host_reaches_the_app_with_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = HttpBackend::start("old-client").await;
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+    mesh.apply("peer.yaml", &peer_authentication("PERMISSIVE"))
+        .await;
+    let mut caller = tokio::net::TcpStream::connect(mesh.servers[0].inbound())
+        .await
+        .unwrap();
+    caller.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), caller.read_to_end(&mut answer))
+        .await
+        .expect("an HTTP/1.0 answer ends with the connection")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.0 200"), "{answer}");
+    // HTTP/1.1 to the application needs a Host: the application's own address.
+    let expected = format!("x-seen-host: {}", backend.address);
+    assert!(answer.contains(&expected), "{answer}");
+}
