@@ -210,8 +210,9 @@ where
 pub struct ResponseBody {
     stream: RecvStream,
     data_done: bool,
-    /// From `content-length`, so an HTTP/1.1 caller gets a length instead of chunks.
-    length: Option<u64>,
+    /// What `content-length` says is still to come, so an HTTP/1.1 caller gets a
+    /// length instead of chunks.
+    remaining: Option<u64>,
 }
 
 impl ResponseBody {
@@ -225,7 +226,7 @@ impl ResponseBody {
         response.map(|stream| ResponseBody {
             stream,
             data_done: false,
-            length,
+            remaining: length,
         })
     }
 }
@@ -242,6 +243,9 @@ impl http_body::Body for ResponseBody {
             match ready!(self.stream.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let _ = self.stream.flow_control().release_capacity(data.len());
+                    if let Some(remaining) = &mut self.remaining {
+                        *remaining = remaining.saturating_sub(data.len() as u64);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(error)) => return Poll::Ready(Some(Err(error))),
@@ -260,8 +264,8 @@ impl http_body::Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.length {
-            Some(length) => SizeHint::with_exact(length),
+        match self.remaining {
+            Some(remaining) => SizeHint::with_exact(remaining),
             None if self.stream.is_end_stream() => SizeHint::with_exact(0),
             None => SizeHint::default(),
         }
@@ -620,9 +624,20 @@ mod tests {
 
         let response = sent.await.unwrap().unwrap();
         assert_eq!(response.body().size_hint().exact(), Some(4));
-        let collected = response.into_body().collect().await.unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.data_ref().unwrap(), "pong");
+        assert_eq!(
+            body.size_hint().exact(),
+            Some(0),
+            "the hint is what remains"
+        );
+        let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
-        assert_eq!(collected.to_bytes(), "pong");
+        assert!(
+            collected.to_bytes().is_empty(),
+            "the data came in the first frame"
+        );
     }
 
     #[tokio::test]
