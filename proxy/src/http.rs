@@ -323,3 +323,49 @@ where
         tokio::spawn(Box::pin(future));
     }
 }
+
+/// Request bodies for tests.
+#[cfg(test)]
+pub mod test_bodies {
+    use std::pin::Pin;
+    use std::task::{Context, Poll, ready};
+
+    use bytes::Bytes;
+    use http_body::Frame;
+    use tokio::sync::oneshot;
+
+    use super::BoxError;
+
+    /// Sends one chunk, then waits: fails once told to (a client that broke off), or
+    /// never ends while the teller is kept (a stalled upload).
+    pub struct Upload {
+        chunk: Option<Bytes>,
+        fail: oneshot::Receiver<()>,
+    }
+
+    /// The body, and what tells it to fail.
+    pub fn upload(chunk: &'static [u8]) -> (Upload, oneshot::Sender<()>) {
+        let (fail, failed) = oneshot::channel();
+        let body = Upload {
+            chunk: Some(Bytes::from_static(chunk)),
+            fail: failed,
+        };
+        (body, fail)
+    }
+
+    impl http_body::Body for Upload {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if let Some(chunk) = self.chunk.take() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            let _ = ready!(Pin::new(&mut self.fail).poll(cx));
+            Poll::Ready(Some(Err("client went away".into())))
+        }
+    }
+}

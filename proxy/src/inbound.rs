@@ -344,6 +344,7 @@ impl Inbound {
     }
 
     /// HTTP/1.1 or HTTP/2, each request authorized on its own.
+    ///
     /// One transport type (TLS from peers, plain TCP from callers in PERMISSIVE mode):
     /// hyper's servers are compiled once.
     async fn serve_http(self: &Arc<Self>, stream: Box<dyn Io>, peer: Peer, protocol: Detected) {
@@ -668,8 +669,11 @@ impl AppClient {
         let (mut parts, body) = request.into_parts();
         // HTTP/1.1 when a peer proxy says its caller spoke it, or a plaintext caller does.
         let http1 = parts.headers.remove(ORIG_PROTO).is_some() || parts.version <= Version::HTTP_11;
+        // The caller's authority as Host; HTTP/1.1 requires one even when an HTTP/1.0
+        // caller sent none, and then it is the application's address.
+        let authority = parts.uri.authority().or(http1.then_some(&self.authority));
         if !parts.headers.contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
+            && let Some(authority) = authority
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
             parts.headers.insert(header::HOST, host);
@@ -682,12 +686,6 @@ impl AppClient {
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         // Origin form for HTTP/1.1; HTTP/2 carries the authority as a pseudo-header.
         parts.uri = if http1 {
-            // HTTP/1.1 requires a Host; an HTTP/1.0 caller may have sent none.
-            if !parts.headers.contains_key(header::HOST)
-                && let Ok(host) = HeaderValue::from_str(self.authority.as_str())
-            {
-                parts.headers.insert(header::HOST, host);
-            }
             http::Uri::from(path)
         } else {
             let mut uri = http::uri::Parts::default();
@@ -714,7 +712,7 @@ impl AppClient {
         self.http1
             .send(request)
             .await
-            .map_err(|error| error.into_proxy_error(self.address, APP_READ_BUFFER))
+            .map_err(|error| self.http1.refusal(error))
     }
 
     async fn send_http2(

@@ -30,7 +30,7 @@ use crate::tcp::Io;
 /// closed, so a vanished peer is noticed before a request waits on it.
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// Opens streams on one HTTP/2 connection.
+/// Opens streams on one HTTP/2 connection; [`SharedH2::sender`] hands it out ready.
 #[derive(Clone)]
 pub struct Sender {
     streams: SendRequest<Bytes>,
@@ -45,11 +45,9 @@ impl Sender {
     {
         let (parts, body) = request.into_parts();
         let end_of_stream = body.is_end_stream();
-        let (response, stream) = self
-            .streams
-            .ready()
-            .await?
-            .send_request(Request::from_parts(parts, ()), end_of_stream)?;
+        let mut streams = self.streams;
+        let (response, stream) =
+            streams.send_request(Request::from_parts(parts, ()), end_of_stream)?;
         let response = if end_of_stream {
             response.await?
         } else {
@@ -68,7 +66,8 @@ impl Sender {
         let mut request = Request::new(());
         *request.method_mut() = http::Method::CONNECT;
         *request.uri_mut() = http::Uri::from(authority);
-        let (response, send) = self.streams.ready().await?.send_request(request, false)?;
+        let mut streams = self.streams;
+        let (response, send) = streams.send_request(request, false)?;
         let response = response.await?;
         if response.status() != StatusCode::OK {
             return Err(ConnectError::Refused(response.status()));
@@ -552,6 +551,15 @@ mod tests {
         Ok(received.into())
     }
 
+    /// The server's first stream; the connection goes on being served meanwhile.
+    async fn first_stream(
+        mut server: h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+    ) -> (Request<RecvStream>, h2::server::SendResponse<Bytes>) {
+        let stream = server.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        stream
+    }
+
     fn post(body: Body) -> Request<Body> {
         let mut request = Request::new(body);
         *request.method_mut() = http::Method::POST;
@@ -559,39 +567,13 @@ mod tests {
         request
     }
 
-    /// A body that yields one chunk and fails once told to, like a client that broke off.
-    struct BrokenBody {
-        chunk: Option<Bytes>,
-        fail: tokio::sync::oneshot::Receiver<()>,
-    }
-
-    impl http_body::Body for BrokenBody {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            if let Some(chunk) = self.chunk.take() {
-                return Poll::Ready(Some(Ok(Frame::data(chunk))));
-            }
-            let _ = ready!(Pin::new(&mut self.fail).poll(cx));
-            Poll::Ready(Some(Err("client went away".into())))
-        }
-    }
-
     #[tokio::test]
     async fn a_body_that_fails_resets_the_stream_instead_of_ending_it() {
-        let (sender, mut server) = pair().await;
-        let (fail, failed) = tokio::sync::oneshot::channel();
-        let body = crate::http::boxed(BrokenBody {
-            chunk: Some(Bytes::from_static(b"first half")),
-            fail: failed,
-        });
+        let (sender, server) = pair().await;
+        let (body, fail) = crate::http::test_bodies::upload(b"first half");
+        let body = crate::http::boxed(body);
         let sent = tokio::spawn(sender.send(post(body)));
-        let (request, _respond) = server.accept().await.unwrap().unwrap();
-        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let (request, _respond) = first_stream(server).await;
         let mut stream = request.into_body();
         let first = stream.data().await.unwrap().unwrap();
         assert_eq!(first, "first half");
@@ -603,11 +585,10 @@ mod tests {
 
     #[tokio::test]
     async fn response_carries_data_trailers_and_length() {
-        let (sender, mut server) = pair().await;
+        let (sender, server) = pair().await;
         let body = crate::http::boxed(http_body_util::Full::new(Bytes::from_static(b"ping")));
         let sent = tokio::spawn(sender.send(post(body)));
-        let (request, mut respond) = server.accept().await.unwrap().unwrap();
-        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let (request, mut respond) = first_stream(server).await;
         let upload = read_all(request.into_body()).await.unwrap();
         assert_eq!(upload, "ping");
         let head = Response::builder()
@@ -642,12 +623,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_head_over_the_limit_fails_the_request() {
-        let (sender, mut server) = pair().await;
+        let (sender, server) = pair().await;
         let mut request = Request::new(crate::http::empty());
         *request.uri_mut() = "http://app/".parse().unwrap();
         let sent = tokio::spawn(sender.send(request));
-        let (_request, mut respond) = server.accept().await.unwrap().unwrap();
-        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let (_request, mut respond) = first_stream(server).await;
         let huge = http::HeaderValue::from_str(&"x".repeat(MAX_HEADER_BYTES + 1)).unwrap();
         let head = Response::builder().header("x-huge", huge).body(()).unwrap();
         let _ = respond.send_response(head, true);
@@ -660,11 +640,10 @@ mod tests {
 
     #[tokio::test]
     async fn tunnel_carries_bytes_both_ways_and_half_closes() {
-        let (sender, mut server) = pair().await;
+        let (sender, server) = pair().await;
         let authority = http::uri::Authority::from_static("10.0.0.1:8080");
         let opened = tokio::spawn(sender.connect(authority));
-        let (request, mut respond) = server.accept().await.unwrap().unwrap();
-        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let (request, mut respond) = first_stream(server).await;
         assert_eq!(request.method(), http::Method::CONNECT);
         assert_eq!(request.uri().authority().unwrap(), "10.0.0.1:8080");
         let mut to_client = respond.send_response(Response::new(()), false).unwrap();
@@ -697,10 +676,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_tunnel_reports_the_status() {
-        let (sender, mut server) = pair().await;
+        let (sender, server) = pair().await;
         let opened = tokio::spawn(sender.connect(http::uri::Authority::from_static("a:1")));
-        let (_request, mut respond) = server.accept().await.unwrap().unwrap();
-        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let (_request, mut respond) = first_stream(server).await;
         let forbidden = Response::builder().status(403).body(()).unwrap();
         respond.send_response(forbidden, true).unwrap();
         match opened.await.unwrap() {

@@ -191,10 +191,11 @@ pub enum SendError {
     Request(hyper::Error),
 }
 
-impl SendError {
-    /// The answer for the caller; logs what the operator needs to know.
-    pub fn into_proxy_error(self, application: SocketAddr, max_head: usize) -> ProxyError {
-        match self {
+impl<B> Http1Pool<B> {
+    /// The answer for the caller when `send` failed; logs what the operator needs.
+    pub fn refusal(&self, error: SendError) -> ProxyError {
+        let application = self.address;
+        match error {
             SendError::Connect(error) => {
                 warn!(event = "application unreachable", %application, error = %error);
                 ProxyError::AppUnavailable
@@ -204,7 +205,7 @@ impl SendError {
                     event = "application response refused",
                     %application,
                     reason = "response headers exceed the limit",
-                    limit_bytes = max_head,
+                    limit_bytes = self.max_read_buffer,
                 );
                 ProxyError::ResponseHeadTooLarge
             }
@@ -381,24 +382,6 @@ mod tests {
         }
     }
 
-    /// A body that sends one chunk and then never ends, like a stalled upload.
-    struct StalledUpload(Option<Bytes>);
-
-    impl http_body::Body for StalledUpload {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            match self.0.take() {
-                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
-                None => Poll::Pending,
-            }
-        }
-    }
-
     #[tokio::test]
     async fn a_connection_still_sending_an_upload_does_not_hold_up_the_next_request() {
         // Answers each request head at once with 204, never reading an upload, and keeps
@@ -424,9 +407,9 @@ mod tests {
             }
         });
         let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
-        let mut upload = Request::new(crate::http::boxed(StalledUpload(Some(Bytes::from_static(
-            b"first part",
-        )))));
+        // Its teller is kept: the upload never ends.
+        let (stalled, _keep_stalled) = crate::http::test_bodies::upload(b"first part");
+        let mut upload = Request::new(crate::http::boxed(stalled));
         *upload.method_mut() = http::Method::POST;
         *upload.uri_mut() = "/upload".parse().unwrap();
         upload

@@ -553,7 +553,6 @@ impl RequestMeter {
         self
     }
 
-    /// Wraps the answer so the request is recorded when its body completes.
     /// Wraps the response body (boxing it once) to record the request when it ends.
     pub fn finish<B>(self, response: http::Response<B>) -> http::Response<Body>
     where
