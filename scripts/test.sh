@@ -37,3 +37,9 @@ cargo build --workspace --bins
 # Timing is never asserted; a missing tool is reported as skipped.
 cargo run -p tessera-benches -- smoke
 cargo test --workspace
+# The proxy as optimized builds link it (proxy/build.rs): it starts, and the code it runs
+# is still grouped ahead of the rest (a stale or broken proxy/hot-code.ld costs memory).
+cargo build --release -p tessera-proxy
+target_dir="${CARGO_TARGET_DIR:-target}"
+"$target_dir/release/tessera-proxy" --version
+python3 scripts/hot-code.py --check "$target_dir/release/tessera-proxy"
