@@ -6,11 +6,12 @@ A proxy maps its code lazily, in 64 KiB runs around each first touch. Scattered 
 10 MB of text, the functions one proxy runs (about a third of it) touch nearly every run,
 and all of it counts in the proxy's memory. Grouped, they touch a third.
 
-Usage: hot-code.py BINARY CALLGRIND_DIR OUTPUT
+Usage: hot-code.py OUTPUT CALLGRIND_DIR BINARY...
        hot-code.py --check BINARY
-  BINARY         a build of the proxy (for functions merged under several names)
-  CALLGRIND_DIR  callgrind.out.* files of proxies run with --demangle=no
   OUTPUT         the linker script to write
+  CALLGRIND_DIR  callgrind.out.* files of proxies run with --demangle=no
+  BINARY         the builds profiled (release, sidecar: inlining differs with LTO, and
+                 so do the functions that exist), for their names and merged functions
   --check        fails unless BINARY, an optimized build, was linked with the script and
                  its patterns still match (they would not after a change of mangling)
 
@@ -92,14 +93,15 @@ def check(binary: pathlib.Path) -> int:
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--check":
         return check(pathlib.Path(sys.argv[2]))
-    if len(sys.argv) != 4:
+    if len(sys.argv) < 4:
         print(__doc__, file=sys.stderr)
         return 2
-    binary, callgrind_dir, output = map(pathlib.Path, sys.argv[1:])
+    output, callgrind_dir, *binaries = map(pathlib.Path, sys.argv[1:])
     ran = {unhashed(name) for name in executed(callgrind_dir)}
     hot = sorted(
         {
             unhashed(name)
+            for binary in binaries
             for names in functions_by_address(binary).values()
             if any(unhashed(name) in ran for name in names)
             for name in names
