@@ -5,7 +5,8 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
 use tessera_proto::SpiffeId;
-use tessera_proto::policy::{self, AuthorizationPolicySpec, HttpRequest, Named, Request};
+use tessera_proto::policy::{self, AuthorizationPolicySpec, HttpRequest, MtlsMode, Named, Request};
+use tessera_proxy::authz::InboundPolicy;
 use tessera_proxy::detect::classify;
 use tessera_proxy::telemetry::Metrics;
 
@@ -118,16 +119,24 @@ fn hot_paths(c: &mut Criterion) {
         })
     });
 
+    // What the inbound proxy does per request: decide, and count the decision.
     let metrics = Metrics::new();
-    let decision = policy::Decision {
-        allowed: true,
-        policy: Some("shop/p2".into()),
-        rule: Some(0),
-        reason: "matched an ALLOW policy",
-        audited: vec![],
-    };
-    c.bench_function("metrics/authz-decision", |b| {
-        b.iter(|| metrics.authz_decision(black_box(&decision)))
+    let inbound = InboundPolicy::new(MtlsMode::Strict, None, policies.clone(), None);
+    c.bench_function("metrics/authorize-and-count-5-policies", |b| {
+        b.iter(|| {
+            let request = Request {
+                source: Some(&source),
+                request_principal: None,
+                port: 8080,
+                http: Some(HttpRequest {
+                    method: "GET",
+                    path: "/orders/42",
+                    host: "orders.shop",
+                    header: &header,
+                }),
+            };
+            inbound.authorize(black_box(&request), &metrics)
+        })
     });
 }
 

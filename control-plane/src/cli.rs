@@ -224,13 +224,13 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
             }
         );
         let verdict = if decision.allowed { "ALLOW" } else { "DENY" };
-        let by = match (&decision.policy, decision.rule) {
-            (Some(policy), Some(rule)) => format!(" by {policy}, rule {rule}"),
+        let by = match (decision.policy, decision.rule) {
+            (Some(policy), Some(rule)) => format!(" by {}, rule {rule}", selected[policy].id()),
             _ => String::new(),
         };
         let _ = writeln!(out, "  decision: {verdict}{by} — {}", decision.reason);
-        for audited in &decision.audited {
-            let _ = writeln!(out, "  audited by {audited}");
+        for &audited in &decision.audited {
+            let _ = writeln!(out, "  audited by {}", selected[audited].id());
         }
         all_allowed &= decision.allowed;
     }

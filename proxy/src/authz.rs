@@ -2,9 +2,12 @@
 //! the authorization policies that select this workload and its JWT validator. Rebuilt
 //! on every snapshot and swapped atomically; connections and requests only read it.
 
+use std::sync::OnceLock;
+
+use prometheus_client::metrics::counter::Counter;
 use tessera_proto::SpiffeId;
 use tessera_proto::policy::{
-    self, AuthorizationPolicySpec, Decision, MtlsMode, Named, WorkloadRef,
+    self, Action, AuthorizationPolicySpec, Decision, MtlsMode, Named, WorkloadRef,
 };
 use tracing::warn;
 
@@ -20,6 +23,27 @@ pub struct InboundPolicy {
     authz: Vec<Named<AuthorizationPolicySpec>>,
     /// `None` when no RequestAuthentication selects the workload.
     pub jwt: Option<JwtValidator>,
+    counters: DecisionCounters,
+}
+
+/// The decision counters this policy counts into, each looked up in the metric family
+/// (a lock, a hash of the labels, the policy's name built) once, on first use.
+struct DecisionCounters {
+    /// One per policy in `authz`: what its action decides (allow, deny or audit).
+    by_policy: Vec<OnceLock<Counter>>,
+    /// Decisions no policy made.
+    allowed: OnceLock<Counter>,
+    denied: OnceLock<Counter>,
+}
+
+impl DecisionCounters {
+    fn new(policies: usize) -> Self {
+        Self {
+            by_policy: (0..policies).map(|_| OnceLock::new()).collect(),
+            allowed: OnceLock::new(),
+            denied: OnceLock::new(),
+        }
+    }
 }
 
 impl InboundPolicy {
@@ -54,18 +78,139 @@ impl InboundPolicy {
                 }
             }
         };
+        Self::new(mode, mode_policy, authz, jwt)
+    }
+
+    /// A port's policy from its parts: the mTLS mode (and the PeerAuthentication that
+    /// set it), the authorization policies that select the workload, its JWT validator.
+    pub fn new(
+        mode: MtlsMode,
+        mode_policy: Option<String>,
+        authz: Vec<Named<AuthorizationPolicySpec>>,
+        jwt: Option<JwtValidator>,
+    ) -> Self {
+        let counters = DecisionCounters::new(authz.len());
         Self {
             mode,
             mode_policy,
             authz,
             jwt,
+            counters,
         }
     }
 
-    /// Evaluates a request or connection, counting the decision.
+    /// Evaluates a request or connection, counting the decision (and every AUDIT policy
+    /// it matched).
     pub fn authorize(&self, request: &policy::Request<'_>, metrics: &Metrics) -> Decision {
         let decision = policy::authorize(&self.authz, request);
-        metrics.authz_decision(&decision);
+        match decision.policy {
+            Some(index) => self.policy_counter(index, metrics).inc(),
+            None if decision.allowed => (self.counters.allowed)
+                .get_or_init(|| metrics.authz_counter("allow", "none".into()))
+                .inc(),
+            None => (self.counters.denied)
+                .get_or_init(|| metrics.authz_counter("deny", "none".into()))
+                .inc(),
+        };
+        for &index in &decision.audited {
+            self.policy_counter(index, metrics).inc();
+        }
         decision
+    }
+
+    /// `namespace/name` of the policy that made the decision, for logs.
+    pub fn deciding_policy(&self, decision: &Decision) -> Option<String> {
+        decision.policy.map(|index| self.authz[index].id())
+    }
+
+    fn policy_counter(&self, index: usize, metrics: &Metrics) -> &Counter {
+        self.counters.by_policy[index].get_or_init(|| {
+            let policy = &self.authz[index];
+            let decision = match policy.spec.action {
+                Action::Allow => "allow",
+                Action::Deny => "deny",
+                Action::Audit => "audit",
+            };
+            metrics.authz_counter(decision, policy.id())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(name: &str, spec: &str) -> Named<AuthorizationPolicySpec> {
+        let document = format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{spec}"
+        );
+        let resources =
+            tessera_proto::resources::parse_file(std::path::Path::new("test.yaml"), &document)
+                .expect("policy");
+        match &resources[0].spec {
+            tessera_proto::resources::Spec::AuthorizationPolicy(spec) => Named {
+                name: name.into(),
+                namespace: "shop".into(),
+                spec: spec.clone(),
+            },
+            _ => unreachable!("an AuthorizationPolicy document"),
+        }
+    }
+
+    fn get(path: &str) -> policy::Request<'_> {
+        policy::Request {
+            source: None,
+            request_principal: None,
+            port: 8080,
+            http: Some(policy::HttpRequest {
+                method: "GET",
+                path,
+                host: "backend",
+                header: &|_| None,
+            }),
+        }
+    }
+
+    #[test]
+    fn decisions_are_counted_by_the_policy_that_made_them() {
+        let inbound = InboundPolicy::new(
+            MtlsMode::Permissive,
+            None,
+            vec![
+                policy("audit-all", "  action: AUDIT\n  rules: [{}]\n"),
+                policy(
+                    "deny-admin",
+                    "  action: DENY\n  rules: [{to: [{operation: {paths: [/admin]}}]}]\n",
+                ),
+                policy(
+                    "readers",
+                    "  action: ALLOW\n  rules: [{to: [{operation: {paths: [/orders]}}]}]\n",
+                ),
+            ],
+            None,
+        );
+        let metrics = Metrics::new();
+        for path in ["/orders", "/orders", "/admin", "/other"] {
+            inbound.authorize(&get(path), &metrics);
+        }
+        let denied = inbound.authorize(&get("/admin"), &metrics);
+        assert_eq!(
+            inbound.deciding_policy(&denied).as_deref(),
+            Some("shop/deny-admin")
+        );
+
+        let text = metrics.encode();
+        for expected in [
+            r#"tessera_authz_decisions_total{decision="allow",policy="shop/readers"} 2"#,
+            r#"tessera_authz_decisions_total{decision="deny",policy="shop/deny-admin"} 2"#,
+            r#"tessera_authz_decisions_total{decision="deny",policy="none"} 1"#,
+            r#"tessera_authz_decisions_total{decision="audit",policy="shop/audit-all"} 5"#,
+        ] {
+            assert!(text.contains(expected), "{expected} missing from\n{text}");
+        }
+        assert!(
+            !text.contains(r#"decision="allow",policy="none""#),
+            "{text}"
+        );
     }
 }

@@ -313,7 +313,7 @@ impl Inbound {
             &self.metrics,
         );
         if !decision.allowed {
-            self.log_denial(peer, &decision, None, "connection denied");
+            self.log_denial(peer, &policy, &decision, None, "connection denied");
             return Err(ProxyError::Forbidden);
         }
         let forward_to = self.port.forward_to;
@@ -523,7 +523,7 @@ impl Inbound {
         };
         if !decision.allowed {
             let target = format!("{} {}", request.method(), request.uri().path());
-            self.log_denial(peer, &decision, Some(&target), "request denied");
+            self.log_denial(peer, &policy, &decision, Some(&target), "request denied");
             return refusal(ProxyError::Forbidden, grpc);
         }
         self.app.forward(request).await
@@ -532,6 +532,7 @@ impl Inbound {
     fn log_denial(
         &self,
         peer: &Peer,
+        policy: &InboundPolicy,
         decision: &policy::Decision,
         target: Option<&str>,
         event: &str,
@@ -542,7 +543,7 @@ impl Inbound {
             destination = %self.identity.identity(),
             port = self.app_port(),
             target,
-            policy = decision.policy.as_deref().unwrap_or("none"),
+            policy = policy.deciding_policy(decision).as_deref().unwrap_or("none"),
             rule = decision.rule,
             reason = decision.reason,
         );

@@ -308,24 +308,12 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one authorization decision (and every AUDIT policy it matched).
-    pub fn authz_decision(&self, decision: &tessera_proto::policy::Decision) {
-        let policy = decision.policy.clone().unwrap_or_else(|| "none".into());
-        let outcome = if decision.allowed { "allow" } else { "deny" };
+    /// The counter of authorization decisions `decision` ("allow", "deny", "audit") made
+    /// by `policy` (`namespace/name`, or "none").
+    pub fn authz_counter(&self, decision: &'static str, policy: String) -> Counter {
         self.authz
-            .get_or_create(&AuthzLabels {
-                decision: outcome,
-                policy,
-            })
-            .inc();
-        for audited in &decision.audited {
-            self.authz
-                .get_or_create(&AuthzLabels {
-                    decision: "audit",
-                    policy: audited.clone(),
-                })
-                .inc();
-        }
+            .get_or_create(&AuthzLabels { decision, policy })
+            .clone()
     }
 
     /// The retry counter of one upstream.
