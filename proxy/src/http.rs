@@ -44,16 +44,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if !headers.iter().any(acts_on) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // Almost always one Connection field: its value is cloned (a reference count, the
+    // map changes under it) and its names removed as text, building no HeaderName.
+    let (first, more) = {
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        (values.next().cloned(), values.next().is_some())
+    };
+    if more {
+        let all: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for value in &all {
+            remove_listed(headers, value, keep_upgrade);
+        }
+    } else if let Some(value) = first {
+        remove_listed(headers, &value, keep_upgrade);
     }
     let te_trailers = headers
         .get(header::TE)
@@ -80,6 +87,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes the headers a `Connection` value names (but `Upgrade` when `keep_upgrade`).
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, keep_upgrade: bool) {
+    let Ok(names) = connection.to_str() else {
+        return;
+    };
+    for name in names.split(',').map(str::trim) {
+        if !(keep_upgrade && name.eq_ignore_ascii_case("upgrade")) {
+            headers.remove(name);
+        }
     }
 }
 
@@ -272,6 +291,22 @@ mod tests {
             strip_hop_by_hop(&mut with_hop, false);
             assert_eq!(with_hop, before, "{name} must go");
         }
+    }
+
+    #[test]
+    fn removes_what_every_connection_field_names() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("X-First-Hop"));
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" x-second-hop , not a name ,"),
+        );
+        headers.insert("x-first-hop", HeaderValue::from_static("1"));
+        headers.insert("x-second-hop", HeaderValue::from_static("2"));
+        headers.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut headers, false);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-app"]);
     }
 
     #[test]

@@ -90,7 +90,6 @@ impl InboundSet {
 }
 
 /// Who is on the other end of one connection.
-#[derive(Clone)]
 struct Peer {
     address: SocketAddr,
     /// Verified SPIFFE ID; `None` for plaintext.
@@ -268,7 +267,11 @@ impl Inbound {
     /// One opaque connection tunnelled by a peer proxy (a `CONNECT` stream on its pooled
     /// HTTP/2 connection): authorized and connected to the application exactly like a
     /// connection of its own, and only then answered 200 and spliced.
-    async fn tunnel(self: Arc<Self>, mut request: Request<Incoming>, peer: Peer) -> Response<Body> {
+    async fn tunnel(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Response<Body> {
         let mut app = match self.open_opaque(&peer).await {
             Ok(app) => app,
             Err(error) => return error.response(false),
@@ -295,7 +298,7 @@ impl Inbound {
     fn boxed_tunnel(
         self: Arc<Self>,
         request: Request<Incoming>,
-        peer: Peer,
+        peer: Arc<Peer>,
     ) -> BoxFuture<'static, Response<Body>> {
         Box::pin(self.tunnel(request, peer))
     }
@@ -349,6 +352,8 @@ impl Inbound {
     /// hyper's servers are compiled once.
     async fn serve_http(self: &Arc<Self>, stream: Box<dyn Io>, peer: Peer, protocol: Detected) {
         let inbound = self.clone();
+        // Shared by every request of the connection: a clone per request is a count.
+        let peer = Arc::new(peer);
         let peer_for_service = peer.clone();
         let service = service_fn(move |request| {
             let inbound = inbound.clone();
@@ -578,7 +583,13 @@ fn canonicalize<B>(request: &mut Request<B>, from_peer_proxy: bool) {
         request.headers_mut().remove(ORIG_PROTO);
     }
     merge_repeated_headers(request.headers_mut());
+    // Usually Host is the authority already: then nothing is copied.
     if let Some(authority) = request.uri().authority()
+        && request
+            .headers()
+            .get(header::HOST)
+            .map(HeaderValue::as_bytes)
+            != Some(authority.as_str().as_bytes())
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         request.headers_mut().insert(header::HOST, host);
