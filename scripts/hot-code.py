@@ -3,8 +3,9 @@
 the code it never runs, so its pages hold only code in use.
 
 A proxy maps its code lazily, in 64 KiB runs around each first touch. Scattered over
-10 MB of text, the functions one proxy runs (about a third of it) touch nearly every run,
-and all of it counts in the proxy's memory. Grouped, they touch a third.
+10 MB of text, the functions one proxy runs (about a third of it) touched nearly every
+run, and all of it counted in the proxy's memory. Grouped, with every instantiation of
+the generic functions among them, they fill under half (4.5 of 9.9 MB, release build).
 
 Usage: hot-code.py OUTPUT CALLGRIND_DIR BINARY...
        hot-code.py --check BINARY
