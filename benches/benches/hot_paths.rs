@@ -61,21 +61,19 @@ fn hot_paths(c: &mut Criterion) {
         .parse()
         .expect("id");
     let header = |_: &str| None;
+    let request = Request {
+        source: Some(&source),
+        request_principal: None,
+        port: 8080,
+        http: Some(HttpRequest {
+            method: "GET",
+            path: "/orders/42",
+            host: "orders.shop",
+            header: &header,
+        }),
+    };
     c.bench_function("policy/authorize-5-policies", |b| {
-        b.iter(|| {
-            let request = Request {
-                source: Some(&source),
-                request_principal: None,
-                port: 8080,
-                http: Some(HttpRequest {
-                    method: "GET",
-                    path: "/orders/42",
-                    host: "orders.shop",
-                    header: &header,
-                }),
-            };
-            policy::authorize(black_box(&selected), black_box(&request))
-        })
+        b.iter(|| policy::authorize(black_box(&selected), black_box(&request)))
     });
     c.bench_function("policy/normalize-path", |b| {
         b.iter(|| policy::normalize_path(black_box("/api/v1/orders/42")))
@@ -123,20 +121,7 @@ fn hot_paths(c: &mut Criterion) {
     let metrics = Metrics::new();
     let inbound = InboundPolicy::new(MtlsMode::Strict, None, policies.clone(), None);
     c.bench_function("metrics/authorize-and-count-5-policies", |b| {
-        b.iter(|| {
-            let request = Request {
-                source: Some(&source),
-                request_principal: None,
-                port: 8080,
-                http: Some(HttpRequest {
-                    method: "GET",
-                    path: "/orders/42",
-                    host: "orders.shop",
-                    header: &header,
-                }),
-            };
-            inbound.authorize(black_box(&request), &metrics)
-        })
+        b.iter(|| inbound.authorize(black_box(&request), &metrics))
     });
 }
 
