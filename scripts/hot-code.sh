@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v valgrind >/dev/null 2>&1; then
-    apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
 fi
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo build --release --bins -p tessera-proxy -p tessera-control-plane -p tessera-benches

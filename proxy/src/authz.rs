@@ -104,14 +104,10 @@ impl InboundPolicy {
     pub fn authorize(&self, request: &policy::Request<'_>, metrics: &Metrics) -> Decision {
         let decision = policy::authorize(&self.authz, request);
         match decision.policy {
-            Some(index) => self.policy_counter(index, metrics).inc(),
-            None if decision.allowed => (self.counters.allowed)
-                .get_or_init(|| metrics.authz_counter("allow", "none".into()))
-                .inc(),
-            None => (self.counters.denied)
-                .get_or_init(|| metrics.authz_counter("deny", "none".into()))
-                .inc(),
-        };
+            Some(index) => self.policy_counter(index, metrics),
+            None => self.no_policy_counter(decision.allowed, metrics),
+        }
+        .inc();
         for &index in &decision.audited {
             self.policy_counter(index, metrics).inc();
         }
@@ -121,6 +117,15 @@ impl InboundPolicy {
     /// `namespace/name` of the policy that made the decision, for logs.
     pub fn deciding_policy(&self, decision: &Decision) -> Option<String> {
         decision.policy.map(|index| self.authz[index].id())
+    }
+
+    fn no_policy_counter(&self, allowed: bool, metrics: &Metrics) -> &Counter {
+        let (slot, decision) = if allowed {
+            (&self.counters.allowed, "allow")
+        } else {
+            (&self.counters.denied, "deny")
+        };
+        slot.get_or_init(|| metrics.authz_counter(decision, "none".into()))
     }
 
     fn policy_counter(&self, index: usize, metrics: &Metrics) -> &Counter {
