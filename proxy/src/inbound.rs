@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use h2::RecvStream;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::Either;
@@ -34,11 +35,12 @@ use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1};
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
-use crate::http::{Body, BoxFuture, BoxingExecutor, ORIG_PROTO, ProxyError};
+use crate::http::{Body, BoxFuture, ORIG_PROTO, ProxyError};
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
-use crate::multiplex::{ResponseBody, SharedH2};
+use crate::multiplex::server::{self, Reply, ServeError};
+use crate::multiplex::{SharedH2, StreamBody, Tunnel};
 use crate::outbound::MAX_HEADER_BYTES;
 use crate::pool::{Http1Pool, PooledBody};
 use crate::tcp::{self, Io};
@@ -267,40 +269,39 @@ impl Inbound {
     /// One opaque connection tunnelled by a peer proxy (a `CONNECT` stream on its pooled
     /// HTTP/2 connection): authorized and connected to the application exactly like a
     /// connection of its own, and only then answered 200 and spliced.
-    async fn tunnel(
-        self: Arc<Self>,
-        mut request: Request<Incoming>,
-        peer: Arc<Peer>,
-    ) -> Response<Body> {
+    async fn tunnel(self: Arc<Self>, recv: RecvStream, peer: Arc<Peer>) -> Reply {
         let mut app = match self.open_opaque(&peer).await {
             Ok(app) => app,
-            Err(error) => return error.response(false),
+            Err(error) => return Reply::Response(error.response(false)),
         };
-        let upgrade = hyper::upgrade::on(&mut request);
-        let in_flight = self.drain.track();
-        tokio::spawn(async move {
-            let _open = (self.counters.open(), in_flight);
-            match upgrade.await {
-                Ok(tunnel) => {
-                    self.splice(&mut TokioIo::new(tunnel), &mut app, &peer)
-                        .await
+        let relay = move |tunnel: Tunnel| -> BoxFuture<'static, ()> {
+            Box::pin(async move {
+                let _open = self.counters.open();
+                match tunnel.relay(&mut app).await {
+                    Ok((sent, received)) => {
+                        self.counters.received.inc_by(received);
+                        self.counters.sent.inc_by(sent);
+                    }
+                    Err(error) => {
+                        debug!(event = "inbound connection ended with error", peer = %peer.describe(), error = %error)
+                    }
                 }
-                Err(error) => {
-                    debug!(event = "tunnel not opened", peer = %peer.describe(), error = %error)
-                }
-            }
-        });
-        Response::new(crate::http::empty())
+            })
+        };
+        Reply::Tunnel {
+            recv,
+            relay: Box::new(relay),
+        }
     }
 
     /// Boxed: the tunnel's setup (authorizing, connecting) stays out of every request's
     /// per-stream task.
     fn boxed_tunnel(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        recv: RecvStream,
         peer: Arc<Peer>,
-    ) -> BoxFuture<'static, Response<Body>> {
-        Box::pin(self.tunnel(request, peer))
+    ) -> BoxFuture<'static, Reply> {
+        Box::pin(self.tunnel(recv, peer))
     }
 
     /// Authorizes an opaque connection and connects to the application for it.
@@ -349,56 +350,73 @@ impl Inbound {
     /// HTTP/1.1 or HTTP/2, each request authorized on its own.
     ///
     /// One transport type (TLS from peers, plain TCP from callers in PERMISSIVE mode):
-    /// hyper's servers are compiled once.
+    /// the servers are compiled once.
     async fn serve_http(self: &Arc<Self>, stream: Box<dyn Io>, peer: Peer, protocol: Detected) {
-        let inbound = self.clone();
         // Shared by every request of the connection: a clone per request is a count.
         let peer = Arc::new(peer);
-        let peer_for_service = peer.clone();
-        let service = service_fn(move |request| {
-            let inbound = inbound.clone();
-            let peer = peer_for_service.clone();
-            async move {
-                let response = if is_tunnel(&request, &peer) {
-                    inbound.boxed_tunnel(request, peer).await
-                } else {
-                    inbound.request(request, &peer).await
-                };
-                Ok::<_, std::convert::Infallible>(response)
-            }
-        });
-        let io = TokioIo::new(stream);
-        // Streams carry requests and tunnelled connections alike: a peer may hold as many
-        // at once as it could open connections.
-        let streams = u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX);
         let served = match protocol {
-            Detected::Http2 => {
-                let connection = hyper::server::conn::http2::Builder::new(BoxingExecutor)
-                    .timer(TokioTimer::new())
-                    .initial_stream_window_size(crate::http::STREAM_WINDOW)
-                    .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
-                    .max_concurrent_streams(streams)
-                    .max_header_list_size(MAX_HEADER_BYTES as u32)
-                    .serve_connection(io, service);
-                crate::serve_gracefully!(connection, self.drain)
-            }
-            _ => {
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(self.limits.handshake_timeout)
-                    .max_buf_size(MAX_HEADER_BYTES)
-                    .serve_connection(io, service)
-                    .with_upgrades();
-                crate::serve_gracefully!(connection, self.drain)
-            }
+            Detected::Http2 => self.serve_http2(stream, &peer).await.map_err(|e| e.to_string()),
+            _ => self.serve_http1(stream, &peer).await.map_err(|e| e.to_string()),
         };
         if let Err(error) = served {
-            debug!(event = "inbound HTTP connection error", peer = %peer.describe(), error = %error);
+            debug!(event = "inbound HTTP connection error", peer = %peer.describe(), error);
         }
     }
 
+    /// Requests and tunnels as HTTP/2 streams, each answered by a task of its own.
+    async fn serve_http2(
+        self: &Arc<Self>,
+        stream: Box<dyn Io>,
+        peer: &Arc<Peer>,
+    ) -> Result<(), ServeError> {
+        let settings = server::Settings {
+            // Streams carry requests and tunnelled connections alike: a peer may hold as
+            // many at once as it could open connections.
+            max_streams: u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX),
+            handshake_timeout: self.limits.handshake_timeout,
+        };
+        server::serve(stream, settings, &self.drain, |request| {
+            let inbound = self.clone();
+            let peer = peer.clone();
+            async move {
+                if is_tunnel(&request, &peer) {
+                    inbound.boxed_tunnel(request.into_body(), peer).await
+                } else {
+                    let request = StreamBody::request(request).map(Either::Right);
+                    Reply::Response(inbound.request(request, &peer).await)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Requests (and upgrades) from plaintext HTTP/1.1 callers.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        stream: Box<dyn Io>,
+        peer: &Arc<Peer>,
+    ) -> Result<(), hyper::Error> {
+        let inbound = self.clone();
+        let peer = peer.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let inbound = inbound.clone();
+            let peer = peer.clone();
+            async move {
+                let response = inbound.request(request.map(Either::Left), &peer).await;
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.handshake_timeout)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        crate::serve_gracefully!(connection, self.drain)
+    }
+
     /// Measures and traces one request end to end.
-    async fn request(&self, mut request: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    async fn request(&self, mut request: Request<InboundBody>, peer: &Peer) -> Response<Body> {
         canonicalize(&mut request, peer.identity.is_some());
         let parent = trace::extract(request.headers());
         let span = self.tracer.start_span(
@@ -452,14 +470,14 @@ impl Inbound {
 
     fn boxed_authorized_request<'a>(
         &'a self,
-        request: Request<Incoming>,
+        request: Request<InboundBody>,
         peer: &'a Peer,
     ) -> BoxFuture<'a, AppResponse> {
         Box::pin(self.authorized_request(request, peer))
     }
 
     /// Authenticates and authorizes one request, then forwards it.
-    async fn authorized_request(&self, request: Request<Incoming>, peer: &Peer) -> AppResponse {
+    async fn authorized_request(&self, request: Request<InboundBody>, peer: &Peer) -> AppResponse {
         let grpc = crate::http::is_grpc(request.headers());
         let Some(policy) = self.policy.load_full() else {
             return refusal(ProxyError::Forbidden, grpc);
@@ -555,8 +573,11 @@ impl Inbound {
     }
 }
 
+/// A request's body: from a plaintext HTTP/1.1 caller, or an HTTP/2 stream.
+type InboundBody = Either<Incoming, StreamBody>;
+
 /// What the application answers, over HTTP/1.1 or HTTP/2.
-type AppBody = Either<PooledBody<Incoming>, ResponseBody>;
+type AppBody = Either<PooledBody<InboundBody>, StreamBody>;
 
 /// The application's answer or the proxy's own (a refusal); boxed once, when metered.
 type AppResponse = Response<Either<AppBody, Body>>;
@@ -640,7 +661,7 @@ pub struct AppClient {
     /// `address` as a URI authority, parsed once.
     authority: http::uri::Authority,
     /// Pooled connections for HTTP/1.1 requests.
-    http1: Arc<Http1Pool<Incoming>>,
+    http1: Arc<Http1Pool<InboundBody>>,
     /// One multiplexed HTTP/2 connection to the application, shared by every request:
     /// no pool checkout (and its lock) per request.
     http2: SharedH2,
@@ -663,7 +684,7 @@ impl AppClient {
     }
 
     /// Forwards one request, restoring HTTP/1.1 when the caller spoke it.
-    pub async fn forward(&self, request: Request<Incoming>) -> AppResponse {
+    pub async fn forward(&self, request: Request<InboundBody>) -> AppResponse {
         let grpc = crate::http::is_grpc(request.headers());
         let result = if crate::http::is_upgrade(&request) {
             self.upgrade(request)
@@ -677,7 +698,7 @@ impl AppClient {
         result.unwrap_or_else(|error| refusal(error, grpc))
     }
 
-    async fn request(&self, request: Request<Incoming>) -> Result<Response<AppBody>, ProxyError> {
+    async fn request(&self, request: Request<InboundBody>) -> Result<Response<AppBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         // HTTP/1.1 when a peer proxy says its caller spoke it, or a plaintext caller does.
         let http1 = parts.headers.remove(ORIG_PROTO).is_some() || parts.version <= Version::HTTP_11;
@@ -718,8 +739,8 @@ impl AppClient {
 
     async fn send_http1(
         &self,
-        mut request: Request<Incoming>,
-    ) -> Result<Response<PooledBody<Incoming>>, ProxyError> {
+        mut request: Request<InboundBody>,
+    ) -> Result<Response<PooledBody<InboundBody>>, ProxyError> {
         *request.version_mut() = Version::HTTP_11;
         self.http1
             .send(request)
@@ -729,8 +750,8 @@ impl AppClient {
 
     async fn send_http2(
         &self,
-        mut request: Request<Incoming>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+        mut request: Request<InboundBody>,
+    ) -> Result<Response<StreamBody>, ProxyError> {
         *request.version_mut() = Version::HTTP_2;
         let sender = self
             .http2
@@ -750,7 +771,7 @@ impl AppClient {
         })
     }
 
-    async fn upgrade(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn upgrade(&self, request: Request<InboundBody>) -> Result<Response<Body>, ProxyError> {
         let app = tcp::connect(self.address, self.connect_timeout)
             .await
             .map_err(|_| ProxyError::AppUnavailable)?;

@@ -6,6 +6,11 @@
 //! request body). Here the request's own task opens the stream, streams a body that is
 //! ready at once (a gRPC message) and waits for the response itself; only a body still
 //! streaming when the response arrives gets a task of its own.
+//!
+//! The server side, for connections from peer proxies, is in [`server`]; both share the
+//! body and tunnel types here.
+
+pub mod server;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,7 +43,7 @@ pub struct Sender {
 
 impl Sender {
     /// Sends a request and waits for the response head; the request body streams on.
-    pub async fn send<B>(self, request: Request<B>) -> Result<Response<ResponseBody>, h2::Error>
+    pub async fn send<B>(self, request: Request<B>) -> Result<Response<StreamBody>, h2::Error>
     where
         B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
         B::Error: Into<BoxError>,
@@ -57,7 +62,7 @@ impl Sender {
             }
             .await?
         };
-        Ok(ResponseBody::attach(response))
+        Ok(StreamBody::attach(response))
     }
 
     /// Opens a `CONNECT` stream to `authority`. The tunnel when the peer answers 200,
@@ -204,9 +209,10 @@ where
     }
 }
 
-/// A response body arriving on an HTTP/2 stream. What is read is handed back to the
-/// peer's flow-control window at once: the proxy passes bytes on, it does not keep them.
-pub struct ResponseBody {
+/// A body arriving on an HTTP/2 stream (a response to the client, a request to the
+/// server). What is read is handed back to the peer's flow-control window at once: the
+/// proxy passes bytes on, it does not keep them.
+pub struct StreamBody {
     stream: RecvStream,
     data_done: bool,
     /// What `content-length` says is still to come, so an HTTP/1.1 caller gets a
@@ -214,23 +220,36 @@ pub struct ResponseBody {
     remaining: Option<u64>,
 }
 
-impl ResponseBody {
-    /// The response with its body; the length comes from `content-length` when it has one.
-    fn attach(response: Response<RecvStream>) -> Response<ResponseBody> {
-        let length = response
-            .headers()
+impl StreamBody {
+    /// The response with its body.
+    fn attach(response: Response<RecvStream>) -> Response<StreamBody> {
+        let (head, stream) = response.into_parts();
+        let body = Self::new(stream, &head.headers);
+        Response::from_parts(head, body)
+    }
+
+    /// The request with its body.
+    pub fn request(request: Request<RecvStream>) -> Request<StreamBody> {
+        let (head, stream) = request.into_parts();
+        let body = Self::new(stream, &head.headers);
+        Request::from_parts(head, body)
+    }
+
+    /// The length comes from `content-length` when the message has one.
+    fn new(stream: RecvStream, headers: &http::HeaderMap) -> Self {
+        let length = headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse().ok());
-        response.map(|stream| ResponseBody {
+        StreamBody {
             stream,
             data_done: false,
             remaining: length,
-        })
+        }
     }
 }
 
-impl http_body::Body for ResponseBody {
+impl http_body::Body for StreamBody {
     type Data = Bytes;
     type Error = h2::Error;
 

@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 use crate::balance::{ALPN_H2_TUNNELS, Balancer, EndpointState};
 use crate::config::Limits;
 use crate::http::{self as proxy_http, Body, BoxFuture, ORIG_PROTO, ProxyError, boxed};
-use crate::multiplex::{self, ConnectError, ResponseBody, Tunnel};
+use crate::multiplex::{self, ConnectError, StreamBody, Tunnel};
 use crate::retry::RetryBudget;
 use crate::tcp;
 use crate::telemetry::{Direction, Label, Metrics, RequestMeter, RequestSeries};
@@ -142,7 +142,7 @@ impl Upstream {
         &self,
         request: Request<Incoming>,
         context: Option<TraceContext>,
-    ) -> BoxFuture<'_, Result<Response<ResponseBody>, ProxyError>> {
+    ) -> BoxFuture<'_, Result<Response<StreamBody>, ProxyError>> {
         Box::pin(self.forward(request, context))
     }
 
@@ -157,7 +157,7 @@ impl Upstream {
         &self,
         request: Request<Incoming>,
         context: Option<TraceContext>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<Response<StreamBody>, ProxyError> {
         let policy = self.policy.load_full();
         let (mut parts, body) = request.into_parts();
         let original_version = parts.version;
@@ -187,7 +187,7 @@ impl Upstream {
         mut parts: http::request::Parts,
         mut replay: Replay,
         context: Option<&TraceContext>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<Response<StreamBody>, ProxyError> {
         let max_attempts = match (&replay, &policy.retries) {
             (Replay::Buffered(_), Some(retries)) => 1 + retries.attempts,
             _ => 1,
@@ -272,7 +272,7 @@ impl Upstream {
         &self,
         endpoint: &EndpointState,
         request: Request<RequestBody>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<Response<StreamBody>, ProxyError> {
         let sender = self.h2_sender(endpoint).await?;
         sender.send(request).await.map_err(|error| {
             debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
@@ -373,11 +373,13 @@ impl Upstream {
 
 /// Sends an upgrade request over a fresh HTTP/1.1 connection `io` and, when the other
 /// side switches protocols, splices the two upgraded connections together.
-pub async fn forward_upgrade<I>(
-    mut request: Request<Incoming>,
+pub async fn forward_upgrade<B, I>(
+    mut request: Request<B>,
     io: I,
 ) -> Result<Response<Body>, ProxyError>
 where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<proxy_http::BoxError>,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let client_side = hyper::upgrade::on(&mut request);
