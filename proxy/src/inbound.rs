@@ -355,8 +355,14 @@ impl Inbound {
         // Shared by every request of the connection: a clone per request is a count.
         let peer = Arc::new(peer);
         let served = match protocol {
-            Detected::Http2 => self.serve_http2(stream, &peer).await.map_err(|e| e.to_string()),
-            _ => self.serve_http1(stream, &peer).await.map_err(|e| e.to_string()),
+            Detected::Http2 => self
+                .serve_http2(stream, &peer)
+                .await
+                .map_err(|e| e.to_string()),
+            _ => self
+                .serve_http1(stream, &peer)
+                .await
+                .map_err(|e| e.to_string()),
         };
         if let Err(error) = served {
             debug!(event = "inbound HTTP connection error", peer = %peer.describe(), error);
@@ -698,7 +704,10 @@ impl AppClient {
         result.unwrap_or_else(|error| refusal(error, grpc))
     }
 
-    async fn request(&self, request: Request<InboundBody>) -> Result<Response<AppBody>, ProxyError> {
+    async fn request(
+        &self,
+        request: Request<InboundBody>,
+    ) -> Result<Response<AppBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         // HTTP/1.1 when a peer proxy says its caller spoke it, or a plaintext caller does.
         let http1 = parts.headers.remove(ORIG_PROTO).is_some() || parts.version <= Version::HTTP_11;

@@ -185,3 +185,200 @@ fn carries_content(status: StatusCode) -> bool {
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle;
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::oneshot;
+
+    const TEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn settings() -> Settings {
+        Settings {
+            max_streams: 16,
+            handshake_timeout: TEST_TIMEOUT,
+        }
+    }
+
+    /// A client connection to `serve` over an in-memory pipe; the server's outcome.
+    async fn client<H, F>(
+        drain: lifecycle::Drain,
+        handle: H,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+    )
+    where
+        H: Fn(Request<RecvStream>) -> F + Send + 'static,
+        F: Future<Output = Reply> + Send + 'static,
+    {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let served = tokio::spawn(async move { serve(server, settings(), &drain, handle).await });
+        let (streams, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        (streams, served)
+    }
+
+    fn request(method: http::Method, uri: &str) -> Request<()> {
+        let mut request = Request::new(());
+        *request.method_mut() = method;
+        *request.uri_mut() = uri.parse().unwrap();
+        request
+    }
+
+    async fn read_all(mut stream: RecvStream) -> Bytes {
+        let mut received = Vec::new();
+        while let Some(data) = stream.data().await {
+            let data = data.unwrap();
+            let _ = stream.flow_control().release_capacity(data.len());
+            received.extend_from_slice(&data);
+        }
+        received.into()
+    }
+
+    #[tokio::test]
+    async fn a_request_gets_its_response_with_a_length() {
+        let (_trigger, drain) = lifecycle::channel();
+        let (mut streams, _served) = client(drain, |request| async move {
+            let body = super::super::StreamBody::request(request).into_body();
+            let upload = body.collect().await.unwrap().to_bytes();
+            let answer = format!("got {}", String::from_utf8_lossy(&upload));
+            Reply::Response(Response::new(crate::http::boxed(Full::new(Bytes::from(
+                answer,
+            )))))
+        })
+        .await;
+        let (response, mut upload) = streams
+            .send_request(request(http::Method::POST, "http://app/echo"), false)
+            .unwrap();
+        upload.send_data(Bytes::from_static(b"ping"), true).unwrap();
+        let response = tokio::time::timeout(TEST_TIMEOUT, response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-length"], "8");
+        assert_eq!(read_all(response.into_body()).await, "got ping");
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_peer_resets_drops_its_handler() {
+        let (_trigger, drain) = lifecycle::channel();
+        let (dropped_tx, dropped) = oneshot::channel::<()>();
+        let dropped_tx = std::sync::Mutex::new(Some(dropped_tx));
+        let (mut streams, _served) = client(drain, move |_request| {
+            // Dropped with the handler's future: the sender closes the channel.
+            let guard = dropped_tx.lock().unwrap().take();
+            async move {
+                let _guard = guard;
+                std::future::pending::<Reply>().await
+            }
+        })
+        .await;
+        let (_response, mut upload) = streams
+            .send_request(request(http::Method::GET, "http://app/slow"), false)
+            .unwrap();
+        tokio::task::yield_now().await;
+        upload.send_reset(h2::Reason::CANCEL);
+        let outcome = tokio::time::timeout(TEST_TIMEOUT, dropped).await;
+        assert!(
+            matches!(outcome, Ok(Err(_))),
+            "the handler must be dropped, not left waiting"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_carries_bytes_both_ways_and_the_end() {
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_address = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = echo.accept().await.unwrap();
+            let mut received = Vec::new();
+            socket.read_to_end(&mut received).await.unwrap();
+            socket.write_all(&received).await.unwrap();
+        });
+        let (_trigger, drain) = lifecycle::channel();
+        let (mut streams, _served) = client(drain, move |request| async move {
+            let mut app = tokio::net::TcpStream::connect(echo_address).await.unwrap();
+            Reply::Tunnel {
+                recv: request.into_body(),
+                relay: Box::new(move |tunnel: Tunnel| -> BoxFuture<'static, ()> {
+                    Box::pin(async move {
+                        tunnel.relay(&mut app).await.unwrap();
+                    })
+                }),
+            }
+        })
+        .await;
+        let mut connect = request(http::Method::CONNECT, "app:9000");
+        *connect.uri_mut() = http::Uri::from_static("app:9000");
+        let (response, mut upload) = streams.send_request(connect, false).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        upload
+            .send_data(Bytes::from_static(b"opaque bytes"), true)
+            .unwrap();
+        let echoed = tokio::time::timeout(TEST_TIMEOUT, read_all(response.into_body()))
+            .await
+            .unwrap();
+        assert_eq!(
+            echoed, "opaque bytes",
+            "echoed, then ended with the app's close"
+        );
+    }
+
+    #[tokio::test]
+    async fn draining_lets_open_streams_finish_then_ends_the_connection() {
+        let (trigger, drain) = lifecycle::channel();
+        let (release_tx, release) = oneshot::channel::<()>();
+        let release = std::sync::Mutex::new(Some(release));
+        let (mut streams, served) = client(drain, move |_request| {
+            let release = release.lock().unwrap().take();
+            async move {
+                if let Some(release) = release {
+                    let _ = release.await;
+                }
+                Reply::Response(Response::new(crate::http::empty()))
+            }
+        })
+        .await;
+        let (response, _upload) = streams
+            .send_request(request(http::Method::GET, "http://app/"), true)
+            .unwrap();
+        tokio::task::yield_now().await;
+        tokio::spawn(trigger.drain(TEST_TIMEOUT));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!served.is_finished(), "an open stream keeps the connection");
+        release_tx.send(()).unwrap();
+        let response = tokio::time::timeout(TEST_TIMEOUT, response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let served = tokio::time::timeout(TEST_TIMEOUT, served).await.unwrap();
+        assert!(served.unwrap().is_ok());
+        let refused = streams.send_request(request(http::Method::GET, "http://app/"), true);
+        assert!(
+            refused.is_err() || refused.unwrap().0.await.is_err(),
+            "no new stream after the GOAWAY"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_silent_after_connecting_is_dropped() {
+        let (_trigger, drain) = lifecycle::channel();
+        let (_client, server) = tokio::io::duplex(1024);
+        let settings = Settings {
+            max_streams: 1,
+            handshake_timeout: Duration::from_millis(50),
+        };
+        let served = serve(server, settings, &drain, |_request| async {
+            Reply::Response(Response::new(crate::http::empty()))
+        });
+        let outcome = tokio::time::timeout(TEST_TIMEOUT, served).await.unwrap();
+        assert!(matches!(outcome, Err(ServeError::HandshakeTimeout)));
+    }
+}
