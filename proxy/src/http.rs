@@ -342,23 +342,6 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 pub const STREAM_WINDOW: u32 = 256 * 1024;
 pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
 
-/// Runs hyper's HTTP/2 server tasks (one per stream) from a box. hyper gives each
-/// stream's task a type that holds the service's future; tokio copies a task's future
-/// into place when it starts and again when it completes, so a pointer-sized future saves
-/// copying that twice per request for one extra allocation.
-#[derive(Clone, Copy, Default)]
-pub struct BoxingExecutor;
-
-impl<F> hyper::rt::Executor<F> for BoxingExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        tokio::spawn(Box::pin(future));
-    }
-}
-
 /// Request bodies for tests.
 #[cfg(test)]
 pub mod test_bodies {

@@ -10,6 +10,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::Request;
+use http_body_util::Either;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tessera_proto::resources::Protocol;
@@ -18,11 +21,13 @@ use tracing::{debug, warn};
 
 use crate::config::Limits;
 use crate::detect::{self, Detected};
-use crate::http::{BoxingExecutor, ProxyError};
+use crate::http::ProxyError;
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
+use crate::multiplex::StreamBody;
+use crate::multiplex::server::{self, Reply};
 use crate::router::Upstream;
-use crate::tcp;
+use crate::tcp::{self, Io};
 use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal};
 
 /// One outbound listener and the upstream it serves.
@@ -75,34 +80,49 @@ impl Outbound {
         let _open = self.counters.open();
         match detected {
             Detected::Opaque => self.relay(app).await,
-            Detected::Http1 => {
-                let upstream = self.upstream.clone();
-                let service = service_fn(move |request| upstream.clone().handle(request));
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(self.limits.handshake_timeout)
-                    .max_buf_size(MAX_HEADER_BYTES)
-                    .serve_connection(TokioIo::new(app), service)
-                    .with_upgrades();
-                let served = crate::serve_gracefully!(connection, self.drain);
-                if let Err(error) = served {
-                    debug!(event = "outbound HTTP/1 connection error", client_address = %client, error = %error);
-                }
+            Detected::Http1 => self.serve_http1(app, client).await,
+            Detected::Http2 => self.serve_http2(app, client).await,
+        }
+    }
+
+    /// Requests (and upgrades) from an HTTP/1.1 application.
+    async fn serve_http1(&self, app: TcpStream, client: SocketAddr) {
+        let upstream = self.upstream.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            upstream.clone().handle(request.map(Either::Left))
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.handshake_timeout)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .serve_connection(TokioIo::new(app), service)
+            .with_upgrades();
+        let served = crate::serve_gracefully!(connection, self.drain);
+        if let Err(error) = served {
+            debug!(event = "outbound HTTP/1 connection error", client_address = %client, error = %error);
+        }
+    }
+
+    /// Requests from an HTTP/2 application (gRPC), each stream answered by a task of
+    /// its own.
+    async fn serve_http2(&self, app: TcpStream, client: SocketAddr) {
+        let settings = server::Settings {
+            max_streams: u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX),
+            handshake_timeout: self.limits.handshake_timeout,
+        };
+        // One IO type for every HTTP/2 server connection: h2's server is compiled once.
+        let app: Box<dyn Io> = Box::new(app);
+        let served = server::serve(app, settings, &self.drain, |request| {
+            let upstream = self.upstream.clone();
+            async move {
+                let request = StreamBody::request(request).map(Either::Right);
+                let Ok(response) = upstream.handle(request).await;
+                Reply::Response(response)
             }
-            Detected::Http2 => {
-                let upstream = self.upstream.clone();
-                let service = service_fn(move |request| upstream.clone().handle(request));
-                let connection = hyper::server::conn::http2::Builder::new(BoxingExecutor)
-                    .timer(TokioTimer::new())
-                    .initial_stream_window_size(crate::http::STREAM_WINDOW)
-                    .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
-                    .max_header_list_size(MAX_HEADER_BYTES as u32)
-                    .serve_connection(TokioIo::new(app), service);
-                let served = crate::serve_gracefully!(connection, self.drain);
-                if let Err(error) = served {
-                    debug!(event = "outbound HTTP/2 connection error", client_address = %client, error = %error);
-                }
-            }
+        })
+        .await;
+        if let Err(error) = served {
+            debug!(event = "outbound HTTP/2 connection error", client_address = %client, error = %error);
         }
     }
 

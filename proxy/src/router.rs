@@ -112,7 +112,7 @@ impl Upstream {
     /// Forwards one request; never fails: errors become honest responses.
     pub async fn handle(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<CallerBody>,
     ) -> Result<Response<Body>, std::convert::Infallible> {
         let grpc = proxy_http::is_grpc(request.headers());
         // The caller's trace, or a new one: every attempt of this request joins it.
@@ -140,7 +140,7 @@ impl Upstream {
 
     fn boxed_forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<CallerBody>,
         context: Option<TraceContext>,
     ) -> BoxFuture<'_, Result<Response<StreamBody>, ProxyError>> {
         Box::pin(self.forward(request, context))
@@ -148,14 +148,14 @@ impl Upstream {
 
     fn boxed_upgrade(
         &self,
-        request: Request<Incoming>,
+        request: Request<CallerBody>,
     ) -> BoxFuture<'_, Result<Response<Body>, ProxyError>> {
         Box::pin(self.upgrade(request))
     }
 
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<CallerBody>,
         context: Option<TraceContext>,
     ) -> Result<Response<StreamBody>, ProxyError> {
         let policy = self.policy.load_full();
@@ -362,7 +362,7 @@ impl Upstream {
     }
 
     /// An HTTP/1.1 upgrade: its own connection to the endpoint, spliced after 101.
-    async fn upgrade(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn upgrade(&self, request: Request<CallerBody>) -> Result<Response<Body>, ProxyError> {
         self.balancer.readmit_expired();
         let in_flight = self.balancer.pick().ok_or(ProxyError::NoEndpoints)?;
         let endpoint = in_flight.endpoint().clone();
@@ -482,13 +482,16 @@ fn should_retry<B>(response: &Response<B>) -> bool {
             .is_some_and(|status| status == "14")
 }
 
+/// A caller's request body: over HTTP/1.1 (hyper's server), or an HTTP/2 stream.
+pub type CallerBody = Either<Incoming, StreamBody>;
+
 /// What an attempt sends: a kept copy of a small body, or the caller's body itself.
-type RequestBody = Either<Full<Bytes>, Incoming>;
+type RequestBody = Either<Full<Bytes>, CallerBody>;
 
 /// A request body: replayable when small, else streamed once.
 enum Replay {
     Buffered(Bytes),
-    Once(Incoming),
+    Once(CallerBody),
     Spent,
 }
 
@@ -506,7 +509,7 @@ impl Replay {
 }
 
 /// Buffers a body for replay when it is known to be small; otherwise leaves it streaming.
-async fn replayable(body: Incoming) -> Replay {
+async fn replayable(body: CallerBody) -> Replay {
     use http_body::Body as _;
     let small = body.is_end_stream()
         || body
