@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates proxy/hot-code.ld: profiles the proxies of the benchmark smoke run (every
-# workload through the Tessera pair, both directions) under callgrind, in the release
-# and the sidecar build, then lists the functions they ran. Run it after changes that add
+# Regenerates proxy/hot-code.ld: profiles an idle pair of proxies and the proxies of the
+# benchmark smoke run (every workload through the Tessera pair, both directions) under
+# callgrind, in the release and the sidecar build, then lists the functions they ran,
+# what the idle ones ran first. Run it after changes that add
 # or rename much code on the data path; a stale script only costs memory (see
 # scripts/hot-code.py). Takes ~10 minutes.
 set -euo pipefail

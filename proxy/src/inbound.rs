@@ -396,7 +396,8 @@ impl Inbound {
         .await
     }
 
-    /// Requests (and upgrades) from plaintext HTTP/1.1 callers.
+    /// Requests (and upgrades) over HTTP/1.1: from plaintext callers, or on a peer
+    /// proxy's connection of its own (`http/1.1` ALPN, for an upgrade).
     async fn serve_http1(
         self: &Arc<Self>,
         stream: Box<dyn Io>,

@@ -7,8 +7,8 @@
 //! ready at once (a gRPC message) and waits for the response itself; only a body still
 //! streaming when the response arrives gets a task of its own.
 //!
-//! The server side, for connections from peer proxies, is in [`server`]; both share the
-//! body and tunnel types here.
+//! The server side, for connections from peer proxies and HTTP/2 applications, is in
+//! [`server`]; both share the body and tunnel types here.
 
 pub mod server;
 
