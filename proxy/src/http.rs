@@ -37,15 +37,45 @@ pub fn empty() -> Body {
 /// trailers` survives (gRPC needs it); `Upgrade` survives when `keep_upgrade` (the
 /// request is being upgraded end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none: one pass over the names instead of a lookup per name.
-    let acts_on = |(name, value): (&HeaderName, &HeaderValue)| {
-        is_hop_by_hop(name) && !(name == header::TE && value == "trailers")
-    };
-    if !headers.iter().any(acts_on) {
+    // One pass over the names marks the hop-by-hop ones present (most messages carry
+    // none, nginx's responses only `Connection`): only those are looked up to remove.
+    let mut present = 0u16;
+    for (name, value) in headers.iter() {
+        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name)
+            && !(name == header::TE && value == "trailers")
+        {
+            present |= 1 << index;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Almost always one Connection field: its value is cloned (a reference count, the
-    // map changes under it) and its names removed as text, building no HeaderName.
+    if present & 1 << CONNECTION_INDEX != 0 {
+        remove_connection_listed(headers, keep_upgrade);
+    }
+    let te_trailers = present & 1 << TE_INDEX != 0
+        && headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+    for (index, name) in HOP_BY_HOP.iter().enumerate() {
+        let kept = keep_upgrade && (*name == header::CONNECTION || *name == header::UPGRADE);
+        if present & 1 << index != 0 && !kept {
+            headers.remove(name);
+        }
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes what the `Connection` fields name. Almost always one field: its value is
+/// cloned (a reference count, the map changes under it) and its names removed as text,
+/// building no HeaderName.
+fn remove_connection_listed(headers: &mut HeaderMap, keep_upgrade: bool) {
     let (first, more) = {
         let mut values = headers.get_all(header::CONNECTION).iter();
         (values.next().cloned(), values.next().is_some())
@@ -62,32 +92,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else if let Some(value) = first {
         remove_listed(headers, &value, keep_upgrade);
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for name in [
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TRAILER,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(HTTP2_SETTINGS);
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    }
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
 }
 
 /// Removes the headers a `Connection` value names (but `Upgrade` when `keep_upgrade`).
@@ -102,27 +106,22 @@ fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, keep_upgrade
     }
 }
 
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
-
-/// Headers that [`strip_hop_by_hop`] may have to act on (`TE` unless it is just
-/// `trailers`, which survives as it is).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        header::CONNECTION,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TRAILER,
-        header::UPGRADE,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        HTTP2_SETTINGS,
-    ]
-    .contains(name)
-}
+/// The fixed hop-by-hop names (RFC 9110 §7.6.1, and the pre-standard ones), all of
+/// which [`strip_hop_by_hop`] removes (`TE` unless it is just `trailers`).
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("http2-settings"),
+];
+const CONNECTION_INDEX: usize = 0;
+const TE_INDEX: usize = 1;
 
 /// True for requests asking to switch protocols (WebSocket and friends). `h2c` is not
 /// one: it would turn an authorized request into an unchecked HTTP/2 tunnel, so it is
@@ -310,13 +309,29 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_connection_field_goes_and_nothing_else() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.insert(header::SERVER, HeaderValue::from_static("nginx"));
+        strip_hop_by_hop(&mut headers, false);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["content-length", "server"]);
+    }
+
+    #[test]
     fn keeps_upgrade_when_upgrading() {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers[header::UPGRADE], "websocket");
         assert_eq!(headers[header::CONNECTION], "Upgrade");
+        assert!(!headers.contains_key(header::TRANSFER_ENCODING));
     }
 
     #[test]
