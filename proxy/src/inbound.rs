@@ -449,7 +449,7 @@ impl Inbound {
         let meter = RequestMeter::start(peer.series.clone())
             .with_trace(trace_id)
             .with_access_log(self.access_log, request.method(), request.uri());
-        // Boxed: hyper moves this future into a task per stream (see router).
+        // Boxed: this future moves into a task per stream (see router).
         let response = self.boxed_authorized_request(request, peer).await;
         if let (Some(span), Some((method, path))) = (span, span_target) {
             let mut attributes = vec![

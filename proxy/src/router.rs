@@ -120,7 +120,7 @@ impl Upstream {
         let meter = RequestMeter::start(self.series.clone())
             .with_trace(sampled_trace_id(context.as_ref()))
             .with_access_log(self.access_log, request.method(), request.uri());
-        // Boxed: hyper moves this service future into a task per stream; a pointer
+        // Boxed: this future moves into a task per stream (HTTP/2); a pointer
         // moves cheaply, the whole retrying, timing-out forward would not.
         let result = if proxy_http::is_upgrade(&request) {
             self.boxed_upgrade(request)
