@@ -11,9 +11,10 @@ Within the group, what an idle proxy ran (start, certificates, discovery, timers
 first: a proxy maps code it ran once for good, and sorted by name the start-up code
 touched every 64 KiB run of the group, request code included. By unhashed name, the
 instantiations of generic code that the control-plane connection runs (h2, tokio) bring
-the data path's along, so the first part is most of the group (3.8 of 4.4 MB); idle RSS
-still went 9.4 → 9.0 MiB (release build). Exact names would separate them, but a
-function's hash changes with every edit of the crate that instantiates it.
+the data path's along, so the first part is most of the group (3.8 of 4.4 MB); still,
+against the same functions sorted by name, an idle release-build pair went from
+9.9-10.2 to 9.2-9.8 MiB per proxy (three runs each). Exact names would separate them,
+but a function's hash changes with every edit of the crate that instantiates it.
 
 Usage: hot-code.py OUTPUT CALLGRIND_DIR BINARY...
        hot-code.py --check BINARY
@@ -100,16 +101,16 @@ def check(binary: pathlib.Path) -> int:
     return 0
 
 
-def grouped(functions: list, executed_names: set[str], pattern) -> list[str]:
-    """The section globs (`pattern` of a name) of the functions that ran, with every
-    name of a merged body, sorted."""
-    ran = {pattern(name) for name in executed_names}
+def grouped(functions: list, executed_names: set[str]) -> list[str]:
+    """The section globs of the functions that ran, with every name of a merged body,
+    sorted."""
+    ran = {unhashed(name) for name in executed_names}
     return sorted(
         {
-            pattern(name)
+            unhashed(name)
             for by_address in functions
             for names in by_address
-            if any(pattern(name) in ran for name in names)
+            if any(unhashed(name) in ran for name in names)
             for name in names
         }
     )
@@ -123,11 +124,8 @@ def main() -> int:
         return 2
     output, callgrind_dir, *binaries = map(pathlib.Path, sys.argv[1:])
     functions = [functions_by_address(binary).values() for binary in binaries]
-    # By unhashed name, like the rest: a hash changes with every edit of the crate.
-    idle = grouped(functions, executed(callgrind_dir, "idle"), unhashed)
-    busy = sorted(
-        set(grouped(functions, executed(callgrind_dir, "out"), unhashed)) - set(idle)
-    )
+    idle = grouped(functions, executed(callgrind_dir, "idle"))
+    busy = sorted(set(grouped(functions, executed(callgrind_dir, "out"))) - set(idle))
     if not idle or not busy:
         print("no executed function of the binary in the profiles", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ use http::{Request, Response, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tessera_proto::SpiffeId;
 use tessera_proto::policy::{self, MtlsMode};
 use tessera_proto::tls;
@@ -41,7 +41,6 @@ use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
 use crate::multiplex::server::{self, Reply, ServeError};
 use crate::multiplex::{SharedH2, StreamBody, Tunnel};
-use crate::outbound::MAX_HEADER_BYTES;
 use crate::pool::{Http1Pool, PooledBody};
 use crate::tcp::{self, Io};
 use crate::telemetry::{
@@ -413,10 +412,7 @@ impl Inbound {
                 Ok::<_, std::convert::Infallible>(response)
             }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.handshake_timeout)
-            .max_buf_size(MAX_HEADER_BYTES)
+        let connection = crate::http::http1_server(self.limits.handshake_timeout)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         crate::serve_gracefully!(connection, self.drain)

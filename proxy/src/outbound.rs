@@ -14,7 +14,7 @@ use http::Request;
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tessera_proto::resources::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -91,10 +91,7 @@ impl Outbound {
         let service = service_fn(move |request: Request<Incoming>| {
             upstream.clone().handle(request.map(Either::Left))
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.handshake_timeout)
-            .max_buf_size(MAX_HEADER_BYTES)
+        let connection = crate::http::http1_server(self.limits.handshake_timeout)
             .serve_connection(TokioIo::new(app), service)
             .with_upgrades();
         let served = crate::serve_gracefully!(connection, self.drain);

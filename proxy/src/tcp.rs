@@ -31,11 +31,14 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(limit));
+    // One wait for the whole loop, not one registered and dropped per connection.
+    let signaled = drain.signaled();
+    tokio::pin!(signaled);
     loop {
         // Waiting for a permit before accepting leaves excess connections in the
         // kernel's backlog instead of in our memory.
         let accepted = tokio::select! {
-            () = drain.signaled() => return, // drops the listener: no new connections
+            () = &mut signaled => return, // drops the listener: no new connections
             accepted = async {
                 let permit = permits.clone().acquire_owned().await;
                 (permit, listener.accept().await)
