@@ -41,8 +41,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // none, nginx's responses only `Connection`): only those are looked up to remove.
     let mut present = 0u16;
     for (name, value) in headers.iter() {
-        if let Some(index) = HOP_BY_HOP.iter().position(|hop| hop == name)
-            && !(name == header::TE && value == "trailers")
+        if let Some(index) = hop_by_hop_index(name)
+            && !(index == TE_INDEX && value == "trailers")
         {
             present |= 1 << index;
         }
@@ -122,6 +122,25 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 ];
 const CONNECTION_INDEX: usize = 0;
 const TE_INDEX: usize = 1;
+
+/// The index in [`HOP_BY_HOP`] of a hop-by-hop name. By text: a search of the const array
+/// would build and drop the array once per field (a tenth of the function's
+/// instructions; the profile-guided build's counts showed it).
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    Some(match name.as_str() {
+        "connection" => CONNECTION_INDEX,
+        "te" => TE_INDEX,
+        "transfer-encoding" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "trailer" => 5,
+        "upgrade" => 6,
+        "keep-alive" => 7,
+        "proxy-connection" => 8,
+        "http2-settings" => 9,
+        _ => return None,
+    })
+}
 
 /// True for requests asking to switch protocols (WebSocket and friends). `h2c` is not
 /// one: it would turn an authorized request into an unchecked HTTP/2 tunnel, so it is
@@ -244,6 +263,14 @@ impl ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_index_matches_the_list() {
+        for (index, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(index), "{name}");
+        }
+        assert_eq!(hop_by_hop_index(&header::HOST), None);
+    }
 
     #[test]
     fn strips_hop_by_hop_but_keeps_te_trailers() {
