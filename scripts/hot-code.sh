@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Regenerates proxy/hot-code.ld: profiles an idle pair of proxies and the proxies of the
 # benchmark smoke run (every workload through the Tessera pair, both directions) under
-# callgrind, in the release and the sidecar build, then lists the functions they ran,
-# what the idle ones ran first. Run it after changes that add
-# or rename much code on the data path; a stale script only costs memory (see
+# callgrind, in the release build and the shipped one (scripts/build-proxy.sh; run this
+# after scripts/pgo-profile.sh, since inlining follows the profile), then lists the
+# functions they ran, what the idle ones ran first. Run it after changes that add or
+# rename much code on the data path; a stale script only costs memory (see
 # scripts/hot-code.py). Takes ~10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
 fi
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo build --release --bins -p tessera-proxy -p tessera-control-plane -p tessera-benches
-cargo build --profile sidecar -p tessera-proxy
+shipped="$(scripts/build-proxy.sh)"
 
 # HOT_CODE_PROFILES=DIR keeps the profiles there (to try another grouping without
 # profiling again: scripts/hot-code.py proxy/hot-code.ld DIR BINARY...).
@@ -25,6 +26,13 @@ else
     profiles="$(mktemp -d)"
     trap 'rm -rf "$profiles"' EXIT
 fi
+# The binary of a build the script profiles.
+binary() {
+    case "$1" in
+    release) echo "$target/release/tessera-proxy" ;;
+    shipped) echo "$shipped" ;;
+    esac
+}
 # A wrapper that runs the proxy under callgrind, its profiles named PHASE.BUILD.PID.
 wrapper() {
     local phase="$1" build="$2"
@@ -33,7 +41,7 @@ wrapper() {
 #!/bin/sh
 exec valgrind --tool=callgrind --callgrind-out-file=$profiles/callgrind.$phase.$build.%p \
     --dump-every-bb=5000000 --demangle=no --compress-strings=no --dump-line=no \
-    "$target/$build/tessera-proxy" "\$@"
+    "$(binary "$build")" "\$@"
 WRAPPER
     chmod +x "$profiles/proxy.sh"
 }
@@ -61,7 +69,7 @@ profile_idle() {
     wait "$up" || true
 }
 
-for build in release sidecar; do
+for build in release shipped; do
     echo "profiling an idle pair of proxies, $build build (~1 minute)"
     profile_idle "$build"
     wrapper out "$build"
@@ -69,4 +77,4 @@ for build in release sidecar; do
     TESSERA_BENCH_PROXY="$profiles/proxy.sh" "$target/release/tessera-benches" smoke >/dev/null 2>&1
 done
 python3 scripts/hot-code.py proxy/hot-code.ld "$profiles" \
-    "$target/release/tessera-proxy" "$target/sidecar/tessera-proxy"
+    "$target/release/tessera-proxy" "$shipped"

@@ -1,6 +1,7 @@
 //! `tessera-benches`: the side-by-side benchmark harness.
 //!
-//! `all` builds the release binaries, starts every path and measures them (~5 min);
+//! `all` builds the release binaries and the proxy as shipped, starts every path and
+//! measures them (~5 min, and the shipped proxy's build the first time);
 //! `smoke` runs every path briefly and fails when one does not serve (CI). The table is
 //! printed and the JSON written to `--json` (default: `<target dir>/bench-results.json`).
 
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand};
 use tessera_benches::process::binary_dir;
 use tessera_benches::scenario::{self, Plan};
 use tessera_benches::topology::backends;
+use tessera_benches::topology::tessera::set_proxy_binary;
 
 #[derive(Parser)]
 #[command(
@@ -28,11 +30,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The full run (release build required; builds the proxy and control plane first).
+    /// The full run (release build required): builds the control plane and the proxy as
+    /// shipped (scripts/build-proxy.sh) first.
     All {
-        /// Use the binaries as they are, without `cargo build --release --bins`.
+        /// Use the binaries as they are, without building them.
         #[arg(long)]
         no_build: bool,
+        /// Measure the everyday release build of the proxy instead of the shipped one
+        /// (quicker to rebuild while optimizing; no profile-guided optimization).
+        #[arg(long)]
+        release_proxy: bool,
         /// Runs of each load measurement, paths taking turns; the median is reported
         /// (this VM's single runs swing 20-30 %).
         #[arg(long, default_value = "1")]
@@ -83,7 +90,11 @@ fn main() -> anyhow::Result<ExitCode> {
             runtime.block_on(backends::serve())?;
             return Ok(ExitCode::SUCCESS);
         }
-        Command::All { no_build, repeat } => {
+        Command::All {
+            no_build,
+            release_proxy,
+            repeat,
+        } => {
             if cfg!(debug_assertions) {
                 bail!(
                     "`all` measures release builds: run `cargo run --release -p tessera-benches -- all`"
@@ -91,6 +102,9 @@ fn main() -> anyhow::Result<ExitCode> {
             }
             if !no_build {
                 build_release_binaries()?;
+            }
+            if !release_proxy {
+                set_proxy_binary(shipped_proxy(!no_build)?);
             }
             Plan {
                 repeat,
@@ -183,6 +197,36 @@ fn build_release_binaries() -> anyhow::Result<()> {
         bail!("cargo build --release --bins failed ({status})");
     }
     Ok(())
+}
+
+/// The proxy as shipped, built by `scripts/build-proxy.sh` into the target directory
+/// this executable runs from (or only located there, with `build` false).
+fn shipped_proxy(build: bool) -> anyhow::Result<PathBuf> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-proxy.sh");
+    let profile_dir = binary_dir()?;
+    let target_dir = profile_dir.parent().unwrap_or(&profile_dir);
+    let mut command = std::process::Command::new(script);
+    command.env("CARGO_TARGET_DIR", target_dir);
+    if build {
+        eprintln!("building the proxy as shipped: scripts/build-proxy.sh");
+    } else {
+        command.arg("--path");
+    }
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("run {script}"))?;
+    if !output.status.success() {
+        bail!("{script} failed ({})", output.status);
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    if !path.is_file() {
+        bail!(
+            "no shipped proxy at {} (build it: scripts/build-proxy.sh)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// `<target dir>/bench-results.json`, beside the profile directories.

@@ -305,7 +305,10 @@ pub async fn hold() -> Result<()> {
 fn notes(plan: Plan) -> Vec<String> {
     let workers =
         std::env::var("TESSERA_PROXY_WORKERS").unwrap_or_else(|_| "the proxy's default".into());
+    let binary = crate::topology::tessera::proxy_binary()
+        .map_or_else(|e| e.to_string(), |path| path.display().to_string());
     vec![
+        format!("tessera-proxy measured: {binary} (TESSERA_BENCH_PROXY names another build)"),
         format!("tessera-proxy worker threads: {workers} (set TESSERA_PROXY_WORKERS to compare)"),
         format!("profile {}: closed loop {:?}, open loop {:?} at {} req/s per run", plan.name, plan.closed_loop, plan.open_loop, plan.rate_per_second),
         format!("each load figure: the median of {} run(s), by pair CPU per request (direct path: by p50 or throughput)", plan.repeat.max(1)),

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::error::{BenchError, Result};
@@ -272,11 +273,23 @@ async fn wait_ready(proxy: &mut StartedProxy) -> Result<()> {
     }
 }
 
-/// The proxy under test: `TESSERA_BENCH_PROXY` when set (e.g. the `sidecar` profile's
-/// build, which `all` does not make), else this profile's build.
-fn proxy_binary() -> Result<PathBuf> {
-    match std::env::var_os("TESSERA_BENCH_PROXY") {
-        Some(path) => Ok(path.into()),
+/// The build of the proxy `all` measures when `TESSERA_BENCH_PROXY` does not name one:
+/// the shipped build it made.
+static PROXY_UNDER_TEST: OnceLock<PathBuf> = OnceLock::new();
+
+/// Measures this build of the proxy from now on (unless `TESSERA_BENCH_PROXY` is set).
+pub fn set_proxy_binary(path: PathBuf) {
+    let _ = PROXY_UNDER_TEST.set(path);
+}
+
+/// The proxy under test: `TESSERA_BENCH_PROXY` when set, else the one set by
+/// [`set_proxy_binary`], else this profile's build.
+pub fn proxy_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("TESSERA_BENCH_PROXY") {
+        return Ok(path.into());
+    }
+    match PROXY_UNDER_TEST.get() {
+        Some(path) => Ok(path.clone()),
         None => workspace_binary("tessera-proxy"),
     }
 }
