@@ -24,7 +24,8 @@ target="${CARGO_TARGET_DIR:-$PWD/target}"
 # rebuild every dependency each time one follows the other.
 instrumented_target="$target/pgo-instrumented"
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+# Instrumented proxies left running by a failed run are stopped too.
+trap 'kill -TERM $(cat "$work/pids" 2>/dev/null) 2>/dev/null; rm -rf "$work"' EXIT
 
 cargo build --release -p tessera-benches -p tessera-control-plane --bins
 RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$work/raw" CARGO_TARGET_DIR="$instrumented_target" \

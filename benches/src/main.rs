@@ -103,7 +103,8 @@ fn main() -> anyhow::Result<ExitCode> {
             if !no_build {
                 build_release_binaries()?;
             }
-            if !release_proxy {
+            // TESSERA_BENCH_PROXY, when set, names the build to measure instead.
+            if !release_proxy && std::env::var_os("TESSERA_BENCH_PROXY").is_none() {
                 set_proxy_binary(shipped_proxy(!no_build)?);
             }
             Plan {
