@@ -13,13 +13,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 host="$(rustc -vV | sed -n 's/^host: //p')"
-target="${CARGO_TARGET_DIR:-$PWD/target}"
+target="$(realpath -m "${CARGO_TARGET_DIR:-$PWD/target}")"
 binary="$target/$host/sidecar/tessera-proxy"
 # --path: only print where the binary is.
 if [ "${1:-}" = "--path" ]; then
     echo "$binary"
     exit 0
 fi
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PWD/proxy/pgo.profdata" \
+# rustc keys -Cprofile-use by path, not content (rust-lang/rust#100397): the profile is
+# passed under a name made of its hash, so that a regenerated one rebuilds the proxy and
+# its dependencies instead of leaving them optimized with the old one.
+hash="$(sha256sum proxy/pgo.profdata | cut -c1-16)"
+profile="$target/pgo/$hash.profdata"
+if [ ! -f "$profile" ]; then
+    mkdir -p "$target/pgo"
+    cp proxy/pgo.profdata "$profile"
+fi
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$profile" \
     cargo build --profile sidecar --target "$host" -p tessera-proxy >&2
 echo "$binary"
