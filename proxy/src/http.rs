@@ -124,8 +124,8 @@ const CONNECTION_INDEX: usize = 0;
 const TE_INDEX: usize = 1;
 
 /// The index in [`HOP_BY_HOP`] of a hop-by-hop name. By text: a search of the const array
-/// would build and drop the array once per field (a tenth of the function's
-/// instructions; the profile-guided build's counts showed it).
+/// builds and drops the array once per field (`drop_in_place<[HeaderName; 10]>` was
+/// among the most-called functions in the instrumented build's counts).
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     Some(match name.as_str() {
         "connection" => CONNECTION_INDEX,
