@@ -41,7 +41,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // none, nginx's responses only `Connection`): only those are looked up to remove.
     let mut present = 0u16;
     for (name, value) in headers.iter() {
-        if let Some(index) = hop_by_hop_index(name)
+        if let Some(index) = hop_by_hop_index(name.as_str())
             && !(index == TE_INDEX && value == "trailers")
         {
             present |= 1 << index;
@@ -51,7 +51,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         return;
     }
     if present & 1 << CONNECTION_INDEX != 0 {
-        remove_connection_listed(headers, keep_upgrade);
+        remove_connection_listed(headers);
     }
     let te_trailers = present & 1 << TE_INDEX != 0
         && headers
@@ -61,9 +61,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
             });
+    if keep_upgrade {
+        present &= !(1 << CONNECTION_INDEX | 1 << UPGRADE_INDEX);
+    }
     for (index, name) in HOP_BY_HOP.iter().enumerate() {
-        let kept = keep_upgrade && (*name == header::CONNECTION || *name == header::UPGRADE);
-        if present & 1 << index != 0 && !kept {
+        if present & 1 << index != 0 {
             headers.remove(name);
         }
     }
@@ -72,10 +74,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Removes what the `Connection` fields name. Almost always one field: its value is
-/// cloned (a reference count, the map changes under it) and its names removed as text,
-/// building no HeaderName.
-fn remove_connection_listed(headers: &mut HeaderMap, keep_upgrade: bool) {
+/// Removes what the `Connection` fields name, but the fixed hop-by-hop names: those
+/// [`strip_hop_by_hop`] removes itself when present (`keep-alive`, nginx's usual, is
+/// then no lookup at all). Almost always one field: its value is cloned (a reference
+/// count, the map changes under it).
+fn remove_connection_listed(headers: &mut HeaderMap) {
     let (first, more) = {
         let mut values = headers.get_all(header::CONNECTION).iter();
         (values.next().cloned(), values.next().is_some())
@@ -87,28 +90,32 @@ fn remove_connection_listed(headers: &mut HeaderMap, keep_upgrade: bool) {
             .cloned()
             .collect();
         for value in &all {
-            remove_listed(headers, value, keep_upgrade);
+            remove_listed(headers, value);
         }
     } else if let Some(value) = first {
-        remove_listed(headers, &value, keep_upgrade);
+        remove_listed(headers, &value);
     }
 }
 
-/// Removes the headers a `Connection` value names (but `Upgrade` when `keep_upgrade`).
-fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue, keep_upgrade: bool) {
+/// Removes the headers a `Connection` value names, in any case, but the fixed ones.
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
     let Ok(names) = connection.to_str() else {
         return;
     };
     for name in names.split(',').map(str::trim) {
-        if !(keep_upgrade && name.eq_ignore_ascii_case("upgrade")) {
+        let fixed = HOP_BY_HOP
+            .iter()
+            .any(|hop| hop.as_str().eq_ignore_ascii_case(name));
+        if !fixed {
             headers.remove(name);
         }
     }
 }
 
 /// The fixed hop-by-hop names (RFC 9110 §7.6.1, and the pre-standard ones), all of
-/// which [`strip_hop_by_hop`] removes (`TE` unless it is just `trailers`).
-const HOP_BY_HOP: [HeaderName; 10] = [
+/// which [`strip_hop_by_hop`] removes (`TE` unless it is just `trailers`). A static:
+/// iterating a const array would build and drop all ten names per call.
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     header::TE,
     header::TRANSFER_ENCODING,
@@ -122,19 +129,19 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 ];
 const CONNECTION_INDEX: usize = 0;
 const TE_INDEX: usize = 1;
+const UPGRADE_INDEX: usize = 6;
 
-/// The index in [`HOP_BY_HOP`] of a hop-by-hop name. By text: a search of the const array
-/// builds and drops the array once per field (`drop_in_place<[HeaderName; 10]>` was
-/// among the most-called functions in the instrumented build's counts).
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    Some(match name.as_str() {
+/// The index in [`HOP_BY_HOP`] of a hop-by-hop name (lower case, as a `HeaderName`
+/// always is). By text: one `match`, no `HeaderName` comparisons.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
         "connection" => CONNECTION_INDEX,
         "te" => TE_INDEX,
         "transfer-encoding" => 2,
         "proxy-authenticate" => 3,
         "proxy-authorization" => 4,
         "trailer" => 5,
-        "upgrade" => 6,
+        "upgrade" => UPGRADE_INDEX,
         "keep-alive" => 7,
         "proxy-connection" => 8,
         "http2-settings" => 9,
@@ -267,9 +274,9 @@ mod tests {
     #[test]
     fn hop_by_hop_index_matches_the_list() {
         for (index, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_by_hop_index(name), Some(index), "{name}");
+            assert_eq!(hop_by_hop_index(name.as_str()), Some(index), "{name}");
         }
-        assert_eq!(hop_by_hop_index(&header::HOST), None);
+        assert_eq!(hop_by_hop_index(header::HOST.as_str()), None);
     }
 
     #[test]
@@ -291,6 +298,22 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-app", "te"]);
+        assert_eq!(headers[header::TE], "trailers");
+    }
+
+    #[test]
+    fn te_trailers_survives_a_connection_field_naming_te() {
+        // RFC 9110 §10.1.4: a sender of TE also lists it in Connection.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("TE, Keep-Alive"),
+        );
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut headers, false);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["te"]);
         assert_eq!(headers[header::TE], "trailers");
     }
 
