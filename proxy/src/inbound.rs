@@ -471,19 +471,29 @@ impl Inbound {
         meter.finish(response)
     }
 
+    /// Authorizes the request, then forwards it. Authorization is synchronous: the
+    /// boxed future is only the forwarding, not a layer holding the request besides.
     fn boxed_authorized_request<'a>(
         &'a self,
         request: Request<InboundBody>,
         peer: &'a Peer,
     ) -> BoxFuture<'a, AppResponse> {
-        Box::pin(self.authorized_request(request, peer))
+        match self.authorize(request, peer) {
+            Ok(request) => self.app.forward(request),
+            Err(refused) => Box::pin(std::future::ready(refused)),
+        }
     }
 
-    /// Authenticates and authorizes one request, then forwards it.
-    async fn authorized_request(&self, request: Request<InboundBody>, peer: &Peer) -> AppResponse {
+    /// Authenticates and authorizes one request: the request to forward, or the refusal.
+    #[allow(clippy::result_large_err)] // the refusal is the response, moved once
+    fn authorize(
+        &self,
+        request: Request<InboundBody>,
+        peer: &Peer,
+    ) -> Result<Request<InboundBody>, AppResponse> {
         let grpc = crate::http::is_grpc(request.headers());
         let Some(policy) = self.policy.load_full() else {
-            return refusal(ProxyError::Forbidden, grpc);
+            return Err(refusal(ProxyError::Forbidden, grpc));
         };
         if peer.identity.is_none() && policy.mode == MtlsMode::Strict {
             // The port went STRICT while this plaintext connection was open.
@@ -493,7 +503,7 @@ impl Inbound {
                 destination = %self.identity.identity(),
                 reason = "plaintext on a STRICT mTLS port",
             );
-            return refusal(ProxyError::Forbidden, grpc);
+            return Err(refusal(ProxyError::Forbidden, grpc));
         }
         let jwt = match &policy.jwt {
             Some(validator) => validator.check(request.headers(), request.uri()),
@@ -509,7 +519,7 @@ impl Inbound {
                     path = request.uri().path(),
                     reason,
                 );
-                return refusal(ProxyError::Unauthenticated(reason), grpc);
+                return Err(refusal(ProxyError::Unauthenticated(reason), grpc));
             }
             JwtOutcome::Valid(principal) => Some(principal.as_str()),
             JwtOutcome::Absent => None,
@@ -550,9 +560,9 @@ impl Inbound {
         if !decision.allowed {
             let target = format!("{} {}", request.method(), request.uri().path());
             self.log_denial(peer, &policy, &decision, Some(&target), "request denied");
-            return refusal(ProxyError::Forbidden, grpc);
+            return Err(refusal(ProxyError::Forbidden, grpc));
         }
-        self.app.forward(request).await
+        Ok(request)
     }
 
     fn log_denial(
@@ -584,6 +594,12 @@ type AppBody = Either<PooledBody<InboundBody>, StreamBody>;
 
 /// The application's answer or the proxy's own (a refusal); boxed once, when metered.
 type AppResponse = Response<Either<AppBody, Body>>;
+
+/// The application's response without its hop-by-hop headers.
+fn from_application(mut response: Response<AppBody>) -> AppResponse {
+    crate::http::strip_hop_by_hop(response.headers_mut(), false);
+    response.map(Either::Left)
+}
 
 /// The proxy's answer instead of the application's.
 fn refusal(error: ProxyError, grpc: bool) -> AppResponse {
@@ -686,27 +702,43 @@ impl AppClient {
         })
     }
 
-    /// Forwards one request, restoring HTTP/1.1 when the caller spoke it.
-    pub async fn forward(&self, request: Request<InboundBody>) -> AppResponse {
+    /// Forwards one request, restoring HTTP/1.1 when the caller spoke it. The request is
+    /// put in the application's form first: the future is only the exchange, with no
+    /// layer around it keeping room for the request again.
+    pub fn forward(&self, request: Request<InboundBody>) -> BoxFuture<'_, AppResponse> {
         let grpc = crate::http::is_grpc(request.headers());
-        let result = if crate::http::is_upgrade(&request) {
-            self.upgrade(request)
-                .await
-                .map(|response| response.map(Either::Right))
-        } else {
-            self.request(request)
-                .await
-                .map(|response| response.map(Either::Left))
-        };
-        result.unwrap_or_else(|error| refusal(error, grpc))
+        if crate::http::is_upgrade(&request) {
+            return Box::pin(async move {
+                match self.upgrade(request).await {
+                    Ok(response) => response.map(Either::Right),
+                    Err(error) => refusal(error, grpc),
+                }
+            });
+        }
+        match self.application_form(request) {
+            Ok((request, Version::HTTP_11)) => Box::pin(async move {
+                match self.http1.send(request).await {
+                    Ok(response) => from_application(response.map(Either::Left)),
+                    Err(error) => refusal(self.http1.refusal(error), grpc),
+                }
+            }),
+            Ok((request, _)) => Box::pin(async move {
+                match self.send_http2(request).await {
+                    Ok(response) => from_application(response.map(Either::Right)),
+                    Err(error) => refusal(error, grpc),
+                }
+            }),
+            Err(error) => Box::pin(std::future::ready(refusal(error, grpc))),
+        }
     }
 
-    async fn request(
+    /// The request as the application takes it, and the version to send it in: HTTP/1.1
+    /// when a peer proxy says its caller spoke it, or a plaintext caller does.
+    fn application_form(
         &self,
         request: Request<InboundBody>,
-    ) -> Result<Response<AppBody>, ProxyError> {
+    ) -> Result<(Request<InboundBody>, Version), ProxyError> {
         let (mut parts, body) = request.into_parts();
-        // HTTP/1.1 when a peer proxy says its caller spoke it, or a plaintext caller does.
         let http1 = parts.headers.remove(ORIG_PROTO).is_some() || parts.version <= Version::HTTP_11;
         // The caller's authority as Host; HTTP/1.1 requires one even when an HTTP/1.0
         // caller sent none, and then it is the application's address.
@@ -733,32 +765,19 @@ impl AppClient {
             uri.path_and_query = Some(path);
             http::Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?
         };
-        let request = Request::from_parts(parts, body);
-        let mut response = if http1 {
-            self.send_http1(request).await?.map(Either::Left)
+        parts.version = if http1 {
+            Version::HTTP_11
         } else {
-            self.send_http2(request).await?.map(Either::Right)
+            Version::HTTP_2
         };
-        crate::http::strip_hop_by_hop(response.headers_mut(), false);
-        Ok(response)
-    }
-
-    async fn send_http1(
-        &self,
-        mut request: Request<InboundBody>,
-    ) -> Result<Response<PooledBody<InboundBody>>, ProxyError> {
-        *request.version_mut() = Version::HTTP_11;
-        self.http1
-            .send(request)
-            .await
-            .map_err(|error| self.http1.refusal(error))
+        let version = parts.version;
+        Ok((Request::from_parts(parts, body), version))
     }
 
     async fn send_http2(
         &self,
-        mut request: Request<InboundBody>,
+        request: Request<InboundBody>,
     ) -> Result<Response<StreamBody>, ProxyError> {
-        *request.version_mut() = Version::HTTP_2;
         let sender = self
             .http2
             .sender(self.authority.as_str(), || async {
