@@ -25,7 +25,7 @@ target="${CARGO_TARGET_DIR:-$PWD/target}"
 instrumented_target="$target/pgo-instrumented"
 work="$(mktemp -d)"
 # Instrumented proxies left running by a failed run are stopped too.
-trap 'kill -TERM $(cat "$work/pids" 2>/dev/null) 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill -TERM $(cat "$work/pids" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 cargo build --release -p tessera-benches -p tessera-control-plane --bins
 RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$work/raw" CARGO_TARGET_DIR="$instrumented_target" \
