@@ -97,7 +97,8 @@ fn remove_connection_listed(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes the headers a `Connection` value names, in any case, but the fixed ones.
+/// Removes the headers a `Connection` value names (in any letter case), but the fixed
+/// ones.
 fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
     let Ok(names) = connection.to_str() else {
         return;
