@@ -11,6 +11,7 @@
 //! is authorized before the application's connection is even opened, so a denied peer
 //! never gets a byte to it.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -40,7 +41,7 @@ use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
 use crate::multiplex::server::{self, Reply, ServeError};
-use crate::multiplex::{SharedH2, StreamBody, Tunnel};
+use crate::multiplex::{Sender, SharedH2, StreamBody, Tunnel};
 use crate::pool::{Http1Pool, PooledBody};
 use crate::tcp::{self, Io};
 use crate::telemetry::{
@@ -419,7 +420,14 @@ impl Inbound {
     }
 
     /// Measures and traces one request end to end.
-    async fn request(&self, mut request: Request<InboundBody>, peer: &Peer) -> Response<Body> {
+    ///
+    /// Synchronous up to the application's exchange (boxed): the future that waits on
+    /// it keeps the meter and, when tracing, a pointer to the span; not the request.
+    fn request<'a>(
+        &'a self,
+        mut request: Request<InboundBody>,
+        peer: &'a Peer,
+    ) -> impl Future<Output = Response<Body>> + Send + 'a {
         canonicalize(&mut request, peer.identity.is_some());
         let parent = trace::extract(request.headers());
         let span = self.tracer.start_span(
@@ -434,41 +442,41 @@ impl Inbound {
             .as_ref()
             .filter(|s| s.sampled)
             .map(|s| s.trace_id_hex());
-        // What the span will need once the request is gone; only when tracing.
-        let span_target = span.as_ref().map(|_| {
-            (
-                request.method().to_string(),
-                request.uri().path().to_string(),
-            )
-        });
-
+        let span = span.map(|span| ServerSpan::new(span, &request));
         let meter = RequestMeter::start(peer.series.clone())
             .with_trace(trace_id)
             .with_access_log(self.access_log, request.method(), request.uri());
-        // Boxed: this future moves into a task per stream (see router).
-        let response = self.boxed_authorized_request(request, peer).await;
-        if let (Some(span), Some((method, path))) = (span, span_target) {
-            let mut attributes = vec![
-                ("http.request.method", method),
-                ("url.path", path),
-                (
-                    "http.response.status_code",
-                    response.status().as_u16().to_string(),
-                ),
-                ("tessera.peer.identity", peer.describe()),
-                ("tessera.workload", self.identity.identity().to_string()),
-            ];
-            if let Some(status) = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-            {
-                attributes.push(("rpc.grpc.status_code", status.to_string()));
+        let exchange = self.boxed_authorized_request(request, peer);
+        async move {
+            let response = exchange.await;
+            if let Some(span) = span {
+                self.finish_span(*span, &response, peer);
             }
-            let error = response.status().is_server_error();
-            self.tracer.finish(span, attributes, error);
+            meter.finish(response)
         }
-        meter.finish(response)
+    }
+
+    fn finish_span(&self, server_span: ServerSpan, response: &AppResponse, peer: &Peer) {
+        let ServerSpan { span, method, path } = server_span;
+        let mut attributes = vec![
+            ("http.request.method", method),
+            ("url.path", path),
+            (
+                "http.response.status_code",
+                response.status().as_u16().to_string(),
+            ),
+            ("tessera.peer.identity", peer.describe()),
+            ("tessera.workload", self.identity.identity().to_string()),
+        ];
+        if let Some(status) = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+        {
+            attributes.push(("rpc.grpc.status_code", status.to_string()));
+        }
+        let error = response.status().is_server_error();
+        self.tracer.finish(span, attributes, error);
     }
 
     /// Authorizes the request, then forwards it. Authorization is synchronous: the
@@ -594,6 +602,24 @@ type AppBody = Either<PooledBody<InboundBody>, StreamBody>;
 
 /// The application's answer or the proxy's own (a refusal); boxed once, when metered.
 type AppResponse = Response<Either<AppBody, Body>>;
+
+/// A request's server span, and what it will record once the request is answered.
+/// Boxed when tracing: the request's future carries a pointer, not the span.
+struct ServerSpan {
+    span: trace::ActiveSpan,
+    method: String,
+    path: String,
+}
+
+impl ServerSpan {
+    fn new(span: trace::ActiveSpan, request: &Request<InboundBody>) -> Box<Self> {
+        Box::new(Self {
+            span,
+            method: request.method().to_string(),
+            path: request.uri().path().to_string(),
+        })
+    }
+}
 
 /// The application's response without its hop-by-hop headers.
 fn from_application(mut response: Response<AppBody>) -> AppResponse {
@@ -722,8 +748,17 @@ impl AppClient {
                     Err(error) => refusal(self.http1.refusal(error), grpc),
                 }
             }),
+            // The request stays where the future captured it until the stream opens.
             Ok((request, _)) => Box::pin(async move {
-                match self.send_http2(request).await {
+                let opened = match self.http2_sender().await {
+                    Ok(sender) => sender.send(request).map_err(|e| self.stream_failed(&e)),
+                    Err(error) => Err(error),
+                };
+                let answered = match opened {
+                    Ok(exchange) => exchange.await.map_err(|e| self.stream_failed(&e)),
+                    Err(error) => Err(error),
+                };
+                match answered {
                     Ok(response) => from_application(response.map(Either::Right)),
                     Err(error) => refusal(error, grpc),
                 }
@@ -774,12 +809,9 @@ impl AppClient {
         Ok((Request::from_parts(parts, body), version))
     }
 
-    async fn send_http2(
-        &self,
-        request: Request<InboundBody>,
-    ) -> Result<Response<StreamBody>, ProxyError> {
-        let sender = self
-            .http2
+    /// A ready sender on the shared HTTP/2 connection to the application.
+    async fn http2_sender(&self) -> Result<Sender, ProxyError> {
+        self.http2
             .sender(self.authority.as_str(), || async {
                 let app = tcp::connect(self.address, self.connect_timeout)
                     .await
@@ -789,11 +821,12 @@ impl AppClient {
                     })?;
                 Ok((app, false)) // an application never takes tunnels
             })
-            .await?;
-        sender.send(request).await.map_err(|error| {
-            debug!(event = "application error", application = %self.address, error = %error);
-            ProxyError::Reset
-        })
+            .await
+    }
+
+    fn stream_failed(&self, error: &h2::Error) -> ProxyError {
+        debug!(event = "application error", application = %self.address, error = %error);
+        ProxyError::Reset
     }
 
     async fn upgrade(&self, request: Request<InboundBody>) -> Result<Response<Body>, ProxyError> {

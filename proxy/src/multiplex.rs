@@ -42,8 +42,10 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// Sends a request and waits for the response head; the request body streams on.
-    pub async fn send<B>(self, request: Request<B>) -> Result<Response<StreamBody>, h2::Error>
+    /// Opens the request's stream and sends its head; the exchange then streams the body
+    /// and resolves to the response head. Synchronous up to the wait, so a caller's future
+    /// keeps only the small exchange across it, not the request.
+    pub fn send<B>(self, request: Request<B>) -> Result<Exchange<B>, h2::Error>
     where
         B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
         B::Error: Into<BoxError>,
@@ -53,16 +55,10 @@ impl Sender {
         let mut streams = self.streams;
         let (response, stream) =
             streams.send_request(Request::from_parts(parts, ()), end_of_stream)?;
-        let response = if end_of_stream {
-            response.await?
-        } else {
-            ResponseWhileSending {
-                response,
-                body: Some(BodyPump { body, stream }),
-            }
-            .await?
-        };
-        Ok(StreamBody::attach(response))
+        Ok(Exchange {
+            response,
+            body: (!end_of_stream).then_some(BodyPump { body, stream }),
+        })
     }
 
     /// Opens a `CONNECT` stream to `authority`. The tunnel when the peer answers 200,
@@ -108,19 +104,20 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-/// Waits for the response while streaming the request body. A body still streaming when
-/// the response arrives (a stream both ways) finishes in a task of its own.
-struct ResponseWhileSending<B> {
+/// One request's exchange: waits for the response head while streaming the request
+/// body. A body still streaming when the response arrives (a stream both ways) finishes
+/// in a task of its own.
+pub struct Exchange<B> {
     response: ResponseFuture,
     body: Option<BodyPump<B>>,
 }
 
-impl<B> Future for ResponseWhileSending<B>
+impl<B> Future for Exchange<B>
 where
     B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Output = Result<Response<RecvStream>, h2::Error>;
+    type Output = Result<Response<StreamBody>, h2::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(body) = &mut self.body
@@ -142,7 +139,7 @@ where
                 }
             });
         }
-        Poll::Ready(response)
+        Poll::Ready(response.map(StreamBody::attach))
     }
 }
 
@@ -591,7 +588,7 @@ mod tests {
         let (sender, server) = pair().await;
         let (body, fail) = crate::http::test_bodies::upload(b"first half");
         let body = crate::http::boxed(body);
-        let sent = tokio::spawn(sender.send(post(body)));
+        let sent = tokio::spawn(sender.send(post(body)).unwrap());
         let (request, _respond) = first_stream(server).await;
         let mut stream = request.into_body();
         let first = stream.data().await.unwrap().unwrap();
@@ -606,7 +603,7 @@ mod tests {
     async fn response_carries_data_trailers_and_length() {
         let (sender, server) = pair().await;
         let body = crate::http::boxed(http_body_util::Full::new(Bytes::from_static(b"ping")));
-        let sent = tokio::spawn(sender.send(post(body)));
+        let sent = tokio::spawn(sender.send(post(body)).unwrap());
         let (request, mut respond) = first_stream(server).await;
         let upload = read_all(request.into_body()).await.unwrap();
         assert_eq!(upload, "ping");
@@ -645,7 +642,7 @@ mod tests {
         let (sender, server) = pair().await;
         let mut request = Request::new(crate::http::empty());
         *request.uri_mut() = "http://app/".parse().unwrap();
-        let sent = tokio::spawn(sender.send(request));
+        let sent = tokio::spawn(sender.send(request).unwrap());
         let (_request, mut respond) = first_stream(server).await;
         let huge = http::HeaderValue::from_str(&"x".repeat(MAX_HEADER_BYTES + 1)).unwrap();
         let head = Response::builder().header("x-huge", huge).body(()).unwrap();
@@ -733,11 +730,17 @@ mod tests {
             request
         };
         let first = shared.sender("app", connect).await.unwrap();
-        assert_eq!(first.send(get()).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            first.send(get()).unwrap().await.unwrap().status(),
+            StatusCode::OK
+        );
         // The server goes away once the first request is served.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let second = shared.sender("app", connect).await.unwrap();
-        assert_eq!(second.send(get()).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            second.send(get()).unwrap().await.unwrap().status(),
+            StatusCode::OK
+        );
         assert_eq!(connects.load(Ordering::SeqCst), 2);
     }
 }

@@ -110,10 +110,11 @@ impl Outbound {
         // One IO type for every HTTP/2 server connection: h2's server is compiled once.
         let app: Box<dyn Io> = Box::new(app);
         let served = server::serve(app, settings, &self.drain, |request| {
-            let upstream = self.upstream.clone();
+            // The request goes into `handle` now: the task keeps only its future.
+            let request = StreamBody::request(request).map(Either::Right);
+            let handled = self.upstream.clone().handle(request);
             async move {
-                let request = StreamBody::request(request).map(Either::Right);
-                let Ok(response) = upstream.handle(request).await;
+                let Ok(response) = handled.await;
                 Reply::Response(response)
             }
         })

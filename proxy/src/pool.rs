@@ -7,6 +7,7 @@
 //! has been read to the end; one whose body was abandoned is closed by hyper (HTTP/1.1
 //! cannot cancel a single response) and simply dropped here.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -68,31 +69,38 @@ where
     /// Sends a request (its URI in origin form, with a `Host` header) on an idle
     /// connection, or a new one. A request that an idle connection could not take
     /// because it had closed meanwhile goes on the next one.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: an async block keeps the request once, where an `async fn`
+    /// keeps its arguments twice (as passed, and as bound).
+    #[allow(clippy::manual_async_fn)] // see above: the future's size is the point
+    pub fn send(
         self: &Arc<Self>,
         mut request: Request<B>,
-    ) -> Result<Response<PooledBody<B>>, SendError> {
-        loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
-            };
-            if sender.ready().await.is_err() {
-                if reused {
-                    continue;
+    ) -> impl Future<Output = Result<Response<PooledBody<B>>, SendError>> + Send + '_ {
+        async move {
+            loop {
+                let (mut sender, reused) = match self.checkout() {
+                    Some(sender) => (sender, true),
+                    // Boxed: connecting is a large future, and rare.
+                    None => (Box::pin(self.connect()).await?, false),
+                };
+                if sender.ready().await.is_err() {
+                    if reused {
+                        continue;
+                    }
+                    return Err(SendError::Closed);
                 }
-                return Err(SendError::Closed);
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let pool = Some((Arc::clone(self), sender));
-                    return Ok(response.map(|body| PooledBody::new(body, pool)));
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        let pool = Some((Arc::clone(self), sender));
+                        return Ok(response.map(|body| PooledBody::new(body, pool)));
+                    }
+                    Err(mut error) => match error.take_message() {
+                        // Never written: the connection closed before it could be.
+                        Some(unsent) if reused => request = unsent,
+                        _ => return Err(SendError::Request(error.into_error())),
+                    },
                 }
-                Err(mut error) => match error.take_message() {
-                    // Never written: the connection closed before it could be.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(SendError::Request(error.into_error())),
-                },
             }
         }
     }

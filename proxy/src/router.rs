@@ -7,8 +7,10 @@
 //! outcome feeds the balancer's load estimate and outlier ejection. Upgrades (WebSocket)
 //! get a dedicated HTTP/1.1 connection and are spliced once switched.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
@@ -21,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tessera_proto::resources::{RetrySpec, RoutePolicySpec};
 use tessera_proto::tls;
+use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
@@ -110,174 +113,207 @@ impl Upstream {
     }
 
     /// Forwards one request; never fails: errors become honest responses.
-    pub async fn handle(
+    ///
+    /// Synchronous up to the exchange, which is boxed once: a pointer moves cheaply into
+    /// the per-stream task (HTTP/2), the retrying, timing-out exchange would not; and the
+    /// future waiting on it keeps only the box and the meter, not the request again.
+    pub fn handle(
         self: Arc<Self>,
         request: Request<CallerBody>,
-    ) -> Result<Response<Body>, std::convert::Infallible> {
-        let grpc = proxy_http::is_grpc(request.headers());
+    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
         // The caller's trace, or a new one: every attempt of this request joins it.
         let context = trace::extract(request.headers()).or_else(|| self.tracer.root_context());
         let meter = RequestMeter::start(self.series.clone())
             .with_trace(sampled_trace_id(context.as_ref()))
             .with_access_log(self.access_log, request.method(), request.uri());
-        // Boxed: this future moves into a task per stream (HTTP/2); a pointer
-        // moves cheaply, the whole retrying, timing-out forward would not.
-        let result = if proxy_http::is_upgrade(&request) {
-            self.boxed_upgrade(request)
-                .await
-                .map(|response| response.map(Either::Right))
+        let exchange = if proxy_http::is_upgrade(&request) {
+            self.upgrade(request)
         } else {
-            self.boxed_forward(request, context)
-                .await
-                .map(|response| response.map(Either::Left))
+            self.forward(request, context)
         };
-        let response = result.unwrap_or_else(|error| {
-            debug!(event = "request failed", upstream = %self.name, reason = error.reason());
-            error.response(grpc).map(Either::Right)
-        });
-        Ok(meter.finish(response))
+        async move { Ok(meter.finish(exchange.await)) }
     }
 
-    fn boxed_forward(
-        &self,
+    /// The request as the proxy-to-proxy hop carries it, then its attempts. Only what
+    /// the attempts need crosses into the future: the head once, the body, the context.
+    fn forward(
+        self: Arc<Self>,
         request: Request<CallerBody>,
         context: Option<TraceContext>,
-    ) -> BoxFuture<'_, Result<Response<StreamBody>, ProxyError>> {
-        Box::pin(self.forward(request, context))
-    }
-
-    fn boxed_upgrade(
-        &self,
-        request: Request<CallerBody>,
-    ) -> BoxFuture<'_, Result<Response<Body>, ProxyError>> {
-        Box::pin(self.upgrade(request))
-    }
-
-    async fn forward(
-        &self,
-        request: Request<CallerBody>,
-        context: Option<TraceContext>,
-    ) -> Result<Response<StreamBody>, ProxyError> {
+    ) -> BoxFuture<'static, Response<UpstreamBody>> {
+        let grpc = proxy_http::is_grpc(request.headers());
         let policy = self.policy.load_full();
         let (mut parts, body) = request.into_parts();
         let original_version = parts.version;
-        to_http2(&mut parts)?;
-        let replay = match &policy.retries {
-            Some(retries) if retryable(&parts.method, retries) => replayable(body).await,
-            _ => Replay::Once(body),
-        };
-        if let Some(budget) = &policy.budget {
-            budget.deposit();
+        if let Err(error) = to_http2(&mut parts) {
+            return Box::pin(std::future::ready(self.refusal(error, grpc)));
         }
-        let attempts = self.attempts(&policy, parts, replay, context.as_ref());
-        let mut response = match policy.timeout {
-            Some(limit) => tokio::time::timeout(limit, attempts)
-                .await
-                .map_err(|_| ProxyError::Timeout)??,
-            None => attempts.await?,
-        };
-        proxy_http::strip_hop_by_hop(response.headers_mut(), false);
-        *response.version_mut() = original_version;
-        Ok(response)
-    }
-
-    async fn attempts(
-        &self,
-        policy: &Policy,
-        mut parts: http::request::Parts,
-        mut replay: Replay,
-        context: Option<&TraceContext>,
-    ) -> Result<Response<StreamBody>, ProxyError> {
-        let max_attempts = match (&replay, &policy.retries) {
-            (Replay::Buffered(_), Some(retries)) => 1 + retries.attempts,
-            _ => 1,
-        };
-        let mut attempt = 1;
-        loop {
-            self.balancer.readmit_expired();
-            let in_flight = self.balancer.pick().ok_or(ProxyError::NoEndpoints)?;
-            let endpoint = in_flight.endpoint();
-            let Some(body) = replay.next() else {
-                return Err(ProxyError::Reset);
+        Box::pin(async move {
+            let replay = match &policy.retries {
+                Some(retries) if retryable(&parts.method, retries) => replayable(body).await,
+                _ => Replay::Once(body),
             };
-            // Headers are copied only when another attempt may need them.
-            let mut attempt_parts = if attempt < max_attempts {
-                parts.clone()
-            } else {
-                take_parts(&mut parts)
-            };
-            // A client span per attempt: retries show up as siblings in the trace.
-            let span = self.tracer.start_span(
-                context,
-                attempt_parts.method.as_str(),
-                trace::SpanKind::Client,
-            );
-            // What the span will need once the request is sent; only when tracing.
-            let span = span.map(|span| {
-                span.inject(&mut attempt_parts.headers);
-                let uri = &attempt_parts.uri;
-                let target = (
-                    attempt_parts.method.to_string(),
-                    uri.path().to_string(),
-                    uri.host().unwrap_or_default().to_string(),
-                );
-                (span, target)
-            });
-            let request = Request::from_parts(attempt_parts, body);
-            let started = Instant::now();
-            let sent = self.send(endpoint, request);
-            let outcome = match policy.per_try_timeout {
-                Some(limit) => tokio::time::timeout(limit, sent)
-                    .await
-                    .unwrap_or(Err(ProxyError::Timeout)),
-                None => sent.await,
-            };
-            let retry_worthy = match &outcome {
-                Ok(response) => should_retry(response),
-                Err(_) => true,
-            };
-            match &outcome {
-                Ok(response) if !response.status().is_server_error() && !retry_worthy => {
-                    self.balancer.success(endpoint, started.elapsed())
+            if let Some(budget) = &policy.budget {
+                budget.deposit();
+            }
+            let outcome = self
+                .attempts(&policy, &mut parts, replay, context.as_ref())
+                .await;
+            match outcome {
+                Ok(mut response) => {
+                    proxy_http::strip_hop_by_hop(response.headers_mut(), false);
+                    *response.version_mut() = original_version;
+                    response.map(Either::Left)
                 }
-                _ => self.balancer.failure(endpoint),
+                Err(error) => self.refusal(error, grpc),
             }
-            if let Some((span, span_target)) = span {
-                let status = outcome.as_ref().map_or_else(
-                    |e| e.reason().to_string(),
-                    |r| r.status().as_u16().to_string(),
+        })
+    }
+
+    /// The error as the caller's answer.
+    fn refusal(&self, error: ProxyError, grpc: bool) -> Response<UpstreamBody> {
+        debug!(event = "request failed", upstream = %self.name, reason = error.reason());
+        error.response(grpc).map(Either::Right)
+    }
+
+    /// Attempts until one succeeds, the policy allows no more, or the request's deadline
+    /// passes. Each attempt runs under one timer: the earlier of the request's deadline
+    /// and the attempt's own.
+    ///
+    /// Not an `async fn`: an async block keeps its captures in place, where an `async fn`
+    /// would keep its arguments twice (as passed, and as bound).
+    #[allow(clippy::manual_async_fn)] // see above: the future's size is the point
+    fn attempts<'a>(
+        &'a self,
+        policy: &'a Policy,
+        parts: &'a mut http::request::Parts,
+        mut replay: Replay,
+        context: Option<&'a TraceContext>,
+    ) -> impl Future<Output = Result<Response<StreamBody>, ProxyError>> + Send + 'a {
+        async move {
+            let max_attempts = match (&replay, &policy.retries) {
+                (Replay::Buffered(_), Some(retries)) => 1 + retries.attempts,
+                _ => 1,
+            };
+            let deadline = policy.timeout.map(|limit| Instant::now() + limit);
+            let mut attempt = 1;
+            loop {
+                self.balancer.readmit_expired();
+                let in_flight = self.balancer.pick().ok_or(ProxyError::NoEndpoints)?;
+                let endpoint = in_flight.endpoint();
+                let Some(body) = replay.next() else {
+                    return Err(ProxyError::Reset);
+                };
+                // A client span per attempt: retries show up as siblings in the trace.
+                let span = self
+                    .tracer
+                    .start_span(context, parts.method.as_str(), trace::SpanKind::Client)
+                    .map(|span| AttemptSpan::new(span, parts));
+                let started = Instant::now();
+                let timer = earliest(
+                    deadline,
+                    policy.per_try_timeout.map(|limit| started + limit),
                 );
-                let attributes = vec![
-                    ("http.request.method", span_target.0),
-                    ("url.path", span_target.1),
-                    ("server.address", span_target.2),
-                    ("http.response.status_code", status),
-                    ("tessera.upstream", self.name.clone()),
-                    ("tessera.peer.identity", endpoint.identity.to_string()),
-                    ("tessera.attempt", attempt.to_string()),
-                ];
-                self.tracer.finish(span, attributes, retry_worthy);
+                let last = attempt >= max_attempts;
+                let sent = self.attempt(endpoint, parts, body, last, span.as_deref());
+                let outcome = match timer {
+                    Some(at) => tokio::time::timeout_at(at, sent)
+                        .await
+                        .unwrap_or(Err(ProxyError::Timeout)),
+                    None => sent.await,
+                };
+                let retry_worthy = match &outcome {
+                    Ok(response) => should_retry(response),
+                    Err(_) => true,
+                };
+                match &outcome {
+                    Ok(response) if !response.status().is_server_error() && !retry_worthy => {
+                        self.balancer.success(endpoint, started.elapsed())
+                    }
+                    _ => self.balancer.failure(endpoint),
+                }
+                if let Some(span) = span {
+                    self.finish_span(*span, &outcome, endpoint, attempt, retry_worthy);
+                }
+                drop(in_flight);
+                let out_of_time = || deadline.is_some_and(|deadline| Instant::now() >= deadline);
+                let budget_allows = || policy.budget.as_ref().is_some_and(RetryBudget::withdraw);
+                if !retry_worthy || last || out_of_time() || !budget_allows() {
+                    return outcome;
+                }
+                self.retries.inc();
+                attempt += 1;
             }
-            drop(in_flight);
-            let budget_allows = || policy.budget.as_ref().is_some_and(RetryBudget::withdraw);
-            if !retry_worthy || attempt >= max_attempts || !budget_allows() {
-                return outcome;
-            }
-            self.retries.inc();
-            attempt += 1;
         }
     }
 
-    async fn send(
+    /// One attempt: a ready stream on the endpoint's pooled connection, the request's
+    /// head (a copy while another attempt may follow), then the exchange. Not an
+    /// `async fn`, for the same reason as `attempts`.
+    #[allow(clippy::manual_async_fn)] // see above: the future's size is the point
+    fn attempt<'a>(
+        &'a self,
+        endpoint: &'a EndpointState,
+        parts: &'a mut http::request::Parts,
+        body: RequestBody,
+        last: bool,
+        span: Option<&'a AttemptSpan>,
+    ) -> impl Future<Output = Result<Response<StreamBody>, ProxyError>> + Send + 'a {
+        async move {
+            let sender = self.h2_sender(endpoint).await?;
+            // In a block of its own: the head is borrowed, and a borrowed local keeps its
+            // room in the future until its scope ends.
+            let opened = {
+                let mut head = if last {
+                    take_parts(parts)
+                } else {
+                    parts.clone()
+                };
+                if let Some(span) = span {
+                    span.span.inject(&mut head.headers);
+                }
+                sender.send(Request::from_parts(head, body))
+            };
+            let exchange = opened.map_err(|error| self.stream_failed(endpoint, &error))?;
+            exchange
+                .await
+                .map_err(|error| self.stream_failed(endpoint, &error))
+        }
+    }
+
+    fn stream_failed(&self, endpoint: &EndpointState, error: &h2::Error) -> ProxyError {
+        debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
+        ProxyError::Reset
+    }
+
+    fn finish_span(
         &self,
+        attempt_span: AttemptSpan,
+        outcome: &Result<Response<StreamBody>, ProxyError>,
         endpoint: &EndpointState,
-        request: Request<RequestBody>,
-    ) -> Result<Response<StreamBody>, ProxyError> {
-        let sender = self.h2_sender(endpoint).await?;
-        sender.send(request).await.map_err(|error| {
-            debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
-            ProxyError::Reset
-        })
+        attempt: u32,
+        error: bool,
+    ) {
+        let AttemptSpan {
+            span,
+            method,
+            path,
+            host,
+        } = attempt_span;
+        let status = outcome.as_ref().map_or_else(
+            |e| e.reason().to_string(),
+            |r| r.status().as_u16().to_string(),
+        );
+        let attributes = vec![
+            ("http.request.method", method),
+            ("url.path", path),
+            ("server.address", host),
+            ("http.response.status_code", status),
+            ("tessera.upstream", self.name.clone()),
+            ("tessera.peer.identity", endpoint.identity.to_string()),
+            ("tessera.attempt", attempt.to_string()),
+        ];
+        self.tracer.finish(span, attributes, error);
     }
 
     /// A ready sender on the endpoint's pooled HTTP/2 connection, opened if needed.
@@ -362,12 +398,23 @@ impl Upstream {
     }
 
     /// An HTTP/1.1 upgrade: its own connection to the endpoint, spliced after 101.
-    async fn upgrade(&self, request: Request<CallerBody>) -> Result<Response<Body>, ProxyError> {
-        self.balancer.readmit_expired();
-        let in_flight = self.balancer.pick().ok_or(ProxyError::NoEndpoints)?;
-        let endpoint = in_flight.endpoint().clone();
-        let stream = self.connect(&endpoint, &endpoint.connectors.http1).await?;
-        forward_upgrade(request, TokioIo::new(stream)).await
+    fn upgrade(
+        self: Arc<Self>,
+        request: Request<CallerBody>,
+    ) -> BoxFuture<'static, Response<UpstreamBody>> {
+        Box::pin(async move {
+            let upgraded = async {
+                self.balancer.readmit_expired();
+                let in_flight = self.balancer.pick().ok_or(ProxyError::NoEndpoints)?;
+                let endpoint = in_flight.endpoint().clone();
+                let stream = self.connect(&endpoint, &endpoint.connectors.http1).await?;
+                forward_upgrade(request, TokioIo::new(stream)).await
+            };
+            match upgraded.await {
+                Ok(response) => response.map(Either::Right),
+                Err(error) => self.refusal(error, false),
+            }
+        })
     }
 }
 
@@ -480,6 +527,37 @@ fn should_retry<B>(response: &Response<B>) -> bool {
             .headers()
             .get("grpc-status")
             .is_some_and(|status| status == "14")
+}
+
+/// A response from upstream, or the proxy's own answer (an error, an upgrade).
+type UpstreamBody = Either<StreamBody, Body>;
+
+/// An attempt's client span, and what it will record once the attempt ends. Boxed when
+/// tracing: the request's future carries a pointer, not the span, when it is not.
+struct AttemptSpan {
+    span: trace::ActiveSpan,
+    method: String,
+    path: String,
+    host: String,
+}
+
+impl AttemptSpan {
+    fn new(span: trace::ActiveSpan, parts: &http::request::Parts) -> Box<Self> {
+        Box::new(Self {
+            span,
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            host: parts.uri.host().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// A caller's request body: over HTTP/1.1 (hyper's server), or an HTTP/2 stream.

@@ -8,6 +8,8 @@
 //! bytes between the application's socket and the stream without an intermediate copy.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +17,7 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body as _;
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
@@ -97,7 +100,7 @@ where
         match accepted {
             Some(Ok((request, respond))) => {
                 // Boxed: tokio copies a task's future into place at spawn.
-                tokio::spawn(Box::pin(answer(handle(request), respond)));
+                tokio::spawn(Box::pin(Answer::new(handle(request), respond)));
             }
             Some(Err(error)) if is_clean_close(&error) => return Ok(()),
             Some(Err(error)) => return Err(ServeError::Connection(error)),
@@ -125,27 +128,96 @@ fn is_clean_close(error: &h2::Error) -> bool {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
 }
 
-/// Runs a stream's handler, unless the peer resets the stream first (its caller gave
-/// up: the application's work for it is dropped), and sends what it replies.
-async fn answer<F>(reply: F, mut respond: SendResponse<Bytes>)
+pin_project! {
+    /// One stream's task: runs the handler, unless the peer resets the stream first (its
+    /// caller gave up: the application's work for it is dropped), then sends what it
+    /// replies. Written out by hand, not as an `async fn`: that would keep the handler's
+    /// future twice (as its argument, and again inside the race with the reset), so the
+    /// boxed task would outgrow the allocator's per-thread cache.
+    #[project = AnswerProjection]
+    enum Answer<F> {
+        Waiting {
+            #[pin]
+            reply: F,
+            respond: Option<SendResponse<Bytes>>,
+        },
+        /// The response body streams into the stream as the peer's window allows.
+        Sending { pump: BodyPump<Body> },
+        /// The stream carries a tunnel.
+        Relaying { relay: BoxFuture<'static, ()> },
+        Done,
+    }
+}
+
+impl<F> Answer<F> {
+    fn new(reply: F, respond: SendResponse<Bytes>) -> Self {
+        Answer::Waiting {
+            reply,
+            respond: Some(respond),
+        }
+    }
+}
+
+impl<F> Future for Answer<F>
 where
     F: Future<Output = Reply>,
 {
-    let reply = tokio::select! {
-        reply = reply => reply,
-        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
-    };
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let next = match self.as_mut().project() {
+                AnswerProjection::Waiting { reply, respond } => {
+                    let Some(sender) = respond else {
+                        return Poll::Ready(());
+                    };
+                    match reply.poll(cx) {
+                        Poll::Ready(reply) => match respond.take() {
+                            Some(respond) => start_reply(respond, reply),
+                            None => Answer::Done,
+                        },
+                        Poll::Pending if sender.poll_reset(cx).is_ready() => Answer::Done,
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                AnswerProjection::Sending { pump } => {
+                    if let Err(error) = ready!(Pin::new(pump).poll(cx)) {
+                        debug!(event = "response body not sent", error = %error);
+                    }
+                    Answer::Done
+                }
+                AnswerProjection::Relaying { relay } => {
+                    ready!(relay.as_mut().poll(cx));
+                    Answer::Done
+                }
+                AnswerProjection::Done => return Poll::Ready(()),
+            };
+            self.set(next);
+        }
+    }
+}
+
+/// What follows a reply: its body to send, a tunnel to relay, or nothing.
+fn start_reply<F>(mut respond: SendResponse<Bytes>, reply: Reply) -> Answer<F> {
     match reply {
-        Reply::Response(response) => send(respond, response).await,
+        Reply::Response(response) => match send_head(respond, response) {
+            Some(pump) => Answer::Sending { pump },
+            None => Answer::Done,
+        },
         Reply::Tunnel { recv, relay } => match respond.send_response(Response::new(()), false) {
-            Ok(send) => relay(Tunnel { send, recv }).await,
-            Err(error) => debug!(event = "tunnel not opened", error = %error),
+            Ok(send) => Answer::Relaying {
+                relay: relay(Tunnel { send, recv }),
+            },
+            Err(error) => {
+                debug!(event = "tunnel not opened", error = %error);
+                Answer::Done
+            }
         },
     }
 }
 
-/// Sends the response head, then its body as the peer's window allows.
-async fn send(mut respond: SendResponse<Bytes>, response: Response<Body>) {
+/// Sends the response head; its body, if any, to pump into the stream.
+fn send_head(mut respond: SendResponse<Bytes>, response: Response<Body>) -> Option<BodyPump<Body>> {
     let (mut head, body) = response.into_parts();
     let end_of_stream = body.is_end_stream();
     // A body of known length announces it, so the peer's caller is told a length when
@@ -158,8 +230,8 @@ async fn send(mut respond: SendResponse<Bytes>, response: Response<Body>) {
         head.headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    let stream = match respond.send_response(Response::from_parts(head, ()), end_of_stream) {
-        Ok(stream) => stream,
+    match respond.send_response(Response::from_parts(head, ()), end_of_stream) {
+        Ok(stream) => (!end_of_stream).then_some(BodyPump { body, stream }),
         Err(error) => {
             // A head HTTP/2 cannot carry (a connection-specific field) leaves the stream
             // open: the peer gets a bad gateway instead. On a stream already gone this
@@ -168,14 +240,8 @@ async fn send(mut respond: SendResponse<Bytes>, response: Response<Body>) {
             let mut refusal = Response::new(());
             *refusal.status_mut() = StatusCode::BAD_GATEWAY;
             let _ = respond.send_response(refusal, true);
-            return;
+            None
         }
-    };
-    if end_of_stream {
-        return;
-    }
-    if let Err(error) = (BodyPump { body, stream }).await {
-        debug!(event = "response body not sent", error = %error);
     }
 }
 
