@@ -742,14 +742,14 @@ impl AppClient {
             });
         }
         match self.application_form(request) {
-            Ok((request, Version::HTTP_11)) => Box::pin(async move {
+            Ok(request) if request.version() == Version::HTTP_11 => Box::pin(async move {
                 match self.http1.send(request).await {
                     Ok(response) => from_application(response.map(Either::Left)),
                     Err(error) => refusal(self.http1.refusal(error), grpc),
                 }
             }),
             // The request stays where the future captured it until the stream opens.
-            Ok((request, _)) => Box::pin(async move {
+            Ok(request) => Box::pin(async move {
                 let opened = match self.http2_sender().await {
                     Ok(sender) => sender.send(request).map_err(|e| self.stream_failed(&e)),
                     Err(error) => Err(error),
@@ -767,12 +767,12 @@ impl AppClient {
         }
     }
 
-    /// The request as the application takes it, and the version to send it in: HTTP/1.1
+    /// The request as the application takes it, in the version to send it in: HTTP/1.1
     /// when a peer proxy says its caller spoke it, or a plaintext caller does.
     fn application_form(
         &self,
         request: Request<InboundBody>,
-    ) -> Result<(Request<InboundBody>, Version), ProxyError> {
+    ) -> Result<Request<InboundBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let http1 = parts.headers.remove(ORIG_PROTO).is_some() || parts.version <= Version::HTTP_11;
         // The caller's authority as Host; HTTP/1.1 requires one even when an HTTP/1.0
@@ -805,8 +805,7 @@ impl AppClient {
         } else {
             Version::HTTP_2
         };
-        let version = parts.version;
-        Ok((Request::from_parts(parts, body), version))
+        Ok(Request::from_parts(parts, body))
     }
 
     /// A ready sender on the shared HTTP/2 connection to the application.
