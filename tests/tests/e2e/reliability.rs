@@ -177,6 +177,35 @@ async fn a_per_try_timeout_retries_on_a_faster_endpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_request_deadline_ends_retries_that_per_try_timeouts_would_continue() {
+    let slow = HttpBackend::start("slow").await;
+    let mesh = L7Mesh::start(
+        &[slow.address],
+        "http",
+        Some("  perTryTimeout: 150ms\n  timeout: 400ms\n  retries:\n    attempts: 5\n"),
+    )
+    .await;
+    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
+    client.get("/").await.unwrap(); // warm the connections: the deadline is what we time
+    let before = slow.requests();
+    slow.behaviour.delay_ms.store(2_000, Ordering::SeqCst);
+    let started = Instant::now();
+    let answer = client.get("/").await.unwrap();
+    let took = started.elapsed();
+    let attempts = slow.requests() - before;
+    println!("504 after {took:?} and {attempts} attempts");
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.headers["tessera-proxy-error"], "timeout");
+    // Attempts at 0, 150 and 300 ms; the third is cut at 400 ms and no fourth starts
+    // (six were allowed, which would take 900 ms).
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_millis(650),
+        "{took:?}"
+    );
+    assert!((2..=3).contains(&attempts), "{attempts} attempts");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn endpoints_come_and_go_under_load_without_failures() {
     let backends = [
         HttpBackend::start("one").await,
