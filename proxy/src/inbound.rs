@@ -604,7 +604,7 @@ type AppBody = Either<PooledBody<InboundBody>, StreamBody>;
 type AppResponse = Response<Either<AppBody, Body>>;
 
 /// A request's server span, and what it will record once the request is answered.
-/// Boxed when tracing: the request's future carries a pointer, not the span.
+/// Boxed: the request's future carries a pointer, not the span and its strings.
 struct ServerSpan {
     span: trace::ActiveSpan,
     method: String,

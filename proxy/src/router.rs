@@ -402,6 +402,7 @@ impl Upstream {
         self: Arc<Self>,
         request: Request<CallerBody>,
     ) -> BoxFuture<'static, Response<UpstreamBody>> {
+        let grpc = proxy_http::is_grpc(request.headers());
         Box::pin(async move {
             let upgraded = async {
                 self.balancer.readmit_expired();
@@ -412,7 +413,7 @@ impl Upstream {
             };
             match upgraded.await {
                 Ok(response) => response.map(Either::Right),
-                Err(error) => self.refusal(error, false),
+                Err(error) => self.refusal(error, grpc),
             }
         })
     }
@@ -532,8 +533,8 @@ fn should_retry<B>(response: &Response<B>) -> bool {
 /// A response from upstream, or the proxy's own answer (an error, an upgrade).
 type UpstreamBody = Either<StreamBody, Body>;
 
-/// An attempt's client span, and what it will record once the attempt ends. Boxed when
-/// tracing: the request's future carries a pointer, not the span, when it is not.
+/// An attempt's client span, and what it will record once the attempt ends. Boxed: the
+/// request's future carries a pointer, not the span and its strings.
 struct AttemptSpan {
     span: trace::ActiveSpan,
     method: String,
