@@ -170,14 +170,20 @@ impl Balancer {
     }
 
     fn now_millis(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.millis_at(Instant::now())
     }
 
-    /// Picks an endpoint: the better of two random non-ejected ones. `None` when there is
-    /// no endpoint at all.
-    pub fn pick(&self) -> Option<InFlight> {
+    /// `at` in milliseconds since the balancer's epoch. The per-request calls take the
+    /// request's clock reading instead of each reading the clock again.
+    fn millis_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Picks an endpoint: the better of two random non-ejected ones, as of `now`. `None`
+    /// when there is no endpoint at all.
+    pub fn pick(&self, now: Instant) -> Option<InFlight> {
         let endpoints = self.endpoints.load();
-        let now = self.now_millis();
+        let now = self.millis_at(now);
         let admitted = |e: &&Arc<EndpointState>| e.ejected_until.load(Ordering::Relaxed) <= now;
         let healthy = endpoints.iter().filter(admitted).count();
         let chosen = match healthy {
@@ -210,12 +216,12 @@ impl Balancer {
         Some(InFlight(chosen.clone()))
     }
 
-    /// Records a successful answer and its latency.
-    pub fn success(&self, endpoint: &EndpointState, latency: Duration) {
+    /// Records a successful answer and its latency, as of `now`.
+    pub fn success(&self, endpoint: &EndpointState, latency: Duration, now: Instant) {
         endpoint.consecutive_failures.store(0, Ordering::Relaxed);
         let sample = latency.as_micros().min(u128::from(u64::MAX)) as u64;
         // EWMA with weight 1/8: cheap, and quick enough to notice a slow endpoint.
-        endpoint.feed(self.now_millis(), |old| old - old / 8 + sample / 8);
+        endpoint.feed(self.millis_at(now), |old| old - old / 8 + sample / 8);
     }
 
     /// Records a failure (connect error, reset, 5xx); ejects the endpoint when it has
@@ -262,9 +268,10 @@ impl Balancer {
         );
     }
 
-    /// Re-admits endpoints whose ejection ended, with a log line; called per request, cheap.
-    pub fn readmit_expired(&self) {
-        let now = self.now_millis();
+    /// Re-admits endpoints whose ejection ended by `now`, with a log line; called per
+    /// request, cheap.
+    pub fn readmit_expired(&self, now: Instant) {
+        let now = self.millis_at(now);
         for endpoint in self.endpoints.load().iter() {
             let until = endpoint.ejected_until.load(Ordering::Relaxed);
             if until != 0
@@ -324,7 +331,7 @@ mod tests {
 
     fn share_of(balancer: &Balancer, address: &str, picks: usize) -> f64 {
         let hits = (0..picks)
-            .filter(|_| balancer.pick().unwrap().endpoint().address == address)
+            .filter(|_| balancer.pick(Instant::now()).unwrap().endpoint().address == address)
             .count();
         hits as f64 / picks as f64
     }
@@ -335,7 +342,7 @@ mod tests {
         for endpoint in balancer.endpoints.load().iter() {
             let latency = if endpoint.address == "fast:1" { 1 } else { 20 };
             for _ in 0..50 {
-                balancer.success(endpoint, Duration::from_millis(latency));
+                balancer.success(endpoint, Duration::from_millis(latency), Instant::now());
             }
         }
         assert!(share_of(&balancer, "fast:1", 100) > 0.95);
@@ -357,7 +364,14 @@ mod tests {
             .count();
         assert_eq!(ejected, 2);
         let picked: std::collections::HashSet<_> = (0..200)
-            .map(|_| balancer.pick().unwrap().endpoint().address.clone())
+            .map(|_| {
+                balancer
+                    .pick(Instant::now())
+                    .unwrap()
+                    .endpoint()
+                    .address
+                    .clone()
+            })
             .collect();
         assert!(
             !picked.contains("a:1") && !picked.contains("b:1"),
@@ -368,9 +382,9 @@ mod tests {
     #[test]
     fn a_removed_endpoint_stays_usable_while_held() {
         let balancer = balancer(&["a:1"]);
-        let held = balancer.pick().unwrap();
+        let held = balancer.pick(Instant::now()).unwrap();
         balancer.update(&[], None, &|_: &SpiffeId| unreachable!());
-        assert!(balancer.pick().is_none());
+        assert!(balancer.pick(Instant::now()).is_none());
         assert_eq!(held.endpoint().address, "a:1");
     }
 }

@@ -104,12 +104,21 @@ fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
         return;
     };
     for name in names.split(',').map(str::trim) {
-        let fixed = HOP_BY_HOP
-            .iter()
-            .any(|hop| hop.as_str().eq_ignore_ascii_case(name));
-        if !fixed {
+        if !is_fixed_hop_by_hop(name) {
             headers.remove(name);
         }
+    }
+}
+
+/// True when `name`, in any letter case, is one of the fixed hop-by-hop names. Lower
+/// case (nginx's `keep-alive`, the usual) is one `match`; other cases compare with each.
+fn is_fixed_hop_by_hop(name: &str) -> bool {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        HOP_BY_HOP
+            .iter()
+            .any(|hop| hop.as_str().eq_ignore_ascii_case(name))
+    } else {
+        hop_by_hop_index(name).is_some()
     }
 }
 
@@ -278,6 +287,16 @@ mod tests {
             assert_eq!(hop_by_hop_index(name.as_str()), Some(index), "{name}");
         }
         assert_eq!(hop_by_hop_index(header::HOST.as_str()), None);
+    }
+
+    #[test]
+    fn fixed_hop_by_hop_names_match_in_any_letter_case() {
+        for name in ["keep-alive", "Keep-Alive", "TE", "te", "HTTP2-Settings"] {
+            assert!(is_fixed_hop_by_hop(name), "{name}");
+        }
+        for name in ["x-secret-hop", "X-Keep-Alive", "host", ""] {
+            assert!(!is_fixed_hop_by_hop(name), "{name}");
+        }
     }
 
     #[test]

@@ -168,6 +168,8 @@ mod tests {
         // last that keeps glibc from trimming the heap's top by itself.
         let mut blocks: Vec<Vec<u8>> = (0..16 * 1024).map(|_| vec![1u8; 4096]).collect();
         let pin = vec![1u8; 100_000];
+        // Optimized builds would otherwise elide the unused allocations altogether.
+        std::hint::black_box((&mut blocks, &pin));
         blocks.clear();
         blocks.shrink_to_fit();
         let retained = anonymous_rss_kib();

@@ -127,8 +127,9 @@ impl Outbound {
     /// Opaque bytes to one endpoint, tunnelled over the pooled connection to its proxy.
     async fn relay(&self, mut app: TcpStream) {
         let balancer = &self.upstream.balancer;
-        balancer.readmit_expired();
-        let Some(in_flight) = balancer.pick() else {
+        let now = std::time::Instant::now();
+        balancer.readmit_expired(now);
+        let Some(in_flight) = balancer.pick(now) else {
             return warn!(event = "outbound connection refused", upstream = %self.upstream.name, reason = "no endpoints");
         };
         let endpoint = in_flight.endpoint().clone();

@@ -33,8 +33,9 @@ impl RetryBudget {
         }
     }
 
-    fn bucket(&self) -> &Bucket {
-        let second = self.epoch.elapsed().as_secs() + 1;
+    /// The bucket of the second `now` falls in.
+    fn bucket(&self, now: Instant) -> &Bucket {
+        let second = now.saturating_duration_since(self.epoch).as_secs() + 1;
         let bucket = &self.buckets[(second as usize) % BUCKETS];
         let seen = bucket.second.load(Ordering::Relaxed);
         if seen != second
@@ -62,15 +63,16 @@ impl RetryBudget {
             })
     }
 
-    /// Counts an original request (not a retry).
-    pub fn deposit(&self) {
-        self.bucket().requests.fetch_add(1, Ordering::Relaxed);
+    /// Counts an original request (not a retry), arrived at `now`: the request's own
+    /// clock reading, not another one.
+    pub fn deposit(&self, now: Instant) {
+        self.bucket(now).requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget, if there is room. Claims first and gives back
     /// when over, so concurrent callers can never overdraw the budget together.
     pub fn withdraw(&self) -> bool {
-        let bucket = self.bucket();
+        let bucket = self.bucket(Instant::now());
         bucket.retries.fetch_add(1, Ordering::Relaxed);
         let (requests, retries) = self.window();
         let allowed = (requests as f64 * self.spec.ratio) as u64
@@ -94,7 +96,7 @@ mod tests {
             min_per_second: 1,
         });
         for _ in 0..100 {
-            budget.deposit();
+            budget.deposit(Instant::now());
         }
         // 20 % of 100 plus 1/s over the 10 s window.
         let granted = (0..1000).filter(|_| budget.withdraw()).count();
@@ -107,7 +109,7 @@ mod tests {
             ratio: 0.0,
             min_per_second: 0,
         });
-        budget.deposit();
+        budget.deposit(Instant::now());
         assert!(!budget.withdraw());
     }
 }

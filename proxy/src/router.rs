@@ -153,9 +153,6 @@ impl Upstream {
                 Some(retries) if retryable(&parts.method, retries) => replayable(body).await,
                 _ => Replay::Once(body),
             };
-            if let Some(budget) = &policy.budget {
-                budget.deposit();
-            }
             let outcome = self
                 .attempts(&policy, &mut parts, replay, context.as_ref())
                 .await;
@@ -195,11 +192,20 @@ impl Upstream {
                 (Replay::Buffered(_), Some(retries)) => 1 + retries.attempts,
                 _ => 1,
             };
-            let deadline = policy.timeout.map(|limit| Instant::now() + limit);
+            // One clock reading serves the original request's budget deposit, its
+            // deadline and its first attempt; each later attempt reads it again.
+            let mut started = Instant::now();
+            if let Some(budget) = &policy.budget {
+                budget.deposit(started.into_std());
+            }
+            let deadline = policy.timeout.map(|limit| started + limit);
             let mut attempt = 1;
             loop {
-                self.balancer.readmit_expired();
-                let in_flight = self.balancer.pick().ok_or(ProxyError::NoEndpoints)?;
+                self.balancer.readmit_expired(started.into_std());
+                let in_flight = self
+                    .balancer
+                    .pick(started.into_std())
+                    .ok_or(ProxyError::NoEndpoints)?;
                 let endpoint = in_flight.endpoint();
                 let Some(body) = replay.next() else {
                     return Err(ProxyError::Reset);
@@ -209,7 +215,6 @@ impl Upstream {
                     .tracer
                     .start_span(context, parts.method.as_str(), trace::SpanKind::Client)
                     .map(|span| AttemptSpan::new(span, parts));
-                let started = Instant::now();
                 let timer = earliest(
                     deadline,
                     policy.per_try_timeout.map(|limit| started + limit),
@@ -222,27 +227,29 @@ impl Upstream {
                         .unwrap_or(Err(ProxyError::Timeout)),
                     None => sent.await,
                 };
+                let finished = Instant::now();
                 let retry_worthy = match &outcome {
                     Ok(response) => should_retry(response),
                     Err(_) => true,
                 };
                 match &outcome {
-                    Ok(response) if !response.status().is_server_error() && !retry_worthy => {
-                        self.balancer.success(endpoint, started.elapsed())
-                    }
+                    Ok(response) if !response.status().is_server_error() && !retry_worthy => self
+                        .balancer
+                        .success(endpoint, finished - started, finished.into_std()),
                     _ => self.balancer.failure(endpoint),
                 }
                 if let Some(span) = span {
                     self.finish_span(*span, &outcome, endpoint, attempt, retry_worthy);
                 }
                 drop(in_flight);
-                let out_of_time = || deadline.is_some_and(|deadline| Instant::now() >= deadline);
+                let out_of_time = deadline.is_some_and(|deadline| finished >= deadline);
                 let budget_allows = || policy.budget.as_ref().is_some_and(RetryBudget::withdraw);
-                if !retry_worthy || last || out_of_time() || !budget_allows() {
+                if !retry_worthy || last || out_of_time || !budget_allows() {
                     return outcome;
                 }
                 self.retries.inc();
                 attempt += 1;
+                started = Instant::now();
             }
         }
     }
@@ -405,8 +412,9 @@ impl Upstream {
         let grpc = proxy_http::is_grpc(request.headers());
         Box::pin(async move {
             let upgraded = async {
-                self.balancer.readmit_expired();
-                let in_flight = self.balancer.pick().ok_or(ProxyError::NoEndpoints)?;
+                let now = std::time::Instant::now();
+                self.balancer.readmit_expired(now);
+                let in_flight = self.balancer.pick(now).ok_or(ProxyError::NoEndpoints)?;
                 let endpoint = in_flight.endpoint().clone();
                 let stream = self.connect(&endpoint, &endpoint.connectors.http1).await?;
                 forward_upgrade(request, TokioIo::new(stream)).await
