@@ -231,7 +231,7 @@ fn send_head(mut respond: SendResponse<Bytes>, response: Response<Body>) -> Opti
             .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     match respond.send_response(Response::from_parts(head, ()), end_of_stream) {
-        Ok(stream) => (!end_of_stream).then_some(BodyPump { body, stream }),
+        Ok(stream) => (!end_of_stream).then(|| BodyPump::new(body, stream)),
         Err(error) => {
             // A head HTTP/2 cannot carry (a connection-specific field) leaves the stream
             // open: the peer gets a bad gateway instead. On a stream already gone this
