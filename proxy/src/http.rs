@@ -19,6 +19,10 @@ pub type Body = BoxBody<Bytes, BoxError>;
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("tessera-orig-proto");
 /// Names why the proxy answered instead of the application.
 pub const PROXY_ERROR: HeaderName = HeaderName::from_static("tessera-proxy-error");
+/// A gRPC call's status, in the trailers (or the head of a trailers-only answer). A
+/// name, not text: looking up by text parses it first, and this is read per call.
+pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// Boxes any body into [`Body`].
 pub fn boxed<B>(body: B) -> Body
@@ -255,8 +259,14 @@ impl ProxyError {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
             );
-            headers.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
-            headers.insert("grpc-message", HeaderValue::from_static(self.reason()));
+            headers.insert(
+                GRPC_STATUS.clone(),
+                HeaderValue::from_static(self.grpc_status()),
+            );
+            headers.insert(
+                GRPC_MESSAGE.clone(),
+                HeaderValue::from_static(self.reason()),
+            );
         } else {
             *response.status_mut() = self.status();
             if let ProxyError::Unauthenticated(_) = self {

@@ -470,7 +470,7 @@ impl Inbound {
         ];
         if let Some(status) = response
             .headers()
-            .get("grpc-status")
+            .get(&crate::http::GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
         {
             attributes.push(("rpc.grpc.status_code", status.to_string()));

@@ -534,7 +534,7 @@ fn should_retry<B>(response: &Response<B>) -> bool {
     matches!(response.status().as_u16(), 502..=504)
         || response
             .headers()
-            .get("grpc-status")
+            .get(&crate::http::GRPC_STATUS)
             .is_some_and(|status| status == "14")
 }
 

@@ -550,7 +550,7 @@ impl RequestMeter {
         let code = response.status().as_u16();
         let grpc_status = response
             .headers()
-            .get("grpc-status")
+            .get(&crate::http::GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .map(grpc_status_label);
         let proxy_error = response
@@ -641,7 +641,9 @@ where
                 }
                 if let (Some(trailers), Some(pending)) =
                     (frame.trailers_ref(), self.pending.as_mut())
-                    && let Some(status) = trailers.get("grpc-status").and_then(|v| v.to_str().ok())
+                    && let Some(status) = trailers
+                        .get(&crate::http::GRPC_STATUS)
+                        .and_then(|v| v.to_str().ok())
                 {
                     pending.grpc_status = Some(grpc_status_label(status));
                 }

@@ -10,7 +10,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
@@ -62,22 +62,33 @@ pub struct TraceContext {
     pub tracestate: Option<HeaderValue>,
 }
 
+// The trace headers, as names: every request is looked up for them, and a lookup by
+// text parses the text into a name first.
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+static B3: HeaderName = HeaderName::from_static("b3");
+static X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+static X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+static X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+static X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+static X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
 /// Reads the caller's trace context: W3C first, then B3 single, then B3 multi.
 pub fn extract(headers: &HeaderMap) -> Option<TraceContext> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(context) = text("traceparent").and_then(parse_traceparent) {
+    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(context) = text(&TRACEPARENT).and_then(parse_traceparent) {
         return Some(TraceContext {
-            tracestate: headers.get("tracestate").cloned(),
+            tracestate: headers.get(&TRACESTATE).cloned(),
             ..context
         });
     }
-    if let Some(context) = text("b3").and_then(parse_b3_single) {
+    if let Some(context) = text(&B3).and_then(parse_b3_single) {
         return Some(context);
     }
-    let trace_id = text("x-b3-traceid").and_then(trace_id_from_hex)?;
-    let span_id = text("x-b3-spanid").and_then(span_id_from_hex)?;
+    let trace_id = text(&X_B3_TRACEID).and_then(trace_id_from_hex)?;
+    let span_id = text(&X_B3_SPANID).and_then(span_id_from_hex)?;
     let sampled =
-        matches!(text("x-b3-sampled"), Some("1") | Some("true")) || text("x-b3-flags") == Some("1");
+        matches!(text(&X_B3_SAMPLED), Some("1") | Some("true")) || text(&X_B3_FLAGS) == Some("1");
     Some(TraceContext {
         trace_id,
         span_id,
@@ -168,30 +179,30 @@ pub fn inject(
     tracestate: Option<&HeaderValue>,
 ) {
     for name in [
-        "traceparent",
-        "tracestate",
-        "b3",
-        "x-b3-traceid",
-        "x-b3-spanid",
-        "x-b3-parentspanid",
-        "x-b3-sampled",
-        "x-b3-flags",
+        &TRACEPARENT,
+        &TRACESTATE,
+        &B3,
+        &X_B3_TRACEID,
+        &X_B3_SPANID,
+        &X_B3_PARENTSPANID,
+        &X_B3_SAMPLED,
+        &X_B3_FLAGS,
     ] {
         headers.remove(name);
     }
     let flag = if sampled { "01" } else { "00" };
     let (trace, span) = (hex(trace_id), hex(span_id));
     if let Ok(value) = HeaderValue::from_str(&format!("00-{trace}-{span}-{flag}")) {
-        headers.insert("traceparent", value);
+        headers.insert(TRACEPARENT.clone(), value);
     }
     if let Some(state) = tracestate {
-        headers.insert("tracestate", state.clone());
+        headers.insert(TRACESTATE.clone(), state.clone());
     }
     if let Ok(value) = HeaderValue::from_str(&format!(
         "{trace}-{span}-{}",
         if sampled { "1" } else { "0" }
     )) {
-        headers.insert("b3", value);
+        headers.insert(B3.clone(), value);
     }
 }
 
