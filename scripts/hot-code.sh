@@ -22,6 +22,8 @@ shipped="$(scripts/build-proxy.sh)"
 if [ -n "${HOT_CODE_PROFILES:-}" ]; then
     profiles="$HOT_CODE_PROFILES"
     mkdir -p "$profiles"
+    # The grouping reads every profile in the directory: a previous run's would count.
+    rm -f "$profiles"/callgrind.*
 else
     profiles="$(mktemp -d)"
     trap 'rm -rf "$profiles"' EXIT
