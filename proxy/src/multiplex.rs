@@ -150,7 +150,7 @@ struct BodyPump<B> {
     stream: SendStream<Bytes>,
     /// Whether a chunk went out already. The first is taken without asking for window
     /// (h2 holds it until the window opens: at most one chunk ahead); each later one
-    /// waits for room first. Spares a small body two of its stream-state round trips.
+    /// waits for room first. Spares a small body three stream-state round trips.
     started: bool,
 }
 
