@@ -486,8 +486,10 @@ impl Inbound {
         request: Request<InboundBody>,
         peer: &'a Peer,
     ) -> BoxFuture<'a, AppResponse> {
-        match self.authorize(request, peer) {
-            Ok(request) => self.app.forward(request),
+        // Read once: a refusal from either step answers a gRPC caller in gRPC.
+        let grpc = crate::http::is_grpc(request.headers());
+        match self.authorize(request, peer, grpc) {
+            Ok(request) => self.app.forward(request, grpc),
             Err(refused) => Box::pin(std::future::ready(refused)),
         }
     }
@@ -498,8 +500,8 @@ impl Inbound {
         &self,
         request: Request<InboundBody>,
         peer: &Peer,
+        grpc: bool,
     ) -> Result<Request<InboundBody>, AppResponse> {
-        let grpc = crate::http::is_grpc(request.headers());
         let Some(policy) = self.policy.load_full() else {
             return Err(refusal(ProxyError::Forbidden, grpc));
         };
@@ -681,6 +683,10 @@ fn canonicalize<B>(request: &mut Request<B>, from_peer_proxy: bool) {
 /// Joins repeated headers into one value (RFC 9110 §5.3; cookies with "; "), so policy
 /// conditions see every value the application will see.
 fn merge_repeated_headers(headers: &mut http::HeaderMap) {
+    // As many values as names: nothing repeats, and no name needs looking up.
+    if headers.len() == headers.keys_len() {
+        return;
+    }
     let repeated: Vec<header::HeaderName> = headers
         .keys()
         .filter(|name| headers.get_all(*name).iter().nth(1).is_some())
@@ -730,9 +736,9 @@ impl AppClient {
 
     /// Forwards one request, restoring HTTP/1.1 when the caller spoke it. The request is
     /// put in the application's form first: the future is only the exchange, with no
-    /// layer around it keeping room for the request again.
-    pub fn forward(&self, request: Request<InboundBody>) -> BoxFuture<'_, AppResponse> {
-        let grpc = crate::http::is_grpc(request.headers());
+    /// layer around it keeping room for the request again. A refusal is a gRPC status
+    /// when `grpc`.
+    pub fn forward(&self, request: Request<InboundBody>, grpc: bool) -> BoxFuture<'_, AppResponse> {
         if crate::http::is_upgrade(&request) {
             return Box::pin(async move {
                 match self.upgrade(request).await {
@@ -849,4 +855,31 @@ async fn first_byte(stream: &TcpStream) -> std::io::Result<Option<u8>> {
     let mut byte = [0u8; 1];
     let read = stream.peek(&mut byte).await?;
     Ok((read == 1).then_some(byte[0]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_headers_are_joined_and_single_ones_left_alone() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-single", HeaderValue::from_static("a"));
+        headers.append("x-role", HeaderValue::from_static("reader"));
+        headers.append("x-role", HeaderValue::from_static("admin"));
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        merge_repeated_headers(&mut headers);
+        assert_eq!(headers.len(), 3, "one value per name: {headers:?}");
+        assert_eq!(headers["x-role"], "reader, admin");
+        assert_eq!(headers[header::COOKIE], "a=1; b=2");
+        assert_eq!(headers["x-single"], "a");
+
+        let mut single = http::HeaderMap::new();
+        single.insert("x-single", HeaderValue::from_static("a"));
+        single.insert(header::HOST, HeaderValue::from_static("svc"));
+        let before = single.clone();
+        merge_repeated_headers(&mut single);
+        assert_eq!(single, before);
+    }
 }

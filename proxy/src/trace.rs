@@ -73,8 +73,15 @@ static X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspani
 static X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 static X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
+/// Names past which one pass over them costs more than the three lookups it spares.
+const SCAN_AT_MOST: usize = 12;
+
 /// Reads the caller's trace context: W3C first, then B3 single, then B3 multi.
 pub fn extract(headers: &HeaderMap) -> Option<TraceContext> {
+    // Most requests carry none: a pass over their few names spares three hash lookups.
+    if headers.keys_len() <= SCAN_AT_MOST && !headers.keys().any(is_trace_header) {
+        return None;
+    }
     let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(context) = text(&TRACEPARENT).and_then(parse_traceparent) {
         return Some(TraceContext {
@@ -95,6 +102,13 @@ pub fn extract(headers: &HeaderMap) -> Option<TraceContext> {
         sampled,
         tracestate: None,
     })
+}
+
+/// A name `extract` reads a context from (`tracestate` alone carries none).
+fn is_trace_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    // Names are lower case: a plain comparison (comparing with a `HeaderName` folds case).
+    name == TRACEPARENT.as_str() || name == B3.as_str() || name.starts_with("x-b3-")
 }
 
 fn parse_traceparent(value: &str) -> Option<TraceContext> {
@@ -501,6 +515,40 @@ mod tests {
         );
         assert_eq!(extract(&bad), None);
         assert_eq!(extract(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn finds_the_context_among_few_names_and_among_many() {
+        let traceparent: HeaderValue = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+        for others in [0, 3, SCAN_AT_MOST, 40] {
+            let mut headers = HeaderMap::new();
+            for i in 0..others {
+                headers.insert(
+                    HeaderName::try_from(format!("x-app-{i}")).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            assert_eq!(extract(&headers), None, "{others} other names, no context");
+            headers.insert("TraceParent", traceparent.clone());
+            let found = extract(&headers).expect("traceparent among the names");
+            assert_eq!(
+                hex(&found.span_id),
+                "00f067aa0ba902b7",
+                "{others} other names"
+            );
+
+            headers.remove("traceparent");
+            headers.insert("X-B3-TraceId", "463ac35c9f6413ad".parse().unwrap());
+            headers.insert("x-b3-spanid", "a2fb4a1d1a96d312".parse().unwrap());
+            let found = extract(&headers).expect("B3 multi among the names");
+            assert_eq!(
+                hex(&found.span_id),
+                "a2fb4a1d1a96d312",
+                "{others} other names"
+            );
+        }
     }
 
     #[test]
