@@ -548,8 +548,12 @@ impl Inbound {
                 .unwrap_or("");
             let headers = request.headers();
             // UTF-8, not only visible ASCII: a value a condition cannot read must not slip
-            // past a DENY because of one non-ASCII character.
+            // past a DENY because of one non-ASCII character. `host` is the host checked
+            // above: over HTTP/2 the authority comes without a `Host` field.
             let header = |name: &str| {
+                if name.eq_ignore_ascii_case("host") {
+                    return Some(host);
+                }
                 headers
                     .get(name)
                     .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
@@ -644,20 +648,18 @@ fn is_tunnel<B>(request: &Request<B>, peer: &Peer) -> bool {
 }
 
 /// Puts a request in the one form that is both authorized and forwarded: the normalized
-/// path, `Host` equal to the authority (so the application sees the host the policy
-/// checked), and the HTTP/1.1 marker honoured only from peer proxies.
+/// path, a `Host` that says what the authority says (so the application sees the host
+/// the policy checked), and the HTTP/1.1 marker honoured only from peer proxies. A
+/// missing `Host` stays missing here: HTTP/2 carries the authority alone, and HTTP/1.1
+/// gets its `Host` when put in the application's form.
 fn canonicalize<B>(request: &mut Request<B>, from_peer_proxy: bool) {
     if !from_peer_proxy {
         request.headers_mut().remove(ORIG_PROTO);
     }
     merge_repeated_headers(request.headers_mut());
-    // Usually Host is the authority already: then nothing is copied.
     if let Some(authority) = request.uri().authority()
-        && request
-            .headers()
-            .get(header::HOST)
-            .map(HeaderValue::as_bytes)
-            != Some(authority.as_str().as_bytes())
+        && let Some(host) = request.headers().get(header::HOST)
+        && host.as_bytes() != authority.as_str().as_bytes()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         request.headers_mut().insert(header::HOST, host);
@@ -781,11 +783,11 @@ impl AppClient {
     ) -> Result<Request<InboundBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let http1 = parts.headers.remove(ORIG_PROTO).is_some() || parts.version <= Version::HTTP_11;
-        // The caller's authority as Host; HTTP/1.1 requires one even when an HTTP/1.0
-        // caller sent none, and then it is the application's address.
-        let authority = parts.uri.authority().or(http1.then_some(&self.authority));
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(authority) = authority
+        // HTTP/1.1 carries the caller's authority as Host, and requires one even when an
+        // HTTP/1.0 caller sent none: then it is the application's address.
+        let authority = parts.uri.authority().unwrap_or(&self.authority);
+        if http1
+            && !parts.headers.contains_key(header::HOST)
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
             parts.headers.insert(header::HOST, host);
@@ -796,13 +798,15 @@ impl AppClient {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        // Origin form for HTTP/1.1; HTTP/2 carries the authority as a pseudo-header.
+        // Origin form for HTTP/1.1; HTTP/2 carries the caller's authority as a
+        // pseudo-header, as HTTP/1.1 carries it in Host.
         parts.uri = if http1 {
             http::Uri::from(path)
         } else {
+            let authority = authority.clone();
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(http::uri::Scheme::HTTP);
-            uri.authority = Some(self.authority.clone());
+            uri.authority = Some(authority);
             uri.path_and_query = Some(path);
             http::Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?
         };

@@ -182,6 +182,16 @@ async fn respond(
                 "x-seen-host",
                 host.parse().unwrap_or(http::HeaderValue::from_static("")),
             );
+            let authority = request
+                .uri()
+                .authority()
+                .map_or(String::new(), |a| a.to_string());
+            response.headers_mut().insert(
+                "x-seen-authority",
+                authority
+                    .parse()
+                    .unwrap_or(http::HeaderValue::from_static("")),
+            );
             response.headers_mut().insert(
                 "x-seen-version",
                 format!("{:?}", request.version())

@@ -119,6 +119,33 @@ async fn http_calls_are_allowed_or_denied_by_policy() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_host_header_condition_sees_the_callers_host() {
+    // Between the proxies the host travels as the HTTP/2 authority, not as a `Host`
+    // field: a condition on `request.headers[host]` must still read it.
+    let backend = HttpBackend::start("hosted").await;
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+    let only_host = |host: &str| {
+        resource(
+            "AuthorizationPolicy",
+            "by-host",
+            &format!(
+                "  action: ALLOW\n  rules:\n  - when: [{{key: \"request.headers[host]\", values: [\"{host}\"]}}]\n"
+            ),
+        )
+    };
+    mesh.apply("policy.yaml", &only_host("backend.shop")).await;
+    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
+    let allowed = client.get("/").await.unwrap();
+    assert_eq!(allowed.status, StatusCode::OK);
+    assert_eq!(allowed.headers["x-seen-host"], "backend.shop");
+
+    mesh.apply("policy.yaml", &only_host("elsewhere.shop"))
+        .await;
+    let denied = client.get("/").await.unwrap();
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn grpc_calls_are_allowed_or_denied_by_policy() {
     let (service, _task) = start_grpc().await;
     let mesh = L7Mesh::start(&[service], "grpc", None).await;

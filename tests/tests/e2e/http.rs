@@ -34,6 +34,30 @@ async fn http1_keep_alive_carries_many_requests_on_one_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_http2_application_sees_the_callers_authority() {
+    let backend = HttpBackend::start("beta").await;
+    let mesh = L7Mesh::start(&[backend.address], "detect", None).await;
+    let stream = tokio::net::TcpStream::connect(mesh.entry()).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("http://backend.shop/")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // HTTP/2 end to end, and the authority the caller asked for, not the application's
+    // own address: what virtual hosting on `:authority` needs. No `Host` added beside it.
+    assert_eq!(response.headers()["x-seen-version"], "HTTP/2.0");
+    assert_eq!(response.headers()["x-seen-authority"], "backend.shop");
+    assert_eq!(response.headers()["x-seen-host"], "");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn chunked_upload_of_100_mb_streams_with_bounded_memory() {
     let backend = HttpBackend::start("upload").await;
     let mesh = L7Mesh::start(&[backend.address], "http", None).await;
