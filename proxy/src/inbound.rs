@@ -535,10 +535,8 @@ impl Inbound {
             JwtOutcome::Absent => None,
         };
         let decision = {
-            let host = request
-                .uri()
-                .authority()
-                .map(|a| a.as_str())
+            let authority = request.uri().authority().map(|a| a.as_str());
+            let host = authority
                 .or_else(|| {
                     request
                         .headers()
@@ -548,15 +546,16 @@ impl Inbound {
                 .unwrap_or("");
             let headers = request.headers();
             // UTF-8, not only visible ASCII: a value a condition cannot read must not slip
-            // past a DENY because of one non-ASCII character. `host` is the host checked
-            // above: over HTTP/2 the authority comes without a `Host` field.
+            // past a DENY because of one non-ASCII character. Without a `Host` field (over
+            // HTTP/2 the authority comes alone), `host` reads the authority.
             let header = |name: &str| {
-                if name.eq_ignore_ascii_case("host") {
-                    return Some(host);
-                }
-                headers
+                let value = headers
                     .get(name)
-                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok());
+                if value.is_none() && name.eq_ignore_ascii_case("host") {
+                    return authority;
+                }
+                value
             };
             let attributes = policy::Request {
                 source: peer.identity.as_ref(),
