@@ -129,21 +129,27 @@ async fn a_resetting_endpoint_is_ejected_then_readmitted() {
         .wait_for(&["endpoint ejected"], Duration::from_secs(5))
         .await
         .unwrap();
+    // Few enough requests to end well within the 4 s ejection on a busy machine: once it
+    // ends, the endpoint is tried again (and, still failing, ejected for longer).
     let ejected_at = Instant::now();
-    let statuses = load(mesh.entry(), "/", 1_000, 4).await;
+    let statuses = load(mesh.entry(), "/", 300, 4).await;
     let ok = statuses.iter().filter(|s| **s == 200).count();
     println!(
-        "{failed_before} failures before ejection; after: {ok}/1000 ok in {:?}",
+        "{failed_before} failures before ejection; after: {ok}/300 ok in {:?}",
         ejected_at.elapsed()
     );
-    assert!(ok >= 990, "{ok}/1000 after ejection");
+    assert!(ok >= 297, "{ok}/300 after ejection");
 
-    // It recovers; after the ejection time it is tried again and serves.
+    // It recovers; after its ejection time it is tried again and serves. Each ejection
+    // lasts longer than the one before: a slow run may have seen a second one.
     backends[2].behaviour.reset.store(0, Ordering::SeqCst);
     let served_before = backends[2].requests();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let statuses = load(mesh.entry(), "/", 300, 4).await;
-    assert!(statuses.iter().all(|s| *s == 200));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while backends[2].requests() <= served_before + 20 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let statuses = load(mesh.entry(), "/", 60, 4).await;
+        assert!(statuses.iter().all(|s| *s == 200));
+    }
     assert!(
         backends[2].requests() > served_before + 20,
         "re-admitted endpoint gets traffic again"
