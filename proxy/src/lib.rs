@@ -6,6 +6,7 @@
 //! and `telemetry` show what is happening; `app` wires it all from `config`.
 
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod authn;
 pub mod authz;

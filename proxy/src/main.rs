@@ -10,6 +10,10 @@ use tessera_proxy::ProxyConfig;
 use tessera_proxy::capture::{self, CaptureConfig, Family};
 use tessera_proxy::config::CONFIG_ENV;
 
+/// glibc's malloc, with tokio's 128-byte-aligned tasks served from its per-thread cache.
+#[global_allocator]
+static ALLOCATOR: tessera_proxy::allocator::Allocator = tessera_proxy::allocator::Allocator;
+
 #[derive(Parser)]
 #[command(name = "tessera-proxy", version, about = "Tessera data-plane proxy")]
 struct Cli {
