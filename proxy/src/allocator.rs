@@ -8,7 +8,7 @@
 //! paid ~580 instructions for that one allocation (callgrind, inbound side), where a
 //! cached malloc of the same size costs under 100. Padding a malloc block by the
 //! alignment and remembering the block's start just before the aligned address keeps
-//! those allocations in the cache, for at most `align` bytes more per task.
+//! those allocations in the cache, for at most `align` bytes more per block.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
