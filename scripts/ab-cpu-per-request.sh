@@ -10,6 +10,8 @@
 # For changes of a few per cent use scripts/instructions-per-request.sh instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-up.sh
+source scripts/bench-up.sh
 
 if [ $# -lt 2 ]; then
     sed -n '2,10p' "$0" >&2
@@ -33,8 +35,7 @@ stop_up() {
     fi
 }
 trap 'stop_up; rm -rf "$work"' EXIT
-# The benchmark's gRPC message: uncompressed, an EchoRequest {"benchmark", 1}.
-printf '\x00\x00\x00\x00\x0d\x0a\x09benchmark\x10\x01' >"$work/grpc.body"
+write_grpc_body "$work/grpc.body"
 
 ticks_per_second="$(getconf CLK_TCK)"
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -63,18 +64,11 @@ fixed_rate() {
 declare -A results
 for round in $(seq "$rounds"); do
     for which in 0 1; do
-        TESSERA_BENCH_PROXY="${builds[$which]}" setsid "$benches" up >"$work/up.log" 2>&1 </dev/null &
-        up=$!
-        for _ in $(seq 120); do
-            grep -q "^up;" "$work/up.log" && break
-            sleep 1
-        done
-        grep -q "^up;" "$work/up.log" || { cat "$work/up.log" >&2; exit 1; }
-        http1_entry="$(awk '/^tessera/ { print $3 }' "$work/up.log")"
-        grpc_entry="$(awk '/^tessera/ { print $5 }' "$work/up.log")"
-        pid() { awk -v side="$1" '/^tessera/ { t = 1 } /^haproxy/ { t = 0 } t && $1 == side { print $3 }' "$work/up.log"; }
-        client="$(pid client-side)"
-        server="$(pid server-side)"
+        bench_up "$benches" "$work/up.log" "${builds[$which]}"
+        http1_entry="$(bench_entry "$work/up.log" 3)"
+        grpc_entry="$(bench_entry "$work/up.log" 5)"
+        client="$(bench_pid "$work/up.log" client-side)"
+        server="$(bench_pid "$work/up.log" server-side)"
         http1 2s >/dev/null
         h="$(measure http1 8s)"
         grpc 2 >/dev/null

@@ -5,12 +5,15 @@
 # (default: the release build). Needs valgrind and h2load (nghttp2-client); ~1 minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-up.sh
+source scripts/bench-up.sh
 
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 proxy="$(realpath "${1:-$target/release/tessera-proxy}")"
 requests=4000
 cargo build --release -p tessera-benches >/dev/null 2>&1
 work="$(mktemp -d)"
+up=""
 trap 'kill -INT "$up" 2>/dev/null || true; rm -rf "$work"' EXIT
 
 cat >"$work/proxy.sh" <<WRAPPER
@@ -19,22 +22,13 @@ exec valgrind --tool=callgrind --callgrind-out-file=$work/profile.%p --dump-inst
     --dump-line=no "$proxy" "\$@"
 WRAPPER
 chmod +x "$work/proxy.sh"
-TESSERA_BENCH_PROXY="$work/proxy.sh" setsid "$target/release/tessera-benches" up \
-    >"$work/up.log" 2>&1 </dev/null &
-up=$!
-for _ in $(seq 120); do
-    grep -q "^up;" "$work/up.log" && break
-    sleep 1
-done
-grep -q "^up;" "$work/up.log" || { cat "$work/up.log" >&2; exit 1; }
-
-entry() { awk -v column="$1" '/^tessera/ { print $column }' "$work/up.log"; }
-pid() { awk -v side="$1" '/^tessera/ { t = 1 } /^haproxy/ { t = 0 } t && $1 == side { print $3 }' "$work/up.log"; }
+bench_up "$target/release/tessera-benches" "$work/up.log" "$work/proxy.sh"
+entry() { bench_entry "$work/up.log" "$1"; }
+pid() { bench_pid "$work/up.log" "$1"; }
 client="$(pid client-side)"
 server="$(pid server-side)"
 grpc_body="$work/grpc.body"
-# The benchmark's gRPC message: uncompressed, an EchoRequest {"benchmark", 1}.
-printf '\x00\x00\x00\x00\x0d\x0a\x09benchmark\x10\x01' >"$grpc_body"
+write_grpc_body "$grpc_body"
 http1=(h2load --h1 -c 16 "http://$(entry 3)/small")
 grpc=(h2load -c 4 -m 10 --data "$grpc_body" -H 'content-type: application/grpc'
     -H 'te: trailers' "http://$(entry 5)/tessera.test.v1.Echo/Unary")

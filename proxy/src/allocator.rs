@@ -6,7 +6,7 @@
 //! from the arena and splits the slack off again. tokio aligns every task to 128 bytes
 //! (a cache-line pair), and the proxy spawns a task per HTTP/2 stream, so each request
 //! paid ~580 instructions for that one allocation (callgrind, inbound side), where a
-//! cached malloc of the same size costs under 100. Padding a malloc block by the
+//! cached malloc of the same size costs about 100. Padding a malloc block by the
 //! alignment and remembering the block's start just before the aligned address keeps
 //! those allocations in the cache, for at most `align` bytes more per block.
 
