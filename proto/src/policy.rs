@@ -491,7 +491,7 @@ fn none_of<T>(values: &[T], matches: impl Fn(&T) -> bool) -> bool {
 /// The path policies are matched against, and the one forwarded: percent-encoded
 /// unreserved characters decoded, `.`/`..` segments resolved and repeated slashes merged
 /// (RFC 3986 §6.2.2), so `/a/../admin`, `//admin` and `/%61dmin` are all `/admin`.
-pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, InvalidPath> {
     // Most paths are already normal: no allocation for them.
     let suspicious = path.is_empty()
         || !path.starts_with('/')
@@ -499,7 +499,7 @@ pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
         || path.contains("/.")
         || path.contains('%');
     if !suspicious {
-        return std::borrow::Cow::Borrowed(path);
+        return Ok(std::borrow::Cow::Borrowed(path));
     }
     let decoded = decode_unreserved(path);
     let ends_with_slash =
@@ -522,7 +522,15 @@ pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
     if normalized.is_empty() || (ends_with_slash && !segments.is_empty()) {
         normalized.push('/');
     }
-    std::borrow::Cow::Owned(normalized)
+    Ok(std::borrow::Cow::Owned(normalized))
+}
+
+/// A request path that has no normal form, so no policy can be checked against it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidPath {
+    /// `%` not followed by two hexadecimal digits.
+    #[error("malformed percent-encoding at byte {0}")]
+    MalformedEscape(usize),
 }
 
 fn decode_unreserved(path: &str) -> String {
@@ -1238,7 +1246,7 @@ mod tests {
             ("/a%2fb", "/a%2Fb"),
             ("/%zz", "/%zz"),
         ] {
-            assert_eq!(normalize_path(raw), normal, "{raw}");
+            assert_eq!(normalize_path(raw).unwrap(), normal, "{raw}");
         }
     }
 

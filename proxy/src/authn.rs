@@ -192,7 +192,11 @@ impl JwtValidator {
 fn carries_token(query: &str) -> bool {
     query.split(['&', ';']).any(|pair| {
         let name = pair.split('=').next().unwrap_or("");
-        tessera_proto::policy::normalize_path(&format!("/{name}"))
+        let name = format!("/{name}");
+        // A name with a broken escape is not `access_token` in any spelling an
+        // application decodes; the request itself is refused for its path if it matters.
+        tessera_proto::policy::normalize_path(&name)
+            .unwrap_or(std::borrow::Cow::Borrowed(&name))
             .trim_start_matches('/')
             .replace("%5F", "_")
             .eq_ignore_ascii_case("access_token")
