@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 pub mod backend;
 pub mod certs;
 pub mod grpc;
+pub mod hostile;
 pub mod jwt;
 pub mod l7;
 pub mod netns;

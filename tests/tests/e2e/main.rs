@@ -6,6 +6,7 @@ mod demo;
 mod detection;
 mod discovery;
 mod grpc;
+mod hostile;
 mod http;
 mod identity_api;
 mod injection;
