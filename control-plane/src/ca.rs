@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, ParsedPublicKey};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -36,8 +37,14 @@ pub enum CaError {
 pub enum CsrRefusal {
     #[error("CSR cannot be parsed or its signature does not verify")]
     Malformed,
-    #[error("CSR key must be ECDSA P-256")]
-    KeyAlgorithm,
+    #[error("CSR key must be ECDSA P-256 with an uncompressed point; it is a {found}")]
+    KeyAlgorithm { found: String },
+    #[error("CSR must be signed with ecdsa-with-SHA256 by its own key; it is signed with {found}")]
+    SignatureAlgorithm { found: String },
+    #[error(
+        "CSR signature does not verify with the key it carries (tampered, or signed by another key)"
+    )]
+    Signature,
     #[error("CSR asks for a CA certificate; workloads get end-entity certificates only")]
     AsksForCa,
     #[error("CSR must carry exactly one SAN, a URI; it has {uris} URI and {others} other SANs")]
@@ -269,12 +276,10 @@ pub fn validate_csr(
     csr_der: &[u8],
     authenticated: &SpiffeId,
 ) -> Result<CertificateSigningRequestParams, CsrRefusal> {
+    check_key_and_signature(csr_der)?;
     let csr =
         CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
             .map_err(|_| CsrRefusal::Malformed)?;
-    if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
-        return Err(CsrRefusal::KeyAlgorithm);
-    }
     if matches!(csr.params.is_ca, IsCa::Ca(_)) {
         return Err(CsrRefusal::AsksForCa);
     }
@@ -305,6 +310,70 @@ pub fn validate_csr(
         });
     }
     Ok(csr)
+}
+
+/// Accepts only the key workloads make: ECDSA P-256 as an uncompressed point on the
+/// curve, with the CSR signed by that very key using ecdsa-with-SHA256. The key is read
+/// from the SubjectPublicKeyInfo itself: the signature algorithm says nothing about the
+/// curve (a P-384 key signs with ecdsa-with-SHA256 too), and the certificate labels
+/// whatever point it is given as the curve its algorithm names.
+fn check_key_and_signature(csr_der: &[u8]) -> Result<(), CsrRefusal> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ECDSA_WITH_SHA256,
+    };
+    use x509_parser::prelude::FromDer;
+
+    let key_refused = |found: String| CsrRefusal::KeyAlgorithm { found };
+    let (rest, csr) =
+        X509CertificationRequest::from_der(csr_der).map_err(|_| CsrRefusal::Malformed)?;
+    if !rest.is_empty() {
+        return Err(CsrRefusal::Malformed);
+    }
+    let info = &csr.certification_request_info;
+    let spki = &info.subject_pki;
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+        return Err(key_refused(format!(
+            "{} key",
+            oid_name(&spki.algorithm.algorithm)
+        )));
+    }
+    match spki.algorithm.parameters.as_ref().map(|p| p.as_oid()) {
+        Some(Ok(curve)) if curve == OID_EC_P256 => {}
+        Some(Ok(curve)) => {
+            return Err(key_refused(format!("EC key on curve {}", oid_name(&curve))));
+        }
+        _ => return Err(key_refused("EC key without a named curve".into())),
+    }
+    let point = spki.subject_public_key.data.as_ref();
+    if spki.subject_public_key.unused_bits != 0 || point.len() != 65 || point[0] != 0x04 {
+        return Err(key_refused(format!(
+            "P-256 point of {} bytes, not an uncompressed 65-byte point",
+            point.len()
+        )));
+    }
+    // Parsing checks the point lies on the curve.
+    let key = ParsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point)
+        .map_err(|_| key_refused("P-256 point that is not on the curve".into()))?;
+    let signature_algorithm = &csr.signature_algorithm;
+    if signature_algorithm.algorithm != OID_SIG_ECDSA_WITH_SHA256
+        || signature_algorithm.parameters.is_some()
+    {
+        return Err(CsrRefusal::SignatureAlgorithm {
+            found: oid_name(&signature_algorithm.algorithm),
+        });
+    }
+    if csr.signature_value.unused_bits != 0 {
+        return Err(CsrRefusal::Malformed);
+    }
+    key.verify_sig(info.raw, &csr.signature_value.data)
+        .map_err(|_| CsrRefusal::Signature)
+}
+
+/// An OID's short name when the registry knows it, else its dotted form.
+fn oid_name(oid: &x509_parser::der_parser::oid::Oid<'_>) -> String {
+    x509_parser::objects::oid2sn(oid, x509_parser::objects::oid_registry())
+        .map_or_else(|_| oid.to_id_string(), str::to_string)
 }
 
 fn create_dev_root(state_dir: &Path, trust_domain: &str) -> Result<(), CaError> {
@@ -458,8 +527,144 @@ mod tests {
         tampered[last] ^= 1;
         assert_eq!(
             validate_csr(&tampered, &me).unwrap_err(),
-            CsrRefusal::Malformed
+            CsrRefusal::Signature
         );
+    }
+
+    /// A CSR with `key`'s public key but a signature made with `signer`: the request
+    /// info of one, the signature of the other, spliced (same lengths for P-256).
+    fn mismatched_signature_csr(sans: Vec<SanType>) -> Vec<u8> {
+        let signer = KeyPair::generate().unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        let mut csr = params.serialize_request(&signer).unwrap().der().to_vec();
+        let theirs = signer.public_key_raw().to_vec();
+        let at = csr.windows(theirs.len()).position(|w| w == theirs).unwrap();
+        csr[at..at + theirs.len()].copy_from_slice(key.public_key_raw());
+        csr
+    }
+
+    /// Every shape of CSR key and signature: only an ECDSA P-256 key with an
+    /// uncompressed point on the curve, signed by itself with ecdsa-with-SHA256, passes.
+    /// The openssl-made fixtures name spiffe://cluster.local/ns/shop/sa/api, so the key
+    /// is the only thing wrong with them (see testdata/csr/README.md).
+    #[test]
+    fn refuses_every_key_but_p256() {
+        let me = id("api");
+        let ed25519 = {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = vec![uri(&me)];
+            params.serialize_request(&key).unwrap().der().to_vec()
+        };
+        let p384_sha384 = {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = vec![uri(&me)];
+            params.serialize_request(&key).unwrap().der().to_vec()
+        };
+        let key_refused = |found: &str| {
+            Err(CsrRefusal::KeyAlgorithm {
+                found: found.to_string(),
+            })
+        };
+        let table: Vec<(&str, Vec<u8>, Result<(), CsrRefusal>)> = vec![
+            ("P-256", csr(vec![uri(&me)], IsCa::NoCa), Ok(())),
+            (
+                "P-384, ecdsa-with-SHA256",
+                include_bytes!("testdata/csr/p384-sha256.der").to_vec(),
+                key_refused("EC key on curve secp384r1"),
+            ),
+            (
+                "P-384, ecdsa-with-SHA384",
+                p384_sha384,
+                key_refused("EC key on curve secp384r1"),
+            ),
+            (
+                "P-521",
+                include_bytes!("testdata/csr/p521-sha256.der").to_vec(),
+                key_refused("EC key on curve secp521r1"),
+            ),
+            (
+                "secp256k1",
+                include_bytes!("testdata/csr/secp256k1-sha256.der").to_vec(),
+                key_refused("EC key on curve 1.3.132.0.10"),
+            ),
+            (
+                "RSA-2048",
+                include_bytes!("testdata/csr/rsa2048-sha256.der").to_vec(),
+                key_refused("rsaEncryption key"),
+            ),
+            ("Ed25519", ed25519, key_refused("ed25519 key")),
+            (
+                "P-256, compressed point",
+                include_bytes!("testdata/csr/p256-compressed-sha256.der").to_vec(),
+                key_refused("P-256 point of 33 bytes, not an uncompressed 65-byte point"),
+            ),
+            (
+                "P-256, signature by another key",
+                mismatched_signature_csr(vec![uri(&me)]),
+                Err(CsrRefusal::Signature),
+            ),
+            (
+                "P-256, ecdsa-with-SHA384",
+                include_bytes!("testdata/csr/p256-sha384.der").to_vec(),
+                Err(CsrRefusal::SignatureAlgorithm {
+                    found: "ecdsa-with-SHA384".to_string(),
+                }),
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (shape, der, expected) in table {
+            let outcome = validate_csr(&der, &me).map(|_| ());
+            if outcome != expected {
+                wrong.push(format!("{shape}: got {outcome:?}, want {expected:?}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// A P-256 "point" that is not on the curve: the key is refused, even when the
+    /// signature would be checked second.
+    #[test]
+    fn refuses_a_p256_point_off_the_curve() {
+        let me = id("api");
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![uri(&me)];
+        let mut der = params.serialize_request(&key).unwrap().der().to_vec();
+        let point = key.public_key_raw().to_vec();
+        let at = der.windows(point.len()).position(|w| w == point).unwrap();
+        // Keep x, change y: (x, y+1) is not on the curve.
+        der[at + 64] ^= 1;
+        assert_eq!(
+            validate_csr(&der, &me).unwrap_err(),
+            CsrRefusal::KeyAlgorithm {
+                found: "P-256 point that is not on the curve".to_string()
+            }
+        );
+    }
+
+    /// The certificate holds exactly the CSR's 65-byte P-256 point, and its SPKI is the
+    /// CSR's byte for byte (what `openssl x509` failed to load when they differed).
+    #[test]
+    fn the_certificate_holds_the_csr_key() {
+        let ca = CertificateAuthority::dev_root(&tempdir(), "cluster.local").unwrap();
+        let der = csr(vec![uri(&id("api"))], IsCa::NoCa);
+        let request = validate_csr(&der, &id("api")).unwrap();
+        let issued = ca
+            .issue(&request, &id("api"), Duration::from_secs(3600))
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+        let (_, parsed_csr) =
+            <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(&der)
+                .unwrap();
+        assert_eq!(
+            cert.public_key().raw,
+            parsed_csr.certification_request_info.subject_pki.raw
+        );
+        assert_eq!(cert.public_key().subject_public_key.data.len(), 65);
     }
 
     #[test]
