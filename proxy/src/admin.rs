@@ -97,11 +97,27 @@ where
     R: Fn(&str, &http::HeaderMap) -> Reply + Send + Sync + 'static,
 {
     let route = Arc::new(route);
+    let mut spare = SpareDescriptor::open();
+    let mut backoff = crate::tcp::AcceptBackoff::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of descriptors: give up the spare one so this probe is answered.
+            Err(error) if spare.release() => match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    backoff.failed(&error).await;
+                    continue;
+                }
+            },
+            Err(error) => {
+                backoff.failed(&error).await;
+                spare.reopen();
+                continue;
+            }
         };
+        backoff.succeeded();
+        spare.reopen();
         let route = route.clone();
         let probes = probes.clone();
         tokio::spawn(async move {
@@ -132,6 +148,28 @@ where
                 debug!(event = "admin connection error", error = %error);
             }
         });
+    }
+}
+
+/// A descriptor held back for the admin port: when the process runs out (a flood on
+/// the data path), closing it lets one more probe connection in, so `/live` and
+/// `/ready` still answer. Taken again as soon as a descriptor is free.
+struct SpareDescriptor(Option<std::fs::File>);
+
+impl SpareDescriptor {
+    fn open() -> Self {
+        Self(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Closes the spare; whether there was one.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+
+    fn reopen(&mut self) {
+        if self.0.is_none() {
+            self.0 = std::fs::File::open("/dev/null").ok();
+        }
     }
 }
 

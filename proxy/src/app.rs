@@ -105,6 +105,7 @@ impl Drop for RunningProxy {
 /// `/ready` turns true once it has.
 pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     config.validate()?;
+    let descriptors = crate::tcp::raise_fd_limit();
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let identity = identity_manager(&config, metrics.clone())?;
@@ -124,7 +125,8 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         ClientAuth::Required,
         &[ALPN_H2_TUNNELS, ALPN_H2, ALPN_HTTP1, ALPN_TCP],
     )?;
-    let (drain_trigger, drain) = crate::lifecycle::channel();
+    let (drain_trigger, drain) =
+        crate::lifecycle::channel_with_budget(config.limits.max_requests_in_flight);
     let tracer = Arc::new(match &config.tracing {
         Some(tracing) => Tracer::start(
             tracing,
@@ -227,6 +229,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         outbound = ?outbound_addresses,
         transparent = ?transparent_addresses,
         control_plane = %config.control_plane.address,
+        descriptors,
     );
     Ok(RunningProxy {
         admin_address,

@@ -260,12 +260,25 @@ impl OutboundUpstream {
     }
 }
 
-/// Bounds on what a peer can make the proxy hold.
+/// Bounds on what a peer can make the proxy hold; each field's range is checked at
+/// parse time ([`Limits::check`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Limits {
     /// Open connections per listener; more wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Streams (requests and tunnelled connections) one HTTP/2 connection may hold open
+    /// at once, on every HTTP/2 server the proxy runs. 100: the floor RFC 9113 §6.5.2
+    /// recommends and Envoy's hardening guide sets; a peer proxy needing more opens
+    /// another connection.
+    pub max_concurrent_streams_per_connection: u32,
+    /// HTTP/2 requests and tunnels in flight in the whole proxy; beyond, a new stream is
+    /// answered 503 (`tessera-proxy-error: proxy-overloaded`).
+    pub max_requests_in_flight: usize,
+    /// HTTP/1.1 connections to the application per application port; at the cap a
+    /// request waits [`APP_CONNECTION_WAIT`](crate::pool::APP_CONNECTION_WAIT) for one
+    /// to free up, then gets 503.
+    pub max_app_connections: usize,
     #[serde(with = "humantime_serde_compat")]
     pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde_compat")]
@@ -277,17 +290,166 @@ pub struct Limits {
     /// On SIGTERM, how long in-flight connections may take to finish.
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
+    /// A request head must be complete this long after the caller starts waiting to
+    /// send one: HTTP/1.1 between requests, HTTP/2 for the first request of a connection.
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+    /// An HTTP/2 connection with no stream open for this long is closed with GOAWAY.
+    #[serde(with = "humantime_serde_compat")]
+    pub connection_idle_timeout: Duration,
+    /// A stream with no byte either way for this long is answered 408 (before the
+    /// response) or reset (after).
+    #[serde(with = "humantime_serde_compat")]
+    pub stream_idle_timeout: Duration,
+    /// A request body that sends nothing for this long, before the response has begun,
+    /// is answered 408.
+    #[serde(with = "humantime_serde_compat")]
+    pub request_body_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            max_concurrent_streams_per_connection: 100,
+            max_requests_in_flight: 10_000,
+            max_app_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             detect_timeout: Duration::from_millis(200),
             drain_timeout: Duration::from_secs(20),
+            header_read_timeout: Duration::from_secs(10),
+            connection_idle_timeout: Duration::from_secs(5 * 60),
+            stream_idle_timeout: Duration::from_secs(5 * 60),
+            request_body_timeout: Duration::from_secs(60),
         }
+    }
+}
+
+/// A value outside the range its field allows: `field` is the YAML path
+/// (`limits.maxConnections`), so the parser can say on which line it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfRange {
+    pub field: String,
+    pub reason: String,
+}
+
+/// Checks `value` lies in `min..=max`.
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    field: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), OutOfRange> {
+    if value < min || value > max {
+        return Err(OutOfRange {
+            field: field.to_string(),
+            reason: format!("{field} is {value}, must be between {min} and {max}"),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a duration lies in `min..=max`.
+fn duration_in_range(
+    field: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), OutOfRange> {
+    if value < min || value > max {
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        return Err(OutOfRange {
+            field: field.to_string(),
+            reason: format!(
+                "{field} is {}, must be between {} and {}",
+                show(value),
+                show(min),
+                show(max)
+            ),
+        });
+    }
+    Ok(())
+}
+
+const MILLISECOND: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+impl Limits {
+    /// Every bound in range. The upper bounds are what the runtime can hold (an HTTP/2
+    /// setting is 31 bits, a tokio semaphore ~2^61 permits) or what no deployment
+    /// needs; zero is refused wherever it would stop all traffic.
+    pub fn check(&self) -> Result<(), OutOfRange> {
+        in_range("limits.maxConnections", self.max_connections, 1, 1_000_000)?;
+        in_range(
+            "limits.maxConcurrentStreamsPerConnection",
+            self.max_concurrent_streams_per_connection,
+            1,
+            10_000,
+        )?;
+        in_range(
+            "limits.maxRequestsInFlight",
+            self.max_requests_in_flight,
+            1,
+            1_000_000,
+        )?;
+        in_range(
+            "limits.maxAppConnections",
+            self.max_app_connections,
+            1,
+            100_000,
+        )?;
+        duration_in_range(
+            "limits.handshakeTimeout",
+            self.handshake_timeout,
+            MILLISECOND,
+            HOUR,
+        )?;
+        duration_in_range(
+            "limits.connectTimeout",
+            self.connect_timeout,
+            MILLISECOND,
+            HOUR,
+        )?;
+        duration_in_range(
+            "limits.detectTimeout",
+            self.detect_timeout,
+            MILLISECOND,
+            Duration::from_secs(60),
+        )?;
+        duration_in_range(
+            "limits.drainTimeout",
+            self.drain_timeout,
+            Duration::ZERO,
+            HOUR,
+        )?;
+        duration_in_range(
+            "limits.headerReadTimeout",
+            self.header_read_timeout,
+            MILLISECOND,
+            HOUR,
+        )?;
+        duration_in_range(
+            "limits.connectionIdleTimeout",
+            self.connection_idle_timeout,
+            SECOND,
+            DAY,
+        )?;
+        duration_in_range(
+            "limits.streamIdleTimeout",
+            self.stream_idle_timeout,
+            SECOND,
+            DAY,
+        )?;
+        duration_in_range(
+            "limits.requestBodyTimeout",
+            self.request_body_timeout,
+            SECOND,
+            DAY,
+        )?;
+        Ok(())
     }
 }
 
@@ -337,6 +499,13 @@ impl ProxyConfig {
                 .unwrap_or("invalid YAML")
                 .to_string(),
         })?;
+        if let Err(out) = config.check_numbers() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(text, &out.field),
+                reason: out.reason,
+            });
+        }
         config.validate()?;
         Ok(config)
     }
@@ -374,10 +543,38 @@ impl ProxyConfig {
                 )));
             }
         }
-        if self.limits.max_connections == 0 {
-            return Err(ConfigError::Semantic(
-                "limits.maxConnections must be at least 1".into(),
-            ));
+        self.check_numbers()
+            .map_err(|out| ConfigError::Semantic(out.reason))?;
+        Ok(())
+    }
+
+    /// Every number in the configuration within the range its field allows.
+    pub fn check_numbers(&self) -> Result<(), OutOfRange> {
+        self.limits.check()?;
+        if let Some(tracing) = &self.tracing {
+            tracing.check()?;
+        }
+        for (index, port) in self.inbound.iter().enumerate() {
+            in_range(
+                &format!("inbound[{index}].forwardTo"),
+                port.forward_to.port(),
+                1,
+                u16::MAX,
+            )?;
+        }
+        for (index, upstream) in self.outbound.iter().enumerate() {
+            if let Some(port) = upstream.port {
+                in_range(&format!("outbound[{index}].port"), port, 1, u16::MAX)?;
+            }
+        }
+        for (path, probe) in &self.app_probes {
+            in_range(&format!("appProbes.{path}.port"), probe.port, 1, u16::MAX)?;
+            in_range(
+                &format!("appProbes.{path}.timeoutSeconds"),
+                probe.timeout_seconds,
+                1,
+                3600,
+            )?;
         }
         Ok(())
     }
@@ -427,6 +624,79 @@ impl ProxyConfig {
         })?;
         Ok(Some(JoinToken(token.trim().to_string())))
     }
+}
+
+/// The line (1-based) where `field` — a YAML path such as `limits.maxConnections`,
+/// `inbound[1].forwardTo` or `appProbes./app-health/x.port` — is written in `text`;
+/// 0 when it is not written (a default). Block-style YAML, as the proxy's
+/// configuration is written; each step finds its key deeper than the one before.
+fn line_of(text: &str, field: &str) -> u64 {
+    let mut steps: Vec<(String, Option<usize>)> = Vec::new();
+    let mut rest = field;
+    // A probe path contains dots: it is the step between `appProbes.` and the last one.
+    if let Some(probe) = rest.strip_prefix("appProbes.")
+        && let Some((path, key)) = probe.rsplit_once('.')
+    {
+        steps.push(("appProbes".into(), None));
+        steps.push((path.to_string(), None));
+        rest = key;
+        steps.push((rest.to_string(), None));
+    } else {
+        for step in rest.split('.') {
+            match step.split_once('[') {
+                Some((key, index)) => {
+                    steps.push((key.to_string(), index.trim_end_matches(']').parse().ok()))
+                }
+                None => steps.push((step.to_string(), None)),
+            }
+        }
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |line: &str| line.len() - line.trim_start().len();
+    // Where the search for the next step starts, how deep its key must be, and the
+    // list item's dash line (whose first key sits on it, at the dash's indent).
+    let (mut from, mut depth, mut item) = (0usize, None::<usize>, None::<usize>);
+    let mut found = 0u64;
+    for (key, index) in steps {
+        let Some(at) = (from..lines.len()).find(|&n| {
+            let line = lines[n];
+            let body = line.trim_start().trim_start_matches("- ");
+            (item == Some(n) || depth.is_none_or(|d| indent(line) > d))
+                && (body.starts_with(&format!("{key}:"))
+                    || body.starts_with(&format!("\"{key}\":")))
+        }) else {
+            return found;
+        };
+        found = at as u64 + 1;
+        from = at + 1;
+        depth = Some(indent(lines[at]));
+        item = None;
+        if let Some(index) = index {
+            let owner = indent(lines[at]);
+            let dashes = (from..lines.len())
+                .take_while(|&n| {
+                    let line = lines[n].trim_start();
+                    line.is_empty()
+                        || line.starts_with('#')
+                        || indent(lines[n]) > owner
+                        || line.starts_with("- ")
+                })
+                .filter(|&n| lines[n].trim_start().starts_with("- "));
+            // Only the list's own items, not a list nested in one of them.
+            let item_indent = dashes.clone().next().map(|n| indent(lines[n]));
+            let Some(dash) = dashes
+                .filter(|&n| Some(indent(lines[n])) == item_indent)
+                .nth(index)
+            else {
+                return found;
+            };
+            found = dash as u64 + 1;
+            from = dash;
+            depth = Some(indent(lines[dash]));
+            item = Some(dash);
+        }
+    }
+    found
 }
 
 /// What authenticates the first certificate request.
@@ -518,6 +788,148 @@ mod tests {
             }
         );
         assert_eq!(config.inbound[0].listen.port(), 15006);
+    }
+
+    /// Each out-of-range value is refused at parse time, naming the line it is on and
+    /// the field's range.
+    #[test]
+    fn out_of_range_numbers_are_refused_with_their_line() {
+        let limits = |line: &str| format!("{MINIMAL}limits:\n  {line}\n");
+        let tracing = |line: &str| {
+            format!("{MINIMAL}tracing:\n  otlpEndpoint: http://127.0.0.1:4317\n  {line}\n")
+        };
+        let cases: Vec<(String, u64, &str)> = vec![
+            (limits("maxConnections: 0"), 8, "limits.maxConnections is 0"),
+            (
+                limits("maxConnections: 2000000"),
+                8,
+                "between 1 and 1000000",
+            ),
+            (
+                limits("maxConcurrentStreamsPerConnection: 0"),
+                8,
+                "limits.maxConcurrentStreamsPerConnection is 0",
+            ),
+            (
+                limits("maxConcurrentStreamsPerConnection: 4294967295"),
+                8,
+                "between 1 and 10000",
+            ),
+            (
+                limits("maxRequestsInFlight: 0"),
+                8,
+                "limits.maxRequestsInFlight",
+            ),
+            (
+                limits("maxRequestsInFlight: 18446744073709551615"),
+                8,
+                "limits.maxRequestsInFlight",
+            ),
+            (
+                limits("maxAppConnections: 0"),
+                8,
+                "limits.maxAppConnections",
+            ),
+            (
+                limits("handshakeTimeout: 0s"),
+                8,
+                "limits.handshakeTimeout is 0s",
+            ),
+            (limits("connectTimeout: 0s"), 8, "limits.connectTimeout"),
+            (limits("detectTimeout: 2m"), 8, "limits.detectTimeout is 2m"),
+            (limits("drainTimeout: 2h"), 8, "limits.drainTimeout"),
+            (
+                limits("headerReadTimeout: 0s"),
+                8,
+                "limits.headerReadTimeout",
+            ),
+            (
+                limits("connectionIdleTimeout: 0s"),
+                8,
+                "limits.connectionIdleTimeout",
+            ),
+            (
+                limits("streamIdleTimeout: 400days"),
+                8,
+                "limits.streamIdleTimeout",
+            ),
+            (
+                limits("requestBodyTimeout: 10ms"),
+                8,
+                "limits.requestBodyTimeout",
+            ),
+            (
+                tracing("maxQueue: 18446744073709551615"),
+                9,
+                "tracing.maxQueue is 18446744073709551615",
+            ),
+            (tracing("maxQueue: 0"), 9, "tracing.maxQueue is 0"),
+            (tracing("sampleRatio: 1.5"), 9, "tracing.sampleRatio is 1.5"),
+            (tracing("sampleRatio: -0.1"), 9, "tracing.sampleRatio"),
+            (
+                tracing("sampleRatio: .nan"),
+                9,
+                "tracing.sampleRatio is NaN",
+            ),
+            (
+                format!(
+                    "{MINIMAL}inbound:\n  - listen: 0.0.0.0:1\n    forwardTo: 127.0.0.1:8080\n  - listen: 0.0.0.0:2\n    forwardTo: 127.0.0.1:0\n"
+                ),
+                11,
+                "inbound[1].forwardTo is 0",
+            ),
+            (
+                format!(
+                    "{MINIMAL}appProbes:\n  /app-health/web/livez:\n    port: 8080\n    timeoutSeconds: 0\n"
+                ),
+                10,
+                "appProbes./app-health/web/livez.timeoutSeconds is 0",
+            ),
+        ];
+        for (text, line, reason) in cases {
+            let error = ProxyConfig::parse(&text, Path::new("proxy.yaml"))
+                .err()
+                .unwrap_or_else(|| panic!("accepted:\n{text}"))
+                .to_string();
+            assert!(
+                error.starts_with(&format!("proxy.yaml:{line}: ")) && error.contains(reason),
+                "for\n{text}\ngot: {error}\nwanted line {line} and {reason:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_at_the_edge_of_their_range_are_accepted() {
+        let text = format!(
+            "{MINIMAL}limits:\n  maxConnections: 1\n  maxConcurrentStreamsPerConnection: 10000\n  drainTimeout: 0s\ntracing:\n  otlpEndpoint: http://127.0.0.1:4317\n  maxQueue: 1000000\n  sampleRatio: 0\n"
+        );
+        let config = ProxyConfig::parse(&text, Path::new("proxy.yaml")).unwrap();
+        assert_eq!(config.limits.max_concurrent_streams_per_connection, 10_000);
+        assert_eq!(config.limits.stream_idle_timeout, Duration::from_secs(300));
+    }
+
+    /// `tracing.maxQueue: 18446744073709551615` used to be accepted, and the proxy then
+    /// panicked creating the span queue ("a semaphore may not have more than MAX_PERMITS
+    /// permits"). Refused at parse time; a tracer built in code clamps it.
+    #[tokio::test]
+    async fn a_huge_span_queue_is_refused_and_never_panics() {
+        let text = format!(
+            "{MINIMAL}tracing:\n  otlpEndpoint: http://127.0.0.1:4317\n  maxQueue: 18446744073709551615\n"
+        );
+        let refused = ProxyConfig::parse(&text, Path::new("p.yaml")).err();
+        assert!(
+            refused.is_some_and(|e| e.to_string().starts_with("p.yaml:9: tracing.maxQueue")),
+            "must be refused at parse time"
+        );
+        let config: ProxyConfig = serde_saphyr::from_str(&text).unwrap();
+        let tracing = config.tracing.unwrap();
+        let tracer = crate::trace::Tracer::start(
+            &tracing,
+            "web.shop".into(),
+            "spiffe://cluster.local/ns/shop/sa/web".into(),
+            prometheus_client::metrics::counter::Counter::default(),
+        );
+        assert!(tracer.enabled());
     }
 
     #[test]

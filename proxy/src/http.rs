@@ -208,6 +208,8 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The proxy holds as many requests or application connections as it may.
+    Overloaded,
     pub fn reason(self) -> &'static str {
         match self {
             ProxyError::NoEndpoints => "no-healthy-endpoints",
@@ -223,8 +225,9 @@ impl ProxyError {
     }
 
     pub fn status(self) -> StatusCode {
+            ProxyError::Overloaded => "proxy-overloaded",
         match self {
-            ProxyError::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable
             | ProxyError::Reset
             | ProxyError::AppUnavailable

@@ -375,12 +375,7 @@ impl Inbound {
         stream: Box<dyn Io>,
         peer: &Arc<Peer>,
     ) -> Result<(), ServeError> {
-        let settings = server::Settings {
-            // Streams carry requests and tunnelled connections alike: a peer may hold as
-            // many at once as it could open connections.
-            max_streams: u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX),
-            handshake_timeout: self.limits.handshake_timeout,
-        };
+        let settings = server::Settings::new(&self.limits);
         server::serve(stream, settings, &self.drain, |request| {
             let inbound = self.clone();
             let peer = peer.clone();
@@ -413,7 +408,7 @@ impl Inbound {
                 Ok::<_, std::convert::Infallible>(response)
             }
         });
-        let connection = crate::http::http1_server(self.limits.handshake_timeout)
+        let connection = crate::http::http1_server(self.limits.header_read_timeout)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         crate::serve_gracefully!(connection, self.drain)
@@ -731,7 +726,7 @@ impl AppClient {
         Arc::new(Self {
             address,
             authority,
-            http1: Http1Pool::new(address, limits.connect_timeout, APP_READ_BUFFER),
+            http1: Http1Pool::new(address, limits, APP_READ_BUFFER),
             http2: SharedH2::new(ProxyError::AppUnavailable),
             connect_timeout: limits.connect_timeout,
         })

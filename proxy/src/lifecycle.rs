@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Shared by everything that must stop when the proxy drains.
 #[derive(Clone)]
@@ -34,6 +34,8 @@ struct Shared {
     /// Connections in flight, and the notice that the last one finished.
     active: AtomicUsize,
     idle: Notify,
+    /// Requests (HTTP/2 streams) the proxy takes in flight at once.
+    requests: Arc<Semaphore>,
 }
 
 #[derive(Default)]
@@ -53,12 +55,22 @@ impl Drop for InFlight {
     }
 }
 
+/// One request in flight, until dropped.
+pub type Admitted = OwnedSemaphorePermit;
+
+/// A drain with no bound on requests in flight (tests).
 pub fn channel() -> (DrainTrigger, Drain) {
+    channel_with_budget(Semaphore::MAX_PERMITS)
+}
+
+/// A drain whose [`Drain::admit`] lets at most `max_requests` requests in flight.
+pub fn channel_with_budget(max_requests: usize) -> (DrainTrigger, Drain) {
     let shared = Arc::new(Shared {
         draining: AtomicBool::new(false),
         waiting: Mutex::new(Waiting::default()),
         active: AtomicUsize::new(0),
         idle: Notify::new(),
+        requests: Arc::new(Semaphore::new(max_requests.min(Semaphore::MAX_PERMITS))),
     });
     (
         DrainTrigger {
@@ -79,6 +91,12 @@ impl Drain {
             shared: &self.shared,
             registered: None,
         }
+    }
+
+    /// One more request in flight, or `None` when the proxy holds its maximum: the
+    /// caller refuses that request instead of letting memory grow.
+    pub fn admit(&self) -> Option<Admitted> {
+        self.shared.requests.clone().try_acquire_owned().ok()
     }
 
     /// Marks one connection in flight.

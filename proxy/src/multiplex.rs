@@ -58,6 +58,7 @@ impl Sender {
         Ok(Exchange {
             response,
             body: (!end_of_stream).then(|| BodyPump::new(body, stream)),
+            caller_failed: false,
         })
     }
 
@@ -110,6 +111,28 @@ impl std::fmt::Display for ConnectError {
 pub struct Exchange<B> {
     response: ResponseFuture,
     body: Option<BodyPump<B>>,
+    /// Set when the caller's own body failed (malformed, or the caller hung up): the
+    /// stream was reset for the caller's sake, not the peer's.
+    caller_failed: bool,
+}
+
+/// Why an exchange ended without a response.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// The stream or its connection failed: the peer's side.
+    Stream(h2::Error),
+    /// The caller's request body failed (a protocol error, or the caller hung up
+    /// mid-body); the stream was reset because of it. Never the peer's fault.
+    CallerBody,
+}
+
+impl std::fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExchangeError::Stream(error) => error.fmt(f),
+            ExchangeError::CallerBody => f.write_str("the caller's request body failed"),
+        }
+    }
 }
 
 impl<B> Future for Exchange<B>
@@ -117,7 +140,7 @@ where
     B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    type Output = Result<Response<StreamBody>, h2::Error>;
+    type Output = Result<Response<StreamBody>, ExchangeError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(body) = &mut self.body
@@ -126,9 +149,14 @@ where
             self.body = None;
             if let Err(error) = sent {
                 debug!(event = "request body not sent", error = %error);
+                self.caller_failed = matches!(error, PumpError::Body(_));
             }
         }
-        let response = ready!(Pin::new(&mut self.response).poll(cx));
+        let response = match ready!(Pin::new(&mut self.response).poll(cx)) {
+            Ok(response) => Ok(response),
+            Err(_) if self.caller_failed => Err(ExchangeError::CallerBody),
+            Err(error) => Err(ExchangeError::Stream(error)),
+        };
         // A failed stream takes the rest of the body with it.
         if let Some(body) = self.body.take()
             && response.is_ok()
@@ -143,11 +171,37 @@ where
     }
 }
 
+/// Why a body stopped short.
+#[derive(Debug)]
+enum PumpError {
+    /// The body being sent failed (its sender's fault).
+    Body(BoxError),
+    /// The stream failed or was reset (the receiver's side).
+    Stream(BoxError),
+}
+
+impl std::fmt::Display for PumpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PumpError::Body(error) => write!(f, "body: {error}"),
+            PumpError::Stream(error) => write!(f, "stream: {error}"),
+        }
+    }
+}
+
+impl From<h2::Error> for PumpError {
+    fn from(error: h2::Error) -> Self {
+        PumpError::Stream(error.into())
+    }
+}
+
 /// Streams a request body into its HTTP/2 stream as the peer's window allows; a body
 /// that fails resets the stream, so the peer never takes a truncated body as whole.
 struct BodyPump<B> {
     body: B,
     stream: SendStream<Bytes>,
+    /// Told of every chunk sent, when a server stream's timeouts watch it.
+    progress: Option<Arc<server::Progress>>,
     /// Whether a chunk went out already. The first is taken without asking for window
     /// (h2 holds it until the window opens: at most one chunk ahead); each later one
     /// waits for room first. Spares a small body three stream-state round trips.
@@ -159,8 +213,20 @@ impl<B> BodyPump<B> {
         BodyPump {
             body,
             stream,
+            progress: None,
             started: false,
         }
+    }
+
+    /// The pump, reporting each chunk it sends to `progress`.
+    fn with_progress(mut self, progress: Option<Arc<server::Progress>>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Ends the stream with `reason` instead of the body's end.
+    fn reset(&mut self, reason: Reason) {
+        self.stream.send_reset(reason);
     }
 }
 
@@ -169,7 +235,7 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    type Output = Result<(), BoxError>;
+    type Output = Result<(), PumpError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let pump = &mut *self;
@@ -182,7 +248,7 @@ where
                     match ready!(pump.stream.poll_capacity(cx)) {
                         Some(Ok(_)) => {}
                         Some(Err(error)) => return Poll::Ready(Err(error.into())),
-                        None => return Poll::Ready(Err("stream closed".into())),
+                        None => return Poll::Ready(Err(PumpError::Stream("stream closed".into()))),
                     }
                 }
             }
@@ -190,7 +256,7 @@ where
                 Poll::Ready(Some(Ok(frame))) => frame,
                 Poll::Ready(Some(Err(error))) => {
                     pump.stream.send_reset(Reason::CANCEL);
-                    return Poll::Ready(Err(error.into()));
+                    return Poll::Ready(Err(PumpError::Body(error.into())));
                 }
                 Poll::Ready(None) => {
                     pump.stream.send_data(Bytes::new(), true)?;
@@ -200,8 +266,9 @@ where
                 // (a chunk sent to a reset stream fails by itself).
                 Poll::Pending => {
                     if let Poll::Ready(reason) = pump.stream.poll_reset(cx) {
-                        let reason = reason.map_err(BoxError::from)?;
-                        return Poll::Ready(Err(format!("peer reset the stream: {reason}").into()));
+                        let reason = reason?;
+                        let reset = format!("peer reset the stream: {reason}");
+                        return Poll::Ready(Err(PumpError::Stream(reset.into())));
                     }
                     return Poll::Pending;
                 }
@@ -210,6 +277,9 @@ where
                 Ok(data) => {
                     let end_of_stream = pump.body.is_end_stream();
                     pump.stream.send_data(data, end_of_stream)?;
+                    if let Some(progress) = &pump.progress {
+                        progress.moved();
+                    }
                     if end_of_stream {
                         return Poll::Ready(Ok(()));
                     }
@@ -231,6 +301,8 @@ where
 /// proxy passes bytes on, it does not keep them.
 pub struct StreamBody {
     stream: RecvStream,
+    /// A server stream's progress, told of every chunk and of the end.
+    progress: Option<Arc<server::Progress>>,
     data_done: bool,
     /// What `content-length` says is still to come, so an HTTP/1.1 caller gets a
     /// length instead of chunks.
@@ -248,7 +320,8 @@ impl StreamBody {
     /// The request with its body.
     pub fn request(request: Request<RecvStream>) -> Request<StreamBody> {
         let (head, stream) = request.into_parts();
-        let body = Self::new(stream, &head.headers);
+        let mut body = Self::new(stream, &head.headers);
+        body.progress = head.extensions.get::<Arc<server::Progress>>().cloned();
         Request::from_parts(head, body)
     }
 
@@ -260,8 +333,17 @@ impl StreamBody {
             .and_then(|value| value.parse().ok());
         StreamBody {
             stream,
+            progress: None,
             data_done: false,
             remaining: length,
+        }
+    }
+}
+
+impl StreamBody {
+    fn end_progress(&self) {
+        if let Some(progress) = &self.progress {
+            progress.body_ended();
         }
     }
 }
@@ -281,10 +363,19 @@ impl http_body::Body for StreamBody {
                     if let Some(remaining) = &mut self.remaining {
                         *remaining = remaining.saturating_sub(data.len() as u64);
                     }
+                    if let Some(progress) = &self.progress {
+                        progress.moved();
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => self.data_done = true,
+                Some(Err(error)) => {
+                    self.end_progress();
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => {
+                    self.data_done = true;
+                    self.end_progress();
+                }
             }
         }
         match ready!(self.stream.poll_trailers(cx)) {

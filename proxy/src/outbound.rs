@@ -91,7 +91,7 @@ impl Outbound {
         let service = service_fn(move |request: Request<Incoming>| {
             upstream.clone().handle(request.map(Either::Left))
         });
-        let connection = crate::http::http1_server(self.limits.handshake_timeout)
+        let connection = crate::http::http1_server(self.limits.header_read_timeout)
             .serve_connection(TokioIo::new(app), service)
             .with_upgrades();
         let served = crate::serve_gracefully!(connection, self.drain);
@@ -103,10 +103,7 @@ impl Outbound {
     /// Requests from an HTTP/2 application (gRPC), each stream answered by a task of
     /// its own.
     async fn serve_http2(&self, app: TcpStream, client: SocketAddr) {
-        let settings = server::Settings {
-            max_streams: u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX),
-            handshake_timeout: self.limits.handshake_timeout,
-        };
+        let settings = server::Settings::new(&self.limits);
         // One IO type for every HTTP/2 server connection: h2's server is compiled once.
         let app: Box<dyn Io> = Box::new(app);
         let served = server::serve(app, settings, &self.drain, |request| {

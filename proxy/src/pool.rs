@@ -6,6 +6,12 @@
 //! connections is enough. A connection goes back on the stack once its response body
 //! has been read to the end; one whose body was abandoned is closed by hyper (HTTP/1.1
 //! cannot cancel a single response) and simply dropped here.
+//!
+//! Connections are capped (`limits.maxAppConnections`): every descriptor the pool opens
+//! is one the process cannot use to accept, so callers that never read their responses
+//! must not be able to open one each without end. At the cap a request waits briefly for
+//! a connection to come free, then is answered 503 (`proxy-overloaded`); a caller's
+//! share is already bounded by its streams per connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,10 +26,15 @@ use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
+use crate::config::Limits;
 use crate::http::{BoxError, ProxyError};
 use crate::tcp;
+
+/// How long a request waits for a connection when the pool is at its cap.
+pub const APP_CONNECTION_WAIT: Duration = Duration::from_secs(1);
 
 /// A connection unused this long is closed (hyper-util's default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -39,6 +50,10 @@ pub struct Http1Pool<B> {
     max_read_buffer: usize,
     /// Most recently used last: reused first, so the oldest idle out.
     idle: Mutex<Vec<Idle<B>>>,
+    /// One per open connection, held until it closes.
+    permits: Arc<Semaphore>,
+    /// Signaled when a connection comes back idle or closes.
+    freed: Arc<Notify>,
 }
 
 struct Idle<B> {
@@ -51,16 +66,14 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    pub fn new(
-        address: SocketAddr,
-        connect_timeout: Duration,
-        max_read_buffer: usize,
-    ) -> Arc<Self> {
+    pub fn new(address: SocketAddr, limits: &Limits, max_read_buffer: usize) -> Arc<Self> {
         let pool = Arc::new(Self {
             address,
-            connect_timeout,
+            connect_timeout: limits.connect_timeout,
             max_read_buffer,
             idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(limits.max_app_connections)),
+            freed: Arc::new(Notify::new()),
         });
         tokio::spawn(evict_idle(Arc::downgrade(&pool)));
         pool
@@ -82,7 +95,7 @@ where
                 let (mut sender, reused) = match self.checkout() {
                     Some(sender) => (sender, true),
                     // Boxed: connecting is a large future, and rare.
-                    None => (Box::pin(self.connect()).await?, false),
+                    None => Box::pin(self.connection()).await?,
                 };
                 if sender.ready().await.is_err() {
                     if reused {
@@ -135,9 +148,33 @@ where
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(entry);
+        self.freed.notify_waiters();
     }
 
-    async fn connect(&self) -> Result<SendRequest<B>, SendError> {
+    /// A new connection while under the cap; at the cap, the first idle connection or
+    /// free slot within [`APP_CONNECTION_WAIT`], else [`SendError::Overloaded`]. Whether
+    /// the connection was reused.
+    async fn connection(&self) -> Result<(SendRequest<B>, bool), SendError> {
+        let deadline = tokio::time::Instant::now() + APP_CONNECTION_WAIT;
+        loop {
+            // Registered before looking: a connection freed in between still wakes us.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                return Ok((self.connect(permit).await?, false));
+            }
+            if let Some(sender) = self.checkout() {
+                return Ok((sender, true));
+            }
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep_until(deadline) => return Err(SendError::Overloaded),
+            }
+        }
+    }
+
+    async fn connect(&self, permit: OwnedSemaphorePermit) -> Result<SendRequest<B>, SendError> {
         let stream = tcp::connect(self.address, self.connect_timeout)
             .await
             .map_err(SendError::Connect)?;
@@ -147,10 +184,13 @@ where
             .await
             .map_err(SendError::Request)?;
         let address = self.address;
+        let freed = self.freed.clone();
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 debug!(event = "application connection closed", application = %address, error = %error);
             }
+            drop(permit);
+            freed.notify_waiters();
         });
         Ok(sender)
     }
@@ -197,6 +237,8 @@ pub enum SendError {
     Closed,
     /// The connection failed while sending or receiving.
     Request(hyper::Error),
+    /// Every connection the pool may open is busy, and none came free in time.
+    Overloaded,
 }
 
 impl<B> Http1Pool<B> {
@@ -224,6 +266,10 @@ impl<B> Http1Pool<B> {
             SendError::Closed => {
                 debug!(event = "application error", %application, error = "connection closed");
                 ProxyError::Reset
+            }
+            SendError::Overloaded => {
+                debug!(event = "application connections exhausted", %application);
+                ProxyError::Overloaded
             }
         }
     }
@@ -337,7 +383,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_response_frees_its_connection_for_the_next_request() {
         let (address, accepted) = server("hello").await;
-        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        let pool = Http1Pool::new(address, &Limits::default(), 16 * 1024);
         for _ in 0..5 {
             let response = pool.send(get()).await.unwrap();
             let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -350,7 +396,7 @@ mod tests {
     #[tokio::test]
     async fn an_unread_body_keeps_its_connection_busy() {
         let (address, accepted) = server("hello").await;
-        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        let pool = Http1Pool::new(address, &Limits::default(), 16 * 1024);
         let first = pool.send(get()).await.unwrap();
         let second = pool.send(get()).await.unwrap();
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
@@ -379,7 +425,7 @@ mod tests {
                 // Dropping the stream closes the connection.
             }
         });
-        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        let pool = Http1Pool::new(address, &Limits::default(), 16 * 1024);
         for _ in 0..3 {
             let response = pool.send(get()).await.expect("a fresh connection");
             assert_eq!(
@@ -414,7 +460,7 @@ mod tests {
                 });
             }
         });
-        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        let pool = Http1Pool::new(address, &Limits::default(), 16 * 1024);
         // Its teller is kept: the upload never ends.
         let (stalled, _keep_stalled) = crate::http::test_bodies::upload(b"first part");
         let mut upload = Request::new(crate::http::boxed(stalled));
@@ -436,7 +482,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_closed_after_the_timeout() {
         let (address, _) = server("hello").await;
-        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        let pool = Http1Pool::new(address, &Limits::default(), 16 * 1024);
         let response = pool.send(get()).await.unwrap();
         response.into_body().collect().await.unwrap();
         assert_eq!(pool.idle_count(), 1);
@@ -451,7 +497,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         drop(listener);
-        let pool = Http1Pool::new(address, Duration::from_secs(1), 16 * 1024);
+        let pool = Http1Pool::new(address, &Limits::default(), 16 * 1024);
         assert!(matches!(pool.send(get()).await, Err(SendError::Connect(_))));
     }
 }

@@ -160,6 +160,19 @@ pub struct RefusalLabels {
     pub reason: Refusal,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptErrorLabels {
+    /// `descriptors` (EMFILE/ENFILE), `memory` (ENOBUFS/ENOMEM), `reserve` (accepted
+    /// but closed: the descriptors left are kept for the admin port and the
+    /// application), or `other`.
+    pub kind: &'static str,
+}
+
+/// Failed or refused accepts, process-wide: descriptors are the process's, not one
+/// listener's, and `tcp::accept_loop` has no `Metrics` at hand.
+pub static ACCEPT_ERRORS: std::sync::LazyLock<Family<AcceptErrorLabels, Counter>> =
+    std::sync::LazyLock::new(Family::default);
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -250,6 +263,11 @@ impl Metrics {
             "retries",
             "Requests retried, by upstream",
             metrics.retries.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Connections a listener could not accept, or closed at once to keep descriptors in reserve",
+            ACCEPT_ERRORS.clone(),
         );
         Self {
             registry,

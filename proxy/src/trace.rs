@@ -48,6 +48,39 @@ fn default_ratio() -> f64 {
     1.0
 }
 
+/// Most spans the export queue may hold: a million spans of a few hundred bytes each is
+/// already more memory than a sidecar has, and tokio's channel panics above ~2^61.
+pub const MAX_QUEUE: usize = 1_000_000;
+
+impl TracingConfig {
+    /// Numbers in range: the queue within `1..=MAX_QUEUE`, the ratio a share.
+    pub fn check(&self) -> Result<(), crate::config::OutOfRange> {
+        let out = |field: &str, reason: String| crate::config::OutOfRange {
+            field: field.to_string(),
+            reason,
+        };
+        if !(1..=MAX_QUEUE).contains(&self.max_queue) {
+            return Err(out(
+                "tracing.maxQueue",
+                format!(
+                    "tracing.maxQueue is {}, must be between 1 and {MAX_QUEUE}",
+                    self.max_queue
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(out(
+                "tracing.sampleRatio",
+                format!(
+                    "tracing.sampleRatio is {}, must be between 0 and 1",
+                    self.sample_ratio
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_queue() -> usize {
     2048
 }
@@ -254,7 +287,8 @@ impl Tracer {
         identity: String,
         dropped: Counter,
     ) -> Self {
-        let (queue, spans) = mpsc::channel(config.max_queue.max(1));
+        // Clamped as well as checked at parse time: a config built in code skips parsing.
+        let (queue, spans) = mpsc::channel(config.max_queue.clamp(1, MAX_QUEUE));
         tokio::spawn(export(
             config.otlp_endpoint.clone(),
             service,

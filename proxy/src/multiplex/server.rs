@@ -6,9 +6,17 @@
 //! every byte through a zeroed buffer on each side. Here each stream's task answers the
 //! stream itself: a response body goes into the stream as it arrives, and a tunnel moves
 //! bytes between the application's socket and the stream without an intermediate copy.
+//!
+//! Every connection is bounded ([`Settings`], from `limits`): streams open at once
+//! (SETTINGS_MAX_CONCURRENT_STREAMS, so a peer beyond it gets REFUSED_STREAM), streams
+//! in flight in the whole proxy (a stream beyond the budget is answered 503), the first
+//! request head after the handshake, a connection with no stream open, a request body
+//! that stops sending and a stream on which nothing moves either way.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -19,11 +27,13 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::Body as _;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
 use super::{BodyPump, Tunnel};
-use crate::http::{Body, BoxFuture, CONNECTION_WINDOW, STREAM_WINDOW};
-use crate::lifecycle::Drain;
+use crate::config::Limits;
+use crate::http::{Body, BoxFuture, CONNECTION_WINDOW, PROXY_ERROR, ProxyError, STREAM_WINDOW};
+use crate::lifecycle::{Admitted, Drain};
 use crate::outbound::MAX_HEADER_BYTES;
 
 /// What a stream's handler answers.
@@ -44,6 +54,111 @@ pub struct Settings {
     pub max_streams: u32,
     /// How long the peer may take to send its connection preface.
     pub handshake_timeout: Duration,
+    /// How long after the handshake the first request head must be complete.
+    pub header_read_timeout: Duration,
+    /// A connection with no stream open this long is closed (GOAWAY).
+    pub idle_timeout: Duration,
+    /// A stream on which no byte moves either way this long is ended.
+    pub stream_idle_timeout: Duration,
+    /// A request body silent this long before the response began is answered 408.
+    pub request_body_timeout: Duration,
+}
+
+impl Settings {
+    /// The server settings the configured limits call for.
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            max_streams: limits.max_concurrent_streams_per_connection,
+            handshake_timeout: limits.handshake_timeout,
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.connection_idle_timeout,
+            stream_idle_timeout: limits.stream_idle_timeout,
+            request_body_timeout: limits.request_body_timeout,
+        }
+    }
+}
+
+/// After a GOAWAY for idleness, how long the peer has to take it in before the
+/// connection is dropped (a silent peer never answers the GOAWAY's PING).
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+
+/// When a stream last moved a byte, and whether its request body has ended: shared by
+/// the stream's task (which enforces the timeouts) and the request body (which reads
+/// the bytes, wherever the handler passes it). Put in the request's extensions.
+#[derive(Debug)]
+pub struct Progress {
+    epoch: Instant,
+    /// Milliseconds since `epoch`.
+    last: AtomicU64,
+    body_done: AtomicBool,
+}
+
+impl Progress {
+    fn new(body_done: bool) -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+            body_done: AtomicBool::new(body_done),
+        })
+    }
+
+    /// A byte moved now.
+    pub fn moved(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// The request body has ended (or failed): its silence is no longer the caller's.
+    pub fn body_ended(&self) {
+        self.body_done.store(true, Ordering::Relaxed);
+    }
+
+    fn last_moved(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// The streams open on one connection, and when the last one ended.
+struct OpenStreams {
+    epoch: Instant,
+    count: AtomicUsize,
+    /// Milliseconds since `epoch` when the count last fell to zero.
+    idle_since: AtomicU64,
+}
+
+/// Counts one stream open until dropped.
+struct OpenStream(Arc<OpenStreams>);
+
+impl OpenStreams {
+    fn open(self: &Arc<Self>) -> OpenStream {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        OpenStream(self.clone())
+    }
+
+    /// When the connection went idle; `None` while a stream is open.
+    fn idle_since(&self) -> Option<Instant> {
+        (self.count.load(Ordering::Acquire) == 0)
+            .then(|| self.epoch + Duration::from_millis(self.idle_since.load(Ordering::Acquire)))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let now = self.0.epoch.elapsed().as_millis() as u64;
+        self.0.idle_since.store(now, Ordering::Release);
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the connection's timer is waiting for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The first request head after the handshake.
+    FirstRequest,
+    /// A stream, once none is open.
+    Idle,
+    /// The peer to go after a GOAWAY.
+    Closing,
 }
 
 /// Why a connection ended early.
@@ -87,6 +202,16 @@ where
     let signaled = drain.signaled();
     tokio::pin!(signaled);
     let mut draining = false;
+    let streams = Arc::new(OpenStreams {
+        epoch: Instant::now(),
+        count: AtomicUsize::new(0),
+        idle_since: AtomicU64::new(0),
+    });
+    // One timer for the connection: the first request, then idleness, then the
+    // GOAWAY's grace. It fires at most once per idle timeout while streams are open.
+    let mut phase = Phase::FirstRequest;
+    let timer = tokio::time::sleep(settings.header_read_timeout);
+    tokio::pin!(timer);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -96,17 +221,81 @@ where
                 draining = true;
                 continue;
             }
+            () = &mut timer => {
+                let now = Instant::now();
+                match (phase, streams.idle_since()) {
+                    (Phase::Closing, _) => return Ok(()),
+                    (Phase::Idle, None) => timer.as_mut().reset(now + settings.idle_timeout),
+                    (Phase::Idle, Some(since)) if now < since + settings.idle_timeout => {
+                        timer.as_mut().reset(since + settings.idle_timeout);
+                    }
+                    (Phase::FirstRequest | Phase::Idle, _) => {
+                        debug!(
+                            event = "HTTP/2 connection closed",
+                            reason = if phase == Phase::Idle {
+                                "idle"
+                            } else {
+                                "no request head in time"
+                            },
+                        );
+                        connection.graceful_shutdown();
+                        phase = Phase::Closing;
+                        timer.as_mut().reset(now + GOAWAY_GRACE);
+                    }
+                }
+                continue;
+            }
         };
         match accepted {
-            Some(Ok((request, respond))) => {
+            Some(Ok((mut request, respond))) => {
+                if phase == Phase::FirstRequest {
+                    phase = Phase::Idle;
+                    timer.as_mut().reset(Instant::now() + settings.idle_timeout);
+                }
+                let open = streams.open();
+                let Some(admitted) = drain.admit() else {
+                    // Over the proxy's budget: this stream is refused, others go on.
+                    refuse_overloaded(respond);
+                    drop(open);
+                    continue;
+                };
+                let progress = Progress::new(request.body().is_end_stream());
+                request.extensions_mut().insert(progress.clone());
+                let task = StreamTask {
+                    answer: Answer::new(handle(request), respond, progress.clone()),
+                    timer: tokio::time::sleep(
+                        settings
+                            .request_body_timeout
+                            .min(settings.stream_idle_timeout),
+                    ),
+                    progress,
+                    replied: false,
+                    body_timeout: settings.request_body_timeout,
+                    idle_timeout: settings.stream_idle_timeout,
+                    _open: (open, admitted),
+                };
                 // Boxed: tokio copies a task's future into place at spawn.
-                tokio::spawn(Box::pin(Answer::new(handle(request), respond)));
+                tokio::spawn(Box::pin(task));
             }
-            Some(Err(error)) if is_clean_close(&error) => return Ok(()),
+            // After our GOAWAY, a peer hanging up is what was asked of it.
+            Some(Err(error)) if is_clean_close(&error) || phase == Phase::Closing => {
+                return Ok(());
+            }
             Some(Err(error)) => return Err(ServeError::Connection(error)),
             None => return Ok(()),
         }
     }
+}
+
+/// A stream beyond the proxy's in-flight budget: 503, said by the proxy.
+fn refuse_overloaded(mut respond: SendResponse<Bytes>) {
+    let mut refusal = Response::new(());
+    *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    refusal.headers_mut().insert(
+        PROXY_ERROR,
+        HeaderValue::from_static(ProxyError::Overloaded.reason()),
+    );
+    let _ = respond.send_response(refusal, true);
 }
 
 /// How the proxy's HTTP/2 server connections are set up.
@@ -129,6 +318,87 @@ fn is_clean_close(error: &h2::Error) -> bool {
 }
 
 pin_project! {
+    /// One stream's task: its answer, under the stream's timeouts. Nothing moving on
+    /// the stream for too long ends it: 408 before the response began (the caller's
+    /// body or the whole exchange stalled), a reset after.
+    struct StreamTask<F> {
+        #[pin]
+        answer: Answer<F>,
+        #[pin]
+        timer: Sleep,
+        progress: Arc<Progress>,
+        // Whether the response head went out (it counts as a byte moving).
+        replied: bool,
+        body_timeout: Duration,
+        idle_timeout: Duration,
+        _open: (OpenStream, Admitted),
+    }
+}
+
+impl<F> Future for StreamTask<F>
+where
+    F: Future<Output = Reply>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        loop {
+            if this.answer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if !*this.replied && !matches!(*this.answer, Answer::Waiting { .. }) {
+                *this.replied = true;
+                this.progress.moved();
+            }
+            ready!(this.timer.as_mut().poll(cx));
+            let last = this.progress.last_moved();
+            let waiting = matches!(*this.answer, Answer::Waiting { .. });
+            let body_open = waiting && !this.progress.body_done.load(Ordering::Relaxed);
+            let deadline = if body_open {
+                last + (*this.body_timeout).min(*this.idle_timeout)
+            } else {
+                last + *this.idle_timeout
+            };
+            if Instant::now() < deadline {
+                this.timer.as_mut().reset(deadline);
+                continue;
+            }
+            let next = match this.answer.as_mut().project() {
+                AnswerProjection::Waiting { respond, .. } => {
+                    if let Some(respond) = respond.take() {
+                        debug!(event = "stream timed out", body_open);
+                        request_timeout(respond);
+                    }
+                    Answer::Done
+                }
+                AnswerProjection::Sending { pump } => {
+                    debug!(event = "stream timed out", sending = true);
+                    pump.reset(h2::Reason::CANCEL);
+                    Answer::Done
+                }
+                // A tunnel is a TCP connection: it may rest as long as its ends like.
+                AnswerProjection::Relaying { .. } | AnswerProjection::Done => {
+                    return this.answer.poll(cx);
+                }
+            };
+            this.answer.set(next);
+            return Poll::Ready(());
+        }
+    }
+}
+
+/// 408, said by the proxy: the request did not move in time.
+fn request_timeout(mut respond: SendResponse<Bytes>) {
+    let mut refusal = Response::new(());
+    *refusal.status_mut() = StatusCode::REQUEST_TIMEOUT;
+    refusal
+        .headers_mut()
+        .insert(PROXY_ERROR, HeaderValue::from_static("request-timeout"));
+    let _ = respond.send_response(refusal, true);
+}
+
+pin_project! {
     /// One stream's task: runs the handler, unless the peer resets the stream first (its
     /// caller gave up: the application's work for it is dropped), then sends what it
     /// replies. Written out by hand, not as an `async fn`: that would keep the handler's
@@ -140,6 +410,8 @@ pin_project! {
             #[pin]
             reply: F,
             respond: Option<SendResponse<Bytes>>,
+            // Handed to the response body's pump, which reports its bytes.
+            progress: Option<Arc<Progress>>,
         },
         /// The response body streams into the stream as the peer's window allows.
         Sending { pump: BodyPump<Body> },
@@ -150,10 +422,11 @@ pin_project! {
 }
 
 impl<F> Answer<F> {
-    fn new(reply: F, respond: SendResponse<Bytes>) -> Self {
+    fn new(reply: F, respond: SendResponse<Bytes>, progress: Arc<Progress>) -> Self {
         Answer::Waiting {
             reply,
             respond: Some(respond),
+            progress: Some(progress),
         }
     }
 }
@@ -167,13 +440,17 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let next = match self.as_mut().project() {
-                AnswerProjection::Waiting { reply, respond } => {
+                AnswerProjection::Waiting {
+                    reply,
+                    respond,
+                    progress,
+                } => {
                     let Some(sender) = respond else {
                         return Poll::Ready(());
                     };
                     match reply.poll(cx) {
                         Poll::Ready(reply) => match respond.take() {
-                            Some(respond) => start_reply(respond, reply),
+                            Some(respond) => start_reply(respond, reply, progress.take()),
                             None => Answer::Done,
                         },
                         Poll::Pending if sender.poll_reset(cx).is_ready() => Answer::Done,
@@ -198,10 +475,16 @@ where
 }
 
 /// What follows a reply: its body to send, a tunnel to relay, or nothing.
-fn start_reply<F>(mut respond: SendResponse<Bytes>, reply: Reply) -> Answer<F> {
+fn start_reply<F>(
+    mut respond: SendResponse<Bytes>,
+    reply: Reply,
+    progress: Option<Arc<Progress>>,
+) -> Answer<F> {
     match reply {
         Reply::Response(response) => match send_head(respond, response) {
-            Some(pump) => Answer::Sending { pump },
+            Some(pump) => Answer::Sending {
+                pump: pump.with_progress(progress),
+            },
             None => Answer::Done,
         },
         Reply::Tunnel { recv, relay } => match respond.send_response(Response::new(()), false) {
@@ -266,6 +549,7 @@ mod tests {
         Settings {
             max_streams: 16,
             handshake_timeout: TEST_TIMEOUT,
+            ..Settings::new(&Limits::default())
         }
     }
 
@@ -281,8 +565,23 @@ mod tests {
         H: Fn(Request<RecvStream>) -> F + Send + 'static,
         F: Future<Output = Reply> + Send + 'static,
     {
+        client_with(settings(), drain, handle).await
+    }
+
+    async fn client_with<H, F>(
+        settings: Settings,
+        drain: lifecycle::Drain,
+        handle: H,
+    ) -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+    )
+    where
+        H: Fn(Request<RecvStream>) -> F + Send + 'static,
+        F: Future<Output = Reply> + Send + 'static,
+    {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let served = tokio::spawn(async move { serve(server, settings(), &drain, handle).await });
+        let served = tokio::spawn(async move { serve(server, settings, &drain, handle).await });
         let (streams, connection) = h2::client::handshake(client).await.unwrap();
         tokio::spawn(connection);
         (streams, served)
@@ -303,6 +602,283 @@ mod tests {
             received.extend_from_slice(&data);
         }
         received.into()
+    }
+
+    /// Answers `/hold` never (a caller that never reads), anything else at once.
+    fn hold_or_answer(request: Request<RecvStream>) -> impl Future<Output = Reply> + Send {
+        let hold = request.uri().path() == "/hold";
+        async move {
+            if hold {
+                std::future::pending::<()>().await;
+            }
+            Reply::Response(Response::new(crate::http::empty()))
+        }
+    }
+
+    /// One HTTP/2 frame, as bytes.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let length = (payload.len() as u32).to_be_bytes();
+        let mut frame = vec![length[1], length[2], length[3], kind, flags];
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// Frames read until `stop` says so: (type, stream, payload).
+    async fn read_frames(
+        io: &mut tokio::io::DuplexStream,
+        stop: impl Fn(&[(u8, u32, Vec<u8>)]) -> bool,
+    ) -> Vec<(u8, u32, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while !stop(&frames) {
+            let mut head = [0u8; 9];
+            if io.read_exact(&mut head).await.is_err() {
+                break;
+            }
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; length];
+            io.read_exact(&mut payload).await.unwrap();
+            frames.push((head[3], stream, payload));
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_connection_cannot_open_more_streams_than_the_limit() {
+        let (_trigger, drain) = lifecycle::channel();
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let settings = Settings {
+            max_streams: 4,
+            ..settings()
+        };
+        tokio::spawn(async move { serve(server, settings, &drain, hold_or_answer).await });
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+        // GET http://a/hold, HPACK without the dynamic table; END_HEADERS, no END_STREAM.
+        let block = [
+            0x82, 0x86, 0x01, 0x01, b'a', 0x04, 0x05, b'/', b'h', b'o', b'l', b'd',
+        ];
+        for stream in [1u32, 3, 5, 7, 9] {
+            bytes.extend(frame(0x1, 0x4, stream, &block));
+        }
+        client.write_all(&bytes).await.unwrap();
+        let frames = tokio::time::timeout(
+            TEST_TIMEOUT,
+            read_frames(&mut client, |frames| {
+                frames.iter().any(|(kind, _, _)| *kind == 0x3)
+            }),
+        )
+        .await
+        .expect("the fifth stream is refused");
+        let (_, _, server_settings) = frames
+            .iter()
+            .find(|(kind, stream, _)| *kind == 0x4 && *stream == 0)
+            .expect("the server's SETTINGS");
+        let announced: Vec<(u16, u32)> = server_settings
+            .chunks(6)
+            .map(|s| {
+                (
+                    u16::from_be_bytes([s[0], s[1]]),
+                    u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+                )
+            })
+            .collect();
+        assert!(
+            announced.contains(&(0x3, 4)),
+            "SETTINGS_MAX_CONCURRENT_STREAMS = 4 announced: {announced:?}"
+        );
+        let resets: Vec<(u32, u32)> = frames
+            .iter()
+            .filter(|(kind, _, _)| *kind == 0x3)
+            .map(|(_, stream, payload)| {
+                let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                (*stream, code)
+            })
+            .collect();
+        assert_eq!(resets, vec![(9, 0x7)], "only the fifth: REFUSED_STREAM");
+    }
+
+    #[tokio::test]
+    async fn the_default_stream_limit_is_what_a_client_sees() {
+        let (_trigger, drain) = lifecycle::channel();
+        let settings = Settings::new(&Limits::default());
+        let (mut streams, _served) = client_with(settings, drain, hold_or_answer).await;
+        let response = streams
+            .send_request(request(http::Method::GET, "http://app/"), true)
+            .unwrap()
+            .0;
+        tokio::time::timeout(TEST_TIMEOUT, response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(streams.current_max_send_streams(), 100);
+    }
+
+    #[tokio::test]
+    async fn with_one_connection_at_its_maximum_another_is_still_served() {
+        let (_trigger, drain) = lifecycle::channel_with_budget(6);
+        let limited = || Settings {
+            max_streams: 4,
+            ..settings()
+        };
+        let (mut greedy, _served) = client_with(limited(), drain.clone(), hold_or_answer).await;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let (response, _) = greedy
+                .send_request(request(http::Method::GET, "http://app/hold"), true)
+                .unwrap();
+            held.push(response);
+        }
+        // Its fifth waits in its own client for a stream to end: it gets no answer.
+        let (fifth, _) = greedy
+            .send_request(request(http::Method::GET, "http://app/"), true)
+            .unwrap();
+        let (mut other, _served) = client_with(limited(), drain, hold_or_answer).await;
+        let (response, _) = other
+            .send_request(request(http::Method::GET, "http://app/"), true)
+            .unwrap();
+        let response = tokio::time::timeout(TEST_TIMEOUT, response)
+            .await
+            .expect("the other connection is answered")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), fifth)
+                .await
+                .is_err(),
+            "the greedy connection's fifth stream waits"
+        );
+    }
+
+    #[tokio::test]
+    async fn streams_beyond_the_proxys_budget_are_answered_503() {
+        let (_trigger, drain) = lifecycle::channel_with_budget(2);
+        let (mut first, _served) = client_with(settings(), drain.clone(), hold_or_answer).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(
+                first
+                    .send_request(request(http::Method::GET, "http://app/hold"), true)
+                    .unwrap(),
+            );
+        }
+        tokio::task::yield_now().await;
+        let (mut second, _served) = client_with(settings(), drain, hold_or_answer).await;
+        let (response, _) = second
+            .send_request(request(http::Method::GET, "http://app/"), true)
+            .unwrap();
+        let response = tokio::time::timeout(TEST_TIMEOUT, response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[PROXY_ERROR], "proxy-overloaded");
+        drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_sends_a_request_is_closed() {
+        let (_trigger, drain) = lifecycle::channel();
+        let settings = Settings::new(&Limits::default());
+        let (_streams, served) = client_with(settings, drain, hold_or_answer).await;
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(3600), served)
+            .await
+            .expect("closed, not left open");
+        let outcome = outcome.unwrap();
+        assert!(
+            outcome.is_ok(),
+            "{:?}",
+            outcome.err().map(|e| e.to_string())
+        );
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_secs(10) && after <= Duration::from_secs(12),
+            "closed after the header-read timeout, not {after:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_idle_between_requests_is_closed_after_the_idle_timeout() {
+        let (_trigger, drain) = lifecycle::channel();
+        let settings = Settings::new(&Limits::default());
+        let (mut streams, served) = client_with(settings, drain, hold_or_answer).await;
+        let (response, _) = streams
+            .send_request(request(http::Method::GET, "http://app/"), true)
+            .unwrap();
+        assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+        let answered = Instant::now();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!served.is_finished(), "a minute idle is allowed");
+        let outcome = tokio::time::timeout(Duration::from_secs(3600), served)
+            .await
+            .expect("closed, not left open");
+        let outcome = outcome.unwrap();
+        assert!(
+            outcome.is_ok(),
+            "{:?}",
+            outcome.err().map(|e| e.to_string())
+        );
+        let after = answered.elapsed();
+        assert!(
+            after >= Duration::from_secs(300) && after <= Duration::from_secs(302),
+            "closed after the idle timeout, not {after:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_that_stops_sending_is_answered_408() {
+        let (_trigger, drain) = lifecycle::channel();
+        let settings = Settings::new(&Limits::default());
+        // The handler reads the whole body before answering, as forwarding does.
+        let (mut streams, _served) = client_with(settings, drain, |request| async move {
+            let body = super::super::StreamBody::request(request).into_body();
+            let _ = body.collect().await;
+            Reply::Response(Response::new(crate::http::empty()))
+        })
+        .await;
+        let (response, mut upload) = streams
+            .send_request(request(http::Method::POST, "http://app/upload"), false)
+            .unwrap();
+        let started = Instant::now();
+        // A byte every 30 s keeps it going; then silence.
+        for _ in 0..4 {
+            upload.send_data(Bytes::from_static(b"x"), false).unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        let response = tokio::time::timeout(Duration::from_secs(3600), response)
+            .await
+            .expect("answered, not left open")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(response.headers()[PROXY_ERROR], "request-timeout");
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_secs(150) && after <= Duration::from_secs(152),
+            "60 s after the last byte (at 90 s), not {after:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_with_no_answer_is_ended_after_the_stream_idle_timeout() {
+        let (_trigger, drain) = lifecycle::channel();
+        let settings = Settings::new(&Limits::default());
+        let (mut streams, _served) = client_with(settings, drain, hold_or_answer).await;
+        let (response, _) = streams
+            .send_request(request(http::Method::GET, "http://app/hold"), true)
+            .unwrap();
+        let started = Instant::now();
+        let response = tokio::time::timeout(Duration::from_secs(3600), response)
+            .await
+            .expect("answered, not left open")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_secs(300) && after <= Duration::from_secs(301),
+            "{after:?}"
+        );
     }
 
     #[tokio::test]
@@ -440,6 +1016,7 @@ mod tests {
         let settings = Settings {
             max_streams: 1,
             handshake_timeout: Duration::from_millis(50),
+            ..Settings::new(&Limits::default())
         };
         let served = serve(server, settings, &drain, |_request| async {
             Reply::Response(Response::new(crate::http::empty()))
