@@ -492,6 +492,32 @@ mod tests {
         assert_eq!(pool.idle_count(), 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_a_request_waits_for_a_connection_then_is_refused() {
+        let (address, accepted) = server("hello").await;
+        let limits = Limits {
+            max_app_connections: 1,
+            ..Limits::default()
+        };
+        let pool = Http1Pool::new(address, &limits, 16 * 1024);
+        // A caller that never reads its response holds the only connection.
+        let held = pool.send(get()).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let refused = pool.send(get()).await;
+        assert!(matches!(refused, Err(SendError::Overloaded)));
+        assert_eq!(started.elapsed(), APP_CONNECTION_WAIT);
+        assert_eq!(pool.refusal(SendError::Overloaded).status(), 503);
+        // Once it is read, the next request gets the connection.
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.send(get()).await.map(|r| r.status()) }
+        });
+        tokio::task::yield_now().await;
+        held.into_body().collect().await.unwrap();
+        assert_eq!(waiting.await.unwrap().unwrap(), http::StatusCode::OK);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[tokio::test]
     async fn an_unreachable_application_is_a_connect_error() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
