@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use tessera_proto::api::discovery::WatchRequest;
 use tessera_proto::api::discovery::discovery_client::DiscoveryClient;
-use tessera_proto::mesh::{MeshSnapshot, ServiceEntry};
+use tessera_proto::mesh::{MAX_SNAPSHOT_BYTES, MeshSnapshot, ServiceEntry};
 use tessera_proto::policy::{
     AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
 use tokio::sync::watch;
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::control_plane::{ControlPlane, error_chain};
@@ -123,11 +124,21 @@ impl Discovery {
             .connect(identity.trust(), Some(identity.current_cert()))
             .await
             .map_err(|e| e.to_string())?;
+        self.watch(channel).await
+    }
+
+    /// Follows one discovery stream until it fails. Whatever ends it — the control plane
+    /// going away, a message too large to decode, any other status — only ends the
+    /// stream: the view stays until a good snapshot replaces it.
+    async fn watch(&self, channel: Channel) -> Result<(), String> {
         let known_version = self
             .current()
             .map(|v| v.version.clone())
             .unwrap_or_default();
+        // The control plane refuses a configuration whose snapshot would be larger, so
+        // every snapshot it sends fits.
         let mut stream = DiscoveryClient::new(channel)
+            .max_decoding_message_size(MAX_SNAPSHOT_BYTES)
             .watch(WatchRequest { known_version })
             .await
             .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
@@ -161,7 +172,99 @@ impl Discovery {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+
+    use tessera_proto::api::discovery::Snapshot;
+    use tessera_proto::api::discovery::discovery_server::{
+        Discovery as DiscoveryApi, DiscoveryServer,
+    };
+    use tonic::codegen::tokio_stream::{self, Stream};
+    use tonic::{Code, Request, Response, Status};
+
     use super::*;
+
+    /// A control plane that answers every `Watch` with the same script.
+    struct Scripted(Vec<Result<Snapshot, (Code, &'static str)>>);
+
+    #[tonic::async_trait]
+    impl DiscoveryApi for Scripted {
+        type WatchStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+
+        async fn watch(
+            &self,
+            _: Request<WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            let script = self
+                .0
+                .clone()
+                .into_iter()
+                .map(|step| step.map_err(|(code, message)| Status::new(code, message)));
+            Ok(Response::new(Box::pin(tokio_stream::iter(script))))
+        }
+    }
+
+    /// Serves `script` on loopback (plaintext: TLS is not what these tests are about).
+    async fn channel_to(script: Scripted) -> Channel {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(DiscoveryServer::new(script))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// A snapshot labelled `version` whose message is `size` bytes, give or take ten.
+    fn snapshot_of(version: &str, size: usize) -> Result<Snapshot, (Code, &'static str)> {
+        let padding = "p".repeat(size.saturating_sub(40));
+        let mesh_json = format!(r#"{{"trustDomain":"{padding}","services":[]}}"#);
+        Ok(Snapshot {
+            version: version.into(),
+            mesh_json: mesh_json.into_bytes(),
+        })
+    }
+
+    #[tokio::test]
+    async fn snapshots_up_to_the_limit_arrive_and_a_larger_one_keeps_the_view() {
+        let discovery = Discovery::new();
+        let channel = channel_to(Scripted(vec![
+            snapshot_of("1", 1000),
+            // Over tonic's default 4 MiB, within the limit the control plane enforces.
+            snapshot_of("2", MAX_SNAPSHOT_BYTES - 100),
+            snapshot_of("3", MAX_SNAPSHOT_BYTES + 100),
+        ]))
+        .await;
+        let error = discovery.watch(channel).await.unwrap_err();
+        assert!(error.contains("too large"), "{error}");
+        assert_eq!(discovery.current().unwrap().version, "2");
+    }
+
+    #[tokio::test]
+    async fn a_failed_stream_or_a_bad_snapshot_keeps_the_view() {
+        let discovery = Discovery::new();
+        let channel = channel_to(Scripted(vec![
+            snapshot_of("1", 1000),
+            Ok(Snapshot {
+                version: "2".into(),
+                mesh_json: b"{not json".to_vec(),
+            }),
+            Err((Code::Internal, "control plane failed")),
+        ]))
+        .await;
+        let error = discovery.watch(channel.clone()).await.unwrap_err();
+        assert!(error.contains("control plane failed"), "{error}");
+        assert_eq!(discovery.current().unwrap().version, "1");
+        // A stream that just ends is no different.
+        let ended = channel_to(Scripted(vec![])).await;
+        discovery.watch(ended).await.unwrap_err();
+        assert!(discovery.has_view());
+        assert_eq!(discovery.current().unwrap().version, "1");
+    }
 
     fn view() -> MeshView {
         let json = r#"{"trustDomain": "cluster.local", "services": [
