@@ -57,7 +57,9 @@ pub fn raise_fd_limit() -> u64 {
         }
         limit.rlim_cur
     };
-    let soft = u64::try_from(soft).unwrap_or(u64::MAX);
+    // `rlim_t` is u64 on Linux.
+    #[allow(clippy::useless_conversion)]
+    let soft = u64::from(soft);
     FD_LIMIT.store(soft, Ordering::Relaxed);
     soft
 }
