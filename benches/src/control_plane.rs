@@ -83,7 +83,8 @@ impl<'a> Harness<'a> {
             identity: spiffe(
                 format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}").parse(),
             )?,
-            token: control_plane.token(SERVICE_ACCOUNT)?,
+            // Every Certify call presents it; single-use would allow one.
+            token: control_plane.reusable_token(SERVICE_ACCOUNT)?,
         })
     }
 

@@ -75,7 +75,7 @@ impl Drop for RunningControlPlane {
 }
 
 impl RunningControlPlane {
-    /// A join token for a workload of this mesh.
+    /// A single-use join token for a workload of this mesh.
     pub fn create_token(
         &self,
         namespace: &str,
@@ -83,7 +83,9 @@ impl RunningControlPlane {
         ttl: Duration,
     ) -> anyhow::Result<String> {
         let identity = SpiffeId::new(&self.trust_domain, namespace, service_account)?;
-        Ok(self.tokens.create(&identity, ttl))
+        Ok(self
+            .tokens
+            .create(&identity, ttl, token::TokenUse::SingleUse))
     }
 }
 
@@ -100,6 +102,7 @@ pub fn create_token(
     namespace: &str,
     service_account: &str,
     ttl: Duration,
+    usage: token::TokenUse,
 ) -> anyhow::Result<String> {
     anyhow::ensure!(
         ttl > Duration::ZERO && ttl <= token::MAX_TTL,
@@ -107,8 +110,7 @@ pub fn create_token(
     );
     let mesh = load_mesh_config(config_dir)?;
     let identity = SpiffeId::new(&mesh.trust_domain, namespace, service_account)?;
-    let tokens = TokenAuthority::load_or_create(state_dir)?;
-    Ok(tokens.create(&identity, ttl))
+    Ok(token::create_in(state_dir, &identity, ttl, usage)?)
 }
 
 /// Starts the control plane; returns once it listens.
@@ -163,16 +165,22 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     };
     let config_watch = crate::config::watch(&options.config_dir)
         .with_context(|| format!("cannot watch {}", options.config_dir.display()))?;
-    let snapshot = crate::config::load_snapshot(&options.config_dir, &mesh.trust_domain)?;
-    let (snapshot_sender, snapshots) =
-        tokio::sync::watch::channel(crate::config::to_message(1, &snapshot));
+    let loader = crate::config::Loader::new(&options.config_dir, &mesh.trust_domain);
+    let (published, snapshots) = crate::config::Published::load(loader).await?;
     let discovery_service = DiscoveryService {
         snapshots,
         metrics: metrics.clone(),
     };
     let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity_service))
-        .add_service(DiscoveryServer::new(discovery_service));
+        .add_service(
+            IdentityServer::new(identity_service)
+                .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            DiscoveryServer::new(discovery_service)
+                .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(tessera_proto::mesh::MAX_SNAPSHOT_BYTES),
+        );
 
     let grpc_listener = TcpListener::bind(options.grpc_listen)
         .await
@@ -213,10 +221,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         tokio::spawn(keep_fresh(webhook_cert, issue_webhook_cert, "webhook")),
         tokio::spawn(crate::config::follow(
             config_watch,
-            options.config_dir.clone(),
-            mesh.trust_domain.clone(),
-            snapshot,
-            snapshot_sender,
+            published,
             metrics.clone(),
         )),
     ];

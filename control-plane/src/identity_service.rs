@@ -1,8 +1,10 @@
 //! The identity API: authenticates the caller, checks its CSR, has the CA sign it.
 //!
 //! Callers authenticate with a join token (first certificate) or with the certificate
-//! they hold (renewal). Every issuance and every refusal is one structured log line with
-//! identity, serial, expiry, caller address and reason — never the token or a key.
+//! they hold (renewal). A single-use join token is consumed, durably, between signing
+//! and answering, so two requests with one token get one certificate. Every issuance and
+//! every refusal is one structured log line with identity, serial, expiry, caller
+//! address and reason — never the token or a key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use tracing::{info, warn};
 use crate::ca::{CertificateAuthority, CsrRefusal, validate_csr};
 use crate::grpc::Caller;
 use crate::telemetry::{Metrics, RefusalReason};
-use crate::token::{TokenAuthority, TokenRefusal};
+use crate::token::{ConsumeError, TokenAuthority, TokenRefusal, VerifiedToken};
 
 /// Serves `Certify`.
 pub struct IdentityService {
@@ -34,13 +36,24 @@ enum Credential {
     Certificate,
 }
 
+/// What the caller is told about a refused token: expiry and reuse are the holder's to
+/// fix, so they are said; anything else is "rejected" (the log says why).
+fn token_status(refusal: &TokenRefusal) -> Status {
+    match refusal {
+        TokenRefusal::Expired(_) | TokenRefusal::AlreadyUsed => {
+            Status::unauthenticated(refusal.to_string())
+        }
+        _ => Status::unauthenticated("join token rejected"),
+    }
+}
+
 impl IdentityService {
     fn authenticate(
         &self,
         caller: &Caller,
         join_token: &str,
         kubernetes_token: &str,
-    ) -> Result<(SpiffeId, Credential), (RefusalReason, Status, String)> {
+    ) -> Result<(SpiffeId, Option<VerifiedToken>), (RefusalReason, Status, String)> {
         if join_token.is_empty() && !kubernetes_token.is_empty() && caller.identity.is_none() {
             // Verifying it needs the Kubernetes API (TokenReview); never guess from its
             // unverified claims.
@@ -55,17 +68,17 @@ impl IdentityService {
             return self
                 .tokens
                 .verify(join_token, &self.trust_domain)
-                .map(|id| (id, Credential::JoinToken))
+                .map(|token| (token.identity().clone(), Some(token)))
                 .map_err(|refusal| {
-                    let status = match refusal {
-                        TokenRefusal::Expired(_) => Status::unauthenticated(refusal.to_string()),
-                        _ => Status::unauthenticated("join token rejected"),
-                    };
-                    (RefusalReason::Token, status, refusal.to_string())
+                    (
+                        RefusalReason::Token,
+                        token_status(&refusal),
+                        refusal.to_string(),
+                    )
                 });
         }
         match &caller.identity {
-            Some(identity) => Ok((identity.clone(), Credential::Certificate)),
+            Some(identity) => Ok((identity.clone(), None)),
             None => {
                 let reason = "no join token and no client certificate";
                 Err((
@@ -98,7 +111,7 @@ impl Identity for IdentityService {
                 detail,
             );
         };
-        let (identity, credential) = self
+        let (identity, token) = self
             .authenticate(&caller, &request.join_token, &request.kubernetes_token)
             .map_err(|(reason, status, detail)| {
                 refuse(reason, None, &detail);
@@ -120,6 +133,32 @@ impl Identity for IdentityService {
                 refuse(RefusalReason::Internal, Some(&identity), &error.to_string());
                 Status::internal("certificate authority failed")
             })?;
+        if let Some(token) = token.clone() {
+            // A file append and fsync: off the async runtime.
+            let tokens = self.tokens.clone();
+            let consumed = tokio::task::spawn_blocking(move || tokens.consume(&token))
+                .await
+                .unwrap_or_else(|panicked| {
+                    Err(ConsumeError::Record(crate::ca::CaError::Material(
+                        panicked.to_string(),
+                    )))
+                });
+            // The certificate just signed is dropped unsent: the token did not pay for it.
+            consumed.map_err(|error| match error {
+                ConsumeError::Refused(refusal) => {
+                    refuse(RefusalReason::Token, Some(&identity), &refusal.to_string());
+                    token_status(&refusal)
+                }
+                ConsumeError::Record(_) => {
+                    refuse(RefusalReason::Internal, Some(&identity), &error.to_string());
+                    Status::unavailable("cannot record the join token as used; retry")
+                }
+            })?;
+        }
+        let credential = match token {
+            Some(_) => Credential::JoinToken,
+            None => Credential::Certificate,
+        };
         self.metrics.issued();
         info!(
             event = "certificate issued",

@@ -148,7 +148,8 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Print a join token for one namespace and service account.
+    /// Print a join token for one namespace and service account. It is single-use: the
+    /// first certificate issued with it consumes it.
     Create {
         #[arg(long)]
         namespace: String,
@@ -156,6 +157,10 @@ enum TokenCommand {
         service_account: String,
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Usable for any number of workloads until it expires (a fleet or autoscaling
+        /// group booting from one token), instead of once.
+        #[arg(long)]
+        reusable: bool,
         /// The control plane's configuration directory.
         #[arg(long)]
         config: PathBuf,
@@ -215,12 +220,25 @@ fn main() -> anyhow::Result<()> {
                     namespace,
                     service_account,
                     ttl,
+                    reusable,
                     config,
                     state_dir,
                 },
         } => {
             let state_dir = state_dir.unwrap_or_else(|| app::Options::default_state_dir(&config));
-            let token = app::create_token(&config, &state_dir, &namespace, &service_account, ttl)?;
+            let usage = if reusable {
+                tessera_control_plane::token::TokenUse::Reusable
+            } else {
+                tessera_control_plane::token::TokenUse::SingleUse
+            };
+            let token = app::create_token(
+                &config,
+                &state_dir,
+                &namespace,
+                &service_account,
+                ttl,
+                usage,
+            )?;
             println!("{token}");
             Ok(())
         }

@@ -335,8 +335,17 @@ impl ControlPlane {
             .expect("control plane logs its webhook address")
     }
 
-    /// A join token from `tessera token create`.
+    /// A join token from `tessera token create`: single-use, as by default.
     pub fn token(&self, service_account: &str, ttl: &str) -> String {
+        self.create_token(service_account, ttl, &[])
+    }
+
+    /// A `tessera token create --reusable` token: usable until it expires.
+    pub fn reusable_token(&self, service_account: &str, ttl: &str) -> String {
+        self.create_token(service_account, ttl, &["--reusable"])
+    }
+
+    fn create_token(&self, service_account: &str, ttl: &str, flags: &[&str]) -> String {
         let output = Command::new(binary("tessera"))
             .args([
                 "token",
@@ -348,6 +357,7 @@ impl ControlPlane {
                 "--ttl",
                 ttl,
             ])
+            .args(flags)
             .arg("--config")
             .arg(self.config_dir())
             .arg("--state-dir")

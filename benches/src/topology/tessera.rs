@@ -48,11 +48,22 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// `tessera token create` for a service account of the bench namespace.
+    /// `tessera token create` for a service account of the bench namespace: single-use,
+    /// one per proxy.
     pub fn token(&self, service_account: &str) -> Result<String> {
+        self.create_token(service_account, &[])
+    }
+
+    /// A `--reusable` token, for the Certify benchmark that presents one token per call.
+    pub fn reusable_token(&self, service_account: &str) -> Result<String> {
+        self.create_token(service_account, &["--reusable"])
+    }
+
+    fn create_token(&self, service_account: &str, flags: &[&str]) -> Result<String> {
         let output = Command::new(workspace_binary("tessera")?)
             .args(["token", "create", "--namespace", NAMESPACE])
             .args(["--service-account", service_account, "--ttl", "2h"])
+            .args(flags)
             .arg("--config")
             .arg(&self.config_dir)
             .arg("--state-dir")
