@@ -165,22 +165,16 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     };
     let config_watch = crate::config::watch(&options.config_dir)
         .with_context(|| format!("cannot watch {}", options.config_dir.display()))?;
-    let loader = crate::config::Loader::new(&options.config_dir, &mesh.trust_domain);
-    let (published, snapshots) = crate::config::Published::load(loader).await?;
+    let snapshot = crate::config::load_snapshot(&options.config_dir, &mesh.trust_domain)?;
+    let (snapshot_sender, snapshots) =
+        tokio::sync::watch::channel(crate::config::to_message(1, &snapshot));
     let discovery_service = DiscoveryService {
         snapshots,
         metrics: metrics.clone(),
     };
     let router = tonic::transport::Server::builder()
-        .add_service(
-            IdentityServer::new(identity_service)
-                .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            DiscoveryServer::new(discovery_service)
-                .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES)
-                .max_encoding_message_size(tessera_proto::mesh::MAX_SNAPSHOT_BYTES),
-        );
+        .add_service(IdentityServer::new(identity_service))
+        .add_service(DiscoveryServer::new(discovery_service));
 
     let grpc_listener = TcpListener::bind(options.grpc_listen)
         .await
@@ -221,7 +215,10 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         tokio::spawn(keep_fresh(webhook_cert, issue_webhook_cert, "webhook")),
         tokio::spawn(crate::config::follow(
             config_watch,
-            published,
+            options.config_dir.clone(),
+            mesh.trust_domain.clone(),
+            snapshot,
+            snapshot_sender,
             metrics.clone(),
         )),
     ];
