@@ -8,7 +8,7 @@
 //! policies are recorded without effect; no policy at all allows. Unlike Istio, a port
 //! with no PeerAuthentication is STRICT: the mesh denies plaintext until told otherwise.
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -446,15 +446,26 @@ fn operation_matches(operation: &Operation, request: &Request<'_>, lenient: bool
         Some(http) => {
             // Methods are case-sensitive (RFC 9110): `get` is not `GET`.
             let method = |m: &String| m == "*" || m == http.method;
-            let path = |p: &String| wildcard(p, http.path);
-            let requested = host_without_port(http.host).to_ascii_lowercase();
-            let host = |h: &String| wildcard(&h.to_ascii_lowercase(), &requested);
+            // Callers hand over the path they forward, normally already normal (then
+            // this is one pass, no allocation); any other is normalized here, so no
+            // caller can skip it. A path or pattern with no normal form cannot be
+            // compared: it matches for a DENY and never for an ALLOW (`lenient`).
+            let paths_named = !(operation.paths.is_empty() && operation.not_paths.is_empty());
+            let normal_path = if paths_named {
+                normalize_path(http.path)
+            } else {
+                Ok(Cow::Borrowed(http.path))
+            };
+            let path = |p: &String| path_matches(p, &normal_path);
+            let requested_host =
+                Some(host_without_port(http.host)).filter(|h| is_comparable_host(h));
+            let host = |h: &String| host_matches(h, requested_host);
             any_or_empty(&operation.methods, method)
                 && none_of(&operation.not_methods, method)
-                && any_or_empty(&operation.paths, path)
-                && none_of(&operation.not_paths, path)
-                && any_or_empty(&operation.hosts, host)
-                && none_of(&operation.not_hosts, host)
+                && any_or_empty(&operation.paths, |p| path(p).unwrap_or(lenient))
+                && none_of(&operation.not_paths, |p| path(p).unwrap_or(!lenient))
+                && any_or_empty(&operation.hosts, |h| host(h).unwrap_or(lenient))
+                && none_of(&operation.not_hosts, |h| host(h).unwrap_or(!lenient))
         }
     };
     ports_ok && http_ok
@@ -488,24 +499,43 @@ fn none_of<T>(values: &[T], matches: impl Fn(&T) -> bool) -> bool {
     !values.iter().any(matches)
 }
 
-/// The path policies are matched against, and the one forwarded: percent-encoded
-/// unreserved characters decoded, `.`/`..` segments resolved and repeated slashes merged
-/// (RFC 3986 §6.2.2), so `/a/../admin`, `//admin` and `/%61dmin` are all `/admin`.
-pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, InvalidPath> {
-    // Most paths are already normal: no allocation for them.
-    let suspicious = path.is_empty()
-        || !path.starts_with('/')
-        || path.contains("//")
-        || path.contains("/.")
-        || path.contains('%');
-    if !suspicious {
-        return Ok(std::borrow::Cow::Borrowed(path));
+/// The path policies are matched against, and the one forwarded to the application, so
+/// that what the policy saw is what the application receives. Every spelling a decoding
+/// application treats alike has one form (RFC 3986 §6.2.2, on bytes):
+/// - percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded;
+/// - every other escape is kept, its hex in uppercase, and every byte outside visible
+///   ASCII (non-ASCII UTF-8, space) is percent-encoded, as are `?` and `#`, which in a
+///   path can only be data; so `/é//admin`, `/%C3%A9/admin` and `/%c3%a9/./admin` are
+///   all `/%C3%A9/admin`;
+/// - `.`/`..` segments are resolved (also when spelled `%2E`) and repeated slashes
+///   merged, so `/a/../admin`, `//admin` and `/%61dmin` are all `/admin`.
+///
+/// Refused, because no form is safe to check and forward:
+/// - `%` not followed by two hex digits: kept, the bytes after it could spell a new
+///   escape once decoded (`/%%36%31dmin` would be `/%61dmin`, which the application
+///   serves as `/admin`);
+/// - control characters, raw or encoded (`%00`–`%1F`, `%7F`): they end strings and
+///   split log lines;
+/// - an encoded slash or backslash (`%2F`, `%5C`) and a raw backslash. Kept encoded (as
+///   Envoy does by default) they are one segment to the policy, yet some applications
+///   and frameworks decode `%2F` into a separator, or treat `\` as `/`, so a DENY on
+///   `/admin/secret` would miss `/admin%2Fsecret`; decoded they would change the path
+///   for the applications that do not. No legitimate caller of a mesh service needs
+///   them, so they are refused (400) rather than guessed at.
+///
+/// The result is its own normal form (normalizing twice changes nothing), and an
+/// already-normal path is returned borrowed: the common request allocates nothing.
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
+    if is_normal(path) {
+        return Ok(Cow::Borrowed(path));
     }
-    let decoded = decode_unreserved(path);
+    let mut canonical = String::with_capacity(path.len() + 8);
+    push_canonical(path, &mut canonical)?;
+    // Escapes of `/` are refused, so every `/` left separates segments.
     let ends_with_slash =
-        decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+        canonical.ends_with('/') || canonical.ends_with("/.") || canonical.ends_with("/..");
     let mut segments: Vec<&str> = Vec::new();
-    for segment in decoded.split('/') {
+    for segment in canonical.split('/') {
         match segment {
             "" | "." => {}
             ".." => {
@@ -514,7 +544,7 @@ pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, InvalidPa
             other => segments.push(other),
         }
     }
-    let mut normalized = String::with_capacity(decoded.len() + 1);
+    let mut normalized = String::with_capacity(canonical.len() + 1);
     for segment in &segments {
         normalized.push('/');
         normalized.push_str(segment);
@@ -522,55 +552,317 @@ pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, InvalidPa
     if normalized.is_empty() || (ends_with_slash && !segments.is_empty()) {
         normalized.push('/');
     }
-    Ok(std::borrow::Cow::Owned(normalized))
+    debug_assert!(is_normal(&normalized), "{normalized}");
+    Ok(Cow::Owned(normalized))
 }
 
-/// A request path that has no normal form, so no policy can be checked against it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A request path that has no normal form, so no policy can be checked against it: the
+/// proxy refuses the request (400), and the engine treats it as matching every DENY and
+/// no ALLOW that names paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidPath {
     /// `%` not followed by two hexadecimal digits.
-    #[error("malformed percent-encoding at byte {0}")]
+    #[error("malformed percent-encoding at byte {0}: `%` must be followed by two hex digits")]
     MalformedEscape(usize),
+    /// A control character (0x00–0x1F, 0x7F), raw or percent-encoded.
+    #[error("control character {byte:#04x} at byte {at}")]
+    ControlCharacter { at: usize, byte: u8 },
+    /// `%2F` or `%5C`, which some applications decode into a path separator.
+    #[error(
+        "encoded {} at byte {at}: applications disagree on whether it separates segments",
+        if *.byte == b'/' { "slash (%2F)" } else { "backslash (%5C)" }
+    )]
+    EncodedSeparator { at: usize, byte: u8 },
+    /// `\`, which some applications and file systems treat as `/`.
+    #[error("backslash at byte {0}: some applications treat it as a path separator")]
+    Backslash(usize),
 }
 
-fn decode_unreserved(path: &str) -> String {
+/// ALPHA / DIGIT / `-` / `.` / `_` / `~` (RFC 3986 §2.3): the same written raw or encoded.
+fn is_unreserved(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
+}
+
+/// A byte a normal path carries as itself: visible ASCII, except `%` (always the start
+/// of an escape), `\` (refused) and `?`/`#` (which would end the path).
+fn is_literal(byte: u8) -> bool {
+    byte.is_ascii_graphic() && !matches!(byte, b'%' | b'\\' | b'?' | b'#')
+}
+
+/// Whether a byte that arrived percent-encoded stays encoded in a normal path, or why
+/// the path has no normal form.
+fn kept_encoded(byte: u8, at: usize) -> Result<bool, InvalidPath> {
+    match byte {
+        0x00..=0x1F | 0x7F => Err(InvalidPath::ControlCharacter { at, byte }),
+        b'/' | b'\\' => Err(InvalidPath::EncodedSeparator { at, byte }),
+        _ => Ok(!is_unreserved(byte)),
+    }
+}
+
+const UPPER_HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn hex_value(digit: u8) -> Option<u8> {
+    (digit as char).to_digit(16).map(|value| value as u8)
+}
+
+/// Whether `path` is already in [`normalize_path`]'s form: one pass, no allocation.
+fn is_normal(path: &str) -> bool {
     let bytes = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    if bytes.first() != Some(&b'/') {
+        return false;
+    }
+    let dot_segment = |segment: &[u8]| segment == b"." || segment == b"..";
+    let mut segment_start = 1;
+    let mut i = 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'/' => {
+                let segment = &bytes[segment_start..i];
+                if segment.is_empty() || dot_segment(segment) {
+                    return false;
+                }
+                segment_start = i + 1;
+            }
+            b'%' if is_normal_escape(&bytes[i..]) => {
+                i += 3;
+                continue;
+            }
+            byte if is_literal(byte) => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    !dot_segment(&bytes[segment_start..])
+}
+
+/// Whether `bytes` starts with an escape as a normal path writes it: uppercase hex, of a
+/// byte that stays encoded.
+fn is_normal_escape(bytes: &[u8]) -> bool {
+    let upper = |digit: &u8| matches!(digit, b'0'..=b'9' | b'A'..=b'F');
+    match bytes {
+        [b'%', high, low, ..] if upper(high) && upper(low) => {
+            let value = hex_value(*high).unwrap_or(0) << 4 | hex_value(*low).unwrap_or(0);
+            kept_encoded(value, 0) == Ok(true)
+        }
+        _ => false,
+    }
+}
+
+/// Whether a piece of a path (a suffix pattern) is spelled as in a normal path: no
+/// allocation for the patterns written that way.
+fn is_normal_fragment(fragment: &str) -> bool {
+    let bytes = fragment.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = path.get(i + 1..i + 3)
-            && let Ok(value) = u8::from_str_radix(hex, 16)
-        {
-            if value.is_ascii_alphanumeric() || b"-._~".contains(&value) {
-                out.push(value as char);
+        match bytes[i] {
+            b'%' if is_normal_escape(&bytes[i..]) => i += 3,
+            b'/' if bytes.get(i + 1) == Some(&b'/') => return false,
+            byte if is_literal(byte) => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Appends `raw` to `out` with every byte in its normal spelling (escapes decoded or
+/// uppercased, other bytes encoded), leaving segments alone. Error offsets are in `raw`.
+fn push_canonical(raw: &str, out: &mut String) -> Result<(), InvalidPath> {
+    let bytes = raw.as_bytes();
+    let push_escape = |out: &mut String, byte: u8| {
+        out.push('%');
+        out.push(UPPER_HEX[usize::from(byte >> 4)] as char);
+        out.push(UPPER_HEX[usize::from(byte & 0xF)] as char);
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        if byte == b'%' {
+            let value = match bytes.get(i + 1..i + 3) {
+                Some([high, low]) => hex_value(*high).zip(hex_value(*low)),
+                _ => None,
+            };
+            let Some((high, low)) = value else {
+                return Err(InvalidPath::MalformedEscape(i));
+            };
+            let value = high << 4 | low;
+            if kept_encoded(value, i)? {
+                push_escape(out, value);
             } else {
-                out.push('%');
-                out.push_str(&hex.to_ascii_uppercase());
+                out.push(value as char);
             }
             i += 3;
             continue;
         }
-        // Multi-byte characters cannot appear in a request path; copy bytes verbatim.
-        out.push(bytes[i] as char);
+        match byte {
+            0x00..=0x1F | 0x7F => return Err(InvalidPath::ControlCharacter { at: i, byte }),
+            b'\\' => return Err(InvalidPath::Backslash(i)),
+            byte if is_literal(byte) => out.push(byte as char),
+            // Space, `?`, `#` and each byte of a non-ASCII character.
+            byte => push_escape(out, byte),
+        }
         i += 1;
     }
-    out
+    Ok(())
 }
 
-/// `example.com:8080` and `example.com.` both name `example.com`.
-fn host_without_port(host: &str) -> &str {
-    let host = match host.rsplit_once(':') {
-        Some((name, port))
-            if !name.ends_with(']')
-                && port.bytes().all(|b| b.is_ascii_digit())
-                && !name.contains(':') =>
-        {
-            name
+/// A configured path pattern in the form requests are compared in: exact, `prefix*`,
+/// `*suffix` or `*`.
+enum PathPattern<'p> {
+    Any,
+    Exact(Cow<'p, str>),
+    Prefix(Cow<'p, str>),
+    Suffix(Cow<'p, str>),
+}
+
+impl<'p> PathPattern<'p> {
+    /// Puts the literal part of `pattern` through the request's canonicalization, so a
+    /// pattern matches every spelling of the paths it names. A prefix keeps its last,
+    /// unfinished segment as written (`/a/.*` is "`/a/.` and more", not `/a/`); a
+    /// suffix, which may start mid-segment, is canonicalized byte by byte.
+    fn parse(pattern: &'p str) -> Result<Self, InvalidPath> {
+        if pattern == "*" {
+            return Ok(PathPattern::Any);
         }
-        _ => host,
+        if let Some(prefix) = pattern.strip_suffix('*') {
+            if is_normal(prefix) {
+                return Ok(PathPattern::Prefix(Cow::Borrowed(prefix)));
+            }
+            let mut canonical = String::with_capacity(prefix.len() + 8);
+            let tail = match prefix.rfind('/') {
+                Some(last_slash) if prefix.starts_with('/') => {
+                    let head = &prefix[..=last_slash];
+                    canonical.push_str(&normalize_path(head)?);
+                    last_slash + 1
+                }
+                _ => 0,
+            };
+            push_canonical(&prefix[tail..], &mut canonical).map_err(|error| error.shifted(tail))?;
+            return Ok(PathPattern::Prefix(Cow::Owned(canonical)));
+        }
+        if let Some(suffix) = pattern.strip_prefix('*') {
+            if is_normal_fragment(suffix) {
+                return Ok(PathPattern::Suffix(Cow::Borrowed(suffix)));
+            }
+            let mut canonical = String::with_capacity(suffix.len() + 8);
+            push_canonical(suffix, &mut canonical).map_err(|error| error.shifted(1))?;
+            // Normal paths have no empty segment.
+            while let Some(at) = canonical.find("//") {
+                canonical.remove(at);
+            }
+            return Ok(PathPattern::Suffix(Cow::Owned(canonical)));
+        }
+        normalize_path(pattern).map(PathPattern::Exact)
+    }
+
+    fn matches(&self, normal_path: &str) -> bool {
+        match self {
+            PathPattern::Any => true,
+            PathPattern::Exact(exact) => normal_path == exact,
+            PathPattern::Prefix(prefix) => normal_path.starts_with(&**prefix),
+            PathPattern::Suffix(suffix) => normal_path.ends_with(&**suffix),
+        }
+    }
+}
+
+impl InvalidPath {
+    /// The same error, with its offset counted from `by` bytes earlier.
+    fn shifted(self, by: usize) -> Self {
+        match self {
+            InvalidPath::MalformedEscape(at) => InvalidPath::MalformedEscape(at + by),
+            InvalidPath::ControlCharacter { at, byte } => {
+                InvalidPath::ControlCharacter { at: at + by, byte }
+            }
+            InvalidPath::EncodedSeparator { at, byte } => {
+                InvalidPath::EncodedSeparator { at: at + by, byte }
+            }
+            InvalidPath::Backslash(at) => InvalidPath::Backslash(at + by),
+        }
+    }
+}
+
+/// Whether a path pattern matches a request's path; `None` when either has no normal
+/// form, so the caller decides fail-closed.
+fn path_matches(pattern: &str, path: &Result<Cow<'_, str>, InvalidPath>) -> Option<bool> {
+    let path = path.as_ref().ok()?;
+    let pattern = PathPattern::parse(pattern).ok()?;
+    Some(pattern.matches(path))
+}
+
+/// `example.com:8080`, `example.com.` and `[fd00::1]:80` name `example.com` and
+/// `[fd00::1]`. The port is the caller's to write, so it carries no authority: the
+/// application port is what `ports` checks.
+fn host_without_port(host: &str) -> &str {
+    let digits = |port: &str| port.bytes().all(|b| b.is_ascii_digit());
+    let name = if host.starts_with('[') {
+        match host.find(']') {
+            Some(end) if end + 1 == host.len() => host,
+            Some(end) if host[end + 1..].strip_prefix(':').is_some_and(digits) => &host[..=end],
+            _ => host,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if digits(port) && !name.contains(':') => name,
+            _ => host,
+        }
     };
-    host.strip_suffix('.').unwrap_or(host)
+    name.trim_end_matches('.')
+}
+
+/// Whether a host (port and trailing dot removed) can be compared at all: a DNS name or
+/// a bracketed IP address. A host with `%`, `@`, `/` or anything else an application
+/// might decode or split differently has no one reading, so it is not compared.
+fn is_comparable_host(host: &str) -> bool {
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(address) => address
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.')),
+        None => host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')),
+    }
+}
+
+/// Whether a host pattern matches a request's host (without port, and `None` when it
+/// cannot be compared): case-insensitive, the pattern also without port or trailing dot,
+/// IPv6 addresses compared as addresses; `None` when the host or the pattern cannot be
+/// compared, so the caller decides fail-closed.
+fn host_matches(pattern: &str, host: Option<&str>) -> Option<bool> {
+    let host = host?;
+    if pattern == "*" {
+        return Some(true);
+    }
+    let (literal, matched) = if let Some(prefix) = pattern.strip_suffix('*') {
+        // `admin.*`: nothing to strip from a name that is not finished.
+        let matched = host
+            .as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes()));
+        (prefix, matched)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        let suffix = host_without_port(suffix);
+        let matched = host
+            .len()
+            .checked_sub(suffix.len())
+            .and_then(|start| host.as_bytes().get(start..))
+            .is_some_and(|end| end.eq_ignore_ascii_case(suffix.as_bytes()));
+        (suffix, matched)
+    } else {
+        let exact = host_without_port(pattern);
+        let as_address = |h: &str| {
+            h.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
+        };
+        let matched = match (as_address(exact), as_address(host)) {
+            (Some(pattern), Some(host)) => pattern == host,
+            _ => exact.eq_ignore_ascii_case(host),
+        };
+        (exact, matched)
+    };
+    let literal_ok = literal
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':'));
+    literal_ok.then_some(matched)
 }
 
 /// A principal pattern against a SPIFFE ID, written with or without `spiffe://`.
@@ -600,6 +892,8 @@ pub fn wildcard(pattern: &str, value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
 
     const WORKLOAD: WorkloadRef<'static> = WorkloadRef {
@@ -1243,10 +1537,312 @@ mod tests {
             ("/../../etc", "/etc"),
             ("/", "/"),
             ("", "/"),
-            ("/a%2fb", "/a%2Fb"),
-            ("/%zz", "/%zz"),
+            ("/a%3bb", "/a%3Bb"),
+            ("/a;b/%7E", "/a;b/~"),
         ] {
             assert_eq!(normalize_path(raw).unwrap(), normal, "{raw}");
+        }
+    }
+
+    /// One HTTP request from the caller's raw strings, decided against `policies`.
+    fn decide_raw(policies: &[Named<AuthorizationPolicySpec>], path: &str, host: &str) -> Decision {
+        let header = |_: &str| None;
+        let request = Request {
+            source: None,
+            request_principal: None,
+            port: 8080,
+            http: Some(HttpRequest {
+                method: "GET",
+                path,
+                host,
+                header: &header,
+            }),
+        };
+        authorize(policies, &request)
+    }
+
+    fn deny_paths(paths: &[&str]) -> Named<AuthorizationPolicySpec> {
+        let mut spec = AuthorizationPolicySpec {
+            action: Action::Deny,
+            ..Default::default()
+        };
+        spec.rules.push(Rule {
+            to: vec![To {
+                operation: Operation {
+                    paths: paths.iter().map(ToString::to_string).collect(),
+                    ..Default::default()
+                },
+            }],
+            ..Default::default()
+        });
+        Named {
+            name: "deny-paths".into(),
+            namespace: "shop".into(),
+            spec,
+        }
+    }
+
+    fn deny_hosts(hosts: &[&str]) -> Named<AuthorizationPolicySpec> {
+        let mut policy = deny_paths(&[]);
+        policy.spec.rules[0].to[0].operation.hosts =
+            hosts.iter().map(ToString::to_string).collect();
+        policy
+    }
+
+    #[test]
+    fn a_malformed_escape_is_refused() {
+        for raw in [
+            "/%%36%31dmin",
+            "/%%32%65%%32%65/admin",
+            "/%zz",
+            "/a%4",
+            "/a%",
+            "/%4g/x",
+            "/%%",
+            "/%-1",
+        ] {
+            let normal = normalize_path(raw);
+            assert!(normal.is_err(), "{raw} normalized to {normal:?}");
+        }
+    }
+
+    #[test]
+    fn control_characters_and_encoded_separators_are_refused() {
+        for raw in [
+            "/a%00b",
+            "/a%0Ab",
+            "/a%0db",
+            "/a%1f",
+            "/a%7F",
+            "/a\u{1}b",
+            "/a\tb",
+            "/a\u{7f}b",
+            "/admin%2Fsecret",
+            "/admin%2fsecret",
+            "/admin%5Csecret",
+            "/admin%5csecret",
+            "/admin\\secret",
+        ] {
+            let normal = normalize_path(raw);
+            assert!(normal.is_err(), "{raw:?} normalized to {normal:?}");
+        }
+    }
+
+    #[test]
+    fn non_ascii_bytes_are_percent_encoded_once() {
+        for raw in [
+            "/é//admin",
+            "/é/admin",
+            "/é/./admin",
+            "/%C3%A9/admin",
+            "/%c3%a9/./admin",
+            "/%c3%A9//x/../admin",
+        ] {
+            assert_eq!(normalize_path(raw).unwrap(), "/%C3%A9/admin", "{raw}");
+        }
+        assert_eq!(normalize_path("/a b/日").unwrap(), "/a%20b/%E6%97%A5");
+        assert_eq!(normalize_path("/%7e%41%2d%5f%2E").unwrap(), "/~A-_.");
+        assert_eq!(
+            normalize_path("/%%36%31dmin"),
+            Err(InvalidPath::MalformedEscape(1))
+        );
+        assert_eq!(
+            normalize_path("/a/%2fb"),
+            Err(InvalidPath::EncodedSeparator { at: 3, byte: b'/' })
+        );
+        assert_eq!(
+            normalize_path("/a%00"),
+            Err(InvalidPath::ControlCharacter { at: 2, byte: 0 })
+        );
+        assert_eq!(normalize_path("/a\\b"), Err(InvalidPath::Backslash(2)));
+        assert_eq!(
+            normalize_path("/a%3a%40%25%3F%23").unwrap(),
+            "/a%3A%40%25%3F%23"
+        );
+    }
+
+    #[test]
+    fn normalizing_twice_changes_nothing() {
+        for raw in [
+            "/%%36%31dmin",
+            "/%%32%65%%32%65/admin",
+            "/%2541dmin",
+            "/%25%32%65%25%32%65/admin",
+            "/é//admin",
+            "/%2e%2e/%2E/admin",
+            "/a?b#c",
+            "/a/.%2e/b",
+        ] {
+            if let Ok(once) = normalize_path(raw) {
+                let twice = normalize_path(&once);
+                assert_eq!(twice.as_deref(), Ok(&*once), "{raw}");
+                assert!(matches!(twice, Ok(Cow::Borrowed(_))), "{raw}: {twice:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn normal_paths_and_patterns_are_borrowed() {
+        for path in [
+            "/",
+            "/api/v1/orders/42",
+            "/a%20b/%C3%A9",
+            "/.well-known/x",
+            "/a/",
+        ] {
+            assert!(
+                matches!(normalize_path(path), Ok(Cow::Borrowed(p)) if p == path),
+                "{path}"
+            );
+        }
+        for pattern in ["/admin", "/api/*", "/api*", "*.txt", "*/%C3%A9", "*"] {
+            let borrowed = match PathPattern::parse(pattern) {
+                Ok(PathPattern::Any) => true,
+                Ok(
+                    PathPattern::Exact(text)
+                    | PathPattern::Prefix(text)
+                    | PathPattern::Suffix(text),
+                ) => matches!(text, Cow::Borrowed(_)),
+                Err(_) => false,
+            };
+            assert!(borrowed, "{pattern}");
+        }
+    }
+
+    #[test]
+    fn a_deny_on_a_path_denies_every_spelling() {
+        let non_ascii = deny_paths(&["/é/admin"]);
+        for path in [
+            "/é/admin",
+            "/é//admin",
+            "/é/./admin",
+            "/%C3%A9/admin",
+            "/%c3%a9/admin",
+            "/x/../%c3%A9/admin",
+        ] {
+            let decision = decide_raw(std::slice::from_ref(&non_ascii), path, "orders");
+            assert!(!decision.allowed, "DENY /é/admin missed {path}");
+        }
+        let prefix = deny_paths(&["/admin*"]);
+        for path in [
+            "/admin",
+            "/%61dmin",
+            "//admin/x",
+            "/x/../admin",
+            "/%%36%31dmin",
+            "/%%32%65%%32%65/admin",
+            "/%2e%2e/admin",
+        ] {
+            let decision = decide_raw(std::slice::from_ref(&prefix), path, "orders");
+            assert!(!decision.allowed, "DENY /admin* missed {path}");
+        }
+        let decision = decide_raw(std::slice::from_ref(&prefix), "/orders", "orders");
+        assert!(decision.allowed, "{decision:?}");
+        // The pattern is canonicalized too: written with escapes, doubled slashes or in
+        // lowercase hex, it names the same path.
+        let spelled = deny_paths(&["/%C3%A9//adm%69n", "*/%c3%a9/x"]);
+        for path in ["/é/admin", "/a/é/x"] {
+            let decision = decide_raw(std::slice::from_ref(&spelled), path, "orders");
+            assert!(!decision.allowed, "{path}: {decision:?}");
+        }
+    }
+
+    #[test]
+    fn a_path_or_pattern_without_normal_form_never_allows_and_always_denies() {
+        let allow_public = policy(
+            "shop",
+            "public",
+            "action: ALLOW\nrules:\n- to: [{operation: {paths: [\"/public*\"]}}]\n",
+        );
+        let allow_but_admin = policy(
+            "shop",
+            "not-admin",
+            "action: ALLOW\nrules:\n- to: [{operation: {notPaths: [\"/admin*\"]}}]\n",
+        );
+        for policies in [vec![allow_public.clone()], vec![allow_but_admin.clone()]] {
+            let decision = decide_raw(&policies, "/public/%zz", "orders");
+            assert!(!decision.allowed, "{decision:?}");
+        }
+        let deny_but_public = policy(
+            "shop",
+            "not-public",
+            "action: DENY\nrules:\n- to: [{operation: {notPaths: [\"/public*\"]}}]\n",
+        );
+        let decision = decide_raw(&[deny_but_public], "/public/%zz", "orders");
+        assert!(!decision.allowed, "{decision:?}");
+        // A malformed pattern in the configuration: a DENY fails closed, an ALLOW opens
+        // nothing.
+        let broken_deny = deny_paths(&["/admin%zz"]);
+        let decision = decide_raw(&[broken_deny], "/orders", "orders");
+        assert!(!decision.allowed, "{decision:?}");
+        let broken_not_paths = policy(
+            "shop",
+            "broken",
+            "action: DENY\nrules:\n- to: [{operation: {notPaths: [\"/public%g\"]}}]\n",
+        );
+        let decision = decide_raw(&[broken_not_paths], "/orders", "orders");
+        assert!(!decision.allowed, "{decision:?}");
+        let broken_allow = policy(
+            "shop",
+            "broken",
+            "action: ALLOW\nrules:\n- to: [{operation: {paths: [\"/public%g*\"]}}]\n",
+        );
+        let decision = decide_raw(&[broken_allow], "/public%g", "orders");
+        assert!(!decision.allowed, "{decision:?}");
+    }
+
+    #[test]
+    fn a_deny_on_a_host_ignores_port_case_brackets_and_trailing_dot() {
+        for (patterns, hosts) in [
+            (
+                &["[fd00::1]"][..],
+                &[
+                    "[fd00::1]",
+                    "[fd00::1]:8080",
+                    "[FD00::1]:80",
+                    "[fd00:0:0::1]",
+                    "[FD00:0:0:0:0:0:0:1]:443",
+                ][..],
+            ),
+            (&["[FD00::1]:9090"], &["[fd00::1]", "[fd00::1]:8080"]),
+            (
+                &["Admin.Shop."],
+                &[
+                    "admin.shop",
+                    "ADMIN.SHOP:80",
+                    "admin.shop.",
+                    "admin.shop..:1",
+                ],
+            ),
+            (&["admin.shop:8080"], &["admin.shop", "admin.shop:9090"]),
+            (&["*.Shop."], &["x.SHOP", "x.shop.:8080", "a.b.shop"]),
+            (&["*.shop:443"], &["x.shop:80"]),
+            (&["ADMIN.*"], &["admin.shop", "Admin.Shop:8080"]),
+            (&["evil"], &["EVIL:", "evil..:80"]),
+            // Hosts an application may read otherwise cannot be compared: a DENY that
+            // names hosts fails closed.
+            (
+                &["evil"],
+                &[
+                    "ev%69l",
+                    "x@evil",
+                    "evil:80@orders",
+                    "evil/x",
+                    "[fd00::1]x",
+                    "evil\u{0}",
+                ],
+            ),
+        ] {
+            let deny = deny_hosts(patterns);
+            for host in hosts {
+                let decision = decide_raw(std::slice::from_ref(&deny), "/", host);
+                assert!(!decision.allowed, "DENY {patterns:?} missed host {host}");
+            }
+        }
+        let deny = deny_hosts(&["[fd00::1]", "*.shop", "admin.*"]);
+        for host in ["[fd00::2]:8080", "orders.mesh", "shop", "", "admin"] {
+            let decision = decide_raw(std::slice::from_ref(&deny), "/", host);
+            assert!(decision.allowed, "{host}: {decision:?}");
         }
     }
 
@@ -1322,6 +1918,279 @@ mod tests {
         ];
         for (name, policies, port, expected) in cases {
             assert_eq!(mode(&policies, port), expected, "{name}");
+        }
+    }
+}
+
+/// Properties of normalization over generated spellings: the cases are few (the suite
+/// must stay fast); the fuzz target explores further.
+#[cfg(test)]
+mod properties {
+    use std::borrow::Cow;
+    use std::net::Ipv6Addr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// 256 cases each (about a second in all); `PROPTEST_CASES` asks for more.
+    fn config() -> ProptestConfig {
+        let default = ProptestConfig::default();
+        let asked = std::env::var_os("PROPTEST_CASES").is_some();
+        ProptestConfig {
+            cases: if asked { default.cases } else { 256 },
+            failure_persistence: None,
+            ..default
+        }
+    }
+
+    /// Path-like input made of the pieces that normalization treats specially.
+    fn path_ish() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("/".to_string()),
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just("%".to_string()),
+            Just("%2e".to_string()),
+            Just("%2E".to_string()),
+            Just("%25".to_string()),
+            Just("%2f".to_string()),
+            Just("%5C".to_string()),
+            Just("%00".to_string()),
+            Just("\\".to_string()),
+            Just("é".to_string()),
+            Just("?".to_string()),
+            "[0-9a-fA-F]{1,2}",
+            "%[0-9a-fA-F]{2}",
+            "[a-z~_:;@ -]{1,3}",
+            any::<char>().prop_map(String::from),
+        ];
+        prop::collection::vec(piece, 0..16).prop_map(|pieces| pieces.concat())
+    }
+
+    /// A path segment, as it would be written plainly: never `.` or `..`.
+    fn segment() -> impl Strategy<Value = String> {
+        // No `*`: at a pattern's end it is the wildcard.
+        "([a-zA-Z0-9._~-]|[:@!$&'()+,;=]|é|日|🦀){1,6}"
+            .prop_filter("dot segment", |s| s != "." && s != "..")
+    }
+
+    /// One way of writing `character`: unreserved and non-ASCII characters raw or
+    /// percent-encoded (either hex case); other characters mean something else encoded.
+    fn spell_char(character: char, encode: bool, lower_hex: bool) -> String {
+        let mut buffer = [0; 4];
+        let bytes = character.encode_utf8(&mut buffer).as_bytes();
+        let encodable = bytes.len() > 1 || is_unreserved(bytes[0]);
+        if !(encode && encodable) {
+            return character.to_string();
+        }
+        bytes
+            .iter()
+            .map(|b| {
+                if lower_hex {
+                    format!("%{b:02x}")
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    /// Another spelling of the path `/segments…` (with a trailing slash if `trailing`):
+    /// characters re-encoded, and `./`, `x/../` and extra slashes inserted before
+    /// segments, driven by `choices`.
+    fn respell(segments: &[String], trailing: bool, choices: &[u8]) -> String {
+        let mut choice = choices.iter().copied().cycle();
+        let mut next = || choice.next().unwrap_or(0);
+        let mut path = String::new();
+        for segment in segments {
+            path.push('/');
+            match next() % 5 {
+                0 => path.push_str("./"),
+                1 => path.push_str("dir/../"),
+                2 => path.push('/'),
+                3 => path.push_str("%2E/x/%2e%2E/"),
+                _ => {}
+            }
+            for character in segment.chars() {
+                let bits = next();
+                path.push_str(&spell_char(character, bits & 1 == 1, bits & 2 == 2));
+            }
+        }
+        if trailing || segments.is_empty() {
+            path.push('/');
+            if next() % 3 == 0 {
+                path.push_str("./");
+            }
+        }
+        path
+    }
+
+    fn plain(segments: &[String], trailing: bool) -> String {
+        let mut path: String = segments.iter().map(|s| format!("/{s}")).collect();
+        if trailing || segments.is_empty() {
+            path.push('/');
+        }
+        path
+    }
+
+    fn decide(policy: &Named<AuthorizationPolicySpec>, path: &str, host: &str) -> Decision {
+        let header = |_: &str| None;
+        let request = Request {
+            source: None,
+            request_principal: None,
+            port: 8080,
+            http: Some(HttpRequest {
+                method: "GET",
+                path,
+                host,
+                header: &header,
+            }),
+        };
+        authorize(std::slice::from_ref(policy), &request)
+    }
+
+    fn deny(paths: Vec<String>, hosts: Vec<String>) -> Named<AuthorizationPolicySpec> {
+        let operation = Operation {
+            paths,
+            hosts,
+            ..Default::default()
+        };
+        Named {
+            name: "deny".into(),
+            namespace: "shop".into(),
+            spec: AuthorizationPolicySpec {
+                action: Action::Deny,
+                rules: vec![Rule {
+                    to: vec![To { operation }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        }
+    }
+
+    /// A host name or a bracketed IPv6 address, and the spelling of it a policy is
+    /// written with.
+    fn host() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::collection::vec("[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?", 1..4)
+                .prop_map(|labels| labels.join(".")),
+            any::<[u16; 8]>().prop_map(|s| format!(
+                "[{}]",
+                Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
+            )),
+        ]
+    }
+
+    /// `host` as a caller may send it: any case, a port, a trailing dot on a name, an
+    /// IPv6 address uncompressed.
+    fn respell_host(host: &str, choices: (bool, bool, Option<u16>, bool)) -> String {
+        let (upper, dot, port, expand) = choices;
+        let mut spelled = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(address) if expand => {
+                let address: Ipv6Addr = address.parse().unwrap_or(Ipv6Addr::LOCALHOST);
+                let groups: Vec<String> = address
+                    .segments()
+                    .iter()
+                    .map(|g| format!("{g:x}"))
+                    .collect();
+                format!("[{}]", groups.join(":"))
+            }
+            Some(_) => host.to_string(),
+            None if dot => format!("{host}."),
+            None => host.to_string(),
+        };
+        if upper {
+            spelled = spelled.to_ascii_uppercase();
+        }
+        if let Some(port) = port {
+            spelled.push_str(&format!(":{port}"));
+        }
+        spelled
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn normalizing_is_idempotent(raw in path_ish()) {
+            if let Ok(once) = normalize_path(&raw) {
+                prop_assert!(once.starts_with('/'));
+                prop_assert!(once.bytes().all(|b| b.is_ascii_graphic() && b != b'\\'), "{once}");
+                let twice = normalize_path(&once);
+                prop_assert!(matches!(twice, Ok(Cow::Borrowed(p)) if p == once), "{raw:?} → {once} → {twice:?}");
+            }
+        }
+
+        #[test]
+        fn arbitrary_strings_normalize_idempotently(raw in any::<String>()) {
+            if let Ok(once) = normalize_path(&raw) {
+                let twice = normalize_path(&once);
+                prop_assert!(matches!(twice, Ok(Cow::Borrowed(p)) if p == once), "{raw:?} → {once} → {twice:?}");
+            }
+        }
+
+        #[test]
+        fn every_spelling_of_a_path_normalizes_alike(
+            segments in prop::collection::vec(segment(), 0..5),
+            trailing in any::<bool>(),
+            choices in prop::collection::vec(any::<u8>(), 1..64),
+        ) {
+            let plain = plain(&segments, trailing);
+            let spelled = respell(&segments, trailing, &choices);
+            let expected = normalize_path(&plain);
+            prop_assert!(expected.is_ok(), "{plain}: {expected:?}");
+            prop_assert_eq!(normalize_path(&spelled), expected, "{} vs {}", plain, spelled);
+        }
+
+        #[test]
+        fn a_deny_on_a_path_denies_every_spelling(
+            segments in prop::collection::vec(segment(), 1..5),
+            trailing in any::<bool>(),
+            pattern_choices in prop::collection::vec(any::<u8>(), 1..64),
+            request_choices in prop::collection::vec(any::<u8>(), 1..64),
+        ) {
+            let written = respell(&segments, trailing, &pattern_choices);
+            let requested = respell(&segments, trailing, &request_choices);
+            let exact = deny(vec![written.clone()], vec![]);
+            prop_assert!(!decide(&exact, &requested, "orders").allowed, "DENY {} missed {}", written, requested);
+            // A prefix pattern: the first segment, and everything under it.
+            let prefix = format!("{}*", respell(&segments[..1], false, &pattern_choices));
+            let policy = deny(vec![prefix.clone()], vec![]);
+            prop_assert!(!decide(&policy, &requested, "orders").allowed, "DENY {} missed {}", prefix, requested);
+            // A suffix pattern: the last segment, written in its own spelling.
+            let last = &segments[segments.len() - 1];
+            let suffix: String = last.chars().zip(pattern_choices.iter().cycle())
+                .map(|(c, bits)| spell_char(c, bits & 1 == 1, bits & 2 == 2)).collect();
+            let suffix = format!("*/{suffix}{}", if trailing { "/" } else { "" });
+            let policy = deny(vec![suffix.clone()], vec![]);
+            prop_assert!(!decide(&policy, &requested, "orders").allowed, "DENY {} missed {}", suffix, requested);
+            // And the DENY is no wider than its path.
+            let other = format!("{}/other", plain(&segments, false));
+            prop_assert!(decide(&exact, &other, "orders").allowed, "DENY {} caught {}", written, other);
+        }
+
+        #[test]
+        fn a_deny_on_a_host_denies_every_spelling(
+            host in host(),
+            pattern in (any::<bool>(), any::<bool>(), prop::option::of(any::<u16>()), any::<bool>()),
+            request in (any::<bool>(), any::<bool>(), prop::option::of(any::<u16>()), any::<bool>()),
+        ) {
+            let written = respell_host(&host, pattern);
+            let requested = respell_host(&host, request);
+            let policy = deny(vec![], vec![written.clone()]);
+            prop_assert!(!decide(&policy, "/", &requested).allowed, "DENY {} missed {}", written, requested);
+            let other = respell_host(&format!("x{host}"), request);
+            if !host.starts_with('[') {
+                prop_assert!(decide(&policy, "/", &other).allowed, "DENY {} caught {}", written, other);
+                // `*.suffix` with the suffix spelled as the policy writer did.
+                if let Some((_, parent)) = host.split_once('.') {
+                    let pattern = format!("*.{}", respell_host(parent, pattern));
+                    let policy = deny(vec![], vec![pattern.clone()]);
+                    prop_assert!(!decide(&policy, "/", &requested).allowed, "DENY {} missed {}", pattern, requested);
+                }
+            }
         }
     }
 }
