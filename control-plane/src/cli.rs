@@ -137,9 +137,33 @@ pub struct Hypothetical<'a> {
     pub request_principal: Option<&'a str>,
 }
 
+/// `--path` names a request the proxy answers 400 before any policy runs.
+#[derive(Debug, thiserror::Error)]
+#[error("--path {path:?}: the proxy refuses this request (400) before any policy runs: {reason}")]
+pub struct RefusedPath {
+    pub path: String,
+    pub reason: policy::InvalidPath,
+}
+
+/// The path the proxy would authorize and forward for `raw`: query and fragment cut off
+/// (the proxy matches the path alone), then normalized as the proxy does.
+pub fn forwarded_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, RefusedPath> {
+    let path = raw.split(['?', '#']).next().unwrap_or_default();
+    policy::normalize_path(path).map_err(|reason| RefusedPath {
+        path: raw.to_string(),
+        reason,
+    })
+}
+
 /// Explains the decision for `request` from the configuration in `config_dir`; returns
-/// the report and whether the request would be allowed.
+/// the report and whether the request would be allowed. A path the proxy would refuse is
+/// a [`RefusedPath`] error.
 pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<(String, bool)> {
+    // The engine is handed what the proxy hands it, so explain gives the proxy's answer.
+    let path = match request.method {
+        Some(_) => forwarded_path(request.path)?,
+        None => std::borrow::Cow::Borrowed(request.path),
+    };
     let mesh = crate::app::load_mesh_config(config_dir)?;
     let snapshot = crate::config::load_snapshot(config_dir, &mesh.trust_domain)?;
     let service = snapshot
@@ -158,6 +182,9 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
         bail!("service {} has no workloads", request.to);
     }
     let mut out = String::new();
+    if request.method.is_some() && path != request.path {
+        let _ = writeln!(out, "path as the proxy forwards it: {path}");
+    }
     let mut all_allowed = true;
     for account in accounts {
         let workload = WorkloadRef {
@@ -204,7 +231,7 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
             port: request.port,
             http: request.method.map(|method| policy::HttpRequest {
                 method,
-                path: request.path,
+                path: &path,
                 host,
                 header: &header,
             }),
@@ -506,6 +533,56 @@ pub fn parse_host_port(text: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn explain_get(path: &str) -> anyhow::Result<(String, bool)> {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/mesh");
+        let frontend: SpiffeId = "spiffe://cluster.local/ns/shop/sa/frontend".parse()?;
+        explain(
+            &config,
+            &Hypothetical {
+                from: Some(frontend),
+                to: "orders.shop",
+                port: 8080,
+                method: Some("GET"),
+                path,
+                host: None,
+                headers: &[],
+                request_principal: None,
+            },
+        )
+    }
+
+    #[test]
+    fn explain_decides_on_the_path_the_proxy_forwards() {
+        // The example configuration denies `/admin*` in namespace shop.
+        for path in [
+            "/admin",
+            "/%61dmin",
+            "//x/../admin?debug=1",
+            "/ADMIN/../admin",
+        ] {
+            let (report, allowed) = explain_get(path).unwrap();
+            assert!(!allowed, "{path}: {report}");
+            assert!(report.contains("DENY by shop/no-admin"), "{path}: {report}");
+        }
+        let (report, _) = explain_get("/%61dmin").unwrap();
+        assert!(
+            report.contains("path as the proxy forwards it: /admin"),
+            "{report}"
+        );
+        let (report, allowed) = explain_get("/orders/1").unwrap();
+        assert!(allowed, "{report}");
+    }
+
+    #[test]
+    fn explain_refuses_a_path_the_proxy_refuses() {
+        for path in ["/%%36%31dmin", "/admin%2Fx", "/a%00"] {
+            let error = explain_get(path).unwrap_err();
+            let refused = error.downcast_ref::<RefusedPath>();
+            assert!(refused.is_some(), "{path}: {error:#}");
+        }
+        assert_eq!(forwarded_path("/é//a?x=%zz").unwrap(), "/%C3%A9/a");
+    }
 
     #[test]
     fn quantiles_interpolate_like_prometheus() {

@@ -309,7 +309,7 @@ fn main() -> anyhow::Result<()> {
                         .context("--header must be name=value")
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let (report, allowed) = cli::explain(
+            let explained = cli::explain(
                 &config,
                 &cli::Hypothetical {
                     from,
@@ -321,9 +321,17 @@ fn main() -> anyhow::Result<()> {
                     headers: &headers,
                     request_principal: request_principal.as_deref(),
                 },
-            )?;
+            );
+            // A path the proxy refuses is the caller's mistake, like a bad argument: 2.
+            if let Err(error) = &explained
+                && let Some(refused) = error.downcast_ref::<cli::RefusedPath>()
+            {
+                eprintln!("error: {refused}");
+                std::process::exit(2);
+            }
+            let (report, allowed) = explained?;
             print!("{report}");
-            // Scripts can test the outcome: 0 allowed, 3 denied.
+            // Scripts can test the outcome: 0 allowed, 3 denied, 2 refused before policy.
             if !allowed {
                 std::process::exit(3);
             }
