@@ -463,7 +463,7 @@ def ping_flood(args, clock):
     return flood(args, clock, lambda i: fr.PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize())
 
 
-def open_sockets(args, count, first=b""):
+def open_sockets(args, count, first=b"", opened_at=None):
     """`count` connections held open; raises RLIMIT_NOFILE first when it must."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = count + 64
@@ -473,12 +473,14 @@ def open_sockets(args, count, first=b""):
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
     sockets = []
     for _ in range(count):
-        sock = socket.create_connection((args.host, args.port), timeout=5)
+        sock = socket.create_connection((args.host, args.port), timeout=10)
         # What the connection says first goes at once: a caller silent past the
         # proxy's protocol detection would be relayed as opaque TCP instead.
         if first:
             sock.sendall(first)
         sockets.append(sock)
+        if opened_at is not None:
+            opened_at.append(time.monotonic())
     return sockets
 
 
@@ -496,22 +498,33 @@ def closed_by_peer(sock):
 def idle_connections(args, clock):
     """`--connections` HTTP/2 connections that send the preface and SETTINGS, then
     nothing; held to the end and counted as the proxy closes them."""
-    started = time.monotonic()
-    sockets = open_sockets(args, args.connections, PREFACE + fr.SettingsFrame(0).serialize())
+    started, opened_at = time.monotonic(), []
+    sockets = open_sockets(args, args.connections, PREFACE + fr.SettingsFrame(0).serialize(), opened_at)
     opened_in = round(time.monotonic() - started, 3)
-    print(json.dumps({"event": "opened", "connections": len(sockets), "at": clock.now()}), flush=True)
     closed_at = {}
+    for index, sock in enumerate(sockets):
+        if closed_by_peer(sock):
+            closed_at[index] = clock.now()
+    # How many were open at once: all but those the proxy closed while the rest opened.
+    open_at_once = len(sockets) - len(closed_at)
     while not clock.over():
         for index, sock in enumerate(sockets):
             if index not in closed_at and closed_by_peer(sock):
                 closed_at[index] = clock.now()
         time.sleep(0.25)
+    end = time.monotonic()
+    # Still open although idle for longer than --grace: the proxy did not close them.
+    overdue = sum(
+        1 for index, opened in enumerate(opened_at) if index not in closed_at and end - opened > args.grace
+    )
     for sock in sockets:
         sock.close()
     times = sorted(closed_at.values())
     return {
         "connections": len(sockets),
+        "overdue": overdue,
         "opened_in": opened_in,
+        "open_at_once": open_at_once,
         "closed_by_proxy": len(times),
         "first_closed_at": times[0] if times else None,
         "last_closed_at": times[-1] if times else None,
@@ -697,6 +710,7 @@ def main():
     parser.add_argument("--duration", type=float, default=10.0, help=f"seconds (at most {MAX_DURATION})")
     parser.add_argument("--count", type=int, default=100000, help="upper bound on frames/streams")
     parser.add_argument("--connections", type=int, default=1000, help="connections used (or held)")
+    parser.add_argument("--grace", type=float, default=10.0, help="idle seconds after which an open connection is overdue")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between dripped bytes")
     parser.add_argument("--cert", help="client certificate chain (PEM): speak mTLS as a mesh peer")
     parser.add_argument("--key", help="its private key (PEM)")
