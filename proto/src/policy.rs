@@ -133,7 +133,11 @@ pub struct Source {
     pub not_request_principals: Vec<String>,
 }
 
-/// What is called. Paths and hosts match exactly or with one `*` at either end.
+/// What is called. Paths and hosts match exactly or with one `*` at either end, after
+/// both the pattern and the request are put in one form: paths as [`normalize_path`]
+/// writes them (so a pattern names every spelling of its paths), hosts without port or
+/// trailing dot and compared case-insensitively. A path or host that has no such form
+/// matches every DENY and no ALLOW that names paths (hosts).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
@@ -294,7 +298,9 @@ pub struct Request<'a> {
 #[derive(Clone, Copy)]
 pub struct HttpRequest<'a> {
     pub method: &'a str,
+    /// The path as forwarded, without query; normalized here too if it is not already.
     pub path: &'a str,
+    /// The authority (or `Host`), with or without port.
     pub host: &'a str,
     pub header: &'a (dyn Fn(&str) -> Option<&'a str> + Sync),
 }
@@ -1679,6 +1685,54 @@ mod tests {
                 assert!(matches!(twice, Ok(Cow::Borrowed(_))), "{raw}: {twice:?}");
             }
         }
+    }
+
+    /// Counts this thread's allocations, so a test can assert that a decision allocates
+    /// nothing while other tests run beside it.
+    struct CountingAllocator;
+
+    thread_local! {
+        static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    // SAFETY: every call is forwarded to the system allocator unchanged.
+    unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));
+            // SAFETY: the caller's contract is the system allocator's.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            // SAFETY: `ptr` came from the system allocator, through `alloc`.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: CountingAllocator = CountingAllocator;
+
+    #[test]
+    fn deciding_on_a_normal_request_allocates_nothing() {
+        let deny = policy(
+            "shop",
+            "deny",
+            "action: DENY\nrules:\n- to: [{operation: {paths: [/admin*, \"*.php\", /debug], notHosts: [\"*.internal\"], hosts: [\"[fd00::1]\", Admin.Shop, \"api.*\"]}}]\n",
+        );
+        let allow = policy(
+            "shop",
+            "allow",
+            "action: ALLOW\nrules:\n- to: [{operation: {methods: [GET], paths: [/api/*], notPaths: [/api/v1/secret], hosts: [orders.shop]}}]\n",
+        );
+        let policies = [deny, allow];
+        let allocations = ALLOCATIONS.with(std::cell::Cell::get);
+        let decision = decide_raw(&policies, "/api/v1/orders/42", "Orders.Shop:8080");
+        assert_eq!(ALLOCATIONS.with(std::cell::Cell::get), allocations);
+        assert!(decision.allowed, "{decision:?}");
+        // The count is real: a path that needs normalizing does allocate.
+        let decision = decide_raw(&policies, "/api//v1/orders/42", "orders.shop");
+        assert!(ALLOCATIONS.with(std::cell::Cell::get) > allocations);
+        assert!(decision.allowed, "{decision:?}");
     }
 
     #[test]
