@@ -115,6 +115,15 @@ async fn siege(
         100.0 * during.success_ratio(),
         during.errors
     );
+    if during.failed > 0 {
+        // What the proxies said about it: the last warnings of each.
+        for (label, proxy) in [("client", &mesh.client), ("server", &mesh.server)] {
+            let warnings = proxy.process.logs.matching(&["WARN"]);
+            for line in warnings.iter().rev().take(8).rev() {
+                eprintln!("{name}: {label} proxy: {line}");
+            }
+        }
+    }
     let mut failures = Vec::new();
     for (proxy, peak) in proxies.iter().zip(peaks) {
         let (after_rss, after_fds) = (rss(proxy.pid), open_fds(proxy.pid));
