@@ -13,26 +13,26 @@
 
 use std::time::Duration;
 
+use Surface::{Inbound, Outbound};
 use serde_json::Value;
 use tessera_tests::hostile::{
     Attack, HostileMesh, Legit, MIB, RssSampler, Surface, attacker_available, open_fds, rss,
 };
 
 /// How far above its baseline a proxy's RSS may go during an attack. The baseline is
-/// ~15 MiB; a bounded proxy holds per attacking connection at most its HTTP/2 windows
+/// ~25 MiB (debug build); a bounded proxy holds per attacking connection at most its HTTP/2 windows
 /// (1 MiB per connection, 256 KiB per stream) and per-stream state for the streams it
 /// allows, and the attackers here use at most a few connections (or 5,000 idle ones at
 /// ~8 KiB each, nginx's order of magnitude). The unbounded proxy of issue 21 grew by
 /// 108 MiB on one connection's 3,000 streams.
 const PEAK_BUDGET: u64 = 40 * MIB;
-/// How far above its baseline RSS may remain once the attacker is gone: freed memory may
-/// stay in the allocator's caches, but not most of what the attack took.
+/// How far above its baseline RSS may remain once the attacker is gone (its connections
+/// closed, the caller's recovery requests served): freed memory may stay in the
+/// allocator's caches, but not most of what the attack took.
 const AFTER_BUDGET: u64 = 24 * MIB;
 /// Open descriptors allowed above the baseline after the attack (pooled connections the
 /// well-behaved caller's recovery requests may have added).
 const FD_SLACK: usize = 16;
-
-use Surface::{Inbound, Outbound};
 
 /// The mesh, or `None` (and a message) when the attacker cannot run outside CI.
 async fn mesh() -> Option<HostileMesh> {
