@@ -490,10 +490,13 @@ def open_sockets(args, count, first=b"", opened_at=None):
 
 
 def closed_by_peer(sock):
-    """True when the proxy has closed the connection (EOF or reset), without blocking."""
+    """True when the proxy has closed the connection (EOF or reset), without blocking;
+    what it sent before (SETTINGS, a GOAWAY) is read and dropped."""
+    sock.setblocking(False)
     try:
-        sock.setblocking(False)
-        return sock.recv(65536) == b""
+        while sock.recv(65536):
+            pass
+        return True
     except BlockingIOError:
         return False
     except OSError:
