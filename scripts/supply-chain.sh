@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Supply chain: cargo deny (advisories, licenses, bans, sources; deny.toml) and cargo
+# audit, both against the RustSec advisory snapshot in shared/data, offline: a new
+# advisory for a crate in Cargo.lock fails this script.
+#
+# The snapshot: $RUSTSEC_SNAPSHOT, else the newest shared/data/rustsec-advisory-db-*.tar.gz
+# beside the repository (CI has shared/ next to its clone). Missing tools are installed
+# with `cargo install --locked` at pinned versions (several minutes each on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CARGO_DENY_VERSION=0.20.2
+CARGO_AUDIT_VERSION=0.22.2
+
+install_tool() { # crate version
+    local crate=$1 version=$2
+    if "$crate" --version 2>/dev/null | grep -q " $version\$"; then
+        return
+    fi
+    local start=$SECONDS
+    echo "installing $crate $version (cargo install --locked)"
+    cargo install --locked --quiet "$crate" --version "$version"
+    echo "installed $crate in $((SECONDS - start)) s"
+}
+
+snapshot="${RUSTSEC_SNAPSHOT:-}"
+if [ -z "$snapshot" ]; then
+    snapshot="$(ls -1 ../shared/data/rustsec-advisory-db-*.tar.gz 2>/dev/null | sort | tail -n 1 || true)"
+fi
+if [ -z "$snapshot" ] || [ ! -f "$snapshot" ]; then
+    echo "supply chain: no RustSec snapshot (../shared/data/rustsec-advisory-db-*.tar.gz); set RUSTSEC_SNAPSHOT" >&2
+    exit 1
+fi
+
+install_tool cargo-deny "$CARGO_DENY_VERSION"
+install_tool cargo-audit "$CARGO_AUDIT_VERSION"
+
+# Both tools open the database as a git repository; cargo-deny looks for it under
+# db-path in a directory named after its URL's hash (that of the default RustSec URL,
+# for cargo-deny $CARGO_DENY_VERSION).
+dbs="$(mktemp -d)"
+trap 'rm -rf "$dbs"' EXIT
+db="$dbs/advisory-db-3157b0e258782691"
+mkdir -p "$db"
+tar -xzf "$snapshot" -C "$db"
+git -C "$db" init -q
+git -C "$db" add -A
+git -C "$db" -c user.name=supply-chain -c user.email=supply-chain@localhost \
+    commit -q -m "$(basename "$snapshot")"
+echo "advisories: $(basename "$snapshot"), $(find "$db/crates" -name '*.md' | wc -l) advisories"
+
+status=0
+echo "== cargo deny check (advisories, bans, licenses, sources)"
+TESSERA_ADVISORY_DBS="$dbs" cargo deny --offline check --hide-inclusion-graph || status=1
+echo "== cargo audit"
+# Yanked crates are looked up in the crates.io index, which is not offline: cargo deny
+# reports them from its own check instead.
+cargo audit --no-fetch --db "$db" --deny warnings || status=1
+if [ "$status" -ne 0 ]; then
+    echo "supply chain: FAILED (see above)" >&2
+fi
+exit "$status"
