@@ -165,16 +165,22 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     };
     let config_watch = crate::config::watch(&options.config_dir)
         .with_context(|| format!("cannot watch {}", options.config_dir.display()))?;
-    let snapshot = crate::config::load_snapshot(&options.config_dir, &mesh.trust_domain)?;
-    let (snapshot_sender, snapshots) =
-        tokio::sync::watch::channel(crate::config::to_message(1, &snapshot));
+    let loader = crate::config::Loader::new(&options.config_dir, &mesh.trust_domain);
+    let (published, snapshots) = crate::config::Published::load(loader).await?;
     let discovery_service = DiscoveryService {
         snapshots,
         metrics: metrics.clone(),
     };
     let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity_service))
-        .add_service(DiscoveryServer::new(discovery_service));
+        .add_service(
+            IdentityServer::new(identity_service)
+                .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            DiscoveryServer::new(discovery_service)
+                .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(tessera_proto::mesh::MAX_SNAPSHOT_BYTES),
+        );
 
     let grpc_listener = TcpListener::bind(options.grpc_listen)
         .await
@@ -215,10 +221,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         tokio::spawn(keep_fresh(webhook_cert, issue_webhook_cert, "webhook")),
         tokio::spawn(crate::config::follow(
             config_watch,
-            options.config_dir.clone(),
-            mesh.trust_domain.clone(),
-            snapshot,
-            snapshot_sender,
+            published,
             metrics.clone(),
         )),
     ];

@@ -2,29 +2,55 @@
 //!
 //! Every change is parsed and checked whole; a good one becomes the next snapshot and
 //! reaches every connected proxy, a bad one is refused with file, line and reason and the
-//! last good snapshot stays in force.
+//! last good snapshot stays in force. "Good" includes fitting in what proxies accept
+//! ([`MAX_SNAPSHOT_BYTES`]), so a configuration never cuts them off.
+//!
+//! Files are read on a blocking thread under a timeout, and only regular files inside the
+//! directory are read: a worker of the async runtime stuck on a FIFO would stall
+//! readiness, certificate signing and every later update.
 
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tessera_proto::api::discovery::Snapshot;
-use tessera_proto::mesh::MeshSnapshot;
+use tessera_proto::mesh::{MAX_SNAPSHOT_BYTES, MeshSnapshot};
 use tessera_proto::resources::{self, ConfigError};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 /// Editors write a file in several steps; wait for them to settle.
 const SETTLE: Duration = Duration::from_millis(100);
+/// A JWKS is a few KiB; anything past this is a mistake (or `/dev/zero`).
+pub const MAX_JWKS_FILE_BYTES: u64 = 1024 * 1024;
+/// Local files are read in milliseconds; this only ends a read that hangs (a dead
+/// network filesystem), which no check on the file can rule out.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads the directory into a mesh snapshot.
+/// Reads the directory into a mesh snapshot. Blocks: the server goes through [`Loader`].
 pub fn load_snapshot(dir: &Path, trust_domain: &str) -> Result<MeshSnapshot, ConfigError> {
     let mut resources = resources::load_dir(dir)?;
     inline_jwks_files(dir, &mut resources)?;
-    MeshSnapshot::from_resources(trust_domain, &resources)
+    let snapshot = MeshSnapshot::from_resources(trust_domain, &resources)?;
+    // Measured with the widest version label, so no later version can tip it over.
+    let size = snapshot.message_len(&u64::MAX.to_string());
+    if size > MAX_SNAPSHOT_BYTES {
+        return Err(ConfigError::at(
+            dir,
+            0,
+            format!(
+                "snapshot too large: {size} bytes, limit {MAX_SNAPSHOT_BYTES} (what proxies accept)"
+            ),
+        ));
+    }
+    Ok(snapshot)
 }
 
-/// Reads `jwksFile`s (relative to the configuration directory) into the resources, so
-/// proxies receive key sets inline and never need the files.
+/// Reads `jwksFile`s into the resources, so proxies receive key sets inline and never
+/// need the files.
 fn inline_jwks_files(dir: &Path, resources: &mut [resources::Resource]) -> Result<(), ConfigError> {
     for resource in resources {
         let origin = resource.origin.clone();
@@ -33,16 +59,124 @@ fn inline_jwks_files(dir: &Path, resources: &mut [resources::Resource]) -> Resul
         };
         for rule in &mut spec.jwt_rules {
             if let Some(file) = rule.jwks_file.take() {
-                let path = dir.join(&file);
-                let jwks = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+                let jwks = read_jwks_file(dir, &file).map_err(|reason| ConfigError {
                     origin: origin.clone(),
-                    reason: format!("jwksFile {}: {e}", path.display()),
+                    reason: format!("jwksFile {}: {reason}", file.display()),
                 })?;
                 rule.jwks = Some(jwks);
             }
         }
     }
     Ok(())
+}
+
+/// Reads a `jwksFile`: a regular file of at most [`MAX_JWKS_FILE_BYTES`] inside the
+/// configuration directory (its subdirectories included). Symlinks are followed while
+/// they stay inside, which is how Kubernetes mounts a ConfigMap (`name -> ..data/name`).
+fn read_jwks_file(dir: &Path, file: &Path) -> Result<String, String> {
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("configuration directory {}: {e}", dir.display()))?;
+    let path = dir.join(file);
+    let path = path
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !path.starts_with(&dir) {
+        return Err(format!(
+            "{} is outside the configuration directory {}",
+            path.display(),
+            dir.display()
+        ));
+    }
+    // Non-blocking, or opening a FIFO waits for a writer; no following a link swapped in
+    // since the path was resolved. Type and size are then checked on what was opened,
+    // not on the path, which could be swapped in between.
+    let mut opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let metadata = opened
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if !metadata.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let too_large = || format!("larger than {MAX_JWKS_FILE_BYTES} bytes (a JWKS is a few KiB)");
+    if metadata.len() > MAX_JWKS_FILE_BYTES {
+        return Err(too_large());
+    }
+    // The file may grow after the check: read one byte past the cap at most.
+    let mut jwks = String::new();
+    (&mut opened)
+        .take(MAX_JWKS_FILE_BYTES + 1)
+        .read_to_string(&mut jwks)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if jwks.len() as u64 > MAX_JWKS_FILE_BYTES {
+        return Err(too_large());
+    }
+    Ok(jwks)
+}
+
+/// Loads the configuration directory off the async runtime, under a timeout.
+pub struct Loader {
+    dir: PathBuf,
+    trust_domain: String,
+    timeout: Duration,
+    /// A load that timed out, perhaps still blocked in the kernel. No second one starts
+    /// beside it, so a hung filesystem holds one blocking thread, not one per change.
+    hung: Option<JoinHandle<Result<MeshSnapshot, ConfigError>>>,
+}
+
+impl Loader {
+    pub fn new(dir: &Path, trust_domain: &str) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            trust_domain: trust_domain.to_string(),
+            timeout: LOAD_TIMEOUT,
+            hung: None,
+        }
+    }
+
+    /// Reads and checks the whole directory.
+    pub async fn load(&mut self) -> Result<MeshSnapshot, ConfigError> {
+        let (dir, trust_domain) = (self.dir.clone(), self.trust_domain.clone());
+        self.run(move || load_snapshot(&dir, &trust_domain)).await
+    }
+
+    async fn run(
+        &mut self,
+        load: impl FnOnce() -> Result<MeshSnapshot, ConfigError> + Send + 'static,
+    ) -> Result<MeshSnapshot, ConfigError> {
+        if self.hung.as_ref().is_some_and(|hung| !hung.is_finished()) {
+            return Err(ConfigError::at(
+                &self.dir,
+                0,
+                "an earlier read of the configuration is still blocked; not reading again until it returns",
+            ));
+        }
+        self.hung = None;
+        let mut loading = tokio::task::spawn_blocking(load);
+        match tokio::time::timeout(self.timeout, &mut loading).await {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(failed)) => Err(ConfigError::at(
+                &self.dir,
+                0,
+                format!("reading the configuration failed: {failed}"),
+            )),
+            Err(_) => {
+                self.hung = Some(loading);
+                Err(ConfigError::at(
+                    &self.dir,
+                    0,
+                    format!(
+                        "not read within {}: a file read is blocked (a hung filesystem?)",
+                        humantime::format_duration(self.timeout)
+                    ),
+                ))
+            }
+        }
+    }
 }
 
 /// Wraps a mesh snapshot for the wire.
@@ -85,35 +219,69 @@ pub fn watch(dir: &Path) -> Result<ConfigWatch, notify::Error> {
     })
 }
 
-/// Publishes every good change seen by `watch` to `snapshots`. Runs until dropped.
+/// The configuration in force and the channel that carries it to proxies.
+pub struct Published {
+    loader: Loader,
+    current: MeshSnapshot,
+    version: u64,
+    snapshots: watch::Sender<Snapshot>,
+}
+
+impl Published {
+    /// Loads the first configuration; proxies receive it as version 1.
+    pub async fn load(
+        mut loader: Loader,
+    ) -> Result<(Self, watch::Receiver<Snapshot>), ConfigError> {
+        let current = loader.load().await?;
+        let (snapshots, receiver) = watch::channel(to_message(1, &current));
+        let published = Self {
+            loader,
+            current,
+            version: 1,
+            snapshots,
+        };
+        Ok((published, receiver))
+    }
+
+    /// Reads the directory again and publishes what changed. A refusal changes nothing:
+    /// the last good configuration stays in force.
+    /// Returns the new version when one was published.
+    async fn reload(&mut self) -> Result<Option<u64>, ConfigError> {
+        let snapshot = self.loader.load().await?;
+        if snapshot == self.current {
+            return Ok(None);
+        }
+        self.version += 1;
+        self.snapshots
+            .send_replace(to_message(self.version, &snapshot));
+        self.current = snapshot;
+        Ok(Some(self.version))
+    }
+}
+
+/// Publishes every good change seen by `watch`. Runs until dropped.
 pub async fn follow(
     mut watch: ConfigWatch,
-    dir: PathBuf,
-    trust_domain: String,
-    mut current: MeshSnapshot,
-    snapshots: watch::Sender<Snapshot>,
+    mut published: Published,
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
 ) {
-    let mut version = 1;
     while watch.changed.recv().await.is_some() {
         let noticed = std::time::Instant::now();
         tokio::time::sleep(SETTLE).await;
         while watch.changed.try_recv().is_ok() {}
-        match load_snapshot(&dir, &trust_domain) {
-            Ok(snapshot) if snapshot == current => {}
-            Ok(snapshot) => {
-                version += 1;
-                snapshots.send_replace(to_message(version, &snapshot));
+        let proxies = published.snapshots.receiver_count().saturating_sub(1);
+        match published.reload().await {
+            Ok(None) => {}
+            Ok(Some(version)) => {
                 metrics
                     .config_push_latency
                     .observe(noticed.elapsed().as_secs_f64());
                 info!(
                     event = "configuration updated",
                     version,
-                    services = snapshot.services.len(),
-                    proxies = snapshots.receiver_count().saturating_sub(1),
+                    services = published.current.services.len(),
+                    proxies,
                 );
-                current = snapshot;
             }
             Err(error) => warn!(
                 event = "configuration refused",
@@ -121,5 +289,256 @@ pub async fn follow(
                 "keeping the last good configuration"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const TRUST_DOMAIN: &str = "cluster.local";
+    const JWKS: &str = r#"{"keys": []}"#;
+
+    /// A fresh configuration directory, removed when dropped.
+    struct ConfigDir(PathBuf);
+
+    impl ConfigDir {
+        fn new() -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("tessera-config-test-{}", rand::random::<u64>()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.0.join(name), text).unwrap();
+        }
+
+        /// A RequestAuthentication whose one rule reads `jwks_file`; its kind is on line 2.
+        fn with_jwks_file(jwks_file: &str) -> Self {
+            let dir = Self::new();
+            dir.write(
+                "auth.yaml",
+                &format!(
+                    "apiVersion: tessera.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  jwtRules:\n  - issuer: https://issuer.example\n    jwksFile: {jwks_file:?}\n"
+                ),
+            );
+            dir
+        }
+    }
+
+    impl Drop for ConfigDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A RequestAuthentication whose inline key set is padded to about `size` bytes.
+    fn padded_jwks(size: usize) -> String {
+        let padding = "k".repeat(size);
+        format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: shop}}\nspec:\n  jwtRules:\n  - issuer: https://issuer.example\n    jwks: '{{\"keys\": [], \"padding\": \"{padding}\"}}'\n"
+        )
+    }
+
+    /// Loads off the test's runtime and gives up after a few seconds, so a read that
+    /// blocks fails the test instead of hanging it.
+    async fn load_within(dir: &Path, limit: Duration) -> Result<MeshSnapshot, ConfigError> {
+        let dir = dir.to_path_buf();
+        let loading = tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN));
+        match tokio::time::timeout(limit, loading).await {
+            Ok(loaded) => loaded.unwrap(),
+            Err(_) => panic!("loading the configuration hung for {limit:?}"),
+        }
+    }
+
+    /// The refusal for the jwksFile of [`ConfigDir::with_jwks_file`], checked to point
+    /// at the resource's line.
+    async fn refusal(dir: &ConfigDir) -> String {
+        let error = load_within(dir.path(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        let file = dir.path().join("auth.yaml");
+        assert_eq!(error.origin.file, file, "{error}");
+        assert_eq!(error.origin.line, 2, "{error}");
+        error.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_jwks_file_inside_the_directory_is_inlined() {
+        let dir = ConfigDir::with_jwks_file("keys/issuer.json");
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        dir.write("keys/issuer.json", JWKS);
+        let snapshot = load_within(dir.path(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let rule = &snapshot.request_authentications[0].spec.jwt_rules[0];
+        assert_eq!(rule.jwks.as_deref(), Some(JWKS));
+        assert_eq!(rule.jwks_file, None);
+    }
+
+    #[tokio::test]
+    async fn a_symlink_that_stays_inside_the_directory_is_followed() {
+        // How Kubernetes mounts a ConfigMap: `name -> ..data/name`, `..data -> ..<ts>`.
+        let dir = ConfigDir::with_jwks_file("jwks.json");
+        std::fs::create_dir(dir.path().join("..2026_12_04")).unwrap();
+        dir.write("..2026_12_04/jwks.json", JWKS);
+        std::os::unix::fs::symlink("..2026_12_04", dir.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/jwks.json", dir.path().join("jwks.json")).unwrap();
+        let snapshot = load_within(dir.path(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let rule = &snapshot.request_authentications[0].spec.jwt_rules[0];
+        assert_eq!(rule.jwks.as_deref(), Some(JWKS));
+    }
+
+    #[tokio::test]
+    async fn a_jwks_fifo_is_refused_without_blocking() {
+        let dir = ConfigDir::with_jwks_file("jwks.fifo");
+        let fifo = dir.path().join("jwks.fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
+        let loading = {
+            let dir = dir.path().to_path_buf();
+            tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN))
+        };
+        let Ok(loaded) = tokio::time::timeout(Duration::from_secs(5), loading).await else {
+            // Open the other end so the blocked reader, and with it the test, can finish.
+            let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+            panic!("reading the jwksFile FIFO blocked");
+        };
+        let error = loaded.unwrap().unwrap_err();
+        assert_eq!(error.origin.line, 2, "{error}");
+        assert!(error.reason.contains("not a regular file"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_jwks_file_over_the_size_cap_is_refused() {
+        // Sparse: 64 MiB of zeros that take no disk.
+        let dir = ConfigDir::with_jwks_file("huge.json");
+        let file = std::fs::File::create(dir.path().join("huge.json")).unwrap();
+        file.set_len(64 << 20).unwrap();
+        let error = refusal(&dir).await;
+        assert!(error.contains("larger than 1048576 bytes"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_jwks_file_outside_the_directory_is_refused() {
+        let elsewhere = ConfigDir::new();
+        elsewhere.write("jwks.json", JWKS);
+        let outside = elsewhere.path().join("jwks.json");
+        let name = elsewhere.path().file_name().unwrap().to_str().unwrap();
+        let relative = format!("../{name}/jwks.json");
+        for path in [outside.to_str().unwrap(), &relative, "/dev/zero"] {
+            let dir = ConfigDir::with_jwks_file(path);
+            let error = refusal(&dir).await;
+            assert!(
+                error.contains("outside the configuration directory"),
+                "{path}: {error}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_symlink_out_of_the_directory_is_refused() {
+        let elsewhere = ConfigDir::new();
+        elsewhere.write("jwks.json", JWKS);
+        let dir = ConfigDir::with_jwks_file("jwks.json");
+        std::os::unix::fs::symlink(
+            elsewhere.path().join("jwks.json"),
+            dir.path().join("jwks.json"),
+        )
+        .unwrap();
+        let error = refusal(&dir).await;
+        assert!(
+            error.contains("outside the configuration directory"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_jwks_directory_is_refused() {
+        let dir = ConfigDir::with_jwks_file("keys");
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let error = refusal(&dir).await;
+        assert!(error.contains("not a regular file"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_larger_than_proxies_accept_is_refused() {
+        let dir = ConfigDir::new();
+        dir.write("auth.yaml", &padded_jwks(17 << 20));
+        let started = std::time::Instant::now();
+        let error = load_within(dir.path(), Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        println!("refused in {:?}", started.elapsed());
+        assert_eq!(error.origin.file, dir.path(), "{error}");
+        assert!(error.reason.contains("snapshot too large"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .ends_with(&format!("limit {MAX_SNAPSHOT_BYTES} (what proxies accept)")),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_reload_keeps_the_published_configuration() {
+        let dir = ConfigDir::new();
+        dir.write(
+            "mesh.yaml",
+            "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {name: orders, namespace: shop}\n",
+        );
+        let loader = Loader::new(dir.path(), TRUST_DOMAIN);
+        let (mut published, mut proxies) = Published::load(loader).await.unwrap();
+        proxies.mark_unchanged();
+
+        dir.write("big.yaml", &padded_jwks(17 << 20));
+        let error = published.reload().await.unwrap_err();
+        assert!(error.reason.contains("snapshot too large"), "{error}");
+        assert!(!proxies.has_changed().unwrap(), "nothing sent to proxies");
+        assert_eq!(proxies.borrow().version, "1");
+        assert_eq!(published.current.services.len(), 1);
+
+        // Back under the limit: the next good change is published as usual.
+        std::fs::remove_file(dir.path().join("big.yaml")).unwrap();
+        dir.write(
+            "more.yaml",
+            "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {name: payments, namespace: shop}\n",
+        );
+        assert_eq!(published.reload().await.unwrap(), Some(2));
+        assert_eq!(proxies.borrow_and_update().version, "2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_that_hangs_is_abandoned_and_not_repeated() {
+        let dir = ConfigDir::new();
+        let mut loader = Loader::new(dir.path(), TRUST_DOMAIN);
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let run = loader.run(move || {
+            // Stands in for a read from a filesystem that stopped answering.
+            let _ = blocked.recv();
+            Ok(MeshSnapshot::default())
+        });
+        // Paused time does not move by itself while a blocking task runs: move it.
+        let (outcome, ()) = tokio::join!(run, tokio::time::advance(LOAD_TIMEOUT));
+        let error = outcome.unwrap_err();
+        assert!(error.reason.contains("not read within 10s"), "{error}");
+        // While that read is still blocked, no second one is started.
+        let error = loader.load().await.unwrap_err();
+        assert!(error.reason.contains("still blocked"), "{error}");
+        // Once it returns, loading works again.
+        drop(release);
+        while loader.hung.as_ref().is_some_and(|hung| !hung.is_finished()) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(loader.load().await.is_ok());
     }
 }

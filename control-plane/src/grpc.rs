@@ -21,6 +21,11 @@ use tonic::transport::server::{Connected, Router};
 use tracing::warn;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request message a caller may send. Proxies send a CSR (~500 bytes) with
+/// a join token or a Kubernetes service-account token (~1–2 KiB), or a version label:
+/// 64 KiB is ample, and keeps a hostile caller from making the control plane buffer
+/// tonic's default of 4 MiB per message.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Handshakes in progress at once; more wait in the backlog.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 

@@ -24,8 +24,12 @@ pub struct Origin {
 }
 
 impl fmt::Display for Origin {
+    /// `file:line`, or just the path when the whole file or directory is meant (line 0).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)
+        match self.line {
+            0 => write!(f, "{}", self.file.display()),
+            line => write!(f, "{}:{line}", self.file.display()),
+        }
     }
 }
 
@@ -38,7 +42,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn at(file: &Path, line: u64, reason: impl Into<String>) -> Self {
+    /// An error at `line` of `file`; line 0 for the whole file or directory.
+    pub fn at(file: &Path, line: u64, reason: impl Into<String>) -> Self {
         Self {
             origin: Origin {
                 file: file.to_path_buf(),
