@@ -1,11 +1,81 @@
 //! Configuration from the control plane: changes reach proxies within a second, bad
 //! files are refused with file and line while the last good configuration keeps serving,
-//! and a control-plane outage costs no request.
+//! a configuration too large for proxies is refused before it reaches them, and a
+//! control-plane outage costs no request.
 
 use std::time::{Duration, Instant};
 
+use tessera_proto::mesh::MAX_SNAPSHOT_BYTES;
 use tessera_tests::backend::HttpBackend;
 use tessera_tests::l7::{L7Mesh, load, service_config};
+
+/// A RequestAuthentication in a namespace no test workload is in, whose inline key set
+/// is padded to about `size` bytes: a configuration of that size that changes nothing
+/// for the traffic under test.
+fn padded_config(size: usize) -> String {
+    let padding = "k".repeat(size);
+    format!(
+        "apiVersion: tessera.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: padded, namespace: elsewhere}}\nspec:\n  jwtRules:\n  - issuer: https://issuer.example\n    jwks: '{{\"keys\": [], \"padding\": \"{padding}\"}}'\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_configurations_reach_proxies_and_too_large_ones_are_refused() {
+    let backend = HttpBackend::start("v1").await;
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+    let proxy_logs = &mesh.client.process.logs;
+    let control_plane_logs = &mesh.control_plane.process.logs;
+
+    // 6 MiB: more than gRPC's default 4 MiB message, within the limit: it arrives.
+    let received = proxy_logs.count(&["configuration received"]);
+    mesh.control_plane
+        .write_config("padded.yaml", &padded_config(6 << 20));
+    assert!(
+        tessera_tests::eventually(Duration::from_secs(30), || proxy_logs
+            .count(&["configuration received"])
+            > received)
+        .await,
+        "a 6 MiB configuration did not reach the proxy; proxy log:\n{}",
+        proxy_logs.lines().join("\n")
+    );
+    let received = proxy_logs.count(&["configuration received"]);
+    let last_version = proxy_logs.matching(&["configuration received"]).pop();
+
+    // Over the limit: refused where the operator looks, never sent.
+    mesh.control_plane.write_config(
+        "padded.yaml",
+        &padded_config(MAX_SNAPSHOT_BYTES + (1 << 20)),
+    );
+    let refusal = control_plane_logs
+        .wait_for(
+            &["configuration refused", "snapshot too large"],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert!(
+        refusal.contains(&format!("limit {MAX_SNAPSHOT_BYTES}")),
+        "{refusal}"
+    );
+    println!("{refusal}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The proxy kept its configuration and its stream, and serves.
+    assert_eq!(proxy_logs.count(&["configuration received"]), received);
+    assert_eq!(
+        proxy_logs.matching(&["configuration received"]).pop(),
+        last_version
+    );
+    assert_eq!(
+        proxy_logs.count(&["discovery stream lost"]),
+        0,
+        "{}",
+        proxy_logs.lines().join("\n")
+    );
+    assert_eq!(mesh.client.admin("/ready").await.unwrap().0, 200);
+    let statuses = load(mesh.entry(), "/", 20, 2).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn changes_propagate_and_bad_files_are_refused() {
@@ -104,4 +174,27 @@ async fn a_control_plane_outage_loses_no_request() {
         .await,
         "no snapshot after the restart"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_control_plane_refuses_large_requests() {
+    tessera_tests::init();
+    let control_plane = tessera_tests::ControlPlane::start("1h", "").await;
+    // Within the limit: read, then refused for what it says. Past it: refused before it
+    // is buffered whole. (The token is not one: only its size matters here.)
+    for (token_len, too_large) in [(60 * 1024, false), (100 * 1024, true)] {
+        let status = tessera_tests::grpc::certify(
+            &control_plane.address(),
+            &control_plane.trust_bundle_file(),
+            Vec::new(),
+            &"t".repeat(token_len),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            status.code() == tonic::Code::OutOfRange && status.message().contains("too large"),
+            too_large,
+            "{token_len} bytes: {status:?}"
+        );
+    }
 }
