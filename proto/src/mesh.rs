@@ -25,11 +25,11 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 ///
 /// 16 MiB: an endpoint takes ~120 bytes of JSON and a service with ports and a route
 /// policy ~300, so this holds ~130,000 endpoints, or 10,000 services of 10 endpoints
-/// with their policies — beyond the meshes one snapshot per proxy is meant for (a mesh
-/// that large needs discovery scoped to what each proxy calls). A proxy holds the message
-/// while it parses it, plus the parsed view: at the limit ~100 MB for a moment on every
-/// sidecar, which is the most a per-pod proxy should ever be asked to afford (tonic's
-/// default of 4 MiB is ~30,000 endpoints: too small for a sizeable cluster).
+/// with their policies — beyond the meshes one whole snapshot per proxy is meant for (a
+/// mesh that large needs discovery scoped to what each proxy calls). Every sidecar holds
+/// the message while it parses it, next to its current view and the new one, so the
+/// limit is also a bound on what a configuration can make each proxy allocate. tonic's
+/// default of 4 MiB (~35,000 endpoints) is too small for a sizeable cluster.
 pub const MAX_SNAPSHOT_BYTES: usize = 16 * 1024 * 1024;
 
 /// Everything a proxy needs to route.
