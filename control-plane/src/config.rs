@@ -91,7 +91,7 @@ fn read_jwks_file(dir: &Path, file: &Path) -> Result<String, String> {
     // Non-blocking, or opening a FIFO waits for a writer; no following a link swapped in
     // since the path was resolved. Type and size are then checked on what was opened,
     // not on the path, which could be swapped in between.
-    let mut opened = OpenOptions::new()
+    let opened = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
         .open(&path)
@@ -108,7 +108,7 @@ fn read_jwks_file(dir: &Path, file: &Path) -> Result<String, String> {
     }
     // The file may grow after the check: read one byte past the cap at most.
     let mut jwks = String::new();
-    (&mut opened)
+    opened
         .take(MAX_JWKS_FILE_BYTES + 1)
         .read_to_string(&mut jwks)
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -122,7 +122,6 @@ fn read_jwks_file(dir: &Path, file: &Path) -> Result<String, String> {
 pub struct Loader {
     dir: PathBuf,
     trust_domain: String,
-    timeout: Duration,
     /// A load that timed out, perhaps still blocked in the kernel. No second one starts
     /// beside it, so a hung filesystem holds one blocking thread, not one per change.
     hung: Option<JoinHandle<Result<MeshSnapshot, ConfigError>>>,
@@ -133,7 +132,6 @@ impl Loader {
         Self {
             dir: dir.to_path_buf(),
             trust_domain: trust_domain.to_string(),
-            timeout: LOAD_TIMEOUT,
             hung: None,
         }
     }
@@ -157,7 +155,7 @@ impl Loader {
         }
         self.hung = None;
         let mut loading = tokio::task::spawn_blocking(load);
-        match tokio::time::timeout(self.timeout, &mut loading).await {
+        match tokio::time::timeout(LOAD_TIMEOUT, &mut loading).await {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(failed)) => Err(ConfigError::at(
                 &self.dir,
@@ -171,7 +169,7 @@ impl Loader {
                     0,
                     format!(
                         "not read within {}: a file read is blocked (a hung filesystem?)",
-                        humantime::format_duration(self.timeout)
+                        humantime::format_duration(LOAD_TIMEOUT)
                     ),
                 ))
             }
