@@ -2,8 +2,9 @@
 //!
 //! The stream authenticates with the workload certificate, so it starts once the proxy
 //! has one. Every snapshot replaces the view atomically; a snapshot that cannot be parsed
-//! is refused and the last good view stays. When the control plane goes away the proxy
-//! keeps routing on its last view and reconnects with backoff.
+//! is refused and the last good view stays. When the control plane goes away, or the
+//! stream fails for any reason (a message over [`MAX_SNAPSHOT_BYTES`] included), the
+//! proxy keeps routing on its last view and reconnects with backoff.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
