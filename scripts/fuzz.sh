@@ -57,9 +57,14 @@ trap 'rm -rf "$logs"' EXIT
 run_target() {
     local target=$1
     local work="fuzz/target/corpus/$target" artifacts="fuzz/artifacts/$target/"
+    local dict=()
     mkdir -p "$work" "$artifacts" "fuzz/corpus/$target"
+    # Tokens a target's properties turn on, which random bytes rarely spell.
+    if [ -f "fuzz/dict/$target.dict" ]; then
+        dict=(-dict="fuzz/dict/$target.dict")
+    fi
     "$bin_dir/$target" -max_total_time="$seconds" -timeout=20 -print_final_stats=1 \
-        -artifact_prefix="$artifacts" "$work" "fuzz/corpus/$target" \
+        "${dict[@]}" -artifact_prefix="$artifacts" "$work" "fuzz/corpus/$target" \
         >"$logs/$target.log" 2>&1
 }
 
