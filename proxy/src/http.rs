@@ -199,17 +199,20 @@ pub enum ProxyError {
     AppUnavailable,
     /// The request itself cannot be forwarded (e.g. no usable authority).
     BadRequest,
+    /// The caller's request body failed: malformed framing, a caller that hung up
+    /// mid-body, more bytes than it announced. The caller's error, never the upstream's.
+    BadRequestBody,
     /// The application's response head is larger than the proxy takes.
     ResponseHeadTooLarge,
     /// Authorization policy denied the request.
     Forbidden,
     /// The request carried a token that is not acceptable; names why.
     Unauthenticated(&'static str),
+    /// The proxy holds as many requests or application connections as it may.
+    Overloaded,
 }
 
 impl ProxyError {
-    /// The proxy holds as many requests or application connections as it may.
-    Overloaded,
     pub fn reason(self) -> &'static str {
         match self {
             ProxyError::NoEndpoints => "no-healthy-endpoints",
@@ -218,14 +221,15 @@ impl ProxyError {
             ProxyError::Timeout => "timeout",
             ProxyError::AppUnavailable => "application-unavailable",
             ProxyError::BadRequest => "bad-request",
+            ProxyError::BadRequestBody => "bad-request-body",
             ProxyError::ResponseHeadTooLarge => "response-headers-too-large",
             ProxyError::Forbidden => "access-denied",
             ProxyError::Unauthenticated(reason) => reason,
+            ProxyError::Overloaded => "proxy-overloaded",
         }
     }
 
     pub fn status(self) -> StatusCode {
-            ProxyError::Overloaded => "proxy-overloaded",
         match self {
             ProxyError::NoEndpoints | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable
@@ -233,7 +237,7 @@ impl ProxyError {
             | ProxyError::AppUnavailable
             | ProxyError::ResponseHeadTooLarge => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BadRequest => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest | ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         }
@@ -244,7 +248,7 @@ impl ProxyError {
     fn grpc_status(self) -> &'static str {
         match self {
             ProxyError::Timeout => "4",
-            ProxyError::BadRequest => "3",
+            ProxyError::BadRequest | ProxyError::BadRequestBody => "3",
             ProxyError::Forbidden => "7",
             ProxyError::Unauthenticated(_) => "16",
             _ => "14",

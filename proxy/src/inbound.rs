@@ -34,6 +34,7 @@ use tracing::{debug, warn};
 use crate::authn::JwtOutcome;
 use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1};
+use crate::canonical::Malformed;
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
 use crate::http::{Body, BoxFuture, ORIG_PROTO, ProxyError};
@@ -41,7 +42,7 @@ use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
 use crate::multiplex::server::{self, Reply, ServeError};
-use crate::multiplex::{Sender, SharedH2, StreamBody, Tunnel};
+use crate::multiplex::{ExchangeError, Sender, SharedH2, StreamBody, Tunnel};
 use crate::pool::{Http1Pool, PooledBody};
 use crate::tcp::{self, Io};
 use crate::telemetry::{
@@ -423,7 +424,7 @@ impl Inbound {
         mut request: Request<InboundBody>,
         peer: &'a Peer,
     ) -> impl Future<Output = Response<Body>> + Send + 'a {
-        canonicalize(&mut request, peer.identity.is_some());
+        let canonical = canonicalize(&mut request, peer.identity.is_some());
         let parent = trace::extract(request.headers());
         let span = self.tracer.start_span(
             parent.as_ref(),
@@ -441,7 +442,10 @@ impl Inbound {
         let meter = RequestMeter::start(peer.series.clone())
             .with_trace(trace_id)
             .with_access_log(self.access_log, request.method(), request.uri());
-        let exchange = self.boxed_authorized_request(request, peer);
+        let exchange = match canonical {
+            Ok(()) => self.boxed_authorized_request(request, peer),
+            Err(malformed) => self.malformed(&request, peer, &malformed),
+        };
         async move {
             let response = exchange.await;
             if let Some(span) = span {
@@ -487,6 +491,23 @@ impl Inbound {
             Ok(request) => self.app.forward(request, grpc),
             Err(refused) => Box::pin(std::future::ready(refused)),
         }
+    }
+
+    /// A request with no canonical form: refused before policy or application see it.
+    fn malformed(
+        &self,
+        request: &Request<InboundBody>,
+        peer: &Peer,
+        malformed: &Malformed,
+    ) -> BoxFuture<'static, AppResponse> {
+        debug!(
+            event = "request refused",
+            source = %peer.describe(),
+            destination = %self.identity.identity(),
+            reason = %malformed,
+        );
+        let grpc = crate::http::is_grpc(request.headers());
+        Box::pin(std::future::ready(refusal(ProxyError::BadRequest, grpc)))
     }
 
     /// Authenticates and authorizes one request: the request to forward, or the refusal.
@@ -641,41 +662,16 @@ fn is_tunnel<B>(request: &Request<B>, peer: &Peer) -> bool {
         && peer.identity.is_some()
 }
 
-/// Puts a request in the one form that is both authorized and forwarded: the normalized
-/// path, a `Host` that says what the authority says (so the application sees the host
-/// the policy checked), and the HTTP/1.1 marker honoured only from peer proxies. A
-/// missing `Host` stays missing here: HTTP/2 carries the authority alone, and HTTP/1.1
-/// gets its `Host` when put in the application's form.
-fn canonicalize<B>(request: &mut Request<B>, from_peer_proxy: bool) {
+/// Puts a request in the one form that is both authorized and forwarded
+/// ([`crate::canonical`]), honours the HTTP/1.1 marker only from peer proxies, and joins
+/// repeated fields so conditions read what the application will read.
+fn canonicalize<B>(request: &mut Request<B>, from_peer_proxy: bool) -> Result<(), Malformed> {
     if !from_peer_proxy {
         request.headers_mut().remove(ORIG_PROTO);
     }
+    crate::canonical::canonicalize(request)?;
     merge_repeated_headers(request.headers_mut());
-    if let Some(authority) = request.uri().authority()
-        && let Some(host) = request.headers().get(header::HOST)
-        && host.as_bytes() != authority.as_str().as_bytes()
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        request.headers_mut().insert(header::HOST, host);
-    }
-    let path = request.uri().path();
-    let Ok(normalized) = policy::normalize_path(path) else {
-        return; // FIXME(lead): refuse with 400 (in progress)
-    };
-    if normalized != path {
-        let mut parts = request.uri().clone().into_parts();
-        let query = parts
-            .path_and_query
-            .as_ref()
-            .and_then(|p| p.query())
-            .map_or(String::new(), |q| format!("?{q}"));
-        if let Ok(path_and_query) = format!("{normalized}{query}").parse() {
-            parts.path_and_query = Some(path_and_query);
-            if let Ok(uri) = http::Uri::from_parts(parts) {
-                *request.uri_mut() = uri;
-            }
-        }
-    }
+    Ok(())
 }
 
 /// Joins repeated headers into one value (RFC 9110 §5.3; cookies with "; "), so policy
@@ -759,7 +755,10 @@ impl AppClient {
                     Err(error) => Err(error),
                 };
                 let answered = match opened {
-                    Ok(exchange) => exchange.await.map_err(|e| self.stream_failed(&e)),
+                    Ok(exchange) => exchange.await.map_err(|error| match error {
+                        ExchangeError::Stream(error) => self.stream_failed(&error),
+                        ExchangeError::CallerBody => ProxyError::BadRequestBody,
+                    }),
                     Err(error) => Err(error),
                 };
                 match answered {

@@ -11,6 +11,7 @@ pub mod app;
 pub mod authn;
 pub mod authz;
 pub mod balance;
+pub mod canonical;
 pub mod capture;
 pub mod config;
 pub mod control_plane;

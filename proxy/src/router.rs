@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 use crate::balance::{ALPN_H2_TUNNELS, Balancer, EndpointState};
 use crate::config::Limits;
 use crate::http::{self as proxy_http, Body, BoxFuture, ORIG_PROTO, ProxyError, boxed};
-use crate::multiplex::{self, ConnectError, StreamBody, Tunnel};
+use crate::multiplex::{self, ConnectError, ExchangeError, StreamBody, Tunnel};
 use crate::retry::RetryBudget;
 use crate::tcp;
 use crate::telemetry::{Direction, Label, Metrics, RequestMeter, RequestSeries};
@@ -145,13 +145,17 @@ impl Upstream {
         let policy = self.policy.load_full();
         let (mut parts, body) = request.into_parts();
         let original_version = parts.version;
-        if let Err(error) = to_http2(&mut parts) {
+        if let Err(error) = to_http2(&mut parts, &self.name) {
             return Box::pin(std::future::ready(self.refusal(error, grpc)));
         }
         Box::pin(async move {
             let replay = match &policy.retries {
                 Some(retries) if retryable(&parts.method, retries) => replayable(body).await,
-                _ => Replay::Once(body),
+                _ => Ok(Replay::Once(body)),
+            };
+            let replay = match replay {
+                Ok(replay) => replay,
+                Err(error) => return self.refusal(error, grpc),
             };
             let outcome = self
                 .attempts(&policy, &mut parts, replay, context.as_ref())
@@ -228,16 +232,16 @@ impl Upstream {
                     None => sent.await,
                 };
                 let finished = Instant::now();
-                let retry_worthy = match &outcome {
-                    Ok(response) => should_retry(response),
-                    Err(_) => true,
-                };
-                match &outcome {
-                    Ok(response) if !response.status().is_server_error() && !retry_worthy => self
-                        .balancer
-                        .success(endpoint, finished - started, finished.into_std()),
-                    _ => self.balancer.failure(endpoint),
+                let verdict = Verdict::of(&outcome);
+                match verdict {
+                    Verdict::Success => {
+                        self.balancer
+                            .success(endpoint, finished - started, finished.into_std())
+                    }
+                    Verdict::Failure | Verdict::Retry => self.balancer.failure(endpoint),
+                    Verdict::CallersFault => {}
                 }
+                let retry_worthy = verdict == Verdict::Retry;
                 if let Some(span) = span {
                     self.finish_span(*span, &outcome, endpoint, attempt, retry_worthy);
                 }
@@ -282,9 +286,10 @@ impl Upstream {
                 sender.send(Request::from_parts(head, body))
             };
             let exchange = opened.map_err(|error| self.stream_failed(endpoint, &error))?;
-            exchange
-                .await
-                .map_err(|error| self.stream_failed(endpoint, &error))
+            exchange.await.map_err(|error| match error {
+                ExchangeError::Stream(error) => self.stream_failed(endpoint, &error),
+                ExchangeError::CallerBody => ProxyError::BadRequestBody,
+            })
         }
     }
 
@@ -473,24 +478,32 @@ pub fn sampled_trace_id(context: Option<&TraceContext>) -> Option<String> {
 }
 
 /// Prepares a request for the proxy-to-proxy HTTP/2 hop: absolute URI (the authority
-/// from `Host` for HTTP/1.1 callers), no `Host`, no hop-by-hop headers. The path is
-/// shared with the incoming URI, not copied.
-fn to_http2(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
+/// from `Host` for HTTP/1.1 callers, the service's name for an HTTP/1.0 caller that sent
+/// none), no `Host`, no hop-by-hop headers. The path is shared with the incoming URI, not
+/// copied. The authority is the one the far side will authorize: a request that could
+/// be read with two ([`crate::canonical`]) is refused here already.
+fn to_http2(parts: &mut http::request::Parts, service: &str) -> Result<(), ProxyError> {
     if parts.version <= Version::HTTP_11 {
         parts
             .headers
             .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
     proxy_http::strip_hop_by_hop(&mut parts.headers, false);
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest);
+    }
     if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
-        let authority = match parts.uri.authority() {
-            Some(authority) => authority.clone(),
-            None => match parts.headers.get(header::HOST) {
-                Some(host) => {
-                    Authority::try_from(host.as_bytes()).map_err(|_| ProxyError::BadRequest)?
-                }
-                None => Authority::from_static("localhost"),
-            },
+        let authority = match (parts.uri.authority(), host) {
+            (Some(authority), _) => authority.clone(),
+            (None, Some(host)) => {
+                Authority::try_from(host.as_bytes()).map_err(|_| ProxyError::BadRequest)?
+            }
+            (None, None) if parts.version == Version::HTTP_11 => {
+                return Err(ProxyError::BadRequest);
+            }
+            (None, None) => Authority::try_from(service).map_err(|_| ProxyError::BadRequest)?,
         };
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(Scheme::HTTP);
@@ -503,6 +516,10 @@ fn to_http2(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         );
         parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
+    }
+    if let Some(authority) = parts.uri.authority() {
+        crate::canonical::check_authority(authority.as_str().as_bytes())
+            .map_err(|_| ProxyError::BadRequest)?;
     }
     parts.headers.remove(header::HOST);
     parts.version = Version::HTTP_2;
@@ -596,7 +613,9 @@ impl Replay {
 }
 
 /// Buffers a body for replay when it is known to be small; otherwise leaves it streaming.
-async fn replayable(body: CallerBody) -> Replay {
+/// A body that fails while being read (malformed, cut off, longer than it said) is the
+/// caller's error: nothing is sent upstream for it.
+async fn replayable(body: CallerBody) -> Result<Replay, ProxyError> {
     use http_body::Body as _;
     let small = body.is_end_stream()
         || body
@@ -604,11 +623,37 @@ async fn replayable(body: CallerBody) -> Replay {
             .upper()
             .is_some_and(|upper| upper <= MAX_REPLAY_BODY as u64);
     if !small {
-        return Replay::Once(body);
+        return Ok(Replay::Once(body));
     }
     match Limited::new(body, MAX_REPLAY_BODY).collect().await {
-        Ok(collected) => Replay::Buffered(collected.to_bytes()),
-        // The client broke off or lied about the size: nothing left to send.
-        Err(_) => Replay::Spent,
+        Ok(collected) => Ok(Replay::Buffered(collected.to_bytes())),
+        Err(_) => Err(ProxyError::BadRequestBody),
+    }
+}
+
+/// What an attempt's outcome says about the endpoint, and whether to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Answered, and not with a server error.
+    Success,
+    /// A server error that is not worth another attempt.
+    Failure,
+    /// Failed in a way another attempt may not (502/503/504, gRPC UNAVAILABLE, a
+    /// connection or stream failure, a timeout).
+    Retry,
+    /// The caller's own request failed (its body was malformed or cut off): nothing
+    /// counts against the endpoint, and nothing is retried.
+    CallersFault,
+}
+
+impl Verdict {
+    fn of<B>(outcome: &Result<Response<B>, ProxyError>) -> Self {
+        match outcome {
+            Err(ProxyError::BadRequestBody) => Verdict::CallersFault,
+            Err(_) => Verdict::Retry,
+            Ok(response) if should_retry(response) => Verdict::Retry,
+            Ok(response) if response.status().is_server_error() => Verdict::Failure,
+            Ok(_) => Verdict::Success,
+        }
     }
 }

@@ -1,0 +1,271 @@
+//! The one form of an HTTP request that is both authorized and forwarded.
+//!
+//! Policy decides on a request's authority and path; the application then acts on them.
+//! Wherever the two could read one request differently — two `Host` fields, an authority
+//! with userinfo or percent-escapes, a path whose escapes spell new ones — a DENY can be
+//! walked around. So every request is put in a single form before anything reads it,
+//! a request that has none is refused with 400, and what the policy saw is exactly what
+//! the application receives. The rules:
+//! - One authority: the request target's (absolute form, or HTTP/2 `:authority`), else
+//!   the single `Host` field; more than one `Host` is refused (RFC 9112 §3.2), as is an
+//!   HTTP/1.1 request with none. A `Host` beside a target authority is made to agree
+//!   with it (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
+//! - An authority is a host name (letters, digits, `-._~`), an IPv4 address or a
+//!   bracketed IPv6 address, with an optional decimal port: no userinfo, no escapes, no
+//!   spaces; policy compares it case-insensitively and without its port.
+//! - The path is in [`policy::normalize_path`]'s form; `*` is only `OPTIONS *`.
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Version};
+use tessera_proto::policy::{self, InvalidPath};
+
+/// Why a request has no canonical form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("more than one Host field")]
+    RepeatedHost,
+    #[error("HTTP/1.1 request without Host")]
+    MissingHost,
+    #[error("authority carries userinfo")]
+    Userinfo,
+    #[error("authority is not a host name or IP address")]
+    InvalidHost,
+    #[error("authority has an invalid port")]
+    InvalidPort,
+    #[error("`*` target on a method other than OPTIONS")]
+    AsteriskTarget,
+    #[error("path: {0}")]
+    Path(#[from] InvalidPath),
+    #[error("normalized path does not form a URI")]
+    UnparsablePath,
+}
+
+/// Puts `request` in its canonical form, or says why it has none.
+pub fn canonicalize<B>(request: &mut Request<B>) -> Result<(), Malformed> {
+    canonicalize_authority(request)?;
+    canonicalize_path(request)
+}
+
+/// The request's single authority, checked; the `Host` field made to agree with it.
+fn canonicalize_authority<B>(request: &mut Request<B>) -> Result<(), Malformed> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Malformed::RepeatedHost);
+    }
+    match request.uri().authority() {
+        Some(authority) => {
+            check_authority(authority.as_str().as_bytes())?;
+            if let Some(host) = host
+                && host.as_bytes() != authority.as_str().as_bytes()
+            {
+                let agreed = HeaderValue::from_str(authority.as_str())
+                    .map_err(|_| Malformed::InvalidHost)?;
+                request.headers_mut().insert(header::HOST, agreed);
+            }
+            Ok(())
+        }
+        None => match host {
+            Some(host) => check_authority(host.as_bytes()),
+            // HTTP/1.0 needs no Host, and HTTP/2 may omit its authority (RFC 9113 §8.3.1).
+            None if request.version() == Version::HTTP_11 => Err(Malformed::MissingHost),
+            None => Ok(()),
+        },
+    }
+}
+
+/// `host[:port]` with a plain host name, IPv4 address or bracketed IPv6 address.
+pub fn check_authority(authority: &[u8]) -> Result<(), Malformed> {
+    if authority.contains(&b'@') {
+        return Err(Malformed::Userinfo);
+    }
+    let (host, port) = match authority.first() {
+        Some(b'[') => {
+            let close = authority
+                .iter()
+                .position(|&b| b == b']')
+                .ok_or(Malformed::InvalidHost)?;
+            let inner = &authority[1..close];
+            let ipv6 = inner
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+            if inner.is_empty() || !ipv6 {
+                return Err(Malformed::InvalidHost);
+            }
+            match &authority[close + 1..] {
+                [] => (inner, None),
+                [b':', port @ ..] => (inner, Some(port)),
+                _ => return Err(Malformed::InvalidHost),
+            }
+        }
+        _ => match authority.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&authority[..colon], Some(&authority[colon + 1..])),
+            None => (authority, None),
+        },
+    };
+    let name = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+    if host.is_empty() || (authority[0] != b'[' && !host.iter().all(name)) {
+        return Err(Malformed::InvalidHost);
+    }
+    match port {
+        None => Ok(()),
+        Some(port) if valid_port(port) => Ok(()),
+        Some(_) => Err(Malformed::InvalidPort),
+    }
+}
+
+/// One to five decimal digits, at most 65535.
+fn valid_port(port: &[u8]) -> bool {
+    (1..=5).contains(&port.len())
+        && port.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(port)
+            .ok()
+            .and_then(|p| p.parse::<u16>().ok())
+            .is_some()
+}
+
+/// The path in its normal form (the query untouched); `OPTIONS *` as it is.
+fn canonicalize_path<B>(request: &mut Request<B>) -> Result<(), Malformed> {
+    let path = request.uri().path();
+    if path == "*" {
+        return if request.method() == Method::OPTIONS {
+            Ok(())
+        } else {
+            Err(Malformed::AsteriskTarget)
+        };
+    }
+    // CONNECT names an authority and has no path; the authority was checked.
+    if request.method() == Method::CONNECT && path.is_empty() {
+        return Ok(());
+    }
+    let normalized = policy::normalize_path(path)?;
+    if normalized == path {
+        return Ok(());
+    }
+    let mut parts = request.uri().clone().into_parts();
+    let path_and_query = match parts.path_and_query.as_ref().and_then(|p| p.query()) {
+        Some(query) => format!("{normalized}?{query}"),
+        None => normalized.into_owned(),
+    };
+    // The normal form is visible ASCII without `?` or `#`, so this is not expected to
+    // fail; if it does, the request is refused rather than forwarded unnormalized.
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| Malformed::UnparsablePath)?,
+    );
+    *request.uri_mut() = http::Uri::from_parts(parts).map_err(|_| Malformed::UnparsablePath)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(version: Version, target: &str, hosts: &[&str]) -> Request<()> {
+        let mut request = Request::builder()
+            .version(version)
+            .uri(target)
+            .body(())
+            .unwrap();
+        for host in hosts {
+            request
+                .headers_mut()
+                .append(header::HOST, HeaderValue::from_str(host).unwrap());
+        }
+        request
+    }
+
+    #[test]
+    fn one_authority_or_none_at_all() {
+        let two = &mut request(Version::HTTP_11, "/", &["evil", "orders"]);
+        assert_eq!(canonicalize(two), Err(Malformed::RepeatedHost));
+        let two_h2 = &mut request(Version::HTTP_2, "/", &["evil", "orders"]);
+        assert_eq!(canonicalize(two_h2), Err(Malformed::RepeatedHost));
+        let none = &mut request(Version::HTTP_11, "/", &[]);
+        assert_eq!(canonicalize(none), Err(Malformed::MissingHost));
+        // HTTP/1.0 needs no Host; HTTP/2 may carry no authority.
+        assert_eq!(
+            canonicalize(&mut request(Version::HTTP_10, "/", &[])),
+            Ok(())
+        );
+        assert_eq!(
+            canonicalize(&mut request(Version::HTTP_2, "/", &[])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_target_authority_wins_over_host() {
+        let absolute = &mut request(Version::HTTP_11, "http://orders:8080/x", &["evil"]);
+        assert_eq!(canonicalize(absolute), Ok(()));
+        assert_eq!(absolute.headers()[header::HOST], "orders:8080");
+        assert_eq!(absolute.headers().get_all(header::HOST).iter().count(), 1);
+    }
+
+    #[test]
+    fn authorities_that_could_be_read_two_ways_are_refused() {
+        let cases: &[(&str, Malformed)] = &[
+            ("x@evil", Malformed::Userinfo),
+            ("ev%69l", Malformed::InvalidHost),
+            ("evil orders", Malformed::InvalidHost),
+            ("evil,orders", Malformed::InvalidHost),
+            ("", Malformed::InvalidHost),
+            (":80", Malformed::InvalidHost),
+            ("evil:", Malformed::InvalidPort),
+            ("evil:65536", Malformed::InvalidPort),
+            ("evil:8a", Malformed::InvalidPort),
+            ("evil:80:80", Malformed::InvalidHost),
+            ("[fd00::1", Malformed::InvalidHost),
+            ("[fd00::1]x", Malformed::InvalidHost),
+            ("[]", Malformed::InvalidHost),
+            ("[fd00::g]", Malformed::InvalidHost),
+            ("évil", Malformed::InvalidHost),
+        ];
+        for (authority, expected) in cases {
+            assert_eq!(
+                check_authority(authority.as_bytes()),
+                Err(expected.clone()),
+                "{authority:?}"
+            );
+        }
+        for fine in [
+            "orders",
+            "Orders.shop.svc.cluster.local.",
+            "orders:8080",
+            "10.0.0.1:80",
+            "[fd00::1]",
+            "[FD00::1]:80",
+            "[::ffff:10.0.0.1]:443",
+            "a_b-c~d",
+        ] {
+            assert_eq!(check_authority(fine.as_bytes()), Ok(()), "{fine:?}");
+        }
+    }
+
+    #[test]
+    fn userinfo_in_an_absolute_target_is_refused() {
+        let absolute = &mut request(Version::HTTP_11, "http://x@evil/", &[]);
+        assert_eq!(canonicalize(absolute), Err(Malformed::Userinfo));
+    }
+
+    #[test]
+    fn asterisk_only_for_options() {
+        let mut get = request(Version::HTTP_11, "*", &["orders"]);
+        assert_eq!(canonicalize(&mut get), Err(Malformed::AsteriskTarget));
+        let mut options = request(Version::HTTP_11, "*", &["orders"]);
+        *options.method_mut() = Method::OPTIONS;
+        assert_eq!(canonicalize(&mut options), Ok(()));
+        assert_eq!(options.uri().path(), "*");
+    }
+
+    #[test]
+    fn the_path_is_normalized_and_the_query_kept() {
+        let mut dotted = request(Version::HTTP_11, "/a/../admin//x?q=1&r=/..", &["orders"]);
+        assert_eq!(canonicalize(&mut dotted), Ok(()));
+        assert_eq!(dotted.uri().path(), "/admin/x");
+        assert_eq!(dotted.uri().query(), Some("q=1&r=/.."));
+        let mut broken = request(Version::HTTP_11, "/%%36%31dmin", &["orders"]);
+        assert!(matches!(canonicalize(&mut broken), Err(Malformed::Path(_))));
+    }
+}
