@@ -317,3 +317,108 @@ async fn jwts_are_validated_before_authorization() {
     let (status, _) = call(Some(issuer.valid()), "").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// One raw HTTP/1.1 request on a fresh connection: the status line's code and the head.
+async fn raw_request(address: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer to {request:?}");
+    let head = String::from_utf8_lossy(&answer).into_owned();
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (code, head)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_policy_checks_is_what_the_application_receives() {
+    // Issue 21, item 1: a DENY on a host was passed by a second Host field, userinfo in an
+    // absolute-form target, or a percent-escaped host; `GET *` was forwarded as `/*`. On
+    // both sides (the outbound proxy, and the inbound port taking plaintext) each such
+    // request is refused with 400 before any application sees it, and every spelling of
+    // the denied host is denied.
+    let backend = HttpBackend::start("hosted").await;
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+    mesh.apply(
+        "peer.yaml",
+        &resource(
+            "PeerAuthentication",
+            "backend",
+            "  selector: {serviceAccount: backend}\n  mtls: {mode: PERMISSIVE}\n",
+        ),
+    )
+    .await;
+    mesh.apply(
+        "policy.yaml",
+        &resource(
+            "AuthorizationPolicy",
+            "no-evil",
+            "  selector: {serviceAccount: backend}\n  action: DENY\n  rules:\n  - to: [{operation: {hosts: [\"evil\"]}}]\n",
+        ),
+    )
+    .await;
+    let refused = [
+        "GET / HTTP/1.1\r\nHost: evil\r\nHost: orders\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: orders\r\nHost: evil\r\n\r\n",
+        "GET / HTTP/1.1\r\n\r\n",
+        "GET http://x@evil/ HTTP/1.1\r\nHost: orders\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: ev%69l\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: evil orders\r\n\r\n",
+        "GET * HTTP/1.1\r\nHost: orders\r\n\r\n",
+        "GET /%%36%31dmin HTTP/1.1\r\nHost: orders\r\n\r\n",
+    ];
+    let denied = [
+        "GET / HTTP/1.1\r\nHost: evil\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: EVIL:8080\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: evil.\r\n\r\n",
+        "GET http://evil/ HTTP/1.1\r\nHost: orders\r\n\r\n",
+    ];
+    for (side, address) in [
+        ("outbound", mesh.entry()),
+        ("inbound", mesh.servers[0].inbound()),
+    ] {
+        let served = backend.requests();
+        for request in refused {
+            let (code, head) = raw_request(address, request).await;
+            assert_eq!(code, 400, "{side}: {request:?} answered {head}");
+        }
+        for request in denied {
+            let (code, head) = raw_request(address, request).await;
+            assert_eq!(code, 403, "{side}: {request:?} answered {head}");
+        }
+        assert_eq!(
+            backend.requests(),
+            served,
+            "{side}: a refused or denied request reached the application"
+        );
+        // The host that was checked is the one the application gets.
+        let (code, head) = raw_request(
+            address,
+            "GET http://orders:8080/x HTTP/1.1\r\nHost: evil\r\n\r\n",
+        )
+        .await;
+        assert_eq!(code, 200, "{side}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("x-seen-host: orders:8080"),
+            "{side}: the application saw another host: {head}"
+        );
+    }
+}

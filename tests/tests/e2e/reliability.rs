@@ -264,3 +264,75 @@ async fn endpoints_come_and_go_under_load_without_failures() {
         "the removed endpoint got new traffic"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callers_malformed_body_is_its_own_error_and_ejects_nothing() {
+    // Issue 21, item 3: malformed chunked bodies were answered 502 upstream-reset and
+    // counted against the endpoint, so three of them ejected a healthy one for 30 s.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = HttpBackend::start("healthy").await;
+    let policy = "  retries: {attempts: 2}\n  outlierDetection:\n    consecutiveFailures: 3\n    baseEjectionTime: 30s\n    maxEjectionPercent: 100\n";
+    let mesh = L7Mesh::start(&[backend.address], "http", Some(policy)).await;
+    let chunked = |method: &str, chunk: &str| {
+        format!(
+            "{method} /upload HTTP/1.1\r\nHost: backend.shop\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}"
+        )
+    };
+    let malformed = [
+        chunked("POST", "zz\r\nhello\r\n0\r\n\r\n"),
+        chunked("POST", "-4\r\nhello\r\n0\r\n\r\n"),
+        chunked("POST", "ffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
+        chunked("PUT", "zz\r\nhello\r\n0\r\n\r\n"), // retryable: its body is buffered first
+        chunked("PUT", "-4\r\nhello\r\n0\r\n\r\n"),
+        chunked(
+            "POST",
+            &format!("5;{}\r\nhello\r\n0\r\n\r\n", "x".repeat(1 << 20)),
+        ),
+    ];
+    let mut refused = 0;
+    for request in &malformed {
+        let mut stream = tokio::net::TcpStream::connect(mesh.entry()).await.unwrap();
+        // A caller may be cut off before it has written everything: that is fine.
+        let _ = stream.write_all(request.as_bytes()).await;
+        let mut answer = vec![0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+            .await
+            .expect("an answer or a close");
+        let head = String::from_utf8_lossy(&answer[..read.unwrap_or(0)]).into_owned();
+        assert!(
+            head.is_empty() || head.starts_with("HTTP/1.1 400"),
+            "{:?}: {head}",
+            &request[..40]
+        );
+        refused += usize::from(head.contains("bad-request"));
+    }
+    println!(
+        "{refused} of {} malformed bodies answered 400 before the close",
+        malformed.len()
+    );
+    assert!(refused > 0, "no malformed body was answered 400");
+    // A caller that hangs up mid-body.
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(mesh.entry()).await.unwrap();
+        stream
+            .write_all(b"POST /upload HTTP/1.1\r\nHost: backend.shop\r\nContent-Length: 100000\r\n\r\npartial")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        mesh.client.process.logs.count(&["endpoint ejected"]),
+        0,
+        "a caller's error ejected a healthy endpoint"
+    );
+    let statuses = load(mesh.entry(), "/", 20, 2).await;
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "the only endpoint still serves: {statuses:?}"
+    );
+    let (_, metrics) = mesh.client.admin("/metrics").await.unwrap();
+    let retries = sample(&metrics, "tessera_retries_total{upstream=\"backend.shop\"}");
+    assert_eq!(retries, 0.0, "a caller's error was retried: {metrics}");
+}
