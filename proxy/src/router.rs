@@ -657,3 +657,84 @@ impl Verdict {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(status: u16, grpc_status: Option<&str>) -> Result<Response<()>, ProxyError> {
+        let mut response = Response::builder().status(status);
+        if let Some(code) = grpc_status {
+            response = response.header("grpc-status", code);
+        }
+        Ok(response.body(()).unwrap())
+    }
+
+    #[test]
+    fn only_the_endpoints_own_failures_count_against_it() {
+        assert_eq!(Verdict::of(&answered(200, None)), Verdict::Success);
+        assert_eq!(Verdict::of(&answered(404, None)), Verdict::Success);
+        assert_eq!(Verdict::of(&answered(500, None)), Verdict::Failure);
+        for status in [502, 503, 504] {
+            assert_eq!(Verdict::of(&answered(status, None)), Verdict::Retry);
+        }
+        assert_eq!(Verdict::of(&answered(200, Some("14"))), Verdict::Retry);
+        assert_eq!(
+            Verdict::of::<()>(&Err(ProxyError::Reset)),
+            Verdict::Retry,
+            "a reset by the endpoint is its failure"
+        );
+        assert_eq!(Verdict::of::<()>(&Err(ProxyError::Timeout)), Verdict::Retry);
+        assert_eq!(
+            Verdict::of::<()>(&Err(ProxyError::BadRequestBody)),
+            Verdict::CallersFault,
+            "a caller's broken body is never the endpoint's failure"
+        );
+    }
+
+    fn parts(version: Version, target: &str, hosts: &[&str]) -> http::request::Parts {
+        let mut request = Request::builder()
+            .version(version)
+            .uri(target)
+            .body(())
+            .unwrap();
+        for host in hosts {
+            request
+                .headers_mut()
+                .append(header::HOST, HeaderValue::from_str(host).unwrap());
+        }
+        request.into_parts().0
+    }
+
+    #[test]
+    fn the_outbound_side_takes_one_authority_or_refuses() {
+        let mut two = parts(Version::HTTP_11, "/", &["evil", "orders"]);
+        assert_eq!(
+            to_http2(&mut two, "backend.shop"),
+            Err(ProxyError::BadRequest)
+        );
+        let mut none = parts(Version::HTTP_11, "/", &[]);
+        assert_eq!(
+            to_http2(&mut none, "backend.shop"),
+            Err(ProxyError::BadRequest)
+        );
+        let mut userinfo = parts(Version::HTTP_11, "http://x@evil/", &[]);
+        assert_eq!(
+            to_http2(&mut userinfo, "backend.shop"),
+            Err(ProxyError::BadRequest)
+        );
+        let mut escaped = parts(Version::HTTP_11, "/", &["ev%69l"]);
+        assert_eq!(
+            to_http2(&mut escaped, "backend.shop"),
+            Err(ProxyError::BadRequest)
+        );
+
+        let mut old = parts(Version::HTTP_10, "/x", &[]);
+        assert_eq!(to_http2(&mut old, "backend.shop"), Ok(()));
+        assert_eq!(old.uri, "http://backend.shop/x");
+        let mut absolute = parts(Version::HTTP_11, "http://orders/x", &["evil"]);
+        assert_eq!(to_http2(&mut absolute, "backend.shop"), Ok(()));
+        assert_eq!(absolute.uri.authority().unwrap(), "orders");
+        assert!(absolute.headers.get(header::HOST).is_none());
+    }
+}
