@@ -269,9 +269,18 @@ pub struct Limits {
     pub max_connections: usize,
     /// Streams (requests and tunnelled connections) one HTTP/2 connection may hold open
     /// at once, on every HTTP/2 server the proxy runs. 100: the floor RFC 9113 §6.5.2
-    /// recommends and Envoy's hardening guide sets; a peer proxy needing more opens
-    /// another connection.
+    /// recommends and Envoy's hardening guide sets. Applications and plaintext callers
+    /// get this; an authenticated peer proxy gets
+    /// [`max_concurrent_streams_per_peer_connection`](Self::max_concurrent_streams_per_peer_connection).
     pub max_concurrent_streams_per_connection: u32,
+    /// Streams one HTTP/2 connection from an authenticated peer proxy (inbound mTLS) may
+    /// hold open at once. A client proxy carries every caller's requests and every
+    /// tunnelled TCP connection to this proxy on one pooled connection, so 100 would
+    /// make the 101st long-lived tunnel wait for another to end. 1,000: a tenth of the
+    /// default in-flight budget (which still bounds all connections together), ~10 MiB
+    /// of per-stream state at most, and the ceiling the hostile-peer suite holds a
+    /// mesh peer to.
+    pub max_concurrent_streams_per_peer_connection: u32,
     /// HTTP/2 requests and tunnels in flight in the whole proxy; beyond, a new stream is
     /// answered 503 (`tessera-proxy-error: proxy-overloaded`).
     pub max_requests_in_flight: usize,
@@ -305,6 +314,13 @@ pub struct Limits {
     /// is answered 408.
     #[serde(with = "humantime_serde_compat")]
     pub request_body_timeout: Duration,
+    /// Bytes per second a request body must bring, on average over each
+    /// `requestBodyTimeout` window, before the response has begun; slower is answered
+    /// 408 (a body dripped a byte a second is a slowloris, not an upload). Checked only
+    /// while the proxy is waiting for the caller's bytes, so an application slow to read
+    /// never counts against its caller. 0 turns the rule off (silence alone is then
+    /// bounded by `requestBodyTimeout`).
+    pub request_body_min_rate: u64,
 }
 
 impl Default for Limits {
@@ -312,6 +328,7 @@ impl Default for Limits {
         Self {
             max_connections: 10_000,
             max_concurrent_streams_per_connection: 100,
+            max_concurrent_streams_per_peer_connection: 1_000,
             max_requests_in_flight: 10_000,
             max_app_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
@@ -322,6 +339,11 @@ impl Default for Limits {
             connection_idle_timeout: Duration::from_secs(5 * 60),
             stream_idle_timeout: Duration::from_secs(5 * 60),
             request_body_timeout: Duration::from_secs(60),
+            // 32 B/s: ~2 KiB per default 60 s window. Apache's MinRate of 500 B/s would
+            // cut a client-streaming RPC that sends a small message every few seconds
+            // before its response begins; 32 B/s still ends a one-byte-a-second drip at
+            // its first window.
+            request_body_min_rate: 32,
         }
     }
 }
@@ -390,6 +412,12 @@ impl Limits {
             10_000,
         )?;
         in_range(
+            "limits.maxConcurrentStreamsPerPeerConnection",
+            self.max_concurrent_streams_per_peer_connection,
+            1,
+            100_000,
+        )?;
+        in_range(
             "limits.maxRequestsInFlight",
             self.max_requests_in_flight,
             1,
@@ -448,6 +476,12 @@ impl Limits {
             self.request_body_timeout,
             SECOND,
             DAY,
+        )?;
+        in_range(
+            "limits.requestBodyMinRate",
+            self.request_body_min_rate,
+            0,
+            1 << 30,
         )?;
         Ok(())
     }
@@ -806,6 +840,16 @@ mod tests {
                 "between 1 and 1000000",
             ),
             (
+                limits("maxConcurrentStreamsPerPeerConnection: 0"),
+                8,
+                "limits.maxConcurrentStreamsPerPeerConnection is 0",
+            ),
+            (
+                limits("requestBodyMinRate: 2000000000"),
+                8,
+                "limits.requestBodyMinRate is 2000000000",
+            ),
+            (
                 limits("maxConcurrentStreamsPerConnection: 0"),
                 8,
                 "limits.maxConcurrentStreamsPerConnection is 0",
@@ -901,10 +945,15 @@ mod tests {
     #[test]
     fn values_at_the_edge_of_their_range_are_accepted() {
         let text = format!(
-            "{MINIMAL}limits:\n  maxConnections: 1\n  maxConcurrentStreamsPerConnection: 10000\n  drainTimeout: 0s\ntracing:\n  otlpEndpoint: http://127.0.0.1:4317\n  maxQueue: 1000000\n  sampleRatio: 0\n"
+            "{MINIMAL}limits:\n  maxConnections: 1\n  maxConcurrentStreamsPerConnection: 10000\n  maxConcurrentStreamsPerPeerConnection: 100000\n  requestBodyMinRate: 0\n  drainTimeout: 0s\ntracing:\n  otlpEndpoint: http://127.0.0.1:4317\n  maxQueue: 1000000\n  sampleRatio: 0\n"
         );
         let config = ProxyConfig::parse(&text, Path::new("proxy.yaml")).unwrap();
         assert_eq!(config.limits.max_concurrent_streams_per_connection, 10_000);
+        assert_eq!(
+            config.limits.max_concurrent_streams_per_peer_connection,
+            100_000
+        );
+        assert_eq!(config.limits.request_body_min_rate, 0);
         assert_eq!(config.limits.stream_idle_timeout, Duration::from_secs(300));
     }
 

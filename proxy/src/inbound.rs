@@ -376,7 +376,12 @@ impl Inbound {
         stream: Box<dyn Io>,
         peer: &Arc<Peer>,
     ) -> Result<(), ServeError> {
-        let settings = server::Settings::new(&self.limits);
+        // A verified peer proxy multiplexes all its callers on this one connection.
+        let settings = if peer.identity.is_some() {
+            server::Settings::for_peer(&self.limits)
+        } else {
+            server::Settings::new(&self.limits)
+        };
         server::serve(stream, settings, &self.drain, |request| {
             let inbound = self.clone();
             let peer = peer.clone();

@@ -357,14 +357,21 @@ impl http_body::Body for StreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if !self.data_done {
-            match ready!(self.stream.poll_data(cx)) {
+            let Poll::Ready(polled) = self.stream.poll_data(cx) else {
+                // Waiting on the caller: a slow body is now the caller's doing.
+                if let Some(progress) = &self.progress {
+                    progress.awaiting_body();
+                }
+                return Poll::Pending;
+            };
+            match polled {
                 Some(Ok(data)) => {
                     let _ = self.stream.flow_control().release_capacity(data.len());
                     if let Some(remaining) = &mut self.remaining {
                         *remaining = remaining.saturating_sub(data.len() as u64);
                     }
                     if let Some(progress) = &self.progress {
-                        progress.moved();
+                        progress.received(data.len());
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }

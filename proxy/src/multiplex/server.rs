@@ -11,7 +11,9 @@
 //! (SETTINGS_MAX_CONCURRENT_STREAMS, so a peer beyond it gets REFUSED_STREAM), streams
 //! in flight in the whole proxy (a stream beyond the budget is answered 503), the first
 //! request head after the handshake, a connection with no stream open, a request body
-//! that stops sending and a stream on which nothing moves either way.
+//! that stops sending or brings too few bytes per window, and a stream on which nothing
+//! moves either way. An authenticated peer proxy, whose one pooled connection carries all
+//! its callers' requests and tunnels, gets a higher stream limit ([`Settings::for_peer`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -62,10 +64,18 @@ pub struct Settings {
     pub stream_idle_timeout: Duration,
     /// A request body silent this long before the response began is answered 408.
     pub request_body_timeout: Duration,
+    /// Bytes per second a request body must bring, measured over each
+    /// `request_body_timeout` window before the response began; 0: no such rule.
+    pub request_body_min_rate: u64,
+    /// Streams the peer may reset before the server accepted them, after which the
+    /// connection is ended with ENHANCE_YOUR_CALM; `None`: h2's default (20), the
+    /// rapid-reset protection every unauthenticated caller gets.
+    pub max_pending_accept_reset_streams: Option<usize>,
 }
 
 impl Settings {
-    /// The server settings the configured limits call for.
+    /// The server settings the configured limits call for, for an application or a
+    /// caller that is not an authenticated peer proxy.
     pub fn new(limits: &Limits) -> Self {
         Self {
             max_streams: limits.max_concurrent_streams_per_connection,
@@ -74,6 +84,23 @@ impl Settings {
             idle_timeout: limits.connection_idle_timeout,
             stream_idle_timeout: limits.stream_idle_timeout,
             request_body_timeout: limits.request_body_timeout,
+            request_body_min_rate: limits.request_body_min_rate,
+            max_pending_accept_reset_streams: None,
+        }
+    }
+
+    /// For a connection from an authenticated peer proxy (inbound mTLS with a verified
+    /// identity). It is the one pooled connection its proxy has to this one, carrying
+    /// every caller's requests and tunnels: it may hold more streams, and its proxy
+    /// relays each caller's cancellations as resets, which must not add up to a GOAWAY
+    /// for all of them (a greedy caller fails alone). Up to the stream limit in resets
+    /// may wait for acceptance: no more than the streams it may have open anyway.
+    pub fn for_peer(limits: &Limits) -> Self {
+        let max_streams = limits.max_concurrent_streams_per_peer_connection;
+        Self {
+            max_streams,
+            max_pending_accept_reset_streams: Some(max_streams as usize),
+            ..Self::new(limits)
         }
     }
 }
@@ -82,15 +109,22 @@ impl Settings {
 /// connection is dropped (a silent peer never answers the GOAWAY's PING).
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
-/// When a stream last moved a byte, and whether its request body has ended: shared by
-/// the stream's task (which enforces the timeouts) and the request body (which reads
-/// the bytes, wherever the handler passes it). Put in the request's extensions.
+/// When a stream last moved a byte, how many request body bytes came and whether the
+/// body has ended: shared by the stream's task (which enforces the timeouts) and the
+/// request body (which reads the bytes, wherever the handler passes it). Put in the
+/// request's extensions.
 #[derive(Debug)]
 pub struct Progress {
     epoch: Instant,
     /// Milliseconds since `epoch`.
     last: AtomicU64,
     body_done: AtomicBool,
+    /// Request body bytes read so far.
+    received: AtomicU64,
+    /// Whether the body's reader is waiting for the caller's next bytes (rather than
+    /// not reading, as when the application is slow): only then is a slow body the
+    /// caller's.
+    awaiting: AtomicBool,
 }
 
 impl Progress {
@@ -99,7 +133,21 @@ impl Progress {
             epoch: Instant::now(),
             last: AtomicU64::new(0),
             body_done: AtomicBool::new(body_done),
+            received: AtomicU64::new(0),
+            awaiting: AtomicBool::new(false),
         })
+    }
+
+    /// `bytes` of the request body were read now.
+    pub fn received(&self, bytes: usize) {
+        self.received.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.awaiting.store(false, Ordering::Relaxed);
+        self.moved();
+    }
+
+    /// The body's reader waits for the caller to send more.
+    pub fn awaiting_body(&self) {
+        self.awaiting.store(true, Ordering::Relaxed);
     }
 
     /// A byte moved now.
@@ -193,7 +241,7 @@ where
     H: Fn(Request<RecvStream>) -> F,
     F: Future<Output = Reply> + Send + 'static,
 {
-    let handshake = server_settings(settings.max_streams).handshake::<T, Bytes>(io);
+    let handshake = server_settings(&settings).handshake::<T, Bytes>(io);
     let mut connection = tokio::time::timeout(settings.handshake_timeout, handshake)
         .await
         .map_err(|_| ServeError::HandshakeTimeout)?
@@ -272,6 +320,7 @@ where
                     replied: false,
                     body_timeout: settings.request_body_timeout,
                     idle_timeout: settings.stream_idle_timeout,
+                    window: BodyWindow::new(&settings),
                     _open: (open, admitted),
                 };
                 // Boxed: tokio copies a task's future into place at spawn.
@@ -299,14 +348,62 @@ fn refuse_overloaded(mut respond: SendResponse<Bytes>) {
 }
 
 /// How the proxy's HTTP/2 server connections are set up.
-fn server_settings(max_streams: u32) -> h2::server::Builder {
+fn server_settings(limits: &Settings) -> h2::server::Builder {
     let mut settings = h2::server::Builder::new();
     settings
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(max_streams)
+        .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(MAX_HEADER_BYTES as u32);
+    if let Some(resets) = limits.max_pending_accept_reset_streams {
+        settings.max_pending_accept_reset_streams(resets);
+    }
     settings
+}
+
+/// The request body's progress rule: each window of `request_body_timeout` must bring
+/// `request_body_min_rate` × the window's seconds. A gap alone cannot catch a body
+/// dripped a byte at a time; a rate over a window can, and a window (rather than a
+/// rate over the whole body) lets a body pause, then catch up.
+struct BodyWindow {
+    length: Duration,
+    /// Bytes each window must bring; 0: no rule.
+    min_bytes: u64,
+    start: Instant,
+    /// The body's bytes read when the window began.
+    received_at_start: u64,
+}
+
+impl BodyWindow {
+    fn new(settings: &Settings) -> Self {
+        let seconds = settings.request_body_timeout.as_secs_f64();
+        Self {
+            length: settings.request_body_timeout,
+            min_bytes: (settings.request_body_min_rate as f64 * seconds).ceil() as u64,
+            start: Instant::now(),
+            received_at_start: 0,
+        }
+    }
+
+    /// When the current window ends, if the rule applies.
+    fn end(&self) -> Option<Instant> {
+        (self.min_bytes > 0).then(|| self.start + self.length)
+    }
+
+    /// At `now`: whether a window ended with too few bytes from a caller the proxy was
+    /// waiting for. A window that ended starts the next.
+    fn too_slow(&mut self, now: Instant, progress: &Progress) -> bool {
+        match self.end() {
+            Some(end) if now >= end => {
+                let received = progress.received.load(Ordering::Relaxed);
+                let brought = received.saturating_sub(self.received_at_start);
+                self.start = now;
+                self.received_at_start = received;
+                brought < self.min_bytes && progress.awaiting.load(Ordering::Relaxed)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A peer that went away between requests, or said goodbye, ended nothing early.
@@ -331,6 +428,7 @@ pin_project! {
         replied: bool,
         body_timeout: Duration,
         idle_timeout: Duration,
+        window: BodyWindow,
         _open: (OpenStream, Admitted),
     }
 }
@@ -352,22 +450,25 @@ where
                 this.progress.moved();
             }
             ready!(this.timer.as_mut().poll(cx));
+            let now = Instant::now();
             let last = this.progress.last_moved();
             let waiting = matches!(*this.answer, Answer::Waiting { .. });
             let body_open = waiting && !this.progress.body_done.load(Ordering::Relaxed);
+            let too_slow = body_open && this.window.too_slow(now, this.progress);
             let deadline = if body_open {
-                last + (*this.body_timeout).min(*this.idle_timeout)
+                let silent = last + (*this.body_timeout).min(*this.idle_timeout);
+                this.window.end().map_or(silent, |end| end.min(silent))
             } else {
                 last + *this.idle_timeout
             };
-            if Instant::now() < deadline {
+            if !too_slow && now < deadline {
                 this.timer.as_mut().reset(deadline);
                 continue;
             }
             let next = match this.answer.as_mut().project() {
                 AnswerProjection::Waiting { respond, .. } => {
                     if let Some(respond) = respond.take() {
-                        debug!(event = "stream timed out", body_open);
+                        debug!(event = "stream timed out", body_open, too_slow);
                         request_timeout(respond);
                     }
                     Answer::Done
@@ -830,7 +931,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_body_that_stops_sending_is_answered_408() {
         let (_trigger, drain) = lifecycle::channel();
-        let settings = Settings::new(&Limits::default());
+        // The silence rule alone: without a minimum rate.
+        let settings = Settings {
+            request_body_min_rate: 0,
+            ..Settings::new(&Limits::default())
+        };
         // The handler reads the whole body before answering, as forwarding does.
         let (mut streams, _served) = client_with(settings, drain, |request| async move {
             let body = super::super::StreamBody::request(request).into_body();
@@ -858,6 +963,154 @@ mod tests {
             after >= Duration::from_secs(150) && after <= Duration::from_secs(152),
             "60 s after the last byte (at 90 s), not {after:?}"
         );
+    }
+
+    /// A handler that reads the whole body, then answers with its length.
+    async fn count_body(request: Request<RecvStream>) -> Reply {
+        let body = super::super::StreamBody::request(request).into_body();
+        let length = match body.collect().await {
+            Ok(body) => body.to_bytes().len(),
+            Err(_) => return Reply::Response(Response::new(crate::http::empty())),
+        };
+        Reply::Response(Response::new(crate::http::boxed(Full::new(Bytes::from(
+            length.to_string(),
+        )))))
+    }
+
+    /// Sends `chunks` chunks of `size` bytes, `every` apart, then ends the body.
+    fn drip(
+        mut upload: h2::SendStream<Bytes>,
+        chunks: usize,
+        size: usize,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            for _ in 0..chunks {
+                upload.reserve_capacity(size);
+                if upload
+                    .send_data(Bytes::from(vec![b'x'; size]), false)
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+            let _ = upload.send_data(Bytes::new(), true);
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_dripped_a_byte_a_second_is_answered_408() {
+        let (_trigger, drain) = lifecycle::channel();
+        let settings = Settings::new(&Limits::default());
+        let (mut streams, _served) = client_with(settings, drain, count_body).await;
+        let (response, upload) = streams
+            .send_request(request(http::Method::POST, "http://app/upload"), false)
+            .unwrap();
+        let started = Instant::now();
+        // Never silent for a second, but 60 bytes a minute (issue 21: open at 150 s).
+        let _drip = drip(upload, 3600, 1, Duration::from_secs(1));
+        let response = tokio::time::timeout(Duration::from_secs(3600), response)
+            .await
+            .expect("answered, not left open")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(response.headers()[PROXY_ERROR], "request-timeout");
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_secs(60) && after <= Duration::from_secs(61),
+            "at the end of the first 60 s window, not {after:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_at_normal_speed_is_never_cut() {
+        let (_trigger, drain) = lifecycle::channel();
+        let settings = Settings::new(&Limits::default());
+        let (mut streams, _served) = client_with(settings, drain, count_body).await;
+        let (response, upload) = streams
+            .send_request(request(http::Method::POST, "http://app/upload"), false)
+            .unwrap();
+        // 64 KiB a second for twenty minutes: 75 MiB, far beyond any one window.
+        let _drip = drip(upload, 1200, 64 * 1024, Duration::from_secs(1));
+        let response = tokio::time::timeout(Duration::from_secs(3600), response)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            read_all(response.into_body()).await,
+            (1200 * 64 * 1024).to_string()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_but_steady_body_passes_and_a_pause_within_a_window_is_allowed() {
+        let (_trigger, drain) = lifecycle::channel();
+        let settings = Settings::new(&Limits::default());
+        let (mut streams, _served) = client_with(settings, drain, count_body).await;
+        let (response, upload) = streams
+            .send_request(request(http::Method::POST, "http://app/upload"), false)
+            .unwrap();
+        // 2 KiB every 50 s: a long pause, yet more than 32 B/s over every 60 s window.
+        let _drip = drip(upload, 10, 2048, Duration::from_secs(50));
+        let response = tokio::time::timeout(Duration::from_secs(3600), response)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_peer_proxy_connection_advertises_the_peer_stream_limit() {
+        let (_trigger, drain) = lifecycle::channel();
+        let limits = Limits::default();
+        let (mut streams, _served) =
+            client_with(Settings::for_peer(&limits), drain, hold_or_answer).await;
+        let response = streams
+            .send_request(request(http::Method::GET, "http://app/"), true)
+            .unwrap()
+            .0;
+        tokio::time::timeout(TEST_TIMEOUT, response)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            streams.current_max_send_streams(),
+            limits.max_concurrent_streams_per_peer_connection as usize
+        );
+        assert!(limits.max_concurrent_streams_per_peer_connection > 100);
+    }
+
+    /// Opens `count` streams and resets each before the server can accept it (the
+    /// frames reach the server in one read), then asks once more: the answer's status,
+    /// or `None` when the connection was ended.
+    async fn cancel_many_then_ask(settings: Settings, count: usize) -> Option<StatusCode> {
+        let (_trigger, drain) = lifecycle::channel();
+        let (mut streams, _served) = client_with(settings, drain, hold_or_answer).await;
+        for _ in 0..count {
+            let (_response, mut upload) = streams
+                .send_request(request(http::Method::GET, "http://app/hold"), false)
+                .ok()?;
+            upload.send_reset(h2::Reason::CANCEL);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (response, _) = streams
+            .send_request(request(http::Method::GET, "http://app/"), true)
+            .ok()?;
+        let response = tokio::time::timeout(TEST_TIMEOUT, response).await.ok()?;
+        response.ok().map(|response| response.status())
+    }
+
+    #[tokio::test]
+    async fn a_peer_proxy_relaying_its_callers_cancellations_keeps_its_connection() {
+        let limits = Limits::default();
+        assert_eq!(
+            cancel_many_then_ask(Settings::for_peer(&limits), 60).await,
+            Some(StatusCode::OK)
+        );
+        // A plaintext caller keeps h2's rapid-reset protection.
+        assert_eq!(cancel_many_then_ask(Settings::new(&limits), 60).await, None);
     }
 
     #[tokio::test(start_paused = true)]
