@@ -163,6 +163,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     tasks.push(tokio::spawn(follow_inbound_policy(shared.clone())));
     tasks.push(tokio::spawn(crate::memory::release_when_quiet(
         crate::memory::RELEASE_INTERVAL,
+        drain.clone(),
     )));
 
     let admin_listener = bind(config.admin).await?;

@@ -99,6 +99,11 @@ impl Drain {
         self.shared.requests.clone().try_acquire_owned().ok()
     }
 
+    /// Connections in flight now (what [`Drain::track`] counts).
+    pub fn open_connections(&self) -> usize {
+        self.shared.active.load(Ordering::Relaxed)
+    }
+
     /// Marks one connection in flight.
     pub fn track(&self) -> InFlight {
         self.shared.active.fetch_add(1, Ordering::AcqRel);
