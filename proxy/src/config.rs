@@ -316,10 +316,12 @@ pub struct Limits {
     pub request_body_timeout: Duration,
     /// Bytes per second a request body must bring, on average over each
     /// `requestBodyTimeout` window, before the response has begun; slower is answered
-    /// 408 (a body dripped a byte a second is a slowloris, not an upload). Checked only
-    /// while the proxy is waiting for the caller's bytes, so an application slow to read
-    /// never counts against its caller. 0 turns the rule off (silence alone is then
-    /// bounded by `requestBodyTimeout`).
+    /// 408 (a body dripped a byte a second is a slowloris, not an upload). A window is
+    /// held against the caller only if the proxy is waiting for its bytes when it ends,
+    /// so an application slow to read the body does not make its caller too slow. HTTP/2
+    /// request streams (an HTTP/1.1 body crossing the mesh is one at the receiving
+    /// proxy). 0 turns the rule off (silence alone is then bounded by
+    /// `requestBodyTimeout`).
     pub request_body_min_rate: u64,
 }
 
