@@ -126,6 +126,12 @@ async fn siege(
     }
     let mut failures = Vec::new();
     for (proxy, peak) in proxies.iter().zip(peaks) {
+        // Memory freed by closed connections goes back to the kernel within seconds (the
+        // proxy trims after a fall in open connections, checked once a second).
+        tessera_tests::eventually(Duration::from_secs(5), || {
+            rss(proxy.pid) <= proxy.baseline_rss + AFTER_BUDGET
+        })
+        .await;
         let (after_rss, after_fds) = (rss(proxy.pid), open_fds(proxy.pid));
         eprintln!(
             "{name}: {} proxy RSS baseline {:.1} MiB, peak {:.1} MiB (+{:.1}), after {:.1} MiB (+{:.1}); fds {} -> {}",
