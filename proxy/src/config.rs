@@ -276,10 +276,11 @@ pub struct Limits {
     /// Streams one HTTP/2 connection from an authenticated peer proxy (inbound mTLS) may
     /// hold open at once. A client proxy carries every caller's requests and every
     /// tunnelled TCP connection to this proxy on one pooled connection, so 100 would
-    /// make the 101st long-lived tunnel wait for another to end. 1,000: a tenth of the
-    /// default in-flight budget (which still bounds all connections together), ~10 MiB
-    /// of per-stream state at most, and the ceiling the hostile-peer suite holds a
-    /// mesh peer to.
+    /// make the 101st long-lived tunnel wait for another to end. 250 (Go's default):
+    /// each held stream may hold an application connection and its buffers (a hostile
+    /// peer holding 1,000 uploads took a debug-build proxy to +170 MiB), so this stays
+    /// in the low hundreds; more concurrent tunnels to one peer wait for a stream until
+    /// the client side opens further connections per peer.
     pub max_concurrent_streams_per_peer_connection: u32,
     /// HTTP/2 requests and tunnels in flight in the whole proxy; beyond, a new stream is
     /// answered 503 (`tessera-proxy-error: proxy-overloaded`).
@@ -330,7 +331,7 @@ impl Default for Limits {
         Self {
             max_connections: 10_000,
             max_concurrent_streams_per_connection: 100,
-            max_concurrent_streams_per_peer_connection: 1_000,
+            max_concurrent_streams_per_peer_connection: 250,
             max_requests_in_flight: 10_000,
             max_app_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
