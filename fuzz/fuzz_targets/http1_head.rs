@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::{plain_host, policies};
 use tessera_proto::policy::{self, Decision, HttpRequest, normalize_path};
-use tessera_proxy::canonical::canonicalize;
+use tessera_proxy::canonical::{self, canonicalize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -40,28 +40,9 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
-/// The decision the inbound proxy takes: the target's authority, else the `Host` field.
-fn decide<B>(request: &Request<B>) -> Decision {
-    let authority = request.uri().authority().map(|a| a.as_str());
-    let host = authority
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
-    let headers = request.headers();
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-            .or(if name.eq_ignore_ascii_case("host") {
-                authority
-            } else {
-                None
-            })
-    };
+/// The decision the inbound proxy takes, on the same attributes it reads.
+fn decide<B: Sync>(request: &Request<B>) -> Decision {
+    let header = |name: &str| canonical::header(request, name);
     let attributes = policy::Request {
         source: None,
         request_principal: None,
@@ -69,7 +50,7 @@ fn decide<B>(request: &Request<B>) -> Decision {
         http: Some(HttpRequest {
             method: request.method().as_str(),
             path: request.uri().path(),
-            host,
+            host: canonical::host(request),
             header: &header,
         }),
     };

@@ -74,6 +74,37 @@ fn canonicalize_authority<B>(request: &mut Request<B>) -> Result<(), Malformed> 
     }
 }
 
+/// The host a canonical request is addressed to, as policy reads it: the target's
+/// authority, else the `Host` field; empty for an HTTP/1.0 request with neither.
+pub fn host<B>(request: &Request<B>) -> &str {
+    request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
+/// A field of a canonical request as a policy condition reads it (repeated fields are
+/// joined by then). UTF-8, not only visible ASCII: a value a condition cannot read must
+/// not slip past a DENY because of one non-ASCII character. Without a `Host` field (over
+/// HTTP/2 the authority comes alone), `host` reads the authority.
+pub fn header<'a, B>(request: &'a Request<B>, name: &str) -> Option<&'a str> {
+    let value = request
+        .headers()
+        .get(name)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok());
+    if value.is_none() && name.eq_ignore_ascii_case("host") {
+        return request.uri().authority().map(|a| a.as_str());
+    }
+    value
+}
+
 /// `host[:port]` with a plain host name, IPv4 address or bracketed IPv6 address.
 pub fn check_authority(authority: &[u8]) -> Result<(), Malformed> {
     if authority.contains(&b'@') {
@@ -159,10 +190,11 @@ fn canonicalize_path<B>(request: &mut Request<B>) -> Result<(), Malformed> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn request(version: Version, target: &str, hosts: &[&str]) -> Request<()> {
+    /// A request with `hosts` as its `Host` fields, in order (also used by the router's tests).
+    pub(crate) fn request(version: Version, target: &str, hosts: &[&str]) -> Request<()> {
         let mut request = Request::builder()
             .version(version)
             .uri(target)

@@ -556,28 +556,7 @@ impl Inbound {
             JwtOutcome::Absent => None,
         };
         let decision = {
-            let authority = request.uri().authority().map(|a| a.as_str());
-            let host = authority
-                .or_else(|| {
-                    request
-                        .headers()
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                })
-                .unwrap_or("");
-            let headers = request.headers();
-            // UTF-8, not only visible ASCII: a value a condition cannot read must not slip
-            // past a DENY because of one non-ASCII character. Without a `Host` field (over
-            // HTTP/2 the authority comes alone), `host` reads the authority.
-            let header = |name: &str| {
-                let value = headers
-                    .get(name)
-                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok());
-                if value.is_none() && name.eq_ignore_ascii_case("host") {
-                    return authority;
-                }
-                value
-            };
+            let header = |name: &str| crate::canonical::header(&request, name);
             let attributes = policy::Request {
                 source: peer.identity.as_ref(),
                 request_principal,
@@ -585,7 +564,7 @@ impl Inbound {
                 http: Some(policy::HttpRequest {
                     method: request.method().as_str(),
                     path: request.uri().path(),
-                    host,
+                    host: crate::canonical::host(&request),
                     header: &header,
                 }),
             };

@@ -693,17 +693,9 @@ mod tests {
     }
 
     fn parts(version: Version, target: &str, hosts: &[&str]) -> http::request::Parts {
-        let mut request = Request::builder()
-            .version(version)
-            .uri(target)
-            .body(())
-            .unwrap();
-        for host in hosts {
-            request
-                .headers_mut()
-                .append(header::HOST, HeaderValue::from_str(host).unwrap());
-        }
-        request.into_parts().0
+        crate::canonical::tests::request(version, target, hosts)
+            .into_parts()
+            .0
     }
 
     #[test]

@@ -662,6 +662,29 @@ mod tests {
         client_with(settings(), drain, handle).await
     }
 
+    /// Waits, in paused time, for the server to end the connection without an error.
+    async fn closed_cleanly(served: tokio::task::JoinHandle<Result<(), ServeError>>) {
+        let outcome = tokio::time::timeout(Duration::from_secs(3600), served)
+            .await
+            .expect("closed, not left open")
+            .unwrap();
+        assert!(
+            outcome.is_ok(),
+            "{:?}",
+            outcome.err().map(|e| e.to_string())
+        );
+    }
+
+    /// Waits, in paused time, for the answer, which must be 408.
+    async fn timed_out(response: h2::client::ResponseFuture) -> Response<RecvStream> {
+        let response = tokio::time::timeout(Duration::from_secs(3600), response)
+            .await
+            .expect("answered, not left open")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        response
+    }
+
     async fn client_with<H, F>(
         settings: Settings,
         drain: lifecycle::Drain,
@@ -877,15 +900,7 @@ mod tests {
         let settings = Settings::new(&Limits::default());
         let (_streams, served) = client_with(settings, drain, hold_or_answer).await;
         let started = Instant::now();
-        let outcome = tokio::time::timeout(Duration::from_secs(3600), served)
-            .await
-            .expect("closed, not left open");
-        let outcome = outcome.unwrap();
-        assert!(
-            outcome.is_ok(),
-            "{:?}",
-            outcome.err().map(|e| e.to_string())
-        );
+        closed_cleanly(served).await;
         let after = started.elapsed();
         assert!(
             after >= Duration::from_secs(10) && after <= Duration::from_secs(12),
@@ -905,15 +920,7 @@ mod tests {
         let answered = Instant::now();
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!served.is_finished(), "a minute idle is allowed");
-        let outcome = tokio::time::timeout(Duration::from_secs(3600), served)
-            .await
-            .expect("closed, not left open");
-        let outcome = outcome.unwrap();
-        assert!(
-            outcome.is_ok(),
-            "{:?}",
-            outcome.err().map(|e| e.to_string())
-        );
+        closed_cleanly(served).await;
         let after = answered.elapsed();
         assert!(
             after >= Duration::from_secs(300) && after <= Duration::from_secs(302),
@@ -945,11 +952,7 @@ mod tests {
             upload.send_data(Bytes::from_static(b"x"), false).unwrap();
             tokio::time::sleep(Duration::from_secs(30)).await;
         }
-        let response = tokio::time::timeout(Duration::from_secs(3600), response)
-            .await
-            .expect("answered, not left open")
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        let response = timed_out(response).await;
         assert_eq!(response.headers()[PROXY_ERROR], "request-timeout");
         let after = started.elapsed();
         assert!(
@@ -1003,11 +1006,7 @@ mod tests {
         let started = Instant::now();
         // Never silent for a second, but 60 bytes a minute (issue 21: open at 150 s).
         let _drip = drip(upload, 3600, 1, Duration::from_secs(1));
-        let response = tokio::time::timeout(Duration::from_secs(3600), response)
-            .await
-            .expect("answered, not left open")
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        let response = timed_out(response).await;
         assert_eq!(response.headers()[PROXY_ERROR], "request-timeout");
         let after = started.elapsed();
         assert!(
@@ -1119,11 +1118,7 @@ mod tests {
             .send_request(request(http::Method::GET, "http://app/hold"), true)
             .unwrap();
         let started = Instant::now();
-        let response = tokio::time::timeout(Duration::from_secs(3600), response)
-            .await
-            .expect("answered, not left open")
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        timed_out(response).await;
         let after = started.elapsed();
         assert!(
             after >= Duration::from_secs(300) && after <= Duration::from_secs(301),
