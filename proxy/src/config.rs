@@ -320,8 +320,8 @@ pub struct Limits {
     /// 408 (a body dripped a byte a second is a slowloris, not an upload). A window is
     /// held against the caller only if the proxy is waiting for its bytes when it ends,
     /// so an application slow to read the body does not make its caller too slow. HTTP/2
-    /// request streams (an HTTP/1.1 body crossing the mesh is one at the receiving
-    /// proxy). 0 turns the rule off (silence alone is then bounded by
+    /// request streams before their response, HTTP/1.1 bodies to their end
+    /// ([`crate::body_rate`]). 0 turns the rule off (silence alone is then bounded by
     /// `requestBodyTimeout`).
     pub request_body_min_rate: u64,
 }

@@ -202,6 +202,9 @@ pub enum ProxyError {
     /// The caller's request body failed: malformed framing, a caller that hung up
     /// mid-body, more bytes than it announced. The caller's error, never the upstream's.
     BadRequestBody,
+    /// The caller's request body came slower than `limits.requestBodyMinRate` while the
+    /// proxy waited for it.
+    RequestBodyTimeout,
     /// The application's response head is larger than the proxy takes.
     ResponseHeadTooLarge,
     /// Authorization policy denied the request.
@@ -222,6 +225,7 @@ impl ProxyError {
             ProxyError::AppUnavailable => "application-unavailable",
             ProxyError::BadRequest => "bad-request",
             ProxyError::BadRequestBody => "bad-request-body",
+            ProxyError::RequestBodyTimeout => "request-timeout",
             ProxyError::ResponseHeadTooLarge => "response-headers-too-large",
             ProxyError::Forbidden => "access-denied",
             ProxyError::Unauthenticated(reason) => reason,
@@ -238,6 +242,7 @@ impl ProxyError {
             | ProxyError::ResponseHeadTooLarge => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest | ProxyError::BadRequestBody => StatusCode::BAD_REQUEST,
+            ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         }
@@ -247,11 +252,21 @@ impl ProxyError {
     /// PERMISSION_DENIED or UNAUTHENTICATED.
     fn grpc_status(self) -> &'static str {
         match self {
-            ProxyError::Timeout => "4",
+            ProxyError::Timeout | ProxyError::RequestBodyTimeout => "4",
             ProxyError::BadRequest | ProxyError::BadRequestBody => "3",
             ProxyError::Forbidden => "7",
             ProxyError::Unauthenticated(_) => "16",
             _ => "14",
+        }
+    }
+
+    /// The answer when the caller's own request body failed (the error as the client
+    /// that sent it reports it): too slow, or malformed or cut off.
+    pub fn caller_body(error: &(dyn std::error::Error + 'static)) -> ProxyError {
+        if crate::body_rate::is_too_slow(error) {
+            ProxyError::RequestBodyTimeout
+        } else {
+            ProxyError::BadRequestBody
         }
     }
 

@@ -34,6 +34,7 @@ use tracing::{debug, warn};
 use crate::authn::JwtOutcome;
 use crate::authz::InboundPolicy;
 use crate::balance::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1};
+use crate::body_rate::{MinRate, Paced};
 use crate::canonical::Malformed;
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
@@ -406,11 +407,13 @@ impl Inbound {
     ) -> Result<(), hyper::Error> {
         let inbound = self.clone();
         let peer = peer.clone();
+        let min_rate = MinRate::new(&self.limits);
         let service = service_fn(move |request: Request<Incoming>| {
             let inbound = inbound.clone();
             let peer = peer.clone();
             async move {
-                let response = inbound.request(request.map(Either::Left), &peer).await;
+                let request = request.map(|body| Either::Left(Paced::new(body, min_rate)));
+                let response = inbound.request(request, &peer).await;
                 Ok::<_, std::convert::Infallible>(response)
             }
         });
@@ -600,7 +603,7 @@ impl Inbound {
 }
 
 /// A request's body: from a plaintext HTTP/1.1 caller, or an HTTP/2 stream.
-type InboundBody = Either<Incoming, StreamBody>;
+type InboundBody = Either<Paced<Incoming>, StreamBody>;
 
 /// What the application answers, over HTTP/1.1 or HTTP/2.
 type AppBody = Either<PooledBody<InboundBody>, StreamBody>;
@@ -741,7 +744,7 @@ impl AppClient {
                 let answered = match opened {
                     Ok(exchange) => exchange.await.map_err(|error| match error {
                         ExchangeError::Stream(error) => self.stream_failed(&error),
-                        ExchangeError::CallerBody => ProxyError::BadRequestBody,
+                        ExchangeError::CallerBody(answer) => answer,
                     }),
                     Err(error) => Err(error),
                 };

@@ -11,6 +11,7 @@ pub mod app;
 pub mod authn;
 pub mod authz;
 pub mod balance;
+pub mod body_rate;
 pub mod canonical;
 pub mod capture;
 pub mod config;

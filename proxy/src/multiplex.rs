@@ -58,7 +58,7 @@ impl Sender {
         Ok(Exchange {
             response,
             body: (!end_of_stream).then(|| BodyPump::new(body, stream)),
-            caller_failed: false,
+            caller_failed: None,
         })
     }
 
@@ -111,9 +111,9 @@ impl std::fmt::Display for ConnectError {
 pub struct Exchange<B> {
     response: ResponseFuture,
     body: Option<BodyPump<B>>,
-    /// Set when the caller's own body failed (malformed, or the caller hung up): the
-    /// stream was reset for the caller's sake, not the peer's.
-    caller_failed: bool,
+    /// Set when the caller's own body failed (malformed, too slow, or the caller hung
+    /// up): the stream was reset for the caller's sake, not the peer's.
+    caller_failed: Option<ProxyError>,
 }
 
 /// Why an exchange ended without a response.
@@ -121,16 +121,19 @@ pub struct Exchange<B> {
 pub enum ExchangeError {
     /// The stream or its connection failed: the peer's side.
     Stream(h2::Error),
-    /// The caller's request body failed (a protocol error, or the caller hung up
-    /// mid-body); the stream was reset because of it. Never the peer's fault.
-    CallerBody,
+    /// The caller's request body failed (a protocol error, too slow, or the caller hung
+    /// up mid-body); the stream was reset because of it. Never the peer's fault. Holds
+    /// the caller's answer.
+    CallerBody(ProxyError),
 }
 
 impl std::fmt::Display for ExchangeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExchangeError::Stream(error) => error.fmt(f),
-            ExchangeError::CallerBody => f.write_str("the caller's request body failed"),
+            ExchangeError::CallerBody(error) => {
+                write!(f, "the caller's request body failed: {}", error.reason())
+            }
         }
     }
 }
@@ -149,13 +152,17 @@ where
             self.body = None;
             if let Err(error) = sent {
                 debug!(event = "request body not sent", error = %error);
-                self.caller_failed = matches!(error, PumpError::Body(_));
+                if let PumpError::Body(error) = &error {
+                    self.caller_failed = Some(ProxyError::caller_body(error.as_ref()));
+                }
             }
         }
         let response = match ready!(Pin::new(&mut self.response).poll(cx)) {
             Ok(response) => Ok(response),
-            Err(_) if self.caller_failed => Err(ExchangeError::CallerBody),
-            Err(error) => Err(ExchangeError::Stream(error)),
+            Err(error) => match self.caller_failed {
+                Some(answer) => Err(ExchangeError::CallerBody(answer)),
+                None => Err(ExchangeError::Stream(error)),
+            },
         };
         // A failed stream takes the rest of the body with it.
         if let Some(body) = self.body.take()

@@ -19,6 +19,7 @@ use tessera_proto::resources::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
+use crate::body_rate::{MinRate, Paced};
 use crate::config::Limits;
 use crate::detect::{self, Detected};
 use crate::http::ProxyError;
@@ -88,8 +89,11 @@ impl Outbound {
     /// Requests (and upgrades) from an HTTP/1.1 application.
     async fn serve_http1(&self, app: TcpStream, client: SocketAddr) {
         let upstream = self.upstream.clone();
+        let min_rate = MinRate::new(&self.limits);
         let service = service_fn(move |request: Request<Incoming>| {
-            upstream.clone().handle(request.map(Either::Left))
+            upstream
+                .clone()
+                .handle(request.map(|body| Either::Left(Paced::new(body, min_rate))))
         });
         let connection = crate::http::http1_server(self.limits.header_read_timeout)
             .serve_connection(TokioIo::new(app), service)

@@ -259,6 +259,11 @@ impl<B> Http1Pool<B> {
                 );
                 ProxyError::ResponseHeadTooLarge
             }
+            // The caller's body failed while it was being sent: the caller's error.
+            SendError::Request(error) if error.is_user() => {
+                debug!(event = "request body failed", %application, error = %error);
+                ProxyError::caller_body(&error)
+            }
             SendError::Request(error) => {
                 debug!(event = "application error", %application, error = %error);
                 ProxyError::Reset
@@ -525,5 +530,73 @@ mod tests {
         drop(listener);
         let pool = Http1Pool::new(address, &Limits::default(), 16 * 1024);
         assert!(matches!(pool.send(get()).await, Err(SendError::Connect(_))));
+    }
+
+    /// A server that reads each request's body before it answers.
+    async fn reading_server() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(
+                    |request: Request<hyper::body::Incoming>| async move {
+                        let body = request.into_body().collect().await?.to_bytes();
+                        Ok::<_, hyper::Error>(Response::new(http_body_util::Full::new(body)))
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        address
+    }
+
+    /// A request body that sends a chunk, then fails with its error.
+    struct Failing(Option<Bytes>, Option<BoxError>);
+
+    impl http_body::Body for Failing {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            let next = match self.0.take() {
+                Some(chunk) => Some(Ok(http_body::Frame::data(chunk))),
+                None => self.1.take().map(Err),
+            };
+            std::task::Poll::Ready(next)
+        }
+    }
+
+    fn failing_upload(error: BoxError) -> Request<Body> {
+        let body = Failing(Some(Bytes::from_static(b"part")), Some(error));
+        let mut request = Request::new(crate::http::boxed(body));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = "/upload".parse().unwrap();
+        request
+            .headers_mut()
+            .insert(http::header::HOST, "app".parse().unwrap());
+        request
+    }
+
+    #[tokio::test]
+    async fn a_callers_failing_body_is_the_callers_error_not_the_applications() {
+        let pool = Http1Pool::new(reading_server().await, &Limits::default(), 16 * 1024);
+        let Err(broken) = pool.send(failing_upload("invalid chunk size".into())).await else {
+            panic!("a failed body got an answer");
+        };
+        assert_eq!(pool.refusal(broken), ProxyError::BadRequestBody);
+        let slow = crate::body_rate::BodyTooSlow {
+            brought: 1,
+            window: std::time::Duration::from_secs(60),
+        };
+        let Err(slow) = pool.send(failing_upload(slow.into())).await else {
+            panic!("a failed body got an answer");
+        };
+        assert_eq!(pool.refusal(slow), ProxyError::RequestBodyTimeout);
     }
 }

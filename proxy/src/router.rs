@@ -28,6 +28,7 @@ use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
 use crate::balance::{ALPN_H2_TUNNELS, Balancer, EndpointState};
+use crate::body_rate::Paced;
 use crate::config::Limits;
 use crate::http::{self as proxy_http, Body, BoxFuture, ORIG_PROTO, ProxyError, boxed};
 use crate::multiplex::{self, ConnectError, ExchangeError, StreamBody, Tunnel};
@@ -288,7 +289,7 @@ impl Upstream {
             let exchange = opened.map_err(|error| self.stream_failed(endpoint, &error))?;
             exchange.await.map_err(|error| match error {
                 ExchangeError::Stream(error) => self.stream_failed(endpoint, &error),
-                ExchangeError::CallerBody => ProxyError::BadRequestBody,
+                ExchangeError::CallerBody(answer) => answer,
             })
         }
     }
@@ -587,7 +588,7 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 /// A caller's request body: over HTTP/1.1 (hyper's server), or an HTTP/2 stream.
-pub type CallerBody = Either<Incoming, StreamBody>;
+pub type CallerBody = Either<Paced<Incoming>, StreamBody>;
 
 /// What an attempt sends: a kept copy of a small body, or the caller's body itself.
 type RequestBody = Either<Full<Bytes>, CallerBody>;
@@ -627,7 +628,7 @@ async fn replayable(body: CallerBody) -> Result<Replay, ProxyError> {
     }
     match Limited::new(body, MAX_REPLAY_BODY).collect().await {
         Ok(collected) => Ok(Replay::Buffered(collected.to_bytes())),
-        Err(_) => Err(ProxyError::BadRequestBody),
+        Err(error) => Err(ProxyError::caller_body(error.as_ref())),
     }
 }
 
@@ -641,15 +642,17 @@ enum Verdict {
     /// Failed in a way another attempt may not (502/503/504, gRPC UNAVAILABLE, a
     /// connection or stream failure, a timeout).
     Retry,
-    /// The caller's own request failed (its body was malformed or cut off): nothing
-    /// counts against the endpoint, and nothing is retried.
+    /// The caller's own request failed (its body was malformed, cut off or too slow):
+    /// nothing counts against the endpoint, and nothing is retried.
     CallersFault,
 }
 
 impl Verdict {
     fn of<B>(outcome: &Result<Response<B>, ProxyError>) -> Self {
         match outcome {
-            Err(ProxyError::BadRequestBody) => Verdict::CallersFault,
+            Err(ProxyError::BadRequestBody | ProxyError::RequestBodyTimeout) => {
+                Verdict::CallersFault
+            }
             Err(_) => Verdict::Retry,
             Ok(response) if should_retry(response) => Verdict::Retry,
             Ok(response) if response.status().is_server_error() => Verdict::Failure,
@@ -689,6 +692,11 @@ mod tests {
             Verdict::of::<()>(&Err(ProxyError::BadRequestBody)),
             Verdict::CallersFault,
             "a caller's broken body is never the endpoint's failure"
+        );
+        assert_eq!(
+            Verdict::of::<()>(&Err(ProxyError::RequestBodyTimeout)),
+            Verdict::CallersFault,
+            "nor is a caller's slow body"
         );
     }
 

@@ -54,9 +54,9 @@ class Clock:
         return self.left() <= 0
 
 
-def connect(args, alpn=None):
+def connect(args, alpn=None, timeout=5):
     """A TCP connection to the target, wrapped in mTLS when --cert is given."""
-    sock = socket.create_connection((args.host, args.port), timeout=5)
+    sock = socket.create_connection((args.host, args.port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if not args.cert:
         return sock
@@ -478,7 +478,7 @@ def open_sockets(args, count, first=b"", opened_at=None):
                 raise SystemExit(f"RLIMIT_NOFILE hard limit {hard} < {needed}: run with `ulimit -n {needed}`")
     sockets = []
     for _ in range(count):
-        sock = socket.create_connection((args.host, args.port), timeout=10)
+        sock = connect(args, timeout=10)
         # What the connection says first goes at once: a caller silent past the
         # proxy's protocol detection would be relayed as opaque TCP instead.
         if first:
@@ -579,7 +579,7 @@ def slow_body_http1(args, clock):
             try:
                 sock.setblocking(False)
                 answer = sock.recv(65536)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):
                 answer = None
             except OSError:
                 answer = b""

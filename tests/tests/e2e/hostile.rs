@@ -363,7 +363,9 @@ async fn slowloris_bodies_are_closed() {
     let Some(mesh) = mesh().await else { return };
     // Request bodies dripped one byte a second (issue 21's case, still open at 150 s)
     // and one byte every 3 s (silent past the 2 s requestBodyTimeout of the test
-    // proxies), over HTTP/1.1 on the outbound side and HTTP/2 on both.
+    // proxies), over HTTP/1.1 and HTTP/2 on both sides. HTTP/1.1 reaches the inbound
+    // side as a mesh peer's `http/1.1` connection (what a PERMISSIVE port's plaintext
+    // callers get too): there the proxy's own HTTP/1.1 server times the body.
     let reports = siege(&mesh, "slowloris bodies", 1.0, |mesh| {
         let mut attacks = Vec::new();
         for interval in ["1", "3"] {
@@ -378,12 +380,23 @@ async fn slowloris_bodies_are_closed() {
             attacks.push(mesh.attack(Outbound, "slow-body-http1", &args));
             attacks.push(mesh.attack(Outbound, "slow-body-h2", &args));
             attacks.push(mesh.attack(Inbound, "slow-body-h2", &args));
+            let http1 = [&args[..], &["--alpn", "http/1.1"]].concat();
+            attacks.push(mesh.attack(Inbound, "slow-body-http1", &http1));
         }
         attacks
     })
     .await;
     for report in &reports {
         assert_all_closed(report, 12.0);
+    }
+    // The proxy's own answer, not the application's: the inbound HTTP/1.1 bodies end
+    // in 408 at the first 2 s window.
+    for report in reports.iter().filter(|r| r["attack"] == "slow-body-http1") {
+        let answers = report["answers"].as_object().expect("answers");
+        assert!(
+            answers.keys().any(|line| line.contains(" 408 ")),
+            "no 408 among {report}"
+        );
     }
 }
 
