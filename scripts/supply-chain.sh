@@ -49,6 +49,10 @@ git -C "$db" -c user.name=supply-chain -c user.email=supply-chain@localhost \
     commit -q -m "$(basename "$snapshot")"
 echo "advisories: $(basename "$snapshot"), $(find "$db/crates" -name '*.md' | wc -l) advisories"
 
+# cargo deny reads `cargo metadata` for every platform, offline: the crates only other
+# targets use (Windows, macOS) are never downloaded by a Linux build, so fetch them all.
+cargo fetch --locked --quiet
+
 status=0
 echo "== cargo deny check (advisories, bans, licenses, sources)"
 TESSERA_ADVISORY_DBS="$dbs" cargo deny --offline check --hide-inclusion-graph || status=1
