@@ -193,6 +193,9 @@ pub enum ProxyError {
     Unreachable,
     /// The upstream reset or closed the request.
     Reset,
+    /// The peer refused the request before processing it (GOAWAY, REFUSED_STREAM), and
+    /// it could not be sent again: safe for the caller to retry.
+    Unprocessed,
     /// The route's timeout passed.
     Timeout,
     /// The local application refused the connection.
@@ -221,6 +224,7 @@ impl ProxyError {
             ProxyError::NoEndpoints => "no-healthy-endpoints",
             ProxyError::Unreachable => "upstream-unreachable",
             ProxyError::Reset => "upstream-reset",
+            ProxyError::Unprocessed => "upstream-refused",
             ProxyError::Timeout => "timeout",
             ProxyError::AppUnavailable => "application-unavailable",
             ProxyError::BadRequest => "bad-request",
@@ -235,7 +239,9 @@ impl ProxyError {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ProxyError::NoEndpoints | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoints | ProxyError::Overloaded | ProxyError::Unprocessed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Unreachable
             | ProxyError::Reset
             | ProxyError::AppUnavailable
@@ -257,6 +263,15 @@ impl ProxyError {
             ProxyError::Forbidden => "7",
             ProxyError::Unauthenticated(_) => "16",
             _ => "14",
+        }
+    }
+
+    /// The answer when a stream to the peer failed: refused unprocessed, or reset.
+    pub fn stream_failed(error: &h2::Error) -> ProxyError {
+        if crate::multiplex::unprocessed(error) {
+            ProxyError::Unprocessed
+        } else {
+            ProxyError::Reset
         }
     }
 

@@ -817,7 +817,7 @@ impl AppClient {
 
     fn stream_failed(&self, error: &h2::Error) -> ProxyError {
         debug!(event = "application error", application = %self.address, error = %error);
-        ProxyError::Reset
+        ProxyError::stream_failed(error)
     }
 
     async fn upgrade(&self, request: Request<InboundBody>) -> Result<Response<Body>, ProxyError> {

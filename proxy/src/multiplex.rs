@@ -15,7 +15,7 @@ pub mod server;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -35,10 +35,11 @@ use crate::tcp::Io;
 /// closed, so a vanished peer is noticed before a request waits on it.
 const KEEP_ALIVE: Duration = Duration::from_secs(20);
 
-/// Opens streams on one HTTP/2 connection; [`SharedH2::sender`] hands it out ready.
-#[derive(Clone)]
+/// Opens a stream on one HTTP/2 connection; [`SharedH2::sender`] hands it out ready,
+/// holding the stream's place on its connection.
 pub struct Sender {
     streams: SendRequest<Bytes>,
+    lease: Option<Lease>,
 }
 
 impl Sender {
@@ -52,13 +53,14 @@ impl Sender {
     {
         let (parts, body) = request.into_parts();
         let end_of_stream = body.is_end_stream();
-        let mut streams = self.streams;
+        let Sender { mut streams, lease } = self;
         let (response, stream) =
             streams.send_request(Request::from_parts(parts, ()), end_of_stream)?;
         Ok(Exchange {
             response,
             body: (!end_of_stream).then(|| BodyPump::new(body, stream)),
             caller_failed: None,
+            lease,
         })
     }
 
@@ -68,7 +70,7 @@ impl Sender {
         let mut request = Request::new(());
         *request.method_mut() = http::Method::CONNECT;
         *request.uri_mut() = http::Uri::from(authority);
-        let mut streams = self.streams;
+        let Sender { mut streams, lease } = self;
         let (response, send) = streams.send_request(request, false)?;
         let response = response.await?;
         if response.status() != StatusCode::OK {
@@ -77,6 +79,7 @@ impl Sender {
         Ok(Tunnel {
             send,
             recv: response.into_body(),
+            _lease: lease,
         })
     }
 }
@@ -114,6 +117,8 @@ pub struct Exchange<B> {
     /// Set when the caller's own body failed (malformed, too slow, or the caller hung
     /// up): the stream was reset for the caller's sake, not the peer's.
     caller_failed: Option<ProxyError>,
+    /// Handed to the response body: the stream holds its place until that ends.
+    lease: Option<Lease>,
 }
 
 /// Why an exchange ended without a response.
@@ -125,6 +130,22 @@ pub enum ExchangeError {
     /// up mid-body); the stream was reset because of it. Never the peer's fault. Holds
     /// the caller's answer.
     CallerBody(ProxyError),
+}
+
+impl ExchangeError {
+    /// Whether the peer never processed the request, so sending it again (on another
+    /// connection) is safe: a stream above a GOAWAY's last stream id, or refused with
+    /// REFUSED_STREAM (RFC 9113 §8.7).
+    pub fn unprocessed(&self) -> bool {
+        matches!(self, ExchangeError::Stream(error) if unprocessed(error))
+    }
+}
+
+/// See [`ExchangeError::unprocessed`]. h2 reports the GOAWAY's reason, flagged as the
+/// peer's, only to streams above its last stream id (and to streams opened after it);
+/// those at or below it end with the connection's own error.
+pub fn unprocessed(error: &h2::Error) -> bool {
+    error.is_remote() && (error.is_go_away() || error.reason() == Some(Reason::REFUSED_STREAM))
 }
 
 impl std::fmt::Display for ExchangeError {
@@ -174,7 +195,8 @@ where
                 }
             });
         }
-        Poll::Ready(response.map(StreamBody::attach))
+        let lease = self.lease.take();
+        Poll::Ready(response.map(|response| StreamBody::attach(response, lease)))
     }
 }
 
@@ -314,13 +336,16 @@ pub struct StreamBody {
     /// What `content-length` says is still to come, so an HTTP/1.1 caller gets a
     /// length instead of chunks.
     remaining: Option<u64>,
+    /// A response's place on its client connection, until the body is done with.
+    _lease: Option<Lease>,
 }
 
 impl StreamBody {
     /// The response with its body.
-    fn attach(response: Response<RecvStream>) -> Response<StreamBody> {
+    fn attach(response: Response<RecvStream>, lease: Option<Lease>) -> Response<StreamBody> {
         let (head, stream) = response.into_parts();
-        let body = Self::new(stream, &head.headers);
+        let mut body = Self::new(stream, &head.headers);
+        body._lease = lease;
         Response::from_parts(head, body)
     }
 
@@ -343,6 +368,7 @@ impl StreamBody {
             progress: None,
             data_done: false,
             remaining: length,
+            _lease: None,
         }
     }
 }
@@ -417,6 +443,7 @@ impl http_body::Body for StreamBody {
 pub struct Tunnel {
     send: SendStream<Bytes>,
     recv: RecvStream,
+    _lease: Option<Lease>,
 }
 
 /// What the relay reads from the application at most at a time; reads share one
@@ -432,7 +459,9 @@ impl Tunnel {
     /// application go into the stream as they are (no zeroed buffer, no second copy).
     /// Returns bytes (application → peer, peer → application).
     pub async fn relay(self, app: &mut tokio::net::TcpStream) -> std::io::Result<(u64, u64)> {
-        let Tunnel { mut send, mut recv } = self;
+        let Tunnel {
+            mut send, mut recv, ..
+        } = self;
         let (mut from_app, mut to_app) = app.split();
         tokio::try_join!(
             upload(&mut from_app, &mut send),
@@ -505,18 +534,56 @@ fn io_error(error: h2::Error) -> std::io::Error {
     }
 }
 
-/// The open connection: its sender, and whether its task has ended.
+/// Most connections to one peer. Each carries as many streams as the peer allows
+/// (`maxConcurrentStreamsPerPeerConnection` between proxies); past them all, a stream
+/// waits in h2 on the least busy one.
+const MAX_CONNECTIONS_PER_PEER: usize = 16;
+
+/// One connection of a [`SharedH2`]: its sender, whether its task has ended, and how
+/// many streams it carries.
 struct Open {
-    sender: Sender,
+    sender: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    streams: AtomicUsize,
 }
 
-/// One multiplexed HTTP/2 client connection shared by every request to one peer (a
-/// remote proxy, or the local application), established on first use and again after
-/// it closes. Requests only load a pointer; the mutex is held only while connecting.
+impl Open {
+    fn has_room(&self) -> bool {
+        self.streams.load(Ordering::Relaxed) < self.sender.current_max_send_streams()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// A stream's place on its connection, given back when the stream is done with (its
+/// response body or tunnel dropped).
+pub struct Lease(Arc<Open>);
+
+impl Lease {
+    fn take(open: &Arc<Open>) -> Self {
+        open.streams.fetch_add(1, Ordering::Relaxed);
+        Lease(open.clone())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The multiplexed HTTP/2 client connections to one peer (a remote proxy, or the local
+/// application), shared by every request to it: one while the peer's stream limit
+/// holds them all, more (up to [`MAX_CONNECTIONS_PER_PEER`]) when it does not, so
+/// long-lived tunnels never queue behind a full connection, and a GOAWAY ends only
+/// one connection's streams. Established on first use and again after a close.
+/// Requests only load a pointer and count a stream; the mutex is held only while
+/// connecting.
 pub struct SharedH2 {
-    open: arc_swap::ArcSwapOption<Open>,
-    /// Whether the peer on the current connection takes tunnelled TCP connections.
+    connections: arc_swap::ArcSwap<Vec<Arc<Open>>>,
+    /// Whether the peer on the newest connection takes tunnelled TCP connections.
     tunnels: AtomicBool,
     connecting: tokio::sync::Mutex<()>,
     /// The answer when even a fresh connection will not take a request.
@@ -526,17 +593,17 @@ pub struct SharedH2 {
 impl SharedH2 {
     pub fn new(unavailable: ProxyError) -> Self {
         Self {
-            open: arc_swap::ArcSwapOption::empty(),
+            connections: arc_swap::ArcSwap::from_pointee(Vec::new()),
             tunnels: AtomicBool::new(false),
             connecting: tokio::sync::Mutex::new(()),
             unavailable,
         }
     }
 
-    /// A ready sender on the open connection, or on a new one over the stream `connect`
-    /// makes (with whether its peer takes tunnels). `peer` names the other end in logs.
-    /// A connection that closed under us (the peer restarted, went away) is replaced
-    /// once, before any byte of the request was sent.
+    /// A ready sender on a connection with room for a stream, or on a new one over the
+    /// stream `connect` makes (with whether its peer takes tunnels). `peer` names the
+    /// other end in logs. A connection that closed under us (the peer restarted, went
+    /// away) is replaced once, before any byte of the request was sent.
     pub async fn sender<S, F, Fut>(&self, peer: &str, connect: F) -> Result<Sender, ProxyError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -544,34 +611,50 @@ impl SharedH2 {
         Fut: Future<Output = Result<(S, bool), ProxyError>> + Send,
     {
         for _ in 0..2 {
-            let sender = match self.current() {
-                Some(sender) => sender,
+            let open = match self.with_room() {
+                Some(open) => open,
                 // Boxed: connecting (TCP, TLS handshake, HTTP/2 handshake) is a large
                 // future that every request's future would otherwise carry, and copy,
                 // for a path rarely taken.
-                None => self.reconnect(peer, &connect).await?,
+                None => self.connect_another(peer, &connect).await?,
             };
-            if let Ok(streams) = sender.streams.ready().await {
-                return Ok(Sender { streams });
+            let lease = Lease::take(&open);
+            if let Ok(streams) = open.sender.clone().ready().await {
+                return Ok(Sender {
+                    streams,
+                    lease: Some(lease),
+                });
             }
-            self.reset();
+            self.forget(&open);
         }
         Err(self.unavailable)
     }
 
-    /// A sender on the connection, if it is open.
-    fn current(&self) -> Option<Sender> {
-        let open = self.open.load();
-        let open = open.as_ref()?;
-        (!open.closed.load(Ordering::Acquire)).then(|| open.sender.clone())
+    /// The first open connection with room for a stream; when all are full and there
+    /// are as many as allowed, the least busy. `None`: open another.
+    fn with_room(&self) -> Option<Arc<Open>> {
+        let connections = self.connections.load();
+        let mut least: Option<&Arc<Open>> = None;
+        let mut live = 0;
+        for open in connections.iter().filter(|open| !open.is_closed()) {
+            if open.has_room() {
+                return Some(open.clone());
+            }
+            live += 1;
+            let streams = open.streams.load(Ordering::Relaxed);
+            if least.is_none_or(|least| streams < least.streams.load(Ordering::Relaxed)) {
+                least = Some(open);
+            }
+        }
+        least.filter(|_| live >= MAX_CONNECTIONS_PER_PEER).cloned()
     }
 
-    /// Opens a new connection, unless another task just did.
-    fn reconnect<'a, S, F, Fut>(
+    /// Opens a new connection, unless another task just made room.
+    fn connect_another<'a, S, F, Fut>(
         &'a self,
         peer: &'a str,
         connect: &'a F,
-    ) -> BoxFuture<'a, Result<Sender, ProxyError>>
+    ) -> BoxFuture<'a, Result<Arc<Open>, ProxyError>>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         F: Fn() -> Fut + Send + Sync + 'a,
@@ -579,11 +662,11 @@ impl SharedH2 {
     {
         Box::pin(async move {
             let _connecting = self.connecting.lock().await;
-            if let Some(sender) = self.current() {
-                return Ok(sender);
+            if let Some(open) = self.with_room() {
+                return Ok(open);
             }
             let (stream, tunnels) = connect().await?;
-            let (streams, connection) = client_settings()
+            let (sender, connection) = client_settings()
                 // One IO type for every connection: h2's connection code is compiled
                 // once, not once per transport (TLS to peers, TCP to the application).
                 .handshake::<Box<dyn Io>, Bytes>(Box::new(stream))
@@ -594,13 +677,29 @@ impl SharedH2 {
                 })?;
             let closed = Arc::new(AtomicBool::new(false));
             tokio::spawn(drive(connection, closed.clone(), peer.to_string()));
-            let sender = Sender { streams };
-            self.tunnels.store(tunnels, Ordering::Release);
-            self.open.store(Some(Arc::new(Open {
-                sender: sender.clone(),
+            let open = Arc::new(Open {
+                sender,
                 closed,
-            })));
-            Ok(sender)
+                streams: AtomicUsize::new(0),
+            });
+            self.tunnels.store(tunnels, Ordering::Release);
+            let mut connections: Vec<Arc<Open>> = self
+                .connections
+                .load()
+                .iter()
+                .filter(|open| !open.is_closed())
+                .cloned()
+                .collect();
+            connections.push(open.clone());
+            if connections.len() > 1 {
+                debug!(
+                    event = "HTTP/2 connection added",
+                    peer,
+                    connections = connections.len()
+                );
+            }
+            self.connections.store(Arc::new(connections));
+            Ok(open)
         })
     }
 
@@ -609,9 +708,29 @@ impl SharedH2 {
         self.tunnels.load(Ordering::Acquire)
     }
 
-    /// Forgets the connection: the next request opens a new one.
+    /// Forgets one connection that will not take streams.
+    fn forget(&self, gone: &Arc<Open>) {
+        self.connections.rcu(|connections| {
+            connections
+                .iter()
+                .filter(|open| !Arc::ptr_eq(open, gone))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
+    /// Forgets every connection: the next request opens a new one.
     pub fn reset(&self) {
-        self.open.store(None);
+        self.connections.store(Arc::new(Vec::new()));
+    }
+
+    /// How many connections are open.
+    pub fn connections(&self) -> usize {
+        self.connections
+            .load()
+            .iter()
+            .filter(|open| !open.is_closed())
+            .count()
     }
 }
 
@@ -676,7 +795,11 @@ mod tests {
         let server = tokio::spawn(h2::server::handshake(server));
         let (streams, connection) = client_settings().handshake(client).await.unwrap();
         tokio::spawn(connection);
-        (Sender { streams }, server.await.unwrap().unwrap())
+        let sender = Sender {
+            streams,
+            lease: None,
+        };
+        (sender, server.await.unwrap().unwrap())
     }
 
     const TEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -765,9 +888,12 @@ mod tests {
             taken: taken.clone(),
         };
         let sent = tokio::spawn(
-            Sender { streams }
-                .send(post(crate::http::boxed(body)))
-                .unwrap(),
+            Sender {
+                streams,
+                lease: None,
+            }
+            .send(post(crate::http::boxed(body)))
+            .unwrap(),
         );
         let (request, mut respond) = first_stream(server).await;
         // The server reads nothing yet: one chunk fills the stream's window, and at most
@@ -928,5 +1054,177 @@ mod tests {
             StatusCode::OK
         );
         assert_eq!(connects.load(Ordering::SeqCst), 2);
+    }
+
+    /// The server side of a connection written frame by frame, for what h2's server
+    /// does not do on request: the client's preface and SETTINGS read, an empty SETTINGS
+    /// sent, then every frame up to the HEADERS of the client's first stream read.
+    async fn raw_server_until_first_stream(io: &mut tokio::io::DuplexStream) {
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await.unwrap();
+        io.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            io.read_exact(&mut head).await.unwrap();
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            io.read_exact(&mut payload).await.unwrap();
+            if head[3] == 1 {
+                return; // HEADERS
+            }
+        }
+    }
+
+    /// One HTTP/2 frame: its type, flags, stream and payload.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend([kind, flags]);
+        frame.extend(stream.to_be_bytes());
+        frame.extend(payload);
+        frame
+    }
+
+    fn go_away(last_stream: u32, reason: Reason) -> Vec<u8> {
+        let payload = [last_stream.to_be_bytes(), u32::from(reason).to_be_bytes()].concat();
+        frame(7, 0, 0, &payload)
+    }
+
+    /// How the client's first request ends when the server, having read its HEADERS,
+    /// writes `then` and closes the connection.
+    async fn first_request_after(then: Vec<u8>) -> ExchangeError {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let serve = tokio::spawn(async move {
+            raw_server_until_first_stream(&mut server).await;
+            server.write_all(&then).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+        let (streams, connection) = client_settings().handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        let mut request = Request::new(crate::http::empty());
+        *request.uri_mut() = "http://peer/".parse().unwrap();
+        let sender = Sender {
+            streams,
+            lease: None,
+        };
+        let exchange = sender.send(request).unwrap();
+        let ended = tokio::time::timeout(TEST_TIMEOUT, exchange).await.unwrap();
+        serve.await.unwrap();
+        ended.map(|_| ()).expect_err("no response was sent")
+    }
+
+    #[tokio::test]
+    async fn only_streams_the_peer_never_processed_may_be_sent_again() {
+        // Above the GOAWAY's last stream id (0): never processed.
+        let above = first_request_after(go_away(0, Reason::ENHANCE_YOUR_CALM)).await;
+        assert!(above.unprocessed(), "{above}");
+        // At the last stream id, then the connection closed: perhaps processed.
+        let at = first_request_after(go_away(1, Reason::ENHANCE_YOUR_CALM)).await;
+        assert!(!at.unprocessed(), "{at}");
+        // Refused (RFC 9113 §8.7).
+        let refused = u32::from(Reason::REFUSED_STREAM).to_be_bytes();
+        let refused = first_request_after(frame(3, 0, 1, &refused)).await;
+        assert!(refused.unprocessed(), "{refused}");
+        // Reset for another reason: the peer may have acted on it.
+        let cancel = u32::from(Reason::CANCEL).to_be_bytes();
+        let reset = first_request_after(frame(3, 0, 1, &cancel)).await;
+        assert!(!reset.unprocessed(), "{reset}");
+    }
+
+    /// Connections made by a [`SharedH2`] test: each an h2 server allowing one stream
+    /// at a time, answering a request only once told to.
+    struct OneStreamPeers {
+        connects: Arc<AtomicUsize>,
+        answer: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl OneStreamPeers {
+        fn new() -> Self {
+            Self {
+                connects: Arc::new(AtomicUsize::new(0)),
+                answer: Arc::new(tokio::sync::Semaphore::new(0)),
+            }
+        }
+
+        fn connect(
+            &self,
+        ) -> impl Future<Output = Result<(tokio::io::DuplexStream, bool), ProxyError>> + Send + use<>
+        {
+            let connects = self.connects.clone();
+            let answer = self.answer.clone();
+            async move {
+                connects.fetch_add(1, Ordering::SeqCst);
+                let (client, server) = tokio::io::duplex(64 * 1024);
+                tokio::spawn(async move {
+                    let mut server = h2::server::Builder::new()
+                        .max_concurrent_streams(1)
+                        .handshake::<_, Bytes>(server)
+                        .await
+                        .unwrap();
+                    while let Some(Ok((_, mut respond))) = server.accept().await {
+                        let answer = answer.clone();
+                        tokio::spawn(async move {
+                            answer.acquire().await.unwrap().forget();
+                            let _ = respond.send_response(Response::new(()), true);
+                        });
+                    }
+                });
+                Ok((client, true))
+            }
+        }
+    }
+
+    fn get() -> Request<crate::http::Body> {
+        let mut request = Request::new(crate::http::empty());
+        *request.uri_mut() = "http://peer/".parse().unwrap();
+        request
+    }
+
+    #[tokio::test]
+    async fn a_full_connection_gets_a_second_and_a_finished_stream_makes_room() {
+        let shared = SharedH2::new(ProxyError::Unreachable);
+        let peers = OneStreamPeers::new();
+        // The first exchange waits for its answer, holding the first connection's one
+        // stream (the peer's SETTINGS said 1 once the first request went out).
+        let first = shared.sender("peer", || peers.connect()).await.unwrap();
+        let first = tokio::spawn(first.send(get()).unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = shared.sender("peer", || peers.connect()).await.unwrap();
+        let second = tokio::spawn(second.send(get()).unwrap());
+        assert_eq!(peers.connects.load(Ordering::SeqCst), 2);
+        assert_eq!(shared.connections(), 2);
+        peers.answer.add_permits(2);
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        // The second's response body still holds its stream's place ...
+        let second = second.await.unwrap().unwrap();
+        drop(first);
+        // ... the first's is done with: its connection takes the next stream.
+        let third = shared.sender("peer", || peers.connect()).await.unwrap();
+        let third = tokio::spawn(third.send(get()).unwrap());
+        peers.answer.add_permits(1);
+        assert_eq!(third.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(peers.connects.load(Ordering::SeqCst), 2);
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn past_the_most_connections_a_stream_waits_on_the_least_busy() {
+        let shared = SharedH2::new(ProxyError::Unreachable);
+        let peers = OneStreamPeers::new();
+        let mut waiting = Vec::new();
+        for _ in 0..MAX_CONNECTIONS_PER_PEER + 3 {
+            let sender = shared.sender("peer", || peers.connect()).await.unwrap();
+            waiting.push(tokio::spawn(sender.send(get()).unwrap()));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            peers.connects.load(Ordering::SeqCst),
+            MAX_CONNECTIONS_PER_PEER
+        );
+        peers.answer.add_permits(waiting.len());
+        for exchange in waiting {
+            let response = tokio::time::timeout(TEST_TIMEOUT, exchange).await.unwrap();
+            assert_eq!(response.unwrap().unwrap().status(), StatusCode::OK);
+        }
     }
 }

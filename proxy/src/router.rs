@@ -152,6 +152,8 @@ impl Upstream {
         Box::pin(async move {
             let replay = match &policy.retries {
                 Some(retries) if retryable(&parts.method, retries) => replayable(body).await,
+                // A bodiless request can go again if the peer refuses it unprocessed.
+                _ if http_body::Body::is_end_stream(&body) => Ok(Replay::Buffered(Bytes::new())),
                 _ => Ok(Replay::Once(body)),
             };
             let replay = match replay {
@@ -193,7 +195,7 @@ impl Upstream {
         context: Option<&'a TraceContext>,
     ) -> impl Future<Output = Result<Response<StreamBody>, ProxyError>> + Send + 'a {
         async move {
-            let max_attempts = match (&replay, &policy.retries) {
+            let mut max_attempts = match (&replay, &policy.retries) {
                 (Replay::Buffered(_), Some(retries)) => 1 + retries.attempts,
                 _ => 1,
             };
@@ -205,6 +207,7 @@ impl Upstream {
             }
             let deadline = policy.timeout.map(|limit| started + limit);
             let mut attempt = 1;
+            let mut refusals_left = UNPROCESSED_RESENDS;
             loop {
                 self.balancer.readmit_expired(started.into_std());
                 let in_flight = self
@@ -224,7 +227,8 @@ impl Upstream {
                     deadline,
                     policy.per_try_timeout.map(|limit| started + limit),
                 );
-                let last = attempt >= max_attempts;
+                let resendable = refusals_left > 0 && replay.is_buffered();
+                let last = attempt >= max_attempts && !resendable;
                 let sent = self.attempt(endpoint, parts, body, last, span.as_deref());
                 let outcome = match timer {
                     Some(at) => tokio::time::timeout_at(at, sent)
@@ -240,16 +244,21 @@ impl Upstream {
                             .success(endpoint, finished - started, finished.into_std())
                     }
                     Verdict::Failure | Verdict::Retry => self.balancer.failure(endpoint),
-                    Verdict::CallersFault => {}
+                    Verdict::CallersFault | Verdict::Unprocessed => {}
                 }
-                let retry_worthy = verdict == Verdict::Retry;
+                let resend = verdict == Verdict::Unprocessed && resendable;
+                let retry_worthy = matches!(verdict, Verdict::Retry | Verdict::Unprocessed);
                 if let Some(span) = span {
                     self.finish_span(*span, &outcome, endpoint, attempt, retry_worthy);
                 }
                 drop(in_flight);
                 let out_of_time = deadline.is_some_and(|deadline| finished >= deadline);
                 let budget_allows = || policy.budget.as_ref().is_some_and(RetryBudget::withdraw);
-                if !retry_worthy || last || out_of_time || !budget_allows() {
+                if resend && !out_of_time {
+                    // Outside the route's attempts and budget: nothing was processed.
+                    refusals_left -= 1;
+                    max_attempts += 1;
+                } else if !retry_worthy || last || out_of_time || !budget_allows() {
                     return outcome;
                 }
                 self.retries.inc();
@@ -296,7 +305,7 @@ impl Upstream {
 
     fn stream_failed(&self, endpoint: &EndpointState, error: &h2::Error) -> ProxyError {
         debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
-        ProxyError::Reset
+        ProxyError::stream_failed(error)
     }
 
     fn finish_span(
@@ -527,6 +536,10 @@ fn to_http2(parts: &mut http::request::Parts, service: &str) -> Result<(), Proxy
     Ok(())
 }
 
+/// How many times a request the peer refused unprocessed is sent again, on top of the
+/// route's retries (RFC 9113 §8.7: safe for any method).
+const UNPROCESSED_RESENDS: u32 = 1;
+
 /// Moves the parts out for the last attempt, leaving an empty shell behind.
 fn take_parts(parts: &mut http::request::Parts) -> http::request::Parts {
     let (empty, ()) = Request::new(()).into_parts();
@@ -601,6 +614,10 @@ enum Replay {
 }
 
 impl Replay {
+    fn is_buffered(&self) -> bool {
+        matches!(self, Replay::Buffered(_))
+    }
+
     fn next(&mut self) -> Option<RequestBody> {
         match std::mem::replace(self, Replay::Spent) {
             Replay::Buffered(bytes) => {
@@ -645,6 +662,10 @@ enum Verdict {
     /// The caller's own request failed (its body was malformed, cut off or too slow):
     /// nothing counts against the endpoint, and nothing is retried.
     CallersFault,
+    /// The peer refused the request before processing it (a GOAWAY below its stream,
+    /// REFUSED_STREAM): sent again, once, without a retry policy, and not counted
+    /// against the endpoint (a connection going away is not the endpoint failing).
+    Unprocessed,
 }
 
 impl Verdict {
@@ -653,6 +674,7 @@ impl Verdict {
             Err(ProxyError::BadRequestBody | ProxyError::RequestBodyTimeout) => {
                 Verdict::CallersFault
             }
+            Err(ProxyError::Unprocessed) => Verdict::Unprocessed,
             Err(_) => Verdict::Retry,
             Ok(response) if should_retry(response) => Verdict::Retry,
             Ok(response) if response.status().is_server_error() => Verdict::Failure,
@@ -697,6 +719,11 @@ mod tests {
             Verdict::of::<()>(&Err(ProxyError::RequestBodyTimeout)),
             Verdict::CallersFault,
             "nor is a caller's slow body"
+        );
+        assert_eq!(
+            Verdict::of::<()>(&Err(ProxyError::Unprocessed)),
+            Verdict::Unprocessed,
+            "a request the peer refused unprocessed is sent again and ejects nothing"
         );
     }
 

@@ -219,6 +219,8 @@ impl Drop for Process {
 pub struct ControlPlane {
     /// Appended to the YAML of every proxy this control plane starts.
     pub proxy_extra_yaml: String,
+    /// Lines added under `limits:` in every proxy's configuration (`  name: value\n`).
+    pub proxy_limits: String,
     pub dir: TempDir,
     pub grpc_port: u16,
     pub admin_port: u16,
@@ -255,6 +257,7 @@ impl ControlPlane {
         let process = Self::spawn(&dir, SocketAddr::new(listen_ip, grpc_port), admin_port);
         let control_plane = Self {
             proxy_extra_yaml: String::new(),
+            proxy_limits: String::new(),
             dir,
             grpc_port,
             admin_port,
@@ -402,7 +405,10 @@ impl ControlPlane {
             &token,
             Some((app, inbound_port)),
             &[],
-            &self.proxy_extra_yaml,
+            Extra {
+                yaml: &self.proxy_extra_yaml,
+                limits: &self.proxy_limits,
+            },
         )
     }
 
@@ -421,7 +427,10 @@ impl ControlPlane {
             &token,
             app.map(|app| (app, free_port())),
             upstreams,
-            &self.proxy_extra_yaml,
+            Extra {
+                yaml: &self.proxy_extra_yaml,
+                limits: &self.proxy_limits,
+            },
         )
     }
 }
@@ -478,6 +487,14 @@ pub struct Proxy {
     pub process: Process,
 }
 
+/// What a test adds to a proxy's configuration: whole sections, and lines under
+/// `limits:` (`  name: value\n`).
+#[derive(Default, Clone, Copy)]
+pub struct Extra<'a> {
+    pub yaml: &'a str,
+    pub limits: &'a str,
+}
+
 impl Proxy {
     /// Starts a proxy for `service_account`, with an inbound port forwarding to `app` (if
     /// any) and the given upstreams. `token` is written to a file the proxy reads.
@@ -497,7 +514,7 @@ impl Proxy {
             token,
             app.zip(inbound_port),
             upstreams,
-            "",
+            Extra::default(),
         )
     }
 
@@ -510,7 +527,7 @@ impl Proxy {
         token: &str,
         inbound: Option<(SocketAddr, u16)>,
         upstreams: &[Upstream],
-        extra_yaml: &str,
+        extra: Extra<'_>,
     ) -> Self {
         let app = inbound.map(|(app, _)| app);
         let inbound_port = inbound.map(|(_, port)| port);
@@ -519,10 +536,11 @@ impl Proxy {
         std::fs::write(&token_file, token).expect("write token");
         let admin_port = free_port();
         let mut yaml = format!(
-            "identity:\n  trustDomain: {TRUST_DOMAIN}\n  namespace: {NAMESPACE}\n  serviceAccount: {service_account}\n  joinTokenFile: {}\ncontrolPlane:\n  address: {control_plane_address}\n  trustBundleFile: {}\nadmin: {}\nlimits:\n  handshakeTimeout: 3s\n",
+            "identity:\n  trustDomain: {TRUST_DOMAIN}\n  namespace: {NAMESPACE}\n  serviceAccount: {service_account}\n  joinTokenFile: {}\ncontrolPlane:\n  address: {control_plane_address}\n  trustBundleFile: {}\nadmin: {}\nlimits:\n  handshakeTimeout: 3s\n{}",
             token_file.display(),
             trust_bundle.display(),
-            local(admin_port)
+            local(admin_port),
+            extra.limits,
         );
         if let (Some(app), Some(port)) = (app, inbound_port) {
             yaml.push_str(&format!(
@@ -536,7 +554,7 @@ impl Proxy {
                 yaml.push_str(&upstream.yaml());
             }
         }
-        yaml.push_str(extra_yaml);
+        yaml.push_str(extra.yaml);
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml).expect("write proxy.yaml");
         let process = Process::spawn(

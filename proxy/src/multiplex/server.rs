@@ -583,7 +583,11 @@ fn start_reply<F>(
         },
         Reply::Tunnel { recv, relay } => match respond.send_response(Response::new(()), false) {
             Ok(send) => Answer::Relaying {
-                relay: relay(Tunnel { send, recv }),
+                relay: relay(Tunnel {
+                    send,
+                    recv,
+                    _lease: None,
+                }),
             },
             Err(error) => {
                 debug!(event = "tunnel not opened", error = %error);

@@ -276,6 +276,46 @@ async fn present(mesh: &Mesh, leaf: Leaf, message: &[u8]) -> anyhow::Result<Vec<
     Ok(reply)
 }
 
+/// Issue 21: every tunnel to a peer rode one pooled HTTP/2 connection, so past the
+/// peer's stream limit (250 by default) a new TCP connection waited, silent, for an
+/// old one to close. Here the peer allows 2 streams per connection and 7 TCP
+/// connections stay open at once: each must be carried, on connections of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_connections_past_the_peers_stream_limit_get_more_pooled_connections() {
+    init();
+    let mut control_plane = ControlPlane::start("1h", "").await;
+    control_plane.proxy_limits = "  maxConcurrentStreamsPerPeerConnection: 2\n".into();
+    let echo = EchoServer::start().await;
+    let ProxyPair { server, client } =
+        ProxyPair::start(&control_plane, echo.address, &["server"]).await;
+    let mut open = Vec::new();
+    for index in 0..7u8 {
+        let mut stream = tokio::net::TcpStream::connect(client.outbound(0))
+            .await
+            .unwrap();
+        let message = [b'a' + index; 16];
+        stream.write_all(&message).await.unwrap();
+        let mut echoed = [0u8; 16];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
+            .await
+            .unwrap_or_else(|_| panic!("connection {index} was not carried"))
+            .unwrap();
+        assert_eq!(echoed, message);
+        open.push(stream);
+    }
+    // Still all open and carried.
+    for (index, stream) in open.iter_mut().enumerate() {
+        stream.write_all(b"again").await.unwrap();
+        let mut echoed = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
+            .await
+            .unwrap_or_else(|_| panic!("connection {index} stalled"))
+            .unwrap();
+        assert_eq!(&echoed, b"again");
+    }
+    drop(server);
+}
+
 /// A peer proxy from before tunnelling offers `h2` but not `tessera/h2`: opaque TCP must
 /// then reach it the way it expects, over a connection of its own (ALPN `tessera/tcp`),
 /// not as a `CONNECT` it would take for an HTTP request.
