@@ -408,6 +408,7 @@ impl ControlPlane {
             Extra {
                 yaml: &self.proxy_extra_yaml,
                 limits: &self.proxy_limits,
+                nofile: None,
             },
         )
     }
@@ -418,6 +419,17 @@ impl ControlPlane {
         service_account: &str,
         app: Option<SocketAddr>,
         upstreams: &[Upstream],
+    ) -> Proxy {
+        self.proxy_with_nofile(service_account, app, upstreams, None)
+    }
+
+    /// Like [`ControlPlane::proxy`], under an open-file limit the proxy cannot raise.
+    pub fn proxy_with_nofile(
+        &self,
+        service_account: &str,
+        app: Option<SocketAddr>,
+        upstreams: &[Upstream],
+        nofile: Option<u64>,
     ) -> Proxy {
         let token = self.token(service_account, "10m");
         Proxy::launch(
@@ -430,6 +442,7 @@ impl ControlPlane {
             Extra {
                 yaml: &self.proxy_extra_yaml,
                 limits: &self.proxy_limits,
+                nofile,
             },
         )
     }
@@ -493,6 +506,8 @@ pub struct Proxy {
 pub struct Extra<'a> {
     pub yaml: &'a str,
     pub limits: &'a str,
+    /// The proxy's open-file limit, soft and hard (run under util-linux `prlimit`).
+    pub nofile: Option<u64>,
 }
 
 impl Proxy {
@@ -557,13 +572,21 @@ impl Proxy {
         yaml.push_str(extra.yaml);
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml).expect("write proxy.yaml");
-        let process = Process::spawn(
-            service_account,
-            Command::new(binary("tessera-proxy"))
-                .args(["--log-format", "json", "run", "--config"])
-                .arg(&config)
-                .env_remove("TESSERA_JOIN_TOKEN"),
-        );
+        let mut command = match extra.nofile {
+            Some(files) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={files}:{files}"))
+                    .arg(binary("tessera-proxy"));
+                command
+            }
+            None => Command::new(binary("tessera-proxy")),
+        };
+        command
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config)
+            .env_remove("TESSERA_JOIN_TOKEN");
+        let process = Process::spawn(service_account, &mut command);
         Self {
             dir,
             admin_port,

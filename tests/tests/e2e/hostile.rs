@@ -465,6 +465,57 @@ async fn streams_per_connection_are_capped() {
     }
 }
 
+/// Issue 21 item 7: a flood of connections took every descriptor, and the admin port
+/// (`/live`, `/ready`, what the kubelet asks) could no longer accept. A client proxy
+/// under a 256-file limit it cannot raise is held 300 connections: those landing in
+/// the reserve are closed at once and counted, the admin port answers throughout, and
+/// once the flood ends the mesh carries connections again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_port_answers_when_descriptors_run_out() {
+    use tessera_tests::{ControlPlane, EchoServer, Upstream, echo_roundtrip, spiffe};
+    tessera_tests::init();
+    let control_plane = ControlPlane::start("1h", "").await;
+    let echo = EchoServer::start().await;
+    let server = control_plane.proxy("server", Some(echo.address), &[]);
+    let upstream = Upstream::fixed(server.inbound(), spiffe("server"));
+    let client = control_plane.proxy_with_nofile("client", None, &[upstream], Some(256));
+    for proxy in [&server, &client] {
+        proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+    }
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        match tokio::net::TcpStream::connect(client.outbound(0)).await {
+            Ok(stream) => flood.push(stream),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for path in ["/live", "/ready"] {
+        let answer = tokio::time::timeout(Duration::from_secs(5), client.admin(path)).await;
+        let status = answer.map(|answer| answer.map(|(status, _)| status));
+        assert!(
+            matches!(status, Ok(Ok(200))),
+            "{path} under descriptor pressure: {status:?}"
+        );
+    }
+    let (_, metrics) = client.admin("/metrics").await.unwrap();
+    let refused: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("tessera_accept_errors_total{kind=\"reserve\"}"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        refused > 0.0,
+        "no connection refused into the reserve:\n{metrics}"
+    );
+    drop(flood);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let echoed = echo_roundtrip(client.outbound(0), b"after the flood")
+        .await
+        .unwrap();
+    assert_eq!(echoed, b"after the flood");
+}
+
 /// Raises a process's open-file limit to at least `wanted` (the attack needs the
 /// proxy to have room for its connections; what is measured is the proxy, not the
 /// machine's default limit).
