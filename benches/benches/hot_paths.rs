@@ -6,8 +6,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
 use tessera_proto::SpiffeId;
 use tessera_proto::policy::{self, AuthorizationPolicySpec, HttpRequest, MtlsMode, Named, Request};
-use tessera_proxy::authz::InboundPolicy;
 use tessera_proxy::detect::classify;
+use tessera_proxy::inbound::authorize::InboundPolicy;
 use tessera_proxy::telemetry::Metrics;
 
 fn policies() -> Vec<Named<AuthorizationPolicySpec>> {

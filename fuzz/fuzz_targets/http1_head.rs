@@ -1,6 +1,6 @@
 //! The inbound HTTP/1 head: bytes from a caller go through the proxy's HTTP/1 server
 //! (`tessera_proxy::http::http1_server`, hyper, over an in-memory duplex), then the
-//! canonical form (`tessera_proxy::canonical`) and the policy engine, as the inbound
+//! canonical form (`tessera_proxy::inbound::canonical`) and the policy engine, as the inbound
 //! proxy does before forwarding.
 //!
 //! Properties: never panics and never hangs; a request with a canonical form has one
@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::{plain_host, policies};
 use tessera_proto::policy::{self, Decision, HttpRequest, normalize_path};
-use tessera_proxy::canonical::{self, canonicalize};
+use tessera_proxy::inbound::canonical::{self, canonicalize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn runtime() -> &'static tokio::runtime::Runtime {

@@ -1,4 +1,4 @@
-//! JWT validation at the inbound proxy (`tessera_proxy::authn::JwtValidator`): an
+//! JWT validation at the inbound proxy (`tessera_proxy::inbound::authn::JwtValidator`): an
 //! arbitrary token against a fixed key set (RSA, P-256 and Ed25519 public keys whose
 //! private halves nobody holds).
 //!
@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use http::{HeaderMap, HeaderValue, Uri, header};
 use libfuzzer_sys::fuzz_target;
 use tessera_proto::policy::JwtRule;
-use tessera_proxy::authn::{JwtOutcome, JwtValidator};
+use tessera_proxy::inbound::authn::{JwtOutcome, JwtValidator};
 
 const JWKS: &str = include_str!("../jwks.json");
 

@@ -286,7 +286,7 @@ pub struct Limits {
     /// answered 503 (`tessera-proxy-error: proxy-overloaded`).
     pub max_requests_in_flight: usize,
     /// HTTP/1.1 connections to the application per application port; at the cap a
-    /// request waits [`APP_CONNECTION_WAIT`](crate::pool::APP_CONNECTION_WAIT) for one
+    /// request waits [`APP_CONNECTION_WAIT`](crate::inbound::app_pool::APP_CONNECTION_WAIT) for one
     /// to free up, then gets 503.
     pub max_app_connections: usize,
     #[serde(with = "humantime_serde_compat")]
@@ -321,7 +321,7 @@ pub struct Limits {
     /// held against the caller only if the proxy is waiting for its bytes when it ends,
     /// so an application slow to read the body does not make its caller too slow. HTTP/2
     /// request streams before their response, HTTP/1.1 bodies to their end
-    /// ([`crate::body_rate`]). 0 turns the rule off (silence alone is then bounded by
+    /// ([`crate::limits::body_rate`]). 0 turns the rule off (silence alone is then bounded by
     /// `requestBodyTimeout`).
     pub request_body_min_rate: u64,
 }

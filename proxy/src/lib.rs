@@ -1,34 +1,43 @@
 //! The Tessera proxy: a per-workload data plane that carries traffic between workloads
 //! over mutual TLS, each side proven by a SPIFFE certificate from the control plane.
 //!
-//! Data flow: `outbound` (local app → mTLS) and `inbound` (mTLS → local app) listeners,
-//! sharing `tcp` for the byte relay; `identity` keeps the certificate fresh; `admin`
-//! and `telemetry` show what is happening; `app` wires it all from `config`.
+//! The request path, as the folders lay it out:
+//! - [`outbound`]: a local application's connection (explicit listener, or captured by
+//!   [`transparent`]) is [`detect`]ed as HTTP/1, HTTP/2 or opaque TCP; a request is
+//!   forwarded ([`outbound::forward`]: retries, timeouts) to an endpoint picked by
+//!   [`outbound::balance`], over that endpoint's pooled mTLS HTTP/2 connections
+//!   ([`http2::client`], TLS from [`outbound::endpoint`]); opaque TCP rides a `CONNECT`
+//!   stream on the same connections ([`http2::Tunnel`]).
+//! - [`inbound`]: the peer proxy's connection is accepted (mTLS, ALPN, or plaintext on a
+//!   PERMISSIVE port), its streams served ([`http2::server`], or HTTP/1.1), each request
+//!   put in [`inbound::canonical`] form, authenticated ([`inbound::authn`]) and
+//!   authorized ([`inbound::authorize`]), then sent to the application
+//!   ([`inbound::app_client`]).
+//! - Around it: [`identity`] keeps the certificate fresh, [`discovery`] the mesh's
+//!   configuration, [`telemetry`] and [`trace`] show what happens, [`admin`] serves
+//!   probes and metrics, [`limits`] bound what a caller can make the proxy hold, and
+//!   [`app`] wires it all from [`config`], making each listener from what they share
+//!   ([`listeners`]).
 
 pub mod admin;
 pub mod allocator;
+pub mod alpn;
 pub mod app;
-pub mod authn;
-pub mod authz;
-pub mod balance;
-pub mod body_rate;
-pub mod canonical;
 pub mod capture;
 pub mod config;
 pub mod control_plane;
 pub mod detect;
 pub mod discovery;
 pub mod http;
+pub mod http2;
 pub mod identity;
 pub mod inbound;
 pub mod lifecycle;
+pub mod limits;
+pub mod listeners;
 pub mod memory;
 pub mod migration;
-pub mod multiplex;
 pub mod outbound;
-pub mod pool;
-pub mod retry;
-pub mod router;
 pub mod tcp;
 pub mod telemetry;
 pub mod trace;

@@ -22,9 +22,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::app::Shared;
 use crate::config::InboundPort;
 use crate::inbound::Inbound;
+use crate::listeners::Listeners;
 use crate::outbound::Outbound;
 use crate::tcp;
 use crate::telemetry::{Direction, Refusal};
@@ -89,7 +89,7 @@ fn redirected_destination(
 
 /// The transparent outbound listener.
 pub struct TransparentOutbound {
-    shared: Arc<Shared>,
+    shared: Arc<Listeners>,
     listen: SocketAddr,
     /// One outbound per service port met so far, with the task that follows it.
     services: Mutex<HashMap<ServicePort, Followed>>,
@@ -101,7 +101,7 @@ type ServicePort = (String, u16);
 type Followed = (Arc<Outbound>, JoinHandle<()>);
 
 impl TransparentOutbound {
-    pub fn new(shared: Arc<Shared>, listen: SocketAddr) -> Arc<Self> {
+    pub fn new(shared: Arc<Listeners>, listen: SocketAddr) -> Arc<Self> {
         Arc::new(Self {
             shared,
             listen,
@@ -188,14 +188,14 @@ impl Drop for TransparentOutbound {
 
 /// The transparent inbound listener.
 pub struct TransparentInbound {
-    shared: Arc<Shared>,
+    shared: Arc<Listeners>,
     listen: SocketAddr,
     /// One inbound per application address met so far.
     ports: Mutex<HashMap<SocketAddr, Arc<Inbound>>>,
 }
 
 impl TransparentInbound {
-    pub fn new(shared: Arc<Shared>, listen: SocketAddr) -> Arc<Self> {
+    pub fn new(shared: Arc<Listeners>, listen: SocketAddr) -> Arc<Self> {
         Arc::new(Self {
             shared,
             listen,

@@ -34,9 +34,10 @@ use tracing::debug;
 
 use super::{BodyPump, Tunnel};
 use crate::config::Limits;
-use crate::http::{Body, BoxFuture, CONNECTION_WINDOW, PROXY_ERROR, ProxyError, STREAM_WINDOW};
+use crate::http::{Body, BoxFuture, PROXY_ERROR, ProxyError};
 use crate::lifecycle::{Admitted, Drain};
-use crate::outbound::MAX_HEADER_BYTES;
+use crate::limits::MAX_HEADER_BYTES;
+use crate::limits::{CONNECTION_WINDOW, STREAM_WINDOW};
 
 /// What a stream's handler answers.
 pub enum Reply {

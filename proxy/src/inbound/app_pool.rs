@@ -590,7 +590,7 @@ mod tests {
             panic!("a failed body got an answer");
         };
         assert_eq!(pool.refusal(broken), ProxyError::BadRequestBody);
-        let slow = crate::body_rate::BodyTooSlow {
+        let slow = crate::limits::body_rate::BodyTooSlow {
             brought: 1,
             window: std::time::Duration::from_secs(60),
         };

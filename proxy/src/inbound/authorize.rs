@@ -11,8 +11,8 @@ use tessera_proto::policy::{
 };
 use tracing::warn;
 
-use crate::authn::JwtValidator;
 use crate::discovery::MeshView;
+use crate::inbound::authn::JwtValidator;
 use crate::telemetry::Metrics;
 
 /// What one inbound port enforces.

@@ -11,6 +11,12 @@
 //! is authorized before the application's connection is even opened, so a denied peer
 //! never gets a byte to it.
 
+pub mod app_client;
+pub mod app_pool;
+pub mod authn;
+pub mod authorize;
+pub mod canonical;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,20 +37,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use crate::authn::JwtOutcome;
-use crate::authz::InboundPolicy;
-use crate::balance::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1};
-use crate::body_rate::{MinRate, Paced};
-use crate::canonical::Malformed;
+use self::app_client::AppClient;
+use self::app_pool::PooledBody;
+use self::authn::JwtOutcome;
+use self::authorize::InboundPolicy;
+use self::canonical::Malformed;
+use crate::alpn::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1};
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
 use crate::http::{Body, BoxFuture, ORIG_PROTO, ProxyError};
+use crate::http2::server::{self, Reply, ServeError};
+use crate::http2::{StreamBody, Tunnel};
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
+use crate::limits::body_rate::{MinRate, Paced};
 use crate::migration::SourceLog;
-use crate::multiplex::server::{self, Reply, ServeError};
-use crate::multiplex::{ExchangeError, Sender, SharedH2, StreamBody, Tunnel};
-use crate::pool::{Http1Pool, PooledBody};
 use crate::tcp::{self, Io};
 use crate::telemetry::{
     Direction, DirectionMetrics, Label, Metrics, Refusal, RequestMeter, RequestSeries,
@@ -559,7 +566,7 @@ impl Inbound {
             JwtOutcome::Absent => None,
         };
         let decision = {
-            let header = |name: &str| crate::canonical::header(&request, name);
+            let header = |name: &str| crate::inbound::canonical::header(&request, name);
             let attributes = policy::Request {
                 source: peer.identity.as_ref(),
                 request_principal,
@@ -567,7 +574,7 @@ impl Inbound {
                 http: Some(policy::HttpRequest {
                     method: request.method().as_str(),
                     path: request.uri().path(),
-                    host: crate::canonical::host(&request),
+                    host: crate::inbound::canonical::host(&request),
                     header: &header,
                 }),
             };
@@ -603,13 +610,13 @@ impl Inbound {
 }
 
 /// A request's body: from a plaintext HTTP/1.1 caller, or an HTTP/2 stream.
-type InboundBody = Either<Paced<Incoming>, StreamBody>;
+pub(crate) type InboundBody = Either<Paced<Incoming>, StreamBody>;
 
 /// What the application answers, over HTTP/1.1 or HTTP/2.
-type AppBody = Either<PooledBody<InboundBody>, StreamBody>;
+pub(crate) type AppBody = Either<PooledBody<InboundBody>, StreamBody>;
 
 /// The application's answer or the proxy's own (a refusal); boxed once, when metered.
-type AppResponse = Response<Either<AppBody, Body>>;
+pub(crate) type AppResponse = Response<Either<AppBody, Body>>;
 
 /// A request's server span, and what it will record once the request is answered.
 /// Boxed: the request's future carries a pointer, not the span and its strings.
@@ -630,13 +637,13 @@ impl ServerSpan {
 }
 
 /// The application's response without its hop-by-hop headers.
-fn from_application(mut response: Response<AppBody>) -> AppResponse {
+pub(crate) fn from_application(mut response: Response<AppBody>) -> AppResponse {
     crate::http::strip_hop_by_hop(response.headers_mut(), false);
     response.map(Either::Left)
 }
 
 /// The proxy's answer instead of the application's.
-fn refusal(error: ProxyError, grpc: bool) -> AppResponse {
+pub(crate) fn refusal(error: ProxyError, grpc: bool) -> AppResponse {
     error.response(grpc).map(Either::Right)
 }
 
@@ -650,13 +657,13 @@ fn is_tunnel<B>(request: &Request<B>, peer: &Peer) -> bool {
 }
 
 /// Puts a request in the one form that is both authorized and forwarded
-/// ([`crate::canonical`]), honours the HTTP/1.1 marker only from peer proxies, and joins
+/// ([`crate::inbound::canonical`]), honours the HTTP/1.1 marker only from peer proxies, and joins
 /// repeated fields so conditions read what the application will read.
 fn canonicalize<B>(request: &mut Request<B>, from_peer_proxy: bool) -> Result<(), Malformed> {
     if !from_peer_proxy {
         request.headers_mut().remove(ORIG_PROTO);
     }
-    crate::canonical::canonicalize(request)?;
+    crate::inbound::canonical::canonicalize(request)?;
     merge_repeated_headers(request.headers_mut());
     Ok(())
 }
@@ -686,155 +693,6 @@ fn merge_repeated_headers(headers: &mut http::HeaderMap) {
         }
     }
 }
-
-/// Requests to the local application, over pooled connections.
-pub struct AppClient {
-    address: SocketAddr,
-    /// `address` as a URI authority, parsed once.
-    authority: http::uri::Authority,
-    /// Pooled connections for HTTP/1.1 requests.
-    http1: Arc<Http1Pool<InboundBody>>,
-    /// One multiplexed HTTP/2 connection to the application, shared by every request:
-    /// no pool checkout (and its lock) per request.
-    http2: SharedH2,
-    connect_timeout: std::time::Duration,
-}
-
-impl AppClient {
-    pub fn new(address: SocketAddr, limits: &Limits) -> Arc<Self> {
-        // Without any IPv6 scope id, "ip:port" / "[ip]:port" is always a valid authority.
-        let plain = SocketAddr::new(address.ip(), address.port());
-        let authority = http::uri::Authority::try_from(plain.to_string())
-            .expect("an IP address and port form a valid URI authority");
-        Arc::new(Self {
-            address,
-            authority,
-            http1: Http1Pool::new(address, limits, APP_READ_BUFFER),
-            http2: SharedH2::new(ProxyError::AppUnavailable),
-            connect_timeout: limits.connect_timeout,
-        })
-    }
-
-    /// Forwards one request, restoring HTTP/1.1 when the caller spoke it. The request is
-    /// put in the application's form first: the future is only the exchange, with no
-    /// layer around it keeping room for the request again. A refusal is a gRPC status
-    /// when `grpc`.
-    pub fn forward(&self, request: Request<InboundBody>, grpc: bool) -> BoxFuture<'_, AppResponse> {
-        if crate::http::is_upgrade(&request) {
-            return Box::pin(async move {
-                match self.upgrade(request).await {
-                    Ok(response) => response.map(Either::Right),
-                    Err(error) => refusal(error, grpc),
-                }
-            });
-        }
-        match self.application_form(request) {
-            Ok(request) if request.version() == Version::HTTP_11 => Box::pin(async move {
-                match self.http1.send(request).await {
-                    Ok(response) => from_application(response.map(Either::Left)),
-                    Err(error) => refusal(self.http1.refusal(error), grpc),
-                }
-            }),
-            // The request stays where the future captured it until the stream opens.
-            Ok(request) => Box::pin(async move {
-                let opened = match self.http2_sender().await {
-                    Ok(sender) => sender.send(request).map_err(|e| self.stream_failed(&e)),
-                    Err(error) => Err(error),
-                };
-                let answered = match opened {
-                    Ok(exchange) => exchange.await.map_err(|error| match error {
-                        ExchangeError::Stream(error) => self.stream_failed(&error),
-                        ExchangeError::CallerBody(answer) => answer,
-                    }),
-                    Err(error) => Err(error),
-                };
-                match answered {
-                    Ok(response) => from_application(response.map(Either::Right)),
-                    Err(error) => refusal(error, grpc),
-                }
-            }),
-            Err(error) => Box::pin(std::future::ready(refusal(error, grpc))),
-        }
-    }
-
-    /// The request as the application takes it, in the version to send it in: HTTP/1.1
-    /// when a peer proxy says its caller spoke it, or a plaintext caller does.
-    fn application_form(
-        &self,
-        request: Request<InboundBody>,
-    ) -> Result<Request<InboundBody>, ProxyError> {
-        let (mut parts, body) = request.into_parts();
-        let http1 = parts.headers.remove(ORIG_PROTO).is_some() || parts.version <= Version::HTTP_11;
-        // HTTP/1.1 carries the caller's authority as Host, and requires one even when an
-        // HTTP/1.0 caller sent none: then it is the application's address.
-        let authority = parts.uri.authority().unwrap_or(&self.authority);
-        if http1
-            && !parts.headers.contains_key(header::HOST)
-            && let Ok(host) = HeaderValue::from_str(authority.as_str())
-        {
-            parts.headers.insert(header::HOST, host);
-        }
-        crate::http::strip_hop_by_hop(&mut parts.headers, false);
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        // Origin form for HTTP/1.1; HTTP/2 carries the caller's authority as a
-        // pseudo-header, as HTTP/1.1 carries it in Host.
-        parts.uri = if http1 {
-            http::Uri::from(path)
-        } else {
-            let authority = authority.clone();
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(http::uri::Scheme::HTTP);
-            uri.authority = Some(authority);
-            uri.path_and_query = Some(path);
-            http::Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?
-        };
-        parts.version = if http1 {
-            Version::HTTP_11
-        } else {
-            Version::HTTP_2
-        };
-        Ok(Request::from_parts(parts, body))
-    }
-
-    /// A ready sender on the shared HTTP/2 connection to the application.
-    async fn http2_sender(&self) -> Result<Sender, ProxyError> {
-        self.http2
-            .sender(self.authority.as_str(), || async {
-                let app = tcp::connect(self.address, self.connect_timeout)
-                    .await
-                    .map_err(|error| {
-                        warn!(event = "application unreachable", application = %self.address, error = %error);
-                        ProxyError::AppUnavailable
-                    })?;
-                Ok((app, false)) // an application never takes tunnels
-            })
-            .await
-    }
-
-    fn stream_failed(&self, error: &h2::Error) -> ProxyError {
-        debug!(event = "application error", application = %self.address, error = %error);
-        ProxyError::stream_failed(error)
-    }
-
-    async fn upgrade(&self, request: Request<InboundBody>) -> Result<Response<Body>, ProxyError> {
-        let app = tcp::connect(self.address, self.connect_timeout)
-            .await
-            .map_err(|_| ProxyError::AppUnavailable)?;
-        crate::router::forward_upgrade(request, TokioIo::new(app)).await
-    }
-}
-
-/// Most an application connection's read buffer grows to, so also the largest response
-/// head an HTTP/1.1 application may send (HAProxy's default buffer; nginx allows 4–8 KiB).
-/// Response bodies pass through in chunks of at most this: each chunk waits in the
-/// HTTP/2 stream for the peer's window, so with 64 KiB the server side of the benchmark
-/// pair peaked at 29.8 MiB under 64 KiB bodies, with 16 KiB at 20.4 MiB, for the same
-/// CPU per request.
-const APP_READ_BUFFER: usize = 16 * 1024;
 
 /// Waits for the first byte without consuming it. `None` when the peer closed.
 async fn first_byte(stream: &TcpStream) -> std::io::Result<Option<u8>> {

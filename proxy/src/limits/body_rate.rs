@@ -6,7 +6,7 @@
 //! Only time the proxy spends waiting on the caller counts: while the application (or a
 //! peer proxy's window) holds the body back, the proxy does not read it, and the clock
 //! stands still. HTTP/2 request streams are timed by their server
-//! ([`crate::multiplex::server`]).
+//! ([`crate::http2::server`]).
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};

@@ -1,5 +1,5 @@
 //! Load balancing over a service's endpoints: power of two choices on a load score, with
-//! outlier ejection, and one pooled multiplexed HTTP/2 mTLS connection per endpoint.
+//! outlier ejection; each endpoint keeps its pooled multiplexed HTTP/2 mTLS connections.
 //!
 //! The score is (requests in flight + 1) × EWMA latency, so a slow or busy endpoint loses
 //! the comparison. The latency estimate decays with time since it was last fed, so an
@@ -16,19 +16,9 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use rand::Rng;
 use tessera_proto::SpiffeId;
 use tessera_proto::resources::OutlierDetectionSpec;
-use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
-/// ALPN between proxies: multiplexed HTTP/2 that also carries opaque TCP connections as
-/// `CONNECT` streams. Offered first; a peer that predates tunnels answers `h2`.
-pub const ALPN_H2_TUNNELS: &[u8] = b"tessera/h2";
-/// ALPN between proxies: multiplexed HTTP/2.
-pub const ALPN_H2: &[u8] = b"h2";
-/// ALPN between proxies: one HTTP/1.1 connection, for upgrades (WebSocket).
-pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-/// ALPN between proxies: opaque bytes on a connection of their own, to and from proxies
-/// that predate tunnelling opaque TCP over the pooled HTTP/2 connection.
-pub const ALPN_TCP: &[u8] = b"tessera/tcp";
+use super::endpoint::{ConnectorFactory, Connectors};
 
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// Latency assumed for an endpoint before it has answered anything.
@@ -36,25 +26,13 @@ const INITIAL_EWMA_MICROS: u64 = 1_000;
 /// An unfed latency estimate halves this often.
 const DECAY_HALF_LIFE_MILLIS: f64 = 1_000.0;
 
-/// TLS connectors for one peer identity, one per ALPN.
-pub struct Connectors {
-    pub h2: TlsConnector,
-    pub http1: TlsConnector,
-    /// Only for peers that cannot take tunnels.
-    pub tcp: TlsConnector,
-}
-
-/// Builds the connectors that accept only `identity`.
-pub type ConnectorFactory =
-    dyn Fn(&SpiffeId) -> Result<Connectors, tessera_proto::tls::TlsError> + Send + Sync;
-
 /// One endpoint and everything learned about it.
 pub struct EndpointState {
     pub address: String,
     pub identity: SpiffeId,
     pub connectors: Connectors,
-    /// The pooled HTTP/2 connection, shared by all requests.
-    pub h2: crate::multiplex::SharedH2,
+    /// The pooled HTTP/2 connections, shared by all requests.
+    pub h2: crate::http2::client::SharedH2,
     in_flight: AtomicU32,
     ewma_micros: AtomicU64,
     /// When `ewma_micros` was last fed, in milliseconds since the balancer's epoch.
@@ -144,7 +122,7 @@ impl Balancer {
                     address: address.clone(),
                     identity: identity.clone(),
                     connectors,
-                    h2: crate::multiplex::SharedH2::new(crate::http::ProxyError::Unreachable),
+                    h2: crate::http2::client::SharedH2::new(crate::http::ProxyError::Unreachable),
                     in_flight: AtomicU32::new(0),
                     ewma_micros: AtomicU64::new(INITIAL_EWMA_MICROS),
                     fed_at: AtomicU64::new(self.now_millis()),
@@ -290,6 +268,7 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_rustls::TlsConnector;
 
     fn balancer(addresses: &[&str]) -> Arc<Balancer> {
         let balancer = Balancer::new("test".into());

@@ -27,12 +27,14 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
-use crate::balance::{ALPN_H2_TUNNELS, Balancer, EndpointState};
-use crate::body_rate::Paced;
+use crate::alpn::ALPN_H2_TUNNELS;
 use crate::config::Limits;
-use crate::http::{self as proxy_http, Body, BoxFuture, ORIG_PROTO, ProxyError, boxed};
-use crate::multiplex::{self, ConnectError, ExchangeError, StreamBody, Tunnel};
-use crate::retry::RetryBudget;
+use crate::http::{self as proxy_http, Body, BoxFuture, ORIG_PROTO, ProxyError};
+use crate::http2::client::{self as multiplex, ConnectError, ExchangeError};
+use crate::http2::{StreamBody, Tunnel};
+use crate::limits::body_rate::Paced;
+use crate::outbound::balance::{Balancer, EndpointState};
+use crate::outbound::retry::RetryBudget;
 use crate::tcp;
 use crate::telemetry::{Direction, Label, Metrics, RequestMeter, RequestSeries};
 use crate::trace::{self, TraceContext, Tracer};
@@ -432,7 +434,7 @@ impl Upstream {
                 let in_flight = self.balancer.pick(now).ok_or(ProxyError::NoEndpoints)?;
                 let endpoint = in_flight.endpoint().clone();
                 let stream = self.connect(&endpoint, &endpoint.connectors.http1).await?;
-                forward_upgrade(request, TokioIo::new(stream)).await
+                proxy_http::forward_upgrade(request, TokioIo::new(stream)).await
             };
             match upgraded.await {
                 Ok(response) => response.map(Either::Right),
@@ -440,44 +442,6 @@ impl Upstream {
             }
         })
     }
-}
-
-/// Sends an upgrade request over a fresh HTTP/1.1 connection `io` and, when the other
-/// side switches protocols, splices the two upgraded connections together.
-pub async fn forward_upgrade<B, I>(
-    mut request: Request<B>,
-    io: I,
-) -> Result<Response<Body>, ProxyError>
-where
-    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: Into<proxy_http::BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let client_side = hyper::upgrade::on(&mut request);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|_| ProxyError::Unreachable)?;
-    tokio::spawn(connection.with_upgrades());
-    let (mut parts, body) = request.into_parts();
-    proxy_http::strip_hop_by_hop(&mut parts.headers, true);
-    parts.version = Version::HTTP_11;
-    let mut response = sender
-        .send_request(Request::from_parts(parts, boxed(body)))
-        .await
-        .map_err(|_| ProxyError::Reset)?;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let server_side = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            let (Ok(client), Ok(server)) = tokio::join!(client_side, server_side) else {
-                return;
-            };
-            let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-            let _ = tcp::relay(&mut client, &mut server).await;
-        });
-    } else {
-        proxy_http::strip_hop_by_hop(response.headers_mut(), false);
-    }
-    Ok(response.map(boxed))
 }
 
 /// The trace id to attach to latency samples, for sampled requests.
@@ -491,7 +455,7 @@ pub fn sampled_trace_id(context: Option<&TraceContext>) -> Option<String> {
 /// from `Host` for HTTP/1.1 callers, the service's name for an HTTP/1.0 caller that sent
 /// none), no `Host`, no hop-by-hop headers. The path is shared with the incoming URI, not
 /// copied. The authority is the one the far side will authorize: a request that could
-/// be read with two ([`crate::canonical`]) is refused here already.
+/// be read with two ([`crate::inbound::canonical`]) is refused here already.
 fn to_http2(parts: &mut http::request::Parts, service: &str) -> Result<(), ProxyError> {
     if parts.version <= Version::HTTP_11 {
         parts
@@ -528,7 +492,7 @@ fn to_http2(parts: &mut http::request::Parts, service: &str) -> Result<(), Proxy
         parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest)?;
     }
     if let Some(authority) = parts.uri.authority() {
-        crate::canonical::check_authority(authority.as_str().as_bytes())
+        crate::inbound::canonical::check_authority(authority.as_str().as_bytes())
             .map_err(|_| ProxyError::BadRequest)?;
     }
     parts.headers.remove(header::HOST);
@@ -728,7 +692,7 @@ mod tests {
     }
 
     fn parts(version: Version, target: &str, hosts: &[&str]) -> http::request::Parts {
-        crate::canonical::tests::request(version, target, hosts)
+        crate::inbound::canonical::tests::request(version, target, hosts)
             .into_parts()
             .0
     }

@@ -3,9 +3,14 @@
 //! Each connection is classified — by the protocol configured or declared for the
 //! service port, else by detection — then either relayed as opaque bytes to one endpoint
 //! (a `CONNECT` stream on the pooled mTLS connection to its proxy), or served as HTTP/1.1
-//! or HTTP/2 with every request routed on its own (see `router`).
+//! or HTTP/2 with every request forwarded on its own ([`forward`]).
 //! Nothing is sent anywhere until the upstream proxy has proved the identity expected of
 //! it; a wrong or untrusted peer gets nothing and the application's connection is closed.
+
+pub mod balance;
+pub mod endpoint;
+pub mod forward;
+pub mod retry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,15 +24,15 @@ use tessera_proto::resources::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::body_rate::{MinRate, Paced};
 use crate::config::Limits;
 use crate::detect::{self, Detected};
 use crate::http::ProxyError;
+use crate::http2::StreamBody;
+use crate::http2::server::{self, Reply};
 use crate::identity::IdentityManager;
 use crate::lifecycle::Drain;
-use crate::multiplex::StreamBody;
-use crate::multiplex::server::{self, Reply};
-use crate::router::Upstream;
+use crate::limits::body_rate::{MinRate, Paced};
+use crate::outbound::forward::Upstream;
 use crate::tcp::{self, Io};
 use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal};
 
@@ -157,6 +162,3 @@ impl Outbound {
         }
     }
 }
-
-/// Request headers beyond this are refused (431 for HTTP/1, a stream error for HTTP/2).
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;

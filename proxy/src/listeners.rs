@@ -1,0 +1,199 @@
+//! What every listener's connections share, and how listeners are made from it: an
+//! inbound port with its policy applied, an outbound for a fixed upstream or for a
+//! service port kept in step with discovery. The transparent listeners make theirs at
+//! run time, for the ports and services they meet.
+
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tessera_proto::resources::Protocol;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::warn;
+
+use crate::config::{InboundPort, Limits};
+use crate::discovery::{Discovery, MeshView};
+use crate::identity::IdentityManager;
+use crate::inbound::app_client::AppClient;
+use crate::inbound::authorize::InboundPolicy;
+use crate::inbound::{Inbound, InboundSet};
+use crate::lifecycle::Drain;
+use crate::migration::SourceLog;
+use crate::outbound::Outbound;
+use crate::outbound::endpoint::ConnectorFactory;
+use crate::outbound::forward::Upstream;
+use crate::telemetry::{Direction, Label, Metrics};
+use crate::trace::Tracer;
+
+/// What every listener's connections share; transparent listeners use it to create the
+/// inbound ports and outbound services they meet at run time.
+pub struct Listeners {
+    pub acceptor: TlsAcceptor,
+    pub connectors: Arc<ConnectorFactory>,
+    pub identity: Arc<IdentityManager>,
+    pub discovery: Arc<Discovery>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub tracer: Arc<Tracer>,
+    pub access_log: bool,
+    pub drain: Drain,
+    pub inbounds: Arc<InboundSet>,
+}
+
+impl Listeners {
+    /// An inbound port, registered so policy updates reach it, with the policy of the
+    /// current view already applied (fail closed until there is one).
+    pub fn inbound(&self, port: InboundPort) -> Arc<Inbound> {
+        let inbound = Arc::new(Inbound {
+            app: AppClient::new(port.forward_to, &self.limits),
+            port,
+            workload: Label::new(self.identity.identity().as_str()),
+            acceptor: self.acceptor.clone(),
+            identity: self.identity.clone(),
+            metrics: self.metrics.clone(),
+            counters: self.metrics.direction(Direction::Inbound),
+            limits: self.limits.clone(),
+            policy: ArcSwapOption::empty(),
+            sources: SourceLog::default(),
+            tracer: self.tracer.clone(),
+            access_log: self.access_log,
+            drain: self.drain.clone(),
+        });
+        // Registered before reading the view: a view published in between is then
+        // applied by `follow_inbound_policy`, one published before is read here.
+        self.inbounds.add(inbound.clone());
+        if let Some(view) = self.discovery.current() {
+            self.apply_policy(&inbound, &view);
+        }
+        inbound
+    }
+
+    fn apply_policy(&self, inbound: &Inbound, view: &MeshView) {
+        let policy = InboundPolicy::resolve(view, self.identity.identity(), inbound.app_port());
+        inbound.policy.store(Some(Arc::new(policy)));
+    }
+
+    /// An outbound for a fixed upstream `name` (endpoints set by the caller).
+    pub fn outbound(&self, name: String, protocol: Option<Protocol>) -> Arc<Outbound> {
+        let upstream = Upstream::new(
+            name,
+            self.identity.identity().to_string(),
+            self.metrics.clone(),
+            self.limits.clone(),
+            self.tracer.clone(),
+            self.access_log,
+        );
+        Arc::new(Outbound {
+            upstream,
+            protocol: Arc::new(ArcSwap::from_pointee(protocol.unwrap_or_default())),
+            identity: self.identity.clone(),
+            metrics: self.metrics.clone(),
+            counters: self.metrics.direction(Direction::Outbound),
+            limits: self.limits.clone(),
+            drain: self.drain.clone(),
+        })
+    }
+
+    /// An outbound for a service port, and the task keeping it in step with discovery.
+    pub fn service_outbound(
+        &self,
+        key: String,
+        port: Option<u16>,
+        protocol_override: Option<Protocol>,
+    ) -> (Arc<Outbound>, JoinHandle<()>) {
+        let outbound = self.outbound(key.clone(), protocol_override);
+        let binding = ServiceBinding {
+            key,
+            port,
+            protocol_override,
+            protocol: outbound.protocol.clone(),
+        };
+        // Applied now, not only in the task: a transparent connection creating this
+        // outbound is served right after, and must not find it empty.
+        let mut views = self.discovery.subscribe();
+        if let Some(view) = views.borrow_and_update().clone() {
+            apply_service(&view, &outbound.upstream, &binding, &*self.connectors);
+        }
+        let follow = tokio::spawn(follow_service(
+            views,
+            outbound.upstream.clone(),
+            binding,
+            self.connectors.clone(),
+        ));
+        (outbound, follow)
+    }
+}
+
+/// How an outbound listener follows its service in discovery.
+struct ServiceBinding {
+    key: String,
+    port: Option<u16>,
+    protocol_override: Option<Protocol>,
+    protocol: Arc<ArcSwap<Protocol>>,
+}
+
+/// Keeps an upstream's endpoints, route policy and protocol in step with discovery.
+/// The subscription starts from the current view, so no snapshot is missed.
+async fn follow_service(
+    mut views: tokio::sync::watch::Receiver<Option<Arc<MeshView>>>,
+    upstream: Arc<Upstream>,
+    binding: ServiceBinding,
+    connectors: Arc<ConnectorFactory>,
+) {
+    loop {
+        let view = views.borrow_and_update().clone();
+        if let Some(view) = view {
+            apply_service(&view, &upstream, &binding, &*connectors);
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Applies one view to an upstream.
+fn apply_service(
+    view: &MeshView,
+    upstream: &Upstream,
+    binding: &ServiceBinding,
+    connectors: &ConnectorFactory,
+) {
+    match view.services.get(&binding.key) {
+        Some(service) => {
+            let endpoints: Vec<_> = service
+                .endpoints
+                .iter()
+                .map(|e| (e.address.clone(), e.identity.clone()))
+                .collect();
+            let route = service.route.as_ref();
+            let outlier = route.and_then(|r| r.outlier_detection.clone());
+            upstream.balancer.update(&endpoints, outlier, connectors);
+            upstream.set_policy(route);
+            let protocol = binding
+                .protocol_override
+                .unwrap_or_else(|| service.protocol(binding.port));
+            binding.protocol.store(Arc::new(protocol));
+        }
+        None => {
+            warn!(event = "unknown upstream service", service = %binding.key);
+            upstream.balancer.update(&[], None, connectors);
+            upstream.set_policy(None);
+        }
+    }
+}
+
+/// Keeps each inbound port's policy in step with discovery.
+pub(crate) async fn follow_inbound_policy(shared: Arc<Listeners>) {
+    let mut views = shared.discovery.subscribe();
+    loop {
+        let view = views.borrow_and_update().clone();
+        if let Some(view) = view {
+            for inbound in shared.inbounds.all().iter() {
+                shared.apply_policy(inbound, &view);
+            }
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
