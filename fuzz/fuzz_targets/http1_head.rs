@@ -1,5 +1,5 @@
 //! The inbound HTTP/1 head: bytes from a caller go through the proxy's HTTP/1 server
-//! (`tessera_proxy::http::http1_server`, hyper, over an in-memory duplex), then the
+//! (`tessera_proxy::limits::http1_server`, hyper, over an in-memory duplex), then the
 //! canonical form (`tessera_proxy::inbound::canonical`) and the policy engine, as the inbound
 //! proxy does before forwarding.
 //!
@@ -124,7 +124,7 @@ async fn exchange(bytes: &[u8]) {
         Ok::<_, std::convert::Infallible>(response)
     });
     let server = tokio::spawn(
-        tessera_proxy::http::http1_server(Duration::from_secs(10))
+        tessera_proxy::limits::http1_server(Duration::from_secs(10))
             .serve_connection(TokioIo::new(proxy), service)
             .with_upgrades(),
     );

@@ -55,7 +55,7 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// Export spans to an OTLP collector; absent: no spans (trace headers pass through).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tracing: Option<crate::trace::TracingConfig>,
+    pub tracing: Option<TracingConfig>,
     /// One JSON line per request on stdout.
     #[serde(default)]
     pub access_log: bool,
@@ -763,6 +763,61 @@ impl std::fmt::Debug for JoinToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("JoinToken(<redacted>)")
     }
+}
+
+/// Tracing settings of a proxy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
+    pub otlp_endpoint: String,
+    /// Share of new traces sampled (callers' decisions are kept).
+    #[serde(default = "default_ratio")]
+    pub sample_ratio: f64,
+    /// Spans waiting for export; more are dropped.
+    #[serde(default = "default_queue")]
+    pub max_queue: usize,
+}
+
+fn default_ratio() -> f64 {
+    1.0
+}
+
+/// Most spans the export queue may hold: a million spans of a few hundred bytes each is
+/// already more memory than a sidecar has, and tokio's channel panics above ~2^61.
+pub const MAX_QUEUE: usize = 1_000_000;
+
+impl TracingConfig {
+    /// Numbers in range: the queue within `1..=MAX_QUEUE`, the ratio a share.
+    pub fn check(&self) -> Result<(), OutOfRange> {
+        let out = |field: &str, reason: String| OutOfRange {
+            field: field.to_string(),
+            reason,
+        };
+        if !(1..=MAX_QUEUE).contains(&self.max_queue) {
+            return Err(out(
+                "tracing.maxQueue",
+                format!(
+                    "tracing.maxQueue is {}, must be between 1 and {MAX_QUEUE}",
+                    self.max_queue
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(out(
+                "tracing.sampleRatio",
+                format!(
+                    "tracing.sampleRatio is {}, must be between 0 and 1",
+                    self.sample_ratio
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_queue() -> usize {
+    2048
 }
 
 #[cfg(test)]

@@ -266,25 +266,6 @@ impl ProxyError {
         }
     }
 
-    /// The answer when a stream to the peer failed: refused unprocessed, or reset.
-    pub fn stream_failed(error: &h2::Error) -> ProxyError {
-        if crate::http2::client::unprocessed(error) {
-            ProxyError::Unprocessed
-        } else {
-            ProxyError::Reset
-        }
-    }
-
-    /// The answer when the caller's own request body failed (the error as the client
-    /// that sent it reports it): too slow, or malformed or cut off.
-    pub fn caller_body(error: &(dyn std::error::Error + 'static)) -> ProxyError {
-        if crate::limits::body_rate::is_too_slow(error) {
-            ProxyError::RequestBodyTimeout
-        } else {
-            ProxyError::BadRequestBody
-        }
-    }
-
     /// The response for a caller speaking `version`, gRPC or not.
     pub fn response(self, grpc: bool) -> Response<Body> {
         let mut response = Response::new(empty());
@@ -462,63 +443,10 @@ mod tests {
     }
 }
 
-/// Sends an upgrade request over a fresh HTTP/1.1 connection `io` and, when the other
-/// side switches protocols, splices the two upgraded connections together.
-pub async fn forward_upgrade<B, I>(
-    mut request: Request<B>,
-    io: I,
-) -> Result<Response<Body>, ProxyError>
-where
-    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let client_side = hyper::upgrade::on(&mut request);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|_| ProxyError::Unreachable)?;
-    tokio::spawn(connection.with_upgrades());
-    let (mut parts, body) = request.into_parts();
-    strip_hop_by_hop(&mut parts.headers, true);
-    parts.version = Version::HTTP_11;
-    let mut response = sender
-        .send_request(Request::from_parts(parts, boxed(body)))
-        .await
-        .map_err(|_| ProxyError::Reset)?;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let server_side = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            let (Ok(client), Ok(server)) = tokio::join!(client_side, server_side) else {
-                return;
-            };
-            let (mut client, mut server) = (
-                hyper_util::rt::TokioIo::new(client),
-                hyper_util::rt::TokioIo::new(server),
-            );
-            let _ = crate::tcp::relay(&mut client, &mut server).await;
-        });
-    } else {
-        strip_hop_by_hop(response.headers_mut(), false);
-    }
-    Ok(response.map(boxed))
-}
-
 /// A future on the heap. Made in a plain function (`fn … -> BoxFuture { Box::pin(…) }`),
 /// the large future is built straight into its box: boxed inside an `async fn`, it would
 /// still take its full size in the caller's state as a temporary.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-/// How both listeners serve HTTP/1.1: a request head must arrive within `head_timeout`
-/// (a slow client does not hold a connection open) and fit in
-/// [`MAX_HEADER_BYTES`](crate::limits::MAX_HEADER_BYTES).
-pub fn http1_server(head_timeout: std::time::Duration) -> hyper::server::conn::http1::Builder {
-    let mut server = hyper::server::conn::http1::Builder::new();
-    server
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(head_timeout)
-        .max_buf_size(crate::limits::MAX_HEADER_BYTES);
-    server
-}
 
 /// Request bodies for tests.
 #[cfg(test)]

@@ -42,6 +42,7 @@ pub mod tcp;
 pub mod telemetry;
 pub mod trace;
 pub mod transparent;
+pub mod upgrade;
 
 pub use app::{RunningProxy, start};
 pub use config::ProxyConfig;

@@ -7,6 +7,7 @@
 //! counted (`tessera_spans_dropped_total`). Sampling is parent-based: a caller's decision
 //! is kept; new traces are sampled at `sampleRatio`.
 
+use crate::config::{MAX_QUEUE, TracingConfig};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
@@ -21,7 +22,6 @@ use opentelemetry_proto::tonic::trace::v1::{
 
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 pub use span::SpanKind;
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -29,61 +29,6 @@ use tracing::warn;
 const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Tracing settings of a proxy.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TracingConfig {
-    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`.
-    pub otlp_endpoint: String,
-    /// Share of new traces sampled (callers' decisions are kept).
-    #[serde(default = "default_ratio")]
-    pub sample_ratio: f64,
-    /// Spans waiting for export; more are dropped.
-    #[serde(default = "default_queue")]
-    pub max_queue: usize,
-}
-
-fn default_ratio() -> f64 {
-    1.0
-}
-
-/// Most spans the export queue may hold: a million spans of a few hundred bytes each is
-/// already more memory than a sidecar has, and tokio's channel panics above ~2^61.
-pub const MAX_QUEUE: usize = 1_000_000;
-
-impl TracingConfig {
-    /// Numbers in range: the queue within `1..=MAX_QUEUE`, the ratio a share.
-    pub fn check(&self) -> Result<(), crate::config::OutOfRange> {
-        let out = |field: &str, reason: String| crate::config::OutOfRange {
-            field: field.to_string(),
-            reason,
-        };
-        if !(1..=MAX_QUEUE).contains(&self.max_queue) {
-            return Err(out(
-                "tracing.maxQueue",
-                format!(
-                    "tracing.maxQueue is {}, must be between 1 and {MAX_QUEUE}",
-                    self.max_queue
-                ),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.sample_ratio) {
-            return Err(out(
-                "tracing.sampleRatio",
-                format!(
-                    "tracing.sampleRatio is {}, must be between 0 and 1",
-                    self.sample_ratio
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn default_queue() -> usize {
-    2048
-}
 
 /// The trace a request belongs to, as received or as we continue it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -135,6 +135,15 @@ impl ExchangeError {
     }
 }
 
+/// The answer when a stream to the peer failed: refused unprocessed, or reset.
+pub fn failure(error: &h2::Error) -> ProxyError {
+    if unprocessed(error) {
+        ProxyError::Unprocessed
+    } else {
+        ProxyError::Reset
+    }
+}
+
 /// See [`ExchangeError::unprocessed`]. h2 reports the GOAWAY's reason, flagged as the
 /// peer's, only to streams above its last stream id (and to streams opened after it);
 /// those at or below it end with the connection's own error.
@@ -168,7 +177,7 @@ where
             if let Err(error) = sent {
                 debug!(event = "request body not sent", error = %error);
                 if let PumpError::Body(error) = &error {
-                    self.caller_failed = Some(ProxyError::caller_body(error.as_ref()));
+                    self.caller_failed = Some(crate::limits::body_rate::answer(error.as_ref()));
                 }
             }
         }

@@ -148,14 +148,14 @@ impl AppClient {
 
     fn stream_failed(&self, error: &h2::Error) -> ProxyError {
         debug!(event = "application error", application = %self.address, error = %error);
-        ProxyError::stream_failed(error)
+        crate::http2::client::failure(error)
     }
 
     async fn upgrade(&self, request: Request<InboundBody>) -> Result<Response<Body>, ProxyError> {
         let app = tcp::connect(self.address, self.connect_timeout)
             .await
             .map_err(|_| ProxyError::AppUnavailable)?;
-        crate::http::forward_upgrade(request, TokioIo::new(app)).await
+        crate::upgrade::forward_upgrade(request, TokioIo::new(app)).await
     }
 }
 

@@ -262,7 +262,7 @@ impl<B> Http1Pool<B> {
             // The caller's body failed while it was being sent: the caller's error.
             SendError::Request(error) if error.is_user() => {
                 debug!(event = "request body failed", %application, error = %error);
-                ProxyError::caller_body(&error)
+                crate::limits::body_rate::answer(&error)
             }
             SendError::Request(error) => {
                 debug!(event = "application error", %application, error = %error);

@@ -424,7 +424,7 @@ impl Inbound {
                 Ok::<_, std::convert::Infallible>(response)
             }
         });
-        let connection = crate::http::http1_server(self.limits.header_read_timeout)
+        let connection = crate::limits::http1_server(self.limits.header_read_timeout)
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         crate::serve_gracefully!(connection, self.drain)

@@ -18,7 +18,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Limits;
-use crate::http::BoxError;
+use crate::http::{BoxError, ProxyError};
 
 /// What each window of waiting must bring.
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +68,16 @@ pub fn is_too_slow(error: &(dyn std::error::Error + 'static)) -> bool {
         cause = error.source();
     }
     false
+}
+
+/// The caller's answer when its own request body failed (the error as the client that
+/// sent it reports it): too slow, or malformed or cut off.
+pub fn answer(error: &(dyn std::error::Error + 'static)) -> ProxyError {
+    if is_too_slow(error) {
+        ProxyError::RequestBodyTimeout
+    } else {
+        ProxyError::BadRequestBody
+    }
 }
 
 pin_project! {

@@ -13,3 +13,15 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// slow reader pin megabytes.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
 pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// How both listeners serve HTTP/1.1: a request head must arrive within `head_timeout`
+/// (a slow client does not hold a connection open) and fit in
+/// [`MAX_HEADER_BYTES`].
+pub fn http1_server(head_timeout: std::time::Duration) -> hyper::server::conn::http1::Builder {
+    let mut server = hyper::server::conn::http1::Builder::new();
+    server
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    server
+}

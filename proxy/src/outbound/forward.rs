@@ -307,7 +307,7 @@ impl Upstream {
 
     fn stream_failed(&self, endpoint: &EndpointState, error: &h2::Error) -> ProxyError {
         debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
-        ProxyError::stream_failed(error)
+        crate::http2::client::failure(error)
     }
 
     fn finish_span(
@@ -434,7 +434,7 @@ impl Upstream {
                 let in_flight = self.balancer.pick(now).ok_or(ProxyError::NoEndpoints)?;
                 let endpoint = in_flight.endpoint().clone();
                 let stream = self.connect(&endpoint, &endpoint.connectors.http1).await?;
-                proxy_http::forward_upgrade(request, TokioIo::new(stream)).await
+                crate::upgrade::forward_upgrade(request, TokioIo::new(stream)).await
             };
             match upgraded.await {
                 Ok(response) => response.map(Either::Right),
@@ -609,7 +609,7 @@ async fn replayable(body: CallerBody) -> Result<Replay, ProxyError> {
     }
     match Limited::new(body, MAX_REPLAY_BODY).collect().await {
         Ok(collected) => Ok(Replay::Buffered(collected.to_bytes())),
-        Err(error) => Err(ProxyError::caller_body(error.as_ref())),
+        Err(error) => Err(crate::limits::body_rate::answer(error.as_ref())),
     }
 }
 

@@ -100,7 +100,7 @@ impl Outbound {
                 .clone()
                 .handle(request.map(|body| Either::Left(Paced::new(body, min_rate))))
         });
-        let connection = crate::http::http1_server(self.limits.header_read_timeout)
+        let connection = crate::limits::http1_server(self.limits.header_read_timeout)
             .serve_connection(TokioIo::new(app), service)
             .with_upgrades();
         let served = crate::serve_gracefully!(connection, self.drain);
