@@ -13,7 +13,7 @@ if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "future-sizes.sh needs the nightly toolchain: rustup toolchain install nightly" >&2
     exit 1
 fi
-pattern="${1:-proxy/src|inbound::|router::|outbound::|multiplex::|pool::|transparent::}"
+pattern="${1:-proxy/src|inbound::|outbound::|http2::|transparent::}"
 target="${CARGO_TARGET_DIR:-$PWD/target}/type-sizes"
 sizes="$(mktemp)"
 trap 'rm -f "$sizes"' EXIT
@@ -23,7 +23,7 @@ cargo +nightly rustc -p tessera-proxy --lib --release --target-dir "$target" \
     -- -Zprint-type-sizes >"$sizes" 2>/dev/null
 
 # Lines look like: print-type-size type: `{async fn body of router::Upstream::attempts()}`: 568 bytes, ...
-grep -E '^print-type-size type: `(\{async |multiplex::server::Answer)' "$sizes" |
+grep -E '^print-type-size type: `(\{async |http2::server::Answer)' "$sizes" |
     grep -E "$pattern" |
     sed -E 's/^print-type-size type: `(.*)`: ([0-9]+) bytes.*/\2 \1/' |
     sort -rn -u |
