@@ -4,21 +4,22 @@
 # shipped build, so function names match), runs the benchmark smoke run through it
 # (every workload through the Tessera pair: HTTP/1.1, gRPC, 64 KiB bodies, TCP, new
 # connections, a fixed rate, idle connections), and merges what both proxies counted.
-# Needs llvm-profdata of rustc's LLVM version (Debian's llvm-<major>, installed when
-# root) and what the smoke run needs (nginx, wrk, h2load, haproxy). ~8 minutes.
+# Needs llvm-profdata of rustc's LLVM version (rustup's llvm-tools component, added
+# here) and what the smoke run needs (nginx, wrk, h2load, haproxy). ~8 minutes.
 # Run scripts/hot-code.sh afterwards: inlining follows the profile, so the set of
 # functions the proxy runs changes with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-llvm_major="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
-profdata="llvm-profdata-$llvm_major"
-if ! command -v "$profdata" >/dev/null 2>&1; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "llvm-$llvm_major" >/dev/null
-fi
 host="$(rustc -vV | sed -n 's/^host: //p')"
+# llvm-profdata of rustc's own LLVM: rustup's llvm-tools component ships it (Debian's
+# packages lag rustc's LLVM by years).
+rustup component add llvm-tools >/dev/null 2>&1 || true
+profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
+if [ ! -x "$profdata" ]; then
+    echo "no llvm-profdata of rustc's LLVM: rustup component add llvm-tools" >&2
+    exit 1
+fi
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 # Its own target directory: other flags than the shipped build's, which would otherwise
 # rebuild every dependency each time one follows the other.
