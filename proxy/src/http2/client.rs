@@ -208,6 +208,15 @@ where
 /// waits in h2 on the least busy one.
 const MAX_CONNECTIONS_PER_PEER: usize = 16;
 
+/// Whether a stream may have a connection opened for it when the open ones are full.
+#[derive(Clone, Copy)]
+enum Spread {
+    /// Requests: they wait on the least busy connection.
+    One,
+    /// Tunnels: up to [`MAX_CONNECTIONS_PER_PEER`].
+    Many,
+}
+
 /// One connection of a [`SharedH2`]: its sender, whether its task has ended, and how
 /// many streams it carries.
 struct Open {
@@ -279,13 +288,45 @@ impl SharedH2 {
         F: Fn() -> Fut + Send + Sync,
         Fut: Future<Output = Result<(S, bool), ProxyError>> + Send,
     {
+        self.sender_for(peer, connect, Spread::One).await
+    }
+
+    /// Like [`SharedH2::sender`], for a tunnel: a stream that may stay open for hours,
+    /// so past the peer's stream limit it gets another connection instead of waiting
+    /// behind the full ones. Requests do not: a caller holding a peer's streams must not
+    /// get more of the peer's application by opening connections (the hostile suite's
+    /// zero-window attack starved a well-behaved caller that way).
+    pub async fn tunnel_sender<S, F, Fut>(
+        &self,
+        peer: &str,
+        connect: F,
+    ) -> Result<Sender, ProxyError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: Fn() -> Fut + Send + Sync,
+        Fut: Future<Output = Result<(S, bool), ProxyError>> + Send,
+    {
+        self.sender_for(peer, connect, Spread::Many).await
+    }
+
+    async fn sender_for<S, F, Fut>(
+        &self,
+        peer: &str,
+        connect: F,
+        spread: Spread,
+    ) -> Result<Sender, ProxyError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: Fn() -> Fut + Send + Sync,
+        Fut: Future<Output = Result<(S, bool), ProxyError>> + Send,
+    {
         for _ in 0..2 {
-            let open = match self.with_room() {
+            let open = match self.with_room(spread) {
                 Some(open) => open,
                 // Boxed: connecting (TCP, TLS handshake, HTTP/2 handshake) is a large
                 // future that every request's future would otherwise carry, and copy,
                 // for a path rarely taken.
-                None => self.connect_another(peer, &connect).await?,
+                None => self.connect_another(peer, &connect, spread).await?,
             };
             let lease = Lease::take(&open);
             if let Ok(streams) = open.sender.clone().ready().await {
@@ -299,9 +340,9 @@ impl SharedH2 {
         Err(self.unavailable)
     }
 
-    /// The first open connection with room for a stream; when all are full and there
-    /// are as many as allowed, the least busy. `None`: open another.
-    fn with_room(&self) -> Option<Arc<Open>> {
+    /// The first open connection with room for a stream; when all are full and no more
+    /// may be opened for `spread`, the least busy. `None`: open another.
+    fn with_room(&self, spread: Spread) -> Option<Arc<Open>> {
         let connections = self.connections.load();
         let mut least: Option<&Arc<Open>> = None;
         let mut live = 0;
@@ -315,7 +356,11 @@ impl SharedH2 {
                 least = Some(open);
             }
         }
-        least.filter(|_| live >= MAX_CONNECTIONS_PER_PEER).cloned()
+        let most = match spread {
+            Spread::One => 1,
+            Spread::Many => MAX_CONNECTIONS_PER_PEER,
+        };
+        least.filter(|_| live >= most).cloned()
     }
 
     /// Opens a new connection, unless another task just made room.
@@ -323,6 +368,7 @@ impl SharedH2 {
         &'a self,
         peer: &'a str,
         connect: &'a F,
+        spread: Spread,
     ) -> BoxFuture<'a, Result<Arc<Open>, ProxyError>>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -331,7 +377,7 @@ impl SharedH2 {
     {
         Box::pin(async move {
             let _connecting = self.connecting.lock().await;
-            if let Some(open) = self.with_room() {
+            if let Some(open) = self.with_room(spread) {
                 return Ok(open);
             }
             let (stream, tunnels) = connect().await?;
@@ -856,10 +902,16 @@ mod tests {
         let peers = OneStreamPeers::new();
         // The first exchange waits for its answer, holding the first connection's one
         // stream (the peer's SETTINGS said 1 once the first request went out).
-        let first = shared.sender("peer", || peers.connect()).await.unwrap();
+        let first = shared
+            .tunnel_sender("peer", || peers.connect())
+            .await
+            .unwrap();
         let first = tokio::spawn(first.send(get()).unwrap());
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let second = shared.sender("peer", || peers.connect()).await.unwrap();
+        let second = shared
+            .tunnel_sender("peer", || peers.connect())
+            .await
+            .unwrap();
         let second = tokio::spawn(second.send(get()).unwrap());
         assert_eq!(peers.connects.load(Ordering::SeqCst), 2);
         assert_eq!(shared.connections(), 2);
@@ -870,7 +922,10 @@ mod tests {
         let second = second.await.unwrap().unwrap();
         drop(first);
         // ... the first's is done with: its connection takes the next stream.
-        let third = shared.sender("peer", || peers.connect()).await.unwrap();
+        let third = shared
+            .tunnel_sender("peer", || peers.connect())
+            .await
+            .unwrap();
         let third = tokio::spawn(third.send(get()).unwrap());
         peers.answer.add_permits(1);
         assert_eq!(third.await.unwrap().unwrap().status(), StatusCode::OK);
@@ -884,7 +939,10 @@ mod tests {
         let peers = OneStreamPeers::new();
         let mut waiting = Vec::new();
         for _ in 0..MAX_CONNECTIONS_PER_PEER + 3 {
-            let sender = shared.sender("peer", || peers.connect()).await.unwrap();
+            let sender = shared
+                .tunnel_sender("peer", || peers.connect())
+                .await
+                .unwrap();
             waiting.push(tokio::spawn(sender.send(get()).unwrap()));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
