@@ -342,26 +342,26 @@ impl Upstream {
 
     /// A ready sender on the endpoint's pooled HTTP/2 connection, opened if needed.
     async fn h2_sender(&self, endpoint: &EndpointState) -> Result<multiplex::Sender, ProxyError> {
-        let connect = || async {
-            let stream = self.connect(endpoint, &endpoint.connectors.h2).await?;
-            let tunnels = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2_TUNNELS);
-            Ok((stream, tunnels))
-        };
-        endpoint.h2.sender(&endpoint.address, connect).await
+        self.pooled_sender(endpoint, false).await
     }
 
-    /// Like `h2_sender`, for a tunnel: another pooled connection rather than a wait
-    /// when the open ones are full.
-    async fn tunnel_sender(
+    /// A ready sender on one of the endpoint's pooled HTTP/2 connections, opened if
+    /// needed; a tunnel gets another connection rather than a wait when they are full.
+    async fn pooled_sender(
         &self,
         endpoint: &EndpointState,
+        tunnel: bool,
     ) -> Result<multiplex::Sender, ProxyError> {
         let connect = || async {
             let stream = self.connect(endpoint, &endpoint.connectors.h2).await?;
             let tunnels = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2_TUNNELS);
             Ok((stream, tunnels))
         };
-        endpoint.h2.tunnel_sender(&endpoint.address, connect).await
+        if tunnel {
+            endpoint.h2.tunnel_sender(&endpoint.address, connect).await
+        } else {
+            endpoint.h2.sender(&endpoint.address, connect).await
+        }
     }
 
     /// Opens a tunnel for one opaque TCP connection: a `CONNECT` stream on the pooled
@@ -373,7 +373,7 @@ impl Upstream {
         // The authority names the endpoint the peer was dialled at (RFC 9113 §8.5).
         let authority =
             Authority::try_from(endpoint.address.as_str()).map_err(|_| ProxyError::BadRequest)?;
-        let sender = self.tunnel_sender(endpoint).await?;
+        let sender = self.pooled_sender(endpoint, true).await?;
         if !endpoint.h2.carries_tunnels() {
             return Ok(None);
         }
