@@ -11,12 +11,12 @@ use http::StatusCode;
 use rcgen::KeyPair;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
+use tessera_mesh::process::admin::{self, Reply};
+use tessera_mesh::resources::{self, MeshConfigSpec};
+use tessera_mesh::tls::{self, ClientAuth, CurrentCert, Trust, TrustBundle};
 use tessera_proto::api::discovery::discovery_server::DiscoveryServer;
 use tessera_proto::api::identity::identity_server::IdentityServer;
-use tessera_proto::resources::{self, MeshConfigSpec};
-use tessera_proto::tls::{self, ClientAuth, CurrentCert, Trust, TrustBundle};
-use tessera_proxy::admin::{self, Reply};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -179,7 +179,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         .add_service(
             DiscoveryServer::new(discovery_service)
                 .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES)
-                .max_encoding_message_size(tessera_proto::mesh::MAX_SNAPSHOT_BYTES),
+                .max_encoding_message_size(tessera_mesh::snapshot::MAX_SNAPSHOT_BYTES),
         );
 
     let grpc_listener = TcpListener::bind(options.grpc_listen)
@@ -201,14 +201,13 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let admin_metrics = metrics.clone();
     let tasks = vec![
         tokio::spawn(crate::grpc::serve(grpc_listener, acceptor, router)),
-        tokio::spawn(admin::serve(
-            admin_listener,
-            move |path, headers| match path {
+        tokio::spawn(admin::serve(admin_listener, move |path, headers| {
+            std::future::ready(match path {
                 "/live" | "/ready" => Reply::text(StatusCode::OK, "ok\n"),
                 "/metrics" => Reply::metrics(admin_metrics.encode(), headers),
                 _ => Reply::not_found(),
-            },
-        )),
+            })
+        })),
         tokio::spawn(webhook::serve(
             webhook_listener,
             webhook_acceptor,

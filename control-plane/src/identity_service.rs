@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
 use tessera_proto::api::identity::identity_server::Identity;
 use tessera_proto::api::identity::{CertifyRequest, CertifyResponse};
 use tonic::{Request, Response, Status};

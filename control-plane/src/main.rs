@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tessera_control_plane::{app, cli, demo, inject};
-use tessera_proto::logging::{self, LogFormat};
+#[cfg(feature = "demo")]
+use tessera_control_plane::demo;
+use tessera_control_plane::{app, cli, inject};
+use tessera_mesh::process::logging::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -93,10 +95,11 @@ enum Command {
         #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE_ADDRESS, value_parser = cli::parse_host_port)]
         control_plane_address: String,
         /// The mesh's trust domain (the control plane's MeshConfig `trustDomain`).
-        #[arg(long, default_value = tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = cli::parse_trust_domain)]
+        #[arg(long, default_value = tessera_mesh::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = cli::parse_trust_domain)]
         trust_domain: String,
     },
     /// Run a small mesh on loopback and show what it does.
+    #[cfg(feature = "demo")]
     Demo {
         /// How long to drive traffic.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
@@ -171,8 +174,9 @@ enum TokenCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    tessera_proto::tls::install_crypto_provider();
+    tessera_mesh::tls::install_crypto_provider();
     let cli = Cli::parse();
+    #[cfg(feature = "demo")]
     if matches!(cli.command, Command::Demo { .. }) && std::env::var_os("RUST_LOG").is_none() {
         // The demo prints its own story; only errors should interrupt it.
         // SAFETY: single-threaded here, before any other thread exists.
@@ -208,7 +212,7 @@ fn main() -> anyhow::Result<()> {
                 },
             })
             .await?;
-            tessera_proxy::app::shutdown_signal()
+            tessera_mesh::process::shutdown_signal()
                 .await
                 .context("cannot watch for signals")?;
             tracing::info!(event = "control plane stopping");
@@ -242,6 +246,7 @@ fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        #[cfg(feature = "demo")]
         Command::Demo { duration } => runtime.block_on(demo::run(duration)),
         Command::Inject {
             mut files,

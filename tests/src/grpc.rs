@@ -5,10 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
+use tessera_mesh::tls::{self, Trust, TrustBundle};
 use tessera_proto::api::identity::identity_client::IdentityClient;
 use tessera_proto::api::identity::{CertifyRequest, CertifyResponse};
-use tessera_proto::tls::{self, Trust, TrustBundle};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::Endpoint;

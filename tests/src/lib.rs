@@ -774,5 +774,5 @@ pub async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) 
 
 /// Installs the crypto provider for in-test TLS clients.
 pub fn init() {
-    tessera_proto::tls::install_crypto_provider();
+    tessera_mesh::tls::install_crypto_provider();
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rand::Rng;
-use tessera_proto::SpiffeId;
-use tessera_proto::resources::OutlierDetectionSpec;
+use tessera_mesh::SpiffeId;
+use tessera_mesh::resources::OutlierDetectionSpec;
 use tracing::{info, warn};
 
 use super::endpoint::{ConnectorFactory, Connectors};
@@ -277,13 +277,13 @@ mod tests {
             .iter()
             .map(|a| (a.to_string(), id.clone()))
             .collect();
-        let trust = tessera_proto::tls::Trust::new(
+        let trust = tessera_mesh::tls::Trust::new(
             "td",
-            tessera_proto::tls::TrustBundle::new(vec![test_root()]).unwrap(),
+            tessera_mesh::tls::TrustBundle::new(vec![test_root()]).unwrap(),
         );
         let factory = move |peer: &SpiffeId| {
             let make = || {
-                tessera_proto::tls::client_config(trust.clone(), peer.clone(), None, &[])
+                tessera_mesh::tls::client_config(trust.clone(), peer.clone(), None, &[])
                     .map(|c| TlsConnector::from(Arc::new(c)))
             };
             Ok(Connectors {

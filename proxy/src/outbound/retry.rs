@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use tessera_proto::resources::RetryBudgetSpec;
+use tessera_mesh::resources::RetryBudgetSpec;
 
 const BUCKETS: usize = 10;
 
