@@ -21,6 +21,7 @@ pub mod certs;
 pub mod grpc;
 pub mod hostile;
 pub mod jwt;
+pub mod kube;
 pub mod l7;
 pub mod netns;
 pub mod otlp;
