@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::ca::{CertificateAuthority, Issued};
 use crate::discovery_service::DiscoveryService;
 use crate::identity_service::IdentityService;
+use crate::kubernetes::tokens::ServiceAccountTokens;
 use crate::telemetry::Metrics;
 use crate::token::{self, TokenAuthority};
 use crate::webhook;
@@ -44,6 +45,8 @@ pub struct Options {
     pub webhook_listen: SocketAddr,
     /// What the webhook injects; its trust domain is always the MeshConfig's.
     pub inject: crate::inject::Options,
+    /// Cluster mode: the Kubernetes API to verify pods' tokens with. None: local mode.
+    pub cluster: Option<crate::kubernetes::ClusterMode>,
 }
 
 impl Options {
@@ -156,12 +159,23 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let server_config =
         tls::server_config(trust, serving_cert.clone(), ClientAuth::Optional, &[b"h2"])?;
 
+    let kubernetes = match &options.cluster {
+        Some(cluster) => {
+            let client = crate::kubernetes::client(cluster.kubeconfig.as_deref()).await?;
+            Some(Arc::new(ServiceAccountTokens::new(
+                client,
+                mesh.trust_domain.clone(),
+            )))
+        }
+        None => None,
+    };
     let identity_service = IdentityService {
         ca: ca.clone(),
         tokens: tokens.clone(),
         trust_domain: mesh.trust_domain.clone(),
         certificate_ttl: mesh.certificate_ttl,
         metrics: metrics.clone(),
+        kubernetes,
     };
     let config_watch = crate::config::watch(&options.config_dir)
         .with_context(|| format!("cannot watch {}", options.config_dir.display()))?;

@@ -101,6 +101,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         admin_listen: SocketAddr::from((LOCALHOST, 0)),
         webhook_listen: SocketAddr::from((LOCALHOST, 0)),
         inject: Default::default(),
+        cluster: None,
     })
     .await?;
     println!(

@@ -17,6 +17,7 @@ pub mod discovery_service;
 pub mod grpc;
 pub mod identity_service;
 pub mod inject;
+pub mod kubernetes;
 pub mod state;
 pub mod telemetry;
 pub mod token;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 #[cfg(feature = "demo")]
 use tessera_control_plane::demo;
-use tessera_control_plane::{app, cli, inject};
+use tessera_control_plane::{app, cli, inject, kubernetes};
 use tessera_mesh::process::logging::{self, LogFormat};
 
 #[derive(Parser)]
@@ -54,6 +54,13 @@ enum Command {
         /// Where injected proxies reach this control plane.
         #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE_ADDRESS, value_parser = cli::parse_host_port)]
         control_plane_address: String,
+        /// Cluster mode: verify pods' service-account tokens with the Kubernetes API
+        /// (in-cluster configuration unless --kubeconfig).
+        #[arg(long)]
+        kubernetes: bool,
+        /// The Kubernetes API from a kubeconfig file instead of the pod's own.
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Join tokens for workloads outside Kubernetes.
     Token {
@@ -196,6 +203,8 @@ fn main() -> anyhow::Result<()> {
             webhook,
             proxy_image,
             control_plane_address,
+            kubernetes,
+            kubeconfig,
         } => runtime.block_on(async {
             let state_dir = state_dir.unwrap_or_else(|| app::Options::default_state_dir(&config));
             let _control_plane = app::start(app::Options {
@@ -210,6 +219,7 @@ fn main() -> anyhow::Result<()> {
                     // The trust domain is the MeshConfig's, set by `app::start`.
                     ..inject::Options::default()
                 },
+                cluster: kubernetes.then_some(kubernetes::ClusterMode { kubeconfig }),
             })
             .await?;
             tessera_mesh::process::shutdown_signal()

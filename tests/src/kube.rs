@@ -51,6 +51,8 @@ pub struct ApiServer {
     /// The API server's serving CA (PEM), for a kubeconfig or a client.
     pub ca_file: PathBuf,
     pub kubeconfig: PathBuf,
+    /// The service-account token issuer (`iss` of the tokens it signs).
+    pub issuer: String,
     tls: TlsConnector,
     authority: String,
     pub process: Process,
@@ -89,12 +91,18 @@ impl ApiServer {
         Some(Self {
             ca_file: field("ca"),
             kubeconfig: field("kubeconfig"),
+            issuer: ready["issuer"].as_str().expect("issuer").to_string(),
             server,
             tls,
             authority,
             process,
             _dir: dir,
         })
+    }
+
+    /// The key the API server signs service-account tokens with (PEM).
+    pub fn service_account_key(&self) -> Vec<u8> {
+        std::fs::read(self._dir.path().join("sa.key")).expect("sa.key")
     }
 
     /// `POST path` with a JSON object; (status, the answer).
@@ -137,7 +145,10 @@ impl ApiServer {
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(connection);
-        let body = body.map(serde_json::to_vec).transpose()?.unwrap_or_default();
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()?
+            .unwrap_or_default();
         let request = http::Request::builder()
             .method(method.clone())
             .uri(path)
@@ -150,9 +161,8 @@ impl ApiServer {
             .with_context(|| format!("{method} {path}: no answer"))??;
         let status = response.status().as_u16();
         let bytes = response.into_body().collect().await?.to_bytes();
-        let answer = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&bytes).into_owned())
-        });
+        let answer = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         Ok((status, answer))
     }
 }
