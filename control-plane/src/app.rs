@@ -128,7 +128,8 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let ca = Arc::new(certificate_authority(&options, &mesh)?);
     let trust_bundle = TrustBundle::new(ca.trust_bundle().to_vec())?;
     let trust_bundle_file = options.state_dir.join(TRUST_BUNDLE_FILE);
-    crate::state::write_public(&trust_bundle_file, trust_bundle.to_pem().as_bytes())?;
+    let trust_bundle_pem = trust_bundle.to_pem();
+    crate::state::write_public(&trust_bundle_file, trust_bundle_pem.as_bytes())?;
     let tokens = Arc::new(TokenAuthority::load_or_create(&options.state_dir)?);
     let metrics = Arc::new(Metrics::new());
 
@@ -159,16 +160,16 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let server_config =
         tls::server_config(trust, serving_cert.clone(), ClientAuth::Optional, &[b"h2"])?;
 
-    let kubernetes = match &options.cluster {
-        Some(cluster) => {
-            let client = crate::kubernetes::client(cluster.kubeconfig.as_deref()).await?;
-            Some(Arc::new(ServiceAccountTokens::new(
-                client,
-                mesh.trust_domain.clone(),
-            )))
-        }
+    let cluster = match &options.cluster {
+        Some(cluster) => Some(crate::kubernetes::client(cluster.kubeconfig.as_deref()).await?),
         None => None,
     };
+    let kubernetes = cluster.as_ref().map(|client| {
+        Arc::new(ServiceAccountTokens::new(
+            client.clone(),
+            mesh.trust_domain.clone(),
+        ))
+    });
     let identity_service = IdentityService {
         ca: ca.clone(),
         tokens: tokens.clone(),
@@ -213,7 +214,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
 
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let admin_metrics = metrics.clone();
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(crate::grpc::serve(grpc_listener, acceptor, router)),
         tokio::spawn(admin::serve(admin_listener, move |path, headers| {
             std::future::ready(match path {
@@ -238,6 +239,12 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
             metrics.clone(),
         )),
     ];
+    if let Some(client) = cluster {
+        tasks.push(tokio::spawn(crate::kubernetes::root_cert::publish(
+            client,
+            trust_bundle_pem,
+        )));
+    }
     info!(
         event = "control plane started",
         trust_domain = %mesh.trust_domain,

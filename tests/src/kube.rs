@@ -115,6 +115,31 @@ impl ApiServer {
         self.request(http::Method::GET, path, None).await
     }
 
+    /// `PATCH path` with a JSON merge patch; (status, the answer).
+    pub async fn merge_patch(&self, path: &str, patch: &Value) -> anyhow::Result<(u16, Value)> {
+        self.request(http::Method::PATCH, path, Some(patch)).await
+    }
+
+    /// Polls `GET path` until `done` holds for (status, answer); the last answer.
+    pub async fn eventually(
+        &self,
+        path: &str,
+        timeout: Duration,
+        done: impl Fn(u16, &Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (status, answer) = self.get(path).await?;
+            if done(status, &answer) {
+                return Ok(answer);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("GET {path} after {timeout:?}: {status} {answer}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `DELETE path`; (status, the answer).
     pub async fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
         self.request(http::Method::DELETE, path, None).await
@@ -149,11 +174,15 @@ impl ApiServer {
             .map(serde_json::to_vec)
             .transpose()?
             .unwrap_or_default();
+        let content_type = match method {
+            http::Method::PATCH => "application/merge-patch+json",
+            _ => "application/json",
+        };
         let request = http::Request::builder()
             .method(method.clone())
             .uri(path)
             .header(http::header::HOST, &self.authority)
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, content_type)
             .header(http::header::ACCEPT, "application/json")
             .body(Full::new(Bytes::from(body)))?;
         let response = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(request))

@@ -1,9 +1,11 @@
 //! Cluster mode: the control plane as a client of the Kubernetes API.
 //!
-//! [`tokens`] verifies the service-account tokens injected sidecars present.
+//! [`tokens`] verifies the service-account tokens injected sidecars present;
+//! [`root_cert`] publishes the mesh root to meshed namespaces and the webhook.
 
 use std::path::{Path, PathBuf};
 
+pub mod root_cert;
 pub mod tokens;
 
 /// `tessera control-plane --kubernetes`: where the API server is.

@@ -14,7 +14,7 @@ use kube::api::PostParams;
 use tessera_mesh::SpiffeId;
 
 /// The audience a sidecar's projected token must be issued for.
-pub const AUDIENCE: &str = "tessera";
+pub const AUDIENCE: &str = crate::inject::sidecar::TOKEN_AUDIENCE;
 
 /// What a bound service-account token carries about its pod (`user.extra`).
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";

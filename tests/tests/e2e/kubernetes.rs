@@ -396,3 +396,87 @@ async fn pods_get_certificates_for_their_service_account_tokens_and_nothing_else
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_root_is_kept_published_in_meshed_namespaces_and_the_webhook() {
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    namespace(&api, "shop", json!({ "tessera.dev/inject": "enabled" })).await;
+    namespace(&api, "plain", json!({})).await;
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/webhook.yaml");
+    let shipped: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    api.must_create(
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+        &shipped,
+    )
+    .await;
+    let control_plane = ControlPlane::start_in_cluster(&api.kubeconfig).await;
+    let root = std::fs::read_to_string(control_plane.trust_bundle_file()).unwrap();
+    const MAP: &str = "configmaps/tessera-ca-root-cert";
+    let published =
+        |status: u16, map: &Value| status == 200 && map["data"]["root-cert.pem"] == root.as_str();
+    let within = Duration::from_secs(1);
+
+    api.eventually(
+        &format!("/api/v1/namespaces/shop/{MAP}"),
+        Duration::from_secs(10),
+        published,
+    )
+    .await
+    .expect("published in the meshed namespace");
+    let (status, _) = api
+        .get(&format!("/api/v1/namespaces/plain/{MAP}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "nothing in a namespace outside the mesh");
+    let bundle = base64::engine::general_purpose::STANDARD.encode(&root);
+    api.eventually(
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/tessera-sidecar-injector",
+        within,
+        |_, configuration| configuration["webhooks"][0]["clientConfig"]["caBundle"] == bundle.as_str(),
+    )
+    .await
+    .expect("the webhook's caBundle is the root");
+
+    // Deleted: recreated. Changed: restored.
+    let (status, _) = api
+        .delete(&format!("/api/v1/namespaces/shop/{MAP}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    api.eventually(&format!("/api/v1/namespaces/shop/{MAP}"), within, published)
+        .await
+        .expect("recreated after deletion");
+    let tampered = json!({ "data": { "root-cert.pem": "-----BEGIN CERTIFICATE-----\nforged\n" } });
+    let (status, _) = api
+        .merge_patch(&format!("/api/v1/namespaces/shop/{MAP}"), &tampered)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    api.eventually(&format!("/api/v1/namespaces/shop/{MAP}"), within, published)
+        .await
+        .expect("restored after a change");
+
+    // A namespace joining the mesh gets it.
+    let label = json!({ "metadata": { "labels": { "tessera.dev/inject": "enabled" } } });
+    let (status, _) = api
+        .merge_patch("/api/v1/namespaces/plain", &label)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    api.eventually(
+        &format!("/api/v1/namespaces/plain/{MAP}"),
+        within,
+        published,
+    )
+    .await
+    .expect("published when the namespace joins the mesh");
+    control_plane
+        .process
+        .logs
+        .wait_for(&["root certificate published", "namespace=plain"], within)
+        .await
+        .unwrap();
+}
