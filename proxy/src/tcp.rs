@@ -394,10 +394,7 @@ mod tests {
         assert!(at_server == upload, "the upload arrived whole");
 
         let counted = relay.await.expect("relay task").expect("relay");
-        assert_eq!(
-            counted,
-            (5 + upload.len() as u64, download.len() as u64)
-        );
+        assert_eq!(counted, (5 + upload.len() as u64, download.len() as u64));
     }
 
     #[tokio::test(start_paused = true)]
@@ -430,7 +427,10 @@ mod tests {
         client.read_to_end(&mut nothing).await.expect("read");
         assert!(nothing.is_empty());
         // ...and what it still sends fails the relay rather than vanishing.
-        client.write_all(b"too late").await.expect("write to the relay");
+        client
+            .write_all(b"too late")
+            .await
+            .expect("write to the relay");
         let ended = tokio::time::timeout(Duration::from_secs(60), relay)
             .await
             .expect("the relay ends")
@@ -466,15 +466,20 @@ mod tests {
     ) -> (Journal, tokio::task::JoinHandle<()>) {
         let journal = Journal::default();
         let seen = journal.clone();
-        let task = tokio::spawn(accept_loop(listener, limit, drain, move |mut stream, peer| {
-            let seen = seen.clone();
-            async move {
-                seen.lock().expect("journal").push(("start", peer.port()));
-                let mut rest = Vec::new();
-                let _ = stream.read_to_end(&mut rest).await;
-                seen.lock().expect("journal").push(("end", peer.port()));
-            }
-        }));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            limit,
+            drain,
+            move |mut stream, peer| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().expect("journal").push(("start", peer.port()));
+                    let mut rest = Vec::new();
+                    let _ = stream.read_to_end(&mut rest).await;
+                    seen.lock().expect("journal").push(("end", peer.port()));
+                }
+            },
+        ));
         (journal, task)
     }
 
@@ -499,7 +504,11 @@ mod tests {
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(journal.lock().expect("journal").len(), 1, "only one at a time");
+        assert_eq!(
+            journal.lock().expect("journal").len(),
+            1,
+            "only one at a time"
+        );
 
         let first_port = first.local_addr().expect("address").port();
         let second_port = second.local_addr().expect("address").port();
@@ -507,7 +516,11 @@ mod tests {
         until(&journal, 3).await;
         assert_eq!(
             *journal.lock().expect("journal"),
-            [("start", first_port), ("end", first_port), ("start", second_port)]
+            [
+                ("start", first_port),
+                ("end", first_port),
+                ("start", second_port)
+            ]
         );
     }
 

@@ -768,7 +768,11 @@ mod tests {
         )
     }
 
-    fn response(code: u16, headers: &[(&'static str, &'static str)], body: Frames) -> http::Response<Frames> {
+    fn response(
+        code: u16,
+        headers: &[(&'static str, &'static str)],
+        body: Frames,
+    ) -> http::Response<Frames> {
         let mut response = http::Response::new(body);
         *response.status_mut() = http::StatusCode::from_u16(code).expect("a valid status");
         for (name, value) in headers {
@@ -797,7 +801,10 @@ mod tests {
                 && labels.iter().all(|label| line.contains(label))
         });
         let line = found.next()?;
-        assert!(found.next().is_none(), "more than one {name} sample matches {labels:?}");
+        assert!(
+            found.next().is_none(),
+            "more than one {name} sample matches {labels:?}"
+        );
         let (_, after_labels) = line.split_once("} ")?;
         after_labels.split(' ').next()?.parse().ok()
     }
@@ -820,7 +827,11 @@ mod tests {
             "grpc_status=\"\"",
             "security=\"mtls\"",
         ];
-        assert_eq!(sample(&text, "tessera_requests_total", &ok), Some(3.0), "{text}");
+        assert_eq!(
+            sample(&text, "tessera_requests_total", &ok),
+            Some(3.0),
+            "{text}"
+        );
         assert_eq!(
             sample(&text, "tessera_requests_total", &["code=\"503\""]),
             Some(1.0)
@@ -839,7 +850,11 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let series = series(&metrics, Direction::Inbound);
         // Trailers-only answer: the status is in the head.
-        exchange(&series, response(200, &[("grpc-status", "14")], Frames::data(&[]))).await;
+        exchange(
+            &series,
+            response(200, &[("grpc-status", "14")], Frames::data(&[])),
+        )
+        .await;
         // The usual answer: the status comes in the trailers after the message.
         let body = Frames::data(&[b"message"]).with_trailers("grpc-status", "0");
         exchange(&series, response(200, &[], body)).await;
@@ -867,7 +882,13 @@ mod tests {
             exchange(&series, response(code, &[], Frames::data(&[]))).await;
         }
         let text = metrics.encode();
-        for (class, requests) in [("1xx", 1.0), ("2xx", 2.0), ("3xx", 1.0), ("4xx", 1.0), ("5xx", 2.0)] {
+        for (class, requests) in [
+            ("1xx", 1.0),
+            ("2xx", 2.0),
+            ("3xx", 1.0),
+            ("4xx", 1.0),
+            ("5xx", 2.0),
+        ] {
             let label = format!("code_class=\"{class}\"");
             assert_eq!(
                 sample(&text, "tessera_request_duration_seconds_count", &[&label]),
@@ -942,8 +963,11 @@ mod tests {
     async fn a_request_is_recorded_once_even_when_the_caller_goes_away() {
         let metrics = Arc::new(Metrics::new());
         let series = series(&metrics, Direction::Outbound);
-        let answer = RequestMeter::start(series.clone())
-            .finish(response(200, &[], Frames::data(&[b"first", b"second"])));
+        let answer = RequestMeter::start(series.clone()).finish(response(
+            200,
+            &[],
+            Frames::data(&[b"first", b"second"]),
+        ));
         let mut body = answer.into_body();
         let first = body.frame().await.expect("a frame").expect("data");
         assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"first")));
@@ -968,7 +992,9 @@ mod tests {
         let (upload, fail) = crate::http::test_bodies::upload(b"partial");
         let mut response = http::Response::new(upload);
         *response.status_mut() = http::StatusCode::OK;
-        let mut body = RequestMeter::start(series.clone()).finish(response).into_body();
+        let mut body = RequestMeter::start(series.clone())
+            .finish(response)
+            .into_body();
         body.frame().await.expect("a frame").expect("data");
         fail.send(()).expect("the body waits");
         assert!(body.frame().await.expect("a frame").is_err());
@@ -1032,7 +1058,11 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(
-            sample(&text, "tessera_tcp_connections_total", &["security=\"plaintext\""]),
+            sample(
+                &text,
+                "tessera_tcp_connections_total",
+                &["security=\"plaintext\""]
+            ),
             Some(1.0)
         );
         assert_eq!(
@@ -1058,7 +1088,8 @@ mod tests {
         }
 
         fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-            self.0.push((field.name().to_string(), format!("{value:?}")));
+            self.0
+                .push((field.name().to_string(), format!("{value:?}")));
         }
     }
 
@@ -1128,10 +1159,17 @@ mod tests {
                 .map(|(_, value)| value.as_str())
         };
         assert_eq!(field("direction"), Some("inbound"));
-        assert_eq!(field("source"), Some("spiffe://cluster.local/ns/shop/sa/web"));
+        assert_eq!(
+            field("source"),
+            Some("spiffe://cluster.local/ns/shop/sa/web")
+        );
         assert_eq!(field("destination"), Some("orders.shop"));
         assert_eq!(field("method"), Some("POST"));
-        assert_eq!(field("path"), Some("/orders/42"), "the path without its query");
+        assert_eq!(
+            field("path"),
+            Some("/orders/42"),
+            "the path without its query"
+        );
         assert_eq!(field("status"), Some("503"));
         assert_eq!(field("bytes"), Some("10"));
         assert_eq!(field("trace_id"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
@@ -1140,7 +1178,10 @@ mod tests {
         assert!(field("duration_ms").is_some());
         let everything = format!("{line:?}");
         for secret in ["s3cr3t", "4111111111111111", "access_token"] {
-            assert!(!everything.contains(secret), "{secret} logged: {everything}");
+            assert!(
+                !everything.contains(secret),
+                "{secret} logged: {everything}"
+            );
         }
     }
 
