@@ -778,7 +778,7 @@ mod tests {
         for (name, value) in headers {
             response
                 .headers_mut()
-                .insert(*name, http::HeaderValue::from_static(*value));
+                .insert(*name, http::HeaderValue::from_static(value));
         }
         response
     }
@@ -871,7 +871,7 @@ mod tests {
                 "{status}: {text}"
             );
         }
-        assert!(!text.contains("999999"));
+        assert!(!text.contains("grpc_status=\"999999\""), "{text}");
     }
 
     #[tokio::test]
@@ -1075,9 +1075,12 @@ mod tests {
         );
     }
 
-    /// The events logged while it is the thread's subscriber: target and fields.
+    /// An event as logged: its target and its fields (name, value).
+    type Logged = (String, Vec<(String, String)>);
+
+    /// The events logged while it is the thread's subscriber.
     #[derive(Clone, Default)]
-    struct Events(Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>);
+    struct Events(Arc<Mutex<Vec<Logged>>>);
 
     #[derive(Default)]
     struct Fields(Vec<(String, String)>);
