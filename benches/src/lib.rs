@@ -5,8 +5,8 @@
 //! pair — and measures the same workloads through each path in one run: `topology`
 //! builds the paths, `load` drives them, `proc_stats` reads each proxy's CPU time and
 //! memory from /proc, `control_plane` measures certificate signing and configuration
-//! push, `report` prints the table and writes JSON. `scenario` decides what runs in
-//! which order.
+//! push, `report` prints the table and writes JSON, `run_name` names a run's results by
+//! date and commit. `scenario` decides what runs in which order.
 //!
 //! `benches/hot_paths.rs` measures, with criterion, the pieces of work the proxy does on
 //! every connection or request: protocol detection, policy evaluation, path
@@ -20,6 +20,7 @@ pub mod load;
 pub mod proc_stats;
 pub mod process;
 pub mod report;
+pub mod run_name;
 pub mod scenario;
 pub mod topology;
 

@@ -3,9 +3,11 @@
 //! `all` builds the release binaries and the proxy as shipped, starts every path and
 //! measures them (~5 min, and the shipped proxy's build the first time);
 //! `smoke` runs every path briefly and fails when one does not serve (CI). The table is
-//! printed and the JSON written to `--json` (default: `<target dir>/bench-results.json`).
+//! printed and the JSON written to `--json` (default:
+//! `<target dir>/bench-results/<date>-<commit>-<command>.json`, named as
+//! `benches/results/` names what it keeps).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -85,7 +87,8 @@ fn main() -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let plan = match cli.command {
+    // The plan, and the command's name for the results file.
+    let (plan, command) = match cli.command {
         Command::ServeBackends => {
             runtime.block_on(backends::serve())?;
             return Ok(ExitCode::SUCCESS);
@@ -107,12 +110,13 @@ fn main() -> anyhow::Result<ExitCode> {
             if !release_proxy && std::env::var_os("TESSERA_BENCH_PROXY").is_none() {
                 set_proxy_binary(shipped_proxy(!no_build)?);
             }
-            Plan {
+            let plan = Plan {
                 repeat,
                 ..Plan::all()
-            }
+            };
+            (plan, "all")
         }
-        Command::Smoke => Plan::smoke(),
+        Command::Smoke => (Plan::smoke(), "smoke"),
         Command::NewConnections {
             address,
             seconds,
@@ -159,13 +163,20 @@ fn main() -> anyhow::Result<ExitCode> {
     };
     let report = runtime.block_on(scenario::run(plan))?;
     println!("{}", report.render());
+    let run_stem =
+        tessera_benches::run_name::run_stem(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")));
     let json_path = match cli.json {
         Some(path) => path,
-        None => default_json_path()?,
+        None => default_json_path(&run_stem, command)?,
     };
     let json = serde_json::to_string_pretty(&report).context("serialize the results")?;
     std::fs::write(&json_path, json).with_context(|| format!("write {}", json_path.display()))?;
     println!("results written to {}", json_path.display());
+    if command == "all" {
+        println!(
+            "to keep this run, save this output as benches/results/{run_stem}-<build>[-median-of-N].txt (benches/results/README.md)"
+        );
+    }
     let failures = scenario::failures(&report);
     if failures.is_empty() {
         Ok(ExitCode::SUCCESS)
@@ -230,9 +241,13 @@ fn shipped_proxy(build: bool) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// `<target dir>/bench-results.json`, beside the profile directories.
-fn default_json_path() -> anyhow::Result<PathBuf> {
+/// `<target dir>/bench-results/<date>-<commit>-<command>.json`, beside the profile
+/// directories: each run its own file, named by when it ran and the code it measured.
+fn default_json_path(run_stem: &str, command: &str) -> anyhow::Result<PathBuf> {
     let profile_dir = binary_dir()?;
     let target_dir = profile_dir.parent().unwrap_or(&profile_dir);
-    Ok(target_dir.join("bench-results.json"))
+    let results_dir = target_dir.join("bench-results");
+    std::fs::create_dir_all(&results_dir)
+        .with_context(|| format!("create {}", results_dir.display()))?;
+    Ok(results_dir.join(format!("{run_stem}-{command}.json")))
 }

@@ -195,6 +195,10 @@ pub fn classify_handshake_error(error: &std::io::Error) -> Refusal {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
     use super::*;
 
     #[test]
@@ -205,5 +209,265 @@ mod tests {
         assert!(!in_reserve_of(223, 256));
         assert!(in_reserve_of(224, 256));
         assert!(!in_reserve_of(100_000, 0), "no limit known, no reserve");
+    }
+
+    /// The two ends of one in-memory connection.
+    fn connection() -> (DuplexStream, DuplexStream) {
+        tokio::io::duplex(64 * 1024)
+    }
+
+    /// A relay between a client and a server, each on its own in-memory connection:
+    /// returns (client, server, the relay's task).
+    fn relayed() -> (
+        DuplexStream,
+        DuplexStream,
+        tokio::task::JoinHandle<std::io::Result<(u64, u64)>>,
+    ) {
+        let (client, mut client_side) = connection();
+        let (mut server_side, server) = connection();
+        let relay = tokio::spawn(async move { relay(&mut client_side, &mut server_side).await });
+        (client, server, relay)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_relay_carries_bytes_both_ways_and_counts_them() {
+        let (mut client, mut server, relay) = relayed();
+        client.write_all(b"hello").await.expect("write");
+        let mut hello = [0; 5];
+        server.read_exact(&mut hello).await.expect("read");
+        assert_eq!(&hello, b"hello");
+
+        // More than one copy buffer each way, both directions at once.
+        let upload = vec![1u8; 3 * COPY_BUFFER + 5];
+        let download = vec![2u8; 2 * COPY_BUFFER + 7];
+        let client_side = async {
+            client.write_all(&upload).await.expect("upload");
+            client.shutdown().await.expect("half-close");
+            let mut received = Vec::new();
+            client.read_to_end(&mut received).await.expect("download");
+            received
+        };
+        let server_side = async {
+            server.write_all(&download).await.expect("download");
+            server.shutdown().await.expect("half-close");
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.expect("upload");
+            received
+        };
+        let (at_client, at_server) = tokio::join!(client_side, server_side);
+        assert!(at_client == download, "the download arrived whole");
+        assert!(at_server == upload, "the upload arrived whole");
+
+        let counted = relay.await.expect("relay task").expect("relay");
+        assert_eq!(counted, (5 + upload.len() as u64, download.len() as u64));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_close_is_passed_on_while_the_answer_still_flows() {
+        let (mut client, mut server, relay) = relayed();
+        client.write_all(b"request").await.expect("write");
+        client.shutdown().await.expect("half-close");
+
+        // The server sees the end of the request...
+        let mut request = Vec::new();
+        server.read_to_end(&mut request).await.expect("read");
+        assert_eq!(request, b"request");
+        // ...and its answer still reaches the client after it.
+        server.write_all(b"response").await.expect("write");
+        assert!(!relay.is_finished(), "one direction is still open");
+        server.shutdown().await.expect("close");
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).await.expect("read");
+        assert_eq!(response, b"response");
+
+        assert_eq!(relay.await.expect("relay task").expect("relay"), (7, 8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_side_that_closes_early_ends_the_relay_instead_of_hanging_it() {
+        let (mut client, server, relay) = relayed();
+        drop(server);
+        // The client learns the server is gone...
+        let mut nothing = Vec::new();
+        client.read_to_end(&mut nothing).await.expect("read");
+        assert!(nothing.is_empty());
+        // ...and what it still sends fails the relay rather than vanishing.
+        client
+            .write_all(b"too late")
+            .await
+            .expect("write to the relay");
+        let ended = tokio::time::timeout(Duration::from_secs(60), relay)
+            .await
+            .expect("the relay ends")
+            .expect("relay task");
+        let error = ended.expect_err("nowhere to deliver the bytes");
+        assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_relay_stays_open() {
+        // No idle timeout here: a tunnel is exempt (an idle database connection is
+        // normal), and its ends close it.
+        let (mut client, mut server, relay) = relayed();
+        tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+        assert!(!relay.is_finished());
+        client.write_all(b"still here").await.expect("write");
+        let mut received = [0; 10];
+        server.read_exact(&mut received).await.expect("read");
+        assert_eq!(&received, b"still here");
+        drop((client, server));
+        assert!(relay.await.expect("relay task").is_ok());
+    }
+
+    /// What handlers saw, in order: ("start" | "end", the client's port).
+    type Journal = Arc<Mutex<Vec<(&'static str, u16)>>>;
+
+    /// Serves `listener` with handlers that hold their connection until the client
+    /// closes it.
+    fn serve(
+        listener: TcpListener,
+        limit: usize,
+        drain: Drain,
+    ) -> (Journal, tokio::task::JoinHandle<()>) {
+        let journal = Journal::default();
+        let seen = journal.clone();
+        let task = tokio::spawn(accept_loop(
+            listener,
+            limit,
+            drain,
+            move |mut stream, peer| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().expect("journal").push(("start", peer.port()));
+                    let mut rest = Vec::new();
+                    let _ = stream.read_to_end(&mut rest).await;
+                    seen.lock().expect("journal").push(("end", peer.port()));
+                }
+            },
+        ));
+        (journal, task)
+    }
+
+    async fn until(journal: &Journal, entries: usize) {
+        while journal.lock().expect("journal").len() < entries {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_connection_limit_the_next_connection_waits_its_turn() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (_trigger, drain) = crate::lifecycle::channel();
+        let (journal, _accepting) = serve(listener, 1, drain);
+
+        let first = TcpStream::connect(address).await.expect("connect");
+        until(&journal, 1).await;
+        // The kernel completes the second handshake; the proxy does not take it.
+        let second = TcpStream::connect(address).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            journal.lock().expect("journal").len(),
+            1,
+            "only one at a time"
+        );
+
+        let first_port = first.local_addr().expect("address").port();
+        let second_port = second.local_addr().expect("address").port();
+        drop(first);
+        until(&journal, 3).await;
+        assert_eq!(
+            *journal.lock().expect("journal"),
+            [
+                ("start", first_port),
+                ("end", first_port),
+                ("start", second_port)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_stops_accepting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (trigger, drain) = crate::lifecycle::channel();
+        let (_journal, accepting) = serve(listener, 10, drain);
+
+        let still_open = trigger.drain(Duration::from_secs(1)).await;
+        assert_eq!(still_open, 0);
+        tokio::time::timeout(Duration::from_secs(60), accepting)
+            .await
+            .expect("the accept loop ends")
+            .expect("accept task");
+        let refused = TcpStream::connect(address).await;
+        assert!(refused.is_err(), "the listener is closed");
+    }
+
+    fn tls_error(error: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, error)
+    }
+
+    fn ours(reason: TlsError) -> rustls::Error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(reason),
+        )))
+    }
+
+    #[test]
+    fn a_failed_handshake_is_named_for_what_the_operator_can_fix() {
+        let orders: tessera_proto::SpiffeId = "spiffe://cluster.local/ns/shop/sa/orders"
+            .parse()
+            .expect("a valid identity");
+        let payments: tessera_proto::SpiffeId = "spiffe://cluster.local/ns/shop/sa/payments"
+            .parse()
+            .expect("a valid identity");
+        let wrong_peer = tls_error(ours(TlsError::UnexpectedPeer {
+            presented: payments,
+            expected: orders,
+        }));
+        assert_eq!(
+            classify_handshake_error(&wrong_peer),
+            Refusal::UnexpectedIdentity
+        );
+        assert_eq!(
+            describe_handshake_error(&wrong_peer),
+            "invalid peer certificate: peer presented spiffe://cluster.local/ns/shop/sa/payments, \
+             but spiffe://cluster.local/ns/shop/sa/orders was expected"
+        );
+
+        let cases = [
+            (
+                tls_error(rustls::Error::NoCertificatesPresented),
+                Refusal::NoCertificate,
+            ),
+            (
+                tls_error(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Expired,
+                )),
+                Refusal::UntrustedCertificate,
+            ),
+            (
+                tls_error(ours(TlsError::UriSanCount(2))),
+                Refusal::UntrustedCertificate,
+            ),
+            (
+                tls_error(rustls::Error::DecryptError),
+                Refusal::HandshakeFailed,
+            ),
+            (
+                std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+                Refusal::HandshakeFailed,
+            ),
+        ];
+        for (error, refusal) in cases {
+            assert_eq!(classify_handshake_error(&error), refusal, "{error}");
+        }
+        assert!(
+            describe_handshake_error(&tls_error(ours(TlsError::UriSanCount(2))))
+                .contains("2 URI SANs")
+        );
     }
 }

@@ -698,3 +698,500 @@ impl Drop for OpenConnection {
         self.0.closed.inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::http::BoxError;
+
+    /// A response body: these frames, then its end.
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl Frames {
+        fn data(chunks: &[&'static [u8]]) -> Self {
+            Self(
+                chunks
+                    .iter()
+                    .map(|chunk| Frame::data(Bytes::from_static(chunk)))
+                    .collect(),
+            )
+        }
+
+        fn with_trailers(mut self, name: &'static str, value: &'static str) -> Self {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert(name, http::HeaderValue::from_static(value));
+            self.0.push_back(Frame::trailers(trailers));
+            self
+        }
+    }
+
+    impl http_body::Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn series(metrics: &Arc<Metrics>, direction: Direction) -> Arc<RequestSeries> {
+        RequestSeries::new(
+            metrics.clone(),
+            direction,
+            Label::new("spiffe://cluster.local/ns/shop/sa/web"),
+            Label::new("orders.shop"),
+            "mtls",
+        )
+    }
+
+    fn response(
+        code: u16,
+        headers: &[(&'static str, &'static str)],
+        body: Frames,
+    ) -> http::Response<Frames> {
+        let mut response = http::Response::new(body);
+        *response.status_mut() = http::StatusCode::from_u16(code).expect("a valid status");
+        for (name, value) in headers {
+            response
+                .headers_mut()
+                .insert(*name, http::HeaderValue::from_static(value));
+        }
+        response
+    }
+
+    /// Sends one request through a meter and reads its answer to the end.
+    async fn exchange(series: &Arc<RequestSeries>, response: http::Response<Frames>) {
+        let answer = RequestMeter::start(series.clone()).finish(response);
+        answer
+            .into_body()
+            .collect()
+            .await
+            .expect("the test body does not fail");
+    }
+
+    /// The value of the one sample of `name` whose labels include every `label`.
+    fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+        let mut found = text.lines().filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+                && labels.iter().all(|label| line.contains(label))
+        });
+        let line = found.next()?;
+        assert!(
+            found.next().is_none(),
+            "more than one {name} sample matches {labels:?}"
+        );
+        let (_, after_labels) = line.split_once("} ")?;
+        after_labels.split(' ').next()?.parse().ok()
+    }
+
+    #[tokio::test]
+    async fn a_series_counts_each_outcome_under_its_own_labels() {
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Outbound);
+        for _ in 0..3 {
+            exchange(&series, response(200, &[], Frames::data(&[b"ok"]))).await;
+        }
+        exchange(&series, response(503, &[], Frames::data(&[]))).await;
+
+        let text = metrics.encode();
+        let ok = [
+            "direction=\"outbound\"",
+            "source=\"spiffe://cluster.local/ns/shop/sa/web\"",
+            "destination=\"orders.shop\"",
+            "code=\"200\"",
+            "grpc_status=\"\"",
+            "security=\"mtls\"",
+        ];
+        assert_eq!(
+            sample(&text, "tessera_requests_total", &ok),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "tessera_requests_total", &["code=\"503\""]),
+            Some(1.0)
+        );
+        // The series caches its counters: the family still holds one per outcome.
+        assert_eq!(
+            text.lines()
+                .filter(|line| line.starts_with("tessera_requests_total{"))
+                .count(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn the_grpc_status_comes_from_the_head_or_the_trailers_and_is_bounded() {
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Inbound);
+        // Trailers-only answer: the status is in the head.
+        exchange(
+            &series,
+            response(200, &[("grpc-status", "14")], Frames::data(&[])),
+        )
+        .await;
+        // The usual answer: the status comes in the trailers after the message.
+        let body = Frames::data(&[b"message"]).with_trailers("grpc-status", "0");
+        exchange(&series, response(200, &[], body)).await;
+        // Anything but one of the 17 codes is "other", not a new series.
+        let body = Frames::data(&[]).with_trailers("grpc-status", "999999");
+        exchange(&series, response(200, &[], body)).await;
+
+        let text = metrics.encode();
+        for status in ["14", "0", "other"] {
+            let label = format!("grpc_status=\"{status}\"");
+            assert_eq!(
+                sample(&text, "tessera_requests_total", &[&label]),
+                Some(1.0),
+                "{status}: {text}"
+            );
+        }
+        assert!(!text.contains("grpc_status=\"999999\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn latency_is_kept_by_status_class() {
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Inbound);
+        for code in [101, 204, 200, 302, 404, 503, 999] {
+            exchange(&series, response(code, &[], Frames::data(&[]))).await;
+        }
+        let text = metrics.encode();
+        for (class, requests) in [
+            ("1xx", 1.0),
+            ("2xx", 2.0),
+            ("3xx", 1.0),
+            ("4xx", 1.0),
+            ("5xx", 2.0),
+        ] {
+            let label = format!("code_class=\"{class}\"");
+            assert_eq!(
+                sample(&text, "tessera_request_duration_seconds_count", &[&label]),
+                Some(requests),
+                "{class}: {text}"
+            );
+        }
+        let histograms = text
+            .lines()
+            .filter(|line| line.starts_with("tessera_request_duration_seconds_count{"))
+            .count();
+        assert_eq!(histograms, 5, "no class beyond 1xx..5xx");
+    }
+
+    #[test]
+    fn latency_buckets_are_the_documented_ones_and_cumulative() {
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Outbound);
+        series.latency(200).observe(0.004, None, None);
+        series.latency(200).observe(12.0, None, None);
+        let text = metrics.encode();
+
+        let buckets: Vec<(f64, f64)> = text
+            .lines()
+            .filter(|line| line.starts_with("tessera_request_duration_seconds_bucket{"))
+            .map(|line| {
+                let (_, le) = line.split_once("le=\"").expect("a bucket has le");
+                let (le, _) = le.split_once('"').expect("le is quoted");
+                let value = sample(line, "tessera_request_duration_seconds_bucket", &[])
+                    .expect("a bucket has a value");
+                (le.parse().expect("le is a number or +Inf"), value)
+            })
+            .collect();
+        let bounds: Vec<f64> = buckets.iter().map(|(le, _)| *le).collect();
+        let expected: Vec<f64> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .collect();
+        assert_eq!(bounds, expected);
+        for (le, count) in buckets {
+            let want = match le {
+                le if le < 0.004 => 0.0,
+                le if le < 12.0 => 1.0,
+                _ => 2.0,
+            };
+            assert_eq!(count, want, "bucket le={le}");
+        }
+        let sum = sample(&text, "tessera_request_duration_seconds_sum", &[]).expect("a sum");
+        assert!((sum - 12.004).abs() < 1e-9, "sum {sum}");
+    }
+
+    #[tokio::test]
+    async fn a_sampled_request_is_the_exemplar_of_its_bucket() {
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Inbound);
+        let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let answer = RequestMeter::start(series.clone())
+            .with_trace(Some(trace_id.to_string()))
+            .finish(response(200, &[], Frames::data(&[b"ok"])));
+        answer.into_body().collect().await.expect("body");
+        let text = metrics.encode();
+        let exemplars: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains(trace_id))
+            .collect();
+        assert_eq!(exemplars.len(), 1, "{text}");
+        assert!(exemplars[0].starts_with("tessera_request_duration_seconds_bucket{"));
+    }
+
+    #[tokio::test]
+    async fn a_request_is_recorded_once_even_when_the_caller_goes_away() {
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Outbound);
+        let answer = RequestMeter::start(series.clone()).finish(response(
+            200,
+            &[],
+            Frames::data(&[b"first", b"second"]),
+        ));
+        let mut body = answer.into_body();
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"first")));
+        drop(body);
+        let text = metrics.encode();
+        assert_eq!(sample(&text, "tessera_requests_total", &[]), Some(1.0));
+        assert_eq!(
+            sample(&text, "tessera_request_duration_seconds_count", &[]),
+            Some(1.0)
+        );
+
+        // Read to the end and then dropped: still one more, not two.
+        exchange(&series, response(200, &[], Frames::data(&[b"x"]))).await;
+        let text = metrics.encode();
+        assert_eq!(sample(&text, "tessera_requests_total", &[]), Some(2.0));
+    }
+
+    #[tokio::test]
+    async fn a_failing_body_is_recorded_when_it_fails() {
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Inbound);
+        let (upload, fail) = crate::http::test_bodies::upload(b"partial");
+        let mut response = http::Response::new(upload);
+        *response.status_mut() = http::StatusCode::OK;
+        let mut body = RequestMeter::start(series.clone())
+            .finish(response)
+            .into_body();
+        body.frame().await.expect("a frame").expect("data");
+        fail.send(()).expect("the body waits");
+        assert!(body.frame().await.expect("a frame").is_err());
+        // Recorded at the error, before the body is dropped.
+        let text = metrics.encode();
+        assert_eq!(sample(&text, "tessera_requests_total", &[]), Some(1.0));
+        drop(body);
+        assert_eq!(
+            sample(&metrics.encode(), "tessera_requests_total", &[]),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let metrics = Arc::new(Metrics::new());
+        let series = RequestSeries::new(
+            metrics.clone(),
+            Direction::Outbound,
+            Label::new("unauthenticated"),
+            Label::new("evil\"} 1\ninjected_total 99\\"),
+            "plaintext",
+        );
+        series.count(200, "");
+        metrics.retries("a\"b").inc();
+        let text = metrics.encode();
+        assert!(
+            !text.lines().any(|line| line.starts_with("injected_total")),
+            "a label value made its own line: {text}"
+        );
+        assert!(
+            text.contains(r#"destination="evil\"} 1\ninjected_total 99\\""#),
+            "{text}"
+        );
+        assert!(text.contains(r#"upstream="a\"b""#), "{text}");
+    }
+
+    #[test]
+    fn connections_are_counted_open_and_closed() {
+        let metrics = Metrics::new();
+        let inbound = metrics.direction(Direction::Inbound);
+        let first = inbound.open();
+        let second = inbound.open();
+        assert_eq!(inbound.active.get(), 2);
+        drop(first);
+        assert_eq!((inbound.active.get(), inbound.closed.get()), (1, 1));
+        drop(second);
+        assert_eq!((inbound.active.get(), inbound.closed.get()), (0, 2));
+        // Another direction's series are its own.
+        assert_eq!(metrics.direction(Direction::Outbound).closed.get(), 0);
+
+        metrics.refuse(Direction::Inbound, Refusal::Plaintext);
+        metrics.plaintext_connection();
+        let text = metrics.encode();
+        assert_eq!(
+            sample(
+                &text,
+                "tessera_tcp_connections_refused_total",
+                &["direction=\"inbound\"", "reason=\"plaintext\""]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tessera_tcp_connections_total",
+                &["security=\"plaintext\""]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tessera_tcp_connections_closed_total",
+                &["direction=\"inbound\""]
+            ),
+            Some(2.0)
+        );
+    }
+
+    /// An event as logged: its target and its fields (name, value).
+    type Logged = (String, Vec<(String, String)>);
+
+    /// The events logged while it is the thread's subscriber.
+    #[derive(Clone, Default)]
+    struct Events(Arc<Mutex<Vec<Logged>>>);
+
+    #[derive(Default)]
+    struct Fields(Vec<(String, String)>);
+
+    impl tracing::field::Visit for Fields {
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            self.0.push((field.name().to_string(), value.to_string()));
+        }
+
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0
+                .push((field.name().to_string(), format!("{value:?}")));
+        }
+    }
+
+    impl tracing::Subscriber for Events {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            let target = event.metadata().target().to_string();
+            if let Ok(mut events) = self.0.lock() {
+                events.push((target, fields.0));
+            }
+        }
+
+        fn enter(&self, _: &tracing::span::Id) {}
+
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    impl Events {
+        fn access_lines(&self) -> Vec<Vec<(String, String)>> {
+            let events = self.0.lock().expect("not poisoned");
+            events
+                .iter()
+                .filter(|(target, _)| target == "access")
+                .map(|(_, fields)| fields.clone())
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_access_log_line_says_what_happened_and_nothing_secret() {
+        let events = Events::default();
+        let _logging = tracing::subscriber::set_default(events.clone());
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Inbound);
+        let uri: http::Uri = "/orders/42?access_token=s3cr3t&card=4111111111111111"
+            .parse()
+            .expect("a valid URI");
+        let answer = RequestMeter::start(series.clone())
+            .with_access_log(true, &http::Method::POST, &uri)
+            .with_trace(Some("4bf92f3577b34da6a3ce929d0e0e4736".to_string()))
+            .finish(response(
+                503,
+                &[("tessera-proxy-error", "no-healthy-endpoints")],
+                Frames::data(&[b"0123456789"]),
+            ));
+        answer.into_body().collect().await.expect("body");
+
+        let lines = events.access_lines();
+        assert_eq!(lines.len(), 1, "one line per request");
+        let line = &lines[0];
+        let field = |name: &str| {
+            line.iter()
+                .find(|(field, _)| field == name)
+                .map(|(_, value)| value.as_str())
+        };
+        assert_eq!(field("direction"), Some("inbound"));
+        assert_eq!(
+            field("source"),
+            Some("spiffe://cluster.local/ns/shop/sa/web")
+        );
+        assert_eq!(field("destination"), Some("orders.shop"));
+        assert_eq!(field("method"), Some("POST"));
+        assert_eq!(
+            field("path"),
+            Some("/orders/42"),
+            "the path without its query"
+        );
+        assert_eq!(field("status"), Some("503"));
+        assert_eq!(field("bytes"), Some("10"));
+        assert_eq!(field("trace_id"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(field("proxy_error"), Some("no-healthy-endpoints"));
+        assert_eq!(field("grpc_status"), None, "plain HTTP has none");
+        assert!(field("duration_ms").is_some());
+        let everything = format!("{line:?}");
+        for secret in ["s3cr3t", "4111111111111111", "access_token"] {
+            assert!(
+                !everything.contains(secret),
+                "{secret} logged: {everything}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn no_access_log_line_unless_enabled() {
+        let events = Events::default();
+        let _logging = tracing::subscriber::set_default(events.clone());
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Outbound);
+        let uri: http::Uri = "/".parse().expect("a valid URI");
+        let answer = RequestMeter::start(series.clone())
+            .with_access_log(false, &http::Method::GET, &uri)
+            .finish(response(200, &[], Frames::data(&[b"ok"])));
+        answer.into_body().collect().await.expect("body");
+        assert!(events.access_lines().is_empty());
+        assert_eq!(
+            sample(&metrics.encode(), "tessera_requests_total", &[]),
+            Some(1.0),
+            "metrics are recorded either way"
+        );
+    }
+}
