@@ -418,10 +418,10 @@ mod tests {
 
     #[test]
     fn a_failed_handshake_is_named_for_what_the_operator_can_fix() {
-        let orders: tessera_proto::SpiffeId = "spiffe://cluster.local/ns/shop/sa/orders"
+        let orders: tessera_mesh::SpiffeId = "spiffe://cluster.local/ns/shop/sa/orders"
             .parse()
             .expect("a valid identity");
-        let payments: tessera_proto::SpiffeId = "spiffe://cluster.local/ns/shop/sa/payments"
+        let payments: tessera_mesh::SpiffeId = "spiffe://cluster.local/ns/shop/sa/payments"
             .parse()
             .expect("a valid identity");
         let wrong_peer = tls_error(ours(TlsError::UnexpectedPeer {

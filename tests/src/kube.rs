@@ -105,6 +105,65 @@ impl ApiServer {
         std::fs::read(self._dir.path().join("sa.key")).expect("sa.key")
     }
 
+    /// A kubeconfig for the control plane as `deploy/kubernetes` installs it: its
+    /// service account, with nothing but the ClusterRole shipped there.
+    pub async fn control_plane_kubeconfig(&self) -> PathBuf {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/control-plane.yaml");
+        let text = std::fs::read_to_string(&path).expect("control-plane.yaml");
+        let documents: Vec<Value> =
+            serde_saphyr::from_multiple(&text).expect("control-plane.yaml parses");
+        let kind = |kind: &str| {
+            documents
+                .iter()
+                .find(|d| d["kind"] == kind)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {kind} in control-plane.yaml"))
+        };
+        self.must_create("/api/v1/namespaces", &kind("Namespace"))
+            .await;
+        let account = kind("ServiceAccount");
+        self.must_create(
+            "/api/v1/namespaces/tessera-system/serviceaccounts",
+            &account,
+        )
+        .await;
+        let rbac = "/apis/rbac.authorization.k8s.io/v1";
+        self.must_create(&format!("{rbac}/clusterroles"), &kind("ClusterRole"))
+            .await;
+        self.must_create(
+            &format!("{rbac}/clusterrolebindings"),
+            &kind("ClusterRoleBinding"),
+        )
+        .await;
+        let name = account["metadata"]["name"].as_str().expect("name");
+        let request = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": { "expirationSeconds": 3600 }
+        });
+        let answer = self
+            .must_create(
+                &format!("/api/v1/namespaces/tessera-system/serviceaccounts/{name}/token"),
+                &request,
+            )
+            .await;
+        let token = answer["status"]["token"].as_str().expect("token");
+        let kubeconfig = self._dir.path().join("control-plane.kubeconfig");
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{ "name": "harness", "cluster": {
+                "server": self.server, "certificate-authority": self.ca_file } }],
+            "users": [{ "name": name, "user": { "token": token } }],
+            "contexts": [{ "name": "harness", "context": { "cluster": "harness", "user": name } }],
+            "current-context": "harness"
+        });
+        std::fs::write(&kubeconfig, serde_json::to_vec(&config).unwrap())
+            .expect("write kubeconfig");
+        kubeconfig
+    }
+
     /// `POST path` with a JSON object; (status, the answer).
     pub async fn create(&self, path: &str, object: &Value) -> anyhow::Result<(u16, Value)> {
         self.request(http::Method::POST, path, Some(object)).await

@@ -1,6 +1,7 @@
 //! Against a real Kubernetes API server (`tests/kube`'s kube-harness: kube-apiserver
 //! from `k8s.io/kubernetes` with an embedded etcd): the admission path as a cluster
-//! runs it, with the webhook configuration Tessera ships in `deploy/kubernetes`.
+//! runs it, with the webhook configuration Tessera ships in `deploy/kubernetes`, and
+//! cluster mode with nothing but the RBAC it ships there.
 
 use std::time::Duration;
 
@@ -302,7 +303,7 @@ async fn pods_get_certificates_for_their_service_account_tokens_and_nothing_else
         .expect("uid")
         .to_string();
     let orders = create_pod(&api, "orders-1", "orders", &[]).await;
-    let control_plane = ControlPlane::start_in_cluster(&api.kubeconfig).await;
+    let control_plane = ControlPlane::start_in_cluster(&api.control_plane_kubeconfig().await).await;
 
     // The projected token of a pod, from the real TokenRequest API: a certificate.
     let token = token_request(&api, "orders", "tessera", ("orders-1", &orders)).await;
@@ -377,8 +378,15 @@ async fn pods_get_certificates_for_their_service_account_tokens_and_nothing_else
     assert_eq!(status, 200);
     let (code, message) = refusal(&control_plane, &token).await;
     assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
+    assert!(message.contains("orders-1"), "{message}");
 
     // One refusal line each, never a token.
+    control_plane
+        .process
+        .logs
+        .wait_for(&["certificate refused", "orders-1"], Duration::from_secs(5))
+        .await
+        .unwrap();
     let refused = control_plane.process.logs.count(&["certificate refused"]);
     assert_eq!(
         refused,
@@ -412,7 +420,7 @@ async fn the_root_is_kept_published_in_meshed_namespaces_and_the_webhook() {
         &shipped,
     )
     .await;
-    let control_plane = ControlPlane::start_in_cluster(&api.kubeconfig).await;
+    let control_plane = ControlPlane::start_in_cluster(&api.control_plane_kubeconfig().await).await;
     let root = std::fs::read_to_string(control_plane.trust_bundle_file()).unwrap();
     const MAP: &str = "configmaps/tessera-ca-root-cert";
     let published =
@@ -425,7 +433,10 @@ async fn the_root_is_kept_published_in_meshed_namespaces_and_the_webhook() {
         published,
     )
     .await
-    .expect("published in the meshed namespace");
+    .unwrap_or_else(|error| {
+        let logs = control_plane.process.logs.lines().join("\n");
+        panic!("not published in the meshed namespace: {error}\n{logs}")
+    });
     let (status, _) = api
         .get(&format!("/api/v1/namespaces/plain/{MAP}"))
         .await
