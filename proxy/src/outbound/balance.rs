@@ -4,7 +4,8 @@
 //! The score is (requests in flight + 1) × EWMA latency, so a slow or busy endpoint loses
 //! the comparison. The latency estimate decays with time since it was last fed, so an
 //! endpoint that lost traffic after a bad spell is tried again instead of starved. An
-//! endpoint that fails `consecutiveFailures` times in a row is ejected for `baseEjectionTime` × the number of times it has been ejected (capped), and is
+//! endpoint that fails `consecutiveFailures` times in a row is ejected for
+//! `baseEjectionTime` × the number of times it has been ejected (capped), and is
 //! re-admitted afterwards to prove itself again. Endpoints added or removed by discovery
 //! keep their state; a removed one stays alive while requests still hold it.
 //!

@@ -1049,6 +1049,7 @@ mod tests {
             "POST /upload HTTP/1.1\r\nHost: backend.shop\r\nContent-Length: 100000\r\n\r\npartial"
                 .to_string(),
         ];
+        let mut answered_400 = 0;
         for request in &requests {
             let (mut app, proxy) = tokio::io::duplex(64 * 1024);
             tokio::spawn(serve_http1(upstream.clone(), proxy));
@@ -1068,7 +1069,12 @@ mod tests {
                 head.is_empty() || head.starts_with("HTTP/1.1 400"),
                 "{request:?}: {head}"
             );
+            answered_400 += usize::from(head.contains("bad-request"));
         }
+        assert!(
+            answered_400 >= 2,
+            "{answered_400} malformed bodies answered 400"
+        );
         tokio::time::sleep(ms(100)).await;
         assert_eq!(upstream.balancer.ejected(Instant::now()), [] as [&str; 0]);
         assert_eq!(upstream.retries.get(), 0, "a caller's error was retried");
