@@ -46,6 +46,16 @@ elif ! python3 -c 'import h2, hpack, hyperframe' 2>/dev/null; then
     echo "not root: python3 -m pip install -r tests/hostile/requirements.txt not run; the hostile-peer tests will skip" >&2
 fi
 
+# A real Kubernetes API server for the cluster-mode tests (tests/kube: kube-apiserver
+# from k8s.io/kubernetes and an embedded etcd, built from the Go module proxy). A fresh
+# machine downloads ~90 MB of modules and compiles ~2,200 packages once; the Go build
+# cache makes later runs a few seconds. Without Go the Kubernetes tests say they skipped.
+if command -v go >/dev/null 2>&1; then
+    tests/kube/build.sh
+    (cd tests/kube && go vet ./...)
+else
+    echo "go not found: tests/kube not built; the Kubernetes API server tests will skip" >&2
+fi
 # Binaries first: the e2e tests run them as separate processes.
 cargo build --workspace --bins
 # The benchmark harness, briefly (~15 s of load): every path serves every workload.

@@ -4,8 +4,8 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
-use tessera_proto::SpiffeId;
-use tessera_proto::policy::{self, AuthorizationPolicySpec, HttpRequest, MtlsMode, Named, Request};
+use tessera_mesh::SpiffeId;
+use tessera_mesh::policy::{self, AuthorizationPolicySpec, HttpRequest, MtlsMode, Named, Request};
 use tessera_proxy::detect::classify;
 use tessera_proxy::inbound::authorize::InboundPolicy;
 use tessera_proxy::telemetry::Metrics;
@@ -35,10 +35,10 @@ fn parse_policy(text: &str) -> AuthorizationPolicySpec {
         indent(text)
     );
     let resources =
-        tessera_proto::resources::parse_file(std::path::Path::new("bench.yaml"), &document)
+        tessera_mesh::resources::parse_file(std::path::Path::new("bench.yaml"), &document)
             .expect("policy");
     match &resources[0].spec {
-        tessera_proto::resources::Spec::AuthorizationPolicy(spec) => spec.clone(),
+        tessera_mesh::resources::Spec::AuthorizationPolicy(spec) => spec.clone(),
         _ => unreachable!("an AuthorizationPolicy document"),
     }
 }

@@ -79,7 +79,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
-    tessera_proto::tls::install_crypto_provider();
+    tessera_mesh::tls::install_crypto_provider();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

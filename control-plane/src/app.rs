@@ -11,12 +11,12 @@ use http::StatusCode;
 use rcgen::KeyPair;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
+use tessera_mesh::process::admin::{self, Reply};
+use tessera_mesh::resources::{self, MeshConfigSpec};
+use tessera_mesh::tls::{self, ClientAuth, CurrentCert, Trust, TrustBundle};
 use tessera_proto::api::discovery::discovery_server::DiscoveryServer;
 use tessera_proto::api::identity::identity_server::IdentityServer;
-use tessera_proto::resources::{self, MeshConfigSpec};
-use tessera_proto::tls::{self, ClientAuth, CurrentCert, Trust, TrustBundle};
-use tessera_proxy::admin::{self, Reply};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::ca::{CertificateAuthority, Issued};
 use crate::discovery_service::DiscoveryService;
 use crate::identity_service::IdentityService;
+use crate::kubernetes::tokens::ServiceAccountTokens;
 use crate::telemetry::Metrics;
 use crate::token::{self, TokenAuthority};
 use crate::webhook;
@@ -44,6 +45,8 @@ pub struct Options {
     pub webhook_listen: SocketAddr,
     /// What the webhook injects; its trust domain is always the MeshConfig's.
     pub inject: crate::inject::Options,
+    /// Cluster mode: the Kubernetes API to verify pods' tokens with. None: local mode.
+    pub cluster: Option<crate::kubernetes::ClusterMode>,
 }
 
 impl Options {
@@ -156,12 +159,23 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let server_config =
         tls::server_config(trust, serving_cert.clone(), ClientAuth::Optional, &[b"h2"])?;
 
+    let kubernetes = match &options.cluster {
+        Some(cluster) => {
+            let client = crate::kubernetes::client(cluster.kubeconfig.as_deref()).await?;
+            Some(Arc::new(ServiceAccountTokens::new(
+                client,
+                mesh.trust_domain.clone(),
+            )))
+        }
+        None => None,
+    };
     let identity_service = IdentityService {
         ca: ca.clone(),
         tokens: tokens.clone(),
         trust_domain: mesh.trust_domain.clone(),
         certificate_ttl: mesh.certificate_ttl,
         metrics: metrics.clone(),
+        kubernetes,
     };
     let config_watch = crate::config::watch(&options.config_dir)
         .with_context(|| format!("cannot watch {}", options.config_dir.display()))?;
@@ -179,7 +193,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         .add_service(
             DiscoveryServer::new(discovery_service)
                 .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES)
-                .max_encoding_message_size(tessera_proto::mesh::MAX_SNAPSHOT_BYTES),
+                .max_encoding_message_size(tessera_mesh::snapshot::MAX_SNAPSHOT_BYTES),
         );
 
     let grpc_listener = TcpListener::bind(options.grpc_listen)
@@ -201,14 +215,13 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let admin_metrics = metrics.clone();
     let tasks = vec![
         tokio::spawn(crate::grpc::serve(grpc_listener, acceptor, router)),
-        tokio::spawn(admin::serve(
-            admin_listener,
-            move |path, headers| match path {
+        tokio::spawn(admin::serve(admin_listener, move |path, headers| {
+            std::future::ready(match path {
                 "/live" | "/ready" => Reply::text(StatusCode::OK, "ok\n"),
                 "/metrics" => Reply::metrics(admin_metrics.encode(), headers),
                 _ => Reply::not_found(),
-            },
-        )),
+            })
+        })),
         tokio::spawn(webhook::serve(
             webhook_listener,
             webhook_acceptor,

@@ -15,8 +15,8 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
-use tessera_proto::SpiffeId;
-use tessera_proto::tls::{self, TrustBundle};
+use tessera_mesh::SpiffeId;
+use tessera_mesh::tls::{self, TrustBundle};
 use time::OffsetDateTime;
 
 /// Clock skew tolerated between the CA and the workloads verifying its certificates.

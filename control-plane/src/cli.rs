@@ -11,36 +11,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
-use tessera_proto::SpiffeId;
-use tessera_proto::policy::{self, MtlsMode, WorkloadRef};
+use tessera_mesh::SpiffeId;
+use tessera_mesh::migration::MigrationReport;
+use tessera_mesh::policy::{self, MtlsMode, WorkloadRef};
 
 use crate::inject::{self, Outcome, SkipReason};
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MigrationReport {
-    workload: String,
-    ports: Vec<PortReport>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PortReport {
-    application_port: u16,
-    mode: String,
-    mode_policy: Option<String>,
-    mtls: Vec<SourceReport>,
-    plaintext: Vec<SourceReport>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SourceReport {
-    source: String,
-    connections: u64,
-    last_seen_seconds_ago: u64,
-}
 
 /// Reads `/migration` from each proxy's admin endpoint and reports, per workload and
 /// port, who still sends plaintext and whether STRICT would break an observed flow.

@@ -15,9 +15,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tessera_mesh::resources::{self, ConfigError};
+use tessera_mesh::snapshot::{MAX_SNAPSHOT_BYTES, MeshSnapshot};
 use tessera_proto::api::discovery::Snapshot;
-use tessera_proto::mesh::{MAX_SNAPSHOT_BYTES, MeshSnapshot};
-use tessera_proto::resources::{self, ConfigError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};

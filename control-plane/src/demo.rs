@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
 use tessera_proxy::config::{
     ControlPlaneConfig, IdentityConfig, InboundPort, Limits, OutboundUpstream,
 };
@@ -101,6 +101,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         admin_listen: SocketAddr::from((LOCALHOST, 0)),
         webhook_listen: SocketAddr::from((LOCALHOST, 0)),
         inject: Default::default(),
+        cluster: None,
     })
     .await?;
     println!(

@@ -1,7 +1,8 @@
 //! The identity API: authenticates the caller, checks its CSR, has the CA sign it.
 //!
-//! Callers authenticate with a join token (first certificate) or with the certificate
-//! they hold (renewal). A single-use join token is consumed, durably, between signing
+//! Callers authenticate with a join token (hosts and VMs: first certificate), a
+//! Kubernetes service-account token (pods, in cluster mode: first certificate) or with
+//! the certificate they hold (renewal). A single-use join token is consumed, durably, between signing
 //! and answering, so two requests with one token get one certificate. Every issuance and
 //! every refusal is one structured log line with identity, serial, expiry, caller
 //! address and reason — never the token or a key.
@@ -9,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
 use tessera_proto::api::identity::identity_server::Identity;
 use tessera_proto::api::identity::{CertifyRequest, CertifyResponse};
 use tonic::{Request, Response, Status};
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::ca::{CertificateAuthority, CsrRefusal, validate_csr};
 use crate::grpc::Caller;
+use crate::kubernetes::tokens::{ServiceAccountTokens, TokenRefusal as KubernetesRefusal};
 use crate::telemetry::{Metrics, RefusalReason};
 use crate::token::{ConsumeError, TokenAuthority, TokenRefusal, VerifiedToken};
 
@@ -27,14 +29,31 @@ pub struct IdentityService {
     pub trust_domain: String,
     pub certificate_ttl: Duration,
     pub metrics: Arc<Metrics>,
+    /// Cluster mode: service-account tokens verified with the Kubernetes API.
+    pub kubernetes: Option<Arc<ServiceAccountTokens>>,
 }
 
 /// How the caller proved who it is.
 #[derive(Debug, Clone, Copy)]
 enum Credential {
     JoinToken,
+    ServiceAccountToken,
     Certificate,
 }
+
+/// What the caller is told about a refused service-account token: its own pod's state,
+/// never the token; an unreachable API is worth retrying.
+fn kubernetes_status(refusal: &KubernetesRefusal) -> Status {
+    match refusal {
+        KubernetesRefusal::Unavailable(_) => {
+            Status::unavailable("cannot verify the service-account token now; retry")
+        }
+        _ => Status::unauthenticated(refusal.to_string()),
+    }
+}
+
+/// How a request authenticated: the identity it proved, and the join token to consume.
+type Authenticated = (SpiffeId, Credential, Option<VerifiedToken>);
 
 /// What the caller is told about a refused token: expiry and reuse are the holder's to
 /// fix, so they are said; anything else is "rejected" (the log says why).
@@ -48,27 +67,20 @@ fn token_status(refusal: &TokenRefusal) -> Status {
 }
 
 impl IdentityService {
-    fn authenticate(
+    async fn authenticate(
         &self,
         caller: &Caller,
         join_token: &str,
         kubernetes_token: &str,
-    ) -> Result<(SpiffeId, Option<VerifiedToken>), (RefusalReason, Status, String)> {
+    ) -> Result<Authenticated, (RefusalReason, Status, String)> {
         if join_token.is_empty() && !kubernetes_token.is_empty() && caller.identity.is_none() {
-            // Verifying it needs the Kubernetes API (TokenReview); never guess from its
-            // unverified claims.
-            let reason = "Kubernetes service-account tokens are verified with TokenReview, which needs cluster mode; this control plane runs in local mode (use a join token)";
-            return Err((
-                RefusalReason::Token,
-                Status::unauthenticated(reason),
-                reason.to_string(),
-            ));
+            return self.verify_service_account(kubernetes_token).await;
         }
         if !join_token.is_empty() {
             return self
                 .tokens
                 .verify(join_token, &self.trust_domain)
-                .map(|token| (token.identity().clone(), Some(token)))
+                .map(|token| (token.identity().clone(), Credential::JoinToken, Some(token)))
                 .map_err(|refusal| {
                     (
                         RefusalReason::Token,
@@ -78,7 +90,7 @@ impl IdentityService {
                 });
         }
         match &caller.identity {
-            Some(identity) => Ok((identity.clone(), None)),
+            Some(identity) => Ok((identity.clone(), Credential::Certificate, None)),
             None => {
                 let reason = "no join token and no client certificate";
                 Err((
@@ -86,6 +98,33 @@ impl IdentityService {
                     Status::unauthenticated(reason),
                     reason.to_string(),
                 ))
+            }
+        }
+    }
+
+    /// Cluster mode: the pod's identity, as the Kubernetes API vouches for its token.
+    async fn verify_service_account(
+        &self,
+        token: &str,
+    ) -> Result<Authenticated, (RefusalReason, Status, String)> {
+        let Some(kubernetes) = &self.kubernetes else {
+            // Verifying it needs the Kubernetes API (TokenReview); never guess from its
+            // unverified claims.
+            let reason = "Kubernetes service-account tokens are verified with TokenReview, which needs cluster mode; this control plane runs in local mode (use a join token)";
+            return Err((
+                RefusalReason::Token,
+                Status::unauthenticated(reason),
+                reason.to_string(),
+            ));
+        };
+        match kubernetes.verify(token).await {
+            Ok(identity) => Ok((identity, Credential::ServiceAccountToken, None)),
+            Err(refusal) => {
+                let reason = match refusal {
+                    KubernetesRefusal::Unavailable(_) => RefusalReason::Internal,
+                    _ => RefusalReason::Token,
+                };
+                Err((reason, kubernetes_status(&refusal), refusal.to_string()))
             }
         }
     }
@@ -111,8 +150,9 @@ impl Identity for IdentityService {
                 detail,
             );
         };
-        let (identity, token) = self
+        let (identity, credential, token) = self
             .authenticate(&caller, &request.join_token, &request.kubernetes_token)
+            .await
             .map_err(|(reason, status, detail)| {
                 refuse(reason, None, &detail);
                 status
@@ -155,10 +195,6 @@ impl Identity for IdentityService {
                 }
             })?;
         }
-        let credential = match token {
-            Some(_) => Credential::JoinToken,
-            None => Credential::Certificate,
-        };
         self.metrics.issued();
         info!(
             event = "certificate issued",

@@ -10,11 +10,14 @@ pub mod app;
 pub mod ca;
 pub mod cli;
 pub mod config;
+/// The one part that runs proxies, so the one that depends on `tessera-proxy`.
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery_service;
 pub mod grpc;
 pub mod identity_service;
 pub mod inject;
+pub mod kubernetes;
 pub mod state;
 pub mod telemetry;
 pub mod token;

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tessera_control_plane::{app, cli, demo, inject};
-use tessera_proto::logging::{self, LogFormat};
+#[cfg(feature = "demo")]
+use tessera_control_plane::demo;
+use tessera_control_plane::{app, cli, inject, kubernetes};
+use tessera_mesh::process::logging::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +54,13 @@ enum Command {
         /// Where injected proxies reach this control plane.
         #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE_ADDRESS, value_parser = cli::parse_host_port)]
         control_plane_address: String,
+        /// Cluster mode: verify pods' service-account tokens with the Kubernetes API
+        /// (in-cluster configuration unless --kubeconfig).
+        #[arg(long)]
+        kubernetes: bool,
+        /// The Kubernetes API from a kubeconfig file instead of the pod's own.
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Join tokens for workloads outside Kubernetes.
     Token {
@@ -93,10 +102,11 @@ enum Command {
         #[arg(long, default_value = inject::DEFAULT_CONTROL_PLANE_ADDRESS, value_parser = cli::parse_host_port)]
         control_plane_address: String,
         /// The mesh's trust domain (the control plane's MeshConfig `trustDomain`).
-        #[arg(long, default_value = tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = cli::parse_trust_domain)]
+        #[arg(long, default_value = tessera_mesh::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = cli::parse_trust_domain)]
         trust_domain: String,
     },
     /// Run a small mesh on loopback and show what it does.
+    #[cfg(feature = "demo")]
     Demo {
         /// How long to drive traffic.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
@@ -171,8 +181,9 @@ enum TokenCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    tessera_proto::tls::install_crypto_provider();
+    tessera_mesh::tls::install_crypto_provider();
     let cli = Cli::parse();
+    #[cfg(feature = "demo")]
     if matches!(cli.command, Command::Demo { .. }) && std::env::var_os("RUST_LOG").is_none() {
         // The demo prints its own story; only errors should interrupt it.
         // SAFETY: single-threaded here, before any other thread exists.
@@ -192,6 +203,8 @@ fn main() -> anyhow::Result<()> {
             webhook,
             proxy_image,
             control_plane_address,
+            kubernetes,
+            kubeconfig,
         } => runtime.block_on(async {
             let state_dir = state_dir.unwrap_or_else(|| app::Options::default_state_dir(&config));
             let _control_plane = app::start(app::Options {
@@ -206,9 +219,10 @@ fn main() -> anyhow::Result<()> {
                     // The trust domain is the MeshConfig's, set by `app::start`.
                     ..inject::Options::default()
                 },
+                cluster: kubernetes.then_some(kubernetes::ClusterMode { kubeconfig }),
             })
             .await?;
-            tessera_proxy::app::shutdown_signal()
+            tessera_mesh::process::shutdown_signal()
                 .await
                 .context("cannot watch for signals")?;
             tracing::info!(event = "control plane stopping");
@@ -242,6 +256,7 @@ fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        #[cfg(feature = "demo")]
         Command::Demo { duration } => runtime.block_on(demo::run(duration)),
         Command::Inject {
             mut files,

@@ -91,6 +91,11 @@ impl Metrics {
             refused.clone(),
         );
         registry.register(
+            "accept_errors",
+            "Connections a listener could not accept",
+            tessera_mesh::process::accept::ACCEPT_ERRORS.clone(),
+        );
+        registry.register(
             "discovery_connected_proxies",
             "Proxies with an open discovery stream",
             discovery_streams.clone(),

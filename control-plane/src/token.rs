@@ -33,7 +33,7 @@ use aws_lc_rs::hmac;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
 
 use crate::ca::{CaError, file_error};
 

@@ -22,7 +22,7 @@ use kube_core::DynamicObject;
 use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use rustls::ServerConfig;
 use serde_json::Value;
-use tessera_proto::tls::{self, CurrentCert};
+use tessera_mesh::tls::{self, CurrentCert};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;

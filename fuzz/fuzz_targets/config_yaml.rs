@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use tessera_proto::mesh::MeshSnapshot;
-use tessera_proto::resources;
+use tessera_mesh::snapshot::MeshSnapshot;
+use tessera_mesh::resources;
 use tessera_proxy::ProxyConfig;
 
 fuzz_target!(|bytes: &[u8]| {
@@ -23,7 +23,7 @@ fuzz_target!(|bytes: &[u8]| {
                 Ok(mesh) => mesh.trust_domain,
                 Err(e) => {
                     assert!(!e.to_string().is_empty());
-                    tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN.to_string()
+                    tessera_mesh::spiffe::DEFAULT_TRUST_DOMAIN.to_string()
                 }
             };
             if let Err(e) = MeshSnapshot::from_resources(&trust_domain, &parsed) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tessera_control_plane::ca::{CertificateAuthority, validate_csr};
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 use x509_parser::prelude::{FromDer, SubjectPublicKeyInfo, X509Certificate};

@@ -24,7 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::{plain_host, policies};
-use tessera_proto::policy::{self, Decision, HttpRequest, normalize_path};
+use tessera_mesh::policy::{self, Decision, HttpRequest, normalize_path};
 use tessera_proxy::inbound::canonical::{self, canonicalize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use http::{HeaderMap, HeaderValue, Uri, header};
 use libfuzzer_sys::fuzz_target;
-use tessera_proto::policy::JwtRule;
+use tessera_mesh::policy::JwtRule;
 use tessera_proxy::inbound::authn::{JwtOutcome, JwtValidator};
 
 const JWKS: &str = include_str!("../jwks.json");

@@ -1,4 +1,4 @@
-//! The policy engine (`tessera_proto::policy::authorize`) on a fuzzed request against a
+//! The policy engine (`tessera_mesh::policy::authorize`) on a fuzzed request against a
 //! fixed set of policies, given what the inbound proxy gives it: the normalized path,
 //! the authority, and header values joined as the application will read them.
 //!
@@ -16,8 +16,8 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::{plain_host, policies};
-use tessera_proto::SpiffeId;
-use tessera_proto::policy::{HttpRequest, Request, authorize, normalize_path};
+use tessera_mesh::SpiffeId;
+use tessera_mesh::policy::{HttpRequest, Request, authorize, normalize_path};
 
 fuzz_target!(|bytes: &[u8]| {
     let text = String::from_utf8_lossy(bytes);

@@ -1,4 +1,4 @@
-//! Path normalization (`tessera_proto::policy::normalize_path`): the form policies are
+//! Path normalization (`tessera_mesh::policy::normalize_path`): the form policies are
 //! matched against and the application receives, so any way to spell a path twice is a
 //! way around a DENY.
 //!
@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_proto::policy::normalize_path;
+use tessera_mesh::policy::normalize_path;
 
 fuzz_target!(|bytes: &[u8]| {
     let path = String::from_utf8_lossy(bytes);

@@ -1,4 +1,4 @@
-//! SPIFFE ID parsing (`tessera_proto::SpiffeId`): every identity the mesh compares,
+//! SPIFFE ID parsing (`tessera_mesh::SpiffeId`): every identity the mesh compares,
 //! logs and signs passes through it.
 //!
 //! Properties: never panics; an ID that parses is exactly its own string form, its parts
@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
 
 fuzz_target!(|bytes: &[u8]| {
     let Ok(text) = std::str::from_utf8(bytes) else {

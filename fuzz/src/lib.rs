@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use tessera_proto::policy::{
+use tessera_mesh::policy::{
     Action, AuthorizationPolicySpec, Condition, Named, Operation, Rule, To,
 };
 

@@ -1,13 +1,6 @@
-//! What the Tessera proxy and control plane share: the gRPC APIs, the SPIFFE identity
-//! type, TLS verification of SPIFFE certificates, the configuration resources and the
-//! logging setup. Anything both sides must agree on lives here, once.
+//! The wire API between proxy and control plane: the identity (Certify a CSR) and
+//! discovery (stream of snapshots) gRPC services, generated from `proto/*.proto` at
+//! build time. What travels inside them — identities, resources, the snapshot — is
+//! `tessera-mesh`'s.
 
 pub mod api;
-pub mod logging;
-pub mod mesh;
-pub mod policy;
-pub mod resources;
-pub mod spiffe;
-pub mod tls;
-
-pub use spiffe::SpiffeId;

@@ -4,13 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tessera_proto::tls::{self, ClientAuth, Trust, TrustBundle};
+use tessera_mesh::tls::{self, ClientAuth, Trust, TrustBundle};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::info;
 
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
 
 use crate::admin::AppProbes;
 use crate::alpn::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1, ALPN_TCP};
@@ -26,6 +26,7 @@ use crate::telemetry::Metrics;
 use crate::trace::Tracer;
 use crate::transparent::{TransparentInbound, TransparentOutbound};
 use crate::{admin, config};
+use tessera_mesh::process;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -161,19 +162,18 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
 
     let admin_listener = bind(config.admin).await?;
     let admin_address = local_address(&admin_listener, config.admin)?;
-    let routes = admin::routes(
-        identity.clone(),
-        discovery.clone(),
-        metrics.clone(),
-        config.clone(),
-        shared.inbounds.clone(),
-        drain.clone(),
-    );
-    let probes = AppProbes::new(&config.app_probes, &config.limits);
-    tasks.push(tokio::spawn(admin::serve_with_probes(
+    let routes = admin::Routes {
+        identity: identity.clone(),
+        discovery: discovery.clone(),
+        metrics: metrics.clone(),
+        config: config.clone(),
+        inbounds: shared.inbounds.clone(),
+        drain: drain.clone(),
+        probes: AppProbes::new(&config.app_probes, &config.limits),
+    };
+    tasks.push(tokio::spawn(process::admin::serve(
         admin_listener,
-        routes,
-        probes,
+        move |path, headers| routes.route(path, headers),
     )));
 
     let mut outbound_addresses = Vec::new();
@@ -255,16 +255,6 @@ fn connector_factory(identity: &IdentityManager) -> Arc<ConnectorFactory> {
             tcp: make(&[ALPN_TCP])?,
         })
     })
-}
-
-/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-pub async fn shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => Ok(()),
-        result = tokio::signal::ctrl_c() => result,
-    }
 }
 
 fn identity_manager(

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tessera_proto::SpiffeId;
-use tessera_proto::resources::Protocol;
-use tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN;
+use tessera_mesh::SpiffeId;
+use tessera_mesh::resources::Protocol;
+use tessera_mesh::spiffe::DEFAULT_TRUST_DOMAIN;
 
 /// Environment variable that carries the join token, instead of a file.
 pub const JOIN_TOKEN_ENV: &str = "TESSERA_JOIN_TOKEN";

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tessera_proto::SpiffeId;
-use tessera_proto::tls::{self, CurrentCert, Trust};
+use tessera_mesh::SpiffeId;
+use tessera_mesh::tls::{self, CurrentCert, Trust};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};

@@ -11,12 +11,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_proto::api::discovery::WatchRequest;
-use tessera_proto::api::discovery::discovery_client::DiscoveryClient;
-use tessera_proto::mesh::{MAX_SNAPSHOT_BYTES, MeshSnapshot, ServiceEntry};
-use tessera_proto::policy::{
+use tessera_mesh::policy::{
     AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
+use tessera_mesh::snapshot::{MAX_SNAPSHOT_BYTES, MeshSnapshot, ServiceEntry};
+use tessera_proto::api::discovery::WatchRequest;
+use tessera_proto::api::discovery::discovery_client::DiscoveryClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{info, warn};

@@ -16,10 +16,10 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
+use tessera_mesh::tls::{self, CurrentCert, Trust, TrustBundle};
 use tessera_proto::api::identity::CertifyRequest;
 use tessera_proto::api::identity::identity_client::IdentityClient;
-use tessera_proto::tls::{self, CurrentCert, Trust, TrustBundle};
 use tracing::{info, warn};
 
 use crate::config::Bootstrap;

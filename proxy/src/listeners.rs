@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tessera_proto::resources::Protocol;
+use tessera_mesh::resources::Protocol;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tessera_proto::logging::{self, LogFormat};
+use tessera_mesh::process::logging::{self, LogFormat};
 use tessera_proxy::ProxyConfig;
 use tessera_proxy::capture::{self, CaptureConfig, Family};
 use tessera_proxy::config::CONFIG_ENV;
@@ -90,7 +90,7 @@ fn list<T: std::str::FromStr>(flag: &str, text: &str) -> anyhow::Result<Vec<T>> 
 }
 
 fn main() -> anyhow::Result<()> {
-    tessera_proto::tls::install_crypto_provider();
+    tessera_mesh::tls::install_crypto_provider();
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match cli.command {
@@ -128,7 +128,7 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     };
     let proxy = tessera_proxy::start(config).await?;
-    tessera_proxy::app::shutdown_signal()
+    tessera_mesh::process::shutdown_signal()
         .await
         .context("cannot watch for signals")?;
     proxy.shutdown().await;

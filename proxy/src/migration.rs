@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use serde::Serialize;
+use tessera_mesh::migration::SourceReport;
 
 /// Distinct sources remembered per kind; more are folded into "other".
 const MAX_SOURCES: usize = 256;
@@ -23,15 +23,6 @@ struct Seen {
 pub struct SourceLog {
     mtls: Mutex<HashMap<String, Seen>>,
     plaintext: Mutex<HashMap<String, Seen>>,
-}
-
-/// One source in the report.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SourceReport {
-    pub source: String,
-    pub connections: u64,
-    pub last_seen_seconds_ago: u64,
 }
 
 impl SourceLog {

@@ -16,6 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tessera_mesh::process::accept::ACCEPT_ERRORS;
 
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -160,19 +161,6 @@ pub struct RefusalLabels {
     pub reason: Refusal,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AcceptErrorLabels {
-    /// `descriptors` (EMFILE/ENFILE), `memory` (ENOBUFS/ENOMEM), `reserve` (accepted
-    /// but closed: the descriptors left are kept for the admin port and the
-    /// application), or `other`.
-    pub kind: &'static str,
-}
-
-/// Failed or refused accepts, process-wide: descriptors are the process's, not one
-/// listener's, and `tcp::accept_loop` has no `Metrics` at hand.
-pub static ACCEPT_ERRORS: std::sync::LazyLock<Family<AcceptErrorLabels, Counter>> =
-    std::sync::LazyLock::new(Family::default);
-
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -316,7 +304,7 @@ impl Metrics {
     }
 
     /// Counts one established connection with a verified peer.
-    pub fn connection(&self, direction: Direction, peer_identity: &tessera_proto::SpiffeId) {
+    pub fn connection(&self, direction: Direction, peer_identity: &tessera_mesh::SpiffeId) {
         self.connections
             .get_or_create(&ConnectionLabels {
                 direction,

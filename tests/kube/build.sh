@@ -2,7 +2,14 @@
 # Builds kube-harness (embedded etcd + real kube-apiserver) into $1
 # (default: tests/kube/bin/kube-harness). Uses the ordinary Go build and
 # module caches, so a second run only relinks or does nothing.
+# --with-controller-manager: also kube-controller-manager (-tags kcm), which
+# the Rust tests do not need (they create what its controllers would).
 set -euo pipefail
+tags=""
+if [ "${1:-}" = "--with-controller-manager" ]; then
+  tags="kcm"
+  shift
+fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-$here/bin/kube-harness}"
 case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
@@ -22,6 +29,6 @@ done
 # plain `go vet ./...` / `go test ./...` in this module would then compile all
 # ~2,500 k8s packages a second time. -s -w (link only) drop the symbol and
 # DWARF tables: smaller binary, faster link. -mod=readonly: go.mod/go.sum rule.
-go build -mod=readonly -ldflags="$ldflags" -o "$out" .
+go build -mod=readonly -tags="$tags" -ldflags="$ldflags" -o "$out" .
 ms=$(( ($(date +%s%N) - start) / 1000000 ))
 printf 'kube-harness: built %s (%s) in %d.%01ds\n' "$out" "$(du -h "$out" | cut -f1)" $((ms / 1000)) $((ms % 1000 / 100))

@@ -9,8 +9,9 @@
 //	kube-harness smoke --kubeconfig DIR/kubeconfig
 //	kube-harness controller-manager [kube-controller-manager flags]   (used by run)
 //
-// "run" also starts the real kube-controller-manager (a child process of this
-// binary) with a small set of controllers, unless --controller-manager=false.
+// Built with -tags kcm (build.sh --with-controller-manager), "run" also starts
+// the real kube-controller-manager (a child process of this binary) with a small
+// set of controllers, unless --controller-manager=false.
 // It prints one JSON line on stdout once /readyz answers ok (and the
 // controller manager has created the "default" ServiceAccount) and then runs
 // until SIGTERM or SIGINT. Logs go to stderr.
@@ -87,7 +88,7 @@ func run(argv []string) error {
 	port := fl.Int("port", 0, "secure port of kube-apiserver on 127.0.0.1 (0 = pick a free one)")
 	etcdLog := fl.String("etcd-log-level", "error", "embedded etcd log level (debug, info, warn, error)")
 	readyTimeout := fl.Duration("ready-timeout", 3*time.Minute, "how long to wait for /readyz")
-	withKCM := fl.Bool("controller-manager", true, "also run kube-controller-manager (child process)")
+	withKCM := fl.Bool("controller-manager", controllerManagerBuilt, "also run kube-controller-manager (child process; needs a build with -tags kcm)")
 	controllers := fl.String("controllers", defaultControllers, "kube-controller-manager --controllers")
 	var kcmExtra []string
 	fl.Func("kcm-arg", "extra kube-controller-manager flag (repeatable), e.g. --kcm-arg=--v=2", func(v string) error {
@@ -213,6 +214,10 @@ func run(argv []string) error {
 		return err
 	}
 	kcmDone := make(<-chan error)
+	if *withKCM && !controllerManagerBuilt {
+		shutdown()
+		return fmt.Errorf("--controller-manager: this binary was built without it (build.sh --with-controller-manager)")
+	}
 	if *withKCM {
 		kcm, err = startControllerManager(absDir, kubeconfig, p, *controllers, kcmExtra)
 		if err != nil {

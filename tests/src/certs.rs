@@ -57,7 +57,7 @@ impl TestCa {
         let key_pem = std::fs::read_to_string(state_dir.join("ca-key.pem")).expect("ca-key.pem");
         let key = KeyPair::from_pem(&key_pem).expect("CA key");
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).expect("CA cert");
-        let cert = tessera_proto::tls::certs_from_pem(cert_pem.as_bytes())
+        let cert = tessera_mesh::tls::certs_from_pem(cert_pem.as_bytes())
             .expect("pem")
             .remove(0);
         Self {
@@ -102,7 +102,7 @@ impl TestCa {
     }
 
     pub fn pem(&self) -> String {
-        tessera_proto::tls::der_to_pem(&self.cert)
+        tessera_mesh::tls::der_to_pem(&self.cert)
     }
 }
 

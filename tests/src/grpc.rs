@@ -5,20 +5,34 @@ use std::path::Path;
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
+use tessera_mesh::tls::{self, Trust, TrustBundle};
 use tessera_proto::api::identity::identity_client::IdentityClient;
 use tessera_proto::api::identity::{CertifyRequest, CertifyResponse};
-use tessera_proto::tls::{self, Trust, TrustBundle};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::Endpoint;
 
-/// Calls `Certify` once without a client certificate.
+/// Calls `Certify` once without a client certificate, with a join token.
 pub async fn certify(
     address: &str,
     trust_bundle_file: &Path,
     csr_der: Vec<u8>,
     join_token: &str,
+) -> Result<CertifyResponse, tonic::Status> {
+    let request = CertifyRequest {
+        csr_der,
+        join_token: join_token.to_string(),
+        ..Default::default()
+    };
+    certify_request(address, trust_bundle_file, request).await
+}
+
+/// Calls `Certify` once without a client certificate.
+pub async fn certify_request(
+    address: &str,
+    trust_bundle_file: &Path,
+    request: CertifyRequest,
 ) -> Result<CertifyResponse, tonic::Status> {
     let pem = std::fs::read(trust_bundle_file).expect("trust bundle");
     let trust = Trust::new(
@@ -42,11 +56,7 @@ pub async fn certify(
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     IdentityClient::new(channel)
-        .certify(CertifyRequest {
-            csr_der,
-            join_token: join_token.to_string(),
-            ..Default::default()
-        })
+        .certify(request)
         .await
         .map(tonic::Response::into_inner)
 }

@@ -218,7 +218,7 @@ impl HostileMesh {
         let chain: String = leaf
             .chain
             .iter()
-            .map(tessera_proto::tls::der_to_pem)
+            .map(tessera_mesh::tls::der_to_pem)
             .collect();
         std::fs::write(peer.path().join("cert.pem"), chain).expect("write peer cert");
         std::fs::write(

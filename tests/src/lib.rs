@@ -21,6 +21,7 @@ pub mod certs;
 pub mod grpc;
 pub mod hostile;
 pub mod jwt;
+pub mod kube;
 pub mod l7;
 pub mod netns;
 pub mod otlp;
@@ -227,6 +228,8 @@ pub struct ControlPlane {
     /// Where the gRPC port listens: loopback, or a bridge address that network-namespace
     /// pods can reach.
     pub listen_ip: std::net::IpAddr,
+    /// Flags added to `tessera control-plane` (kept across restarts).
+    extra_args: Vec<std::ffi::OsString>,
     pub process: Process,
 }
 
@@ -243,6 +246,25 @@ impl ControlPlane {
         certificate_ttl: &str,
         extra_spec: &str,
     ) -> Self {
+        Self::start_with(listen_ip, certificate_ttl, extra_spec, Vec::new()).await
+    }
+
+    /// [`ControlPlane::start`] in cluster mode, against the API server of `kubeconfig`.
+    pub async fn start_in_cluster(kubeconfig: &Path) -> Self {
+        let args = vec![
+            "--kubernetes".into(),
+            "--kubeconfig".into(),
+            kubeconfig.into(),
+        ];
+        Self::start_with(local(0).ip(), "1h", "", args).await
+    }
+
+    async fn start_with(
+        listen_ip: std::net::IpAddr,
+        certificate_ttl: &str,
+        extra_spec: &str,
+        extra_args: Vec<std::ffi::OsString>,
+    ) -> Self {
         let dir = TempDir::new("cp");
         std::fs::create_dir_all(dir.path().join("config")).expect("config dir");
         std::fs::write(
@@ -254,7 +276,8 @@ impl ControlPlane {
         .expect("write mesh.yaml");
         let grpc_port = free_port();
         let admin_port = free_port();
-        let process = Self::spawn(&dir, SocketAddr::new(listen_ip, grpc_port), admin_port);
+        let grpc = SocketAddr::new(listen_ip, grpc_port);
+        let process = Self::spawn(&dir, grpc, admin_port, &extra_args);
         let control_plane = Self {
             proxy_extra_yaml: String::new(),
             proxy_limits: String::new(),
@@ -262,13 +285,19 @@ impl ControlPlane {
             grpc_port,
             admin_port,
             listen_ip,
+            extra_args,
             process,
         };
         control_plane.wait_started().await;
         control_plane
     }
 
-    fn spawn(dir: &TempDir, grpc: SocketAddr, admin_port: u16) -> Process {
+    fn spawn(
+        dir: &TempDir,
+        grpc: SocketAddr,
+        admin_port: u16,
+        extra_args: &[std::ffi::OsString],
+    ) -> Process {
         Process::spawn(
             "control-plane",
             Command::new(binary("tessera"))
@@ -283,7 +312,8 @@ impl ControlPlane {
                 .arg(local(admin_port).to_string())
                 // Port 0: parallel tests never fight over 15017; see `webhook_address`.
                 .arg("--webhook")
-                .arg(local(0).to_string()),
+                .arg(local(0).to_string())
+                .args(extra_args),
         )
     }
 
@@ -304,7 +334,7 @@ impl ControlPlane {
     pub async fn restart(&mut self) {
         self.process.kill();
         let grpc = SocketAddr::new(self.listen_ip, self.grpc_port);
-        self.process = Self::spawn(&self.dir, grpc, self.admin_port);
+        self.process = Self::spawn(&self.dir, grpc, self.admin_port, &self.extra_args);
         self.wait_started().await;
     }
 
@@ -774,5 +804,5 @@ pub async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) 
 
 /// Installs the crypto provider for in-test TLS clients.
 pub fn init() {
-    tessera_proto::tls::install_crypto_provider();
+    tessera_mesh::tls::install_crypto_provider();
 }

@@ -35,7 +35,7 @@ impl Default for Options {
         Self {
             proxy_image: default_proxy_image(),
             control_plane_address: DEFAULT_CONTROL_PLANE_ADDRESS.into(),
-            trust_domain: tessera_proto::spiffe::DEFAULT_TRUST_DOMAIN.into(),
+            trust_domain: tessera_mesh::spiffe::DEFAULT_TRUST_DOMAIN.into(),
         }
     }
 }

@@ -18,7 +18,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-use tessera_proto::policy::JwtRule;
+use tessera_mesh::policy::JwtRule;
 
 const LEEWAY_SECONDS: u64 = 60;
 /// Longer tokens are refused before any parsing.
@@ -195,7 +195,7 @@ fn carries_token(query: &str) -> bool {
         let name = format!("/{name}");
         // A name with a broken escape is not `access_token` in any spelling an
         // application decodes; the request itself is refused for its path if it matters.
-        tessera_proto::policy::normalize_path(&name)
+        tessera_mesh::policy::normalize_path(&name)
             .unwrap_or(std::borrow::Cow::Borrowed(&name))
             .trim_start_matches('/')
             .replace("%5F", "_")

@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use prometheus_client::metrics::counter::Counter;
-use tessera_proto::SpiffeId;
-use tessera_proto::policy::{
+use tessera_mesh::SpiffeId;
+use tessera_mesh::policy::{
     self, Action, AuthorizationPolicySpec, Decision, MtlsMode, Named, WorkloadRef,
 };
 use tracing::warn;
@@ -150,10 +150,10 @@ mod tests {
             "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{spec}"
         );
         let resources =
-            tessera_proto::resources::parse_file(std::path::Path::new("test.yaml"), &document)
+            tessera_mesh::resources::parse_file(std::path::Path::new("test.yaml"), &document)
                 .expect("policy");
         match &resources[0].spec {
-            tessera_proto::resources::Spec::AuthorizationPolicy(spec) => Named {
+            tessera_mesh::resources::Spec::AuthorizationPolicy(spec) => Named {
                 name: name.into(),
                 namespace: "shop".into(),
                 spec: spec.clone(),

@@ -17,7 +17,7 @@
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Version};
-use tessera_proto::policy::{self, InvalidPath};
+use tessera_mesh::policy::{self, InvalidPath};
 
 /// Why a request has no canonical form.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

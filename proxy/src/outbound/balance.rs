@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rand::Rng;
-use tessera_proto::SpiffeId;
-use tessera_proto::resources::OutlierDetectionSpec;
+use tessera_mesh::SpiffeId;
+use tessera_mesh::resources::OutlierDetectionSpec;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -278,14 +278,14 @@ pub(crate) mod tests {
     /// Connectors for any identity, trusting a throwaway root: the tests that use them
     /// never make a TLS connection.
     pub(crate) fn connectors()
-    -> impl Fn(&SpiffeId) -> Result<Connectors, tessera_proto::tls::TlsError> + Send + Sync {
-        let trust = tessera_proto::tls::Trust::new(
+    -> impl Fn(&SpiffeId) -> Result<Connectors, tessera_mesh::tls::TlsError> + Send + Sync {
+        let trust = tessera_mesh::tls::Trust::new(
             "td",
-            tessera_proto::tls::TrustBundle::new(vec![test_root()]).unwrap(),
+            tessera_mesh::tls::TrustBundle::new(vec![test_root()]).unwrap(),
         );
         move |peer: &SpiffeId| {
             let make = || {
-                tessera_proto::tls::client_config(trust.clone(), peer.clone(), None, &[])
+                tessera_mesh::tls::client_config(trust.clone(), peer.clone(), None, &[])
                     .map(|c| TlsConnector::from(Arc::new(c)))
             };
             Ok(Connectors {

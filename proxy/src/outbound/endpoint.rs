@@ -1,7 +1,7 @@
 //! How the outbound side reaches an endpoint's proxy: TLS connectors that accept only
 //! the endpoint's identity, one per ALPN.
 
-use tessera_proto::SpiffeId;
+use tessera_mesh::SpiffeId;
 use tokio_rustls::TlsConnector;
 
 /// TLS connectors for one peer identity, one per ALPN.
@@ -14,4 +14,4 @@ pub struct Connectors {
 
 /// Builds the connectors that accept only `identity`.
 pub type ConnectorFactory =
-    dyn Fn(&SpiffeId) -> Result<Connectors, tessera_proto::tls::TlsError> + Send + Sync;
+    dyn Fn(&SpiffeId) -> Result<Connectors, tessera_mesh::tls::TlsError> + Send + Sync;

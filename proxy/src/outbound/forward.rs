@@ -22,8 +22,8 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
-use tessera_proto::resources::RoutePolicySpec;
-use tessera_proto::tls;
+use tessera_mesh::resources::RoutePolicySpec;
+use tessera_mesh::tls;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
@@ -570,7 +570,7 @@ mod tests {
     use h2::Reason;
     use http::Method;
     use hyper::service::service_fn;
-    use tessera_proto::resources::{OutlierDetectionSpec, RetryBudgetSpec, RetrySpec};
+    use tessera_mesh::resources::{OutlierDetectionSpec, RetryBudgetSpec, RetrySpec};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use super::*;

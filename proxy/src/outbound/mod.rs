@@ -20,7 +20,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tessera_proto::resources::Protocol;
+use tessera_mesh::resources::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 

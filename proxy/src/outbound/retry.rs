@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Method, Response};
-use tessera_proto::resources::{RetryBudgetSpec, RoutePolicySpec};
+use tessera_mesh::resources::{RetryBudgetSpec, RoutePolicySpec};
 use tokio::time::Instant;
 
 use crate::http::ProxyError;
@@ -315,7 +315,7 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_proto::resources::RetrySpec;
+    use tessera_mesh::resources::RetrySpec;
 
     fn retries(attempts: u32, any_method: bool, ratio: f64, min_per_second: u32) -> RetrySpec {
         RetrySpec {

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use tessera_proto::mesh::MAX_SNAPSHOT_BYTES;
+use tessera_mesh::snapshot::MAX_SNAPSHOT_BYTES;
 use tessera_tests::backend::HttpBackend;
 use tessera_tests::l7::{L7Mesh, load, service_config};
 

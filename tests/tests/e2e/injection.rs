@@ -28,10 +28,10 @@ async fn post(
 ) -> anyhow::Result<(u16, Vec<u8>)> {
     let mut roots = RootCertStore::empty();
     let bundle = std::fs::read(control_plane.trust_bundle_file())?;
-    for root in tessera_proto::tls::certs_from_pem(&bundle)? {
+    for root in tessera_mesh::tls::certs_from_pem(&bundle)? {
         roots.add(root)?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(tessera_proto::tls::crypto_provider())
+    let config = rustls::ClientConfig::builder_with_provider(tessera_mesh::tls::crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();

@@ -10,6 +10,7 @@ mod hostile;
 mod http;
 mod identity_api;
 mod injection;
+mod kubernetes;
 mod lifecycle;
 mod migration;
 mod mtls;

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_proto::SpiffeId;
-use tessera_proto::tls::{self, CurrentCert, Trust, TrustBundle};
+use tessera_mesh::SpiffeId;
+use tessera_mesh::tls::{self, CurrentCert, Trust, TrustBundle};
 use tessera_tests::certs::{Leaf, TestCa};
 use tessera_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -380,7 +380,7 @@ spec:
         let resources = parse_file(Path::new("mesh.yaml"), MESH).unwrap();
         let snapshot = MeshSnapshot::from_resources("cluster.local", &resources).unwrap();
         for version in ["", "1", &u64::MAX.to_string()] {
-            let message = crate::api::discovery::Snapshot {
+            let message = tessera_proto::api::discovery::Snapshot {
                 version: version.to_string(),
                 mesh_json: serde_json::to_vec(&snapshot).unwrap(),
             };
@@ -391,7 +391,7 @@ spec:
             trust_domain: "t".repeat(20_000),
             ..snapshot
         };
-        let message = crate::api::discovery::Snapshot {
+        let message = tessera_proto::api::discovery::Snapshot {
             version: "7".into(),
             mesh_json: serde_json::to_vec(&big).unwrap(),
         };

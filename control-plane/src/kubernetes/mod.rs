@@ -1,0 +1,33 @@
+//! Cluster mode: the control plane as a client of the Kubernetes API.
+//!
+//! [`tokens`] verifies the service-account tokens injected sidecars present.
+
+use std::path::{Path, PathBuf};
+
+pub mod tokens;
+
+/// `tessera control-plane --kubernetes`: where the API server is.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterMode {
+    /// None: the in-cluster configuration.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// The Kubernetes API client: from `kubeconfig` when given, else the in-cluster
+/// configuration (the pod's service account), else `$KUBECONFIG`/`~/.kube/config`.
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes configuration: not in a pod, and no kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("cannot make a Kubernetes API client")
+}

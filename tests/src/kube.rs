@@ -1,0 +1,188 @@
+//! A real Kubernetes API server for the cluster-mode tests: `tests/kube`'s
+//! `kube-harness` (kube-apiserver from `k8s.io/kubernetes` and an embedded etcd, built
+//! by `scripts/test.sh`), and a small REST client that talks to it as the cluster admin.
+//!
+//! Without the harness binary the tests fail in CI (`CI=true`) naming the build command,
+//! and say they skipped elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
+use tokio_rustls::TlsConnector;
+
+use crate::{Process, TempDir};
+
+/// The command that builds the harness (what `scripts/test.sh` runs).
+pub const BUILD: &str = "tests/kube/build.sh (needs Go 1.26 and the Go module proxy)";
+
+/// How long a cold start (etcd, the API server's post-start hooks) may take.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A request to the API server.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The harness binary, if it has been built.
+pub fn harness_binary() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube/bin/kube-harness");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} is missing; build it: {BUILD}",
+        path.display()
+    );
+    eprintln!("skipped: no kube-harness; build it with {BUILD}");
+    None
+}
+
+/// A running kube-apiserver with its etcd, and the admin's client to it.
+pub struct ApiServer {
+    pub server: String,
+    /// The API server's serving CA (PEM), for a kubeconfig or a client.
+    pub ca_file: PathBuf,
+    pub kubeconfig: PathBuf,
+    /// The service-account token issuer (`iss` of the tokens it signs).
+    pub issuer: String,
+    tls: TlsConnector,
+    authority: String,
+    pub process: Process,
+    _dir: TempDir,
+}
+
+impl ApiServer {
+    /// Starts the harness (no controller manager: tests create what a controller would)
+    /// and waits until it is ready; `None` when the harness is not built (see
+    /// [`harness_binary`]).
+    pub async fn start() -> Option<Self> {
+        let binary = harness_binary()?;
+        let dir = TempDir::new("kube");
+        let process = Process::spawn(
+            "kube-apiserver",
+            Command::new(binary)
+                .arg("--dir")
+                .arg(dir.path())
+                .arg("--controller-manager=false"),
+        );
+        let ready = process
+            .logs
+            .wait_for(&["\"kubeconfig\":"], READY_TIMEOUT)
+            .await
+            .expect("kube-harness becomes ready");
+        let json = &ready[ready.find('{').expect("ready line is JSON")..];
+        let ready: Value = serde_json::from_str(json).expect("ready line parses");
+        let field = |name: &str| PathBuf::from(ready[name].as_str().expect(name));
+        let server = ready["server"].as_str().expect("server").to_string();
+        let tls = client_tls(&field("ca"), &field("admin_cert"), &field("admin_key"))
+            .expect("admin client TLS");
+        let authority = server
+            .strip_prefix("https://")
+            .expect("https server")
+            .to_string();
+        Some(Self {
+            ca_file: field("ca"),
+            kubeconfig: field("kubeconfig"),
+            issuer: ready["issuer"].as_str().expect("issuer").to_string(),
+            server,
+            tls,
+            authority,
+            process,
+            _dir: dir,
+        })
+    }
+
+    /// The key the API server signs service-account tokens with (PEM).
+    pub fn service_account_key(&self) -> Vec<u8> {
+        std::fs::read(self._dir.path().join("sa.key")).expect("sa.key")
+    }
+
+    /// `POST path` with a JSON object; (status, the answer).
+    pub async fn create(&self, path: &str, object: &Value) -> anyhow::Result<(u16, Value)> {
+        self.request(http::Method::POST, path, Some(object)).await
+    }
+
+    /// `GET path`; (status, the answer).
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.request(http::Method::GET, path, None).await
+    }
+
+    /// `DELETE path`; (status, the answer).
+    pub async fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.request(http::Method::DELETE, path, None).await
+    }
+
+    /// [`ApiServer::create`], failing unless the object was created (201).
+    pub async fn must_create(&self, path: &str, object: &Value) -> Value {
+        let (status, answer) = self
+            .create(path, object)
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e:#}"));
+        assert_eq!(status, 201, "POST {path}: {answer}");
+        answer
+    }
+
+    async fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let tcp = tokio::net::TcpStream::connect(&self.authority).await?;
+        let host = self.authority.rsplit_once(':').map_or("", |(host, _)| host);
+        let tls = self
+            .tls
+            .connect(ServerName::try_from(host.to_string())?, tcp)
+            .await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(connection);
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()?
+            .unwrap_or_default();
+        let request = http::Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(http::header::HOST, &self.authority)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(request))
+            .await
+            .with_context(|| format!("{method} {path}: no answer"))??;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let answer = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Ok((status, answer))
+    }
+}
+
+/// TLS to the API server: its CA, and the admin's client certificate.
+fn client_tls(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<TlsConnector> {
+    let mut roots = RootCertStore::empty();
+    for root in tessera_mesh::tls::certs_from_pem(&std::fs::read(ca)?)? {
+        roots.add(root)?;
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        tessera_mesh::tls::certs_from_pem(&std::fs::read(cert)?)?;
+    let key = tessera_mesh::tls::private_key_from_pem(&std::fs::read(key)?)
+        .with_context(|| format!("{}: no private key", key.display()))?;
+    if chain.is_empty() {
+        bail!("{}: no certificate", cert.display());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(tessera_mesh::tls::crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    Ok(TlsConnector::from(Arc::new(config)))
+}

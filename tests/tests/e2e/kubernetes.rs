@@ -1,0 +1,398 @@
+//! Against a real Kubernetes API server (`tests/kube`'s kube-harness: kube-apiserver
+//! from `k8s.io/kubernetes` with an embedded etcd): the admission path as a cluster
+//! runs it, with the webhook configuration Tessera ships in `deploy/kubernetes`.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tessera_tests::kube::ApiServer;
+use tessera_tests::*;
+
+/// `deploy/kubernetes/webhook.yaml`, sent to this control plane's webhook by URL (a
+/// test has no Service in front of it) and trusting its root.
+fn webhook_configuration(control_plane: &ControlPlane) -> Value {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/webhook.yaml");
+    let yaml = std::fs::read_to_string(&path).expect("read webhook.yaml");
+    let mut configuration: Value = serde_saphyr::from_str(&yaml).expect("webhook.yaml parses");
+    let root = std::fs::read(control_plane.trust_bundle_file()).expect("trust bundle");
+    configuration["webhooks"][0]["clientConfig"] = json!({
+        "url": format!("https://{}/inject", control_plane.webhook_address()),
+        "caBundle": base64::engine::general_purpose::STANDARD.encode(root),
+    });
+    configuration
+}
+
+/// A pod as a Deployment's ReplicaSet creates it from the pod template: a generated
+/// name, the template's labels and annotations, a service account.
+fn pod(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "orders-5d8f7c9b6-",
+            "labels": { "app": "orders", "pod-template-hash": "5d8f7c9b6" },
+            "annotations": annotations
+        },
+        "spec": {
+            "serviceAccountName": "orders",
+            "containers": [{
+                "name": "orders",
+                "image": "example.com/orders:3",
+                "ports": [{ "name": "http", "containerPort": 8080, "protocol": "TCP" }],
+                "readinessProbe": { "httpGet": { "path": "/ready", "port": "http" } }
+            }]
+        }
+    })
+}
+
+/// Container names of a list in a pod's spec.
+fn names(pod: &Value, list: &str) -> Vec<String> {
+    pod["spec"][list]
+        .as_array()
+        .map(|containers| {
+            containers
+                .iter()
+                .filter_map(|c| c["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn namespace(api: &ApiServer, name: &str, labels: Value) {
+    api.must_create(
+        "/api/v1/namespaces",
+        &json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name, "labels": labels } }),
+    )
+    .await;
+    // No controller manager runs: the service account a pod names is made here.
+    api.must_create(
+        &format!("/api/v1/namespaces/{name}/serviceaccounts"),
+        &json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "orders" } }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_injects_pods_of_meshed_namespaces_and_refuses_them_without_the_webhook() {
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    let mut control_plane = ControlPlane::start("1h", "").await;
+    api.must_create(
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+        &webhook_configuration(&control_plane),
+    )
+    .await;
+    namespace(&api, "shop", json!({ "tessera.dev/inject": "enabled" })).await;
+    namespace(&api, "plain", json!({})).await;
+
+    // Through the API server: admission called the webhook and stored the patched pod.
+    let injected = api
+        .must_create("/api/v1/namespaces/shop/pods", &pod(json!({})))
+        .await;
+    let name = injected["metadata"]["name"]
+        .as_str()
+        .expect("generated name");
+    assert_eq!(names(&injected, "containers"), ["orders"]);
+    assert_eq!(
+        names(&injected, "initContainers"),
+        ["tessera-init", "tessera-proxy"],
+        "{injected}"
+    );
+    assert_eq!(
+        injected["spec"]["initContainers"][1]["restartPolicy"], "Always",
+        "the proxy is a native sidecar"
+    );
+    assert_eq!(
+        injected["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"], 15020,
+        "the application's probe goes through the proxy's admin port"
+    );
+    let (status, stored) = api
+        .get(&format!("/api/v1/namespaces/shop/pods/{name}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!(
+        names(&stored, "initContainers"),
+        names(&injected, "initContainers")
+    );
+    control_plane
+        .process
+        .logs
+        .wait_for(
+            &["admission review", "namespace=shop", "result=\"injected\""],
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the control plane logged the review the API server sent");
+
+    // Opted out by annotation: admitted unchanged.
+    let opted_out = api
+        .must_create(
+            "/api/v1/namespaces/shop/pods",
+            &pod(json!({ "tessera.dev/inject": "false" })),
+        )
+        .await;
+    assert!(
+        names(&opted_out, "initContainers").is_empty(),
+        "{opted_out}"
+    );
+
+    // A namespace without the label is not the webhook's: admitted unchanged.
+    let outside = api
+        .must_create("/api/v1/namespaces/plain/pods", &pod(json!({})))
+        .await;
+    assert!(names(&outside, "initContainers").is_empty(), "{outside}");
+
+    // The webhook down under `failurePolicy: Fail`: a meshed pod is refused, not
+    // started outside the mesh; an unmeshed namespace is not affected.
+    control_plane.kill();
+    let (status, refused) = api
+        .create("/api/v1/namespaces/shop/pods", &pod(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(status, 500, "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("failed calling webhook \"inject.tessera.dev\""),
+        "{refused}"
+    );
+    api.must_create("/api/v1/namespaces/plain/pods", &pod(json!({})))
+        .await;
+}
+
+/// A pod as the API server stores it (no webhook here); its UID.
+async fn create_pod(api: &ApiServer, name: &str, account: &str, finalizers: &[&str]) -> String {
+    let pod = api
+        .must_create(
+            "/api/v1/namespaces/shop/pods",
+            &json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": { "name": name, "finalizers": finalizers },
+                "spec": {
+                    "serviceAccountName": account,
+                    "containers": [{ "name": "app", "image": "example.com/app:1" }]
+                }
+            }),
+        )
+        .await;
+    pod["metadata"]["uid"].as_str().expect("uid").to_string()
+}
+
+/// A token from the TokenRequest API for `account`, bound to pod `pod`, as the
+/// kubelet's projected volume asks for it.
+async fn token_request(
+    api: &ApiServer,
+    account: &str,
+    audience: &str,
+    pod: (&str, &str),
+) -> String {
+    let answer = api
+        .must_create(
+            &format!("/api/v1/namespaces/shop/serviceaccounts/{account}/token"),
+            &json!({
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {
+                    "audiences": [audience],
+                    "expirationSeconds": 3600,
+                    "boundObjectRef": { "apiVersion": "v1", "kind": "Pod", "name": pod.0, "uid": pod.1 }
+                }
+            }),
+        )
+        .await;
+    answer["status"]["token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
+/// A pod-bound token signed with the API server's own service-account key, valid
+/// from `from` to `until` seconds from now (a TokenRequest cannot ask for a past expiry).
+fn signed_token(
+    api: &ApiServer,
+    account_uid: &str,
+    pod: (&str, &str),
+    from: i64,
+    until: i64,
+) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = json!({
+        "iss": api.issuer,
+        "sub": "system:serviceaccount:shop:orders",
+        "aud": ["tessera"],
+        "iat": now + from,
+        "nbf": now + from,
+        "exp": now + until,
+        "kubernetes.io": {
+            "namespace": "shop",
+            "pod": { "name": pod.0, "uid": pod.1 },
+            "serviceaccount": { "name": "orders", "uid": account_uid }
+        }
+    });
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&api.service_account_key()).expect("sa.key");
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &key,
+    )
+    .expect("sign")
+}
+
+/// A proxy configured as injection configures a sidecar, with the token at its path.
+fn sidecar(control_plane: &ControlPlane, dir: &TempDir, token: &str) -> (Process, u16) {
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let admin = free_port();
+    let config = format!(
+        "identity:\n  namespace: shop\n  serviceAccount: orders\n  serviceAccountTokenFile: {}\ncontrolPlane:\n  address: {}\n  trustBundleFile: {}\nadmin: 127.0.0.1:{admin}\n",
+        token_file.display(),
+        control_plane.address(),
+        control_plane.trust_bundle_file().display(),
+    );
+    let proxy = Process::spawn(
+        "sidecar",
+        std::process::Command::new(binary("tessera-proxy"))
+            .args(["--log-format", "json", "run"])
+            .env("TESSERA_PROXY_CONFIG", config)
+            .env_remove("TESSERA_JOIN_TOKEN"),
+    );
+    (proxy, admin)
+}
+
+/// `Certify` for shop/orders with a service-account token; the refusal's message.
+async fn refusal(control_plane: &ControlPlane, token: &str) -> (tonic::Code, String) {
+    let request = tessera_proto::api::identity::CertifyRequest {
+        csr_der: certs::csr(&[&spiffe("orders")], false),
+        kubernetes_token: token.to_string(),
+        ..Default::default()
+    };
+    let status = grpc::certify_request(
+        &control_plane.address(),
+        &control_plane.trust_bundle_file(),
+        request,
+    )
+    .await
+    .expect_err("refused");
+    (status.code(), status.message().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_get_certificates_for_their_service_account_tokens_and_nothing_else() {
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    namespace(&api, "shop", json!({})).await;
+    let payments =
+        json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "payments" } });
+    api.must_create("/api/v1/namespaces/shop/serviceaccounts", &payments)
+        .await;
+    let (_, account) = api
+        .get("/api/v1/namespaces/shop/serviceaccounts/orders")
+        .await
+        .unwrap();
+    let account_uid = account["metadata"]["uid"]
+        .as_str()
+        .expect("uid")
+        .to_string();
+    let orders = create_pod(&api, "orders-1", "orders", &[]).await;
+    let control_plane = ControlPlane::start_in_cluster(&api.kubeconfig).await;
+
+    // The projected token of a pod, from the real TokenRequest API: a certificate.
+    let token = token_request(&api, "orders", "tessera", ("orders-1", &orders)).await;
+    let dir = TempDir::new("sidecar");
+    let (proxy, admin) = sidecar(&control_plane, &dir, &token);
+    control_plane
+        .process
+        .logs
+        .wait_for(
+            &[
+                "certificate issued",
+                &spiffe("orders"),
+                "ServiceAccountToken",
+            ],
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("the sidecar's token earns its certificate");
+    let (status, certs) = http_get(local(admin), "/certs").await.unwrap();
+    assert_eq!(status, 200, "{certs}");
+    assert!(certs.contains(&spiffe("orders")), "{certs}");
+
+    // Another service account's token, for the same pod's identity: its own identity
+    // (payments) is not the one the CSR asks for.
+    let other = create_pod(&api, "payments-1", "payments", &[]).await;
+    let payments_token = token_request(&api, "payments", "tessera", ("payments-1", &other)).await;
+    let (code, message) = refusal(&control_plane, &payments_token).await;
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(message.contains("payments"), "{message}");
+
+    // Issued for another audience (the API server's own): not ours.
+    let foreign = token_request(&api, "orders", &api.issuer, ("orders-1", &orders)).await;
+    let (code, message) = refusal(&control_plane, &foreign).await;
+    assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
+    assert!(message.contains("did not authenticate"), "{message}");
+
+    // Signed by the cluster's own key, for this pod, but expired: the control check
+    // (the same token, still valid) shows it is the expiry that is refused.
+    let valid = signed_token(&api, &account_uid, ("orders-1", &orders), -60, 600);
+    let request = tessera_proto::api::identity::CertifyRequest {
+        csr_der: certs::csr(&[&spiffe("orders")], false),
+        kubernetes_token: valid,
+        ..Default::default()
+    };
+    grpc::certify_request(
+        &control_plane.address(),
+        &control_plane.trust_bundle_file(),
+        request,
+    )
+    .await
+    .expect("a token signed with the cluster's key is the cluster's");
+    let expired = signed_token(&api, &account_uid, ("orders-1", &orders), -7200, -3600);
+    let (code, message) = refusal(&control_plane, &expired).await;
+    assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
+    assert!(message.contains("expired"), "{message}");
+
+    // The pod is being deleted (held by a finalizer), then gone.
+    let leaving = create_pod(&api, "orders-2", "orders", &["tessera.dev/test"]).await;
+    let leaving_token = token_request(&api, "orders", "tessera", ("orders-2", &leaving)).await;
+    let (status, _) = api
+        .delete("/api/v1/namespaces/shop/pods/orders-2")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (code, message) = refusal(&control_plane, &leaving_token).await;
+    assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
+    assert!(message.contains("being deleted"), "{message}");
+    let (status, _) = api
+        .delete("/api/v1/namespaces/shop/pods/orders-1")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (code, message) = refusal(&control_plane, &token).await;
+    assert_eq!(code, tonic::Code::Unauthenticated, "{message}");
+
+    // One refusal line each, never a token.
+    let refused = control_plane.process.logs.count(&["certificate refused"]);
+    assert_eq!(
+        refused,
+        5,
+        "{:#?}",
+        control_plane
+            .process
+            .logs
+            .matching(&["certificate refused"])
+    );
+    for secret in [&token, &payments_token, &foreign, &expired, &leaving_token] {
+        let signature = secret.rsplit('.').next().unwrap();
+        for logs in [&control_plane.process.logs, &proxy.logs] {
+            assert_eq!(logs.count(&[signature]), 0, "a token was logged");
+        }
+    }
+}
