@@ -3,19 +3,24 @@
 //!
 //! The score is (requests in flight + 1) × EWMA latency, so a slow or busy endpoint loses
 //! the comparison. The latency estimate decays with time since it was last fed, so an
-//! endpoint that lost traffic after a bad spell is tried again instead of starved. An endpoint that fails `consecutiveFailures` times in a row is ejected
-//! for `baseEjectionTime` × the number of times it has been ejected (capped), and is
+//! endpoint that lost traffic after a bad spell is tried again instead of starved. An
+//! endpoint that fails `consecutiveFailures` times in a row is ejected for
+//! `baseEjectionTime` × the number of times it has been ejected (capped), and is
 //! re-admitted afterwards to prove itself again. Endpoints added or removed by discovery
 //! keep their state; a removed one stays alive while requests still hold it.
+//!
+//! Every decision takes the caller's reading of tokio's clock: the system's monotonic
+//! clock in the proxy, paused time in tests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rand::Rng;
 use tessera_mesh::SpiffeId;
 use tessera_mesh::resources::OutlierDetectionSpec;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::endpoint::{ConnectorFactory, Connectors};
@@ -202,9 +207,9 @@ impl Balancer {
         endpoint.feed(self.millis_at(now), |old| old - old / 8 + sample / 8);
     }
 
-    /// Records a failure (connect error, reset, 5xx); ejects the endpoint when it has
-    /// failed too often in a row and not too many others are ejected already.
-    pub fn failure(&self, endpoint: &EndpointState) {
+    /// Records a failure (connect error, reset, 5xx) at `now`; ejects the endpoint when
+    /// it has failed too often in a row and not too many others are ejected already.
+    pub fn failure(&self, endpoint: &EndpointState, now: Instant) {
         let failures = endpoint
             .consecutive_failures
             .fetch_add(1, Ordering::Relaxed)
@@ -219,7 +224,7 @@ impl Balancer {
         if failures < outlier.consecutive_failures {
             return;
         }
-        let now = self.now_millis();
+        let now = self.millis_at(now);
         let endpoints = self.endpoints.load();
         let ejected = endpoints
             .iter()
@@ -266,22 +271,19 @@ impl Balancer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio_rustls::TlsConnector;
 
-    fn balancer(addresses: &[&str]) -> Arc<Balancer> {
-        let balancer = Balancer::new("test".into());
-        let id: SpiffeId = "spiffe://td/ns/a/sa/b".parse().unwrap();
-        let wanted: Vec<_> = addresses
-            .iter()
-            .map(|a| (a.to_string(), id.clone()))
-            .collect();
+    /// Connectors for any identity, trusting a throwaway root: the tests that use them
+    /// never make a TLS connection.
+    pub(crate) fn connectors()
+    -> impl Fn(&SpiffeId) -> Result<Connectors, tessera_mesh::tls::TlsError> + Send + Sync {
         let trust = tessera_mesh::tls::Trust::new(
             "td",
             tessera_mesh::tls::TrustBundle::new(vec![test_root()]).unwrap(),
         );
-        let factory = move |peer: &SpiffeId| {
+        move |peer: &SpiffeId| {
             let make = || {
                 tessera_mesh::tls::client_config(trust.clone(), peer.clone(), None, &[])
                     .map(|c| TlsConnector::from(Arc::new(c)))
@@ -291,14 +293,16 @@ mod tests {
                 http1: make()?,
                 tcp: make()?,
             })
-        };
-        let outlier = OutlierDetectionSpec {
-            consecutive_failures: 2,
-            base_ejection_time: Duration::from_secs(60),
-            max_ejection_percent: 50,
-        };
-        balancer.update(&wanted, Some(outlier), &factory);
-        balancer
+        }
+    }
+
+    /// `addresses` as discovery would list them, all with one identity.
+    pub(crate) fn endpoints(addresses: &[&str]) -> Vec<(String, SpiffeId)> {
+        let id: SpiffeId = "spiffe://td/ns/a/sa/b".parse().unwrap();
+        addresses
+            .iter()
+            .map(|a| (a.to_string(), id.clone()))
+            .collect()
     }
 
     fn test_root() -> rustls_pki_types::CertificateDer<'static> {
@@ -308,49 +312,72 @@ mod tests {
         params.self_signed(&key).unwrap().der().clone()
     }
 
-    fn share_of(balancer: &Balancer, address: &str, picks: usize) -> f64 {
+    impl Balancer {
+        /// The addresses of the endpoints ejected at `now`.
+        pub(crate) fn ejected(&self, now: Instant) -> Vec<String> {
+            let now = self.millis_at(now);
+            self.endpoints
+                .load()
+                .iter()
+                .filter(|e| e.ejected_until.load(Ordering::Relaxed) > now)
+                .map(|e| e.address.clone())
+                .collect()
+        }
+
+        fn endpoint(&self, address: &str) -> Arc<EndpointState> {
+            let endpoints = self.endpoints.load();
+            let found = endpoints.iter().find(|e| e.address == address);
+            found.expect("a listed endpoint").clone()
+        }
+    }
+
+    fn outlier(consecutive_failures: u32, max_ejection_percent: u32) -> OutlierDetectionSpec {
+        OutlierDetectionSpec {
+            consecutive_failures,
+            base_ejection_time: Duration::from_secs(60),
+            max_ejection_percent,
+        }
+    }
+
+    fn balancer(addresses: &[&str], outlier: OutlierDetectionSpec) -> Arc<Balancer> {
+        let balancer = Balancer::new("test".into());
+        balancer.update(&endpoints(addresses), Some(outlier), &connectors());
+        balancer
+    }
+
+    fn share_of(balancer: &Balancer, address: &str, picks: usize, now: Instant) -> f64 {
         let hits = (0..picks)
-            .filter(|_| balancer.pick(Instant::now()).unwrap().endpoint().address == address)
+            .filter(|_| balancer.pick(now).unwrap().endpoint().address == address)
             .count();
         hits as f64 / picks as f64
     }
 
     #[test]
     fn prefers_the_faster_endpoint() {
-        let balancer = balancer(&["fast:1", "slow:1"]);
+        let balancer = balancer(&["fast:1", "slow:1"], outlier(2, 50));
+        let now = Instant::now();
         for endpoint in balancer.endpoints.load().iter() {
             let latency = if endpoint.address == "fast:1" { 1 } else { 20 };
             for _ in 0..50 {
-                balancer.success(endpoint, Duration::from_millis(latency), Instant::now());
+                balancer.success(endpoint, Duration::from_millis(latency), now);
             }
         }
-        assert!(share_of(&balancer, "fast:1", 100) > 0.95);
+        assert!(share_of(&balancer, "fast:1", 100, now) > 0.95);
     }
 
     #[test]
     fn ejects_after_consecutive_failures_within_the_cap() {
-        let balancer = balancer(&["a:1", "b:1", "c:1", "d:1"]);
-        let endpoints = balancer.endpoints.load_full();
-        for endpoint in endpoints.iter().take(3) {
-            balancer.failure(endpoint);
-            balancer.failure(endpoint);
+        let balancer = balancer(&["a:1", "b:1", "c:1", "d:1"], outlier(2, 50));
+        let now = Instant::now();
+        for address in ["a:1", "b:1", "c:1"] {
+            let endpoint = balancer.endpoint(address);
+            balancer.failure(&endpoint, now);
+            balancer.failure(&endpoint, now);
         }
         // At most 50 % of four endpoints may be ejected: two.
-        let now = balancer.now_millis();
-        let ejected = endpoints
-            .iter()
-            .filter(|e| e.ejected_until.load(Ordering::Relaxed) > now)
-            .count();
-        assert_eq!(ejected, 2);
+        assert_eq!(balancer.ejected(now), ["a:1", "b:1"]);
         let picked: std::collections::HashSet<_> = (0..200)
-            .map(|_| {
-                balancer
-                    .pick(Instant::now())
-                    .unwrap()
-                    .endpoint()
-                    .address
-                    .clone()
-            })
+            .map(|_| balancer.pick(now).unwrap().endpoint().address.clone())
             .collect();
         assert!(
             !picked.contains("a:1") && !picked.contains("b:1"),
@@ -359,8 +386,75 @@ mod tests {
     }
 
     #[test]
+    fn only_failures_in_a_row_eject() {
+        let balancer = balancer(&["a:1", "b:1"], outlier(3, 50));
+        let a = balancer.endpoint("a:1");
+        let now = Instant::now();
+        for _ in 0..5 {
+            balancer.failure(&a, now);
+            balancer.failure(&a, now);
+            balancer.success(&a, Duration::from_millis(1), now);
+        }
+        assert!(balancer.ejected(now).is_empty());
+        balancer.failure(&a, now);
+        balancer.failure(&a, now);
+        balancer.failure(&a, now);
+        assert_eq!(balancer.ejected(now), ["a:1"]);
+    }
+
+    #[test]
+    fn an_ejected_endpoint_is_readmitted_after_its_ejection_which_grows_each_time() {
+        let balancer = balancer(&["a:1", "b:1"], outlier(1, 50));
+        let a = balancer.endpoint("a:1");
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        balancer.failure(&a, start);
+        // Ejected for the base time, 60 s: until then only `b` is picked.
+        for second in [0, 30, 59] {
+            balancer.readmit_expired(at(second));
+            assert_eq!(balancer.ejected(at(second)), ["a:1"], "at {second} s");
+            assert_eq!(share_of(&balancer, "a:1", 20, at(second)), 0.0);
+        }
+        balancer.readmit_expired(at(60));
+        assert!(balancer.ejected(at(60)).is_empty());
+        balancer.success(&balancer.endpoint("b:1"), Duration::from_secs(1), at(60));
+        assert_eq!(
+            share_of(&balancer, "a:1", 20, at(60)),
+            1.0,
+            "back in the choice, and now the faster"
+        );
+        // Failing again, twice as long; then three times.
+        balancer.failure(&a, at(60));
+        assert_eq!(balancer.ejected(at(60 + 119)), ["a:1"]);
+        assert!(balancer.ejected(at(60 + 120)).is_empty());
+        balancer.failure(&a, at(180));
+        assert_eq!(balancer.ejected(at(180 + 179)), ["a:1"]);
+        assert!(balancer.ejected(at(180 + 180)).is_empty());
+        // Never longer than the cap.
+        let mut now = at(360);
+        for _ in 0..10 {
+            balancer.failure(&a, now);
+            now += MAX_EJECTION;
+        }
+        assert!(balancer.ejected(now).is_empty());
+    }
+
+    #[test]
+    fn when_every_endpoint_is_ejected_the_one_back_soonest_is_tried() {
+        let balancer = balancer(&["a:1", "b:1"], outlier(1, 100));
+        let start = Instant::now();
+        balancer.failure(&balancer.endpoint("a:1"), start);
+        balancer.failure(&balancer.endpoint("b:1"), start + Duration::from_secs(1));
+        assert_eq!(balancer.ejected(start + Duration::from_secs(1)).len(), 2);
+        assert_eq!(
+            share_of(&balancer, "a:1", 20, start + Duration::from_secs(1)),
+            1.0
+        );
+    }
+
+    #[test]
     fn a_removed_endpoint_stays_usable_while_held() {
-        let balancer = balancer(&["a:1"]);
+        let balancer = balancer(&["a:1"], outlier(2, 50));
         let held = balancer.pick(Instant::now()).unwrap();
         balancer.update(&[], None, &|_: &SpiffeId| unreachable!());
         assert!(balancer.pick(Instant::now()).is_none());

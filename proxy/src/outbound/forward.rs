@@ -4,24 +4,25 @@
 //! mTLS connection (HTTP/1.1 requests too, marked so the far side restores them).
 //! Timeouts bound the whole request and each attempt; retries replay small bodies on
 //! connection failures, 502/503/504 and gRPC UNAVAILABLE, within the retry budget; every
-//! outcome feeds the balancer's load estimate and outlier ejection. Upgrades (WebSocket)
-//! get a dedicated HTTP/1.1 connection and are spliced once switched.
+//! outcome feeds the balancer's load estimate and outlier ejection. What each outcome
+//! means and whether another attempt follows is decided in [`super::retry`]; this module
+//! acts on it. Upgrades (WebSocket) get a dedicated HTTP/1.1 connection and are spliced
+//! once switched.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
-use tessera_mesh::resources::{RetrySpec, RoutePolicySpec};
+use tessera_mesh::resources::RoutePolicySpec;
 use tessera_mesh::tls;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
@@ -34,7 +35,7 @@ use crate::http2::client::{self as multiplex, ConnectError, ExchangeError};
 use crate::http2::{StreamBody, Tunnel};
 use crate::limits::body_rate::Paced;
 use crate::outbound::balance::{Balancer, EndpointState};
-use crate::outbound::retry::RetryBudget;
+use crate::outbound::retry::{Next, RoutePolicy, Verdict};
 use crate::tcp;
 use crate::telemetry::{Direction, Label, Metrics, RequestMeter, RequestSeries};
 use crate::trace::{self, TraceContext, Tracer};
@@ -42,28 +43,22 @@ use crate::trace::{self, TraceContext, Tracer};
 /// Bodies up to this size are kept so a request can be retried.
 const MAX_REPLAY_BODY: usize = 64 * 1024;
 
-/// Timeouts and retries in force for one upstream.
-#[derive(Default)]
-struct Policy {
-    timeout: Option<Duration>,
-    per_try_timeout: Option<Duration>,
-    retries: Option<RetrySpec>,
-    budget: Option<RetryBudget>,
-}
-
 /// An upstream service as the outbound proxy sees it.
 pub struct Upstream {
     pub name: String,
     /// The request metrics of this upstream (source: this proxy's identity).
     series: Arc<RequestSeries>,
     pub balancer: Arc<Balancer>,
-    policy: ArcSwap<Policy>,
+    policy: ArcSwap<RoutePolicy>,
     policy_spec: ArcSwapOption<RoutePolicySpec>,
     metrics: Arc<Metrics>,
     retries: Counter,
     limits: Limits,
     tracer: Arc<Tracer>,
     access_log: bool,
+    /// Tests reach endpoints over in-memory pipes instead of TCP and TLS.
+    #[cfg(test)]
+    in_memory: Option<tests::MemoryPeers>,
 }
 
 impl Upstream {
@@ -89,11 +84,13 @@ impl Upstream {
             access_log,
             balancer: Balancer::new(name.clone()),
             name,
-            policy: ArcSwap::from_pointee(Policy::default()),
+            policy: ArcSwap::from_pointee(RoutePolicy::default()),
             policy_spec: ArcSwapOption::empty(),
             metrics,
             retries,
             limits,
+            #[cfg(test)]
+            in_memory: None,
         })
     }
 
@@ -102,15 +99,7 @@ impl Upstream {
         if self.policy_spec.load().as_deref() == spec {
             return;
         }
-        let policy = spec.map_or_else(Policy::default, |spec| Policy {
-            timeout: spec.timeout,
-            per_try_timeout: spec.per_try_timeout,
-            budget: spec
-                .retries
-                .as_ref()
-                .map(|r| RetryBudget::new(r.budget.clone())),
-            retries: spec.retries.clone(),
-        });
+        let policy = spec.map_or_else(RoutePolicy::default, RoutePolicy::new);
         self.policy.store(Arc::new(policy));
         self.policy_spec.store(spec.cloned().map(Arc::new));
     }
@@ -152,11 +141,13 @@ impl Upstream {
             return Box::pin(std::future::ready(self.refusal(error, grpc)));
         }
         Box::pin(async move {
-            let replay = match &policy.retries {
-                Some(retries) if retryable(&parts.method, retries) => replayable(body).await,
+            let replay = if policy.may_retry(&parts.method) {
+                replayable(body).await
+            } else if http_body::Body::is_end_stream(&body) {
                 // A bodiless request can go again if the peer refuses it unprocessed.
-                _ if http_body::Body::is_end_stream(&body) => Ok(Replay::Buffered(Bytes::new())),
-                _ => Ok(Replay::Once(body)),
+                Ok(Replay::Buffered(Bytes::new()))
+            } else {
+                Ok(Replay::Once(body))
             };
             let replay = match replay {
                 Ok(replay) => replay,
@@ -183,39 +174,27 @@ impl Upstream {
     }
 
     /// Attempts until one succeeds, the policy allows no more, or the request's deadline
-    /// passes. Each attempt runs under one timer: the earlier of the request's deadline
-    /// and the attempt's own.
+    /// passes ([`retry::Attempts`](super::retry::Attempts) decides which). Each attempt
+    /// runs under one timer: the earlier of the request's deadline and the attempt's own.
     ///
     /// Not an `async fn`: an async block keeps its captures in place, where an `async fn`
     /// would keep its arguments twice (as passed, and as bound).
     #[allow(clippy::manual_async_fn)] // see above: the future's size is the point
     fn attempts<'a>(
         &'a self,
-        policy: &'a Policy,
+        policy: &'a RoutePolicy,
         parts: &'a mut http::request::Parts,
         mut replay: Replay,
         context: Option<&'a TraceContext>,
     ) -> impl Future<Output = Result<Response<StreamBody>, ProxyError>> + Send + 'a {
         async move {
-            let mut max_attempts = match (&replay, &policy.retries) {
-                (Replay::Buffered(_), Some(retries)) => 1 + retries.attempts,
-                _ => 1,
-            };
             // One clock reading serves the original request's budget deposit, its
             // deadline and its first attempt; each later attempt reads it again.
-            let mut started = Instant::now();
-            if let Some(budget) = &policy.budget {
-                budget.deposit(started.into_std());
-            }
-            let deadline = policy.timeout.map(|limit| started + limit);
-            let mut attempt = 1;
-            let mut refusals_left = UNPROCESSED_RESENDS;
+            let mut began = Instant::now();
+            let mut attempts = policy.attempts(&parts.method, replay.is_buffered(), began);
             loop {
-                self.balancer.readmit_expired(started.into_std());
-                let in_flight = self
-                    .balancer
-                    .pick(started.into_std())
-                    .ok_or(ProxyError::NoEndpoints)?;
+                self.balancer.readmit_expired(began);
+                let in_flight = self.balancer.pick(began).ok_or(ProxyError::NoEndpoints)?;
                 let endpoint = in_flight.endpoint();
                 let Some(body) = replay.next() else {
                     return Err(ProxyError::Reset);
@@ -225,47 +204,30 @@ impl Upstream {
                     .tracer
                     .start_span(context, parts.method.as_str(), trace::SpanKind::Client)
                     .map(|span| AttemptSpan::new(span, parts));
-                let timer = earliest(
-                    deadline,
-                    policy.per_try_timeout.map(|limit| started + limit),
-                );
-                let resendable = refusals_left > 0 && replay.is_buffered();
-                let last = attempt >= max_attempts && !resendable;
-                let sent = self.attempt(endpoint, parts, body, last, span.as_deref());
-                let outcome = match timer {
+                let sent = self.attempt(endpoint, parts, body, attempts.is_last(), span.as_deref());
+                let outcome = match attempts.cut_off(began) {
                     Some(at) => tokio::time::timeout_at(at, sent)
                         .await
                         .unwrap_or(Err(ProxyError::Timeout)),
                     None => sent.await,
                 };
-                let finished = Instant::now();
+                let ended = Instant::now();
                 let verdict = Verdict::of(&outcome);
                 match verdict {
-                    Verdict::Success => {
-                        self.balancer
-                            .success(endpoint, finished - started, finished.into_std())
-                    }
-                    Verdict::Failure | Verdict::Retry => self.balancer.failure(endpoint),
+                    Verdict::Success => self.balancer.success(endpoint, ended - began, ended),
+                    Verdict::Failure | Verdict::Retry => self.balancer.failure(endpoint, ended),
                     Verdict::CallersFault | Verdict::Unprocessed => {}
                 }
-                let resend = verdict == Verdict::Unprocessed && resendable;
-                let retry_worthy = matches!(verdict, Verdict::Retry | Verdict::Unprocessed);
                 if let Some(span) = span {
-                    self.finish_span(*span, &outcome, endpoint, attempt, retry_worthy);
+                    let worth_another = verdict.worth_another();
+                    self.finish_span(*span, &outcome, endpoint, attempts.current(), worth_another);
                 }
                 drop(in_flight);
-                let out_of_time = deadline.is_some_and(|deadline| finished >= deadline);
-                let budget_allows = || policy.budget.as_ref().is_some_and(RetryBudget::withdraw);
-                if resend && !out_of_time {
-                    // Outside the route's attempts and budget: nothing was processed.
-                    refusals_left -= 1;
-                    max_attempts += 1;
-                } else if !retry_worthy || last || out_of_time || !budget_allows() {
-                    return outcome;
-                }
-                self.retries.inc();
-                attempt += 1;
-                started = Instant::now();
+                match attempts.after(verdict, ended) {
+                    Next::Answer(_) => return outcome,
+                    Next::Retry | Next::Resend => self.retries.inc(),
+                };
+                began = Instant::now();
             }
         }
     }
@@ -352,6 +314,11 @@ impl Upstream {
         endpoint: &EndpointState,
         tunnel: bool,
     ) -> Result<multiplex::Sender, ProxyError> {
+        #[cfg(test)]
+        if let Some(peers) = &self.in_memory {
+            // Boxed: the test's connections leave the request's future as it is.
+            return Box::pin(peers.sender(endpoint, tunnel)).await;
+        }
         let connect = || async {
             let stream = self.connect(endpoint, &endpoint.connectors.h2).await?;
             let tunnels = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2_TUNNELS);
@@ -441,7 +408,7 @@ impl Upstream {
         let grpc = proxy_http::is_grpc(request.headers());
         Box::pin(async move {
             let upgraded = async {
-                let now = std::time::Instant::now();
+                let now = Instant::now();
                 self.balancer.readmit_expired(now);
                 let in_flight = self.balancer.pick(now).ok_or(ProxyError::NoEndpoints)?;
                 let endpoint = in_flight.endpoint().clone();
@@ -512,37 +479,10 @@ fn to_http2(parts: &mut http::request::Parts, service: &str) -> Result<(), Proxy
     Ok(())
 }
 
-/// How many times a request the peer refused unprocessed is sent again, on top of the
-/// route's retries (RFC 9113 §8.7: safe for any method).
-const UNPROCESSED_RESENDS: u32 = 1;
-
 /// Moves the parts out for the last attempt, leaving an empty shell behind.
 fn take_parts(parts: &mut http::request::Parts) -> http::request::Parts {
     let (empty, ()) = Request::new(()).into_parts();
     std::mem::replace(parts, empty)
-}
-
-/// Idempotent methods may always be retried; others only on routes marked retryable.
-fn retryable(method: &Method, retries: &RetrySpec) -> bool {
-    retries.retryable
-        || matches!(
-            *method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::PUT
-                | Method::DELETE
-                | Method::TRACE
-        )
-}
-
-/// 502/503/504, or a gRPC UNAVAILABLE carried in the headers (trailers-only answer).
-fn should_retry<B>(response: &Response<B>) -> bool {
-    matches!(response.status().as_u16(), 502..=504)
-        || response
-            .headers()
-            .get(&crate::http::GRPC_STATUS)
-            .is_some_and(|status| status == "14")
 }
 
 /// A response from upstream, or the proxy's own answer (an error, an upgrade).
@@ -565,14 +505,6 @@ impl AttemptSpan {
             path: parts.uri.path().to_string(),
             host: parts.uri.host().unwrap_or_default().to_string(),
         })
-    }
-}
-
-/// The earlier of two optional deadlines.
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 
@@ -625,82 +557,607 @@ async fn replayable(body: CallerBody) -> Result<Replay, ProxyError> {
     }
 }
 
-/// What an attempt's outcome says about the endpoint, and whether to try again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    /// Answered, and not with a server error.
-    Success,
-    /// A server error that is not worth another attempt.
-    Failure,
-    /// Failed in a way another attempt may not (502/503/504, gRPC UNAVAILABLE, a
-    /// connection or stream failure, a timeout).
-    Retry,
-    /// The caller's own request failed (its body was malformed, cut off or too slow):
-    /// nothing counts against the endpoint, and nothing is retried.
-    CallersFault,
-    /// The peer refused the request before processing it (a GOAWAY below its stream,
-    /// REFUSED_STREAM): sent again, once, without a retry policy, and not counted
-    /// against the endpoint (a connection going away is not the endpoint failing).
-    Unprocessed,
-}
-
-impl Verdict {
-    fn of<B>(outcome: &Result<Response<B>, ProxyError>) -> Self {
-        match outcome {
-            Err(ProxyError::BadRequestBody | ProxyError::RequestBodyTimeout) => {
-                Verdict::CallersFault
-            }
-            Err(ProxyError::Unprocessed) => Verdict::Unprocessed,
-            Err(_) => Verdict::Retry,
-            Ok(response) if should_retry(response) => Verdict::Retry,
-            Ok(response) if response.status().is_server_error() => Verdict::Failure,
-            Ok(_) => Verdict::Success,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    //! The attempts loop in paused time, over endpoints that are h2 servers on in-memory
+    //! pipes: every duration and attempt count is exact.
 
-    fn answered(status: u16, grpc_status: Option<&str>) -> Result<Response<()>, ProxyError> {
-        let mut response = Response::builder().status(status);
-        if let Some(code) = grpc_status {
-            response = response.header("grpc-status", code);
-        }
-        Ok(response.body(()).unwrap())
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use h2::Reason;
+    use http::Method;
+    use hyper::service::service_fn;
+    use tessera_mesh::resources::{OutlierDetectionSpec, RetryBudgetSpec, RetrySpec};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::limits::body_rate::MinRate;
+    use crate::outbound::balance::tests::{connectors, endpoints};
+
+    /// What an in-memory endpoint does with one request, once it has read its body.
+    #[derive(Clone, Copy, Debug)]
+    enum Act {
+        /// Answers with this status, after this long.
+        Answer(u16, Duration),
+        /// Resets the stream: the endpoint failed.
+        Reset,
+        /// Refuses the stream unprocessed (REFUSED_STREAM).
+        Refuse,
     }
 
-    #[test]
-    fn only_the_endpoints_own_failures_count_against_it() {
-        assert_eq!(Verdict::of(&answered(200, None)), Verdict::Success);
-        assert_eq!(Verdict::of(&answered(404, None)), Verdict::Success);
-        assert_eq!(Verdict::of(&answered(500, None)), Verdict::Failure);
-        for status in [502, 503, 504] {
-            assert_eq!(Verdict::of(&answered(status, None)), Verdict::Retry);
+    const OK: Act = Act::Answer(200, Duration::ZERO);
+    const UNAVAILABLE: Act = Act::Answer(503, Duration::ZERO);
+
+    fn slow(millis: u64) -> Act {
+        Act::Answer(200, Duration::from_millis(millis))
+    }
+
+    /// An endpoint's proxy: acts on each request as its script says, then as `otherwise`;
+    /// its name is every answer's body.
+    struct Peer {
+        name: &'static str,
+        script: Mutex<VecDeque<Act>>,
+        otherwise: Mutex<Act>,
+        requests: AtomicUsize,
+        bodies: Mutex<Vec<Bytes>>,
+    }
+
+    impl Peer {
+        fn new(name: &'static str, otherwise: Act) -> Arc<Self> {
+            Arc::new(Self {
+                name,
+                script: Mutex::default(),
+                otherwise: Mutex::new(otherwise),
+                requests: AtomicUsize::new(0),
+                bodies: Mutex::default(),
+            })
         }
-        assert_eq!(Verdict::of(&answered(200, Some("14"))), Verdict::Retry);
-        assert_eq!(
-            Verdict::of::<()>(&Err(ProxyError::Reset)),
-            Verdict::Retry,
-            "a reset by the endpoint is its failure"
+
+        /// The next requests get `acts`, in order.
+        fn script(&self, acts: &[Act]) {
+            self.script.lock().unwrap().extend(acts);
+        }
+
+        fn then(&self, act: Act) {
+            *self.otherwise.lock().unwrap() = act;
+        }
+
+        fn requests(&self) -> usize {
+            self.requests.load(Ordering::SeqCst)
+        }
+
+        fn bodies(&self) -> Vec<Bytes> {
+            self.bodies.lock().unwrap().clone()
+        }
+
+        async fn serve(self: Arc<Self>, io: DuplexStream) {
+            let Ok(mut connection) = h2::server::handshake(io).await else {
+                return;
+            };
+            while let Some(Ok((request, respond))) = connection.accept().await {
+                self.requests.fetch_add(1, Ordering::SeqCst);
+                let act = self.script.lock().unwrap().pop_front();
+                let act = act.unwrap_or(*self.otherwise.lock().unwrap());
+                tokio::spawn(self.clone().act(request.into_body(), respond, act));
+            }
+        }
+
+        async fn act(
+            self: Arc<Self>,
+            mut body: h2::RecvStream,
+            mut respond: h2::server::SendResponse<Bytes>,
+            act: Act,
+        ) {
+            let mut received = Vec::new();
+            while let Some(Ok(data)) = body.data().await {
+                let _ = body.flow_control().release_capacity(data.len());
+                received.extend_from_slice(&data);
+            }
+            self.bodies.lock().unwrap().push(received.into());
+            match act {
+                Act::Answer(status, after) => {
+                    tokio::time::sleep(after).await;
+                    let head = Response::builder().status(status).body(()).unwrap();
+                    if let Ok(mut stream) = respond.send_response(head, false) {
+                        let _ = stream.send_data(Bytes::from_static(self.name.as_bytes()), true);
+                    }
+                }
+                Act::Reset => respond.send_reset(Reason::INTERNAL_ERROR),
+                Act::Refuse => respond.send_reset(Reason::REFUSED_STREAM),
+            }
+        }
+    }
+
+    /// The endpoints a test's upstream reaches, by address (their names).
+    pub(super) struct MemoryPeers(HashMap<&'static str, Arc<Peer>>);
+
+    impl MemoryPeers {
+        pub(super) async fn sender(
+            &self,
+            endpoint: &EndpointState,
+            tunnel: bool,
+        ) -> Result<multiplex::Sender, ProxyError> {
+            assert!(!tunnel, "no tunnels in these tests");
+            let peer = self.0.get(endpoint.address.as_str()).cloned();
+            let connect = || {
+                let peer = peer.clone();
+                async move {
+                    let peer = peer.ok_or(ProxyError::Unreachable)?;
+                    let (client, server) = tokio::io::duplex(64 * 1024);
+                    tokio::spawn(peer.serve(server));
+                    Ok((client, false))
+                }
+            };
+            endpoint.h2.sender(&endpoint.address, connect).await
+        }
+    }
+
+    /// An upstream that can reach `peers` and lists them in this order, with `policy` in
+    /// force.
+    fn upstream(peers: &[&Arc<Peer>], policy: RoutePolicySpec) -> Arc<Upstream> {
+        let metrics = Arc::new(Metrics::new());
+        let tracer = Arc::new(Tracer::disabled(Counter::default()));
+        let mut upstream = Upstream::new(
+            "backend.shop".into(),
+            "spiffe://td/ns/shop/sa/client".into(),
+            metrics,
+            Limits::default(),
+            tracer,
+            false,
         );
-        assert_eq!(Verdict::of::<()>(&Err(ProxyError::Timeout)), Verdict::Retry);
+        let reachable = peers.iter().map(|peer| (peer.name, Arc::clone(peer)));
+        Arc::get_mut(&mut upstream).unwrap().in_memory = Some(MemoryPeers(reachable.collect()));
+        let names: Vec<_> = peers.iter().map(|peer| peer.name).collect();
+        upstream.balancer.update(
+            &endpoints(&names),
+            policy.outlier_detection.clone(),
+            &connectors(),
+        );
+        upstream.set_policy(Some(&policy));
+        upstream
+    }
+
+    fn retries(attempts: u32, ratio: f64, min_per_second: u32) -> Option<RetrySpec> {
+        Some(RetrySpec {
+            attempts,
+            retryable: false,
+            budget: RetryBudgetSpec {
+                ratio,
+                min_per_second,
+            },
+        })
+    }
+
+    fn ms(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
+    /// Serves one application connection as the outbound HTTP/1.1 server does.
+    async fn serve_http1(upstream: Arc<Upstream>, app: DuplexStream) {
+        let min_rate = MinRate::new(&upstream.limits);
+        let service = service_fn(move |request: Request<Incoming>| {
+            upstream
+                .clone()
+                .handle(request.map(|body| Either::Left(Paced::new(body, min_rate))))
+        });
+        let _ = crate::limits::http1_server(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(app), service)
+            .await;
+    }
+
+    /// The answer an application got.
+    #[derive(Debug)]
+    struct Answer {
+        status: StatusCode,
+        /// `tessera-proxy-error`, when the proxy answered itself.
+        error: Option<String>,
+        body: Bytes,
+    }
+
+    /// Sends `request` from an HTTP/1.1 application, on a connection of its own.
+    async fn send(upstream: &Arc<Upstream>, request: Request<Full<Bytes>>) -> Answer {
+        let (app, proxy) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve_http1(upstream.clone(), proxy));
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(app))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let response = sender.send_request(request).await.unwrap();
+        let error = response.headers().get("tessera-proxy-error");
+        let error = error.map(|value| value.to_str().unwrap().to_string());
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            error,
+            body,
+        }
+    }
+
+    fn request(method: Method, body: &'static str) -> Request<Full<Bytes>> {
+        Request::builder()
+            .method(method)
+            .uri("/orders")
+            .header(header::HOST, "backend.shop")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    fn get() -> Request<Full<Bytes>> {
+        request(Method::GET, "")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retryable_request_is_retried_on_503_and_others_are_not() {
+        let peer = Peer::new("a", OK);
+        let upstream = upstream(
+            &[&peer],
+            RoutePolicySpec {
+                retries: retries(2, 1.0, 100),
+                ..RoutePolicySpec::default()
+            },
+        );
+        peer.script(&[UNAVAILABLE]);
+        let answer = send(&upstream, request(Method::PUT, "order 1")).await;
+        assert_eq!((answer.status, peer.requests()), (StatusCode::OK, 2));
+        assert_eq!(peer.bodies(), ["order 1", "order 1"], "the body replayed");
+        assert_eq!(upstream.retries.get(), 1);
+
+        peer.script(&[UNAVAILABLE]);
+        let answer = send(&upstream, request(Method::POST, "order 2")).await;
         assert_eq!(
-            Verdict::of::<()>(&Err(ProxyError::BadRequestBody)),
-            Verdict::CallersFault,
-            "a caller's broken body is never the endpoint's failure"
+            (answer.status, peer.requests()),
+            (StatusCode::SERVICE_UNAVAILABLE, 3),
+            "POST is not idempotent"
+        );
+        peer.script(&[UNAVAILABLE]);
+        let answer = send(&upstream, request(Method::POST, "")).await;
+        assert_eq!(
+            (answer.status, peer.requests()),
+            (StatusCode::SERVICE_UNAVAILABLE, 4),
+            "nor is a POST without a body"
+        );
+        assert_eq!(upstream.retries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_route_marked_retryable_retries_any_method() {
+        let peer = Peer::new("a", OK);
+        let mut retries = retries(2, 1.0, 100);
+        if let Some(retries) = &mut retries {
+            retries.retryable = true;
+        }
+        let upstream = upstream(
+            &[&peer],
+            RoutePolicySpec {
+                retries,
+                ..RoutePolicySpec::default()
+            },
+        );
+        peer.script(&[UNAVAILABLE, Act::Reset]);
+        let answer = send(&upstream, request(Method::POST, "order")).await;
+        assert_eq!((answer.status, peer.requests()), (StatusCode::OK, 3));
+        assert_eq!(peer.bodies(), ["order", "order", "order"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_is_retried_a_500_is_not_and_attempts_run_out() {
+        let peer = Peer::new("a", OK);
+        let upstream = upstream(
+            &[&peer],
+            RoutePolicySpec {
+                retries: retries(2, 1.0, 100),
+                ..RoutePolicySpec::default()
+            },
+        );
+        peer.script(&[Act::Reset]);
+        assert_eq!(send(&upstream, get()).await.status, StatusCode::OK);
+        assert_eq!(peer.requests(), 2);
+        peer.script(&[Act::Answer(500, Duration::ZERO)]);
+        assert_eq!(
+            send(&upstream, get()).await.status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(peer.requests(), 3);
+        peer.script(&[Act::Reset, Act::Reset, Act::Reset]);
+        let answer = send(&upstream, get()).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(answer.error.as_deref(), Some("upstream-reset"));
+        assert_eq!(peer.requests(), 6, "one attempt and two retries");
+        assert_eq!(upstream.retries.get(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stay_within_the_budget_when_everything_fails() {
+        let peer = Peer::new("down", UNAVAILABLE);
+        let upstream = upstream(
+            &[&peer],
+            RoutePolicySpec {
+                retries: retries(3, 0.2, 1),
+                ..RoutePolicySpec::default()
+            },
+        );
+        for _ in 0..100 {
+            let answer = send(&upstream, get()).await;
+            assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(answer.error, None, "the application's own 503");
+        }
+        // 20 % of 100 requests, plus 1/s over the 10 s window; without a budget, 300.
+        assert_eq!(upstream.retries.get(), 30);
+        assert_eq!(peer.requests(), 130);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_per_try_timeout_retries_on_a_faster_endpoint() {
+        let slow = Peer::new("slow", slow(2_000));
+        let fast = Peer::new("fast", OK);
+        let upstream = upstream(
+            &[&slow, &fast],
+            RoutePolicySpec {
+                timeout: Some(ms(1_000)),
+                per_try_timeout: Some(ms(100)),
+                retries: retries(2, 1.0, 100),
+                ..RoutePolicySpec::default()
+            },
+        );
+        // Both unknown: the tie goes to the first listed, the slow one.
+        let started = Instant::now();
+        let answer = send(&upstream, get()).await;
+        assert_eq!(
+            (answer.status, &answer.body[..]),
+            (StatusCode::OK, &b"fast"[..])
         );
         assert_eq!(
-            Verdict::of::<()>(&Err(ProxyError::RequestBodyTimeout)),
-            Verdict::CallersFault,
-            "nor is a caller's slow body"
+            started.elapsed(),
+            ms(100),
+            "one per-try timeout, then the answer"
         );
+        assert_eq!((slow.requests(), fast.requests()), (1, 1));
+        // The timeout counted against the slow one: the fast one takes the rest.
+        for _ in 0..10 {
+            let started = Instant::now();
+            assert_eq!(&send(&upstream, get()).await.body[..], b"fast");
+            assert_eq!(started.elapsed(), Duration::ZERO);
+        }
+        assert_eq!(slow.requests(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_route_timeout_answers_504_on_time() {
+        let peer = Peer::new("slow", slow(2_000));
+        let upstream = upstream(
+            &[&peer],
+            RoutePolicySpec {
+                timeout: Some(ms(200)),
+                ..RoutePolicySpec::default()
+            },
+        );
+        for _ in 0..3 {
+            let started = Instant::now();
+            let answer = send(&upstream, get()).await;
+            assert_eq!(started.elapsed(), ms(200));
+            assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+            assert_eq!(answer.error.as_deref(), Some("timeout"));
+        }
+        assert_eq!(peer.requests(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_request_deadline_ends_retries_that_per_try_timeouts_would_continue() {
+        let peer = Peer::new("slow", slow(2_000));
+        let upstream = upstream(
+            &[&peer],
+            RoutePolicySpec {
+                timeout: Some(ms(400)),
+                per_try_timeout: Some(ms(150)),
+                retries: retries(5, 1.0, 100),
+                ..RoutePolicySpec::default()
+            },
+        );
+        let started = Instant::now();
+        let answer = send(&upstream, get()).await;
+        assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(answer.error.as_deref(), Some("timeout"));
+        // Attempts at 0, 150 and 300 ms; the third is cut at 400 ms and no fourth
+        // starts, though six were allowed.
+        assert_eq!(started.elapsed(), ms(400));
+        assert_eq!(peer.requests(), 3);
+        assert_eq!(upstream.retries.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_failing_in_a_row_is_ejected_then_readmitted_after_its_ejection() {
+        let bad = Peer::new("bad", Act::Reset);
+        // Not instant: its latency estimate must not decay to nothing in paused time.
+        let good = Peer::new("good", slow(1));
+        let outlier = OutlierDetectionSpec {
+            consecutive_failures: 3,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_percent: 100,
+        };
+        let upstream = upstream(
+            &[&bad, &good],
+            RoutePolicySpec {
+                outlier_detection: Some(outlier.clone()),
+                ..RoutePolicySpec::default()
+            },
+        );
+        // Alone at first: with a choice, P2C steers around an endpoint that fails before
+        // its third failure in a row, and that is not what this test is about.
+        let listed = |names: &[&str]| {
+            let outlier = Some(outlier.clone());
+            upstream
+                .balancer
+                .update(&endpoints(names), outlier, &connectors());
+        };
+        listed(&["bad"]);
+        let started = Instant::now();
+        for failures in 1..=3 {
+            assert_eq!(upstream.balancer.ejected(started), [] as [&str; 0]);
+            let answer = send(&upstream, get()).await;
+            assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "failure {failures}");
+        }
+        assert_eq!(upstream.balancer.ejected(started), ["bad"]);
+        listed(&["bad", "good"]);
+        bad.then(OK);
+        // Ejected for the base ejection time: until then, only the other one serves.
+        for millis in (0..10).map(|second| second * 1_000).chain([9_999]) {
+            tokio::time::sleep_until(started + ms(millis)).await;
+            assert_eq!(
+                &send(&upstream, get()).await.body[..],
+                b"good",
+                "at {millis} ms"
+            );
+        }
+        assert_eq!(bad.requests(), 3);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        // Re-admitted; its failures long decayed, it looks the faster one.
+        assert_eq!(&send(&upstream, get()).await.body[..], b"bad");
+        assert_eq!(upstream.balancer.ejected(Instant::now()), [] as [&str; 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_malformed_body_is_its_own_error_and_ejects_nothing() {
+        let peer = Peer::new("healthy", OK);
+        let upstream = upstream(
+            &[&peer],
+            RoutePolicySpec {
+                retries: retries(2, 1.0, 100),
+                outlier_detection: Some(OutlierDetectionSpec {
+                    consecutive_failures: 1,
+                    base_ejection_time: Duration::from_secs(30),
+                    max_ejection_percent: 100,
+                }),
+                ..RoutePolicySpec::default()
+            },
+        );
+        let chunked = |method: &str, chunk: &str| {
+            format!(
+                "{method} /upload HTTP/1.1\r\nHost: backend.shop\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}"
+            )
+        };
+        let requests = [
+            // Streamed as it comes: the endpoint sees the head, then a reset.
+            chunked("POST", "5\r\nhello\r\nzz\r\n"),
+            chunked("POST", "-4\r\nhello\r\n0\r\n\r\n"),
+            // Kept for retries: refused before any attempt.
+            chunked("PUT", "zz\r\nhello\r\n0\r\n\r\n"),
+            // A caller that hangs up mid-body.
+            "POST /upload HTTP/1.1\r\nHost: backend.shop\r\nContent-Length: 100000\r\n\r\npartial"
+                .to_string(),
+        ];
+        let mut answered_400 = 0;
+        for request in &requests {
+            let (mut app, proxy) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(serve_http1(upstream.clone(), proxy));
+            app.write_all(request.as_bytes()).await.unwrap();
+            let head = if request.ends_with("partial") {
+                tokio::time::sleep(ms(50)).await;
+                drop(app);
+                String::new()
+            } else {
+                let mut answer = Vec::new();
+                let read =
+                    tokio::time::timeout(Duration::from_secs(60), app.read_to_end(&mut answer));
+                let _ = read.await;
+                String::from_utf8_lossy(&answer).into_owned()
+            };
+            assert!(
+                head.is_empty() || head.starts_with("HTTP/1.1 400"),
+                "{request:?}: {head}"
+            );
+            answered_400 += usize::from(head.contains("bad-request"));
+        }
+        assert!(
+            answered_400 >= 2,
+            "{answered_400} malformed bodies answered 400"
+        );
+        tokio::time::sleep(ms(100)).await;
+        assert_eq!(upstream.balancer.ejected(Instant::now()), [] as [&str; 0]);
+        assert_eq!(upstream.retries.get(), 0, "a caller's error was retried");
+        assert_eq!(send(&upstream, get()).await.status, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_refused_unprocessed_is_sent_again_once_without_a_retry_policy() {
+        let peer = Peer::new("a", OK);
+        let upstream = upstream(
+            &[&peer],
+            RoutePolicySpec {
+                outlier_detection: Some(OutlierDetectionSpec {
+                    consecutive_failures: 1,
+                    base_ejection_time: Duration::from_secs(30),
+                    max_ejection_percent: 100,
+                }),
+                ..RoutePolicySpec::default()
+            },
+        );
+        peer.script(&[Act::Refuse]);
         assert_eq!(
-            Verdict::of::<()>(&Err(ProxyError::Unprocessed)),
-            Verdict::Unprocessed,
-            "a request the peer refused unprocessed is sent again and ejects nothing"
+            send(&upstream, request(Method::POST, "")).await.status,
+            StatusCode::OK
         );
+        assert_eq!(peer.requests(), 2);
+        peer.script(&[Act::Refuse, Act::Refuse]);
+        let answer = send(&upstream, request(Method::POST, "")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.error.as_deref(), Some("upstream-refused"));
+        assert_eq!(peer.requests(), 4, "sent again once only");
+        // A body streamed once cannot be sent again.
+        peer.script(&[Act::Refuse]);
+        let answer = send(&upstream, request(Method::POST, "order")).await;
+        assert_eq!(answer.error.as_deref(), Some("upstream-refused"));
+        assert_eq!(peer.requests(), 5);
+        assert_eq!(
+            upstream.balancer.ejected(Instant::now()),
+            [] as [&str; 0],
+            "a refusal is not the endpoint failing"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_removed_under_load_finish_their_requests() {
+        let peers = [
+            Peer::new("one", slow(100)),
+            Peer::new("two", slow(100)),
+            Peer::new("three", slow(100)),
+        ];
+        let upstream = upstream(
+            &[&peers[0], &peers[1], &peers[2]],
+            RoutePolicySpec::default(),
+        );
+        let listed = |names: &[&str]| {
+            upstream
+                .balancer
+                .update(&endpoints(names), None, &connectors())
+        };
+        listed(&["one", "two"]);
+        let mut in_flight = Vec::new();
+        for _ in 0..20 {
+            let upstream = upstream.clone();
+            in_flight.push(tokio::spawn(async move { send(&upstream, get()).await }));
+        }
+        tokio::time::sleep(ms(10)).await;
+        let on_one = peers[0].requests();
+        assert!(on_one > 0 && peers[1].requests() > 0, "both serve");
+        listed(&["two", "three"]);
+        for _ in 0..20 {
+            let upstream = upstream.clone();
+            in_flight.push(tokio::spawn(async move { send(&upstream, get()).await }));
+        }
+        for answer in in_flight {
+            assert_eq!(answer.await.unwrap().status, StatusCode::OK);
+        }
+        assert_eq!(
+            peers[0].requests(),
+            on_one,
+            "the removed one got nothing new"
+        );
+        assert!(peers[2].requests() > 0, "the added one serves");
+        assert_eq!(peers.iter().map(|peer| peer.requests()).sum::<usize>(), 40);
     }
 
     fn parts(version: Version, target: &str, hosts: &[&str]) -> http::request::Parts {

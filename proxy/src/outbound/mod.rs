@@ -133,7 +133,7 @@ impl Outbound {
     /// Opaque bytes to one endpoint, tunnelled over the pooled connection to its proxy.
     async fn relay(&self, mut app: TcpStream) {
         let balancer = &self.upstream.balancer;
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         balancer.readmit_expired(now);
         let Some(in_flight) = balancer.pick(now) else {
             return warn!(event = "outbound connection refused", upstream = %self.upstream.name, reason = "no endpoints");
@@ -145,13 +145,13 @@ impl Outbound {
             Ok(None) => {
                 let connector = &endpoint.connectors.tcp;
                 let Ok(mut stream) = self.upstream.connect(&endpoint, connector).await else {
-                    return balancer.failure(&endpoint);
+                    return balancer.failure(&endpoint, tokio::time::Instant::now());
                 };
                 tcp::relay(&mut app, &mut stream).await
             }
             // The peer's policy said no: the endpoint is healthy.
             Err(ProxyError::Forbidden) => return,
-            Err(_) => return balancer.failure(&endpoint),
+            Err(_) => return balancer.failure(&endpoint, tokio::time::Instant::now()),
         };
         match relayed {
             Ok((sent, received)) => {

@@ -1,5 +1,9 @@
-//! RoutePolicy at work: retries masking a flaky backend, the retry budget holding when a
-//! backend is down, timeouts, and outlier ejection with re-admission.
+//! RoutePolicy at work across real processes: retries masking a flaky backend, the retry
+//! budget holding when a backend is down, a timeout, outlier ejection with re-admission,
+//! endpoints changing under load. Smoke tests that wait for nothing tighter than "soon":
+//! the cases, with exact durations and attempt counts, are paused-time tests of the
+//! attempts loop (`proxy/src/outbound/forward.rs`) and of the retry policy
+//! (`proxy/src/outbound/retry.rs`).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -80,135 +84,44 @@ async fn retries_stay_within_budget_when_everything_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_route_timeout_answers_504_on_time() {
+async fn a_route_timeout_answers_504() {
     let backend = HttpBackend::start("slow").await;
     let mesh = L7Mesh::start(&[backend.address], "http", Some("  timeout: 200ms\n")).await;
     let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
-    client.get("/").await.unwrap(); // warm the connections: the timeout is what we time
-    let mut elapsed = Vec::new();
-    for _ in 0..3 {
-        let started = Instant::now();
-        let answer = client.get("/sleep/2000").await.unwrap();
-        elapsed.push(started.elapsed());
-        assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(answer.headers["tessera-proxy-error"], "timeout");
-    }
-    println!("504 after {elapsed:?}");
-    for took in elapsed {
-        assert!(
-            took >= Duration::from_millis(150) && took <= Duration::from_millis(250),
-            "{took:?}"
-        );
-    }
+    let started = Instant::now();
+    let answer = client.get("/sleep/30000").await.unwrap();
+    println!("504 after {:?}", started.elapsed());
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.headers["tessera-proxy-error"], "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "answered by the proxy, not after the backend's 30 s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resetting_endpoint_is_ejected_then_readmitted() {
-    let backends = [
-        HttpBackend::start("a").await,
-        HttpBackend::start("b").await,
-        HttpBackend::start("c").await,
-    ];
-    let addresses: Vec<_> = backends.iter().map(|b| b.address).collect();
-    let policy = "  outlierDetection:\n    consecutiveFailures: 3\n    baseEjectionTime: 4s\n    maxEjectionPercent: 50\n";
-    let mesh = L7Mesh::start(&addresses, "http", Some(policy)).await;
-    let statuses = load(mesh.entry(), "/", 300, 4).await;
-    assert!(statuses.iter().all(|s| *s == 200));
-    assert!(
-        backends.iter().all(|b| b.requests() > 0),
-        "all three endpoints served"
-    );
-
-    backends[2].behaviour.reset.store(1, Ordering::SeqCst);
-    // Until it is ejected, its failures reach clients (no retries on this route).
-    let warmup = load(mesh.entry(), "/", 100, 4).await;
-    let failed_before = warmup.iter().filter(|s| **s != 200).count();
-    mesh.client
-        .process
-        .logs
-        .wait_for(&["endpoint ejected"], Duration::from_secs(5))
+    // Alone, so every request reaches it: with a choice, the balancer steers around a
+    // failing endpoint before its third failure in a row.
+    let backend = HttpBackend::start("flaky").await;
+    let policy = "  outlierDetection:\n    consecutiveFailures: 3\n    baseEjectionTime: 1s\n    maxEjectionPercent: 100\n";
+    let mesh = L7Mesh::start(&[backend.address], "http", Some(policy)).await;
+    backend.behaviour.reset.store(1, Ordering::SeqCst);
+    let failed = load(mesh.entry(), "/", 3, 1).await;
+    assert!(failed.iter().all(|s| *s != 200), "{failed:?}");
+    let logs = &mesh.client.process.logs;
+    logs.wait_for(&["endpoint ejected"], Duration::from_secs(10))
         .await
         .unwrap();
-    // Few enough requests to end well within the 4 s ejection on a busy machine: once it
-    // ends, the endpoint is tried again (and, still failing, ejected for longer).
-    let ejected_at = Instant::now();
-    let statuses = load(mesh.entry(), "/", 300, 4).await;
-    let ok = statuses.iter().filter(|s| **s == 200).count();
-    println!(
-        "{failed_before} failures before ejection; after: {ok}/300 ok in {:?}",
-        ejected_at.elapsed()
-    );
-    assert!(ok >= 297, "{ok}/300 after ejection");
-
-    // It recovers; after its ejection time it is tried again and serves. Each ejection
-    // lasts longer than the one before: a slow run may have seen a second one.
-    backends[2].behaviour.reset.store(0, Ordering::SeqCst);
-    let served_before = backends[2].requests();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while backends[2].requests() <= served_before + 20 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let statuses = load(mesh.entry(), "/", 60, 4).await;
-        assert!(statuses.iter().all(|s| *s == 200));
-    }
-    assert!(
-        backends[2].requests() > served_before + 20,
-        "re-admitted endpoint gets traffic again"
-    );
-    assert!(mesh.client.process.logs.count(&["endpoint re-admitted"]) >= 1);
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_per_try_timeout_retries_on_a_faster_endpoint() {
-    let slow = HttpBackend::start("slow").await;
-    slow.behaviour.delay_ms.store(2_000, Ordering::SeqCst);
-    let fast = HttpBackend::start("fast").await;
-    let policy = "  perTryTimeout: 100ms\n  timeout: 1s\n  retries:\n    attempts: 2\n";
-    let mesh = L7Mesh::start(&[slow.address, fast.address], "http", Some(policy)).await;
-    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
-    for _ in 0..40 {
-        let started = Instant::now();
-        let answer = client.get("/").await.unwrap();
-        assert_eq!(answer.status, StatusCode::OK);
-        assert_eq!(answer.body, "fast");
-        assert!(
-            started.elapsed() < Duration::from_millis(600),
-            "{:?}",
-            started.elapsed()
-        );
-    }
-    assert!(
-        slow.requests() >= 1,
-        "the slow endpoint was tried and timed out at least once"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn the_request_deadline_ends_retries_that_per_try_timeouts_would_continue() {
-    let slow = HttpBackend::start("slow").await;
-    let mesh = L7Mesh::start(
-        &[slow.address],
-        "http",
-        Some("  perTryTimeout: 150ms\n  timeout: 400ms\n  retries:\n    attempts: 5\n"),
-    )
-    .await;
-    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
-    client.get("/").await.unwrap(); // warm the connections: the deadline is what we time
-    let before = slow.requests();
-    slow.behaviour.delay_ms.store(2_000, Ordering::SeqCst);
-    let started = Instant::now();
-    let answer = client.get("/").await.unwrap();
-    let took = started.elapsed();
-    let attempts = slow.requests() - before;
-    println!("504 after {took:?} and {attempts} attempts");
-    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(answer.headers["tessera-proxy-error"], "timeout");
-    // Attempts at 0, 150 and 300 ms; the third is cut at 400 ms and no fourth starts
-    // (six were allowed, which would take 900 ms).
-    assert!(
-        took >= Duration::from_millis(350) && took < Duration::from_millis(650),
-        "{took:?}"
-    );
-    assert!((2..=3).contains(&attempts), "{attempts} attempts");
+    // Every endpoint ejected: it is still tried, and once its ejection has ended, the
+    // next request re-admits it.
+    backend.behaviour.reset.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let statuses = load(mesh.entry(), "/", 4, 1).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    logs.wait_for(&["endpoint re-admitted"], Duration::from_secs(10))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
