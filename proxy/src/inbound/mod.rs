@@ -566,7 +566,8 @@ impl Inbound {
             JwtOutcome::Absent => None,
         };
         let decision = {
-            let header = |name: &str| crate::inbound::canonical::header(&request, name);
+            let header =
+                |name: &http::HeaderName| crate::inbound::canonical::header(&request, name);
             let attributes = policy::Request {
                 source: peer.identity.as_ref(),
                 request_principal,
