@@ -603,7 +603,7 @@ impl Inbound {
             destination = %self.identity.identity(),
             port = self.app_port(),
             target,
-            policy = policy.deciding_policy(decision).as_deref().unwrap_or("none"),
+            policy = policy.deciding_policy(decision).unwrap_or("none"),
             rule = decision.rule,
             reason = decision.reason,
         );
