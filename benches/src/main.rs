@@ -5,6 +5,8 @@
 //! `smoke` runs every path briefly and fails when one does not serve (CI). The table is
 //! printed and the JSON written to `--json` (default: `<target dir>/bench-results.json`).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -151,7 +151,7 @@ impl Upstream {
         if let Err(error) = to_http2(&mut parts, &self.name) {
             return Box::pin(std::future::ready(self.refusal(error, grpc)));
         }
-        Box::pin(async move {
+        Box::pin(crate::assertions::size_between(1024, 1400, async move {
             let replay = match &policy.retries {
                 Some(retries) if retryable(&parts.method, retries) => replayable(body).await,
                 // A bodiless request can go again if the peer refuses it unprocessed.
@@ -173,7 +173,7 @@ impl Upstream {
                 }
                 Err(error) => self.refusal(error, grpc),
             }
-        })
+        }))
     }
 
     /// The error as the caller's answer.
