@@ -6,6 +6,10 @@
 # Regenerate the profile with scripts/pgo-profile.sh after changes to the data path: a
 # stale profile still builds, its changed functions are just optimized without it.
 #
+# TESSERA_PROXY_SHIPPED makes proxy/build.rs link it with the hot-code grouping
+# (proxy/hot-code.ld) and packed relocations (RELR, glibc >= 2.36): only this build has
+# them; everyday `cargo build --release` is an ordinary binary.
+#
 # Built for the host target explicitly, so that the profile applies to the proxy and its
 # dependencies but not to build scripts, into target/<host>/sidecar/, apart from plain
 # `cargo build` artifacts.
@@ -29,6 +33,6 @@ if [ ! -f "$profile" ]; then
     mkdir -p "$target/pgo"
     cp proxy/pgo.profdata "$profile"
 fi
-RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$profile" \
+RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$profile" TESSERA_PROXY_SHIPPED=1 \
     cargo build --profile sidecar --target "$host" -p tessera-proxy >&2
 echo "$binary"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates proxy/hot-code.ld: profiles an idle pair of proxies and the proxies of the
 # benchmark smoke run (every workload through the Tessera pair, both directions) under
-# callgrind, in the release build and the shipped one (scripts/build-proxy.sh; run this
-# after scripts/pgo-profile.sh, since inlining follows the profile), then lists the
+# callgrind, in the shipped build, the only one linked with it (scripts/build-proxy.sh;
+# run this after scripts/pgo-profile.sh, since inlining follows the profile), then lists the
 # functions they ran, what the idle ones ran first. Run it after changes that add or
 # rename much code on the data path; a stale script only costs memory (see
 # scripts/hot-code.py). Takes ~10 minutes.
@@ -31,7 +31,6 @@ fi
 # The binary of a build the script profiles.
 binary() {
     case "$1" in
-    release) echo "$target/release/tessera-proxy" ;;
     shipped) echo "$shipped" ;;
     esac
 }
@@ -71,12 +70,11 @@ profile_idle() {
     wait "$up" || true
 }
 
-for build in release shipped; do
+for build in shipped; do
     echo "profiling an idle pair of proxies, $build build (~1 minute)"
     profile_idle "$build"
     wrapper out "$build"
     echo "profiling the smoke run's proxies, $build build (~2 minutes)"
     TESSERA_BENCH_PROXY="$profiles/proxy.sh" "$target/release/tessera-benches" smoke >/dev/null 2>&1
 done
-python3 scripts/hot-code.py proxy/hot-code.ld "$profiles" \
-    "$target/release/tessera-proxy" "$shipped"
+python3 scripts/hot-code.py proxy/hot-code.ld "$profiles" "$shipped"

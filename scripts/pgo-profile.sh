@@ -7,7 +7,8 @@
 # Needs llvm-profdata of rustc's LLVM version (rustup's llvm-tools component, added
 # here) and what the smoke run needs (nginx, wrk, h2load, haproxy). ~8 minutes.
 # Run scripts/hot-code.sh afterwards: inlining follows the profile, so the set of
-# functions the proxy runs changes with it.
+# functions the proxy runs changes with it. Both are the release step PERFORMANCE.md
+# describes, not something to repeat after each data-path change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -66,16 +66,13 @@ cargo run -p tessera-benches -- smoke
 # are about the attack, not about sharing two cores with the rest of the suite.
 cargo test --workspace -- --skip hostile::
 cargo test -p tessera-tests --test e2e hostile:: -- --test-threads=1
-# The proxy as optimized builds link it (proxy/build.rs): it starts, and the code it runs
-# is still grouped ahead of the rest (a stale or broken proxy/hot-code.ld costs memory).
-cargo build --release -p tessera-proxy
-target_dir="${CARGO_TARGET_DIR:-target}"
-"$target_dir/release/tessera-proxy" --version
-python3 scripts/hot-code.py --check "$target_dir/release/tessera-proxy"
 # The proxy as shipped (scripts/build-proxy.sh: whole-program LTO, optimized with the
-# execution profile proxy/pgo.profdata; ~5 minutes): it builds, starts, and its code is
-# grouped the same way. (A profile rustc cannot read is ignored without a word,
-# rust-lang/rust#103229: scripts/pgo-profile.sh writes it with rustc's LLVM version.)
+# execution profile proxy/pgo.profdata, the hot-code grouping and packed relocations;
+# ~5 minutes): it builds, starts, its code is still grouped ahead of the rest (a stale or
+# broken proxy/hot-code.ld costs memory) and its relocations are packed. (A profile
+# rustc cannot read is ignored without a word, rust-lang/rust#103229:
+# scripts/pgo-profile.sh writes it with rustc's LLVM version.)
 shipped="$(scripts/build-proxy.sh)"
 "$shipped" --version
 python3 scripts/hot-code.py --check "$shipped"
+readelf -d "$shipped" | grep -q RELR || { echo "$shipped: relocations not packed (RELR)" >&2; exit 1; }

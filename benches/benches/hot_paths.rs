@@ -1,5 +1,7 @@
 //! Micro-benchmarks of per-connection and per-request work in the proxy.
 
+#![forbid(unsafe_code)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};

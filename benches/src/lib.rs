@@ -13,6 +13,8 @@
 //! normalization, header propagation and metrics recording. Run them with
 //! `cargo bench -p tessera-benches`.
 
+#![forbid(unsafe_code)]
+
 pub mod certs;
 pub mod control_plane;
 pub mod error;

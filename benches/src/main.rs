@@ -7,6 +7,8 @@
 //! `<target dir>/bench-results/<date>-<commit>-<command>.json`, named as
 //! `benches/results/` names what it keeps).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -6,6 +6,8 @@
 //! loopback. `inject` adds the sidecar to Kubernetes objects, for `tessera inject` and
 //! for `webhook`, the admission webhook on 15017.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod ca;
 pub mod cli;

@@ -1,5 +1,7 @@
 //! `tessera`: the control plane server and the operator's command line.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -183,13 +185,13 @@ enum TokenCommand {
 fn main() -> anyhow::Result<()> {
     tessera_mesh::tls::install_crypto_provider();
     let cli = Cli::parse();
-    #[cfg(feature = "demo")]
-    if matches!(cli.command, Command::Demo { .. }) && std::env::var_os("RUST_LOG").is_none() {
-        // The demo prints its own story; only errors should interrupt it.
-        // SAFETY: single-threaded here, before any other thread exists.
-        unsafe { std::env::set_var("RUST_LOG", "error") };
-    }
-    logging::init(cli.log_format);
+    // The demo prints its own story; only errors should interrupt it.
+    let default_filter = match cli.command {
+        #[cfg(feature = "demo")]
+        Command::Demo { .. } => "error",
+        _ => "info",
+    };
+    logging::init_with_default(cli.log_format, default_filter);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

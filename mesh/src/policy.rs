@@ -2262,6 +2262,7 @@ mod tests {
     }
 
     // SAFETY: every call is forwarded to the system allocator unchanged.
+    #[allow(unsafe_code)]
     unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
         unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
             let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));

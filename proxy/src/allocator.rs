@@ -9,6 +9,11 @@
 //! cached malloc of the same size costs about 100. Padding a malloc block by the
 //! alignment and remembering the block's start just before the aligned address keeps
 //! those allocations in the cache, for at most `align` bytes more per block.
+//!
+//! Unsafe because a global allocator is: `GlobalAlloc` is an unsafe trait whose callers
+//! trust the pointers it returns, and the padding is pointer arithmetic within a block.
+//! The crate allows `unsafe` only here and in [`crate::os`]. Its tests run under Miri
+//! (`.ci/run`), which checks every pointer it hands out and takes back.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 

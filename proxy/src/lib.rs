@@ -18,8 +18,18 @@
 //!   probes and metrics, [`limits`] bound what a caller can make the proxy hold, and
 //!   [`app`] wires it all from [`config`], making each listener from what they share
 //!   ([`listeners`]).
+//!
+//! `unsafe` is denied everywhere but in [`allocator`] (a global allocator is unsafe to
+//! implement) and [`os`] (the C library calls std does not wrap), each saying why.
+
+#![deny(unsafe_code)]
 
 pub mod admin;
+pub mod assertions;
+// Written for glibc's malloc on 64-bit Linux: elsewhere the proxy uses the system
+// allocator as it is.
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
+#[allow(unsafe_code)]
 pub mod allocator;
 pub mod alpn;
 pub mod app;
@@ -37,6 +47,8 @@ pub mod limits;
 pub mod listeners;
 pub mod memory;
 pub mod migration;
+#[allow(unsafe_code)]
+pub mod os;
 pub mod outbound;
 pub mod tcp;
 pub mod telemetry;

@@ -1,6 +1,8 @@
 //! `tessera-proxy`: parse arguments, then either program the pod's traffic capture
 //! (`init`) or start the proxy and wait for a signal (`run`).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -10,7 +12,9 @@ use tessera_proxy::ProxyConfig;
 use tessera_proxy::capture::{self, CaptureConfig, Family};
 use tessera_proxy::config::CONFIG_ENV;
 
-/// glibc's malloc, with tokio's 128-byte-aligned tasks served from its per-thread cache.
+/// glibc's malloc, with tokio's 128-byte-aligned tasks served from its per-thread cache
+/// (the system allocator on other targets).
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
 #[global_allocator]
 static ALLOCATOR: tessera_proxy::allocator::Allocator = tessera_proxy::allocator::Allocator;
 

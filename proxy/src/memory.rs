@@ -22,6 +22,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::lifecycle::Drain;
+// glibc's readings and trim (`os` holds the `unsafe` calls). Elsewhere the fallbacks
+// below: unknown CPU time never counts as quiet, and other allocators return memory on
+// their own terms.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+use crate::os::{free_heap_bytes, process_cpu_time as cpu_time, trim_heap as release};
 
 /// How often the proxy checks whether to hand memory back when quiet.
 pub const RELEASE_INTERVAL: Duration = Duration::from_secs(10);
@@ -134,27 +139,6 @@ fn worth_releasing(busy: Duration, interval: Duration, newly_free_bytes: usize) 
     busy <= interval / QUIET_SHARE && newly_free_bytes >= MIN_RELEASE_BYTES
 }
 
-/// CPU time this process has used so far (user + system).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn cpu_time() -> Option<Duration> {
-    let mut time = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through the valid pointer it is given.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) };
-    let seconds = u64::try_from(time.tv_sec).ok()?;
-    let nanos = u32::try_from(time.tv_nsec).ok()?;
-    (status == 0).then(|| Duration::new(seconds, nanos))
-}
-
-/// Bytes glibc holds free in its arenas.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn free_heap_bytes() -> usize {
-    // SAFETY: mallinfo2 only reads the allocator's statistics and returns them by value.
-    unsafe { libc::mallinfo2() }.fordblks
-}
-
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn cpu_time() -> Option<Duration> {
     None
@@ -165,19 +149,8 @@ fn free_heap_bytes() -> usize {
     0
 }
 
-/// Returns the free pages of every malloc arena to the kernel.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn release() {
-    // SAFETY: malloc_trim only reorganizes glibc's own free lists and may be called from
-    // any thread at any time; it takes no pointers from us.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Other allocators return memory on their own terms.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn release() {}
+fn release() {}
 
 #[cfg(test)]
 mod decision_tests {
@@ -262,39 +235,5 @@ mod loop_tests {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         assert_eq!(trims.load(Ordering::Relaxed), 1, "trimmed after the fall");
         task.abort();
-    }
-}
-
-#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
-mod tests {
-    use super::*;
-
-    fn anonymous_rss_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("RssAnon:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-
-    #[test]
-    fn freed_heap_goes_back_to_the_kernel() {
-        // 64 MiB in small blocks (never mmapped on their own), then a block allocated
-        // last that keeps glibc from trimming the heap's top by itself.
-        let mut blocks: Vec<Vec<u8>> = (0..16 * 1024).map(|_| vec![1u8; 4096]).collect();
-        let pin = vec![1u8; 100_000];
-        // Optimized builds would otherwise elide the unused allocations altogether.
-        std::hint::black_box((&mut blocks, &pin));
-        blocks.clear();
-        blocks.shrink_to_fit();
-        let retained = anonymous_rss_kib();
-        release();
-        let released = anonymous_rss_kib();
-        drop(pin);
-        assert!(
-            retained.saturating_sub(released) > 32 * 1024,
-            "anonymous RSS {retained} KiB before the trim, {released} KiB after"
-        );
     }
 }

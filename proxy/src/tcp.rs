@@ -29,30 +29,7 @@ static FD_LIMIT: AtomicU64 = AtomicU64::new(0);
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and remembers it; returns the
 /// limit in force. Called once at start.
 pub fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    #[allow(unsafe_code)]
-    let soft = unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit.rlim_cur = limit.rlim_max;
-            }
-        }
-        limit.rlim_cur
-    };
-    // `rlim_t` is u64 on Linux.
-    #[allow(clippy::useless_conversion)]
-    let soft = u64::from(soft);
+    let soft = crate::os::raise_open_files_limit().unwrap_or(0);
     FD_LIMIT.store(soft, Ordering::Relaxed);
     soft
 }

@@ -4,6 +4,8 @@
 //! Processes are killed when their handle drops, and their output is captured line by
 //! line so tests can assert on what each side logged.
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};

@@ -25,7 +25,14 @@ impl std::str::FromStr for LogFormat {
 
 /// Installs the global subscriber. Call once, at the top of `main`.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info")
+}
+
+/// [`init`], filtering by `default_filter` (an `EnvFilter` directive such as `error`)
+/// when `RUST_LOG` does not say.
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout)

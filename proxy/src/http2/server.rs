@@ -321,7 +321,7 @@ where
                     _open: (open, admitted),
                 };
                 // Boxed: tokio copies a task's future into place at spawn.
-                tokio::spawn(Box::pin(task));
+                tokio::spawn(Box::pin(crate::assertions::size_between(0, 832, task)));
             }
             // After our GOAWAY, a peer hanging up is what was asked of it.
             Some(Err(error)) if is_clean_close(&error) || phase == Phase::Closing => {

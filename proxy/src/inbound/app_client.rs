@@ -60,14 +60,16 @@ impl AppClient {
             });
         }
         match self.application_form(request) {
-            Ok(request) if request.version() == Version::HTTP_11 => Box::pin(async move {
-                match self.http1.send(request).await {
-                    Ok(response) => from_application(response.map(Either::Left)),
-                    Err(error) => refusal(self.http1.refusal(error), grpc),
-                }
-            }),
+            Ok(request) if request.version() == Version::HTTP_11 => {
+                Box::pin(crate::assertions::size_between(900, 1200, async move {
+                    match self.http1.send(request).await {
+                        Ok(response) => from_application(response.map(Either::Left)),
+                        Err(error) => refusal(self.http1.refusal(error), grpc),
+                    }
+                }))
+            }
             // The request stays where the future captured it until the stream opens.
-            Ok(request) => Box::pin(async move {
+            Ok(request) => Box::pin(crate::assertions::size_between(640, 900, async move {
                 let opened = match self.http2_sender().await {
                     Ok(sender) => sender.send(request).map_err(|e| self.stream_failed(&e)),
                     Err(error) => Err(error),
@@ -83,7 +85,7 @@ impl AppClient {
                     Ok(response) => from_application(response.map(Either::Right)),
                     Err(error) => refusal(error, grpc),
                 }
-            }),
+            })),
             Err(error) => Box::pin(std::future::ready(refusal(error, grpc))),
         }
     }

@@ -284,7 +284,7 @@ impl Inbound {
             Err(error) => return Reply::Response(error.response(false)),
         };
         let relay = move |tunnel: Tunnel| -> BoxFuture<'static, ()> {
-            Box::pin(async move {
+            Box::pin(crate::assertions::size_between(480, 700, async move {
                 let _open = self.counters.open();
                 match tunnel.relay(&mut app).await {
                     Ok((sent, received)) => {
@@ -295,7 +295,7 @@ impl Inbound {
                         debug!(event = "inbound connection ended with error", peer = %peer.describe(), error = %error)
                     }
                 }
-            })
+            }))
         };
         Reply::Tunnel {
             recv,
@@ -310,7 +310,11 @@ impl Inbound {
         recv: RecvStream,
         peer: Arc<Peer>,
     ) -> BoxFuture<'static, Reply> {
-        Box::pin(self.tunnel(recv, peer))
+        Box::pin(crate::assertions::size_between(
+            480,
+            700,
+            self.tunnel(recv, peer),
+        ))
     }
 
     /// Authorizes an opaque connection and connects to the application for it.

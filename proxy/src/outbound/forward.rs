@@ -140,7 +140,7 @@ impl Upstream {
         if let Err(error) = to_http2(&mut parts, &self.name) {
             return Box::pin(std::future::ready(self.refusal(error, grpc)));
         }
-        Box::pin(async move {
+        Box::pin(crate::assertions::size_between(1024, 1400, async move {
             let replay = if policy.may_retry(&parts.method) {
                 replayable(body).await
             } else if http_body::Body::is_end_stream(&body) {
@@ -164,7 +164,7 @@ impl Upstream {
                 }
                 Err(error) => self.refusal(error, grpc),
             }
-        })
+        }))
     }
 
     /// The error as the caller's answer.

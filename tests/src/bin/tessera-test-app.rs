@@ -5,6 +5,8 @@
 //! - `grpc-server LISTEN`: the Echo gRPC service;
 //! - `grpc-client URL TEXT`: one unary Echo call, prints the reply's text.
 
+#![forbid(unsafe_code)]
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 

@@ -1,6 +1,8 @@
 //! End-to-end tests: real control-plane and proxy processes on loopback.
 //! They need the binaries built first (`cargo build --bins`), which the test script does.
 
+#![forbid(unsafe_code)]
+
 mod authz;
 mod demo;
 mod detection;
