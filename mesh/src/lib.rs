@@ -7,6 +7,11 @@
 //! proxy gives ([`migration`]). Beside it, [`process`]: logging, the admin port, accept
 //! back-off and signals. The wire API that carries all this is `tessera-proto`'s.
 
+// No `unsafe` in the library; its tests count allocations with a global allocator of
+// their own (`policy::tests`), which is an unsafe trait to implement.
+#![cfg_attr(not(test), forbid(unsafe_code))]
+#![cfg_attr(test, deny(unsafe_code))]
+
 pub mod migration;
 pub mod policy;
 pub mod process;
