@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use tessera_mesh::snapshot::MeshSnapshot;
 use tessera_mesh::resources;
+use tessera_mesh::snapshot::MeshSnapshot;
 use tessera_proxy::ProxyConfig;
 
 fuzz_target!(|bytes: &[u8]| {
