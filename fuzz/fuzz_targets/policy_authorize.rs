@@ -14,7 +14,6 @@
 
 use std::sync::OnceLock;
 
-use http::HeaderName;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::{plain_host, policies};
 use tessera_mesh::SpiffeId;
@@ -67,7 +66,7 @@ fuzz_target!(|bytes: &[u8]| {
             method,
             path: &path,
             host: &host,
-            header: &|name: &HeaderName| header(name.as_str()),
+            header: &header,
         }),
     };
     let decision = authorize(policies(), &request);
