@@ -2,8 +2,8 @@
 //!
 //! Callers authenticate with a join token (hosts and VMs: first certificate), a
 //! Kubernetes service-account token (pods, in cluster mode: first certificate) or with
-//! the certificate they hold (renewal). A single-use join token is consumed, durably, between signing
-//! and answering, so two requests with one token get one certificate. Every issuance and
+//! the certificate they hold (renewal). A single-use join token is consumed, durably,
+//! between signing and answering, so two requests with one token get one certificate. Every issuance and
 //! every refusal is one structured log line with identity, serial, expiry, caller
 //! address and reason — never the token or a key.
 
