@@ -56,7 +56,7 @@ pub struct ApiServer {
     tls: TlsConnector,
     authority: String,
     pub process: Process,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl ApiServer {
@@ -96,13 +96,13 @@ impl ApiServer {
             tls,
             authority,
             process,
-            _dir: dir,
+            dir,
         })
     }
 
     /// The key the API server signs service-account tokens with (PEM).
     pub fn service_account_key(&self) -> Vec<u8> {
-        std::fs::read(self._dir.path().join("sa.key")).expect("sa.key")
+        std::fs::read(self.dir.path().join("sa.key")).expect("sa.key")
     }
 
     /// A kubeconfig for the control plane as `deploy/kubernetes` installs it: its
@@ -149,7 +149,7 @@ impl ApiServer {
             )
             .await;
         let token = answer["status"]["token"].as_str().expect("token");
-        let kubeconfig = self._dir.path().join("control-plane.kubeconfig");
+        let kubeconfig = self.dir.path().join("control-plane.kubeconfig");
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",

@@ -20,6 +20,8 @@ use serde_json::json;
 use tokio_stream::StreamExt as _;
 use tracing::{info, warn};
 
+use crate::inject::annotations::INJECT;
+
 /// The ConfigMap every meshed namespace gets, and its key.
 pub const CONFIG_MAP: &str = "tessera-ca-root-cert";
 pub const CONFIG_MAP_KEY: &str = "root-cert.pem";
@@ -27,8 +29,9 @@ pub const CONFIG_MAP_KEY: &str = "root-cert.pem";
 /// The injector's MutatingWebhookConfiguration (`deploy/kubernetes/webhook.yaml`).
 pub const WEBHOOK_CONFIGURATION: &str = "tessera-sidecar-injector";
 
-/// Namespaces whose pods are injected.
-pub const MESHED: &str = "tessera.dev/inject=enabled";
+/// Namespaces whose pods are injected carry the injection label with this value (the
+/// webhook configuration's `namespaceSelector`).
+pub const MESHED_VALUE: &str = "enabled";
 
 /// Who owns the fields the control plane writes (server-side apply).
 const FIELD_MANAGER: &str = "tessera-control-plane";
@@ -50,7 +53,7 @@ pub async fn publish(client: Client, root_pem: String) {
     let named = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
-        watcher::Config::default().labels(MESHED),
+        watcher::Config::default().labels(&format!("{INJECT}={MESHED_VALUE}")),
     )
     .default_backoff()
     .filter_map(|event| applied(event).map(|e| e.map(Change::Meshed)));
@@ -123,8 +126,10 @@ impl Publisher {
         else {
             return Ok(());
         };
-        let (key, value) = MESHED.split_once('=').expect("label=value");
-        let meshed = object.labels().get(key).is_some_and(|v| v == value);
+        let meshed = object
+            .labels()
+            .get(INJECT)
+            .is_some_and(|v| v == MESHED_VALUE);
         let deleting = object.metadata.deletion_timestamp.is_some();
         if meshed && !deleting {
             self.apply_config_map(namespace).await?;
