@@ -107,6 +107,8 @@ enum Command {
         #[arg(long, default_value = tessera_mesh::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = cli::parse_trust_domain)]
         trust_domain: String,
     },
+    /// Print the tessera.dev CustomResourceDefinitions (YAML), for `kubectl apply -f -`.
+    Crds,
     /// Run a small mesh on loopback and show what it does.
     #[cfg(feature = "demo")]
     Demo {
@@ -260,6 +262,10 @@ fn main() -> anyhow::Result<()> {
         }
         #[cfg(feature = "demo")]
         Command::Demo { duration } => runtime.block_on(demo::run(duration)),
+        Command::Crds => {
+            print!("{}", kubernetes::crds::render());
+            Ok(())
+        }
         Command::Inject {
             mut files,
             proxy_image,

@@ -21,6 +21,7 @@ pub const ROOT_NAMESPACE: &str = "tessera-system";
 
 /// Which workloads of its namespace a policy applies to; none means all of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -29,6 +30,7 @@ pub struct WorkloadSelector {
 
 /// How a port treats plaintext.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
     /// mTLS only.
@@ -50,12 +52,14 @@ impl fmt::Display for MtlsMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MtlsSetting {
     pub mode: MtlsMode,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     #[serde(default)]
@@ -64,10 +68,18 @@ pub struct PeerAuthenticationSpec {
     pub mtls: Option<MtlsSetting>,
     /// Per application port; overrides `mtls`.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(
+        with = "BTreeMap<String, MtlsSetting>",
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.all(port, port.matches('^[0-9]{1,5}$') && int(port) >= 1 && int(port) <= 65535)",
+            "message": "portLevelMtls is keyed by port numbers, 1 to 65535"
+        }])
+    ))]
     pub port_level_mtls: BTreeMap<u16, MtlsSetting>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
     #[default]
@@ -77,6 +89,7 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
@@ -90,6 +103,7 @@ pub struct AuthorizationPolicySpec {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
@@ -101,26 +115,36 @@ pub struct Rule {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct From {
     pub source: Source,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct To {
     pub operation: Operation,
 }
 
+/// A principal pattern's shape, for the CRD schema: no blank, at most one `*`, at
+/// either end (whether it names a possible SPIFFE ID is the control plane's judgement).
+#[cfg(feature = "schema")]
+const PRINCIPAL_PATTERN: &str = r"^(\*|\*[^*\s]+|[^*\s]+\*?)$";
+
 /// Who calls. Principals are SPIFFE IDs, with or without `spiffe://`, exact or with one
 /// `*` at the start or end; `"*"` is any authenticated peer, so `notPrincipals: ["*"]`
 /// selects plaintext callers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(regex(pattern = PRINCIPAL_PATTERN))))]
     pub principals: Vec<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(regex(pattern = PRINCIPAL_PATTERN))))]
     pub not_principals: Vec<String>,
     #[serde(default)]
     pub namespaces: Vec<String>,
@@ -139,6 +163,7 @@ pub struct Source {
 /// trailing dot and compared case-insensitively. A path or host that has no such form
 /// matches every DENY and no ALLOW that names paths (hosts).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]
@@ -161,6 +186,7 @@ pub struct Operation {
 
 /// `key` is `request.headers[<name>]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
     pub key: String,
@@ -171,6 +197,7 @@ pub struct Condition {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestAuthenticationSpec {
     #[serde(default)]
@@ -180,6 +207,7 @@ pub struct RequestAuthenticationSpec {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtRule {
     pub issuer: String,

@@ -103,6 +103,7 @@ impl Spec {
 
 /// How the proxy treats a port's traffic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Sniff: HTTP/1.x, HTTP/2 prior knowledge, else opaque TCP.
@@ -121,6 +122,7 @@ pub enum Protocol {
 /// A service: a name that clients call and the ports it offers. Local mode only; in a
 /// cluster this comes from Kubernetes Services.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceSpec {
     #[serde(default)]
@@ -132,6 +134,7 @@ pub struct ServiceSpec {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     pub port: u16,
@@ -142,6 +145,7 @@ pub struct ServicePort {
 /// One instance of a service: the address of its proxy's inbound (mTLS) port and the
 /// service account it runs as. Local mode only; in a cluster these are Pods.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSpec {
     pub service: String,
@@ -152,15 +156,18 @@ pub struct WorkloadSpec {
 
 /// Timeouts, retries and outlier detection for calls to one service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoutePolicySpec {
     /// The service this policy governs (same namespace).
     pub service: String,
     /// Whole request, retries included.
     #[serde(default, with = "optional_duration")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>", regex(pattern = DURATION_PATTERN)))]
     pub timeout: Option<Duration>,
     /// Each attempt.
     #[serde(default, with = "optional_duration")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>", regex(pattern = DURATION_PATTERN)))]
     pub per_try_timeout: Option<Duration>,
     #[serde(default)]
     pub retries: Option<RetrySpec>,
@@ -169,6 +176,7 @@ pub struct RoutePolicySpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetrySpec {
     /// Attempts after the first.
@@ -188,6 +196,7 @@ fn default_retry_attempts() -> u32 {
 /// Retries may add at most `ratio` of live traffic plus `minPerSecond`, so they can never
 /// multiply an outage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudgetSpec {
     pub ratio: f64,
@@ -204,11 +213,13 @@ impl Default for RetryBudgetSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetectionSpec {
     #[serde(default = "default_consecutive_failures")]
     pub consecutive_failures: u32,
     #[serde(default = "default_base_ejection", with = "duration")]
+    #[cfg_attr(feature = "schema", schemars(with = "String", regex(pattern = DURATION_PATTERN)))]
     pub base_ejection_time: Duration,
     #[serde(default = "default_max_ejection_percent")]
     pub max_ejection_percent: u32,
@@ -235,6 +246,11 @@ fn default_base_ejection() -> Duration {
 fn default_max_ejection_percent() -> u32 {
     50
 }
+
+/// What a duration looks like ("10s", "1m 30s", "250ms"), for the CRD schema: the API
+/// server refuses anything else before the control plane sees it.
+#[cfg(feature = "schema")]
+const DURATION_PATTERN: &str = r"^([0-9]+ ?[a-zA-Zµ]+ ?)+$";
 
 /// Durations as "10s", "250ms".
 mod duration {

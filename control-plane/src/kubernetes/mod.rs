@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod crds;
 pub mod root_cert;
 pub mod tokens;
 

@@ -491,3 +491,190 @@ async fn the_root_is_kept_published_in_meshed_namespaces_and_the_webhook() {
         .await
         .unwrap();
 }
+
+/// Creates every CRD of `deploy/kubernetes/crds.yaml` and waits until each is served.
+async fn apply_crds(api: &ApiServer) -> Vec<Value> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/crds.yaml");
+    let text = std::fs::read_to_string(&path).expect("read crds.yaml");
+    let crds: Vec<Value> = serde_saphyr::from_multiple(&text).expect("crds.yaml parses");
+    let base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+    for crd in &crds {
+        api.must_create(base, crd).await;
+    }
+    for crd in &crds {
+        let name = crd["metadata"]["name"].as_str().expect("CRD name");
+        let established = |_: u16, answer: &Value| {
+            answer["status"]["conditions"]
+                .as_array()
+                .is_some_and(|conditions| {
+                    conditions
+                        .iter()
+                        .any(|c| c["type"] == "Established" && c["status"] == "True")
+                })
+        };
+        api.eventually(
+            &format!("{base}/{name}"),
+            Duration::from_secs(20),
+            established,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("CRD {name} never established: {e:#}"));
+    }
+    crds
+}
+
+/// A tessera.dev object of `kind` as the API server takes it; `spec` as in a file.
+fn custom_resource(kind: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "tessera.dev/v1alpha1",
+        "kind": kind,
+        "metadata": { "name": name },
+        "spec": spec,
+    })
+}
+
+/// The collection path of `kind`'s objects in `namespace`, with strict field validation
+/// (what kubectl asks for): unknown fields are refused, not dropped.
+fn collection(kind_plural: &str, namespace: &str) -> String {
+    format!(
+        "/apis/tessera.dev/v1alpha1/namespaces/{namespace}/{kind_plural}?fieldValidation=Strict"
+    )
+}
+
+/// Issue 23: the CRDs generated from the file mode's types apply; every documented local
+/// resource (but the install-time MeshConfig) is accepted as a cluster object under
+/// strict validation; invalid objects are refused by the API server with the field named.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_crds_apply_and_the_api_server_refuses_invalid_objects_naming_the_field() {
+    init();
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    let crds = apply_crds(&api).await;
+    let plural = |kind: &str| {
+        crds.iter()
+            .find(|crd| crd["spec"]["names"]["kind"] == kind)
+            .and_then(|crd| crd["spec"]["names"]["plural"].as_str())
+            .unwrap_or_else(|| panic!("no CRD for {kind}"))
+            .to_string()
+    };
+    namespace(&api, "shop", json!({})).await;
+
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/mesh");
+    let mut applied = 0;
+    for file in ["services.yaml", "policies.yaml"] {
+        let text = std::fs::read_to_string(local.join(file)).expect("read local resources");
+        let documents: Vec<Value> = serde_saphyr::from_multiple(&text).expect("parses");
+        for mut document in documents {
+            let kind = document["kind"].as_str().expect("kind").to_string();
+            let namespace = document["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
+            if namespace != "default" && namespace != "shop" {
+                namespace_once(&api, &namespace).await;
+            }
+            document["metadata"]
+                .as_object_mut()
+                .expect("metadata")
+                .remove("namespace");
+            let (status, answer) = api
+                .create(&collection(&plural(&kind), &namespace), &document)
+                .await
+                .unwrap();
+            assert_eq!(status, 201, "{file}: {kind} refused: {answer}");
+            applied += 1;
+        }
+    }
+    assert!(applied >= 4, "only {applied} documented resources applied");
+
+    let policies = collection(&plural("AuthorizationPolicy"), "shop");
+    let refused = [
+        (
+            "bad action",
+            json!({ "action": "DENYX" }),
+            &["spec.action", "DENYX"][..],
+        ),
+        (
+            "unknown field",
+            json!({ "action": "ALLOW", "rulez": [] }),
+            &["unknown field", "spec.rulez"][..],
+        ),
+        (
+            "malformed principal",
+            json!({ "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/*/sa/x"] } }] }] }),
+            &["spec.rules[0].from[0].source.principals[0]"][..],
+        ),
+        (
+            "a rule's source without its body",
+            json!({ "rules": [{ "from": [{}] }] }),
+            &["spec.rules[0].from[0].source", "Required"][..],
+        ),
+    ];
+    for (case, spec, named) in refused {
+        let object = custom_resource("AuthorizationPolicy", "bad", spec);
+        let (status, answer) = api.create(&policies, &object).await.unwrap();
+        assert!(
+            (400..500).contains(&status),
+            "{case}: accepted ({status}): {answer}"
+        );
+        let message = answer["message"].as_str().unwrap_or_default();
+        for field in named {
+            assert!(
+                message.contains(field),
+                "{case}: {field:?} not in {message:?}"
+            );
+        }
+    }
+    let routes = collection(&plural("RoutePolicy"), "shop");
+    let object = custom_resource(
+        "RoutePolicy",
+        "slow",
+        json!({ "service": "orders", "timeout": "soon" }),
+    );
+    let (status, answer) = api.create(&routes, &object).await.unwrap();
+    assert_eq!(status, 422, "a timeout of 'soon' accepted: {answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.timeout")),
+        "{answer}"
+    );
+    // A rule over the whole map (CEL): keys are ports.
+    let peers = collection(&plural("PeerAuthentication"), "shop");
+    let object = custom_resource(
+        "PeerAuthentication",
+        "named-port",
+        json!({ "selector": { "serviceAccount": "orders" }, "portLevelMtls": { "http": { "mode": "DISABLE" } } }),
+    );
+    let (status, answer) = api.create(&peers, &object).await.unwrap();
+    assert_eq!(status, 422, "a port named 'http' accepted: {answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.portLevelMtls") && m.contains("port numbers")),
+        "{answer}"
+    );
+    let good = custom_resource(
+        "AuthorizationPolicy",
+        "good",
+        json!({ "action": "DENY", "rules": [{ "from": [{ "source": { "principals": ["*/sa/intruder"] } }] }] }),
+    );
+    let created = api.must_create(&policies, &good).await;
+    assert_eq!(
+        created["spec"]["rules"][0]["from"][0]["source"]["principals"][0],
+        "*/sa/intruder"
+    );
+}
+
+/// Creates namespace `name` unless it exists.
+async fn namespace_once(api: &ApiServer, name: &str) {
+    let (status, _) = api
+        .get(&format!("/api/v1/namespaces/{name}"))
+        .await
+        .unwrap();
+    if status == 404 {
+        namespace(api, name, json!({})).await;
+    }
+}
