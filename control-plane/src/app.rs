@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::ca::{CertificateAuthority, Issued};
 use crate::discovery_service::DiscoveryService;
 use crate::identity_service::IdentityService;
+use crate::kubernetes::objects::ClusterObjects;
 use crate::kubernetes::tokens::ServiceAccountTokens;
 use crate::telemetry::Metrics;
 use crate::token::{self, TokenAuthority};
@@ -32,6 +33,9 @@ use crate::webhook;
 
 /// The control plane's own certificate lives this long and is renewed at half-life.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The first list of the cluster's objects, before any snapshot is served: a control
+/// plane that cannot see the policies in force must not start without them.
+const CLUSTER_LIST_TIMEOUT: Duration = Duration::from_secs(60);
 /// The file proxies bootstrap trust from.
 pub const TRUST_BUNDLE_FILE: &str = "root-cert.pem";
 
@@ -180,7 +184,16 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     };
     let config_watch = crate::config::watch(&options.config_dir)
         .with_context(|| format!("cannot watch {}", options.config_dir.display()))?;
-    let loader = crate::config::Loader::new(&options.config_dir, &mesh.trust_domain);
+    let mut loader = crate::config::Loader::new(&options.config_dir, &mesh.trust_domain);
+    let mut watches = Vec::new();
+    if let Some(client) = &cluster {
+        let (objects, tasks) = ClusterObjects::watch(client, config_watch.changes());
+        watches = tasks;
+        tokio::time::timeout(CLUSTER_LIST_TIMEOUT, objects.ready())
+            .await
+            .context("the tessera.dev objects were not listed in time (are the CRDs applied?)")??;
+        loader = loader.with_cluster(Arc::new(objects));
+    }
     let (published, snapshots) = crate::config::Published::load(loader).await?;
     let discovery_service = DiscoveryService {
         snapshots,
@@ -239,6 +252,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
             metrics.clone(),
         )),
     ];
+    tasks.extend(watches);
     if let Some(client) = cluster {
         tasks.push(tokio::spawn(crate::kubernetes::root_cert::publish(
             client,
@@ -317,7 +331,7 @@ mod tests {
         let mesh = load_mesh_config(&dir).unwrap();
         assert_eq!(mesh.trust_domain, "cluster.local");
         assert_eq!(mesh.certificate_ttl, Duration::from_secs(24 * 3600));
-        let snapshot = crate::config::load_snapshot(&dir, &mesh.trust_domain).unwrap();
+        let snapshot = crate::config::load_snapshot(&dir, &mesh.trust_domain, Vec::new()).unwrap();
         assert_eq!(snapshot.services[0].endpoints.len(), 1);
         assert!(snapshot.services[0].route.is_some());
         assert_eq!(snapshot.peer_authentications.len(), 1);

@@ -13,6 +13,7 @@ use std::fs::OpenOptions;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_mesh::resources::{self, ConfigError};
@@ -22,6 +23,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::kubernetes::objects::ClusterObjects;
+
 /// Editors write a file in several steps; wait for them to settle.
 const SETTLE: Duration = Duration::from_millis(100);
 /// A JWKS is a few KiB; anything past this is a mistake (or `/dev/zero`).
@@ -30,10 +33,16 @@ pub const MAX_JWKS_FILE_BYTES: u64 = 1024 * 1024;
 /// network filesystem), which no check on the file can rule out.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads the directory into a mesh snapshot. Blocks: the server goes through [`Loader`].
-pub fn load_snapshot(dir: &Path, trust_domain: &str) -> Result<MeshSnapshot, ConfigError> {
+/// Reads the directory into a mesh snapshot, with `cluster`'s resources (cluster mode)
+/// besides the files'. Blocks: the server goes through [`Loader`].
+pub fn load_snapshot(
+    dir: &Path,
+    trust_domain: &str,
+    cluster: Vec<resources::Resource>,
+) -> Result<MeshSnapshot, ConfigError> {
     let mut resources = resources::load_dir(dir)?;
     inline_jwks_files(dir, &mut resources)?;
+    resources.extend(cluster);
     let snapshot = MeshSnapshot::from_resources(trust_domain, &resources)?;
     // Measured with the widest version label, so no later version can tip it over.
     let size = snapshot.message_len(&u64::MAX.to_string());
@@ -122,6 +131,8 @@ fn read_jwks_file(dir: &Path, file: &Path) -> Result<String, String> {
 pub struct Loader {
     dir: PathBuf,
     trust_domain: String,
+    /// Cluster mode: the `tessera.dev` objects of the API server.
+    cluster: Option<Arc<ClusterObjects>>,
     /// A load that timed out, perhaps still blocked in the kernel. No second one starts
     /// beside it, so a hung filesystem holds one blocking thread, not one per change.
     hung: Option<JoinHandle<Result<MeshSnapshot, ConfigError>>>,
@@ -134,15 +145,28 @@ impl Loader {
         Self {
             dir: dir.to_path_buf(),
             trust_domain: trust_domain.to_string(),
+            cluster: None,
             hung: None,
             timeout: LOAD_TIMEOUT,
         }
     }
 
-    /// Reads and checks the whole directory.
+    /// Adds the cluster's objects to every load.
+    pub fn with_cluster(mut self, objects: Arc<ClusterObjects>) -> Self {
+        self.cluster = Some(objects);
+        self
+    }
+
+    /// Reads and checks the whole directory (and the cluster's objects).
     pub async fn load(&mut self) -> Result<MeshSnapshot, ConfigError> {
         let (dir, trust_domain) = (self.dir.clone(), self.trust_domain.clone());
-        self.run(move || load_snapshot(&dir, &trust_domain)).await
+        let cluster = self
+            .cluster
+            .as_ref()
+            .map(|objects| objects.resources())
+            .unwrap_or_default();
+        self.run(move || load_snapshot(&dir, &trust_domain, cluster))
+            .await
     }
 
     async fn run(
@@ -192,13 +216,22 @@ pub fn to_message(version: u64, snapshot: &MeshSnapshot) -> Snapshot {
 /// A registered watch on the configuration directory.
 pub struct ConfigWatch {
     _watcher: notify::RecommendedWatcher,
+    changes: mpsc::Sender<()>,
     changed: mpsc::Receiver<()>,
+}
+
+impl ConfigWatch {
+    /// Where another source (the cluster's watches) signals a change.
+    pub fn changes(&self) -> &mpsc::Sender<()> {
+        &self.changes
+    }
 }
 
 /// Starts watching `dir`. Call before reading the first snapshot, so that no change
 /// made after that read can be missed.
 pub fn watch(dir: &Path) -> Result<ConfigWatch, notify::Error> {
     let (changes, changed) = mpsc::channel::<()>(1);
+    let file_changes = changes.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reading the files ourselves raises access events: only changes count, or
         // every reload would trigger the next.
@@ -210,12 +243,13 @@ pub fn watch(dir: &Path) -> Result<ConfigWatch, notify::Error> {
         });
         if is_change {
             // A full channel already means "reload pending": nothing is lost.
-            let _ = changes.try_send(());
+            let _ = file_changes.try_send(());
         }
     })?;
     notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive)?;
     Ok(ConfigWatch {
         _watcher: watcher,
+        changes,
         changed,
     })
 }
@@ -352,7 +386,8 @@ mod tests {
     /// blocks fails the test instead of hanging it.
     async fn load_within(dir: &Path, limit: Duration) -> Result<MeshSnapshot, ConfigError> {
         let dir = dir.to_path_buf();
-        let loading = tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN));
+        let loading =
+            tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN, Vec::new()));
         match tokio::time::timeout(limit, loading).await {
             Ok(loaded) => loaded.unwrap(),
             Err(_) => panic!("loading the configuration hung for {limit:?}"),
@@ -407,7 +442,7 @@ mod tests {
         assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
         let loading = {
             let dir = dir.path().to_path_buf();
-            tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN))
+            tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN, Vec::new()))
         };
         let Ok(loaded) = tokio::time::timeout(Duration::from_secs(5), loading).await else {
             // Open the other end so the blocked reader, and with it the test, can finish.

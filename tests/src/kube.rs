@@ -105,6 +105,38 @@ impl ApiServer {
         std::fs::read(self.dir.path().join("sa.key")).expect("sa.key")
     }
 
+    /// Creates every CRD of `deploy/kubernetes/crds.yaml` and waits until each is served.
+    pub async fn apply_crds(&self) -> Vec<Value> {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/crds.yaml");
+        let text = std::fs::read_to_string(&path).expect("read crds.yaml");
+        let crds: Vec<Value> = serde_saphyr::from_multiple(&text).expect("crds.yaml parses");
+        let base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+        for crd in &crds {
+            self.must_create(base, crd).await;
+        }
+        for crd in &crds {
+            let name = crd["metadata"]["name"].as_str().expect("CRD name");
+            let established = |_: u16, answer: &Value| {
+                answer["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|conditions| {
+                        conditions
+                            .iter()
+                            .any(|c| c["type"] == "Established" && c["status"] == "True")
+                    })
+            };
+            self.eventually(
+                &format!("{base}/{name}"),
+                Duration::from_secs(20),
+                established,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("CRD {name} never established: {e:#}"));
+        }
+        crds
+    }
+
     /// A kubeconfig for the control plane as `deploy/kubernetes` installs it: its
     /// service account, with nothing but the ClusterRole shipped there.
     pub async fn control_plane_kubeconfig(&self) -> PathBuf {
@@ -120,6 +152,7 @@ impl ApiServer {
                 .cloned()
                 .unwrap_or_else(|| panic!("no {kind} in control-plane.yaml"))
         };
+        self.apply_crds().await;
         self.must_create("/api/v1/namespaces", &kind("Namespace"))
             .await;
         let account = kind("ServiceAccount");

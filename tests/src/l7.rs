@@ -50,6 +50,16 @@ impl L7Mesh {
         crate::init();
         let mut control_plane = ControlPlane::start("1h", "").await;
         control_plane.proxy_extra_yaml = proxy_yaml.to_string();
+        Self::start_on(control_plane, apps, protocol, route_policy).await
+    }
+
+    /// Like [`L7Mesh::start`], with a control plane of the caller's (cluster mode).
+    pub async fn start_on(
+        control_plane: ControlPlane,
+        apps: &[SocketAddr],
+        protocol: &str,
+        route_policy: Option<&str>,
+    ) -> Self {
         let ports: Vec<u16> = apps.iter().map(|_| free_port()).collect();
         control_plane.write_config(
             "backend.yaml",

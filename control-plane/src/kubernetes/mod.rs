@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod crds;
+pub mod objects;
 pub mod root_cert;
 pub mod tokens;
 

@@ -492,38 +492,6 @@ async fn the_root_is_kept_published_in_meshed_namespaces_and_the_webhook() {
         .unwrap();
 }
 
-/// Creates every CRD of `deploy/kubernetes/crds.yaml` and waits until each is served.
-async fn apply_crds(api: &ApiServer) -> Vec<Value> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/crds.yaml");
-    let text = std::fs::read_to_string(&path).expect("read crds.yaml");
-    let crds: Vec<Value> = serde_saphyr::from_multiple(&text).expect("crds.yaml parses");
-    let base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
-    for crd in &crds {
-        api.must_create(base, crd).await;
-    }
-    for crd in &crds {
-        let name = crd["metadata"]["name"].as_str().expect("CRD name");
-        let established = |_: u16, answer: &Value| {
-            answer["status"]["conditions"]
-                .as_array()
-                .is_some_and(|conditions| {
-                    conditions
-                        .iter()
-                        .any(|c| c["type"] == "Established" && c["status"] == "True")
-                })
-        };
-        api.eventually(
-            &format!("{base}/{name}"),
-            Duration::from_secs(20),
-            established,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("CRD {name} never established: {e:#}"));
-    }
-    crds
-}
-
 /// A tessera.dev object of `kind` as the API server takes it; `spec` as in a file.
 fn custom_resource(kind: &str, name: &str, spec: Value) -> Value {
     json!({
@@ -551,7 +519,7 @@ async fn the_crds_apply_and_the_api_server_refuses_invalid_objects_naming_the_fi
     let Some(api) = ApiServer::start().await else {
         return;
     };
-    let crds = apply_crds(&api).await;
+    let crds = api.apply_crds().await;
     let plural = |kind: &str| {
         crds.iter()
             .find(|crd| crd["spec"]["names"]["kind"] == kind)
@@ -677,4 +645,70 @@ async fn namespace_once(api: &ApiServer, name: &str) {
     if status == 404 {
         namespace(api, name, json!({})).await;
     }
+}
+
+/// Polls `path` on one connection until it answers `status`; how long that took.
+async fn until_status(
+    client: &mut l7::Http1Client,
+    path: &str,
+    status: u16,
+    within: Duration,
+) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let answer = client.get(path).await.expect("the mesh answers");
+        if answer.status.as_u16() == status {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "GET {path} still {} after {within:?} (expected {status})",
+            answer.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 23: policy is a cluster object. An AuthorizationPolicy created through the API
+/// server is enforced by the running proxies within 1 s, and so are its change and its
+/// deletion; the control plane reads it with nothing but the RBAC `deploy/` ships.
+#[tokio::test(flavor = "multi_thread")]
+async fn authorization_policies_from_the_api_server_take_effect_within_a_second() {
+    init();
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    let kubeconfig = api.control_plane_kubeconfig().await;
+    namespace(&api, "shop", json!({})).await;
+    let control_plane = ControlPlane::start_in_cluster(&kubeconfig).await;
+    let backend = backend::HttpBackend::start("guarded").await;
+    let mesh = l7::L7Mesh::start_on(control_plane, &[backend.address], "http", None).await;
+    let mut client = l7::Http1Client::connect(mesh.entry()).await.unwrap();
+    assert_eq!(client.get("/admin").await.unwrap().status, 200);
+
+    let policies = "/apis/tessera.dev/v1alpha1/namespaces/shop/authorizationpolicies";
+    let deny = |paths: &[&str]| {
+        json!({ "selector": { "serviceAccount": "backend" }, "action": "DENY",
+                "rules": [{ "to": [{ "operation": { "paths": paths } }] }] })
+    };
+    let policy = custom_resource("AuthorizationPolicy", "no-admin", deny(&["/admin*"]));
+    api.must_create(policies, &policy).await;
+    let enforced = until_status(&mut client, "/admin", 403, Duration::from_secs(1)).await;
+    assert_eq!(client.get("/menu").await.unwrap().status, 200);
+
+    let (status, answer) = api
+        .merge_patch(
+            &format!("{policies}/no-admin"),
+            &json!({ "spec": deny(&["/menu"]) }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let changed = until_status(&mut client, "/menu", 403, Duration::from_secs(1)).await;
+    assert_eq!(client.get("/admin").await.unwrap().status, 200);
+
+    let (status, answer) = api.delete(&format!("{policies}/no-admin")).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let deleted = until_status(&mut client, "/menu", 200, Duration::from_secs(1)).await;
+    eprintln!("enforced after {enforced:?}, changed after {changed:?}, lifted after {deleted:?}");
 }

@@ -1,0 +1,306 @@
+//! The cluster's `tessera.dev` objects, as the file mode's resources.
+//!
+//! One reflector per kind (list, then watch from the list's resourceVersion; kube-runtime
+//! re-lists on 410 Gone and backs off on errors, so no update is lost) keeps a store of
+//! the objects. Every change wakes the configuration loader, which merges
+//! [`ClusterObjects::resources`] with the configuration directory's and checks the whole
+//! as it checks files: one snapshot, one set of rules.
+//!
+//! Objects are read untyped and converted one by one: an object the control plane cannot
+//! read (the API server's schema lets through something our types refuse) is reported
+//! and its last good version stays in force, so one bad object neither stops the others
+//! nor drops a DENY policy that was enforced.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
+
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, CustomResourceExt as _, ResourceExt as _};
+use tessera_mesh::resources::{Metadata, Origin, Resource, Spec};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
+use tracing::warn;
+
+use super::crds;
+
+/// One watched kind: its store of objects.
+struct Kind {
+    name: &'static str,
+    store: Store<DynamicObject>,
+}
+
+/// The `tessera.dev` objects of every namespace, kept current by their watches.
+pub struct ClusterObjects {
+    kinds: Vec<Kind>,
+    /// Per object (uid): its last version that converted.
+    last_good: Mutex<HashMap<String, Resource>>,
+    /// Versions (uid, resourceVersion) already reported as unreadable, so a reload logs
+    /// each bad version once.
+    reported: Mutex<HashSet<(String, String)>>,
+}
+
+/// Every watched kind (the CRD's kind, which is the file mode's) and its API resource.
+fn watched() -> [(&'static str, ApiResource); 6] {
+    [
+        (
+            "AuthorizationPolicy",
+            crds::AuthorizationPolicy::api_resource(),
+        ),
+        (
+            "PeerAuthentication",
+            crds::PeerAuthentication::api_resource(),
+        ),
+        (
+            "RequestAuthentication",
+            crds::RequestAuthentication::api_resource(),
+        ),
+        ("RoutePolicy", crds::RoutePolicy::api_resource()),
+        ("Service", crds::MeshService::api_resource()),
+        ("Workload", crds::MeshWorkload::api_resource()),
+    ]
+}
+
+/// An object's spec as the file mode's resource spec of `kind`.
+fn to_spec(kind: &str, spec: serde_json::Value) -> Result<Spec, serde_json::Error> {
+    use serde_json::from_value;
+    Ok(match kind {
+        "AuthorizationPolicy" => Spec::AuthorizationPolicy(from_value(spec)?),
+        "PeerAuthentication" => Spec::PeerAuthentication(from_value(spec)?),
+        "RequestAuthentication" => Spec::RequestAuthentication(from_value(spec)?),
+        "RoutePolicy" => Spec::RoutePolicy(from_value(spec)?),
+        "Service" => Spec::Service(from_value(spec)?),
+        _ => Spec::Workload(from_value(spec)?),
+    })
+}
+
+impl ClusterObjects {
+    /// Starts a watch per kind; each change sends on `changed` (a full channel already
+    /// means "reload pending"). The watches run as long as the returned tasks.
+    pub fn watch(client: &Client, changed: &mpsc::Sender<()>) -> (Self, Vec<JoinHandle<()>>) {
+        let mut kinds = Vec::new();
+        let mut tasks = Vec::new();
+        for (name, resource) in watched() {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            let writer = reflector::store::Writer::new(resource);
+            kinds.push(Kind {
+                name,
+                store: writer.as_reader(),
+            });
+            let events = reflector::reflector(
+                writer,
+                watcher(api, watcher::Config::default()).default_backoff(),
+            );
+            let changed = changed.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut events = std::pin::pin!(events);
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(_) => {
+                            let _ = changed.try_send(());
+                        }
+                        Err(error) => {
+                            warn!(event = "watch of cluster objects failed", kind = name, error = %error, "retrying");
+                        }
+                    }
+                }
+            }));
+        }
+        (Self::over(kinds), tasks)
+    }
+
+    fn over(kinds: Vec<Kind>) -> Self {
+        Self {
+            kinds,
+            last_good: Mutex::default(),
+            reported: Mutex::default(),
+        }
+    }
+
+    /// Waits until every kind has been listed once: before that, a snapshot would lack
+    /// policies that are in force (a DENY among them).
+    pub async fn ready(&self) -> anyhow::Result<()> {
+        for kind in &self.kinds {
+            kind.store
+                .wait_until_ready()
+                .await
+                .map_err(|_| anyhow::anyhow!("the watch of {} ended", kind.name))?;
+        }
+        Ok(())
+    }
+
+    /// Every object as a resource, in a stable order (kind, namespace, name).
+    pub fn resources(&self) -> Vec<Resource> {
+        let mut resources = Vec::new();
+        for kind in &self.kinds {
+            let mut objects = kind.store.state();
+            objects.sort_by_key(|object| (object.namespace(), object.name_any()));
+            resources.extend(
+                objects
+                    .iter()
+                    .filter_map(|object| self.convert(kind, object)),
+            );
+        }
+        let live: HashSet<String> = self
+            .kinds
+            .iter()
+            .flat_map(|kind| kind.store.state())
+            .filter_map(|object| object.uid())
+            .collect();
+        self.last_good
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|uid, _| live.contains(uid));
+        resources
+    }
+
+    /// The object as a resource; its last good version when this one cannot be read.
+    fn convert(&self, kind: &Kind, object: &DynamicObject) -> Option<Resource> {
+        let namespace = object.namespace().unwrap_or_default();
+        let name = object.name_any();
+        let uid = object.uid().unwrap_or_default();
+        let origin = Origin {
+            file: PathBuf::from(format!("{} {namespace}/{name}", kind.name)),
+            line: 0,
+        };
+        let spec = object.data.get("spec").cloned().unwrap_or_default();
+        let spec = match spec {
+            serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+            spec => spec,
+        };
+        let mut last_good = self
+            .last_good
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match to_spec(kind.name, spec) {
+            Ok(spec) => {
+                let resource = Resource {
+                    origin,
+                    metadata: Metadata {
+                        name,
+                        namespace: Some(namespace),
+                        labels: object.labels().clone(),
+                        annotations: Default::default(),
+                    },
+                    spec,
+                };
+                last_good.insert(uid, resource.clone());
+                Some(resource)
+            }
+            Err(error) => {
+                let version = (uid.clone(), object.resource_version().unwrap_or_default());
+                let first_time = self
+                    .reported
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(version);
+                let kept = last_good.get(&uid).cloned();
+                if first_time {
+                    warn!(
+                        event = "cluster object refused",
+                        object = %origin.file.display(),
+                        error = %error,
+                        kept = if kept.is_some() { "its last good version" } else { "nothing" },
+                    );
+                }
+                kept
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event;
+    use serde_json::json;
+
+    use super::*;
+
+    fn policy(uid: &str, version: &str, spec: serde_json::Value) -> DynamicObject {
+        let name = format!("policy-{uid}");
+        let mut object = DynamicObject::new(&name, &crds::AuthorizationPolicy::api_resource())
+            .within("shop")
+            .data(json!({ "spec": spec }));
+        object.metadata.uid = Some(uid.to_string());
+        object.metadata.resource_version = Some(version.to_string());
+        object
+    }
+
+    fn objects() -> (ClusterObjects, Writer<DynamicObject>) {
+        let writer = Writer::new(crds::AuthorizationPolicy::api_resource());
+        let kind = Kind {
+            name: "AuthorizationPolicy",
+            store: writer.as_reader(),
+        };
+        (ClusterObjects::over(vec![kind]), writer)
+    }
+
+    fn actions(objects: &ClusterObjects) -> Vec<String> {
+        objects
+            .resources()
+            .iter()
+            .map(|resource| match &resource.spec {
+                Spec::AuthorizationPolicy(spec) => format!("{:?}", spec.action),
+                other => other.kind().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn objects_become_resources_named_by_kind_namespace_and_name() {
+        let (objects, mut writer) = objects();
+        writer.apply_watcher_event(&Event::Apply(policy(
+            "u1",
+            "1",
+            json!({ "action": "DENY" }),
+        )));
+        let resources = objects.resources();
+        assert_eq!(resources.len(), 1);
+        assert_eq!(
+            resources[0].origin.to_string(),
+            "AuthorizationPolicy shop/policy-u1"
+        );
+        assert_eq!(resources[0].metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(actions(&objects), ["Deny"]);
+    }
+
+    /// A version the control plane cannot read keeps the last good one in force: a DENY
+    /// policy is not lifted by a bad edit.
+    #[test]
+    fn an_unreadable_version_keeps_the_last_good_one() {
+        let (objects, mut writer) = objects();
+        writer.apply_watcher_event(&Event::Apply(policy(
+            "u1",
+            "1",
+            json!({ "action": "DENY" }),
+        )));
+        assert_eq!(actions(&objects), ["Deny"]);
+        let unreadable = json!({ "action": "DENY", "rules": "all of them" });
+        writer.apply_watcher_event(&Event::Apply(policy("u1", "2", unreadable.clone())));
+        assert_eq!(actions(&objects), ["Deny"]);
+        writer.apply_watcher_event(&Event::Apply(policy(
+            "u1",
+            "3",
+            json!({ "action": "AUDIT" }),
+        )));
+        assert_eq!(actions(&objects), ["Audit"]);
+        // Never readable: nothing of it is in force, and nothing else is lost.
+        writer.apply_watcher_event(&Event::Apply(policy("u2", "1", unreadable)));
+        assert_eq!(actions(&objects), ["Audit"]);
+    }
+
+    #[test]
+    fn a_deleted_object_leaves_nothing_behind() {
+        let (objects, mut writer) = objects();
+        let object = policy("u1", "1", json!({ "action": "DENY" }));
+        writer.apply_watcher_event(&Event::Apply(object.clone()));
+        assert_eq!(actions(&objects), ["Deny"]);
+        writer.apply_watcher_event(&Event::Delete(object));
+        assert!(actions(&objects).is_empty());
+        assert!(objects.last_good.lock().unwrap().is_empty());
+    }
+}
