@@ -5,6 +5,7 @@
 //! guessing. A file is parsed whole or refused whole: the caller keeps its last good
 //! configuration when anything is wrong.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -152,6 +153,18 @@ pub struct WorkloadSpec {
     pub service_account: String,
     /// `host:port` of the workload proxy's inbound listener.
     pub address: String,
+    /// Where this workload serves a service port when not on the address's port
+    /// (service port → workload port), as a Kubernetes Service's `targetPort`: a
+    /// transparent client dials the workload at the port the service port maps to.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[cfg_attr(feature = "schema", schemars(
+        with = "BTreeMap<String, u16>",
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.all(port, port.matches('^[0-9]{1,5}$') && int(port) >= 1 && int(port) <= 65535)",
+            "message": "ports is keyed by service port numbers, 1 to 65535"
+        }])
+    ))]
+    pub ports: BTreeMap<u16, u16>,
 }
 
 /// Timeouts, retries and outlier detection for calls to one service.

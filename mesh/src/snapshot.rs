@@ -5,6 +5,8 @@
 //! Snapshots travel as JSON inside the discovery API's `Snapshot` message: both sides
 //! share these types, and a proxy rejects a snapshot it cannot parse, keeping its last.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::SpiffeId;
@@ -88,6 +90,22 @@ pub struct Endpoint {
     /// `host:port` of the workload proxy's inbound listener.
     pub address: String,
     pub identity: SpiffeId,
+    /// Service port → this endpoint's port for it, where not the address's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, u16>,
+}
+
+impl Endpoint {
+    /// Where to dial this endpoint for `service_port` (`None`: a listener bound to the
+    /// service, not to one of its ports): the address, its port replaced where the
+    /// workload maps that service port elsewhere.
+    pub fn address_for(&self, service_port: Option<u16>) -> String {
+        let mapped = service_port.and_then(|port| self.ports.get(&port));
+        match (mapped, self.address.rsplit_once(':')) {
+            (Some(port), Some((host, _))) => format!("{host}:{port}"),
+            _ => self.address.clone(),
+        }
+    }
 }
 
 impl MeshSnapshot {
@@ -182,6 +200,7 @@ impl MeshSnapshot {
                         workload: resource.metadata.name.clone(),
                         address: spec.address.clone(),
                         identity,
+                        ports: spec.ports.clone(),
                     });
                 }
                 Spec::RoutePolicy(spec) => {
@@ -370,6 +389,38 @@ spec:
         assert_eq!(
             serde_json::from_str::<MeshSnapshot>(&json).unwrap(),
             snapshot
+        );
+    }
+
+    /// A workload serving a service port elsewhere (a Kubernetes `targetPort`) is dialled
+    /// there by a listener bound to that port; elsewhere at its address.
+    #[test]
+    fn endpoints_are_dialled_at_the_port_their_workload_maps() {
+        let text = MESH.replace(
+            "address: 127.0.0.1:16006}",
+            "address: \"[fd00::7]:16006\", ports: {8080: 9090}}",
+        );
+        let resources = parse_file(Path::new("mesh.yaml"), &text).unwrap();
+        let snapshot = MeshSnapshot::from_resources("cluster.local", &resources).unwrap();
+        let endpoint = &snapshot.services[0].endpoints[0];
+        assert_eq!(endpoint.address_for(Some(8080)), "[fd00::7]:9090");
+        assert_eq!(endpoint.address_for(Some(8081)), "[fd00::7]:16006");
+        assert_eq!(endpoint.address_for(None), "[fd00::7]:16006");
+        let json = serde_json::to_string(&snapshot).unwrap();
+        assert!(json.contains(r#""ports":{"8080":9090}"#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<MeshSnapshot>(&json).unwrap(),
+            snapshot
+        );
+        let plain = MeshSnapshot::from_resources(
+            "cluster.local",
+            &parse_file(Path::new("mesh.yaml"), MESH).unwrap(),
+        )
+        .unwrap();
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(
+            !json.contains("\"ports\":{"),
+            "an empty map is left out: {json}"
         );
     }
 

@@ -163,7 +163,7 @@ fn apply_service(
             let endpoints: Vec<_> = service
                 .endpoints
                 .iter()
-                .map(|e| (e.address.clone(), e.identity.clone()))
+                .map(|e| (e.address_for(binding.port), e.identity.clone()))
                 .collect();
             let route = service.route.as_ref();
             let outlier = route.and_then(|r| r.outlier_detection.clone());
