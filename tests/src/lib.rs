@@ -429,7 +429,20 @@ impl ControlPlane {
         app: SocketAddr,
         inbound_port: u16,
     ) -> Proxy {
+        self.workload_proxy_at(service_account, app, local(inbound_port))
+    }
+
+    /// [`ControlPlane::workload_proxy`] with its inbound listening at `inbound` (an
+    /// address of this host's other than loopback, which Kubernetes refuses in an
+    /// EndpointSlice).
+    pub fn workload_proxy_at(
+        &self,
+        service_account: &str,
+        app: SocketAddr,
+        inbound: SocketAddr,
+    ) -> Proxy {
         let token = self.token(service_account, "10m");
+        let inbound_port = inbound.port();
         Proxy::launch(
             &self.address(),
             &self.trust_bundle_file(),
@@ -441,6 +454,7 @@ impl ControlPlane {
                 yaml: &self.proxy_extra_yaml,
                 limits: &self.proxy_limits,
                 nofile: None,
+                inbound_ip: Some(inbound.ip()),
             },
         )
     }
@@ -475,6 +489,7 @@ impl ControlPlane {
                 yaml: &self.proxy_extra_yaml,
                 limits: &self.proxy_limits,
                 nofile,
+                inbound_ip: None,
             },
         )
     }
@@ -540,6 +555,8 @@ pub struct Extra<'a> {
     pub limits: &'a str,
     /// The proxy's open-file limit, soft and hard (run under util-linux `prlimit`).
     pub nofile: Option<u64>,
+    /// Where the inbound listens (with the inbound port); loopback when `None`.
+    pub inbound_ip: Option<std::net::IpAddr>,
 }
 
 impl Proxy {
@@ -592,7 +609,7 @@ impl Proxy {
         if let (Some(app), Some(port)) = (app, inbound_port) {
             yaml.push_str(&format!(
                 "inbound:\n  - listen: {}\n    forwardTo: {app}\n",
-                local(port)
+                SocketAddr::new(extra.inbound_ip.unwrap_or(local(0).ip()), port)
             ));
         }
         if !upstreams.is_empty() {

@@ -9,6 +9,7 @@ pub mod crds;
 pub mod objects;
 pub mod root_cert;
 pub mod tokens;
+pub mod workloads;
 
 /// `tessera control-plane --kubernetes`: where the API server is.
 #[derive(Debug, Clone, Default)]

@@ -15,10 +15,14 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::reflector::store::WriterDropped;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, CustomResourceExt as _, ResourceExt as _};
+use serde::de::DeserializeOwned;
 use tessera_mesh::resources::{Metadata, Origin, Resource, Spec};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -26,6 +30,7 @@ use tokio_stream::StreamExt as _;
 use tracing::warn;
 
 use super::crds;
+use super::workloads::{self, ClusterState};
 
 /// One watched kind: its store of objects.
 struct Kind {
@@ -36,6 +41,8 @@ struct Kind {
 /// The `tessera.dev` objects of every namespace, kept current by their watches.
 pub struct ClusterObjects {
     kinds: Vec<Kind>,
+    /// Services and workloads from Namespaces, Services, EndpointSlices and Pods.
+    discovery: Option<Discovery>,
     /// Per object (uid): its last version that converted.
     last_good: Mutex<HashMap<String, Resource>>,
     /// Versions (uid, resourceVersion) already reported as unreadable, so a reload logs
@@ -77,6 +84,98 @@ fn to_spec(kind: &str, spec: serde_json::Value) -> Result<Spec, serde_json::Erro
     })
 }
 
+/// Kubernetes' own objects that say where services and workloads are.
+struct Discovery {
+    namespaces: Store<Namespace>,
+    services: Store<KubeService>,
+    slices: Store<EndpointSlice>,
+    pods: Store<Pod>,
+}
+
+impl Discovery {
+    fn resources(&self) -> Vec<Resource> {
+        let (namespaces, services) = (self.namespaces.state(), self.services.state());
+        let (slices, pods) = (self.slices.state(), self.pods.state());
+        workloads::resources(&ClusterState {
+            namespaces: &namespaces,
+            services: &services,
+            slices: &slices,
+            pods: &pods,
+        })
+    }
+
+    async fn ready(&self) -> Result<(), WriterDropped> {
+        self.namespaces.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        self.slices.wait_until_ready().await?;
+        self.pods.wait_until_ready().await
+    }
+}
+
+/// Mirrors `api`'s objects into a store, sending on `changed` at every change, as long
+/// as the returned task runs.
+fn reflect<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    changed: &mpsc::Sender<()>,
+    kind: &'static str,
+    slim: fn(&mut K),
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let writer = reflector::store::Writer::new(dyntype);
+    let store = writer.as_reader();
+    let events = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(slim),
+    );
+    let changed = changed.clone();
+    let task = tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(_) => {
+                    let _ = changed.try_send(());
+                }
+                Err(error) => {
+                    warn!(event = "watch of cluster objects failed", kind, error = %error, "retrying");
+                }
+            }
+        }
+    });
+    (store, task)
+}
+
+/// A pod as discovery reads it: name, namespace, uid, service account, containers' names.
+fn slim_pod(pod: &mut Pod) {
+    without_managed_fields(pod);
+    pod.metadata.annotations = None;
+    pod.status = None;
+    if let Some(spec) = &mut pod.spec {
+        for container in spec
+            .init_containers
+            .iter_mut()
+            .flatten()
+            .chain(&mut spec.containers)
+        {
+            *container = k8s_openapi::api::core::v1::Container {
+                name: std::mem::take(&mut container.name),
+                ..Default::default()
+            };
+        }
+        spec.volumes = None;
+    }
+}
+
+/// What no reader of a store needs (the largest part of most objects).
+fn without_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 impl ClusterObjects {
     /// Starts a watch per kind; each change sends on `changed` (a full channel already
     /// means "reload pending"). The watches run as long as the returned tasks.
@@ -85,36 +184,49 @@ impl ClusterObjects {
         let mut tasks = Vec::new();
         for (name, resource) in watched() {
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-            let writer = reflector::store::Writer::new(resource);
-            kinds.push(Kind {
-                name,
-                store: writer.as_reader(),
-            });
-            let events = reflector::reflector(
-                writer,
-                watcher(api, watcher::Config::default()).default_backoff(),
-            );
-            let changed = changed.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut events = std::pin::pin!(events);
-                while let Some(event) = events.next().await {
-                    match event {
-                        Ok(_) => {
-                            let _ = changed.try_send(());
-                        }
-                        Err(error) => {
-                            warn!(event = "watch of cluster objects failed", kind = name, error = %error, "retrying");
-                        }
-                    }
-                }
-            }));
+            let (store, task) = reflect(api, resource, changed, name, without_managed_fields);
+            kinds.push(Kind { name, store });
+            tasks.push(task);
         }
-        (Self::over(kinds), tasks)
+        let (namespaces, task) = reflect(
+            Api::all(client.clone()),
+            (),
+            changed,
+            "Namespace",
+            without_managed_fields,
+        );
+        tasks.push(task);
+        let (services, task) = reflect(
+            Api::all(client.clone()),
+            (),
+            changed,
+            "Service",
+            without_managed_fields,
+        );
+        tasks.push(task);
+        let (slices, task) = reflect(
+            Api::all(client.clone()),
+            (),
+            changed,
+            "EndpointSlice",
+            without_managed_fields,
+        );
+        tasks.push(task);
+        let (pods, task) = reflect(Api::all(client.clone()), (), changed, "Pod", slim_pod);
+        tasks.push(task);
+        let discovery = Discovery {
+            namespaces,
+            services,
+            slices,
+            pods,
+        };
+        (Self::over(kinds, Some(discovery)), tasks)
     }
 
-    fn over(kinds: Vec<Kind>) -> Self {
+    fn over(kinds: Vec<Kind>, discovery: Option<Discovery>) -> Self {
         Self {
             kinds,
+            discovery,
             last_good: Mutex::default(),
             reported: Mutex::default(),
         }
@@ -129,12 +241,23 @@ impl ClusterObjects {
                 .await
                 .map_err(|_| anyhow::anyhow!("the watch of {} ended", kind.name))?;
         }
+        if let Some(discovery) = &self.discovery {
+            discovery
+                .ready()
+                .await
+                .map_err(|_| anyhow::anyhow!("a watch of Services or their workloads ended"))?;
+        }
         Ok(())
     }
 
-    /// Every object as a resource, in a stable order (kind, namespace, name).
+    /// Every object as a resource, in a stable order: Kubernetes' Services and their
+    /// workloads, then the `tessera.dev` objects by kind, namespace and name.
     pub fn resources(&self) -> Vec<Resource> {
-        let mut resources = Vec::new();
+        let mut resources = self
+            .discovery
+            .as_ref()
+            .map(Discovery::resources)
+            .unwrap_or_default();
         for kind in &self.kinds {
             let mut objects = kind.store.state();
             objects.sort_by_key(|object| (object.namespace(), object.name_any()));
@@ -236,7 +359,7 @@ mod tests {
             name: "AuthorizationPolicy",
             store: writer.as_reader(),
         };
-        (ClusterObjects::over(vec![kind]), writer)
+        (ClusterObjects::over(vec![kind], None), writer)
     }
 
     fn actions(objects: &ClusterObjects) -> Vec<String> {

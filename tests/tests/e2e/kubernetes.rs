@@ -3,6 +3,7 @@
 //! runs it, with the webhook configuration Tessera ships in `deploy/kubernetes`, and
 //! cluster mode with nothing but the RBAC it ships there.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -711,4 +712,196 @@ async fn authorization_policies_from_the_api_server_take_effect_within_a_second(
     assert_eq!(status, 200, "{answer}");
     let deleted = until_status(&mut client, "/menu", 200, Duration::from_secs(1)).await;
     eprintln!("enforced after {enforced:?}, changed after {changed:?}, lifted after {deleted:?}");
+}
+
+/// A pod as the injector leaves it (its proxy a native sidecar), created directly: no
+/// kubelet runs it, a proxy of the test plays its sidecar.
+async fn create_meshed_pod(api: &ApiServer, name: &str, account: &str) {
+    api.must_create(
+        "/api/v1/namespaces/shop/pods",
+        &json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name, "labels": { "app": "backend" } },
+            "spec": {
+                "serviceAccountName": account,
+                "initContainers": [{ "name": "tessera-proxy", "image": "example.com/proxy:1", "restartPolicy": "Always" }],
+                "containers": [{ "name": "app", "image": "example.com/app:1" }]
+            }
+        }),
+    )
+    .await;
+}
+
+/// An EndpointSlice of Service `backend`: `pod` at `ip`:`port` (its port `http`), as
+/// the EndpointSlice controller writes it.
+fn endpoint_slice(name: &str, pod: &str, ip: IpAddr, port: u16, conditions: Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": { "name": name, "labels": { "kubernetes.io/service-name": "backend" } },
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [ip.to_string()],
+            "conditions": conditions,
+            "targetRef": { "kind": "Pod", "name": pod, "namespace": "shop" }
+        }],
+        "ports": [{ "name": "http", "port": port, "protocol": "TCP" }]
+    })
+}
+
+/// Polls the service through `client` until `backend` answers; how long that took.
+async fn until_served_by(client: &Proxy, backend: &str, within: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let answer = match l7::Http1Client::connect(client.outbound(0)).await {
+            Ok(mut connection) => connection.get("/").await.ok(),
+            Err(_) => None,
+        };
+        let body = answer.map(|a| (a.status, String::from_utf8_lossy(&a.body).into_owned()));
+        if body.as_ref().is_some_and(|(_, body)| body == backend) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "not served by {backend} after {within:?}: last answer {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 23: discovery from the API server. A Service, its EndpointSlices and the
+/// sidecar pods behind them, created and changed through the API server as the
+/// controllers would, are what running proxies route to, each change within 1 s: the
+/// service port maps to the slice's port (targetPort), an endpoint no longer ready or
+/// terminating stops getting traffic, a deleted Service is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn services_and_endpoint_slices_from_the_api_server_are_routed_to_within_a_second() {
+    init();
+    let Some(host) = tessera_tests::kube::host_address() else {
+        return;
+    };
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    let kubeconfig = api.control_plane_kubeconfig().await;
+    namespace(&api, "shop", json!({ "tessera.dev/inject": "enabled" })).await;
+    api.must_create(
+        "/api/v1/namespaces/shop/serviceaccounts",
+        &json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": { "name": "backend" } }),
+    )
+    .await;
+    let control_plane = ControlPlane::start_in_cluster(&kubeconfig).await;
+    let one = backend::HttpBackend::start("one").await;
+    let two = backend::HttpBackend::start("two").await;
+    let (port_one, port_two) = (free_port(), free_port());
+    let servers = [
+        control_plane.workload_proxy_at("backend", one.address, SocketAddr::new(host, port_one)),
+        control_plane.workload_proxy_at("backend", two.address, SocketAddr::new(host, port_two)),
+    ];
+    let client = control_plane.proxy("client", None, &[Upstream::service("backend.shop")]);
+    for proxy in servers.iter().chain([&client]) {
+        proxy
+            .wait_ready(Duration::from_secs(20))
+            .await
+            .expect("proxy ready");
+    }
+    create_meshed_pod(&api, "backend-1", "backend").await;
+    create_meshed_pod(&api, "backend-2", "backend").await;
+    let service = api
+        .must_create(
+            "/api/v1/namespaces/shop/services",
+            &json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": { "name": "backend" },
+                "spec": { "selector": { "app": "backend" },
+                          "ports": [{ "name": "http", "port": 80, "targetPort": "http" }] }
+            }),
+        )
+        .await;
+    assert!(
+        service["spec"]["clusterIP"]
+            .as_str()
+            .is_some_and(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+    );
+    let slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices";
+    api.must_create(
+        slices,
+        &endpoint_slice(
+            "backend-one",
+            "backend-1",
+            host,
+            port_one,
+            json!({ "ready": true }),
+        ),
+    )
+    .await;
+    let first = until_served_by(&client, "one", Duration::from_secs(1)).await;
+
+    // The second pod becomes ready, the first stops being ready: traffic follows.
+    api.must_create(
+        slices,
+        &endpoint_slice(
+            "backend-two",
+            "backend-2",
+            host,
+            port_two,
+            json!({ "ready": true }),
+        ),
+    )
+    .await;
+    let (status, answer) = api
+        .merge_patch(
+            &format!("{slices}/backend-one"),
+            &json!({ "endpoints": [{ "addresses": [host.to_string()], "conditions": { "ready": false },
+                                      "targetRef": { "kind": "Pod", "name": "backend-1", "namespace": "shop" } }] }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let moved = until_served_by(&client, "two", Duration::from_secs(1)).await;
+    let before = one.requests();
+    for _ in 0..10 {
+        until_served_by(&client, "two", Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        one.requests(),
+        before,
+        "an unready endpoint still got traffic"
+    );
+
+    // Terminating: drained like unready; the first pod is back.
+    let (status, answer) = api
+        .merge_patch(
+            &format!("{slices}/backend-two"),
+            &json!({ "endpoints": [{ "addresses": [host.to_string()], "conditions": { "ready": true, "terminating": true },
+                                      "targetRef": { "kind": "Pod", "name": "backend-2", "namespace": "shop" } }] }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = api
+        .merge_patch(
+            &format!("{slices}/backend-one"),
+            &json!({ "endpoints": [{ "addresses": [host.to_string()], "conditions": { "ready": true },
+                                      "targetRef": { "kind": "Pod", "name": "backend-1", "namespace": "shop" } }] }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let back = until_served_by(&client, "one", Duration::from_secs(1)).await;
+
+    // The Service deleted: the mesh no longer has it.
+    let (status, answer) = api
+        .delete("/api/v1/namespaces/shop/services/backend")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let gone = client
+        .process
+        .logs
+        .wait_for(&["unknown upstream service"], Duration::from_secs(1))
+        .await;
+    assert!(gone.is_ok(), "the deleted Service is still routed to");
+    eprintln!("served after {first:?}, moved after {moved:?}, back after {back:?}");
 }

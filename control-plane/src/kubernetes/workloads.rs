@@ -1,0 +1,425 @@
+//! Services and their workloads from Kubernetes' own objects: Namespaces, Services,
+//! EndpointSlices and Pods, as the file mode's `Service` and `Workload` resources.
+//!
+//! - A Service belongs to the mesh when its namespace is meshed (labelled
+//!   `tessera.dev/inject: enabled`); its cluster IPs are the virtual IPs transparent
+//!   proxies route by, its ports' protocols come from `appProtocol` or the port's name
+//!   (`http`, `http-web`, `grpc`, `tcp-db`, …, as Istio names them), else detection.
+//! - Its workloads are the ready endpoints of its EndpointSlices (terminating ones are
+//!   left out, so proxies drain them) whose Pod carries the sidecar; the identity is the
+//!   pod's service account, and each service port maps to the slice's port of the same
+//!   name (the Service's `targetPort`).
+//!
+//! Headless and ExternalName Services have no virtual IP to route by: left out (their
+//! callers dial pods or names directly, which transparent mode passes through).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServicePort as KubePort};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use kube::ResourceExt as _;
+use tessera_mesh::resources::{
+    Metadata, Origin, Protocol, Resource, ServicePort, ServiceSpec, Spec, WorkloadSpec,
+};
+
+use super::root_cert::MESHED_VALUE;
+use crate::inject::annotations::INJECT;
+use crate::inject::sidecar::PROXY_CONTAINER;
+
+/// The label naming an EndpointSlice's Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What the watches hold, at one moment.
+pub struct ClusterState<'a> {
+    pub namespaces: &'a [Arc<Namespace>],
+    pub services: &'a [Arc<Service>],
+    pub slices: &'a [Arc<EndpointSlice>],
+    pub pods: &'a [Arc<Pod>],
+}
+
+/// The meshed Services and their workloads, in a stable order.
+pub fn resources(state: &ClusterState<'_>) -> Vec<Resource> {
+    let meshed: Vec<&str> = state
+        .namespaces
+        .iter()
+        .filter(|namespace| {
+            namespace
+                .labels()
+                .get(INJECT)
+                .is_some_and(|v| v == MESHED_VALUE)
+        })
+        .filter_map(|namespace| namespace.metadata.name.as_deref())
+        .collect();
+    let pods: HashMap<(&str, &str), &Pod> = state
+        .pods
+        .iter()
+        .filter_map(|pod| {
+            let key = (
+                pod.metadata.namespace.as_deref()?,
+                pod.metadata.name.as_deref()?,
+            );
+            Some((key, &**pod))
+        })
+        .collect();
+    let mut services: Vec<&Service> = state
+        .services
+        .iter()
+        .map(|service| &**service)
+        .filter(|service| meshed.contains(&service.namespace().unwrap_or_default().as_str()))
+        .collect();
+    services.sort_by_key(|service| (service.namespace(), service.name_any()));
+    let mut resources = Vec::new();
+    for service in services {
+        let Some(spec) = service_spec(service) else {
+            continue;
+        };
+        let family = spec.addresses.first().copied();
+        let namespace = service.namespace().unwrap_or_default();
+        let name = service.name_any();
+        resources.push(resource("Service", &namespace, &name, Spec::Service(spec)));
+        let ports = service_ports(service);
+        let slices = state.slices.iter().filter(|slice| {
+            slice.namespace().as_deref() == Some(namespace.as_str())
+                && slice.labels().get(SERVICE_NAME_LABEL) == Some(&name)
+                && same_family(&slice.address_type, family)
+        });
+        let mut workloads: Vec<(String, WorkloadSpec)> = Vec::new();
+        for slice in slices {
+            let target_ports = target_ports(ports, slice);
+            workloads.extend(slice.endpoints.iter().filter_map(|endpoint| {
+                workload(endpoint, &target_ports, &name, &namespace, &pods)
+            }));
+        }
+        workloads.sort_by(|a, b| (&a.0, &a.1.address).cmp(&(&b.0, &b.1.address)));
+        workloads.dedup_by(|a, b| a.1.address == b.1.address);
+        for (pod, workload) in workloads {
+            let name = format!("{pod}.{}", workload.service);
+            resources.push(resource("Pod", &namespace, &name, Spec::Workload(workload)));
+        }
+    }
+    resources
+}
+
+fn resource(kind: &str, namespace: &str, name: &str, spec: Spec) -> Resource {
+    Resource {
+        origin: Origin {
+            file: PathBuf::from(format!("{kind} {namespace}/{name}")),
+            line: 0,
+        },
+        metadata: Metadata {
+            name: name.to_string(),
+            namespace: Some(namespace.to_string()),
+            ..Metadata::default()
+        },
+        spec,
+    }
+}
+
+/// The Service as a mesh service; `None` without a virtual IP (headless, ExternalName).
+fn service_spec(service: &Service) -> Option<ServiceSpec> {
+    let spec = service.spec.as_ref()?;
+    let mut addresses: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    addresses.dedup();
+    if addresses.is_empty() {
+        return None;
+    }
+    let ports = service_ports(service)
+        .iter()
+        .filter(|port| port.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|port| {
+            Some(ServicePort {
+                port: u16::try_from(port.port).ok()?,
+                protocol: protocol(port.app_protocol.as_deref(), port.name.as_deref()),
+            })
+        })
+        .collect();
+    Some(ServiceSpec { ports, addresses })
+}
+
+fn service_ports(service: &Service) -> &[KubePort] {
+    service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.ports.as_deref())
+        .unwrap_or_default()
+}
+
+/// A port's protocol from its `appProtocol`, else its name's prefix (Istio's naming),
+/// else sniffed.
+fn protocol(app_protocol: Option<&str>, name: Option<&str>) -> Protocol {
+    let named = |word: &str| match word.to_ascii_lowercase().as_str() {
+        "http" | "http1" | "kubernetes.io/ws" => Some(Protocol::Http),
+        "http2" | "h2c" | "grpc" | "kubernetes.io/h2c" => Some(Protocol::Http2),
+        "tcp" | "tls" | "https" | "kubernetes.io/wss" | "mongo" | "mysql" | "redis" => {
+            Some(Protocol::Opaque)
+        }
+        _ => None,
+    };
+    app_protocol
+        .and_then(named)
+        .or_else(|| name.and_then(|name| named(name.split('-').next().unwrap_or(name))))
+        .unwrap_or(Protocol::Detect)
+}
+
+/// Whether a slice's endpoints are of the Service's (first) IP family.
+fn same_family(address_type: &str, family: Option<IpAddr>) -> bool {
+    match family {
+        Some(IpAddr::V6(_)) => address_type == "IPv6",
+        _ => address_type == "IPv4",
+    }
+}
+
+/// Service port → the slice's port of the same name (the resolved `targetPort`).
+fn target_ports(ports: &[KubePort], slice: &EndpointSlice) -> BTreeMap<u16, u16> {
+    let slice_ports = slice.ports.as_deref().unwrap_or_default();
+    ports
+        .iter()
+        .filter_map(|port| {
+            let target = slice_ports
+                .iter()
+                .find(|p| p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or(""))?;
+            Some((
+                u16::try_from(port.port).ok()?,
+                u16::try_from(target.port?).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// A ready endpoint whose pod carries the sidecar, as (pod name, workload).
+fn workload(
+    endpoint: &Endpoint,
+    target_ports: &BTreeMap<u16, u16>,
+    service: &str,
+    namespace: &str,
+    pods: &HashMap<(&str, &str), &Pod>,
+) -> Option<(String, WorkloadSpec)> {
+    let conditions = endpoint.conditions.as_ref();
+    // "Ready unset" means ready, as kube-proxy reads it.
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    if !ready || terminating {
+        return None;
+    }
+    let target = endpoint.target_ref.as_ref()?;
+    if target.kind.as_deref() != Some("Pod") {
+        return None;
+    }
+    let pod_name = target.name.as_deref()?;
+    let pod = pods.get(&(target.namespace.as_deref().unwrap_or(namespace), pod_name))?;
+    if !has_sidecar(pod) || pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let ip: IpAddr = endpoint.addresses.first()?.parse().ok()?;
+    let first_port = *target_ports.values().next()?;
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_string());
+    let workload = WorkloadSpec {
+        service: service.to_string(),
+        service_account,
+        address: std::net::SocketAddr::new(ip, first_port).to_string(),
+        ports: target_ports.clone(),
+    };
+    Some((pod_name.to_string(), workload))
+}
+
+/// Whether the injector gave the pod its proxy (a native sidecar, or a container on
+/// clusters without them).
+fn has_sidecar(pod: &Pod) -> bool {
+    let Some(spec) = &pod.spec else {
+        return false;
+    };
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(|container| container.name == PROXY_CONTAINER)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn object<K: serde::de::DeserializeOwned>(value: Value) -> Arc<K> {
+        Arc::new(serde_json::from_value(value).unwrap())
+    }
+
+    fn namespace(name: &str, meshed: bool) -> Arc<Namespace> {
+        let labels = if meshed {
+            json!({ INJECT: MESHED_VALUE })
+        } else {
+            json!({})
+        };
+        object(json!({ "metadata": { "name": name, "labels": labels } }))
+    }
+
+    fn service(namespace: &str, cluster_ip: &str) -> Arc<Service> {
+        object(json!({
+            "metadata": { "name": "orders", "namespace": namespace },
+            "spec": {
+                "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                "ports": [
+                    { "name": "http-api", "port": 80, "targetPort": "api" },
+                    { "name": "metrics", "port": 9090, "appProtocol": "http" },
+                    { "name": "dns", "port": 53, "protocol": "UDP" }
+                ]
+            }
+        }))
+    }
+
+    fn pod(name: &str, account: &str, sidecar: bool) -> Arc<Pod> {
+        let init = if sidecar {
+            json!([{ "name": PROXY_CONTAINER }])
+        } else {
+            json!([])
+        };
+        object(json!({
+            "metadata": { "name": name, "namespace": "shop" },
+            "spec": { "serviceAccountName": account, "initContainers": init,
+                      "containers": [{ "name": "app" }] }
+        }))
+    }
+
+    fn endpoint(ip: &str, pod: &str, conditions: Value) -> Value {
+        json!({ "addresses": [ip], "conditions": conditions,
+                "targetRef": { "kind": "Pod", "name": pod, "namespace": "shop" } })
+    }
+
+    fn slice(endpoints: Vec<Value>) -> Arc<EndpointSlice> {
+        object(json!({
+            "metadata": { "name": "orders-abcde", "namespace": "shop",
+                          "labels": { SERVICE_NAME_LABEL: "orders" } },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [ { "name": "http-api", "port": 8080 }, { "name": "metrics", "port": 9091 } ]
+        }))
+    }
+
+    fn build(
+        namespaces: &[Arc<Namespace>],
+        slices: &[Arc<EndpointSlice>],
+        pods: &[Arc<Pod>],
+    ) -> Vec<Resource> {
+        resources(&ClusterState {
+            namespaces,
+            services: &[service("shop", "10.96.0.10")],
+            slices,
+            pods,
+        })
+    }
+
+    fn workloads(resources: &[Resource]) -> Vec<(String, WorkloadSpec)> {
+        resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::Workload(w) => Some((r.metadata.name.clone(), w.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_meshed_service_has_its_virtual_ip_ports_and_ready_sidecar_pods() {
+        let pods = [
+            pod("orders-1", "orders", true),
+            pod("orders-2", "orders", true),
+        ];
+        let slices = [slice(vec![
+            endpoint("10.0.0.1", "orders-1", json!({ "ready": true })),
+            endpoint("10.0.0.2", "orders-2", json!({})),
+        ])];
+        let resources = build(&[namespace("shop", true)], &slices, &pods);
+        let Spec::Service(spec) = &resources[0].spec else {
+            panic!("no service first: {resources:?}");
+        };
+        assert_eq!(resources[0].origin.to_string(), "Service shop/orders");
+        assert_eq!(spec.addresses, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        let ports: Vec<(u16, Protocol)> = spec.ports.iter().map(|p| (p.port, p.protocol)).collect();
+        assert_eq!(
+            ports,
+            [(80, Protocol::Http), (9090, Protocol::Http)],
+            "UDP left out"
+        );
+        let workloads = workloads(&resources);
+        assert_eq!(workloads.len(), 2, "{workloads:?}");
+        let (name, first) = &workloads[0];
+        assert_eq!(name, "orders-1.orders");
+        assert_eq!(first.service_account, "orders");
+        assert_eq!(first.address, "10.0.0.1:8080");
+        assert_eq!(first.ports, BTreeMap::from([(80, 8080), (9090, 9091)]));
+        assert_eq!(
+            workloads[1].1.address, "10.0.0.2:8080",
+            "ready unset is ready"
+        );
+    }
+
+    #[test]
+    fn unready_terminating_unmeshed_and_unknown_pods_are_not_workloads() {
+        let pods = [
+            pod("ready", "orders", true),
+            pod("unready", "orders", true),
+            pod("leaving", "orders", true),
+            pod("plain", "orders", false),
+        ];
+        let slices = [slice(vec![
+            endpoint("10.0.0.1", "ready", json!({ "ready": true })),
+            endpoint("10.0.0.2", "unready", json!({ "ready": false })),
+            endpoint(
+                "10.0.0.3",
+                "leaving",
+                json!({ "ready": true, "terminating": true }),
+            ),
+            endpoint("10.0.0.4", "plain", json!({ "ready": true })),
+            endpoint("10.0.0.5", "gone", json!({ "ready": true })),
+        ])];
+        let resources = build(&[namespace("shop", true)], &slices, &pods);
+        let addresses: Vec<String> = workloads(&resources)
+            .into_iter()
+            .map(|(_, w)| w.address)
+            .collect();
+        assert_eq!(addresses, ["10.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn services_outside_meshed_namespaces_or_without_a_virtual_ip_are_left_out() {
+        let pods = [pod("orders-1", "orders", true)];
+        let slices = [slice(vec![endpoint("10.0.0.1", "orders-1", json!({}))])];
+        assert!(build(&[namespace("shop", false)], &slices, &pods).is_empty());
+        assert!(build(&[], &slices, &pods).is_empty());
+        let headless = resources(&ClusterState {
+            namespaces: &[namespace("shop", true)],
+            services: &[service("shop", "None")],
+            slices: &slices,
+            pods: &pods,
+        });
+        assert!(headless.is_empty(), "{headless:?}");
+    }
+
+    #[test]
+    fn port_protocols_follow_app_protocol_then_the_name() {
+        assert_eq!(
+            protocol(Some("kubernetes.io/h2c"), Some("tcp")),
+            Protocol::Http2
+        );
+        assert_eq!(protocol(Some("grpc"), None), Protocol::Http2);
+        assert_eq!(protocol(None, Some("grpc-orders")), Protocol::Http2);
+        assert_eq!(protocol(None, Some("tcp-postgres")), Protocol::Opaque);
+        assert_eq!(protocol(None, Some("HTTP")), Protocol::Http);
+        assert_eq!(protocol(Some("unknown"), Some("web")), Protocol::Detect);
+        assert_eq!(protocol(None, None), Protocol::Detect);
+    }
+}
