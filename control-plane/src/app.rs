@@ -129,7 +129,11 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
             options.state_dir.display()
         )
     })?;
-    let ca = Arc::new(certificate_authority(&options, &mesh)?);
+    let cluster = match &options.cluster {
+        Some(cluster) => Some(crate::kubernetes::client(cluster.kubeconfig.as_deref()).await?),
+        None => None,
+    };
+    let ca = Arc::new(certificate_authority(&options, &mesh, cluster.as_ref()).await?);
     let trust_bundle = TrustBundle::new(ca.trust_bundle().to_vec())?;
     let trust_bundle_file = options.state_dir.join(TRUST_BUNDLE_FILE);
     let trust_bundle_pem = trust_bundle.to_pem();
@@ -164,10 +168,6 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let server_config =
         tls::server_config(trust, serving_cert.clone(), ClientAuth::Optional, &[b"h2"])?;
 
-    let cluster = match &options.cluster {
-        Some(cluster) => Some(crate::kubernetes::client(cluster.kubeconfig.as_deref()).await?),
-        None => None,
-    };
     let kubernetes = cluster.as_ref().map(|client| {
         Arc::new(ServiceAccountTokens::new(
             client.clone(),
@@ -280,17 +280,30 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     })
 }
 
-fn certificate_authority(
+/// The plug-in CA when configured; else the development root, which a cluster keeps in
+/// a Secret so that every replica signs with the same one.
+async fn certificate_authority(
     options: &Options,
     mesh: &MeshConfigSpec,
+    cluster: Option<&kube::Client>,
 ) -> anyhow::Result<CertificateAuthority> {
-    match &mesh.plugin_ca_dir {
-        Some(dir) => {
+    match (&mesh.plugin_ca_dir, cluster) {
+        (Some(dir), _) => {
             let dir = options.config_dir.join(dir);
             info!(event = "using plug-in CA", path = %dir.display());
             CertificateAuthority::plugin(&dir).context("plug-in CA")
         }
-        None => CertificateAuthority::dev_root(&options.state_dir, &mesh.trust_domain)
+        (None, Some(client)) => {
+            let namespace = client.default_namespace().to_string();
+            crate::kubernetes::ca_secret::shared_dev_root(
+                client.clone(),
+                &namespace,
+                &options.state_dir,
+                &mesh.trust_domain,
+            )
+            .await
+        }
+        (None, None) => CertificateAuthority::dev_root(&options.state_dir, &mesh.trust_domain)
             .context("development CA"),
     }
 }

@@ -138,7 +138,7 @@ impl ApiServer {
     }
 
     /// A kubeconfig for the control plane as `deploy/kubernetes` installs it: its
-    /// service account, with nothing but the ClusterRole shipped there.
+    /// service account in `tessera-system`, with nothing but the roles shipped there.
     pub async fn control_plane_kubeconfig(&self) -> PathBuf {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/control-plane.yaml");
@@ -169,6 +169,11 @@ impl ApiServer {
             &kind("ClusterRoleBinding"),
         )
         .await;
+        let own = format!("{rbac}/namespaces/tessera-system");
+        self.must_create(&format!("{own}/roles"), &kind("Role"))
+            .await;
+        self.must_create(&format!("{own}/rolebindings"), &kind("RoleBinding"))
+            .await;
         let name = account["metadata"]["name"].as_str().expect("name");
         let request = serde_json::json!({
             "apiVersion": "authentication.k8s.io/v1",
@@ -189,7 +194,8 @@ impl ApiServer {
             "clusters": [{ "name": "harness", "cluster": {
                 "server": self.server, "certificate-authority": self.ca_file } }],
             "users": [{ "name": name, "user": { "token": token } }],
-            "contexts": [{ "name": "harness", "context": { "cluster": "harness", "user": name } }],
+            "contexts": [{ "name": "harness", "context": {
+                "cluster": "harness", "user": name, "namespace": "tessera-system" } }],
             "current-context": "harness"
         });
         std::fs::write(&kubeconfig, serde_json::to_vec(&config).unwrap())

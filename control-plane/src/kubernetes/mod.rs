@@ -1,10 +1,14 @@
 //! Cluster mode: the control plane as a client of the Kubernetes API.
 //!
-//! [`tokens`] verifies the service-account tokens injected sidecars present;
-//! [`root_cert`] publishes the mesh root to meshed namespaces and the webhook.
+//! [`crds`] defines the `tessera.dev` kinds as custom resources; [`objects`] watches
+//! them, and Kubernetes' Services, EndpointSlices and Pods ([`workloads`]), as
+//! configuration; [`tokens`] verifies the service-account tokens injected sidecars
+//! present; [`root_cert`] publishes the mesh root to meshed namespaces and the webhook;
+//! [`ca_secret`] shares the development root between replicas.
 
 use std::path::{Path, PathBuf};
 
+pub mod ca_secret;
 pub mod crds;
 pub mod objects;
 pub mod root_cert;

@@ -905,3 +905,47 @@ async fn services_and_endpoint_slices_from_the_api_server_are_routed_to_within_a
     assert!(gone.is_ok(), "the deleted Service is still routed to");
     eprintln!("served after {first:?}, moved after {moved:?}, back after {back:?}");
 }
+
+/// Issue 23: replicas share one CA. Without a plug-in CA, the first control plane stores
+/// its development root in an immutable Secret and the second signs with the same root:
+/// a proxy certified by one and a proxy certified by the other talk mTLS. The key is in
+/// no log.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_sign_with_the_development_root_they_share_in_a_secret() {
+    init();
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    let kubeconfig = api.control_plane_kubeconfig().await;
+    let first = ControlPlane::start_in_cluster(&kubeconfig).await;
+    let second = ControlPlane::start_in_cluster(&kubeconfig).await;
+    let root = |control_plane: &ControlPlane| {
+        std::fs::read_to_string(control_plane.trust_bundle_file()).expect("trust bundle")
+    };
+    assert_eq!(root(&first), root(&second), "the replicas' roots differ");
+    let (status, secret) = api
+        .get("/api/v1/namespaces/tessera-system/secrets/tessera-ca-dev-root")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{secret}");
+    assert_eq!(secret["immutable"], true);
+
+    let echo = EchoServer::start().await;
+    let server = first.proxy("server", Some(echo.address), &[]);
+    let upstream = Upstream::fixed(server.inbound(), spiffe("server"));
+    let client = second.proxy("client", None, &[upstream]);
+    for proxy in [&server, &client] {
+        proxy
+            .wait_ready(Duration::from_secs(20))
+            .await
+            .expect("proxy ready");
+    }
+    let echoed = echo_roundtrip(client.outbound(0), b"one root")
+        .await
+        .unwrap();
+    assert_eq!(echoed, b"one root");
+    for control_plane in [&first, &second] {
+        let logs = control_plane.process.logs.lines().join("\n");
+        assert!(!logs.contains("PRIVATE KEY"), "a key in the log:\n{logs}");
+    }
+}
