@@ -949,3 +949,40 @@ async fn replicas_sign_with_the_development_root_they_share_in_a_secret() {
         assert!(!logs.contains("PRIVATE KEY"), "a key in the log:\n{logs}");
     }
 }
+
+/// Issue 23: a restart loses no update. A policy created while the control plane is
+/// down is in force once it is back (its first list sees it), and proxies that kept
+/// serving through the outage (their certificates and last view) pick it up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_created_while_the_control_plane_is_down_is_in_force_after_its_restart() {
+    init();
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    let kubeconfig = api.control_plane_kubeconfig().await;
+    namespace(&api, "shop", json!({})).await;
+    let control_plane = ControlPlane::start_in_cluster(&kubeconfig).await;
+    let backend = backend::HttpBackend::start("guarded").await;
+    let mut mesh = l7::L7Mesh::start_on(control_plane, &[backend.address], "http", None).await;
+    let mut client = l7::Http1Client::connect(mesh.entry()).await.unwrap();
+    assert_eq!(client.get("/admin").await.unwrap().status, 200);
+
+    mesh.control_plane.kill();
+    let policy = custom_resource(
+        "AuthorizationPolicy",
+        "no-admin",
+        json!({ "selector": { "serviceAccount": "backend" }, "action": "DENY",
+                "rules": [{ "to": [{ "operation": { "paths": ["/admin*"] } }] }] }),
+    );
+    api.must_create(
+        "/apis/tessera.dev/v1alpha1/namespaces/shop/authorizationpolicies",
+        &policy,
+    )
+    .await;
+    // Down: the proxies keep serving with what they have.
+    assert_eq!(client.get("/admin").await.unwrap().status, 200);
+    mesh.control_plane.restart().await;
+    // Back: the proxies reconnect (after their backoff) and get the policy.
+    until_status(&mut client, "/admin", 403, Duration::from_secs(15)).await;
+    assert_eq!(client.get("/menu").await.unwrap().status, 200);
+}
