@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::ca::{CertificateAuthority, Issued};
 use crate::discovery_service::DiscoveryService;
 use crate::identity_service::IdentityService;
+use crate::kubernetes::lease;
 use crate::kubernetes::objects::ClusterObjects;
 use crate::kubernetes::tokens::ServiceAccountTokens;
 use crate::telemetry::Metrics;
@@ -253,11 +254,17 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         )),
     ];
     tasks.extend(watches);
-    if let Some(client) = cluster {
-        tasks.push(tokio::spawn(crate::kubernetes::root_cert::publish(
-            client,
-            trust_bundle_pem,
-        )));
+    if let (Some(client), Some(mode)) = (cluster, &options.cluster) {
+        let namespace = client.default_namespace().to_string();
+        let leading = lease::elect(
+            client.clone(),
+            &namespace,
+            replica_name(),
+            mode.lease_duration,
+        );
+        tasks.push(tokio::spawn(lease::while_leading(leading, move || {
+            crate::kubernetes::root_cert::publish(client.clone(), trust_bundle_pem.clone())
+        })));
     }
     info!(
         event = "control plane started",
@@ -278,6 +285,13 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         tokens,
         tasks,
     })
+}
+
+/// This replica's name in the Lease: its pod's name (`HOSTNAME`) and a random suffix, so
+/// a restarted container does not take itself for the holder.
+fn replica_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "control-plane".to_string());
+    format!("{host}-{:08x}", rand::random::<u32>())
 }
 
 /// The plug-in CA when configured; else the development root, which a cluster keeps in

@@ -63,6 +63,10 @@ enum Command {
         /// The Kubernetes API from a kubeconfig file instead of the pod's own.
         #[arg(long, requires = "kubernetes")]
         kubeconfig: Option<PathBuf>,
+        /// How long a replica that stops renewing the Lease keeps the right to write to
+        /// the API (another takes over after it).
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration, requires = "kubernetes")]
+        lease_duration: Duration,
     },
     /// Join tokens for workloads outside Kubernetes.
     Token {
@@ -209,6 +213,7 @@ fn main() -> anyhow::Result<()> {
             control_plane_address,
             kubernetes,
             kubeconfig,
+            lease_duration,
         } => runtime.block_on(async {
             let state_dir = state_dir.unwrap_or_else(|| app::Options::default_state_dir(&config));
             let _control_plane = app::start(app::Options {
@@ -223,7 +228,10 @@ fn main() -> anyhow::Result<()> {
                     // The trust domain is the MeshConfig's, set by `app::start`.
                     ..inject::Options::default()
                 },
-                cluster: kubernetes.then_some(kubernetes::ClusterMode { kubeconfig }),
+                cluster: kubernetes.then_some(kubernetes::ClusterMode {
+                    kubeconfig,
+                    lease_duration,
+                }),
             })
             .await?;
             tessera_mesh::process::shutdown_signal()

@@ -253,12 +253,18 @@ impl ControlPlane {
 
     /// [`ControlPlane::start`] in cluster mode, against the API server of `kubeconfig`.
     pub async fn start_in_cluster(kubeconfig: &Path) -> Self {
-        let args = vec![
+        Self::start_in_cluster_with(kubeconfig, &[]).await
+    }
+
+    /// [`ControlPlane::start_in_cluster`] with more arguments.
+    pub async fn start_in_cluster_with(kubeconfig: &Path, args: &[&str]) -> Self {
+        let mut all = vec![
             "--kubernetes".into(),
             "--kubeconfig".into(),
             kubeconfig.into(),
         ];
-        Self::start_with(local(0).ip(), "1h", "", args).await
+        all.extend(args.iter().map(std::ffi::OsString::from));
+        Self::start_with(local(0).ip(), "1h", "", all).await
     }
 
     async fn start_with(

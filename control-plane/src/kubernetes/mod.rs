@@ -4,22 +4,35 @@
 //! them, and Kubernetes' Services, EndpointSlices and Pods ([`workloads`]), as
 //! configuration; [`tokens`] verifies the service-account tokens injected sidecars
 //! present; [`root_cert`] publishes the mesh root to meshed namespaces and the webhook;
-//! [`ca_secret`] shares the development root between replicas.
+//! [`ca_secret`] shares the development root between replicas; [`lease`] picks the one
+//! replica that writes.
 
 use std::path::{Path, PathBuf};
 
 pub mod ca_secret;
 pub mod crds;
+pub mod lease;
 pub mod objects;
 pub mod root_cert;
 pub mod tokens;
 pub mod workloads;
 
 /// `tessera control-plane --kubernetes`: where the API server is.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClusterMode {
     /// None: the in-cluster configuration.
     pub kubeconfig: Option<PathBuf>,
+    /// How long the replica writing to the API keeps that right without renewing it.
+    pub lease_duration: std::time::Duration,
+}
+
+impl Default for ClusterMode {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            lease_duration: lease::DEFAULT_DURATION,
+        }
+    }
 }
 
 /// The Kubernetes API client: from `kubeconfig` when given, else the in-cluster

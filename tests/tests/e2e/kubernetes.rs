@@ -986,3 +986,65 @@ async fn a_policy_created_while_the_control_plane_is_down_is_in_force_after_its_
     until_status(&mut client, "/admin", 403, Duration::from_secs(15)).await;
     assert_eq!(client.get("/menu").await.unwrap().status, 200);
 }
+
+/// Issue 23: two replicas, one writer. Exactly one holds the Lease and keeps the root
+/// published; when it dies, the other takes the Lease over (after the lease duration,
+/// 3 s here) and recreates a deleted root ConfigMap.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_replica_holds_the_lease_and_another_takes_over_when_it_dies() {
+    init();
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    namespace(&api, "shop", json!({ "tessera.dev/inject": "enabled" })).await;
+    let kubeconfig = api.control_plane_kubeconfig().await;
+    let args = ["--lease-duration", "3s"];
+    let mut replicas = [
+        ControlPlane::start_in_cluster_with(&kubeconfig, &args).await,
+        ControlPlane::start_in_cluster_with(&kubeconfig, &args).await,
+    ];
+    let leaders = |replicas: &[ControlPlane]| -> Vec<usize> {
+        replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.process.logs.count(&["event=\"leading\""]) > 0)
+            .map(|(index, _)| index)
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || !leaders(&replicas).is_empty()).await,
+        "no replica leads"
+    );
+    // Twice the renewal period later, still one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leader = match leaders(&replicas)[..] {
+        [one] => one,
+        ref both => panic!("replicas {both:?} all lead"),
+    };
+    let (status, lease) = api
+        .get("/apis/coordination.k8s.io/v1/namespaces/tessera-system/leases/tessera-control-plane")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{lease}");
+    let map = "/api/v1/namespaces/shop/configmaps/tessera-ca-root-cert";
+    api.eventually(map, Duration::from_secs(5), |status, _| status == 200)
+        .await
+        .expect("the leader publishes the root");
+
+    replicas[leader].kill();
+    let follower = 1 - leader;
+    let took_over = replicas[follower]
+        .process
+        .logs
+        .wait_for(&["event=\"leading\""], Duration::from_secs(8))
+        .await;
+    assert!(
+        took_over.is_ok(),
+        "the surviving replica never took the Lease over"
+    );
+    let (status, _) = api.delete(map).await.unwrap();
+    assert_eq!(status, 200);
+    api.eventually(map, Duration::from_secs(1), |status, _| status == 200)
+        .await
+        .expect("the new leader recreates the root ConfigMap");
+}
