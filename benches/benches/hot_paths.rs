@@ -5,14 +5,17 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tessera_mesh::SpiffeId;
-use tessera_mesh::policy::{self, AuthorizationPolicySpec, HttpRequest, MtlsMode, Named, Request};
+use tessera_mesh::policy::{
+    self, AuthorizationPolicySpec, CompiledPolicy, HttpRequest, MtlsMode, Named, Request,
+};
 use tessera_proxy::detect::classify;
 use tessera_proxy::inbound::authorize::InboundPolicy;
 use tessera_proxy::telemetry::Metrics;
 
-fn policies() -> Vec<Named<AuthorizationPolicySpec>> {
+/// Compiled once, as a proxy does when a snapshot arrives.
+fn policies() -> Vec<CompiledPolicy> {
     let yaml = [
         "action: DENY\nrules:\n- to: [{operation: {methods: [DELETE]}}]\n",
         "action: DENY\nrules:\n- to: [{operation: {paths: [\"/admin*\"]}}]\n",
@@ -22,10 +25,13 @@ fn policies() -> Vec<Named<AuthorizationPolicySpec>> {
     ];
     yaml.iter()
         .enumerate()
-        .map(|(i, spec)| Named {
-            name: format!("p{i}"),
-            namespace: "shop".into(),
-            spec: parse_policy(spec),
+        .map(|(i, spec)| {
+            let named = Named {
+                name: format!("p{i}"),
+                namespace: "shop".into(),
+                spec: parse_policy(spec),
+            };
+            CompiledPolicy::try_from(&named).expect("a policy that compiles")
         })
         .collect()
 }
@@ -58,11 +64,11 @@ fn hot_paths(c: &mut Criterion) {
     });
 
     let policies = policies();
-    let selected: Vec<&Named<AuthorizationPolicySpec>> = policies.iter().collect();
+    let selected: Vec<&CompiledPolicy> = policies.iter().collect();
     let source: SpiffeId = "spiffe://cluster.local/ns/shop/sa/frontend"
         .parse()
         .expect("id");
-    let header = |_: &str| None;
+    let header = |_: &HeaderName| None;
     let request = Request {
         source: Some(&source),
         request_principal: None,

@@ -9,11 +9,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use http::HeaderName;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tessera_mesh::SpiffeId;
 use tessera_mesh::migration::MigrationReport;
-use tessera_mesh::policy::{self, MtlsMode, WorkloadRef};
+use tessera_mesh::policy::{self, CompiledPolicy, MtlsMode, WorkloadRef};
 
 use crate::inject::{self, Outcome, SkipReason};
 
@@ -187,16 +188,19 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
             all_allowed = false;
             continue;
         }
-        let selected: Vec<_> = snapshot
+        // Compiled as the proxy compiles them (loading the snapshot refused any that
+        // cannot be).
+        let selected = snapshot
             .authorization_policies
             .iter()
             .filter(|p| policy::selects(&p.namespace, p.spec.selector.as_ref(), workload))
-            .collect();
+            .map(CompiledPolicy::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
         let headers = request.headers;
-        let header = |name: &str| {
+        let header = |name: &HeaderName| {
             headers
                 .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .find(|(k, _)| k.eq_ignore_ascii_case(name.as_str()))
                 .map(|(_, v)| v.as_str())
         };
         let host = request.host.unwrap_or(request.to);
@@ -214,7 +218,7 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
         let decision = policy::authorize(&selected, &attributes);
         let names: Vec<_> = selected
             .iter()
-            .map(|p| format!("{} ({:?})", p.id(), p.spec.action))
+            .map(|p| format!("{} ({:?})", p.id(), p.action()))
             .collect();
         let _ = writeln!(
             out,
@@ -228,7 +232,8 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
         let verdict = if decision.allowed { "ALLOW" } else { "DENY" };
         let by = match (decision.policy, decision.rule) {
             (Some(policy), Some(rule)) => format!(" by {}, rule {rule}", selected[policy].id()),
-            _ => String::new(),
+            (Some(policy), None) => format!(" by {}", selected[policy].id()),
+            (None, _) => String::new(),
         };
         let _ = writeln!(out, "  decision: {verdict}{by} — {}", decision.reason);
         for &audited in &decision.audited {

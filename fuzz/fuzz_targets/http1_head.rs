@@ -42,7 +42,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 
 /// The decision the inbound proxy takes, on the same attributes it reads.
 fn decide<B: Sync>(request: &Request<B>) -> Decision {
-    let header = |name: &str| canonical::header(request, name);
+    let header = |name: &http::HeaderName| canonical::header(request, name);
     let attributes = policy::Request {
         source: None,
         request_principal: None,

@@ -14,6 +14,7 @@
 
 use std::sync::OnceLock;
 
+use http::HeaderName;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::{plain_host, policies};
 use tessera_mesh::SpiffeId;
@@ -66,7 +67,7 @@ fuzz_target!(|bytes: &[u8]| {
             method,
             path: &path,
             host: &host,
-            header: &header,
+            header: &|name: &HeaderName| header(name.as_str()),
         }),
     };
     let decision = authorize(policies(), &request);

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use tessera_mesh::policy::{
-    Action, AuthorizationPolicySpec, Condition, Named, Operation, Rule, To,
+    Action, AuthorizationPolicySpec, CompiledPolicy, Condition, Named, Operation, Rule, To,
 };
 
 fn deny_to(operation: Operation) -> AuthorizationPolicySpec {
@@ -20,9 +20,9 @@ fn deny_to(operation: Operation) -> AuthorizationPolicySpec {
 
 /// DENY `/admin*`; DENY hosts `evil` and `[fd00::1]`; DENY `x-debug: 1`; AUDIT
 /// `user-agent: curl*`; ALLOW GET/HEAD on `/api/*` and `/` (not `*.internal`) or
-/// `x-tenant: gold*`.
-pub fn policies() -> &'static [Named<AuthorizationPolicySpec>] {
-    static POLICIES: OnceLock<Vec<Named<AuthorizationPolicySpec>>> = OnceLock::new();
+/// `x-tenant: gold*`. Compiled once, as a proxy compiles a snapshot's.
+pub fn policies() -> &'static [CompiledPolicy] {
+    static POLICIES: OnceLock<Vec<CompiledPolicy>> = OnceLock::new();
     POLICIES.get_or_init(|| {
         let when = |key: &str, values: &[&str]| Condition {
             key: key.into(),
@@ -79,10 +79,13 @@ pub fn policies() -> &'static [Named<AuthorizationPolicySpec>] {
         specs
             .into_iter()
             .enumerate()
-            .map(|(index, spec)| Named {
-                name: format!("p{index}"),
-                namespace: "shop".into(),
-                spec,
+            .map(|(index, spec)| {
+                let named = Named {
+                    name: format!("p{index}"),
+                    namespace: "shop".into(),
+                    spec,
+                };
+                CompiledPolicy::try_from(&named).expect("fixed policies compile")
             })
             .collect()
     })

@@ -3,18 +3,28 @@
 //! (`RequestAuthentication`) — the resource types and the one evaluation engine that the
 //! proxy enforces and `tessera policy explain` reports on.
 //!
+//! The resource types are the schema, not the engine's working form: an
+//! AuthorizationPolicy is compiled once ([`CompiledPolicy`], when the control plane loads
+//! configuration and when a proxy receives a snapshot) into checked matchers, so that
+//! deciding on a request only compares. A policy that does not compile is refused by the
+//! control plane with the field named; a proxy that receives one anyway fails closed.
+//!
 //! Semantics follow Istio's, which operators already know: DENY policies are evaluated
 //! first; if any ALLOW policy selects a workload, a request must match one of them; AUDIT
 //! policies are recorded without effect; no policy at all allows. Unlike Istio, a port
 //! with no PeerAuthentication is STRICT: the mesh denies plaintext until told otherwise.
 
 use std::borrow::{Borrow, Cow};
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv6Addr;
 
+use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use crate::SpiffeId;
+use crate::spiffe::SpiffeIdError;
 
 /// Policies in this namespace apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "tessera-system";
@@ -330,7 +340,8 @@ pub struct HttpRequest<'a> {
     pub path: &'a str,
     /// The authority (or `Host`), with or without port.
     pub host: &'a str,
-    pub header: &'a (dyn Fn(&str) -> Option<&'a str> + Sync),
+    /// The value of a field, looked up by the name a condition was compiled with.
+    pub header: &'a (dyn Fn(&HeaderName) -> Option<&'a str> + Sync),
 }
 
 impl fmt::Debug for HttpRequest<'_> {
@@ -346,35 +357,174 @@ pub struct Decision {
     pub allowed: bool,
     /// The deciding policy, if a policy decided.
     pub policy: Option<usize>,
-    /// Index of the matching rule in that policy.
+    /// Index of the matching rule in that policy; `None` when a policy that could not be
+    /// compiled decided.
     pub rule: Option<usize>,
     pub reason: &'static str,
     /// AUDIT policies that matched.
     pub audited: Vec<usize>,
 }
 
+/// Why an AuthorizationPolicy cannot be compiled, naming the field as it is written in
+/// the resource (`spec.rules[2].when[0].key`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct PolicyError {
+    pub field: String,
+    pub problem: PolicyProblem,
+}
+
+/// What is wrong with one field of an AuthorizationPolicy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyProblem {
+    #[error("path pattern {pattern:?} has no normal form: {reason}")]
+    Path {
+        pattern: String,
+        reason: InvalidPath,
+    },
+    #[error(
+        "host pattern {0:?}: use a host name, a bracketed IPv6 address, `*`, or one of them with `*` at the start or end"
+    )]
+    Host(String),
+    #[error("{0:?} is not an HTTP method (or `*`)")]
+    Method(String),
+    #[error("principal {pattern:?} can never match: {reason}")]
+    Principal {
+        pattern: String,
+        reason: SpiffeIdError,
+    },
+    #[error("key {0:?}: the only condition key understood is request.headers[<name>]")]
+    ConditionKey(String),
+    #[error("key {0:?}: not a valid HTTP header name")]
+    HeaderName(String),
+}
+
+impl PolicyError {
+    fn new(field: impl Into<String>, problem: PolicyProblem) -> Self {
+        Self {
+            field: field.into(),
+            problem,
+        }
+    }
+
+    /// The same error, its field named from one level up (`rules[2].` + `when[0].key`).
+    fn under(mut self, parent: fmt::Arguments<'_>) -> Self {
+        self.field = format!("{parent}.{}", self.field);
+        self
+    }
+}
+
+/// An AuthorizationPolicy checked and converted once, when a snapshot or configuration
+/// arrives, into the form requests are compared with: patterns split into exact, prefix
+/// and suffix matchers, paths and hosts in their normal form, principals parsed, header
+/// names parsed. Evaluating one allocates nothing and parses nothing.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    /// `namespace/name`, how logs and metrics name the policy.
+    id: String,
+    action: Action,
+    rules: Rules,
+}
+
+#[derive(Debug, Clone)]
+enum Rules {
+    Checked(Vec<RuleMatch>),
+    /// A policy that could not be compiled: it fails closed, matching every request if it
+    /// is a DENY and none otherwise, so it can close access but never open it.
+    Unusable(PolicyError),
+}
+
+impl TryFrom<&Named<AuthorizationPolicySpec>> for CompiledPolicy {
+    type Error = PolicyError;
+
+    fn try_from(policy: &Named<AuthorizationPolicySpec>) -> Result<Self, PolicyError> {
+        let rules = policy
+            .spec
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| {
+                RuleMatch::try_from(rule).map_err(|e| e.under(format_args!("spec.rules[{index}]")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            id: policy.id(),
+            action: policy.spec.action,
+            rules: Rules::Checked(rules),
+        })
+    }
+}
+
+impl CompiledPolicy {
+    /// Stands in for a policy that failed to compile (a proxy cannot refuse what the
+    /// control plane sent): a DENY matches every request, any other action none.
+    pub fn fail_closed(policy: &Named<AuthorizationPolicySpec>, error: PolicyError) -> Self {
+        Self {
+            id: policy.id(),
+            action: policy.spec.action,
+            rules: Rules::Unusable(error),
+        }
+    }
+
+    /// `namespace/name` of the policy.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn action(&self) -> Action {
+        self.action
+    }
+
+    /// Why the policy could not be compiled, if it could not.
+    pub fn error(&self) -> Option<&PolicyError> {
+        match &self.rules {
+            Rules::Checked(_) => None,
+            Rules::Unusable(error) => Some(error),
+        }
+    }
+
+    /// Which rule matches `request`: `Some(None)` when a policy that could not be
+    /// compiled matches (a DENY always does).
+    fn matching_rule(&self, request: &Facts<'_, '_>) -> Option<Option<usize>> {
+        let lenient = self.action == Action::Deny;
+        match &self.rules {
+            Rules::Checked(rules) => rules
+                .iter()
+                .position(|rule| rule.matches(request, lenient))
+                .map(Some),
+            Rules::Unusable(_) => lenient.then_some(None),
+        }
+    }
+}
+
 /// Evaluates the authorization policies that select a workload (callers filter with
 /// [`selects`]) against one request.
 pub fn authorize<P>(policies: &[P], request: &Request<'_>) -> Decision
 where
-    P: std::borrow::Borrow<Named<AuthorizationPolicySpec>>,
+    P: Borrow<CompiledPolicy>,
 {
+    let facts = Facts::new(request);
     let with_action = |action| {
-        policies.iter().map(Borrow::borrow).enumerate().filter(
-            move |(_, p): &(usize, &Named<AuthorizationPolicySpec>)| p.spec.action == action,
-        )
+        policies
+            .iter()
+            .map(Borrow::borrow)
+            .enumerate()
+            .filter(move |(_, p): &(usize, &CompiledPolicy)| p.action == action)
     };
     let audited = with_action(Action::Audit)
-        .filter(|(_, p)| matching_rule(&p.spec, request).is_some())
+        .filter(|(_, p)| p.matching_rule(&facts).is_some())
         .map(|(index, _)| index)
         .collect();
     for (index, policy) in with_action(Action::Deny) {
-        if let Some(rule) = matching_rule(&policy.spec, request) {
+        if let Some(rule) = policy.matching_rule(&facts) {
             return Decision {
                 allowed: false,
                 policy: Some(index),
-                rule: Some(rule),
-                reason: "matched a DENY policy",
+                rule,
+                reason: match rule {
+                    Some(_) => "matched a DENY policy",
+                    None => "a DENY policy that could not be compiled denies every request",
+                },
                 audited,
             };
         }
@@ -390,11 +540,11 @@ where
         };
     }
     for (index, policy) in allow_policies {
-        if let Some(rule) = matching_rule(&policy.spec, request) {
+        if let Some(rule) = policy.matching_rule(&facts) {
             return Decision {
                 allowed: true,
                 policy: Some(index),
-                rule: Some(rule),
+                rule,
                 reason: "matched an ALLOW policy",
                 audited,
             };
@@ -409,120 +559,291 @@ where
     }
 }
 
-fn matching_rule(policy: &AuthorizationPolicySpec, request: &Request<'_>) -> Option<usize> {
-    let lenient = policy.action == Action::Deny;
-    policy
-        .rules
-        .iter()
-        .position(|rule| rule_matches(rule, request, lenient))
+/// A request as the matchers read it: its host without port, worked out once, and its
+/// normal path, worked out on first use (only rules that name paths need it).
+struct Facts<'r, 'a> {
+    request: &'r Request<'a>,
+    /// The requested host without port or trailing dot; `None` when it cannot be compared.
+    host: Option<&'a str>,
+    /// That host as an IPv6 address, when it is a bracketed one.
+    host_address: Option<Ipv6Addr>,
+    normal_path: OnceCell<Result<Cow<'a, str>, InvalidPath>>,
 }
 
-/// For opaque TCP, HTTP-only fields cannot be checked: an ALLOW rule that has them never
-/// matches, a DENY rule ignores them (`lenient`), so uncheckable conditions never open
-/// access.
-fn rule_matches(rule: &Rule, request: &Request<'_>, lenient: bool) -> bool {
-    let from = rule.from.is_empty()
-        || rule
+impl<'r, 'a> Facts<'r, 'a> {
+    fn new(request: &'r Request<'a>) -> Self {
+        let host = request
+            .http
+            .map(|http| host_without_port(http.host))
+            .filter(|host| is_comparable_host(host));
+        Self {
+            request,
+            host,
+            host_address: host.and_then(bracketed_address),
+            normal_path: OnceCell::new(),
+        }
+    }
+
+    /// Callers hand over the path they forward, normally already normal (then this is
+    /// one pass, no allocation); any other is normalized here, so no caller can skip it.
+    fn normal_path(&self) -> Option<&str> {
+        let http = self.request.http?;
+        self.normal_path
+            .get_or_init(|| normalize_path(http.path))
+            .as_deref()
+            .ok()
+    }
+}
+
+/// One rule: a request matches when a `from`, a `to` (each if any) and every `when`
+/// match.
+#[derive(Debug, Clone)]
+struct RuleMatch {
+    from: Vec<SourceMatch>,
+    to: Vec<OperationMatch>,
+    when: Vec<ConditionMatch>,
+}
+
+impl TryFrom<&Rule> for RuleMatch {
+    type Error = PolicyError;
+
+    fn try_from(rule: &Rule) -> Result<Self, PolicyError> {
+        let from = rule
             .from
             .iter()
-            .any(|f| source_matches(&f.source, request, lenient));
-    let to = rule.to.is_empty()
-        || rule
+            .enumerate()
+            .map(|(index, from)| {
+                SourceMatch::try_from(&from.source)
+                    .map_err(|e| e.under(format_args!("from[{index}].source")))
+            })
+            .collect::<Result<_, _>>()?;
+        let to = rule
             .to
             .iter()
-            .any(|t| operation_matches(&t.operation, request, lenient));
-    let when = rule
-        .when
-        .iter()
-        .all(|c| condition_matches(c, request, lenient));
-    from && to && when
+            .enumerate()
+            .map(|(index, to)| {
+                OperationMatch::try_from(&to.operation)
+                    .map_err(|e| e.under(format_args!("to[{index}].operation")))
+            })
+            .collect::<Result<_, _>>()?;
+        let when = rule
+            .when
+            .iter()
+            .enumerate()
+            .map(|(index, condition)| {
+                ConditionMatch::try_from(condition)
+                    .map_err(|e| e.under(format_args!("when[{index}]")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { from, to, when })
+    }
 }
 
-fn source_matches(source: &Source, request: &Request<'_>, lenient: bool) -> bool {
-    let principal = request.source;
-    let namespace = principal.map(SpiffeId::namespace);
-    let principals_ok = any_or_empty(&source.principals, |p| {
-        principal.is_some_and(|id| principal_matches(p, id))
-    }) && none_of(&source.not_principals, |p| {
-        principal.is_some_and(|id| principal_matches(p, id))
-    });
-    let namespaces_ok = any_or_empty(&source.namespaces, |n| {
-        namespace.is_some_and(|ns| wildcard(n, ns))
-    }) && none_of(&source.not_namespaces, |n| {
-        namespace.is_some_and(|ns| wildcard(n, ns))
-    });
-    let jwt_fields =
-        !source.request_principals.is_empty() || !source.not_request_principals.is_empty();
-    let request_ok = if request.http.is_none() && jwt_fields {
-        lenient
-    } else {
-        let rp = request.request_principal;
-        any_or_empty(&source.request_principals, |p| {
-            rp.is_some_and(|rp| wildcard(p, rp))
-        }) && none_of(&source.not_request_principals, |p| {
-            rp.is_some_and(|rp| wildcard(p, rp))
+impl RuleMatch {
+    /// For opaque TCP, HTTP-only fields cannot be checked: an ALLOW rule that has them
+    /// never matches, a DENY rule ignores them (`lenient`), so uncheckable conditions
+    /// never open access.
+    fn matches(&self, request: &Facts<'_, '_>, lenient: bool) -> bool {
+        let from = self.from.is_empty() || self.from.iter().any(|f| f.matches(request, lenient));
+        let to = self.to.is_empty() || self.to.iter().any(|t| t.matches(request, lenient));
+        let when = self.when.iter().all(|c| c.matches(request, lenient));
+        from && to && when
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SourceMatch {
+    principals: Vec<PrincipalMatch>,
+    not_principals: Vec<PrincipalMatch>,
+    namespaces: Vec<StringMatch>,
+    not_namespaces: Vec<StringMatch>,
+    request_principals: Vec<StringMatch>,
+    not_request_principals: Vec<StringMatch>,
+}
+
+impl TryFrom<&Source> for SourceMatch {
+    type Error = PolicyError;
+
+    fn try_from(source: &Source) -> Result<Self, PolicyError> {
+        let principals = |field: &str, patterns: &[String]| {
+            patterns
+                .iter()
+                .enumerate()
+                .map(|(index, pattern)| {
+                    PrincipalMatch::new(pattern).map_err(|reason| {
+                        PolicyError::new(
+                            format!("{field}[{index}]"),
+                            PolicyProblem::Principal {
+                                pattern: pattern.clone(),
+                                reason,
+                            },
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            principals: principals("principals", &source.principals)?,
+            not_principals: principals("notPrincipals", &source.not_principals)?,
+            namespaces: StringMatch::all(&source.namespaces),
+            not_namespaces: StringMatch::all(&source.not_namespaces),
+            request_principals: StringMatch::all(&source.request_principals),
+            not_request_principals: StringMatch::all(&source.not_request_principals),
         })
-    };
-    principals_ok && namespaces_ok && request_ok
+    }
 }
 
-fn operation_matches(operation: &Operation, request: &Request<'_>, lenient: bool) -> bool {
-    let ports_ok = any_or_empty(&operation.ports, |p| *p == request.port)
-        && none_of(&operation.not_ports, |p| *p == request.port);
-    let http_fields = !(operation.methods.is_empty()
-        && operation.not_methods.is_empty()
-        && operation.paths.is_empty()
-        && operation.not_paths.is_empty()
-        && operation.hosts.is_empty()
-        && operation.not_hosts.is_empty());
-    let http_ok = match request.http {
-        None => !http_fields || lenient,
-        Some(http) => {
-            // Methods are case-sensitive (RFC 9110): `get` is not `GET`.
-            let method = |m: &String| m == "*" || m == http.method;
-            // Callers hand over the path they forward, normally already normal (then
-            // this is one pass, no allocation); any other is normalized here, so no
-            // caller can skip it. A path or pattern with no normal form cannot be
-            // compared: it matches for a DENY and never for an ALLOW (`lenient`).
-            let paths_named = !(operation.paths.is_empty() && operation.not_paths.is_empty());
-            let normal_path = if paths_named {
-                normalize_path(http.path)
-            } else {
-                Ok(Cow::Borrowed(http.path))
-            };
-            let path = |p: &String| path_matches(p, &normal_path);
-            let requested_host =
-                Some(host_without_port(http.host)).filter(|h| is_comparable_host(h));
-            let host = |h: &String| host_matches(h, requested_host);
-            any_or_empty(&operation.methods, method)
-                && none_of(&operation.not_methods, method)
-                && any_or_empty(&operation.paths, |p| path(p).unwrap_or(lenient))
-                && none_of(&operation.not_paths, |p| path(p).unwrap_or(!lenient))
-                && any_or_empty(&operation.hosts, |h| host(h).unwrap_or(lenient))
-                && none_of(&operation.not_hosts, |h| host(h).unwrap_or(!lenient))
+impl SourceMatch {
+    fn matches(&self, facts: &Facts<'_, '_>, lenient: bool) -> bool {
+        let request = facts.request;
+        let principal = request.source;
+        let namespace = principal.map(SpiffeId::namespace);
+        let principal_is = |p: &PrincipalMatch| principal.is_some_and(|id| p.matches(id));
+        let namespace_is = |n: &StringMatch| namespace.is_some_and(|ns| n.matches(ns));
+        let principals_ok = any_or_empty(&self.principals, principal_is)
+            && none_of(&self.not_principals, principal_is);
+        let namespaces_ok = any_or_empty(&self.namespaces, namespace_is)
+            && none_of(&self.not_namespaces, namespace_is);
+        let jwt_fields =
+            !self.request_principals.is_empty() || !self.not_request_principals.is_empty();
+        let request_ok = if request.http.is_none() && jwt_fields {
+            lenient
+        } else {
+            let rp = request.request_principal;
+            let rp_is = |p: &StringMatch| rp.is_some_and(|rp| p.matches(rp));
+            any_or_empty(&self.request_principals, rp_is)
+                && none_of(&self.not_request_principals, rp_is)
+        };
+        principals_ok && namespaces_ok && request_ok
+    }
+}
+
+#[derive(Debug, Clone)]
+struct OperationMatch {
+    ports: Vec<u16>,
+    not_ports: Vec<u16>,
+    methods: Vec<MethodMatch>,
+    not_methods: Vec<MethodMatch>,
+    paths: Vec<PathPattern<'static>>,
+    not_paths: Vec<PathPattern<'static>>,
+    hosts: Vec<HostPattern>,
+    not_hosts: Vec<HostPattern>,
+}
+
+impl TryFrom<&Operation> for OperationMatch {
+    type Error = PolicyError;
+
+    fn try_from(operation: &Operation) -> Result<Self, PolicyError> {
+        fn each<T>(
+            field: &str,
+            patterns: &[String],
+            compile: impl Fn(&str) -> Result<T, PolicyProblem>,
+        ) -> Result<Vec<T>, PolicyError> {
+            patterns
+                .iter()
+                .enumerate()
+                .map(|(index, pattern)| {
+                    compile(pattern)
+                        .map_err(|problem| PolicyError::new(format!("{field}[{index}]"), problem))
+                })
+                .collect()
         }
-    };
-    ports_ok && http_ok
+        let path = |pattern: &str| {
+            PathPattern::parse(pattern)
+                .map(PathPattern::into_owned)
+                .map_err(|reason| PolicyProblem::Path {
+                    pattern: pattern.to_string(),
+                    reason,
+                })
+        };
+        Ok(Self {
+            ports: operation.ports.clone(),
+            not_ports: operation.not_ports.clone(),
+            methods: each("methods", &operation.methods, MethodMatch::new)?,
+            not_methods: each("notMethods", &operation.not_methods, MethodMatch::new)?,
+            paths: each("paths", &operation.paths, path)?,
+            not_paths: each("notPaths", &operation.not_paths, path)?,
+            hosts: each("hosts", &operation.hosts, HostPattern::new)?,
+            not_hosts: each("notHosts", &operation.not_hosts, HostPattern::new)?,
+        })
+    }
 }
 
-fn condition_matches(condition: &Condition, request: &Request<'_>, lenient: bool) -> bool {
-    let Some(http) = request.http else {
-        return lenient;
-    };
-    let Some(name) = condition
-        .key
-        .strip_prefix("request.headers[")
-        .and_then(|rest| rest.strip_suffix(']'))
-    else {
-        // Unknown keys never match: a typo must not widen access.
-        return lenient;
-    };
-    let value = (http.header)(name);
-    any_or_empty(&condition.values, |v| {
-        value.is_some_and(|actual| wildcard(v, actual))
-    }) && none_of(&condition.not_values, |v| {
-        value.is_some_and(|actual| wildcard(v, actual))
-    })
+impl OperationMatch {
+    fn names_http_fields(&self) -> bool {
+        !(self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.hosts.is_empty()
+            && self.not_hosts.is_empty())
+    }
+
+    fn matches(&self, facts: &Facts<'_, '_>, lenient: bool) -> bool {
+        let request = facts.request;
+        let ports_ok = any_or_empty(&self.ports, |p| *p == request.port)
+            && none_of(&self.not_ports, |p| *p == request.port);
+        let http_ok = match request.http {
+            None => !self.names_http_fields() || lenient,
+            Some(http) => {
+                let method = |m: &MethodMatch| m.matches(http.method);
+                // A path or host with no normal form cannot be compared: it matches for
+                // a DENY and never for an ALLOW (`lenient`).
+                let path = |p: &PathPattern<'_>| facts.normal_path().map(|path| p.matches(path));
+                let host = |h: &HostPattern| {
+                    facts
+                        .host
+                        .map(|host| h.matches(host, facts.host_address.as_ref()))
+                };
+                any_or_empty(&self.methods, method)
+                    && none_of(&self.not_methods, method)
+                    && any_or_empty(&self.paths, |p| path(p).unwrap_or(lenient))
+                    && none_of(&self.not_paths, |p| path(p).unwrap_or(!lenient))
+                    && any_or_empty(&self.hosts, |h| host(h).unwrap_or(lenient))
+                    && none_of(&self.not_hosts, |h| host(h).unwrap_or(!lenient))
+            }
+        };
+        ports_ok && http_ok
+    }
+}
+
+/// `when: [{key: request.headers[<name>], values, notValues}]`.
+#[derive(Debug, Clone)]
+struct ConditionMatch {
+    header: HeaderName,
+    values: Vec<StringMatch>,
+    not_values: Vec<StringMatch>,
+}
+
+impl TryFrom<&Condition> for ConditionMatch {
+    type Error = PolicyError;
+
+    fn try_from(condition: &Condition) -> Result<Self, PolicyError> {
+        let key = &condition.key;
+        // Unknown keys are refused: a typo must not change what a rule matches.
+        let name = key
+            .strip_prefix("request.headers[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .ok_or_else(|| PolicyError::new("key", PolicyProblem::ConditionKey(key.clone())))?;
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| PolicyError::new("key", PolicyProblem::HeaderName(key.clone())))?;
+        Ok(Self {
+            header,
+            values: StringMatch::all(&condition.values),
+            not_values: StringMatch::all(&condition.not_values),
+        })
+    }
+}
+
+impl ConditionMatch {
+    fn matches(&self, facts: &Facts<'_, '_>, lenient: bool) -> bool {
+        let Some(http) = facts.request.http else {
+            return lenient;
+        };
+        let value = (http.header)(&self.header);
+        let value_is = |v: &StringMatch| value.is_some_and(|actual| v.matches(actual));
+        any_or_empty(&self.values, value_is) && none_of(&self.not_values, value_is)
+    }
 }
 
 fn any_or_empty<T>(values: &[T], matches: impl Fn(&T) -> bool) -> bool {
@@ -741,6 +1062,7 @@ fn push_canonical(raw: &str, out: &mut String) -> Result<(), InvalidPath> {
 
 /// A configured path pattern in the form requests are compared in: exact, `prefix*`,
 /// `*suffix` or `*`.
+#[derive(Debug, Clone)]
 enum PathPattern<'p> {
     Any,
     Exact(Cow<'p, str>),
@@ -788,6 +1110,17 @@ impl<'p> PathPattern<'p> {
         normalize_path(pattern).map(PathPattern::Exact)
     }
 
+    /// The pattern holding its own text, as a compiled policy keeps it.
+    fn into_owned(self) -> PathPattern<'static> {
+        let owned = |text: Cow<'_, str>| Cow::Owned(text.into_owned());
+        match self {
+            PathPattern::Any => PathPattern::Any,
+            PathPattern::Exact(text) => PathPattern::Exact(owned(text)),
+            PathPattern::Prefix(text) => PathPattern::Prefix(owned(text)),
+            PathPattern::Suffix(text) => PathPattern::Suffix(owned(text)),
+        }
+    }
+
     fn matches(&self, normal_path: &str) -> bool {
         match self {
             PathPattern::Any => true,
@@ -812,14 +1145,6 @@ impl InvalidPath {
             InvalidPath::Backslash(at) => InvalidPath::Backslash(at + by),
         }
     }
-}
-
-/// Whether a path pattern matches a request's path; `None` when either has no normal
-/// form, so the caller decides fail-closed.
-fn path_matches(pattern: &str, path: &Result<Cow<'_, str>, InvalidPath>) -> Option<bool> {
-    let path = path.as_ref().ok()?;
-    let pattern = PathPattern::parse(pattern).ok()?;
-    Some(pattern.matches(path))
 }
 
 /// `example.com:8080`, `example.com.` and `[fd00::1]:80` name `example.com` and
@@ -856,72 +1181,188 @@ fn is_comparable_host(host: &str) -> bool {
     }
 }
 
-/// Whether a host pattern matches a request's host (without port, and `None` when it
-/// cannot be compared): case-insensitive, the pattern also without port or trailing dot,
-/// IPv6 addresses compared as addresses; `None` when the host or the pattern cannot be
-/// compared, so the caller decides fail-closed.
-fn host_matches(pattern: &str, host: Option<&str>) -> Option<bool> {
-    let host = host?;
-    if pattern == "*" {
-        return Some(true);
-    }
-    let (literal, matched) = if let Some(prefix) = pattern.strip_suffix('*') {
-        // `admin.*`: nothing to strip from a name that is not finished.
-        let matched = host
-            .as_bytes()
-            .get(..prefix.len())
-            .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes()));
-        (prefix, matched)
-    } else if let Some(suffix) = pattern.strip_prefix('*') {
-        let suffix = host_without_port(suffix);
-        let matched = host
-            .len()
-            .checked_sub(suffix.len())
-            .and_then(|start| host.as_bytes().get(start..))
-            .is_some_and(|end| end.eq_ignore_ascii_case(suffix.as_bytes()));
-        (suffix, matched)
-    } else {
-        let exact = host_without_port(pattern);
-        let as_address = |h: &str| {
-            h.strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .and_then(|h| h.parse::<std::net::Ipv6Addr>().ok())
-        };
-        let matched = match (as_address(exact), as_address(host)) {
-            (Some(pattern), Some(host)) => pattern == host,
-            _ => exact.eq_ignore_ascii_case(host),
-        };
-        (exact, matched)
-    };
-    let literal_ok = literal
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':'));
-    literal_ok.then_some(matched)
+/// `[fd00::1]` as an address, so every spelling of it compares equal.
+fn bracketed_address(host: &str) -> Option<Ipv6Addr> {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .and_then(|h| h.parse().ok())
 }
 
-/// A principal pattern against a SPIFFE ID, written with or without `spiffe://`.
-fn principal_matches(pattern: &str, id: &SpiffeId) -> bool {
-    let full = id.as_str();
-    let short = &full["spiffe://".len()..];
-    if pattern.starts_with("spiffe://") {
-        wildcard(pattern, full)
-    } else {
-        wildcard(pattern, short)
+/// A host pattern, compared with a request's host (without port) case-insensitively:
+/// the pattern also without port or trailing dot, IPv6 addresses compared as addresses.
+#[derive(Debug, Clone)]
+enum HostPattern {
+    Any,
+    /// `admin.*`, lowercased.
+    Prefix(Box<str>),
+    /// `*.shop`, lowercased, without port or trailing dot.
+    Suffix(Box<str>),
+    /// A name, lowercased; or an address, when it is a bracketed IPv6 one.
+    Exact {
+        name: Box<str>,
+        address: Option<Ipv6Addr>,
+    },
+}
+
+impl HostPattern {
+    fn new(pattern: &str) -> Result<Self, PolicyProblem> {
+        if pattern == "*" {
+            return Ok(HostPattern::Any);
+        }
+        // `admin.*`: nothing to strip from a name that is not finished.
+        let literal = match (pattern.strip_suffix('*'), pattern.strip_prefix('*')) {
+            (Some(prefix), _) => prefix,
+            (None, Some(suffix)) => host_without_port(suffix),
+            (None, None) => host_without_port(pattern),
+        };
+        let literal_ok = literal.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
+        });
+        if !literal_ok {
+            return Err(PolicyProblem::Host(pattern.to_string()));
+        }
+        let lowercase: Box<str> = literal.to_ascii_lowercase().into();
+        Ok(if pattern.ends_with('*') {
+            HostPattern::Prefix(lowercase)
+        } else if pattern.starts_with('*') {
+            HostPattern::Suffix(lowercase)
+        } else {
+            HostPattern::Exact {
+                name: lowercase,
+                address: bracketed_address(literal),
+            }
+        })
+    }
+
+    /// `host` is without port and comparable; `address` is it parsed, if it is an IPv6
+    /// address.
+    fn matches(&self, host: &str, address: Option<&Ipv6Addr>) -> bool {
+        match self {
+            HostPattern::Any => true,
+            HostPattern::Prefix(prefix) => host
+                .as_bytes()
+                .get(..prefix.len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes())),
+            HostPattern::Suffix(suffix) => host
+                .len()
+                .checked_sub(suffix.len())
+                .and_then(|start| host.as_bytes().get(start..))
+                .is_some_and(|end| end.eq_ignore_ascii_case(suffix.as_bytes())),
+            HostPattern::Exact {
+                address: Some(pattern),
+                ..
+            } if address.is_some() => address == Some(pattern),
+            HostPattern::Exact { name, .. } => name.eq_ignore_ascii_case(host),
+        }
+    }
+}
+
+/// A principal pattern: a SPIFFE ID, written with or without `spiffe://`, or a pattern
+/// with `*` at the start or end matched against the ID as it was written.
+#[derive(Debug, Clone)]
+enum PrincipalMatch {
+    Exact(SpiffeId),
+    /// `with_scheme`: the pattern starts with `spiffe://`, so it is matched against the
+    /// whole ID; otherwise against the ID without it.
+    Pattern {
+        pattern: StringMatch,
+        with_scheme: bool,
+    },
+}
+
+impl PrincipalMatch {
+    fn new(pattern: &str) -> Result<Self, SpiffeIdError> {
+        let with_scheme = pattern.starts_with("spiffe://");
+        match StringMatch::new(pattern) {
+            StringMatch::Exact(_) if with_scheme => pattern.parse().map(PrincipalMatch::Exact),
+            StringMatch::Exact(_) => format!("spiffe://{pattern}")
+                .parse()
+                .map(PrincipalMatch::Exact),
+            pattern => Ok(PrincipalMatch::Pattern {
+                pattern,
+                with_scheme,
+            }),
+        }
+    }
+
+    fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            PrincipalMatch::Exact(exact) => exact == id,
+            PrincipalMatch::Pattern {
+                pattern,
+                with_scheme,
+            } => {
+                let full = id.as_str();
+                let written = if *with_scheme {
+                    full
+                } else {
+                    &full["spiffe://".len()..]
+                };
+                pattern.matches(written)
+            }
+        }
     }
 }
 
 /// Exact, `*`, `prefix*` or `*suffix`.
-pub fn wildcard(pattern: &str, value: &str) -> bool {
-    if pattern == "*" {
-        return true;
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StringMatch {
+    Any,
+    Exact(Box<str>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+}
+
+impl StringMatch {
+    fn new(pattern: &str) -> Self {
+        if pattern == "*" {
+            StringMatch::Any
+        } else if let Some(prefix) = pattern.strip_suffix('*') {
+            StringMatch::Prefix(prefix.into())
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            StringMatch::Suffix(suffix.into())
+        } else {
+            StringMatch::Exact(pattern.into())
+        }
     }
-    if let Some(prefix) = pattern.strip_suffix('*') {
-        return value.starts_with(prefix);
+
+    fn all(patterns: &[String]) -> Vec<Self> {
+        patterns.iter().map(|p| Self::new(p)).collect()
     }
-    if let Some(suffix) = pattern.strip_prefix('*') {
-        return value.ends_with(suffix);
+
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Any => true,
+            StringMatch::Exact(exact) => value == &**exact,
+            StringMatch::Prefix(prefix) => value.starts_with(&**prefix),
+            StringMatch::Suffix(suffix) => value.ends_with(&**suffix),
+        }
     }
-    pattern == value
+}
+
+/// A method, compared case-sensitively (RFC 9110: `get` is not `GET`), or `*`.
+#[derive(Debug, Clone)]
+enum MethodMatch {
+    Any,
+    Exact(Box<str>),
+}
+
+impl MethodMatch {
+    fn new(method: &str) -> Result<Self, PolicyProblem> {
+        if method == "*" {
+            return Ok(MethodMatch::Any);
+        }
+        http::Method::from_bytes(method.as_bytes())
+            .map(|_| MethodMatch::Exact(method.into()))
+            .map_err(|_| PolicyProblem::Method(method.to_string()))
+    }
+
+    fn matches(&self, method: &str) -> bool {
+        match self {
+            MethodMatch::Any => true,
+            MethodMatch::Exact(exact) => method == &**exact,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -975,16 +1416,28 @@ mod tests {
         }
     }
 
+    /// Compiles `policies` as a proxy does: one that cannot be compiled fails closed.
+    fn compile(policies: &[Named<AuthorizationPolicySpec>]) -> Vec<CompiledPolicy> {
+        policies
+            .iter()
+            .map(|p| {
+                CompiledPolicy::try_from(p).unwrap_or_else(|e| CompiledPolicy::fail_closed(p, e))
+            })
+            .collect()
+    }
+
     fn decide(policies: &[Named<AuthorizationPolicySpec>], call: &Call) -> Decision {
         let selected: Vec<_> = policies
             .iter()
             .filter(|p| selects(&p.namespace, p.spec.selector.as_ref(), WORKLOAD))
+            .cloned()
             .collect();
+        let selected = compile(&selected);
         let headers = call.headers;
-        let header = move |name: &str| {
+        let header = move |name: &HeaderName| {
             headers
                 .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .find(|(k, _)| k.eq_ignore_ascii_case(name.as_str()))
                 .map(|(_, v)| *v)
         };
         let request = Request {
@@ -1560,6 +2013,114 @@ mod tests {
     }
 
     #[test]
+    fn compile_errors_name_the_field() {
+        let cases = [
+            (
+                "action: DENY\nrules:\n- {}\n- {}\n- when: [{key: \"request.headers[x]\"}, {key: \"request.header[x]\"}]\n",
+                "spec.rules[2].when[1].key",
+                "the only condition key understood is request.headers[<name>]",
+            ),
+            (
+                "rules:\n- when: [{key: \"request.headers[x y]\", values: [a]}]\n",
+                "spec.rules[0].when[0].key",
+                "not a valid HTTP header name",
+            ),
+            (
+                "rules:\n- to: [{operation: {paths: [/ok]}}, {operation: {notPaths: [/ok, \"/a%zz\"]}}]\n",
+                "spec.rules[0].to[1].operation.notPaths[1]",
+                "\"/a%zz\" has no normal form: malformed percent-encoding at byte 2",
+            ),
+            (
+                "rules:\n- to: [{operation: {hosts: [orders, \"ev%69l\"]}}]\n",
+                "spec.rules[0].to[0].operation.hosts[1]",
+                "host pattern \"ev%69l\"",
+            ),
+            (
+                "rules:\n- to: [{operation: {notMethods: [\"GE T\"]}}]\n",
+                "spec.rules[0].to[0].operation.notMethods[0]",
+                "not an HTTP method",
+            ),
+            (
+                "rules:\n- from: [{source: {principals: [\"cluster.local/ns/*/sa/admin\"]}}]\n",
+                "spec.rules[0].from[0].source.principals[0]",
+                "can never match: invalid namespace \"*\"",
+            ),
+            (
+                "rules:\n- from: [{source: {notPrincipals: [\"spiffe://cluster.local/sa/admin\"]}}]\n",
+                "spec.rules[0].from[0].source.notPrincipals[0]",
+                "is not of the form",
+            ),
+        ];
+        for (yaml, field, reason) in cases {
+            let named = policy("shop", "broken", yaml);
+            let error = CompiledPolicy::try_from(&named).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+            let message = error.to_string();
+            assert!(message.starts_with(&format!("{field}: ")), "{message}");
+            assert!(message.contains(reason), "{message}");
+        }
+        // What every spelling above replaced compiles.
+        for yaml in [
+            "rules:\n- when: [{key: \"request.headers[X-Tenant]\", values: [a]}]\n",
+            "rules:\n- to: [{operation: {notMethods: [\"*\", PATCH], hosts: [\"[fd00::1]:80\", \"*.shop\", \"admin.*\"]}}]\n",
+            "rules:\n- from: [{source: {principals: [\"spiffe://cluster.local/ns/ops/sa/admin\", \"cluster.local/ns/ops/*\", \"*/sa/admin\", \"*\"]}}]\n",
+        ] {
+            let named = policy("shop", "fine", yaml);
+            assert!(CompiledPolicy::try_from(&named).is_ok(), "{yaml}");
+        }
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_compiled_closes_access_and_never_opens_it() {
+        let frontend = || Some(id("shop", "frontend"));
+        let broken_deny = policy(
+            "shop",
+            "broken-deny",
+            "action: DENY\nrules:\n- to: [{operation: {paths: [/never]}}]\n  when: [{key: \"request.header[x]\", values: [\"1\"]}]\n",
+        );
+        let broken_allow = policy(
+            "shop",
+            "broken-allow",
+            "action: ALLOW\nrules:\n- to: [{operation: {paths: [\"/public%g*\"]}}]\n- {}\n",
+        );
+        let broken_audit = policy(
+            "shop",
+            "broken-audit",
+            "action: AUDIT\nrules:\n- to: [{operation: {hosts: [\"a/b\"]}}]\n",
+        );
+        let allow_all = policy("shop", "allow-all", "action: ALLOW\nrules: [{}]\n");
+        for policies in [
+            vec![broken_deny.clone()],
+            vec![allow_all.clone(), broken_deny.clone()],
+        ] {
+            for call in [http(frontend(), "GET", "/"), tcp(frontend(), 9090)] {
+                let decision = decide(&policies, &call);
+                assert!(!decision.allowed, "{decision:?}");
+                assert_eq!(
+                    decision.policy.map(|index| policies[index].id()).as_deref(),
+                    Some("shop/broken-deny")
+                );
+                assert_eq!(decision.rule, None);
+            }
+        }
+        // Not even its rule that matches everything opens access.
+        let decision = decide(
+            std::slice::from_ref(&broken_allow),
+            &http(frontend(), "GET", "/"),
+        );
+        assert!(!decision.allowed, "{decision:?}");
+        assert_eq!(decision.policy, None);
+        // The other policies keep working.
+        let decision = decide(
+            &[broken_allow, allow_all, broken_audit],
+            &http(frontend(), "GET", "/"),
+        );
+        assert!(decision.allowed, "{decision:?}");
+        assert_eq!(decision.policy, Some(1));
+        assert!(decision.audited.is_empty(), "{decision:?}");
+    }
+
+    #[test]
     fn paths_are_normalized_before_matching() {
         for (raw, normal) in [
             ("/admin", "/admin"),
@@ -1580,7 +2141,12 @@ mod tests {
 
     /// One HTTP request from the caller's raw strings, decided against `policies`.
     fn decide_raw(policies: &[Named<AuthorizationPolicySpec>], path: &str, host: &str) -> Decision {
-        let header = |_: &str| None;
+        evaluate(&compile(policies), path, host)
+    }
+
+    /// One HTTP request from the caller's raw strings, decided against compiled policies.
+    fn evaluate(policies: &[CompiledPolicy], path: &str, host: &str) -> Decision {
+        let header = |_: &HeaderName| None;
         let request = Request {
             source: None,
             request_principal: None,
@@ -1751,15 +2317,16 @@ mod tests {
         let allow = policy(
             "shop",
             "allow",
-            "action: ALLOW\nrules:\n- to: [{operation: {methods: [GET], paths: [/api/*], notPaths: [/api/v1/secret], hosts: [orders.shop]}}]\n",
+            "action: ALLOW\nrules:\n- from: [{source: {notPrincipals: [cluster.local/ns/ops/sa/admin, \"*/sa/intruder\"]}}]\n  to: [{operation: {methods: [GET], paths: [/api/*], notPaths: [/api/v1/secret], hosts: [orders.shop]}}]\n  when: [{key: \"request.headers[X-Tenant]\", notValues: [\"blocked*\"]}]\n",
         );
-        let policies = [deny, allow];
+        let policies = compile(&[deny, allow]);
+        assert!(policies.iter().all(|p| p.error().is_none()));
         let allocations = ALLOCATIONS.with(std::cell::Cell::get);
-        let decision = decide_raw(&policies, "/api/v1/orders/42", "Orders.Shop:8080");
+        let decision = evaluate(&policies, "/api/v1/orders/42", "Orders.Shop:8080");
         assert_eq!(ALLOCATIONS.with(std::cell::Cell::get), allocations);
         assert!(decision.allowed, "{decision:?}");
         // The count is real: a path that needs normalizing does allocate.
-        let decision = decide_raw(&policies, "/api//v1/orders/42", "orders.shop");
+        let decision = evaluate(&policies, "/api//v1/orders/42", "orders.shop");
         assert!(ALLOCATIONS.with(std::cell::Cell::get) > allocations);
         assert!(decision.allowed, "{decision:?}");
     }
@@ -2118,7 +2685,9 @@ mod properties {
     }
 
     fn decide(policy: &Named<AuthorizationPolicySpec>, path: &str, host: &str) -> Decision {
-        let header = |_: &str| None;
+        let policy = CompiledPolicy::try_from(policy)
+            .unwrap_or_else(|error| CompiledPolicy::fail_closed(policy, error));
+        let header = |_: &HeaderName| None;
         let request = Request {
             source: None,
             request_principal: None,
@@ -2130,7 +2699,7 @@ mod properties {
                 header: &header,
             }),
         };
-        authorize(std::slice::from_ref(policy), &request)
+        authorize(std::slice::from_ref(&policy), &request)
     }
 
     fn deny(paths: Vec<String>, hosts: Vec<String>) -> Named<AuthorizationPolicySpec> {

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::SpiffeId;
 use crate::policy::{
-    AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
+    AuthorizationPolicySpec, CompiledPolicy, Named, PeerAuthenticationSpec,
+    RequestAuthenticationSpec,
 };
 use crate::resources::{
     ConfigError, Origin, Protocol, Resource, RoutePolicySpec, ServicePort, Spec,
@@ -235,11 +236,18 @@ impl MeshSnapshot {
                     namespace: namespace_of(resource)?,
                     spec: spec.clone(),
                 }),
-                Spec::AuthorizationPolicy(spec) => snapshot.authorization_policies.push(Named {
-                    name: name(),
-                    namespace: namespace_of(resource)?,
-                    spec: spec.clone(),
-                }),
+                Spec::AuthorizationPolicy(spec) => {
+                    let policy = Named {
+                        name: name(),
+                        namespace: namespace_of(resource)?,
+                        spec: spec.clone(),
+                    };
+                    // Refused here, where the operator sees why; a proxy could only fail
+                    // closed on it.
+                    CompiledPolicy::try_from(&policy)
+                        .map_err(|error| invalid(resource, error.to_string()))?;
+                    snapshot.authorization_policies.push(policy);
+                }
                 Spec::RequestAuthentication(spec) => {
                     for rule in &spec.jwt_rules {
                         validate_jwt_rule(rule).map_err(|reason| invalid(resource, reason))?;
@@ -475,6 +483,33 @@ spec: {addresses: [\"fd96::10\"]}
         let resources = parse_file(Path::new("vips.yaml"), &distinct).unwrap();
         let snapshot = MeshSnapshot::from_resources("cluster.local", &resources).unwrap();
         assert_eq!(snapshot.services[0].addresses.len(), 2);
+    }
+
+    #[test]
+    fn an_authorization_policy_that_cannot_be_compiled_is_refused_at_its_line() {
+        let text = format!(
+            "{MESH}---
+apiVersion: tessera.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: canary, namespace: shop}}
+spec:
+  rules:
+  - when: [{{key: \"request.header[x-canary]\", values: [yes]}}]
+"
+        );
+        let resources = parse_file(Path::new("mesh.yaml"), &text).unwrap();
+        let error = MeshSnapshot::from_resources("cluster.local", &resources).unwrap_err();
+        assert_eq!(error.origin.line, 21, "{error}");
+        assert!(
+            error.to_string().starts_with(
+                "mesh.yaml:21: spec.rules[0].when[0].key: key \"request.header[x-canary]\""
+            ),
+            "{error}"
+        );
+        let fixed = text.replace("request.header[", "request.headers[");
+        let resources = parse_file(Path::new("mesh.yaml"), &fixed).unwrap();
+        let snapshot = MeshSnapshot::from_resources("cluster.local", &resources).unwrap();
+        assert_eq!(snapshot.authorization_policies.len(), 1);
     }
 
     #[test]

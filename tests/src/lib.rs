@@ -118,6 +118,21 @@ impl Logs {
             .collect()
     }
 
+    /// The panics the process reported, each as the standard hook's `thread '…' (id)
+    /// panicked at file:line:column:` line followed by the message's first line.
+    pub fn panics(&self) -> Vec<String> {
+        let lines = self.lines();
+        lines
+            .iter()
+            .enumerate()
+            .filter(|(_, line)| line.starts_with("thread '") && line.contains(" panicked at "))
+            .map(|(at, line)| match lines.get(at + 1) {
+                Some(message) => format!("{line} {message}"),
+                None => line.clone(),
+            })
+            .collect()
+    }
+
     pub fn count(&self, needles: &[&str]) -> usize {
         self.matching(needles).len()
     }

@@ -15,7 +15,7 @@
 //!   spaces; policy compares it case-insensitively and without its port.
 //! - The path is in [`policy::normalize_path`]'s form; `*` is only `OPTIONS *`.
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Version};
 use tessera_mesh::policy::{self, InvalidPath};
 
@@ -94,12 +94,12 @@ pub fn host<B>(request: &Request<B>) -> &str {
 /// joined by then). UTF-8, not only visible ASCII: a value a condition cannot read must
 /// not slip past a DENY because of one non-ASCII character. Without a `Host` field (over
 /// HTTP/2 the authority comes alone), `host` reads the authority.
-pub fn header<'a, B>(request: &'a Request<B>, name: &str) -> Option<&'a str> {
+pub fn header<'a, B>(request: &'a Request<B>, name: &HeaderName) -> Option<&'a str> {
     let value = request
         .headers()
         .get(name)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok());
-    if value.is_none() && name.eq_ignore_ascii_case("host") {
+    if value.is_none() && name == header::HOST {
         return request.uri().authority().map(|a| a.as_str());
     }
     value
@@ -299,5 +299,129 @@ pub(crate) mod tests {
         assert_eq!(dotted.uri().query(), Some("q=1&r=/.."));
         let mut broken = request(Version::HTTP_11, "/%%36%31dmin", &["orders"]);
         assert!(matches!(canonicalize(&mut broken), Err(Malformed::Path(_))));
+    }
+
+    #[test]
+    fn what_is_refused_with_400_and_why() {
+        let cases: &[(Version, &str, &[&str], Malformed)] = &[
+            (Version::HTTP_11, "/", &["a", "a"], Malformed::RepeatedHost),
+            (Version::HTTP_11, "/", &[], Malformed::MissingHost),
+            (Version::HTTP_11, "/", &["x@orders"], Malformed::Userinfo),
+            (
+                Version::HTTP_11,
+                "/",
+                &["orders:http"],
+                Malformed::InvalidPort,
+            ),
+            (
+                Version::HTTP_2,
+                "/",
+                &["orders:99999"],
+                Malformed::InvalidPort,
+            ),
+            (
+                Version::HTTP_11,
+                "*",
+                &["orders"],
+                Malformed::AsteriskTarget,
+            ),
+            (
+                Version::HTTP_11,
+                "/admin%2Fsecret",
+                &["orders"],
+                Malformed::Path(InvalidPath::EncodedSeparator { at: 6, byte: b'/' }),
+            ),
+            (
+                Version::HTTP_2,
+                "http://orders/a%5cb",
+                &[],
+                Malformed::Path(InvalidPath::EncodedSeparator { at: 2, byte: b'\\' }),
+            ),
+            (
+                Version::HTTP_11,
+                "/a%00",
+                &["orders"],
+                Malformed::Path(InvalidPath::ControlCharacter { at: 2, byte: 0 }),
+            ),
+            (
+                Version::HTTP_11,
+                "/%%36%31dmin",
+                &["orders"],
+                Malformed::Path(InvalidPath::MalformedEscape(1)),
+            ),
+        ];
+        for (version, target, hosts, expected) in cases {
+            let mut refused = request(*version, target, hosts);
+            assert_eq!(
+                canonicalize(&mut refused),
+                Err(expected.clone()),
+                "{version:?} {target} {hosts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_spelling_of_a_path_is_forwarded_in_one_form() {
+        for (target, forwarded) in [
+            ("/admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("//admin", "/admin"),
+            ("/x/../admin", "/admin"),
+            ("/%2e%2E/admin", "/admin"),
+            ("/./a/b/..", "/a/"),
+            ("/%c3%a9//x", "/%C3%A9/x"),
+            ("/a%3bb?x=%2F", "/a%3Bb?x=%2F"),
+        ] {
+            let mut spelled = request(Version::HTTP_11, target, &["orders"]);
+            assert_eq!(canonicalize(&mut spelled), Ok(()), "{target}");
+            let path_and_query = spelled.uri().path_and_query().map(|p| p.as_str());
+            assert_eq!(path_and_query, Some(forwarded), "{target}");
+        }
+        // An already-normal target is left exactly as it came.
+        let mut normal = request(Version::HTTP_2, "http://orders:8080/api/v1?q=1", &[]);
+        let before = normal.uri().clone();
+        assert_eq!(canonicalize(&mut normal), Ok(()));
+        assert_eq!(normal.uri(), &before);
+        // CONNECT names an authority only.
+        let mut connect = request(Version::HTTP_11, "orders:443", &["orders:443"]);
+        *connect.method_mut() = Method::CONNECT;
+        assert_eq!(canonicalize(&mut connect), Ok(()));
+    }
+
+    #[test]
+    fn policy_reads_the_authority_the_application_receives() {
+        // HTTP/2: the `:authority` wins and the `Host` field is made to agree.
+        let mut h2 = request(Version::HTTP_2, "http://orders.shop/x", &["admin.shop"]);
+        assert_eq!(canonicalize(&mut h2), Ok(()));
+        assert_eq!(host(&h2), "orders.shop");
+        assert_eq!(header(&h2, &header::HOST), Some("orders.shop"));
+        assert_eq!(h2.headers()[header::HOST], "orders.shop");
+        // HTTP/2 without a `Host` field: conditions on `host` read the authority.
+        let mut alone = request(Version::HTTP_2, "http://Orders.Shop:8080/x", &[]);
+        assert_eq!(canonicalize(&mut alone), Ok(()));
+        assert_eq!(header(&alone, &header::HOST), Some("Orders.Shop:8080"));
+        assert!(alone.headers().get(header::HOST).is_none());
+        // Origin form: the one `Host` field.
+        let mut origin = request(Version::HTTP_11, "/x", &["orders.shop:80"]);
+        assert_eq!(canonicalize(&mut origin), Ok(()));
+        assert_eq!(host(&origin), "orders.shop:80");
+        // HTTP/1.0 may name no host at all.
+        let mut old = request(Version::HTTP_10, "/x", &[]);
+        assert_eq!(canonicalize(&mut old), Ok(()));
+        assert_eq!(host(&old), "");
+        assert_eq!(header(&old, &header::HOST), None);
+    }
+
+    #[test]
+    fn conditions_read_utf8_values_and_nothing_else() {
+        let mut request = request(Version::HTTP_11, "/", &["orders"]);
+        let name = HeaderName::from_static("x-user");
+        let utf8 = HeaderValue::from_bytes("José".as_bytes()).unwrap();
+        request.headers_mut().insert(name.clone(), utf8);
+        assert_eq!(header(&request, &name), Some("José"));
+        let invalid = HeaderValue::from_bytes(b"\xff\xfe").unwrap();
+        request.headers_mut().insert(name.clone(), invalid);
+        assert_eq!(header(&request, &name), None);
+        assert_eq!(header(&request, &HeaderName::from_static("x-absent")), None);
     }
 }

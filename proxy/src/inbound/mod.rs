@@ -570,7 +570,8 @@ impl Inbound {
             JwtOutcome::Absent => None,
         };
         let decision = {
-            let header = |name: &str| crate::inbound::canonical::header(&request, name);
+            let header =
+                |name: &http::HeaderName| crate::inbound::canonical::header(&request, name);
             let attributes = policy::Request {
                 source: peer.identity.as_ref(),
                 request_principal,
@@ -606,7 +607,7 @@ impl Inbound {
             destination = %self.identity.identity(),
             port = self.app_port(),
             target,
-            policy = policy.deciding_policy(decision).as_deref().unwrap_or("none"),
+            policy = policy.deciding_policy(decision).unwrap_or("none"),
             rule = decision.rule,
             reason = decision.reason,
         );

@@ -17,6 +17,7 @@ use Surface::{Inbound, Outbound};
 use serde_json::Value;
 use tessera_tests::hostile::{
     Attack, HostileMesh, Legit, MIB, RssSampler, Surface, attacker_available, open_fds, rss,
+    rss_by_kind,
 };
 
 /// How far above its baseline a proxy's RSS may go during an attack. The baseline is
@@ -125,6 +126,14 @@ async fn siege(
         }
     }
     let mut failures = Vec::new();
+    // A panic under attack is a bug of its own, and it would otherwise read as memory
+    // growth: with RUST_BACKTRACE set, printing its backtrace maps and parses the debug
+    // build's DWARF, +130 MiB of RSS that stays (measured with a binary of this size).
+    for (label, proxy) in [("client", &mesh.client), ("server", &mesh.server)] {
+        for panic in proxy.process.logs.panics() {
+            failures.push(format!("{label} proxy panicked: {panic}"));
+        }
+    }
     for (proxy, peak) in proxies.iter().zip(peaks) {
         // Memory freed by closed connections goes back to the kernel within seconds (the
         // proxy trims after a fall in open connections, checked once a second).
@@ -133,14 +142,17 @@ async fn siege(
         })
         .await;
         let (after_rss, after_fds) = (rss(proxy.pid), open_fds(proxy.pid));
+        let (anon, file) = rss_by_kind(proxy.pid);
         eprintln!(
-            "{name}: {} proxy RSS baseline {:.1} MiB, peak {:.1} MiB (+{:.1}), after {:.1} MiB (+{:.1}); fds {} -> {}",
+            "{name}: {} proxy RSS baseline {:.1} MiB, peak {:.1} MiB (+{:.1}), after {:.1} MiB (+{:.1}; anonymous {:.1}, file-backed {:.1}); fds {} -> {}",
             proxy.name,
             mib(proxy.baseline_rss),
             mib(peak),
             mib(peak.saturating_sub(proxy.baseline_rss)),
             mib(after_rss),
             mib(after_rss.saturating_sub(proxy.baseline_rss)),
+            mib(anon),
+            mib(file),
             proxy.baseline_fds,
             after_fds,
         );
