@@ -81,7 +81,7 @@ pub struct PeerAuthenticationSpec {
     #[cfg_attr(feature = "schema", schemars(
         with = "BTreeMap<String, MtlsSetting>",
         extend("x-kubernetes-validations" = [{
-            "rule": "self.all(port, port.matches('^[0-9]{1,5}$') && int(port) >= 1 && int(port) <= 65535)",
+            "rule": crate::resources::PORT_KEYS_RULE,
             "message": "portLevelMtls is keyed by port numbers, 1 to 65535"
         }])
     ))]

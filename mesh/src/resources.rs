@@ -160,7 +160,7 @@ pub struct WorkloadSpec {
     #[cfg_attr(feature = "schema", schemars(
         with = "BTreeMap<String, u16>",
         extend("x-kubernetes-validations" = [{
-            "rule": "self.all(port, port.matches('^[0-9]{1,5}$') && int(port) >= 1 && int(port) <= 65535)",
+            "rule": PORT_KEYS_RULE,
             "message": "ports is keyed by service port numbers, 1 to 65535"
         }])
     ))]
@@ -264,6 +264,11 @@ fn default_max_ejection_percent() -> u32 {
 /// server refuses anything else before the control plane sees it.
 #[cfg(feature = "schema")]
 const DURATION_PATTERN: &str = r"^([0-9]+ ?[a-zA-Zµ]+ ?)+$";
+
+/// A CEL rule for a map keyed by port numbers (YAML and JSON keys are strings).
+#[cfg(feature = "schema")]
+pub(crate) const PORT_KEYS_RULE: &str =
+    "self.all(port, port.matches('^[0-9]{1,5}$') && int(port) >= 1 && int(port) <= 65535)";
 
 /// Durations as "10s", "250ms".
 mod duration {

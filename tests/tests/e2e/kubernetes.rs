@@ -670,15 +670,11 @@ async fn until_status(
     }
 }
 
-/// Issue 23: policy is a cluster object. An AuthorizationPolicy created through the API
-/// server is enforced by the running proxies within 1 s, and so are its change and its
-/// deletion; the control plane reads it with nothing but the RBAC `deploy/` ships.
-#[tokio::test(flavor = "multi_thread")]
-async fn authorization_policies_from_the_api_server_take_effect_within_a_second() {
+/// An API server, a control plane in cluster mode and an HTTP mesh (client → backend in
+/// `shop`) through which `/admin` is allowed; the client on one kept-alive connection.
+async fn cluster_mesh() -> Option<(ApiServer, l7::L7Mesh, backend::HttpBackend, l7::Http1Client)> {
     init();
-    let Some(api) = ApiServer::start().await else {
-        return;
-    };
+    let api = ApiServer::start().await?;
     let kubeconfig = api.control_plane_kubeconfig().await;
     namespace(&api, "shop", json!({})).await;
     let control_plane = ControlPlane::start_in_cluster(&kubeconfig).await;
@@ -686,6 +682,17 @@ async fn authorization_policies_from_the_api_server_take_effect_within_a_second(
     let mesh = l7::L7Mesh::start_on(control_plane, &[backend.address], "http", None).await;
     let mut client = l7::Http1Client::connect(mesh.entry()).await.unwrap();
     assert_eq!(client.get("/admin").await.unwrap().status, 200);
+    Some((api, mesh, backend, client))
+}
+
+/// Issue 23: policy is a cluster object. An AuthorizationPolicy created through the API
+/// server is enforced by the running proxies within 1 s, and so are its change and its
+/// deletion; the control plane reads it with nothing but the RBAC `deploy/` ships.
+#[tokio::test(flavor = "multi_thread")]
+async fn authorization_policies_from_the_api_server_take_effect_within_a_second() {
+    let Some((api, _mesh, _backend, mut client)) = cluster_mesh().await else {
+        return;
+    };
 
     let policies = "/apis/tessera.dev/v1alpha1/namespaces/shop/authorizationpolicies";
     let deny = |paths: &[&str]| {
@@ -955,17 +962,9 @@ async fn replicas_sign_with_the_development_root_they_share_in_a_secret() {
 /// serving through the outage (their certificates and last view) pick it up.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_policy_created_while_the_control_plane_is_down_is_in_force_after_its_restart() {
-    init();
-    let Some(api) = ApiServer::start().await else {
+    let Some((api, mut mesh, _backend, mut client)) = cluster_mesh().await else {
         return;
     };
-    let kubeconfig = api.control_plane_kubeconfig().await;
-    namespace(&api, "shop", json!({})).await;
-    let control_plane = ControlPlane::start_in_cluster(&kubeconfig).await;
-    let backend = backend::HttpBackend::start("guarded").await;
-    let mut mesh = l7::L7Mesh::start_on(control_plane, &[backend.address], "http", None).await;
-    let mut client = l7::Http1Client::connect(mesh.entry()).await.unwrap();
-    assert_eq!(client.get("/admin").await.unwrap().status, 200);
 
     mesh.control_plane.kill();
     let policy = custom_resource(
