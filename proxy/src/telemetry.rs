@@ -1,4 +1,5 @@
-//! The proxy's metrics, in Prometheus form on the admin port.
+//! The proxy's metrics, in Prometheus form on the admin port; the access log; each
+//! request's log span.
 //!
 //! Labels only ever take values from small, known sets (directions, refusal reasons) or
 //! from verified identities, so a hostile peer cannot grow the series count.
@@ -506,6 +507,29 @@ impl RequestSeries {
             }
             known
         });
+    }
+}
+
+/// The span a request's events are logged in: its own (`request`: method and path)
+/// inside its connection's, which names the peer; or, when debug logging is off, the
+/// connection's itself. Debug level because an enabled span costs the subscriber's
+/// bookkeeping on every request, where the connection's is paid once per connection;
+/// a disabled one costs a level check. Shared: the request carries it for a reference
+/// count, not a copy of the span (which would be a call into the subscriber).
+pub fn request_span<B>(
+    connection: &Arc<tracing::Span>,
+    request: &http::Request<B>,
+) -> Arc<tracing::Span> {
+    let span = tracing::debug_span!(
+        parent: connection.as_ref(),
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+    );
+    if span.is_disabled() {
+        connection.clone()
+    } else {
+        Arc::new(span)
     }
 }
 

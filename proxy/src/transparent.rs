@@ -12,6 +12,9 @@
 //! pod address, which go to its inbound side; the inbound side forwards over loopback,
 //! which is never captured, so nothing loops. A connection made straight to a
 //! transparent listener (no redirect happened) is refused for the same reason.
+//!
+//! Until a connection is routed its events carry its addresses themselves; once routed,
+//! they are logged in the span of its inbound, outbound or passthrough connection.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{Span, debug, info_span, warn};
 
 use crate::config::InboundPort;
 use crate::inbound::Inbound;
@@ -137,7 +140,10 @@ impl TransparentOutbound {
                 let outbound = self.service_outbound(key, original.port());
                 outbound.handle(stream, client).await;
             }
-            None => self.passthrough(stream, client, original).await,
+            None => {
+                let span = info_span!("passthrough", client = %client, destination = %original);
+                self.passthrough(stream, original, &span).await
+            }
         }
     }
 
@@ -154,14 +160,14 @@ impl TransparentOutbound {
     }
 
     /// A destination outside the mesh: plain TCP, as if there were no proxy.
-    async fn passthrough(&self, mut stream: TcpStream, client: SocketAddr, original: SocketAddr) {
-        debug!(event = "passthrough", client_address = %client, destination = %original);
+    async fn passthrough(&self, mut stream: TcpStream, original: SocketAddr, span: &Span) {
+        debug!(parent: span, event = "passthrough");
         let counters = self.shared.metrics.direction(Direction::Outbound);
         let _open = counters.open();
         let mut upstream = match tcp::connect(original, self.shared.limits.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(error) => {
-                return debug!(event = "passthrough destination unreachable", destination = %original, error = %error);
+                return debug!(parent: span, event = "passthrough destination unreachable", error = %error);
             }
         };
         match tcp::relay(&mut stream, &mut upstream).await {
@@ -169,7 +175,9 @@ impl TransparentOutbound {
                 counters.sent.inc_by(sent);
                 counters.received.inc_by(received);
             }
-            Err(error) => debug!(event = "passthrough ended with error", error = %error),
+            Err(error) => {
+                debug!(parent: span, event = "passthrough ended with error", error = %error)
+            }
         }
     }
 }

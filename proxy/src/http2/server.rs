@@ -30,7 +30,7 @@ use http_body::Body as _;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
-use tracing::debug;
+use tracing::{Span, debug};
 
 use super::{BodyPump, Tunnel};
 use crate::config::Limits;
@@ -163,8 +163,10 @@ impl Progress {
     }
 }
 
-/// The streams open on one connection, and when the last one ended.
+/// The streams open on one connection, and when the last one ended; the connection's
+/// log span, which every stream's task names as the parent of its events.
 struct OpenStreams {
+    span: Span,
     epoch: Instant,
     count: AtomicUsize,
     /// Milliseconds since `epoch` when the count last fell to zero.
@@ -226,11 +228,13 @@ impl std::fmt::Display for ServeError {
 
 /// Serves one connection until the peer closes it, or until draining starts and its
 /// open streams are done (the peer is told with a GOAWAY). Every stream gets a task of
-/// its own running `handle`; a stream the peer resets stops its handler.
+/// its own running `handle`; a stream the peer resets stops its handler. What the
+/// connection and its streams log is logged in `span`, the connection's.
 pub async fn serve<T, H, F>(
     io: T,
     settings: Settings,
     drain: &Drain,
+    span: &Span,
     handle: H,
 ) -> Result<(), ServeError>
 where
@@ -248,6 +252,7 @@ where
     tokio::pin!(signaled);
     let mut draining = false;
     let streams = Arc::new(OpenStreams {
+        span: span.clone(),
         epoch: Instant::now(),
         count: AtomicUsize::new(0),
         idle_since: AtomicU64::new(0),
@@ -276,6 +281,7 @@ where
                     }
                     (Phase::FirstRequest | Phase::Idle, _) => {
                         debug!(
+                            parent: span,
                             event = "HTTP/2 connection closed",
                             reason = if phase == Phase::Idle {
                                 "idle"
@@ -318,7 +324,7 @@ where
                     body_timeout: settings.request_body_timeout,
                     idle_timeout: settings.stream_idle_timeout,
                     window: BodyWindow::new(&settings),
-                    _open: (open, admitted),
+                    open: (open, admitted),
                 };
                 // Boxed: tokio copies a task's future into place at spawn.
                 tokio::spawn(Box::pin(crate::assertions::size_between(0, 832, task)));
@@ -423,7 +429,8 @@ pin_project! {
         body_timeout: Duration,
         idle_timeout: Duration,
         window: BodyWindow,
-        _open: (OpenStream, Admitted),
+        // Counted among the connection's streams (which holds its log span) and the proxy's.
+        open: (OpenStream, Admitted),
     }
 }
 
@@ -435,8 +442,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
+        let span = &this.open.0.0.span;
         loop {
-            if this.answer.as_mut().poll(cx).is_ready() {
+            if this.answer.as_mut().poll_answer(cx, span).is_ready() {
                 return Poll::Ready(());
             }
             if !*this.replied && !matches!(*this.answer, Answer::Waiting { .. }) {
@@ -462,19 +470,19 @@ where
             let next = match this.answer.as_mut().project() {
                 AnswerProjection::Waiting { respond, .. } => {
                     if let Some(respond) = respond.take() {
-                        debug!(event = "stream timed out", body_open, too_slow);
+                        debug!(parent: span, event = "stream timed out", body_open, too_slow);
                         request_timeout(respond);
                     }
                     Answer::Done
                 }
                 AnswerProjection::Sending { pump } => {
-                    debug!(event = "stream timed out", sending = true);
+                    debug!(parent: span, event = "stream timed out", sending = true);
                     pump.reset(h2::Reason::CANCEL);
                     Answer::Done
                 }
                 // A tunnel is a TCP connection: it may rest as long as its ends like.
                 AnswerProjection::Relaying { .. } | AnswerProjection::Done => {
-                    return this.answer.poll(cx);
+                    return this.answer.poll_answer(cx, span);
                 }
             };
             this.answer.set(next);
@@ -526,13 +534,13 @@ impl<F> Answer<F> {
     }
 }
 
-impl<F> Future for Answer<F>
+impl<F> Answer<F>
 where
     F: Future<Output = Reply>,
 {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    /// Polls the answer as a future; what goes wrong is logged in `span`, the
+    /// connection's.
+    fn poll_answer(mut self: Pin<&mut Self>, cx: &mut Context<'_>, span: &Span) -> Poll<()> {
         loop {
             let next = match self.as_mut().project() {
                 AnswerProjection::Waiting {
@@ -545,7 +553,7 @@ where
                     };
                     match reply.poll(cx) {
                         Poll::Ready(reply) => match respond.take() {
-                            Some(respond) => start_reply(respond, reply, progress.take()),
+                            Some(respond) => start_reply(respond, reply, progress.take(), span),
                             None => Answer::Done,
                         },
                         Poll::Pending if sender.poll_reset(cx).is_ready() => Answer::Done,
@@ -554,7 +562,7 @@ where
                 }
                 AnswerProjection::Sending { pump } => {
                     if let Err(error) = ready!(Pin::new(pump).poll(cx)) {
-                        debug!(event = "response body not sent", error = %error);
+                        debug!(parent: span, event = "response body not sent", error = %error);
                     }
                     Answer::Done
                 }
@@ -574,9 +582,10 @@ fn start_reply<F>(
     mut respond: SendResponse<Bytes>,
     reply: Reply,
     progress: Option<Arc<Progress>>,
+    span: &Span,
 ) -> Answer<F> {
     match reply {
-        Reply::Response(response) => match send_head(respond, response) {
+        Reply::Response(response) => match send_head(respond, response, span) {
             Some(pump) => Answer::Sending {
                 pump: pump.with_progress(progress),
             },
@@ -591,7 +600,7 @@ fn start_reply<F>(
                 }),
             },
             Err(error) => {
-                debug!(event = "tunnel not opened", error = %error);
+                debug!(parent: span, event = "tunnel not opened", error = %error);
                 Answer::Done
             }
         },
@@ -599,7 +608,11 @@ fn start_reply<F>(
 }
 
 /// Sends the response head; its body, if any, to pump into the stream.
-fn send_head(mut respond: SendResponse<Bytes>, response: Response<Body>) -> Option<BodyPump<Body>> {
+fn send_head(
+    mut respond: SendResponse<Bytes>,
+    response: Response<Body>,
+    span: &Span,
+) -> Option<BodyPump<Body>> {
     let (mut head, body) = response.into_parts();
     let end_of_stream = body.is_end_stream();
     // A body of known length announces it, so the peer's caller is told a length when
@@ -618,7 +631,7 @@ fn send_head(mut respond: SendResponse<Bytes>, response: Response<Body>) -> Opti
             // A head HTTP/2 cannot carry (a connection-specific field) leaves the stream
             // open: the peer gets a bad gateway instead. On a stream already gone this
             // fails too, harmlessly.
-            debug!(event = "response not sent", error = %error);
+            debug!(parent: span, event = "response not sent", error = %error);
             let mut refusal = Response::new(());
             *refusal.status_mut() = StatusCode::BAD_GATEWAY;
             let _ = respond.send_response(refusal, true);
@@ -703,7 +716,10 @@ mod tests {
         F: Future<Output = Reply> + Send + 'static,
     {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let served = tokio::spawn(async move { serve(server, settings, &drain, handle).await });
+        let served =
+            tokio::spawn(
+                async move { serve(server, settings, &drain, &Span::none(), handle).await },
+            );
         let (streams, connection) = h2::client::handshake(client).await.unwrap();
         tokio::spawn(connection);
         (streams, served)
@@ -774,7 +790,9 @@ mod tests {
             max_streams: 4,
             ..settings()
         };
-        tokio::spawn(async move { serve(server, settings, &drain, hold_or_answer).await });
+        tokio::spawn(async move {
+            serve(server, settings, &drain, &Span::none(), hold_or_answer).await
+        });
         let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         bytes.extend(frame(0x4, 0, 0, &[])); // SETTINGS
         // GET http://a/hold, HPACK without the dynamic table; END_HEADERS, no END_STREAM.
@@ -1131,6 +1149,37 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_streams_events_are_logged_in_its_connections_span() {
+        use tessera_mesh::process::logging::{self, CapturedLogs, LogFormat};
+        // The test's runtime has one thread: the stream's task logs to this subscriber.
+        let logs = CapturedLogs::default();
+        let dispatch = logging::subscriber(LogFormat::Json, "debug", false, logs.clone());
+        let _subscriber = tracing::dispatcher::set_default(&dispatch);
+        let connection = tracing::info_span!("inbound", peer = "10.0.0.7:40000");
+        let (_trigger, drain) = lifecycle::channel();
+        let settings = Settings::new(&Limits::default());
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(
+            async move { serve(server, settings, &drain, &connection, hold_or_answer).await },
+        );
+        let (mut streams, connection) = h2::client::handshake(client).await.unwrap();
+        tokio::spawn(connection);
+        let (response, _) = streams
+            .send_request(request(http::Method::GET, "http://app/hold"), true)
+            .unwrap();
+        timed_out(response).await;
+
+        let lines = logs.lines();
+        let line = lines
+            .iter()
+            .find(|line| line.contains("stream timed out"))
+            .unwrap_or_else(|| panic!("no timeout logged: {lines:?}"));
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(entry["spans"][0]["name"], "inbound", "{line}");
+        assert_eq!(entry["spans"][0]["peer"], "10.0.0.7:40000", "{line}");
+    }
+
     #[tokio::test]
     async fn a_request_gets_its_response_with_a_length() {
         let (_trigger, drain) = lifecycle::channel();
@@ -1268,7 +1317,8 @@ mod tests {
             handshake_timeout: Duration::from_millis(50),
             ..Settings::new(&Limits::default())
         };
-        let served = serve(server, settings, &drain, |_request| async {
+        let span = Span::none();
+        let served = serve(server, settings, &drain, &span, |_request| async {
             Reply::Response(Response::new(crate::http::empty()))
         });
         let outcome = tokio::time::timeout(TEST_TIMEOUT, served).await.unwrap();

@@ -8,7 +8,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::Either;
 use hyper_util::rt::TokioIo;
-use tracing::{debug, warn};
+use tracing::{Span, debug, warn};
 
 use super::app_pool::Http1Pool;
 use super::{AppResponse, InboundBody, from_application, refusal};
@@ -49,8 +49,13 @@ impl AppClient {
     /// Forwards one request, restoring HTTP/1.1 when the caller spoke it. The request is
     /// put in the application's form first: the future is only the exchange, with no
     /// layer around it keeping room for the request again. A refusal is a gRPC status
-    /// when `grpc`.
-    pub fn forward(&self, request: Request<InboundBody>, grpc: bool) -> BoxFuture<'_, AppResponse> {
+    /// when `grpc`. What goes wrong is logged in `log`, the request's span.
+    pub fn forward(
+        &self,
+        request: Request<InboundBody>,
+        grpc: bool,
+        log: Arc<Span>,
+    ) -> BoxFuture<'_, AppResponse> {
         if crate::http::is_upgrade(&request) {
             return Box::pin(async move {
                 match self.upgrade(request).await {
@@ -64,19 +69,21 @@ impl AppClient {
                 Box::pin(crate::assertions::size_between(900, 1200, async move {
                     match self.http1.send(request).await {
                         Ok(response) => from_application(response.map(Either::Left)),
-                        Err(error) => refusal(self.http1.refusal(error), grpc),
+                        Err(error) => refusal(self.http1.refusal(error, &log), grpc),
                     }
                 }))
             }
             // The request stays where the future captured it until the stream opens.
             Ok(request) => Box::pin(crate::assertions::size_between(640, 900, async move {
-                let opened = match self.http2_sender().await {
-                    Ok(sender) => sender.send(request).map_err(|e| self.stream_failed(&e)),
+                let opened = match self.http2_sender(&log).await {
+                    Ok(sender) => sender
+                        .send(request)
+                        .map_err(|e| self.stream_failed(&e, &log)),
                     Err(error) => Err(error),
                 };
                 let answered = match opened {
                     Ok(exchange) => exchange.await.map_err(|error| match error {
-                        ExchangeError::Stream(error) => self.stream_failed(&error),
+                        ExchangeError::Stream(error) => self.stream_failed(&error, &log),
                         ExchangeError::CallerBody(answer) => answer,
                     }),
                     Err(error) => Err(error),
@@ -134,13 +141,13 @@ impl AppClient {
     }
 
     /// A ready sender on the shared HTTP/2 connection to the application.
-    async fn http2_sender(&self) -> Result<Sender, ProxyError> {
+    async fn http2_sender(&self, log: &Span) -> Result<Sender, ProxyError> {
         self.http2
             .sender(self.authority.as_str(), || async {
                 let app = tcp::connect(self.address, self.connect_timeout)
                     .await
                     .map_err(|error| {
-                        warn!(event = "application unreachable", application = %self.address, error = %error);
+                        warn!(parent: log, event = "application unreachable", application = %self.address, error = %error);
                         ProxyError::AppUnavailable
                     })?;
                 Ok((app, false)) // an application never takes tunnels
@@ -148,8 +155,8 @@ impl AppClient {
             .await
     }
 
-    fn stream_failed(&self, error: &h2::Error) -> ProxyError {
-        debug!(event = "application error", application = %self.address, error = %error);
+    fn stream_failed(&self, error: &h2::Error, log: &Span) -> ProxyError {
+        debug!(parent: log, event = "application error", application = %self.address, error = %error);
         crate::http2::client::failure(error)
     }
 

@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, warn};
+use tracing::{Span, debug, warn};
 
 use crate::config::Limits;
 use crate::http::{BoxError, ProxyError};
@@ -242,16 +242,18 @@ pub enum SendError {
 }
 
 impl<B> Http1Pool<B> {
-    /// The answer for the caller when `send` failed; logs what the operator needs.
-    pub fn refusal(&self, error: SendError) -> ProxyError {
+    /// The answer for the caller when `send` failed; logs what the operator needs, in
+    /// the request's span `log`.
+    pub fn refusal(&self, error: SendError, log: &Span) -> ProxyError {
         let application = self.address;
         match error {
             SendError::Connect(error) => {
-                warn!(event = "application unreachable", %application, error = %error);
+                warn!(parent: log, event = "application unreachable", %application, error = %error);
                 ProxyError::AppUnavailable
             }
             SendError::Request(error) if error.is_parse_too_large() => {
                 warn!(
+                    parent: log,
                     event = "application response refused",
                     %application,
                     reason = "response headers exceed the limit",
@@ -261,19 +263,19 @@ impl<B> Http1Pool<B> {
             }
             // The caller's body failed while it was being sent: the caller's error.
             SendError::Request(error) if error.is_user() => {
-                debug!(event = "request body failed", %application, error = %error);
+                debug!(parent: log, event = "request body failed", %application, error = %error);
                 crate::limits::body_rate::answer(&error)
             }
             SendError::Request(error) => {
-                debug!(event = "application error", %application, error = %error);
+                debug!(parent: log, event = "application error", %application, error = %error);
                 ProxyError::Reset
             }
             SendError::Closed => {
-                debug!(event = "application error", %application, error = "connection closed");
+                debug!(parent: log, event = "application error", %application, error = "connection closed");
                 ProxyError::Reset
             }
             SendError::Overloaded => {
-                debug!(event = "application connections exhausted", %application);
+                debug!(parent: log, event = "application connections exhausted", %application);
                 ProxyError::Overloaded
             }
         }
@@ -511,7 +513,10 @@ mod tests {
         let refused = pool.send(get()).await;
         assert!(matches!(refused, Err(SendError::Overloaded)));
         assert_eq!(started.elapsed(), APP_CONNECTION_WAIT);
-        assert_eq!(pool.refusal(SendError::Overloaded).status(), 503);
+        assert_eq!(
+            pool.refusal(SendError::Overloaded, &Span::none()).status(),
+            503
+        );
         // Once it is read, the next request gets the connection.
         let waiting = tokio::spawn({
             let pool = pool.clone();
@@ -589,7 +594,10 @@ mod tests {
         let Err(broken) = pool.send(failing_upload("invalid chunk size".into())).await else {
             panic!("a failed body got an answer");
         };
-        assert_eq!(pool.refusal(broken), ProxyError::BadRequestBody);
+        assert_eq!(
+            pool.refusal(broken, &Span::none()),
+            ProxyError::BadRequestBody
+        );
         let slow = crate::limits::body_rate::BodyTooSlow {
             brought: 1,
             window: std::time::Duration::from_secs(60),
@@ -597,6 +605,9 @@ mod tests {
         let Err(slow) = pool.send(failing_upload(slow.into())).await else {
             panic!("a failed body got an answer");
         };
-        assert_eq!(pool.refusal(slow), ProxyError::RequestBodyTimeout);
+        assert_eq!(
+            pool.refusal(slow, &Span::none()),
+            ProxyError::RequestBodyTimeout
+        );
     }
 }

@@ -10,6 +10,10 @@
 //! passes JWT validation and authorization before it is forwarded; an opaque connection
 //! is authorized before the application's connection is even opened, so a denied peer
 //! never gets a byte to it.
+//!
+//! Each connection has a log span (peer address, peer identity once verified, this
+//! workload, the application port), named as the parent of every event about the
+//! connection and its requests, so none of them repeats who and where.
 
 pub mod app_client;
 pub mod app_pool;
@@ -35,7 +39,8 @@ use tessera_mesh::tls;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::field::{Empty, display};
+use tracing::{Span, debug, info_span, warn};
 
 use self::app_client::AppClient;
 use self::app_pool::PooledBody;
@@ -54,7 +59,7 @@ use crate::limits::body_rate::{MinRate, Paced};
 use crate::migration::SourceLog;
 use crate::tcp::{self, Io};
 use crate::telemetry::{
-    Direction, DirectionMetrics, Label, Metrics, Refusal, RequestMeter, RequestSeries,
+    Direction, DirectionMetrics, Label, Metrics, Refusal, RequestMeter, RequestSeries, request_span,
 };
 use crate::trace::{self, Tracer};
 
@@ -107,6 +112,8 @@ struct Peer {
     identity: Option<SpiffeId>,
     /// The request metrics of this connection, resolved once.
     series: Arc<RequestSeries>,
+    /// The connection's log span.
+    span: Arc<Span>,
 }
 
 impl Peer {
@@ -119,7 +126,7 @@ impl Peer {
 }
 
 impl Inbound {
-    fn peer(&self, address: SocketAddr, identity: Option<SpiffeId>) -> Peer {
+    fn peer(&self, address: SocketAddr, identity: Option<SpiffeId>, span: Span) -> Peer {
         let (source, security) = match &identity {
             Some(id) => (Label::new(id.as_str()), "mtls"),
             None => (Label::new("unauthenticated"), "plaintext"),
@@ -135,6 +142,7 @@ impl Inbound {
             address,
             identity,
             series,
+            span: Arc::new(span),
         }
     }
 
@@ -154,87 +162,91 @@ impl Inbound {
         .await;
     }
 
-    fn refuse(&self, peer: SocketAddr, reason: Refusal, detail: &dyn std::fmt::Display) {
+    fn refuse(&self, span: &Span, reason: Refusal, detail: &dyn std::fmt::Display) {
         self.metrics.refuse(Direction::Inbound, reason);
         warn!(
+            parent: span,
             event = "inbound connection refused",
-            peer_address = %peer,
-            port = self.port.listen.port(),
+            listener = self.port.listen.port(),
             reason = ?reason,
             detail = %detail,
         );
     }
 
-    /// Serves one accepted connection.
+    /// Serves one accepted connection, in a log span of its own.
     pub(crate) async fn handle(self: Arc<Self>, stream: TcpStream, address: SocketAddr) {
+        let span = info_span!(
+            "inbound",
+            peer = %address,
+            peer_identity = Empty,
+            destination = %self.workload,
+            port = self.app_port(),
+        );
         if !self.identity.has_valid_cert() {
             return self.refuse(
-                address,
+                &span,
                 Refusal::NoLocalCertificate,
                 &"this proxy holds no valid certificate",
             );
         }
         let Some(policy) = self.policy.load_full() else {
             return self.refuse(
-                address,
+                &span,
                 Refusal::NoConfiguration,
                 &"no configuration from the control plane yet",
             );
         };
         match tokio::time::timeout(self.limits.handshake_timeout, first_byte(&stream)).await {
-            Ok(Ok(Some(TLS_HANDSHAKE_RECORD))) => self.mtls(stream, address).await,
+            Ok(Ok(Some(TLS_HANDSHAKE_RECORD))) => self.mtls(stream, address, span).await,
             Ok(Ok(Some(_))) if policy.mode == MtlsMode::Strict => {
                 let by = policy.mode_policy.as_deref().unwrap_or("default");
                 self.refuse(
-                    address,
+                    &span,
                     Refusal::Plaintext,
                     &format!("plaintext on a STRICT mTLS port (PeerAuthentication {by})"),
                 )
             }
-            Ok(Ok(Some(_))) => self.plaintext(stream, address).await,
+            Ok(Ok(Some(_))) => self.plaintext(stream, address, span).await,
             Ok(Ok(None)) | Ok(Err(_)) => {} // closed before saying anything
             Err(_) => self.refuse(
-                address,
+                &span,
                 Refusal::HandshakeTimeout,
                 &"nothing received in time",
             ),
         }
     }
 
-    async fn mtls(self: Arc<Self>, stream: TcpStream, address: SocketAddr) {
+    async fn mtls(self: Arc<Self>, stream: TcpStream, address: SocketAddr, span: Span) {
         let accepted =
             tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(stream)).await;
         let tls_stream = match accepted {
             Ok(Ok(tls_stream)) => tls_stream,
             Ok(Err(error)) => {
                 return self.refuse(
-                    address,
+                    &span,
                     tcp::classify_handshake_error(&error),
                     &tcp::describe_handshake_error(&error),
                 );
             }
             Err(_) => {
-                return self.refuse(
-                    address,
-                    Refusal::HandshakeTimeout,
-                    &"TLS handshake timed out",
-                );
+                return self.refuse(&span, Refusal::HandshakeTimeout, &"TLS handshake timed out");
             }
         };
         let Some(identity) = tls::peer_identity(tls_stream.get_ref().1) else {
             // The verifier demands a SPIFFE certificate, so this is unreachable in
             // practice; refuse rather than forward an unnamed peer.
             return self.refuse(
-                address,
+                &span,
                 Refusal::NoCertificate,
                 &"no peer identity after handshake",
             );
         };
-        debug!(event = "inbound connection", peer_address = %address, peer_identity = %identity);
+        span.record("peer_identity", display(&identity));
+        debug!(parent: &span, event = "inbound connection");
         self.metrics.connection(Direction::Inbound, &identity);
         self.sources.mtls(identity.as_str());
         let alpn = tls_stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        let peer = self.peer(address, Some(identity));
+        let peer = self.peer(address, Some(identity), span);
         let _open = self.counters.open();
         match alpn.as_deref() {
             Some(ALPN_H2 | ALPN_H2_TUNNELS) => {
@@ -250,13 +262,13 @@ impl Inbound {
     }
 
     /// A caller outside the mesh, on a PERMISSIVE or DISABLE port.
-    async fn plaintext(self: Arc<Self>, stream: TcpStream, address: SocketAddr) {
+    async fn plaintext(self: Arc<Self>, stream: TcpStream, address: SocketAddr, span: Span) {
         self.metrics.plaintext_connection();
         self.sources.plaintext(address.ip());
         let detected = detect::detect(&stream, self.limits.detect_timeout)
             .await
             .unwrap_or(Detected::Opaque);
-        let peer = self.peer(address, None);
+        let peer = self.peer(address, None, span);
         let _open = self.counters.open();
         match detected {
             Detected::Opaque => self.relay(stream, peer).await,
@@ -272,7 +284,7 @@ impl Inbound {
         let Ok(mut app) = self.open_opaque(&peer).await else {
             return;
         };
-        self.splice(&mut stream, &mut app, &peer).await;
+        self.splice(&mut stream, &mut app, &peer.span).await;
     }
 
     /// One opaque connection tunnelled by a peer proxy (a `CONNECT` stream on its pooled
@@ -292,7 +304,7 @@ impl Inbound {
                         self.counters.sent.inc_by(sent);
                     }
                     Err(error) => {
-                        debug!(event = "inbound connection ended with error", peer = %peer.describe(), error = %error)
+                        debug!(parent: peer.span.as_ref(), event = "inbound connection ended with error", error = %error)
                     }
                 }
             }))
@@ -330,7 +342,7 @@ impl Inbound {
             &self.metrics,
         );
         if !decision.allowed {
-            self.log_denial(peer, &policy, &decision, None, "connection denied");
+            self.log_denial(&peer.span, &policy, &decision, None, "connection denied");
             return Err(ProxyError::Forbidden);
         }
         let forward_to = self.port.forward_to;
@@ -339,13 +351,13 @@ impl Inbound {
             .map_err(|error| {
                 self.metrics
                     .refuse(Direction::Inbound, Refusal::ConnectFailed);
-                warn!(event = "application unreachable", application = %forward_to, error = %error);
+                warn!(parent: peer.span.as_ref(), event = "application unreachable", application = %forward_to, error = %error);
                 ProxyError::AppUnavailable
             })
     }
 
     /// Copies both ways between a peer's connection (or tunnel) and the application.
-    async fn splice<S>(&self, stream: &mut S, app: &mut TcpStream, peer: &Peer)
+    async fn splice<S>(&self, stream: &mut S, app: &mut TcpStream, span: &Span)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -355,7 +367,7 @@ impl Inbound {
                 self.counters.sent.inc_by(sent);
             }
             Err(error) => {
-                debug!(event = "inbound connection ended with error", peer = %peer.describe(), error = %error)
+                debug!(parent: span, event = "inbound connection ended with error", error = %error)
             }
         }
     }
@@ -378,7 +390,7 @@ impl Inbound {
                 .map_err(|e| e.to_string()),
         };
         if let Err(error) = served {
-            debug!(event = "inbound HTTP connection error", peer = %peer.describe(), error);
+            debug!(parent: peer.span.as_ref(), event = "inbound HTTP connection error", error);
         }
     }
 
@@ -394,7 +406,7 @@ impl Inbound {
         } else {
             server::Settings::new(&self.limits)
         };
-        server::serve(stream, settings, &self.drain, |request| {
+        server::serve(stream, settings, &self.drain, &peer.span, |request| {
             let inbound = self.clone();
             let peer = peer.clone();
             async move {
@@ -444,6 +456,7 @@ impl Inbound {
         peer: &'a Peer,
     ) -> impl Future<Output = Response<Body>> + Send + 'a {
         let canonical = canonicalize(&mut request, peer.identity.is_some());
+        let log = request_span(&peer.span, &request);
         let parent = trace::extract(request.headers());
         let span = self.tracer.start_span(
             parent.as_ref(),
@@ -462,8 +475,8 @@ impl Inbound {
             .with_trace(trace_id)
             .with_access_log(self.access_log, request.method(), request.uri());
         let exchange = match canonical {
-            Ok(()) => self.boxed_authorized_request(request, peer),
-            Err(malformed) => self.malformed(&request, peer, &malformed),
+            Ok(()) => self.boxed_authorized_request(request, peer, log),
+            Err(malformed) => self.malformed(&request, &log, &malformed),
         };
         async move {
             let response = exchange.await;
@@ -503,11 +516,12 @@ impl Inbound {
         &'a self,
         request: Request<InboundBody>,
         peer: &'a Peer,
+        log: Arc<Span>,
     ) -> BoxFuture<'a, AppResponse> {
         // Read once: a refusal from either step answers a gRPC caller in gRPC.
         let grpc = crate::http::is_grpc(request.headers());
-        match self.authorize(request, peer, grpc) {
-            Ok(request) => self.app.forward(request, grpc),
+        match self.authorize(request, peer, grpc, &log) {
+            Ok(request) => self.app.forward(request, grpc, log),
             Err(refused) => Box::pin(std::future::ready(refused)),
         }
     }
@@ -516,15 +530,10 @@ impl Inbound {
     fn malformed(
         &self,
         request: &Request<InboundBody>,
-        peer: &Peer,
+        log: &Span,
         malformed: &Malformed,
     ) -> BoxFuture<'static, AppResponse> {
-        debug!(
-            event = "request refused",
-            source = %peer.describe(),
-            destination = %self.identity.identity(),
-            reason = %malformed,
-        );
+        debug!(parent: log, event = "request refused", reason = %malformed);
         let grpc = crate::http::is_grpc(request.headers());
         Box::pin(std::future::ready(refusal(ProxyError::BadRequest, grpc)))
     }
@@ -536,6 +545,7 @@ impl Inbound {
         request: Request<InboundBody>,
         peer: &Peer,
         grpc: bool,
+        log: &Span,
     ) -> Result<Request<InboundBody>, AppResponse> {
         let Some(policy) = self.policy.load_full() else {
             return Err(refusal(ProxyError::Forbidden, grpc));
@@ -543,9 +553,8 @@ impl Inbound {
         if peer.identity.is_none() && policy.mode == MtlsMode::Strict {
             // The port went STRICT while this plaintext connection was open.
             warn!(
+                parent: log,
                 event = "request refused",
-                source = %peer.describe(),
-                destination = %self.identity.identity(),
                 reason = "plaintext on a STRICT mTLS port",
             );
             return Err(refusal(ProxyError::Forbidden, grpc));
@@ -557,9 +566,8 @@ impl Inbound {
         let request_principal = match &jwt {
             JwtOutcome::Invalid(reason) => {
                 warn!(
+                    parent: log,
                     event = "request refused",
-                    source = %peer.describe(),
-                    destination = %self.identity.identity(),
                     method = %request.method(),
                     path = request.uri().path(),
                     reason,
@@ -587,7 +595,7 @@ impl Inbound {
         };
         if !decision.allowed {
             let target = format!("{} {}", request.method(), request.uri().path());
-            self.log_denial(peer, &policy, &decision, Some(&target), "request denied");
+            self.log_denial(log, &policy, &decision, Some(&target), "request denied");
             return Err(refusal(ProxyError::Forbidden, grpc));
         }
         Ok(request)
@@ -595,17 +603,15 @@ impl Inbound {
 
     fn log_denial(
         &self,
-        peer: &Peer,
+        span: &Span,
         policy: &InboundPolicy,
         decision: &policy::Decision,
         target: Option<&str>,
         event: &str,
     ) {
         warn!(
+            parent: span,
             event,
-            source = %peer.describe(),
-            destination = %self.identity.identity(),
-            port = self.app_port(),
             target,
             policy = policy.deciding_policy(decision).unwrap_or("none"),
             rule = decision.rule,

@@ -26,7 +26,7 @@ use tessera_mesh::resources::RoutePolicySpec;
 use tessera_mesh::tls;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
-use tracing::{debug, warn};
+use tracing::{Span, debug, warn};
 
 use crate::alpn::ALPN_H2_TUNNELS;
 use crate::config::Limits;
@@ -104,7 +104,8 @@ impl Upstream {
         self.policy_spec.store(spec.cloned().map(Arc::new));
     }
 
-    /// Forwards one request; never fails: errors become honest responses.
+    /// Forwards one request; never fails: errors become honest responses, logged in
+    /// `log`, the request's span.
     ///
     /// Synchronous up to the exchange, which is boxed once: a pointer moves cheaply into
     /// the per-stream task (HTTP/2), the retrying, timing-out exchange would not; and the
@@ -112,6 +113,7 @@ impl Upstream {
     pub fn handle(
         self: Arc<Self>,
         request: Request<CallerBody>,
+        log: Arc<Span>,
     ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
         // The caller's trace, or a new one: every attempt of this request joins it.
         let context = trace::extract(request.headers()).or_else(|| self.tracer.root_context());
@@ -119,9 +121,9 @@ impl Upstream {
             .with_trace(sampled_trace_id(context.as_ref()))
             .with_access_log(self.access_log, request.method(), request.uri());
         let exchange = if proxy_http::is_upgrade(&request) {
-            self.upgrade(request)
+            self.upgrade(request, log)
         } else {
-            self.forward(request, context)
+            self.forward(request, context, log)
         };
         async move { Ok(meter.finish(exchange.await)) }
     }
@@ -132,13 +134,14 @@ impl Upstream {
         self: Arc<Self>,
         request: Request<CallerBody>,
         context: Option<TraceContext>,
+        log: Arc<Span>,
     ) -> BoxFuture<'static, Response<UpstreamBody>> {
         let grpc = proxy_http::is_grpc(request.headers());
         let policy = self.policy.load_full();
         let (mut parts, body) = request.into_parts();
         let original_version = parts.version;
         if let Err(error) = to_http2(&mut parts, &self.name) {
-            return Box::pin(std::future::ready(self.refusal(error, grpc)));
+            return Box::pin(std::future::ready(self.refusal(error, grpc, &log)));
         }
         Box::pin(crate::assertions::size_between(1024, 1400, async move {
             let replay = if policy.may_retry(&parts.method) {
@@ -151,10 +154,10 @@ impl Upstream {
             };
             let replay = match replay {
                 Ok(replay) => replay,
-                Err(error) => return self.refusal(error, grpc),
+                Err(error) => return self.refusal(error, grpc, &log),
             };
             let outcome = self
-                .attempts(&policy, &mut parts, replay, context.as_ref())
+                .attempts(&policy, &mut parts, replay, context.as_ref(), &log)
                 .await;
             match outcome {
                 Ok(mut response) => {
@@ -162,14 +165,14 @@ impl Upstream {
                     *response.version_mut() = original_version;
                     response.map(Either::Left)
                 }
-                Err(error) => self.refusal(error, grpc),
+                Err(error) => self.refusal(error, grpc, &log),
             }
         }))
     }
 
     /// The error as the caller's answer.
-    fn refusal(&self, error: ProxyError, grpc: bool) -> Response<UpstreamBody> {
-        debug!(event = "request failed", upstream = %self.name, reason = error.reason());
+    fn refusal(&self, error: ProxyError, grpc: bool, log: &Span) -> Response<UpstreamBody> {
+        debug!(parent: log, event = "request failed", reason = error.reason());
         error.response(grpc).map(Either::Right)
     }
 
@@ -186,6 +189,7 @@ impl Upstream {
         parts: &'a mut http::request::Parts,
         mut replay: Replay,
         context: Option<&'a TraceContext>,
+        log: &'a Span,
     ) -> impl Future<Output = Result<Response<StreamBody>, ProxyError>> + Send + 'a {
         async move {
             // One clock reading serves the original request's budget deposit, its
@@ -204,7 +208,14 @@ impl Upstream {
                     .tracer
                     .start_span(context, parts.method.as_str(), trace::SpanKind::Client)
                     .map(|span| AttemptSpan::new(span, parts));
-                let sent = self.attempt(endpoint, parts, body, attempts.is_last(), span.as_deref());
+                let sent = self.attempt(
+                    endpoint,
+                    parts,
+                    body,
+                    attempts.is_last(),
+                    span.as_deref(),
+                    log,
+                );
                 let outcome = match attempts.cut_off(began) {
                     Some(at) => tokio::time::timeout_at(at, sent)
                         .await
@@ -243,6 +254,7 @@ impl Upstream {
         body: RequestBody,
         last: bool,
         span: Option<&'a AttemptSpan>,
+        log: &'a Span,
     ) -> impl Future<Output = Result<Response<StreamBody>, ProxyError>> + Send + 'a {
         async move {
             let sender = self.h2_sender(endpoint).await?;
@@ -259,16 +271,16 @@ impl Upstream {
                 }
                 sender.send(Request::from_parts(head, body))
             };
-            let exchange = opened.map_err(|error| self.stream_failed(endpoint, &error))?;
+            let exchange = opened.map_err(|error| self.stream_failed(endpoint, &error, log))?;
             exchange.await.map_err(|error| match error {
-                ExchangeError::Stream(error) => self.stream_failed(endpoint, &error),
+                ExchangeError::Stream(error) => self.stream_failed(endpoint, &error, log),
                 ExchangeError::CallerBody(answer) => answer,
             })
         }
     }
 
-    fn stream_failed(&self, endpoint: &EndpointState, error: &h2::Error) -> ProxyError {
-        debug!(event = "upstream error", upstream = %self.name, address = %endpoint.address, error = %error);
+    fn stream_failed(&self, endpoint: &EndpointState, error: &h2::Error, log: &Span) -> ProxyError {
+        debug!(parent: log, event = "upstream error", address = %endpoint.address, error = %error);
         crate::http2::client::failure(error)
     }
 
@@ -335,8 +347,13 @@ impl Upstream {
     /// HTTP/2 connection to the endpoint's proxy, so a new application connection
     /// costs one stream instead of one TLS handshake. The peer answers 200 only once it
     /// has authorized the connection and reached its application. `None` when the peer
-    /// predates tunnels: then the connection needs one of its own.
-    pub async fn tunnel(&self, endpoint: &EndpointState) -> Result<Option<Tunnel>, ProxyError> {
+    /// predates tunnels: then the connection needs one of its own. A refusal is logged in
+    /// `log`, the connection's span.
+    pub async fn tunnel(
+        &self,
+        endpoint: &EndpointState,
+        log: &Span,
+    ) -> Result<Option<Tunnel>, ProxyError> {
         // The authority names the endpoint the peer was dialled at (RFC 9113 §8.5).
         let authority =
             Authority::try_from(endpoint.address.as_str()).map_err(|_| ProxyError::BadRequest)?;
@@ -348,7 +365,7 @@ impl Upstream {
             .await
             .map_err(|_| ProxyError::Timeout)?;
         opened.map(Some).map_err(|error| {
-            debug!(event = "tunnel refused", upstream = %self.name, address = %endpoint.address, error = %error);
+            debug!(parent: log, event = "tunnel refused", address = %endpoint.address, error = %error);
             match error {
                 ConnectError::Refused(StatusCode::FORBIDDEN) => ProxyError::Forbidden,
                 ConnectError::Refused(_) => ProxyError::Unreachable,
@@ -404,6 +421,7 @@ impl Upstream {
     fn upgrade(
         self: Arc<Self>,
         request: Request<CallerBody>,
+        log: Arc<Span>,
     ) -> BoxFuture<'static, Response<UpstreamBody>> {
         let grpc = proxy_http::is_grpc(request.headers());
         Box::pin(async move {
@@ -417,7 +435,7 @@ impl Upstream {
             };
             match upgraded.await {
                 Ok(response) => response.map(Either::Right),
-                Err(error) => self.refusal(error, grpc),
+                Err(error) => self.refusal(error, grpc, &log),
             }
         })
     }
@@ -735,13 +753,19 @@ mod tests {
         Duration::from_millis(millis)
     }
 
-    /// Serves one application connection as the outbound HTTP/1.1 server does.
+    /// Serves one application connection as the outbound HTTP/1.1 server does, in the
+    /// same log spans.
     async fn serve_http1(upstream: Arc<Upstream>, app: DuplexStream) {
         let min_rate = MinRate::new(&upstream.limits);
+        let connection = Arc::new(tracing::info_span!(
+            "outbound",
+            client = "127.0.0.1:40000",
+            upstream = %upstream.name
+        ));
         let service = service_fn(move |request: Request<Incoming>| {
-            upstream
-                .clone()
-                .handle(request.map(|body| Either::Left(Paced::new(body, min_rate))))
+            let log = crate::telemetry::request_span(&connection, &request);
+            let request = request.map(|body| Either::Left(Paced::new(body, min_rate)));
+            upstream.clone().handle(request, log)
         });
         let _ = crate::limits::http1_server(Duration::from_secs(10))
             .serve_connection(TokioIo::new(app), service)
@@ -821,6 +845,36 @@ mod tests {
             "nor is a POST without a body"
         );
         assert_eq!(upstream.retries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_request_logs_in_its_span_inside_its_connections() {
+        use tessera_mesh::process::logging::{self, CapturedLogs, LogFormat};
+        // The test's runtime has one thread: the connection's task logs to this subscriber.
+        let logs = CapturedLogs::default();
+        let dispatch = logging::subscriber(LogFormat::Json, "debug", false, logs.clone());
+        let _subscriber = tracing::dispatcher::set_default(&dispatch);
+        let peer = Peer::new("a", Act::Reset);
+        let upstream = upstream(&[&peer], RoutePolicySpec::default());
+        let answer = send(&upstream, get()).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+
+        let lines = logs.lines();
+        let line = lines
+            .iter()
+            .find(|line| line.contains("upstream error"))
+            .unwrap_or_else(|| panic!("no upstream error logged: {lines:?}"));
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        let spans = entry["spans"].as_array().expect("a span list");
+        assert_eq!(spans.len(), 2, "{line}");
+        assert_eq!(spans[0]["name"], "outbound", "{line}");
+        assert_eq!(spans[0]["client"], "127.0.0.1:40000", "{line}");
+        assert_eq!(spans[0]["upstream"], "backend.shop", "{line}");
+        assert_eq!(spans[1]["name"], "request", "{line}");
+        assert_eq!(spans[1]["method"], "GET", "{line}");
+        assert_eq!(spans[1]["path"], "/orders", "{line}");
+        assert_eq!(entry["address"], "a", "{line}");
+        assert!(entry.get("upstream").is_none(), "repeated: {line}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,11 @@
 //! or HTTP/2 with every request forwarded on its own ([`forward`]).
 //! Nothing is sent anywhere until the upstream proxy has proved the identity expected of
 //! it; a wrong or untrusted peer gets nothing and the application's connection is closed.
+//!
+//! Each connection has a log span (the local client's address, the upstream service),
+//! named as the parent of every event about the connection and its requests. A pooled
+//! connection to an upstream proxy serves every client, so what opening one logs names
+//! the upstream and endpoint itself.
 
 pub mod balance;
 pub mod endpoint;
@@ -22,7 +27,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tessera_mesh::resources::Protocol;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::{Span, debug, info_span, warn};
 
 use crate::config::Limits;
 use crate::detect::{self, Detected};
@@ -34,7 +39,7 @@ use crate::lifecycle::Drain;
 use crate::limits::body_rate::{MinRate, Paced};
 use crate::outbound::forward::Upstream;
 use crate::tcp::{self, Io};
-use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal};
+use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal, request_span};
 
 /// One outbound listener and the upstream it serves.
 pub struct Outbound {
@@ -60,15 +65,16 @@ impl Outbound {
         .await;
     }
 
-    /// Serves one accepted connection.
+    /// Serves one accepted connection, in a log span of its own.
     pub(crate) async fn handle(&self, app: TcpStream, client: SocketAddr) {
+        let span =
+            Arc::new(info_span!("outbound", client = %client, upstream = %self.upstream.name));
         if !self.identity.has_valid_cert() {
             self.metrics
                 .refuse(Direction::Outbound, Refusal::NoLocalCertificate);
             return warn!(
+                parent: span.as_ref(),
                 event = "outbound connection refused",
-                client_address = %client,
-                upstream = %self.upstream.name,
                 reason = ?Refusal::NoLocalCertificate,
                 detail = "this proxy holds no valid certificate",
             );
@@ -82,43 +88,45 @@ impl Outbound {
                 Err(_) => return,
             },
         };
-        debug!(event = "outbound connection", client_address = %client, upstream = %self.upstream.name, protocol = ?detected);
+        debug!(parent: span.as_ref(), event = "outbound connection", protocol = ?detected);
         let _open = self.counters.open();
         match detected {
-            Detected::Opaque => self.relay(app).await,
-            Detected::Http1 => self.serve_http1(app, client).await,
-            Detected::Http2 => self.serve_http2(app, client).await,
+            Detected::Opaque => self.relay(app, &span).await,
+            Detected::Http1 => self.serve_http1(app, span).await,
+            Detected::Http2 => self.serve_http2(app, span).await,
         }
     }
 
     /// Requests (and upgrades) from an HTTP/1.1 application.
-    async fn serve_http1(&self, app: TcpStream, client: SocketAddr) {
+    async fn serve_http1(&self, app: TcpStream, span: Arc<Span>) {
         let upstream = self.upstream.clone();
         let min_rate = MinRate::new(&self.limits);
+        let connection_span = span.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            upstream
-                .clone()
-                .handle(request.map(|body| Either::Left(Paced::new(body, min_rate))))
+            let log = request_span(&connection_span, &request);
+            let request = request.map(|body| Either::Left(Paced::new(body, min_rate)));
+            upstream.clone().handle(request, log)
         });
         let connection = crate::limits::http1_server(self.limits.header_read_timeout)
             .serve_connection(TokioIo::new(app), service)
             .with_upgrades();
         let served = crate::serve_gracefully!(connection, self.drain);
         if let Err(error) = served {
-            debug!(event = "outbound HTTP/1 connection error", client_address = %client, error = %error);
+            debug!(parent: span.as_ref(), event = "outbound HTTP/1 connection error", error = %error);
         }
     }
 
     /// Requests from an HTTP/2 application (gRPC), each stream answered by a task of
     /// its own.
-    async fn serve_http2(&self, app: TcpStream, client: SocketAddr) {
+    async fn serve_http2(&self, app: TcpStream, span: Arc<Span>) {
         let settings = server::Settings::new(&self.limits);
         // One IO type for every HTTP/2 server connection: h2's server is compiled once.
         let app: Box<dyn Io> = Box::new(app);
-        let served = server::serve(app, settings, &self.drain, |request| {
+        let served = server::serve(app, settings, &self.drain, &span, |request| {
             // The request goes into `handle` now: the task keeps only its future.
+            let log = request_span(&span, &request);
             let request = StreamBody::request(request).map(Either::Right);
-            let handled = self.upstream.clone().handle(request);
+            let handled = self.upstream.clone().handle(request, log);
             async move {
                 let Ok(response) = handled.await;
                 Reply::Response(response)
@@ -126,20 +134,20 @@ impl Outbound {
         })
         .await;
         if let Err(error) = served {
-            debug!(event = "outbound HTTP/2 connection error", client_address = %client, error = %error);
+            debug!(parent: span.as_ref(), event = "outbound HTTP/2 connection error", error = %error);
         }
     }
 
     /// Opaque bytes to one endpoint, tunnelled over the pooled connection to its proxy.
-    async fn relay(&self, mut app: TcpStream) {
+    async fn relay(&self, mut app: TcpStream, span: &Span) {
         let balancer = &self.upstream.balancer;
         let now = tokio::time::Instant::now();
         balancer.readmit_expired(now);
         let Some(in_flight) = balancer.pick(now) else {
-            return warn!(event = "outbound connection refused", upstream = %self.upstream.name, reason = "no endpoints");
+            return warn!(parent: span, event = "outbound connection refused", reason = "no endpoints");
         };
         let endpoint = in_flight.endpoint().clone();
-        let relayed = match self.upstream.tunnel(&endpoint).await {
+        let relayed = match self.upstream.tunnel(&endpoint, span).await {
             Ok(Some(tunnel)) => tunnel.relay(&mut app).await,
             // A peer from before tunnels: a connection of its own.
             Ok(None) => {
@@ -158,7 +166,9 @@ impl Outbound {
                 self.counters.sent.inc_by(sent);
                 self.counters.received.inc_by(received);
             }
-            Err(error) => debug!(event = "outbound connection ended with error", error = %error),
+            Err(error) => {
+                debug!(parent: span, event = "outbound connection ended with error", error = %error)
+            }
         }
     }
 }

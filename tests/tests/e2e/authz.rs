@@ -70,6 +70,13 @@ async fn http_calls_are_allowed_or_denied_by_policy() {
     ] {
         assert!(line.contains(&field), "denial log lacks {field}: {line}");
     }
+    // Who and where come from the connection's span, not from the event itself.
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let connection = &entry["spans"][0];
+    assert_eq!(connection["name"], "inbound", "{line}");
+    assert_eq!(connection["peer_identity"], spiffe("client"), "{line}");
+    assert_eq!(connection["destination"], spiffe("backend"), "{line}");
+    assert!(entry.get("source").is_none(), "{line}");
     let (_, metrics) = mesh.servers[0].admin("/metrics").await.unwrap();
     assert!(
         metrics.contains("tessera_authz_decisions_total{decision=\"deny\",policy=\"none\"} 4"),
