@@ -28,14 +28,14 @@ use crate::kubernetes::objects::ClusterObjects;
 /// Editors write a file in several steps; wait for them to settle.
 const SETTLE: Duration = Duration::from_millis(100);
 /// A JWKS is a few KiB; anything past this is a mistake (or `/dev/zero`).
-pub const MAX_JWKS_FILE_BYTES: u64 = 1024 * 1024;
+pub(crate) const MAX_JWKS_FILE_BYTES: u64 = 1024 * 1024;
 /// Local files are read in milliseconds; this only ends a read that hangs (a dead
 /// network filesystem), which no check on the file can rule out.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads the directory into a mesh snapshot, with `cluster`'s resources (cluster mode)
 /// besides the files'. Blocks: the server goes through [`Loader`].
-pub fn load_snapshot(
+pub(crate) fn load_snapshot(
     dir: &Path,
     trust_domain: &str,
     cluster: Vec<resources::Resource>,
@@ -128,7 +128,7 @@ fn read_jwks_file(dir: &Path, file: &Path) -> Result<String, String> {
 }
 
 /// Loads the configuration directory off the async runtime, under a timeout.
-pub struct Loader {
+pub(crate) struct Loader {
     dir: PathBuf,
     trust_domain: String,
     /// Cluster mode: the `tessera.dev` objects of the API server.
@@ -141,7 +141,7 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(dir: &Path, trust_domain: &str) -> Self {
+    pub(crate) fn new(dir: &Path, trust_domain: &str) -> Self {
         Self {
             dir: dir.to_path_buf(),
             trust_domain: trust_domain.to_string(),
@@ -152,13 +152,13 @@ impl Loader {
     }
 
     /// Adds the cluster's objects to every load.
-    pub fn with_cluster(mut self, objects: Arc<ClusterObjects>) -> Self {
+    pub(crate) fn with_cluster(mut self, objects: Arc<ClusterObjects>) -> Self {
         self.cluster = Some(objects);
         self
     }
 
     /// Reads and checks the whole directory (and the cluster's objects).
-    pub async fn load(&mut self) -> Result<MeshSnapshot, ConfigError> {
+    pub(crate) async fn load(&mut self) -> Result<MeshSnapshot, ConfigError> {
         let (dir, trust_domain) = (self.dir.clone(), self.trust_domain.clone());
         let cluster = self
             .cluster
@@ -205,7 +205,7 @@ impl Loader {
 }
 
 /// Wraps a mesh snapshot for the wire.
-pub fn to_message(version: u64, snapshot: &MeshSnapshot) -> Snapshot {
+pub(crate) fn to_message(version: u64, snapshot: &MeshSnapshot) -> Snapshot {
     Snapshot {
         version: version.to_string(),
         // Serializing plain data structures cannot fail.
@@ -214,7 +214,7 @@ pub fn to_message(version: u64, snapshot: &MeshSnapshot) -> Snapshot {
 }
 
 /// A registered watch on the configuration directory.
-pub struct ConfigWatch {
+pub(crate) struct ConfigWatch {
     _watcher: notify::RecommendedWatcher,
     changes: mpsc::Sender<()>,
     changed: mpsc::Receiver<()>,
@@ -222,14 +222,14 @@ pub struct ConfigWatch {
 
 impl ConfigWatch {
     /// Where another source (the cluster's watches) signals a change.
-    pub fn changes(&self) -> &mpsc::Sender<()> {
+    pub(crate) fn changes(&self) -> &mpsc::Sender<()> {
         &self.changes
     }
 }
 
 /// Starts watching `dir`. Call before reading the first snapshot, so that no change
 /// made after that read can be missed.
-pub fn watch(dir: &Path) -> Result<ConfigWatch, notify::Error> {
+pub(crate) fn watch(dir: &Path) -> Result<ConfigWatch, notify::Error> {
     let (changes, changed) = mpsc::channel::<()>(1);
     let file_changes = changes.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -255,7 +255,7 @@ pub fn watch(dir: &Path) -> Result<ConfigWatch, notify::Error> {
 }
 
 /// The configuration in force and the channel that carries it to proxies.
-pub struct Published {
+pub(crate) struct Published {
     loader: Loader,
     current: MeshSnapshot,
     version: u64,
@@ -264,7 +264,7 @@ pub struct Published {
 
 impl Published {
     /// Loads the first configuration; proxies receive it as version 1.
-    pub async fn load(
+    pub(crate) async fn load(
         mut loader: Loader,
     ) -> Result<(Self, watch::Receiver<Snapshot>), ConfigError> {
         let current = loader.load().await?;
@@ -295,7 +295,7 @@ impl Published {
 }
 
 /// Publishes every good change seen by `watch`. Runs until dropped.
-pub async fn follow(
+pub(crate) async fn follow(
     mut watch: ConfigWatch,
     mut published: Published,
     metrics: std::sync::Arc<crate::telemetry::Metrics>,

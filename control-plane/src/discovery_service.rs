@@ -20,7 +20,7 @@ use crate::grpc::Caller;
 use crate::telemetry::Metrics;
 
 /// Serves `Watch`.
-pub struct DiscoveryService {
+pub(crate) struct DiscoveryService {
     pub snapshots: watch::Receiver<Snapshot>,
     pub metrics: Arc<Metrics>,
 }

@@ -25,13 +25,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// a join token or a Kubernetes service-account token (~1–2 KiB), or a version label:
 /// 64 KiB is ample, and keeps a hostile caller from making the control plane buffer
 /// tonic's default of 4 MiB per message.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Handshakes in progress at once; more wait in the backlog.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Who is calling: their address, and their SPIFFE ID if they presented a certificate.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub(crate) struct Caller {
     pub address: SocketAddr,
     pub identity: Option<SpiffeId>,
 }
@@ -91,7 +91,7 @@ impl AsyncWrite for CallerStream {
 }
 
 /// Serves `router` over TLS on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
+pub(crate) async fn serve(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
     let (connections, incoming) = mpsc::channel(64);
     let accepting = tokio::spawn(accept(listener, acceptor, connections));
     let served = router

@@ -23,7 +23,7 @@ use crate::telemetry::{Metrics, RefusalReason};
 use crate::token::{ConsumeError, TokenAuthority, TokenRefusal, VerifiedToken};
 
 /// Serves `Certify`.
-pub struct IdentityService {
+pub(crate) struct IdentityService {
     pub ca: Arc<CertificateAuthority>,
     pub tokens: Arc<TokenAuthority>,
     pub trust_domain: String,

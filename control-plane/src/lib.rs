@@ -7,20 +7,22 @@
 //! for `webhook`, the admission webhook on 15017.
 
 #![forbid(unsafe_code)]
+// Modules and items are `pub(crate)` unless another crate (or the binary) uses them.
+#![warn(unreachable_pub)]
 
 pub mod app;
 pub mod ca;
 pub mod cli;
-pub mod config;
+pub(crate) mod config;
 /// The one part that runs proxies, so the one that depends on `tessera-proxy`.
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod discovery_service;
-pub mod grpc;
-pub mod identity_service;
+pub(crate) mod discovery_service;
+pub(crate) mod grpc;
+pub(crate) mod identity_service;
 pub mod inject;
 pub mod kubernetes;
-pub mod state;
-pub mod telemetry;
+pub(crate) mod state;
+pub(crate) mod telemetry;
 pub mod token;
-pub mod webhook;
+pub(crate) mod webhook;

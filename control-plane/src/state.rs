@@ -9,12 +9,12 @@ use std::path::Path;
 use crate::ca::{CaError, file_error};
 
 /// Writes a secret, readable by the owner only.
-pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), CaError> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), CaError> {
     write_atomically(path, contents, 0o600)
 }
 
 /// Writes a file anyone may read (certificates, the trust bundle).
-pub fn write_public(path: &Path, contents: &[u8]) -> Result<(), CaError> {
+pub(crate) fn write_public(path: &Path, contents: &[u8]) -> Result<(), CaError> {
     write_atomically(path, contents, 0o644)
 }
 

@@ -31,15 +31,15 @@ use tracing::{debug, info, warn};
 use crate::inject::{self, Outcome};
 
 /// The one path the webhook serves.
-pub const PATH: &str = "/inject";
+pub(crate) const PATH: &str = "/inject";
 /// The names the API server may dial the webhook by (the Service), and local ones for
 /// tests and port-forwards.
-pub const DNS_NAMES: [&str; 3] = [
+pub(crate) const DNS_NAMES: [&str; 3] = [
     "tessera-control-plane.tessera-system.svc",
     "tessera-control-plane.tessera-system.svc.cluster.local",
     "localhost",
 ];
-pub const IP_ADDRESSES: [IpAddr; 1] = [IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)];
+pub(crate) const IP_ADDRESSES: [IpAddr; 1] = [IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)];
 
 /// Pods are a few KiB; the API server's own limit on a request is 3 MiB.
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -53,7 +53,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request is not an AdmissionReview this webhook can answer (HTTP 400).
 #[derive(Debug, thiserror::Error)]
-pub enum ReviewError {
+pub(crate) enum ReviewError {
     #[error("body is not an AdmissionReview: {0}")]
     Json(#[from] serde_json::Error),
     #[error("expected an admission.k8s.io/v1 AdmissionReview, got {api_version:?} {kind:?}")]
@@ -66,7 +66,7 @@ pub enum ReviewError {
 }
 
 impl ReviewError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ReviewError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
@@ -80,7 +80,7 @@ fn internal(error: impl std::fmt::Display) -> ReviewError {
 
 /// The answer to one review, and what to log about it.
 #[derive(Debug)]
-pub struct Reviewed {
+pub(crate) struct Reviewed {
     /// The AdmissionReview to send back.
     pub review: Value,
     pub uid: String,
@@ -90,7 +90,7 @@ pub struct Reviewed {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReviewResult {
+pub(crate) enum ReviewResult {
     Injected,
     Unchanged(String),
     Refused(String),
@@ -98,7 +98,7 @@ pub enum ReviewResult {
 
 /// Answers one AdmissionReview body: a patch for a Pod to inject, no patch for
 /// anything else, a refusal when the pod's annotations are invalid.
-pub fn review(body: &[u8], options: &inject::Options) -> Result<Reviewed, ReviewError> {
+pub(crate) fn review(body: &[u8], options: &inject::Options) -> Result<Reviewed, ReviewError> {
     let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)?;
     if review.types.api_version != kube_core::admission::META_API_VERSION_V1
         || review.types.kind != kube_core::admission::META_KIND
@@ -180,7 +180,7 @@ fn describe(request: &AdmissionRequest<DynamicObject>) -> (String, String) {
 
 /// TLS for the API server: no client certificate (it presents none by default), TLS 1.2
 /// or 1.3, HTTP/1.1.
-pub fn server_config(cert: Arc<CurrentCert>) -> Result<ServerConfig, rustls::Error> {
+pub(crate) fn server_config(cert: Arc<CurrentCert>) -> Result<ServerConfig, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(tls::crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -190,7 +190,11 @@ pub fn server_config(cert: Arc<CurrentCert>) -> Result<ServerConfig, rustls::Err
 }
 
 /// Serves the webhook on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, options: Arc<inject::Options>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    options: Arc<inject::Options>,
+) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = connections.clone().acquire_owned().await else {

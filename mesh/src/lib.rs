@@ -11,6 +11,7 @@
 // their own (`policy::tests`), which is an unsafe trait to implement.
 #![cfg_attr(not(test), forbid(unsafe_code))]
 #![cfg_attr(test, deny(unsafe_code))]
+#![warn(unreachable_pub)]
 
 pub mod migration;
 pub mod policy;

@@ -28,7 +28,7 @@ use crate::telemetry::Metrics;
 /// The application's own HTTP probes, reachable on the admin port. The kubelet speaks
 /// plaintext, which a STRICT application port refuses; injection points the pod's probes
 /// here instead and the proxy asks the application itself, over loopback.
-pub struct AppProbes {
+pub(crate) struct AppProbes {
     probes: HashMap<String, Probe>,
     client: Client<HttpConnector, Empty<Bytes>>,
 }
@@ -41,7 +41,7 @@ struct Probe {
 
 impl AppProbes {
     /// `None` when there are no probes to serve.
-    pub fn new(config: &BTreeMap<String, AppProbe>, limits: &Limits) -> Option<Arc<Self>> {
+    pub(crate) fn new(config: &BTreeMap<String, AppProbe>, limits: &Limits) -> Option<Arc<Self>> {
         let probes: HashMap<String, Probe> = config
             .iter()
             .filter_map(|(path, probe)| Some((path.clone(), Probe::new(probe)?)))
@@ -101,7 +101,7 @@ impl Probe {
 
 /// What the admin port answers: the application's probes under their paths (they wait
 /// on the application), the proxy's own state otherwise.
-pub struct Routes {
+pub(crate) struct Routes {
     pub identity: Arc<IdentityManager>,
     pub discovery: Arc<Discovery>,
     pub metrics: Arc<Metrics>,
@@ -113,7 +113,7 @@ pub struct Routes {
 
 impl Routes {
     /// The answer to a GET of `path`.
-    pub fn route(
+    pub(crate) fn route(
         &self,
         path: &str,
         headers: &http::HeaderMap,

@@ -2,11 +2,11 @@
 
 /// ALPN between proxies: multiplexed HTTP/2 that also carries opaque TCP connections as
 /// `CONNECT` streams. Offered first; a peer that predates tunnels answers `h2`.
-pub const ALPN_H2_TUNNELS: &[u8] = b"tessera/h2";
+pub(crate) const ALPN_H2_TUNNELS: &[u8] = b"tessera/h2";
 /// ALPN between proxies: multiplexed HTTP/2.
-pub const ALPN_H2: &[u8] = b"h2";
+pub(crate) const ALPN_H2: &[u8] = b"h2";
 /// ALPN between proxies: one HTTP/1.1 connection, for upgrades (WebSocket).
-pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+pub(crate) const ALPN_HTTP1: &[u8] = b"http/1.1";
 /// ALPN between proxies: opaque bytes on a connection of their own, to and from proxies
 /// that predate tunnelling opaque TCP over the pooled HTTP/2 connection.
-pub const ALPN_TCP: &[u8] = b"tessera/tcp";
+pub(crate) const ALPN_TCP: &[u8] = b"tessera/tcp";

@@ -1,8 +1,8 @@
 //! Size budgets of the futures the proxy boxes or spawns per request, asserted where they
 //! are made (as ztunnel's `assertions::size_between_ref`).
 //!
-//! A boxed future is one heap block. Blocks up to [`PER_REQUEST_FUTURE_BYTES`] come from
-//! glibc's per-thread cache; a larger one goes to the arena, at several times the cost,
+//! A boxed future is one heap block. Blocks up to 1,032 bytes (on 64-bit targets) come
+//! from glibc's per-thread cache (tcache); a larger one goes to the arena, at several times the cost,
 //! on every request. A future's size is its largest state: one more local held across
 //! an `.await`, one more argument kept by an `async fn`, can push it over without any
 //! visible change to the code. So each site states its range and debug builds (unit and
@@ -13,12 +13,9 @@
 //! figures of both are in PERFORMANCE.md): a debug future that grows past its range is
 //! the optimized one growing too.
 
-/// The largest block glibc's per-thread cache (tcache) serves on 64-bit targets.
-pub const PER_REQUEST_FUTURE_BYTES: usize = 1032;
-
 /// Panics in debug builds unless `value` takes `min..=max` bytes.
 #[inline(always)]
-pub fn size_between_ref<T>(min: usize, max: usize, value: &T) {
+pub(crate) fn size_between_ref<T>(min: usize, max: usize, value: &T) {
     if cfg!(debug_assertions) {
         let size = size_of_val(value);
         // `RUST_LOG=tessera_proxy::assertions=trace` lists every size, to set a range.
@@ -34,7 +31,7 @@ pub fn size_between_ref<T>(min: usize, max: usize, value: &T) {
 
 /// `value`, after [`size_between_ref`]: for wrapping a future where it is boxed.
 #[inline(always)]
-pub fn size_between<T>(min: usize, max: usize, value: T) -> T {
+pub(crate) fn size_between<T>(min: usize, max: usize, value: T) -> T {
     size_between_ref(min, max, &value);
     value
 }

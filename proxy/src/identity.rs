@@ -32,7 +32,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why getting a certificate failed this time.
 #[derive(Debug, thiserror::Error)]
-pub enum CertifyError {
+pub(crate) enum CertifyError {
     #[error("control plane unreachable at {address}: {reason}")]
     Unreachable { address: String, reason: String },
     #[error("control plane refused: {0}")]
@@ -65,7 +65,7 @@ pub struct CertStatus {
 mod unix_seconds {
     use std::time::{SystemTime, UNIX_EPOCH};
 
-    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
     }
 }

@@ -23,38 +23,40 @@
 //! implement) and [`os`] (the C library calls std does not wrap), each saying why.
 
 #![deny(unsafe_code)]
+// Modules and items are `pub(crate)` unless another crate uses them.
+#![warn(unreachable_pub)]
 
-pub mod admin;
-pub mod assertions;
+pub(crate) mod admin;
+pub(crate) mod assertions;
 // Written for glibc's malloc on 64-bit Linux: elsewhere the proxy uses the system
 // allocator as it is.
 #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
 #[allow(unsafe_code)]
 pub mod allocator;
-pub mod alpn;
-pub mod app;
+pub(crate) mod alpn;
+pub(crate) mod app;
 pub mod capture;
 pub mod config;
 pub mod control_plane;
 pub mod detect;
-pub mod discovery;
+pub(crate) mod discovery;
 pub mod http;
-pub mod http2;
-pub mod identity;
+pub(crate) mod http2;
+pub(crate) mod identity;
 pub mod inbound;
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 pub mod limits;
-pub mod listeners;
-pub mod memory;
-pub mod migration;
+pub(crate) mod listeners;
+pub(crate) mod memory;
+pub(crate) mod migration;
 #[allow(unsafe_code)]
-pub mod os;
-pub mod outbound;
-pub mod tcp;
+pub(crate) mod os;
+pub(crate) mod outbound;
+pub(crate) mod tcp;
 pub mod telemetry;
 pub mod trace;
-pub mod transparent;
-pub mod upgrade;
+pub(crate) mod transparent;
+pub(crate) mod upgrade;
 
 pub use app::{RunningProxy, start};
 pub use config::ProxyConfig;

@@ -23,7 +23,7 @@ pub struct Drain {
 }
 
 /// Starts the drain; kept by whoever handles signals.
-pub struct DrainTrigger {
+pub(crate) struct DrainTrigger {
     shared: Arc<Shared>,
 }
 
@@ -56,15 +56,16 @@ impl Drop for InFlight {
 }
 
 /// One request in flight, until dropped.
-pub type Admitted = OwnedSemaphorePermit;
+pub(crate) type Admitted = OwnedSemaphorePermit;
 
 /// A drain with no bound on requests in flight (tests).
-pub fn channel() -> (DrainTrigger, Drain) {
+#[cfg(test)]
+pub(crate) fn channel() -> (DrainTrigger, Drain) {
     channel_with_budget(Semaphore::MAX_PERMITS)
 }
 
 /// A drain whose [`Drain::admit`] lets at most `max_requests` requests in flight.
-pub fn channel_with_budget(max_requests: usize) -> (DrainTrigger, Drain) {
+pub(crate) fn channel_with_budget(max_requests: usize) -> (DrainTrigger, Drain) {
     let shared = Arc::new(Shared {
         draining: AtomicBool::new(false),
         waiting: Mutex::new(Waiting::default()),
@@ -171,7 +172,7 @@ impl Drop for Signaled<'_> {
 impl DrainTrigger {
     /// Starts draining and waits until every tracked connection is done, or `bound`
     /// passed. Returns how many were still open at the end.
-    pub async fn drain(self, bound: Duration) -> usize {
+    pub(crate) async fn drain(self, bound: Duration) -> usize {
         self.shared.draining.store(true, Ordering::Release);
         let wakers: Vec<Waker> = {
             let mut waiting = self

@@ -27,7 +27,7 @@ use crate::trace::Tracer;
 
 /// What every listener's connections share; transparent listeners use it to create the
 /// inbound ports and outbound services they meet at run time.
-pub struct Listeners {
+pub(crate) struct Listeners {
     pub acceptor: TlsAcceptor,
     pub connectors: Arc<ConnectorFactory>,
     pub identity: Arc<IdentityManager>,
@@ -43,7 +43,7 @@ pub struct Listeners {
 impl Listeners {
     /// An inbound port, registered so policy updates reach it, with the policy of the
     /// current view already applied (fail closed until there is one).
-    pub fn inbound(&self, port: InboundPort) -> Arc<Inbound> {
+    pub(crate) fn inbound(&self, port: InboundPort) -> Arc<Inbound> {
         let inbound = Arc::new(Inbound {
             app: AppClient::new(port.forward_to, &self.limits),
             port,
@@ -74,7 +74,7 @@ impl Listeners {
     }
 
     /// An outbound for a fixed upstream `name` (endpoints set by the caller).
-    pub fn outbound(&self, name: String, protocol: Option<Protocol>) -> Arc<Outbound> {
+    pub(crate) fn outbound(&self, name: String, protocol: Option<Protocol>) -> Arc<Outbound> {
         let upstream = Upstream::new(
             name,
             self.identity.identity().to_string(),
@@ -95,7 +95,7 @@ impl Listeners {
     }
 
     /// An outbound for a service port, and the task keeping it in step with discovery.
-    pub fn service_outbound(
+    pub(crate) fn service_outbound(
         &self,
         key: String,
         port: Option<u16>,

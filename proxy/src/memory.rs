@@ -29,7 +29,7 @@ use crate::lifecycle::Drain;
 use crate::os::{free_heap_bytes, process_cpu_time as cpu_time, trim_heap as release};
 
 /// How often the proxy checks whether to hand memory back when quiet.
-pub const RELEASE_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const RELEASE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How often open connections are counted for a fall.
 const CONNECTION_CHECK: Duration = Duration::from_secs(1);
@@ -47,7 +47,7 @@ const MIN_RELEASE_BYTES: usize = 1 << 20;
 
 /// Forever: every `every`, hands freed heap back if the proxy was quiet all along, and
 /// within a second of the open connections (of `drain`) falling from a peak.
-pub async fn release_when_quiet(every: Duration, drain: Drain) {
+pub(crate) async fn release_when_quiet(every: Duration, drain: Drain) {
     release_loop(every, || drain.open_connections(), free_heap_bytes, release).await
 }
 

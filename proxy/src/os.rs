@@ -14,7 +14,7 @@ use std::time::Duration;
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit where it is lower; returns the soft
 /// limit in force afterwards, or `None` when it cannot be read.
-pub fn raise_open_files_limit() -> Option<u64> {
+pub(crate) fn raise_open_files_limit() -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -40,7 +40,7 @@ pub fn raise_open_files_limit() -> Option<u64> {
 
 /// CPU time this process has used so far (user + system).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn process_cpu_time() -> Option<Duration> {
+pub(crate) fn process_cpu_time() -> Option<Duration> {
     let mut time = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -54,14 +54,14 @@ pub fn process_cpu_time() -> Option<Duration> {
 
 /// Bytes glibc holds free in its arenas.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn free_heap_bytes() -> usize {
+pub(crate) fn free_heap_bytes() -> usize {
     // SAFETY: mallinfo2 only reads the allocator's statistics and returns them by value.
     unsafe { libc::mallinfo2() }.fordblks
 }
 
 /// Returns the free pages of every malloc arena to the kernel.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn trim_heap() {
+pub(crate) fn trim_heap() {
     // SAFETY: malloc_trim only reorganizes glibc's own free lists and may be called from
     // any thread at any time; it takes no pointers from us.
     unsafe {

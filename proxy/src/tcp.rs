@@ -28,7 +28,7 @@ static FD_LIMIT: AtomicU64 = AtomicU64::new(0);
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and remembers it; returns the
 /// limit in force. Called once at start.
-pub fn raise_fd_limit() -> u64 {
+pub(crate) fn raise_fd_limit() -> u64 {
     let soft = crate::os::raise_open_files_limit().unwrap_or(0);
     FD_LIMIT.store(soft, Ordering::Relaxed);
     soft
@@ -36,7 +36,7 @@ pub fn raise_fd_limit() -> u64 {
 
 /// Descriptors kept back from data-path connections: an eighth of the limit, between
 /// 16 and 1024 (32 of 256; 1024 of a million).
-pub fn fd_reserve(limit: u64) -> u64 {
+pub(crate) fn fd_reserve(limit: u64) -> u64 {
     (limit / 8).clamp(16, 1024)
 }
 
@@ -54,14 +54,18 @@ fn in_reserve_of(fd: u64, limit: u64) -> bool {
 /// held while it is open): tokio's default, half a TLS record or HTTP/2 frame.
 const COPY_BUFFER: usize = 8 * 1024;
 
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// Accepts connections forever, at most `limit` open at once, and hands each to
 /// `handle` in its own task (which holds the connection's permit until it ends).
-pub async fn accept_loop<F, Fut>(listener: TcpListener, limit: usize, drain: Drain, handle: F)
-where
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    limit: usize,
+    drain: Drain,
+    handle: F,
+) where
     F: Fn(TcpStream, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -112,7 +116,7 @@ where
 
 /// Copies both ways until both sides are done; a half-close on one side is passed on
 /// while the other direction keeps flowing. Returns bytes (a→b, b→a).
-pub async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+pub(crate) async fn relay<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -121,7 +125,7 @@ where
 }
 
 /// Connects with a bound on how long it may take.
-pub async fn connect(
+pub(crate) async fn connect(
     address: impl tokio::net::ToSocketAddrs,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
@@ -134,7 +138,7 @@ pub async fn connect(
 
 /// Says why a handshake failed in words an operator can act on: our own verifier's
 /// reason when it refused, rustls' otherwise.
-pub fn describe_handshake_error(error: &std::io::Error) -> String {
+pub(crate) fn describe_handshake_error(error: &std::io::Error) -> String {
     let tls_error = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
@@ -150,7 +154,7 @@ pub fn describe_handshake_error(error: &std::io::Error) -> String {
 }
 
 /// Names the reason a handshake failed, for the metric label.
-pub fn classify_handshake_error(error: &std::io::Error) -> Refusal {
+pub(crate) fn classify_handshake_error(error: &std::io::Error) -> Refusal {
     let Some(tls_error) = error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())

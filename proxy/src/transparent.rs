@@ -91,7 +91,7 @@ fn redirected_destination(
 }
 
 /// The transparent outbound listener.
-pub struct TransparentOutbound {
+pub(crate) struct TransparentOutbound {
     shared: Arc<Listeners>,
     listen: SocketAddr,
     /// One outbound per service port met so far, with the task that follows it.
@@ -104,7 +104,7 @@ type ServicePort = (String, u16);
 type Followed = (Arc<Outbound>, JoinHandle<()>);
 
 impl TransparentOutbound {
-    pub fn new(shared: Arc<Listeners>, listen: SocketAddr) -> Arc<Self> {
+    pub(crate) fn new(shared: Arc<Listeners>, listen: SocketAddr) -> Arc<Self> {
         Arc::new(Self {
             shared,
             listen,
@@ -112,7 +112,7 @@ impl TransparentOutbound {
         })
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.shared.limits.max_connections;
         let drain = self.shared.drain.clone();
         tcp::accept_loop(listener, limit, drain, move |stream, client| {
@@ -195,7 +195,7 @@ impl Drop for TransparentOutbound {
 }
 
 /// The transparent inbound listener.
-pub struct TransparentInbound {
+pub(crate) struct TransparentInbound {
     shared: Arc<Listeners>,
     listen: SocketAddr,
     /// One inbound per application address met so far.
@@ -203,7 +203,7 @@ pub struct TransparentInbound {
 }
 
 impl TransparentInbound {
-    pub fn new(shared: Arc<Listeners>, listen: SocketAddr) -> Arc<Self> {
+    pub(crate) fn new(shared: Arc<Listeners>, listen: SocketAddr) -> Arc<Self> {
         Arc::new(Self {
             shared,
             listen,
@@ -211,7 +211,7 @@ impl TransparentInbound {
         })
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.shared.limits.max_connections;
         let drain = self.shared.drain.clone();
         tcp::accept_loop(listener, limit, drain, move |stream, client| {

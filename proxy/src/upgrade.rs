@@ -9,7 +9,7 @@ use crate::http::{Body, BoxError, ProxyError, boxed, strip_hop_by_hop};
 
 /// Sends an upgrade request over a fresh HTTP/1.1 connection `io` and, when the other
 /// side switches protocols, splices the two upgraded connections together.
-pub async fn forward_upgrade<B, I>(
+pub(crate) async fn forward_upgrade<B, I>(
     mut request: Request<B>,
     io: I,
 ) -> Result<Response<Body>, ProxyError>

@@ -31,7 +31,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// Opens a stream on one HTTP/2 connection; [`SharedH2::sender`] hands it out ready,
 /// holding the stream's place on its connection.
-pub struct Sender {
+pub(crate) struct Sender {
     streams: SendRequest<Bytes>,
     lease: Option<Lease>,
 }
@@ -40,7 +40,7 @@ impl Sender {
     /// Opens the request's stream and sends its head; the exchange then streams the body
     /// and resolves to the response head. Synchronous up to the wait, so a caller's future
     /// keeps only the small exchange across it, not the request.
-    pub fn send<B>(self, request: Request<B>) -> Result<Exchange<B>, h2::Error>
+    pub(crate) fn send<B>(self, request: Request<B>) -> Result<Exchange<B>, h2::Error>
     where
         B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
         B::Error: Into<BoxError>,
@@ -60,7 +60,10 @@ impl Sender {
 
     /// Opens a `CONNECT` stream to `authority`. The tunnel when the peer answers 200,
     /// its status otherwise.
-    pub async fn connect(self, authority: http::uri::Authority) -> Result<Tunnel, ConnectError> {
+    pub(crate) async fn connect(
+        self,
+        authority: http::uri::Authority,
+    ) -> Result<Tunnel, ConnectError> {
         let mut request = Request::new(());
         *request.method_mut() = http::Method::CONNECT;
         *request.uri_mut() = http::Uri::from(authority);
@@ -80,7 +83,7 @@ impl Sender {
 
 /// Why a tunnel did not open.
 #[derive(Debug)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     /// The stream failed (connection closed, stream reset).
     Stream(h2::Error),
     /// The peer answered with this status instead of 200.
@@ -105,7 +108,7 @@ impl std::fmt::Display for ConnectError {
 /// One request's exchange: waits for the response head while streaming the request
 /// body. A body still streaming when the response arrives (a stream both ways) finishes
 /// in a task of its own.
-pub struct Exchange<B> {
+pub(crate) struct Exchange<B> {
     response: ResponseFuture,
     body: Option<BodyPump<B>>,
     /// Set when the caller's own body failed (malformed, too slow, or the caller hung
@@ -117,7 +120,7 @@ pub struct Exchange<B> {
 
 /// Why an exchange ended without a response.
 #[derive(Debug)]
-pub enum ExchangeError {
+pub(crate) enum ExchangeError {
     /// The stream or its connection failed: the peer's side.
     Stream(h2::Error),
     /// The caller's request body failed (a protocol error, too slow, or the caller hung
@@ -130,13 +133,14 @@ impl ExchangeError {
     /// Whether the peer never processed the request, so sending it again (on another
     /// connection) is safe: a stream above a GOAWAY's last stream id, or refused with
     /// REFUSED_STREAM (RFC 9113 §8.7).
-    pub fn unprocessed(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn unprocessed(&self) -> bool {
         matches!(self, ExchangeError::Stream(error) if unprocessed(error))
     }
 }
 
 /// The answer when a stream to the peer failed: refused unprocessed, or reset.
-pub fn failure(error: &h2::Error) -> ProxyError {
+pub(crate) fn failure(error: &h2::Error) -> ProxyError {
     if unprocessed(error) {
         ProxyError::Unprocessed
     } else {
@@ -147,7 +151,7 @@ pub fn failure(error: &h2::Error) -> ProxyError {
 /// See [`ExchangeError::unprocessed`]. h2 reports the GOAWAY's reason, flagged as the
 /// peer's, only to streams above its last stream id (and to streams opened after it);
 /// those at or below it end with the connection's own error.
-pub fn unprocessed(error: &h2::Error) -> bool {
+pub(crate) fn unprocessed(error: &h2::Error) -> bool {
     error.is_remote() && (error.is_go_away() || error.reason() == Some(Reason::REFUSED_STREAM))
 }
 
@@ -237,7 +241,7 @@ impl Open {
 
 /// A stream's place on its connection, given back when the stream is done with (its
 /// response body or tunnel dropped).
-pub struct Lease(Arc<Open>);
+pub(crate) struct Lease(Arc<Open>);
 
 impl Lease {
     fn take(open: &Arc<Open>) -> Self {
@@ -259,7 +263,7 @@ impl Drop for Lease {
 /// one connection's streams. Established on first use and again after a close.
 /// Requests only load a pointer and count a stream; the mutex is held only while
 /// connecting.
-pub struct SharedH2 {
+pub(crate) struct SharedH2 {
     connections: arc_swap::ArcSwap<Vec<Arc<Open>>>,
     /// Whether the peer on the newest connection takes tunnelled TCP connections.
     tunnels: AtomicBool,
@@ -269,7 +273,7 @@ pub struct SharedH2 {
 }
 
 impl SharedH2 {
-    pub fn new(unavailable: ProxyError) -> Self {
+    pub(crate) fn new(unavailable: ProxyError) -> Self {
         Self {
             connections: arc_swap::ArcSwap::from_pointee(Vec::new()),
             tunnels: AtomicBool::new(false),
@@ -282,7 +286,11 @@ impl SharedH2 {
     /// stream `connect` makes (with whether its peer takes tunnels). `peer` names the
     /// other end in logs. A connection that closed under us (the peer restarted, went
     /// away) is replaced once, before any byte of the request was sent.
-    pub async fn sender<S, F, Fut>(&self, peer: &str, connect: F) -> Result<Sender, ProxyError>
+    pub(crate) async fn sender<S, F, Fut>(
+        &self,
+        peer: &str,
+        connect: F,
+    ) -> Result<Sender, ProxyError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         F: Fn() -> Fut + Send + Sync,
@@ -296,7 +304,7 @@ impl SharedH2 {
     /// behind the full ones. Requests do not: a caller holding a peer's streams must not
     /// get more of the peer's application by opening connections (the hostile suite's
     /// zero-window attack starved a well-behaved caller that way).
-    pub async fn tunnel_sender<S, F, Fut>(
+    pub(crate) async fn tunnel_sender<S, F, Fut>(
         &self,
         peer: &str,
         connect: F,
@@ -419,7 +427,7 @@ impl SharedH2 {
     }
 
     /// Whether the peer of the last connection opened takes tunnelled TCP connections.
-    pub fn carries_tunnels(&self) -> bool {
+    pub(crate) fn carries_tunnels(&self) -> bool {
         self.tunnels.load(Ordering::Acquire)
     }
 
@@ -435,12 +443,13 @@ impl SharedH2 {
     }
 
     /// Forgets every connection: the next request opens a new one.
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         self.connections.store(Arc::new(Vec::new()));
     }
 
     /// How many connections are open.
-    pub fn connections(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn connections(&self) -> usize {
         self.connections
             .load()
             .iter()

@@ -4,12 +4,12 @@
 //! applications), and what both carry: request and response bodies ([`StreamBody`]) and
 //! TCP connections tunnelled on `CONNECT` streams ([`Tunnel`]).
 
-pub mod client;
-pub mod server;
+pub(crate) mod client;
+pub(crate) mod server;
 
 mod body;
 mod tunnel;
 
-pub use body::StreamBody;
+pub(crate) use body::StreamBody;
 pub(crate) use body::{BodyPump, PumpError};
-pub use tunnel::Tunnel;
+pub(crate) use tunnel::Tunnel;

@@ -40,7 +40,7 @@ use crate::limits::MAX_HEADER_BYTES;
 use crate::limits::{CONNECTION_WINDOW, STREAM_WINDOW};
 
 /// What a stream's handler answers.
-pub enum Reply {
+pub(crate) enum Reply {
     /// A response, its body streamed into the stream.
     Response(Response<Body>),
     /// `200`, then the stream carries a TCP connection: the request's body (the bytes
@@ -52,7 +52,7 @@ pub enum Reply {
 }
 
 /// Limits of one server connection.
-pub struct Settings {
+pub(crate) struct Settings {
     /// Streams open at once (requests and tunnels alike).
     pub max_streams: u32,
     /// How long the peer may take to send its connection preface.
@@ -73,7 +73,7 @@ pub struct Settings {
 impl Settings {
     /// The server settings the configured limits call for, for an application or a
     /// caller that is not an authenticated peer proxy.
-    pub fn new(limits: &Limits) -> Self {
+    pub(crate) fn new(limits: &Limits) -> Self {
         Self {
             max_streams: limits.max_concurrent_streams_per_connection,
             handshake_timeout: limits.handshake_timeout,
@@ -94,7 +94,7 @@ impl Settings {
     /// cancellations: with 200 or 1,000 allowed, a hostile peer holding a valid
     /// certificate (the hostile-peer suite's inbound rapid reset) made other callers'
     /// requests fail (5–11 % of them), and with h2's 20 none did.
-    pub fn for_peer(limits: &Limits) -> Self {
+    pub(crate) fn for_peer(limits: &Limits) -> Self {
         Self {
             max_streams: limits.max_concurrent_streams_per_peer_connection,
             ..Self::new(limits)
@@ -111,7 +111,7 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 /// request body (which reads the bytes, wherever the handler passes it). Put in the
 /// request's extensions.
 #[derive(Debug)]
-pub struct Progress {
+pub(crate) struct Progress {
     epoch: Instant,
     /// Milliseconds since `epoch`.
     last: AtomicU64,
@@ -136,25 +136,25 @@ impl Progress {
     }
 
     /// `bytes` of the request body were read now.
-    pub fn received(&self, bytes: usize) {
+    pub(crate) fn received(&self, bytes: usize) {
         self.received.fetch_add(bytes as u64, Ordering::Relaxed);
         self.awaiting.store(false, Ordering::Relaxed);
         self.moved();
     }
 
     /// The body's reader waits for the caller to send more.
-    pub fn awaiting_body(&self) {
+    pub(crate) fn awaiting_body(&self) {
         self.awaiting.store(true, Ordering::Relaxed);
     }
 
     /// A byte moved now.
-    pub fn moved(&self) {
+    pub(crate) fn moved(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         self.last.store(now, Ordering::Relaxed);
     }
 
     /// The request body has ended (or failed): its silence is no longer the caller's.
-    pub fn body_ended(&self) {
+    pub(crate) fn body_ended(&self) {
         self.body_done.store(true, Ordering::Relaxed);
     }
 
@@ -210,7 +210,7 @@ enum Phase {
 
 /// Why a connection ended early.
 #[derive(Debug)]
-pub enum ServeError {
+pub(crate) enum ServeError {
     /// No connection preface in time.
     HandshakeTimeout,
     /// The connection failed (protocol error, I/O error, a reset).
@@ -230,7 +230,7 @@ impl std::fmt::Display for ServeError {
 /// open streams are done (the peer is told with a GOAWAY). Every stream gets a task of
 /// its own running `handle`; a stream the peer resets stops its handler. What the
 /// connection and its streams log is logged in `span`, the connection's.
-pub async fn serve<T, H, F>(
+pub(crate) async fn serve<T, H, F>(
     io: T,
     settings: Settings,
     drain: &Drain,

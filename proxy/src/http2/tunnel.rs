@@ -10,7 +10,7 @@ use super::client::Lease;
 
 /// A TCP connection carried on a `CONNECT` stream: bytes both ways, an end of file as
 /// END_STREAM and the peer's END_STREAM as end of file.
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     pub(crate) send: SendStream<Bytes>,
     pub(crate) recv: RecvStream,
     pub(crate) _lease: Option<Lease>,
@@ -28,7 +28,10 @@ impl Tunnel {
     /// are done; an end of file on one side half-closes the other. Bytes read from the
     /// application go into the stream as they are (no zeroed buffer, no second copy).
     /// Returns bytes (application → peer, peer → application).
-    pub async fn relay(self, app: &mut tokio::net::TcpStream) -> std::io::Result<(u64, u64)> {
+    pub(crate) async fn relay(
+        self,
+        app: &mut tokio::net::TcpStream,
+    ) -> std::io::Result<(u64, u64)> {
         let Tunnel {
             mut send, mut recv, ..
         } = self;

@@ -32,7 +32,7 @@ const INITIAL_EWMA_MICROS: u64 = 1_000;
 const DECAY_HALF_LIFE_MILLIS: f64 = 1_000.0;
 
 /// One endpoint and everything learned about it.
-pub struct EndpointState {
+pub(crate) struct EndpointState {
     pub address: String,
     pub identity: SpiffeId,
     pub connectors: Connectors,
@@ -69,10 +69,10 @@ impl EndpointState {
 }
 
 /// Counts a request in flight on an endpoint until dropped.
-pub struct InFlight(Arc<EndpointState>);
+pub(crate) struct InFlight(Arc<EndpointState>);
 
 impl InFlight {
-    pub fn endpoint(&self) -> &Arc<EndpointState> {
+    pub(crate) fn endpoint(&self) -> &Arc<EndpointState> {
         &self.0
     }
 }
@@ -84,7 +84,7 @@ impl Drop for InFlight {
 }
 
 /// The endpoints of one upstream.
-pub struct Balancer {
+pub(crate) struct Balancer {
     name: String,
     endpoints: ArcSwap<Vec<Arc<EndpointState>>>,
     outlier: ArcSwapOption<OutlierDetectionSpec>,
@@ -92,7 +92,7 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(name: String) -> Arc<Self> {
+    pub(crate) fn new(name: String) -> Arc<Self> {
         Arc::new(Self {
             name,
             endpoints: ArcSwap::from_pointee(Vec::new()),
@@ -101,12 +101,8 @@ impl Balancer {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Replaces the endpoint set, keeping the state of endpoints that stay.
-    pub fn update(
+    pub(crate) fn update(
         &self,
         wanted: &[(String, SpiffeId)],
         outlier: Option<OutlierDetectionSpec>,
@@ -144,14 +140,6 @@ impl Balancer {
         self.endpoints.store(Arc::new(next));
     }
 
-    pub fn len(&self) -> usize {
-        self.endpoints.load().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn now_millis(&self) -> u64 {
         self.millis_at(Instant::now())
     }
@@ -164,7 +152,7 @@ impl Balancer {
 
     /// Picks an endpoint: the better of two random non-ejected ones, as of `now`. `None`
     /// when there is no endpoint at all.
-    pub fn pick(&self, now: Instant) -> Option<InFlight> {
+    pub(crate) fn pick(&self, now: Instant) -> Option<InFlight> {
         let endpoints = self.endpoints.load();
         let now = self.millis_at(now);
         let admitted = |e: &&Arc<EndpointState>| e.ejected_until.load(Ordering::Relaxed) <= now;
@@ -200,7 +188,7 @@ impl Balancer {
     }
 
     /// Records a successful answer and its latency, as of `now`.
-    pub fn success(&self, endpoint: &EndpointState, latency: Duration, now: Instant) {
+    pub(crate) fn success(&self, endpoint: &EndpointState, latency: Duration, now: Instant) {
         endpoint.consecutive_failures.store(0, Ordering::Relaxed);
         let sample = latency.as_micros().min(u128::from(u64::MAX)) as u64;
         // EWMA with weight 1/8: cheap, and quick enough to notice a slow endpoint.
@@ -209,7 +197,7 @@ impl Balancer {
 
     /// Records a failure (connect error, reset, 5xx) at `now`; ejects the endpoint when
     /// it has failed too often in a row and not too many others are ejected already.
-    pub fn failure(&self, endpoint: &EndpointState, now: Instant) {
+    pub(crate) fn failure(&self, endpoint: &EndpointState, now: Instant) {
         let failures = endpoint
             .consecutive_failures
             .fetch_add(1, Ordering::Relaxed)
@@ -253,7 +241,7 @@ impl Balancer {
 
     /// Re-admits endpoints whose ejection ended by `now`, with a log line; called per
     /// request, cheap.
-    pub fn readmit_expired(&self, now: Instant) {
+    pub(crate) fn readmit_expired(&self, now: Instant) {
         let now = self.millis_at(now);
         for endpoint in self.endpoints.load().iter() {
             let until = endpoint.ejected_until.load(Ordering::Relaxed);

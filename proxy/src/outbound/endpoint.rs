@@ -5,7 +5,7 @@ use tessera_mesh::SpiffeId;
 use tokio_rustls::TlsConnector;
 
 /// TLS connectors for one peer identity, one per ALPN.
-pub struct Connectors {
+pub(crate) struct Connectors {
     pub h2: TlsConnector,
     pub http1: TlsConnector,
     /// Only for peers that cannot take tunnels.
@@ -13,5 +13,5 @@ pub struct Connectors {
 }
 
 /// Builds the connectors that accept only `identity`.
-pub type ConnectorFactory =
+pub(crate) type ConnectorFactory =
     dyn Fn(&SpiffeId) -> Result<Connectors, tessera_mesh::tls::TlsError> + Send + Sync;

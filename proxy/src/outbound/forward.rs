@@ -44,7 +44,7 @@ use crate::trace::{self, TraceContext, Tracer};
 const MAX_REPLAY_BODY: usize = 64 * 1024;
 
 /// An upstream service as the outbound proxy sees it.
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub name: String,
     /// The request metrics of this upstream (source: this proxy's identity).
     series: Arc<RequestSeries>,
@@ -62,7 +62,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(
+    pub(crate) fn new(
         name: String,
         local_identity: String,
         metrics: Arc<Metrics>,
@@ -95,7 +95,7 @@ impl Upstream {
     }
 
     /// Applies a route policy from discovery; an unchanged one keeps its budget window.
-    pub fn set_policy(&self, spec: Option<&RoutePolicySpec>) {
+    pub(crate) fn set_policy(&self, spec: Option<&RoutePolicySpec>) {
         if self.policy_spec.load().as_deref() == spec {
             return;
         }
@@ -110,7 +110,7 @@ impl Upstream {
     /// Synchronous up to the exchange, which is boxed once: a pointer moves cheaply into
     /// the per-stream task (HTTP/2), the retrying, timing-out exchange would not; and the
     /// future waiting on it keeps only the box and the meter, not the request again.
-    pub fn handle(
+    pub(crate) fn handle(
         self: Arc<Self>,
         request: Request<CallerBody>,
         log: Arc<Span>,
@@ -349,7 +349,7 @@ impl Upstream {
     /// has authorized the connection and reached its application. `None` when the peer
     /// predates tunnels: then the connection needs one of its own. A refusal is logged in
     /// `log`, the connection's span.
-    pub async fn tunnel(
+    pub(crate) async fn tunnel(
         &self,
         endpoint: &EndpointState,
         log: &Span,
@@ -375,7 +375,7 @@ impl Upstream {
     }
 
     /// Opens an mTLS connection to an endpoint's proxy that must prove its identity.
-    pub async fn connect(
+    pub(crate) async fn connect(
         &self,
         endpoint: &EndpointState,
         connector: &tokio_rustls::TlsConnector,
@@ -442,7 +442,7 @@ impl Upstream {
 }
 
 /// The trace id to attach to latency samples, for sampled requests.
-pub fn sampled_trace_id(context: Option<&TraceContext>) -> Option<String> {
+pub(crate) fn sampled_trace_id(context: Option<&TraceContext>) -> Option<String> {
     context
         .filter(|c| c.sampled)
         .map(|c| crate::trace::hex(&c.trace_id))
@@ -527,7 +527,7 @@ impl AttemptSpan {
 }
 
 /// A caller's request body: over HTTP/1.1 (hyper's server), or an HTTP/2 stream.
-pub type CallerBody = Either<Paced<Incoming>, StreamBody>;
+pub(crate) type CallerBody = Either<Paced<Incoming>, StreamBody>;
 
 /// What an attempt sends: a kept copy of a small body, or the caller's body itself.
 type RequestBody = Either<Full<Bytes>, CallerBody>;

@@ -12,10 +12,10 @@
 //! connection to an upstream proxy serves every client, so what opening one logs names
 //! the upstream and endpoint itself.
 
-pub mod balance;
-pub mod endpoint;
-pub mod forward;
-pub mod retry;
+pub(crate) mod balance;
+pub(crate) mod endpoint;
+pub(crate) mod forward;
+pub(crate) mod retry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +42,7 @@ use crate::tcp::{self, Io};
 use crate::telemetry::{Direction, DirectionMetrics, Metrics, Refusal, request_span};
 
 /// One outbound listener and the upstream it serves.
-pub struct Outbound {
+pub(crate) struct Outbound {
     pub upstream: Arc<Upstream>,
     /// The protocol to assume; `Detect` sniffs each connection.
     pub protocol: Arc<arc_swap::ArcSwap<Protocol>>,
@@ -55,7 +55,7 @@ pub struct Outbound {
 
 impl Outbound {
     /// Serves the local listener until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.limits.max_connections;
         let drain = self.drain.clone();
         tcp::accept_loop(listener, limit, drain, move |stream, client| {

@@ -24,7 +24,7 @@ const UNPROCESSED_RESENDS: u32 = 1;
 /// Timeouts and retries in force for one upstream: its route policy, converted once when
 /// discovery delivers it.
 #[derive(Default)]
-pub struct RoutePolicy {
+pub(crate) struct RoutePolicy {
     /// The whole request, retries included.
     timeout: Option<Duration>,
     per_try_timeout: Option<Duration>,
@@ -42,7 +42,7 @@ struct Retries {
 
 impl RoutePolicy {
     /// Converts a route policy as discovery delivers it.
-    pub fn new(spec: &RoutePolicySpec) -> Self {
+    pub(crate) fn new(spec: &RoutePolicySpec) -> Self {
         Self {
             timeout: spec.timeout,
             per_try_timeout: spec.per_try_timeout,
@@ -56,7 +56,7 @@ impl RoutePolicy {
 
     /// Whether a request with `method` may be retried on this route: only then is its
     /// body worth keeping for another attempt.
-    pub fn may_retry(&self, method: &Method) -> bool {
+    pub(crate) fn may_retry(&self, method: &Method) -> bool {
         self.retries
             .as_ref()
             .is_some_and(|retries| retries.any_method || idempotent(method))
@@ -64,7 +64,7 @@ impl RoutePolicy {
 
     /// The attempts of one request that arrived at `now`, counted in the budget as
     /// live traffic. `replayable`: its body is kept, so it can be sent more than once.
-    pub fn attempts(&self, method: &Method, replayable: bool, now: Instant) -> Attempts<'_> {
+    pub(crate) fn attempts(&self, method: &Method, replayable: bool, now: Instant) -> Attempts<'_> {
         if let Some(retries) = &self.retries {
             retries.budget.deposit(now);
         }
@@ -93,7 +93,7 @@ fn idempotent(method: &Method) -> bool {
 
 /// One request's attempts: which one is under way, how many the route allows, and the
 /// request's deadline.
-pub struct Attempts<'p> {
+pub(crate) struct Attempts<'p> {
     policy: &'p RoutePolicy,
     deadline: Option<Instant>,
     /// The attempt under way, from 1.
@@ -105,7 +105,7 @@ pub struct Attempts<'p> {
 
 /// What the attempts loop does once an attempt has ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     /// Another attempt: one of the route's retries, paid from the budget.
     Retry,
     /// Another attempt of a request the peer never processed: outside the route's
@@ -117,7 +117,7 @@ pub enum Next {
 
 /// Why an outcome is the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Why {
+pub(crate) enum Why {
     /// Nothing another attempt could change: a success, a server error not worth
     /// another attempt, the caller's own fault.
     Final,
@@ -131,13 +131,13 @@ pub enum Why {
 
 impl Attempts<'_> {
     /// The attempt under way, from 1.
-    pub fn current(&self) -> u32 {
+    pub(crate) fn current(&self) -> u32 {
         self.current
     }
 
     /// When the current attempt, begun at `began`, is cut off: at its own timeout or the
     /// request's deadline, whichever comes first.
-    pub fn cut_off(&self, began: Instant) -> Option<Instant> {
+    pub(crate) fn cut_off(&self, began: Instant) -> Option<Instant> {
         let per_try = self.policy.per_try_timeout.map(|timeout| began + timeout);
         match (self.deadline, per_try) {
             (Some(deadline), Some(per_try)) => Some(deadline.min(per_try)),
@@ -147,13 +147,13 @@ impl Attempts<'_> {
 
     /// Whether no attempt can follow the current one, whatever its outcome: its request
     /// head may be moved instead of copied.
-    pub fn is_last(&self) -> bool {
+    pub(crate) fn is_last(&self) -> bool {
         self.current >= self.allowed && self.resends_left == 0
     }
 
     /// Decides what follows the current attempt, which ended at `ended` as `verdict`;
     /// a retry takes its room in the budget.
-    pub fn after(&mut self, verdict: Verdict, ended: Instant) -> Next {
+    pub(crate) fn after(&mut self, verdict: Verdict, ended: Instant) -> Next {
         if !verdict.worth_another() {
             return Next::Answer(Why::Final);
         }
@@ -180,7 +180,7 @@ impl Attempts<'_> {
 
 /// What an attempt's outcome says about the endpoint, and whether to try again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Answered, and not with a server error.
     Success,
     /// A server error that is not worth another attempt.
@@ -199,7 +199,7 @@ pub enum Verdict {
 
 impl Verdict {
     /// Classifies one attempt's outcome: an answer, or why there was none.
-    pub fn of<B>(outcome: &Result<Response<B>, ProxyError>) -> Self {
+    pub(crate) fn of<B>(outcome: &Result<Response<B>, ProxyError>) -> Self {
         match outcome {
             Err(ProxyError::BadRequestBody | ProxyError::RequestBodyTimeout) => {
                 Verdict::CallersFault
@@ -213,7 +213,7 @@ impl Verdict {
     }
 
     /// Whether another attempt may fare better.
-    pub fn worth_another(self) -> bool {
+    pub(crate) fn worth_another(self) -> bool {
         matches!(self, Verdict::Retry | Verdict::Unprocessed)
     }
 }
@@ -238,14 +238,14 @@ struct Bucket {
 }
 
 /// Tracks requests and retries of one upstream.
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     spec: RetryBudgetSpec,
     epoch: Instant,
     buckets: [Bucket; BUCKETS],
 }
 
 impl RetryBudget {
-    pub fn new(spec: RetryBudgetSpec) -> Self {
+    pub(crate) fn new(spec: RetryBudgetSpec) -> Self {
         Self {
             spec,
             epoch: Instant::now(),
@@ -289,7 +289,7 @@ impl RetryBudget {
 
     /// Counts an original request (not a retry), arrived at `now`: the request's own
     /// clock reading, not another one.
-    pub fn deposit(&self, now: Instant) {
+    pub(crate) fn deposit(&self, now: Instant) {
         let second = self.second(now);
         self.bucket(second).requests.fetch_add(1, Ordering::Relaxed);
     }
@@ -297,7 +297,7 @@ impl RetryBudget {
     /// Takes one retry from the budget at `now`, if there is room. Claims first and
     /// gives back when over, so concurrent callers can never overdraw the budget
     /// together.
-    pub fn withdraw(&self, now: Instant) -> bool {
+    pub(crate) fn withdraw(&self, now: Instant) -> bool {
         let second = self.second(now);
         let bucket = self.bucket(second);
         bucket.retries.fetch_add(1, Ordering::Relaxed);
