@@ -270,22 +270,17 @@ const DURATION_PATTERN: &str = r"^([0-9]+ ?[a-zA-Zµ]+ ?)+$";
 pub(crate) const PORT_KEYS_RULE: &str =
     "self.all(port, port.matches('^[0-9]{1,5}$') && int(port) >= 1 && int(port) <= 65535)";
 
-/// Durations as "10s", "250ms".
-mod duration {
+/// Durations as "10s", "250ms" (serde `with`; the proxy's configuration uses it too).
+pub mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(
-        value: &Duration,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&humantime::format_duration(*value).to_string())
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Duration, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
         humantime::parse_duration(&text).map_err(serde::de::Error::custom)
     }

@@ -289,31 +289,31 @@ pub struct Limits {
     /// request waits [`APP_CONNECTION_WAIT`](crate::inbound::app_pool::APP_CONNECTION_WAIT) for one
     /// to free up, then gets 503.
     pub max_app_connections: usize,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "tessera_mesh::resources::duration")]
     pub handshake_timeout: Duration,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "tessera_mesh::resources::duration")]
     pub connect_timeout: Duration,
     /// How long an outbound connection may stay silent before it is taken for a
     /// server-speaks-first protocol and proxied as opaque TCP.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "tessera_mesh::resources::duration")]
     pub detect_timeout: Duration,
     /// On SIGTERM, how long in-flight connections may take to finish.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "tessera_mesh::resources::duration")]
     pub drain_timeout: Duration,
     /// A request head must be complete this long after the caller starts waiting to
     /// send one: HTTP/1.1 between requests, HTTP/2 for the first request of a connection.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "tessera_mesh::resources::duration")]
     pub header_read_timeout: Duration,
     /// An HTTP/2 connection with no stream open for this long is closed with GOAWAY.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "tessera_mesh::resources::duration")]
     pub connection_idle_timeout: Duration,
     /// A stream with no byte either way for this long is answered 408 (before the
     /// response) or reset (after).
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "tessera_mesh::resources::duration")]
     pub stream_idle_timeout: Duration,
     /// A request body that sends nothing for this long, before the response has begun,
     /// is answered 408.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "tessera_mesh::resources::duration")]
     pub request_body_timeout: Duration,
     /// Bytes per second a request body must bring, on average over each
     /// `requestBodyTimeout` window, before the response has begun; slower is answered
@@ -487,27 +487,6 @@ impl Limits {
             1 << 30,
         )?;
         Ok(())
-    }
-}
-
-/// Durations as "10s", "1m30s" in YAML.
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(
-        value: &Duration,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&humantime::format_duration(*value).to_string())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }
 
