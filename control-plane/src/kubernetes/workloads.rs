@@ -215,7 +215,16 @@ fn workload(
         return None;
     }
     let pod_name = target.name.as_deref()?;
-    let pod = pods.get(&(target.namespace.as_deref().unwrap_or(namespace), pod_name))?;
+    // A slice names pods of its own namespace: one pointing elsewhere would have its
+    // address expected to prove another namespace's identity.
+    if target
+        .namespace
+        .as_deref()
+        .is_some_and(|ns| ns != namespace)
+    {
+        return None;
+    }
+    let pod = pods.get(&(namespace, pod_name))?;
     if !has_sidecar(pod) || pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -368,12 +377,17 @@ mod tests {
     }
 
     #[test]
-    fn unready_terminating_unmeshed_and_unknown_pods_are_not_workloads() {
+    fn unready_terminating_unmeshed_unknown_and_foreign_pods_are_not_workloads() {
         let pods = [
             pod("ready", "orders", true),
             pod("unready", "orders", true),
             pod("leaving", "orders", true),
             pod("plain", "orders", false),
+            object(json!({
+                "metadata": { "name": "ready", "namespace": "other" },
+                "spec": { "serviceAccountName": "admin",
+                          "initContainers": [{ "name": PROXY_CONTAINER }], "containers": [] }
+            })),
         ];
         let slices = [slice(vec![
             endpoint("10.0.0.1", "ready", json!({ "ready": true })),
@@ -385,6 +399,12 @@ mod tests {
             ),
             endpoint("10.0.0.4", "plain", json!({ "ready": true })),
             endpoint("10.0.0.5", "gone", json!({ "ready": true })),
+            {
+                // A pod of that name in another namespace is not this slice's.
+                let mut elsewhere = endpoint("10.0.0.6", "ready", json!({ "ready": true }));
+                elsewhere["targetRef"]["namespace"] = json!("other");
+                elsewhere
+            },
         ])];
         let resources = build(&[namespace("shop", true)], &slices, &pods);
         let addresses: Vec<String> = workloads(&resources)
