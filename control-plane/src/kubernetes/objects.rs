@@ -45,9 +45,9 @@ pub struct ClusterObjects {
     discovery: Option<Discovery>,
     /// Per object (uid): its last version that converted.
     last_good: Mutex<HashMap<String, Resource>>,
-    /// Versions (uid, resourceVersion) already reported as unreadable, so a reload logs
-    /// each bad version once.
-    reported: Mutex<HashSet<(String, String)>>,
+    /// Per object (uid): the version last reported as unreadable, so a reload logs each
+    /// bad version once.
+    reported: Mutex<HashMap<String, String>>,
 }
 
 /// Every watched kind (the CRD's kind, which is the file mode's) and its API resource.
@@ -277,6 +277,11 @@ impl ClusterObjects {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|uid, _| live.contains(uid));
+        // One entry per live object, however often a bad one is edited.
+        self.reported
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|uid, _| live.contains(uid));
         resources
     }
 
@@ -314,12 +319,13 @@ impl ClusterObjects {
                 Some(resource)
             }
             Err(error) => {
-                let version = (uid.clone(), object.resource_version().unwrap_or_default());
+                let version = object.resource_version().unwrap_or_default();
                 let first_time = self
                     .reported
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(version);
+                    .insert(uid.clone(), version.clone())
+                    != Some(version);
                 let kept = last_good.get(&uid).cloned();
                 if first_time {
                     warn!(
@@ -414,6 +420,21 @@ mod tests {
         // Never readable: nothing of it is in force, and nothing else is lost.
         writer.apply_watcher_event(&Event::Apply(policy("u2", "1", unreadable)));
         assert_eq!(actions(&objects), ["Audit"]);
+    }
+
+    /// A caller editing a bad object over and over costs one entry, not one per edit.
+    #[test]
+    fn unreadable_versions_are_remembered_once_per_object() {
+        let (objects, mut writer) = objects();
+        for version in 1..=50 {
+            let bad = policy("u1", &version.to_string(), json!({ "rules": "all" }));
+            writer.apply_watcher_event(&Event::Apply(bad));
+            assert!(actions(&objects).is_empty());
+        }
+        assert_eq!(objects.reported.lock().unwrap().len(), 1);
+        writer.apply_watcher_event(&Event::Delete(policy("u1", "51", json!({}))));
+        objects.resources();
+        assert!(objects.reported.lock().unwrap().is_empty());
     }
 
     #[test]
