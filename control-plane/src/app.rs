@@ -27,6 +27,7 @@ use crate::discovery_service::DiscoveryService;
 use crate::identity_service::IdentityService;
 use crate::kubernetes::lease;
 use crate::kubernetes::objects::ClusterObjects;
+use crate::kubernetes::status;
 use crate::kubernetes::tokens::ServiceAccountTokens;
 use crate::telemetry::Metrics;
 use crate::token::{self, TokenAuthority};
@@ -187,13 +188,16 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         .with_context(|| format!("cannot watch {}", options.config_dir.display()))?;
     let mut loader = crate::config::Loader::new(&options.config_dir, &mesh.trust_domain);
     let mut watches = Vec::new();
+    let mut cluster_objects = None;
     if let Some(client) = &cluster {
         let (objects, tasks) = ClusterObjects::watch(client, config_watch.changes());
         watches = tasks;
         tokio::time::timeout(CLUSTER_LIST_TIMEOUT, objects.ready())
             .await
             .context("the tessera.dev objects were not listed in time (are the CRDs applied?)")??;
-        loader = loader.with_cluster(Arc::new(objects));
+        let objects = Arc::new(objects);
+        loader = loader.with_cluster(objects.clone());
+        cluster_objects = Some(objects);
     }
     let (published, snapshots) = crate::config::Published::load(loader).await?;
     let discovery_service = DiscoveryService {
@@ -254,16 +258,25 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         )),
     ];
     tasks.extend(watches);
-    if let (Some(client), Some(mode)) = (cluster, &options.cluster) {
+    if let (Some(client), Some(mode), Some(objects)) = (cluster, &options.cluster, cluster_objects)
+    {
         let namespace = client.default_namespace().to_string();
+        let replica = replica_name();
         let leading = lease::elect(
             client.clone(),
             &namespace,
-            replica_name(),
+            replica.clone(),
             mode.lease_duration,
         );
+        // The writes to the API: the root where proxies and the webhook read it, and
+        // what the last snapshot made of each object.
         tasks.push(tokio::spawn(lease::while_leading(leading, move || {
-            crate::kubernetes::root_cert::publish(client.clone(), trust_bundle_pem.clone())
+            let root =
+                crate::kubernetes::root_cert::publish(client.clone(), trust_bundle_pem.clone());
+            let status = status::report(client.clone(), replica.clone(), objects.verdicts());
+            async move {
+                tokio::join!(root, status);
+            }
         })));
     }
     info!(
@@ -358,7 +371,7 @@ mod tests {
         let mesh = load_mesh_config(&dir).unwrap();
         assert_eq!(mesh.trust_domain, "cluster.local");
         assert_eq!(mesh.certificate_ttl, Duration::from_secs(24 * 3600));
-        let snapshot = crate::config::load_snapshot(&dir, &mesh.trust_domain, Vec::new()).unwrap();
+        let snapshot = crate::config::load_snapshot(&dir, &mesh.trust_domain, None).unwrap();
         assert_eq!(snapshot.services[0].endpoints.len(), 1);
         assert!(snapshot.services[0].route.is_some());
         assert_eq!(snapshot.peer_authentications.len(), 1);

@@ -141,7 +141,7 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
         None => std::borrow::Cow::Borrowed(request.path),
     };
     let mesh = crate::app::load_mesh_config(config_dir)?;
-    let snapshot = crate::config::load_snapshot(config_dir, &mesh.trust_domain, Vec::new())?;
+    let snapshot = crate::config::load_snapshot(config_dir, &mesh.trust_domain, None)?;
     let service = snapshot
         .services
         .iter()

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::kubernetes::acceptance;
 use crate::kubernetes::objects::ClusterObjects;
 
 /// Editors write a file in several steps; wait for them to settle.
@@ -33,17 +34,32 @@ pub(crate) const MAX_JWKS_FILE_BYTES: u64 = 1024 * 1024;
 /// network filesystem), which no check on the file can rule out.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reads the directory into a mesh snapshot, with `cluster`'s resources (cluster mode)
-/// besides the files'. Blocks: the server goes through [`Loader`].
+/// Reads the directory into a mesh snapshot, with `cluster`'s objects (cluster mode)
+/// besides the files': each object the checks refuse is set back to its last accepted
+/// version (see [`acceptance`]). Blocks: the server goes through [`Loader`].
 pub(crate) fn load_snapshot(
     dir: &Path,
     trust_domain: &str,
-    cluster: Vec<resources::Resource>,
+    cluster: Option<&ClusterObjects>,
 ) -> Result<MeshSnapshot, ConfigError> {
-    let mut resources = resources::load_dir(dir)?;
-    inline_jwks_files(dir, &mut resources)?;
-    resources.extend(cluster);
-    let snapshot = MeshSnapshot::from_resources(trust_domain, &resources)?;
+    let mut files = resources::load_dir(dir)?;
+    inline_jwks_files(dir, &mut files)?;
+    let build = |resources: &[resources::Resource]| {
+        let snapshot = MeshSnapshot::from_resources(trust_domain, resources)?;
+        check_size(dir, &snapshot)?;
+        Ok(snapshot)
+    };
+    let Some(objects) = cluster else {
+        return build(&files);
+    };
+    let candidates = objects.candidates();
+    let accepted = acceptance::accept(&files, &candidates, build)?;
+    objects.settle(&candidates, &accepted);
+    Ok(accepted.snapshot)
+}
+
+/// Refuses a snapshot larger than proxies accept.
+fn check_size(dir: &Path, snapshot: &MeshSnapshot) -> Result<(), ConfigError> {
     // Measured with the widest version label, so no later version can tip it over.
     let size = snapshot.message_len(&u64::MAX.to_string());
     if size > MAX_SNAPSHOT_BYTES {
@@ -55,7 +71,7 @@ pub(crate) fn load_snapshot(
             ),
         ));
     }
-    Ok(snapshot)
+    Ok(())
 }
 
 /// Reads `jwksFile`s into the resources, so proxies receive key sets inline and never
@@ -160,12 +176,8 @@ impl Loader {
     /// Reads and checks the whole directory (and the cluster's objects).
     pub(crate) async fn load(&mut self) -> Result<MeshSnapshot, ConfigError> {
         let (dir, trust_domain) = (self.dir.clone(), self.trust_domain.clone());
-        let cluster = self
-            .cluster
-            .as_ref()
-            .map(|objects| objects.resources())
-            .unwrap_or_default();
-        self.run(move || load_snapshot(&dir, &trust_domain, cluster))
+        let cluster = self.cluster.clone();
+        self.run(move || load_snapshot(&dir, &trust_domain, cluster.as_deref()))
             .await
     }
 
@@ -386,8 +398,7 @@ mod tests {
     /// blocks fails the test instead of hanging it.
     async fn load_within(dir: &Path, limit: Duration) -> Result<MeshSnapshot, ConfigError> {
         let dir = dir.to_path_buf();
-        let loading =
-            tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN, Vec::new()));
+        let loading = tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN, None));
         match tokio::time::timeout(limit, loading).await {
             Ok(loaded) => loaded.unwrap(),
             Err(_) => panic!("loading the configuration hung for {limit:?}"),
@@ -442,7 +453,7 @@ mod tests {
         assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
         let loading = {
             let dir = dir.path().to_path_buf();
-            tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN, Vec::new()))
+            tokio::task::spawn_blocking(move || load_snapshot(&dir, TRUST_DOMAIN, None))
         };
         let Ok(loaded) = tokio::time::timeout(Duration::from_secs(5), loading).await else {
             // Open the other end so the blocked reader, and with it the test, can finish.

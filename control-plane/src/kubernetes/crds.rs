@@ -18,6 +18,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tessera_mesh::{policy, resources};
 
+/// The API group of every kind (the derive below needs it as a literal).
+pub const GROUP: &str = "tessera.dev";
+
 /// What the control plane found in an object it watches, as Kubernetes conditions.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -11,7 +11,7 @@
 //! and its last good version stays in force, so one bad object neither stops the others
 //! nor drops a DENY policy that was enforced.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 
@@ -24,17 +24,20 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, CustomResourceExt as _, ResourceExt as _};
 use serde::de::DeserializeOwned;
 use tessera_mesh::resources::{Metadata, Origin, Resource, Spec};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tracing::warn;
 
+use super::acceptance::{Accepted, Candidate};
 use super::crds;
+use super::status::{Subject, Verdict};
 use super::workloads::{self, ClusterState};
 
 /// One watched kind: its store of objects.
 struct Kind {
     name: &'static str,
+    resource: ApiResource,
     store: Store<DynamicObject>,
 }
 
@@ -43,11 +46,12 @@ pub struct ClusterObjects {
     kinds: Vec<Kind>,
     /// Services and workloads from Namespaces, Services, EndpointSlices and Pods.
     discovery: Option<Discovery>,
-    /// Per object (uid): its last version that converted.
-    last_good: Mutex<HashMap<String, Resource>>,
-    /// Per object (uid): the version last reported as unreadable, so a reload logs each
-    /// bad version once.
+    /// Per candidate key: its version in the last snapshot built.
+    accepted: Mutex<HashMap<String, Resource>>,
+    /// Per candidate key: the refusal last logged, so a reload logs each one once.
     reported: Mutex<HashMap<String, String>>,
+    /// What the last snapshot made of each `tessera.dev` object.
+    verdicts: watch::Sender<Vec<Verdict>>,
 }
 
 /// Every watched kind (the CRD's kind, which is the file mode's) and its API resource.
@@ -184,8 +188,13 @@ impl ClusterObjects {
         let mut tasks = Vec::new();
         for (name, resource) in watched() {
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-            let (store, task) = reflect(api, resource, changed, name, without_managed_fields);
-            kinds.push(Kind { name, store });
+            let (store, task) =
+                reflect(api, resource.clone(), changed, name, without_managed_fields);
+            kinds.push(Kind {
+                name,
+                resource,
+                store,
+            });
             tasks.push(task);
         }
         let (namespaces, task) = reflect(
@@ -227,8 +236,9 @@ impl ClusterObjects {
         Self {
             kinds,
             discovery,
-            last_good: Mutex::default(),
+            accepted: Mutex::default(),
             reported: Mutex::default(),
+            verdicts: watch::Sender::new(Vec::new()),
         }
     }
 
@@ -250,94 +260,128 @@ impl ClusterObjects {
         Ok(())
     }
 
-    /// Every object as a resource, in a stable order: Kubernetes' Services and their
-    /// workloads, then the `tessera.dev` objects by kind, namespace and name.
-    pub fn resources(&self) -> Vec<Resource> {
-        let mut resources = self
+    /// Every object as a snapshot candidate, in a stable order: Kubernetes' Services and
+    /// their workloads, then the `tessera.dev` objects by kind, namespace and name.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let accepted = self.accepted.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut candidates: Vec<Candidate> = self
             .discovery
             .as_ref()
             .map(Discovery::resources)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .map(|resource| {
+                let key = resource.origin.to_string();
+                Candidate {
+                    accepted: accepted.get(&key).cloned(),
+                    key,
+                    origin: resource.origin.clone(),
+                    current: Ok(resource),
+                    subject: None,
+                }
+            })
+            .collect();
         for kind in &self.kinds {
             let mut objects = kind.store.state();
             objects.sort_by_key(|object| (object.namespace(), object.name_any()));
-            resources.extend(
-                objects
-                    .iter()
-                    .filter_map(|object| self.convert(kind, object)),
-            );
+            candidates.extend(objects.iter().map(|object| {
+                let candidate = candidate(kind, object);
+                Candidate {
+                    accepted: accepted.get(&candidate.key).cloned(),
+                    ..candidate
+                }
+            }));
         }
-        let live: HashSet<String> = self
-            .kinds
-            .iter()
-            .flat_map(|kind| kind.store.state())
-            .filter_map(|object| object.uid())
-            .collect();
-        self.last_good
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|uid, _| live.contains(uid));
-        // One entry per live object, however often a bad one is edited.
-        self.reported
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|uid, _| live.contains(uid));
-        resources
+        candidates
     }
 
-    /// The object as a resource; its last good version when this one cannot be read.
-    fn convert(&self, kind: &Kind, object: &DynamicObject) -> Option<Resource> {
-        let namespace = object.namespace().unwrap_or_default();
-        let name = object.name_any();
-        let uid = object.uid().unwrap_or_default();
-        let origin = Origin {
-            file: PathBuf::from(format!("{} {namespace}/{name}", kind.name)),
-            line: 0,
-        };
-        let spec = object.data.get("spec").cloned().unwrap_or_default();
-        let spec = match spec {
-            serde_json::Value::Null => serde_json::Value::Object(Default::default()),
-            spec => spec,
-        };
-        let mut last_good = self
-            .last_good
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match to_spec(kind.name, spec) {
-            Ok(spec) => {
-                let resource = Resource {
-                    origin,
-                    metadata: Metadata {
-                        name,
-                        namespace: Some(namespace),
-                        labels: object.labels().clone(),
-                        annotations: Default::default(),
-                    },
-                    spec,
-                };
-                last_good.insert(uid, resource.clone());
-                Some(resource)
-            }
-            Err(error) => {
-                let version = object.resource_version().unwrap_or_default();
-                let first_time = self
-                    .reported
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(uid.clone(), version.clone())
-                    != Some(version);
-                let kept = last_good.get(&uid).cloned();
-                if first_time {
-                    warn!(
-                        event = "cluster object refused",
-                        object = %origin.file.display(),
-                        error = %error,
-                        kept = if kept.is_some() { "its last good version" } else { "nothing" },
-                    );
-                }
-                kept
+    /// Takes note of what a snapshot took: the versions in force become the ones a later
+    /// bad version falls back to, each new refusal is logged once, and the `tessera.dev`
+    /// objects' verdicts go to [`Self::verdicts`].
+    pub fn settle(&self, candidates: &[Candidate], outcome: &Accepted) {
+        *self.accepted.lock().unwrap_or_else(PoisonError::into_inner) = outcome
+            .in_force
+            .iter()
+            .map(|(key, resource)| (key.clone(), resource.clone()))
+            .collect();
+        let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
+        for candidate in candidates {
+            let Some(refusal) = outcome.refused.get(&candidate.key) else {
+                continue;
+            };
+            if reported.get(&candidate.key) != Some(refusal) {
+                warn!(
+                    event = "cluster object refused",
+                    object = %candidate.origin,
+                    error = %refusal,
+                    kept = if outcome.in_force.contains_key(&candidate.key) { "its last accepted version" } else { "nothing" },
+                );
             }
         }
+        // One entry per refused live object, however often a bad one is edited.
+        *reported = outcome.refused.clone().into_iter().collect();
+        let verdicts: Vec<Verdict> = candidates
+            .iter()
+            .filter_map(|candidate| {
+                Some(Verdict {
+                    subject: candidate.subject.clone()?,
+                    refusal: outcome.refused.get(&candidate.key).cloned(),
+                })
+            })
+            .collect();
+        self.verdicts.send_if_modified(|current| {
+            let changed = *current != verdicts;
+            *current = verdicts;
+            changed
+        });
+    }
+
+    /// The verdicts of the last snapshot on the `tessera.dev` objects, for their status.
+    pub fn verdicts(&self) -> watch::Receiver<Vec<Verdict>> {
+        self.verdicts.subscribe()
+    }
+}
+
+/// A `tessera.dev` object as a candidate: its current version, if it can be read.
+fn candidate(kind: &Kind, object: &DynamicObject) -> Candidate {
+    let namespace = object.namespace().unwrap_or_default();
+    let name = object.name_any();
+    let uid = object.uid().unwrap_or_default();
+    let origin = Origin {
+        // Kind and group: a Service object is not Kubernetes' Service of the same name.
+        file: PathBuf::from(format!("{}.{} {namespace}/{name}", kind.name, crds::GROUP)),
+        line: 0,
+    };
+    let spec = object.data.get("spec").cloned().unwrap_or_default();
+    let spec = match spec {
+        serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+        spec => spec,
+    };
+    let current = to_spec(kind.name, spec)
+        .map(|spec| Resource {
+            origin: origin.clone(),
+            metadata: Metadata {
+                name: name.clone(),
+                namespace: Some(namespace.clone()),
+                labels: object.labels().clone(),
+                annotations: Default::default(),
+            },
+            spec,
+        })
+        .map_err(|error| format!("cannot be read: {error}"));
+    Candidate {
+        key: uid.clone(),
+        origin,
+        current,
+        accepted: None,
+        subject: Some(Subject {
+            resource: kind.resource.clone(),
+            namespace,
+            name,
+            uid,
+            generation: object.metadata.generation,
+            condition: Subject::condition_of(object),
+        }),
     }
 }
 
@@ -346,8 +390,10 @@ mod tests {
     use kube::runtime::reflector::store::Writer;
     use kube::runtime::watcher::Event;
     use serde_json::json;
+    use tessera_mesh::snapshot::MeshSnapshot;
 
     use super::*;
+    use crate::kubernetes::acceptance;
 
     fn policy(uid: &str, version: &str, spec: serde_json::Value) -> DynamicObject {
         let name = format!("policy-{uid}");
@@ -360,47 +406,56 @@ mod tests {
     }
 
     fn objects() -> (ClusterObjects, Writer<DynamicObject>) {
-        let writer = Writer::new(crds::AuthorizationPolicy::api_resource());
+        let resource = crds::AuthorizationPolicy::api_resource();
+        let writer = Writer::new(resource.clone());
         let kind = Kind {
             name: "AuthorizationPolicy",
+            resource,
             store: writer.as_reader(),
         };
         (ClusterObjects::over(vec![kind], None), writer)
     }
 
+    /// Loads the objects as the loader does; the actions of the policies in force.
     fn actions(objects: &ClusterObjects) -> Vec<String> {
-        objects
-            .resources()
+        let candidates = objects.candidates();
+        let accepted = acceptance::accept(&[], &candidates, |resources| {
+            MeshSnapshot::from_resources("cluster.local", resources)
+        })
+        .unwrap();
+        objects.settle(&candidates, &accepted);
+        accepted
+            .snapshot
+            .authorization_policies
             .iter()
-            .map(|resource| match &resource.spec {
-                Spec::AuthorizationPolicy(spec) => format!("{:?}", spec.action),
-                other => other.kind().to_string(),
-            })
+            .map(|policy| format!("{:?}", policy.spec.action))
             .collect()
     }
 
     #[test]
-    fn objects_become_resources_named_by_kind_namespace_and_name() {
+    fn objects_become_candidates_named_by_kind_group_namespace_and_name() {
         let (objects, mut writer) = objects();
         writer.apply_watcher_event(&Event::Apply(policy(
             "u1",
             "1",
             json!({ "action": "DENY" }),
         )));
-        let resources = objects.resources();
-        assert_eq!(resources.len(), 1);
+        let candidates = objects.candidates();
+        assert_eq!(candidates.len(), 1);
+        let resource = candidates[0].current.as_ref().unwrap();
         assert_eq!(
-            resources[0].origin.to_string(),
-            "AuthorizationPolicy shop/policy-u1"
+            resource.origin.to_string(),
+            "AuthorizationPolicy.tessera.dev shop/policy-u1"
         );
-        assert_eq!(resources[0].metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(resource.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(candidates[0].key, "u1");
         assert_eq!(actions(&objects), ["Deny"]);
     }
 
-    /// A version the control plane cannot read keeps the last good one in force: a DENY
-    /// policy is not lifted by a bad edit.
+    /// A version the control plane cannot read keeps the last accepted one in force: a
+    /// DENY policy is not lifted by a bad edit. The object's verdict says why.
     #[test]
-    fn an_unreadable_version_keeps_the_last_good_one() {
+    fn an_unreadable_version_keeps_the_last_accepted_one() {
         let (objects, mut writer) = objects();
         writer.apply_watcher_event(&Event::Apply(policy(
             "u1",
@@ -408,9 +463,12 @@ mod tests {
             json!({ "action": "DENY" }),
         )));
         assert_eq!(actions(&objects), ["Deny"]);
+        assert_eq!(objects.verdicts().borrow()[0].refusal, None);
         let unreadable = json!({ "action": "DENY", "rules": "all of them" });
         writer.apply_watcher_event(&Event::Apply(policy("u1", "2", unreadable.clone())));
         assert_eq!(actions(&objects), ["Deny"]);
+        let refusal = objects.verdicts().borrow()[0].refusal.clone().unwrap();
+        assert!(refusal.starts_with("cannot be read: "), "{refusal}");
         writer.apply_watcher_event(&Event::Apply(policy(
             "u1",
             "3",
@@ -424,7 +482,7 @@ mod tests {
 
     /// A caller editing a bad object over and over costs one entry, not one per edit.
     #[test]
-    fn unreadable_versions_are_remembered_once_per_object() {
+    fn refusals_are_remembered_once_per_object() {
         let (objects, mut writer) = objects();
         for version in 1..=50 {
             let bad = policy("u1", &version.to_string(), json!({ "rules": "all" }));
@@ -433,7 +491,7 @@ mod tests {
         }
         assert_eq!(objects.reported.lock().unwrap().len(), 1);
         writer.apply_watcher_event(&Event::Delete(policy("u1", "51", json!({}))));
-        objects.resources();
+        actions(&objects);
         assert!(objects.reported.lock().unwrap().is_empty());
     }
 
@@ -445,6 +503,31 @@ mod tests {
         assert_eq!(actions(&objects), ["Deny"]);
         writer.apply_watcher_event(&Event::Delete(object));
         assert!(actions(&objects).is_empty());
-        assert!(objects.last_good.lock().unwrap().is_empty());
+        assert!(objects.accepted.lock().unwrap().is_empty());
+        assert!(objects.verdicts().borrow().is_empty());
+    }
+
+    /// The verdict carries what status needs: the generation judged and the condition the
+    /// object already shows.
+    #[test]
+    fn verdicts_name_the_generation_judged_and_the_condition_shown() {
+        let (objects, mut writer) = objects();
+        let mut object = policy("u1", "1", json!({ "action": "DENY" }));
+        object.metadata.generation = Some(4);
+        object.data["status"] = json!({ "conditions": [{ "type": "Accepted", "status": "True",
+            "reason": "Accepted", "message": "in force", "observedGeneration": 3,
+            "lastTransitionTime": "2026-12-04T00:00:00Z" }] });
+        writer.apply_watcher_event(&Event::Apply(object));
+        actions(&objects);
+        let verdicts = objects.verdicts().borrow().clone();
+        let subject = &verdicts[0].subject;
+        assert_eq!(
+            (subject.name.as_str(), subject.generation),
+            ("policy-u1", Some(4))
+        );
+        assert_eq!(
+            subject.condition.as_ref().unwrap().observed_generation,
+            Some(3)
+        );
     }
 }

@@ -721,6 +721,141 @@ async fn authorization_policies_from_the_api_server_take_effect_within_a_second(
     eprintln!("enforced after {enforced:?}, changed after {changed:?}, lifted after {deleted:?}");
 }
 
+/// The `Accepted` condition of the object at `path` once it is `status` for
+/// `generation`; fails after 5 s.
+async fn accepted_condition(api: &ApiServer, path: &str, status: &str, generation: i64) -> Value {
+    let object = api
+        .eventually(path, Duration::from_secs(5), |code, object| {
+            code == 200
+                && accepted(object)
+                    .is_some_and(|c| c["status"] == status && c["observedGeneration"] == generation)
+        })
+        .await
+        .unwrap();
+    accepted(&object).unwrap().clone()
+}
+
+fn accepted(object: &Value) -> Option<&Value> {
+    object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")
+}
+
+/// Issue 23: what only the control plane can judge. A new object it refuses (a route
+/// policy for a service that does not exist) and a bad edit of one in force (a
+/// condition key with a typo) are reported in `status.conditions` and as Warning
+/// Events; the edited policy's last accepted version stays enforced, and changes to
+/// other objects keep reaching the proxies within 1 s meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_object_is_reported_in_its_status_and_holds_up_nothing_else() {
+    let Some((api, _mesh, _backend, mut client)) = cluster_mesh().await else {
+        return;
+    };
+    let policies = "/apis/tessera.dev/v1alpha1/namespaces/shop/authorizationpolicies";
+    let deny = |path: &str, when: Value| {
+        json!({ "selector": { "serviceAccount": "backend" }, "action": "DENY",
+                "rules": [{ "to": [{ "operation": { "paths": [path] } }], "when": when }] })
+    };
+    api.must_create(
+        policies,
+        &custom_resource("AuthorizationPolicy", "no-admin", deny("/admin", json!([]))),
+    )
+    .await;
+    until_status(&mut client, "/admin", 403, Duration::from_secs(1)).await;
+    let condition = accepted_condition(&api, &format!("{policies}/no-admin"), "True", 1).await;
+    assert_eq!(condition["reason"], "Accepted", "{condition}");
+
+    let routes = "/apis/tessera.dev/v1alpha1/namespaces/shop/routepolicies";
+    let ghost = json!({ "service": "ghost", "timeout": "1s" });
+    api.must_create(routes, &custom_resource("RoutePolicy", "ghost", ghost))
+        .await;
+    let condition = accepted_condition(&api, &format!("{routes}/ghost"), "False", 1).await;
+    assert_eq!(condition["reason"], "Refused", "{condition}");
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("ghost.shop, which is not defined"),
+        "{condition}"
+    );
+
+    // A typo in a condition key: the schema lets it through, the control plane cannot.
+    let typo = json!([{ "key": "request.header[x-user]", "values": ["bob"] }]);
+    let (status, answer) = api
+        .merge_patch(
+            &format!("{policies}/no-admin"),
+            &json!({ "spec": deny("/admin", typo) }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let condition = accepted_condition(&api, &format!("{policies}/no-admin"), "False", 2).await;
+    assert!(
+        condition["message"]
+            .as_str()
+            .unwrap()
+            .contains("request.header[x-user]"),
+        "{condition}"
+    );
+    assert_eq!(
+        client.get("/admin").await.unwrap().status,
+        403,
+        "the accepted version stays enforced"
+    );
+
+    // Meanwhile, other objects still apply.
+    api.must_create(
+        policies,
+        &custom_resource("AuthorizationPolicy", "no-menu", deny("/menu", json!([]))),
+    )
+    .await;
+    let applied = until_status(&mut client, "/menu", 403, Duration::from_secs(1)).await;
+    assert_eq!(client.get("/admin").await.unwrap().status, 403);
+
+    // Each refusal is a Warning Event about its object, saying why.
+    let events = api
+        .eventually(
+            "/apis/events.k8s.io/v1/namespaces/shop/events",
+            Duration::from_secs(5),
+            |code, list| {
+                let refused = |name: &str| {
+                    list["items"].as_array().is_some_and(|items| {
+                        items.iter().any(|e| {
+                            e["regarding"]["name"] == name
+                                && e["reason"] == "Refused"
+                                && e["type"] == "Warning"
+                        })
+                    })
+                };
+                code == 200 && refused("ghost") && refused("no-admin")
+            },
+        )
+        .await
+        .unwrap();
+    let note = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["regarding"]["name"] == "no-admin")
+        .map(|e| e["note"].to_string())
+        .unwrap();
+    assert!(note.contains("request.header[x-user]"), "{note}");
+
+    // Fixed: accepted again, and in force.
+    let (status, answer) = api
+        .merge_patch(
+            &format!("{policies}/no-admin"),
+            &json!({ "spec": deny("/admin*", json!([])) }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    accepted_condition(&api, &format!("{policies}/no-admin"), "True", 3).await;
+    until_status(&mut client, "/admin/x", 403, Duration::from_secs(1)).await;
+    eprintln!("another object applied after {applied:?} while one was refused");
+}
+
 /// A pod as the injector leaves it (its proxy a native sidecar), created directly: no
 /// kubelet runs it, a proxy of the test plays its sidecar.
 async fn create_meshed_pod(api: &ApiServer, name: &str, account: &str) {
