@@ -3,6 +3,7 @@
 //! (the decision for one hypothetical request, from the same engine the proxies run),
 //! `tessera stat`, and `tessera inject` (sidecars added to Kubernetes YAML files).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -111,6 +112,8 @@ pub struct Hypothetical<'a> {
     pub host: Option<&'a str>,
     pub headers: &'a [(String, String)],
     pub request_principal: Option<&'a str>,
+    /// The called workload's labels, for policies that select by `matchLabels`.
+    pub labels: &'a BTreeMap<String, String>,
 }
 
 /// `--path` names a request the proxy answers 400 before any policy runs.
@@ -166,6 +169,7 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
         let workload = WorkloadRef {
             namespace: &service.namespace,
             service_account: account,
+            labels: request.labels,
         };
         let _ = writeln!(
             out,
@@ -229,6 +233,27 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
                 names.join(", ")
             }
         );
+        if request.labels.is_empty() {
+            let by_labels: Vec<_> = snapshot
+                .authorization_policies
+                .iter()
+                .filter(|p| {
+                    (p.namespace == service.namespace || p.namespace == policy::ROOT_NAMESPACE)
+                        && p.spec
+                            .selector
+                            .as_ref()
+                            .is_some_and(|s| !s.match_labels.is_empty())
+                })
+                .map(|p| p.id())
+                .collect();
+            if !by_labels.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  not counted (they select by labels; pass the workload's with --label): {}",
+                    by_labels.join(", ")
+                );
+            }
+        }
         let verdict = if decision.allowed { "ALLOW" } else { "DENY" };
         let by = match (decision.policy, decision.rule) {
             (Some(policy), Some(rule)) => format!(" by {}, rule {rule}", selected[policy].id()),
@@ -528,6 +553,7 @@ mod tests {
                 host: None,
                 headers: &[],
                 request_principal: None,
+                labels: &BTreeMap::new(),
             },
         )
     }

@@ -64,7 +64,7 @@ apiVersion: tessera.dev/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: no-cancel, namespace: shop}
 spec:
-  selector: {serviceAccount: orders}
+  selector: {matchLabels: {app: orders}}
   action: DENY
   rules:
   - to: [{operation: {methods: [DELETE]}}]
@@ -231,7 +231,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     let cancel_status = delete(orders_route, "/order/1").await.unwrap_or_default();
     let cancel_denied = cancel_status == http::StatusCode::FORBIDDEN;
     println!(
-        "  frontend DELETE /order/1 (policy shop/no-cancel)  {} ({cancel_status})",
+        "  frontend DELETE /order/1 (shop/no-cancel, app=orders) {} ({cancel_status})",
         verdict(cancel_denied)
     );
 
@@ -592,6 +592,8 @@ async fn start_proxy(
             join_token_file: Some(token_file),
             service_account_token_file: None,
         },
+        // What a pod's labels would be; the orders policy selects by them.
+        labels: BTreeMap::from([("app".to_string(), service_account.to_string())]),
         control_plane: ControlPlaneConfig {
             address: control_plane.grpc_address.to_string(),
             identity: None,

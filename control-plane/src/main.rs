@@ -161,6 +161,10 @@ enum PolicyCommand {
         /// iss/sub of a validated JWT.
         #[arg(long)]
         request_principal: Option<String>,
+        /// A label of the called workload, key=value (repeatable), for policies whose
+        /// selector has `matchLabels`.
+        #[arg(long = "label")]
+        labels: Vec<String>,
     },
 }
 
@@ -326,20 +330,17 @@ fn main() -> anyhow::Result<()> {
                     host,
                     headers,
                     request_principal,
+                    labels,
                 },
         } => {
             let from = match from.as_str() {
                 "unauthenticated" | "plaintext" => None,
                 id => Some(id.parse().context("--from")?),
             };
-            let headers = headers
-                .iter()
-                .map(|h| {
-                    h.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .context("--header must be name=value")
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let headers = pairs(&headers, "--header must be name=value")?;
+            let labels = pairs(&labels, "--label must be key=value")?
+                .into_iter()
+                .collect();
             let explained = cli::explain(
                 &config,
                 &cli::Hypothetical {
@@ -351,6 +352,7 @@ fn main() -> anyhow::Result<()> {
                     host: host.as_deref(),
                     headers: &headers,
                     request_principal: request_principal.as_deref(),
+                    labels: &labels,
                 },
             );
             // A path the proxy refuses is the caller's mistake, like a bad argument: 2.
@@ -369,4 +371,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `key=value` arguments as pairs; `expected` says what each must look like.
+fn pairs(arguments: &[String], expected: &'static str) -> anyhow::Result<Vec<(String, String)>> {
+    arguments
+        .iter()
+        .map(|argument| {
+            argument
+                .split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .context(expected)
+        })
+        .collect()
 }

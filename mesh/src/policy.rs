@@ -29,13 +29,34 @@ use crate::spiffe::SpiffeIdError;
 /// Policies in this namespace apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "tessera-system";
 
-/// Which workloads of its namespace a policy applies to; none means all of them.
+/// Which workloads of its namespace a policy applies to; none (or an empty one) means
+/// all of them. A workload is selected when it matches every field given.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
+    /// Labels the workload carries, every one with this value (Istio's `matchLabels`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+impl WorkloadSelector {
+    /// Whether this selector names no condition, and so selects every workload.
+    fn is_empty(&self) -> bool {
+        self.service_account.is_none() && self.match_labels.is_empty()
+    }
+
+    fn matches(&self, workload: WorkloadRef<'_>) -> bool {
+        self.service_account
+            .as_deref()
+            .is_none_or(|account| account == workload.service_account)
+            && self
+                .match_labels
+                .iter()
+                .all(|(key, value)| workload.labels.get(key) == Some(value))
+    }
 }
 
 /// How a port treats plaintext.
@@ -252,6 +273,8 @@ impl<S> Named<S> {
 pub struct WorkloadRef<'a> {
     pub namespace: &'a str,
     pub service_account: &'a str,
+    /// Its labels (a pod's, as the injector saw them; a host's, from its configuration).
+    pub labels: &'a BTreeMap<String, String>,
 }
 
 /// How specifically a policy selects a workload; `None` when it does not apply.
@@ -260,13 +283,11 @@ fn specificity(
     selector: Option<&WorkloadSelector>,
     workload: WorkloadRef<'_>,
 ) -> Option<u8> {
-    let selected_account = selector.and_then(|s| s.service_account.as_deref());
-    match selected_account {
-        Some(account) if namespace == workload.namespace && account == workload.service_account => {
-            Some(3)
-        }
+    let in_namespace = namespace == workload.namespace;
+    match selector.filter(|s| !s.is_empty()) {
+        Some(selector) if in_namespace && selector.matches(workload) => Some(3),
         Some(_) => None,
-        None if namespace == workload.namespace => Some(2),
+        None if in_namespace => Some(2),
         None if namespace == ROOT_NAMESPACE => Some(1),
         None => None,
     }
@@ -278,12 +299,10 @@ pub fn selects(
     selector: Option<&WorkloadSelector>,
     workload: WorkloadRef<'_>,
 ) -> bool {
-    // A mesh-wide policy with a selector applies to that service account in every
+    // A mesh-wide policy with a selector applies to the workloads it selects in every
     // namespace, as in Istio.
     let mesh_wide_selected = namespace == ROOT_NAMESPACE
-        && selector
-            .and_then(|s| s.service_account.as_deref())
-            .is_some_and(|account| account == workload.service_account);
+        && selector.is_some_and(|s| !s.is_empty() && s.matches(workload));
     mesh_wide_selected || specificity(namespace, selector, workload).is_some()
 }
 
@@ -1371,10 +1390,75 @@ mod tests {
 
     use super::*;
 
+    static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
     const WORKLOAD: WorkloadRef<'static> = WorkloadRef {
         namespace: "shop",
         service_account: "orders",
+        labels: &NO_LABELS,
     };
+
+    /// Istio's `matchLabels`: every label given, with its value; with a service account,
+    /// both; in the root namespace, in every namespace; an empty selector selects all.
+    #[test]
+    fn selectors_match_labels_and_service_accounts_together() {
+        let labels: BTreeMap<String, String> = [("app", "orders"), ("version", "v2")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let workload = WorkloadRef {
+            labels: &labels,
+            ..WORKLOAD
+        };
+        let selector = |yaml: &str| serde_saphyr::from_str::<WorkloadSelector>(yaml).unwrap();
+        let cases = [
+            ("shop", "{matchLabels: {app: orders}}", true),
+            ("shop", "{matchLabels: {app: orders, version: v2}}", true),
+            ("shop", "{matchLabels: {app: orders, version: v1}}", false),
+            ("shop", "{matchLabels: {tier: web}}", false),
+            (
+                "shop",
+                "{serviceAccount: orders, matchLabels: {app: orders}}",
+                true,
+            ),
+            (
+                "shop",
+                "{serviceAccount: payments, matchLabels: {app: orders}}",
+                false,
+            ),
+            ("shop", "{}", true),
+            ("other", "{matchLabels: {app: orders}}", false),
+            (ROOT_NAMESPACE, "{matchLabels: {app: orders}}", true),
+            (ROOT_NAMESPACE, "{matchLabels: {app: payments}}", false),
+        ];
+        for (namespace, yaml, expected) in cases {
+            let selector = selector(yaml);
+            assert_eq!(
+                selects(namespace, Some(&selector), workload),
+                expected,
+                "{namespace} {yaml}"
+            );
+            // Labels select nothing in a workload that has none.
+            if !selector.match_labels.is_empty() {
+                assert!(!selects(namespace, Some(&selector), WORKLOAD), "{yaml}");
+            }
+        }
+        // A label selector is as specific as a service-account one: it beats the
+        // namespace's policy for the mTLS mode.
+        let peer = |namespace: &str, yaml: &str| Named {
+            name: "p".into(),
+            namespace: namespace.into(),
+            spec: serde_saphyr::from_str::<PeerAuthenticationSpec>(yaml).unwrap(),
+        };
+        let policies = [
+            peer("shop", "mtls: {mode: STRICT}\n"),
+            peer(
+                "shop",
+                "selector: {matchLabels: {app: orders}}\nmtls: {mode: PERMISSIVE}\n",
+            ),
+        ];
+        assert_eq!(mtls_mode(&policies, workload, 8080).0, MtlsMode::Permissive);
+        assert_eq!(mtls_mode(&policies, WORKLOAD, 8080).0, MtlsMode::Strict);
+    }
 
     fn policy(namespace: &str, name: &str, yaml: &str) -> Named<AuthorizationPolicySpec> {
         Named {

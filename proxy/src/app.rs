@@ -138,6 +138,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         acceptor: TlsAcceptor::from(Arc::new(server_config)),
         connectors: connector_factory(&identity),
         identity: identity.clone(),
+        labels: Arc::new(config.labels.clone()),
         discovery: discovery.clone(),
         metrics: metrics.clone(),
         limits: config.limits.clone(),

@@ -43,6 +43,10 @@ pub enum ConfigError {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProxyConfig {
     pub identity: IdentityConfig,
+    /// The workload's labels: policies whose `selector.matchLabels` they match apply to
+    /// it. The injector sets a pod's, as the pod was created.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     pub control_plane: ControlPlaneConfig,
     /// Admin endpoint: /live, /ready, /metrics, /certs, /config.
     #[serde(default = "default_admin")]

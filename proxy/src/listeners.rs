@@ -3,6 +3,7 @@
 //! service port kept in step with discovery. The transparent listeners make theirs at
 //! run time, for the ports and services they meet.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -31,6 +32,8 @@ pub(crate) struct Listeners {
     pub acceptor: TlsAcceptor,
     pub connectors: Arc<ConnectorFactory>,
     pub identity: Arc<IdentityManager>,
+    /// The workload's labels, which policies' `matchLabels` select by.
+    pub labels: Arc<BTreeMap<String, String>>,
     pub discovery: Arc<Discovery>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
@@ -69,7 +72,12 @@ impl Listeners {
     }
 
     fn apply_policy(&self, inbound: &Inbound, view: &MeshView) {
-        let policy = InboundPolicy::resolve(view, self.identity.identity(), inbound.app_port());
+        let policy = InboundPolicy::resolve(
+            view,
+            self.identity.identity(),
+            &self.labels,
+            inbound.app_port(),
+        );
         inbound.policy.store(Some(Arc::new(policy)));
     }
 

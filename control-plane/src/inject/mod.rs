@@ -12,6 +12,8 @@ pub mod manifests;
 pub mod probes;
 pub mod sidecar;
 
+use std::collections::BTreeMap;
+
 use serde_json::{Map, Value};
 
 use annotations::{Annotations, InjectChoice};
@@ -242,9 +244,10 @@ fn inject_pod_spec(
         .and_then(Value::as_array_mut)
         .ok_or_else(|| malformed(&format!("{base}.containers"), "a list of containers"))?;
     let app_probes = probes::rewrite(containers);
+    let labels = labels_of(metadata, base)?;
     let added = [
         to_value(&sidecar::init_container(options, &exclusions))?,
-        to_value(&sidecar::proxy_container(options, &app_probes)?)?,
+        to_value(&sidecar::proxy_container(options, &labels, &app_probes)?)?,
     ];
     // First, so the capture is in place and the proxy ready before any app container,
     // including the app's own init containers, opens a connection.
@@ -253,6 +256,28 @@ fn inject_pod_spec(
         list_mut(spec, "volumes", base)?.push(to_value(&volume)?);
     }
     Ok(Outcome::Injected)
+}
+
+/// The pod's labels, which its proxy's policies may select by (`matchLabels`).
+fn labels_of(
+    metadata: Option<&Value>,
+    base: &str,
+) -> Result<BTreeMap<String, String>, InjectError> {
+    let Some(labels) = metadata.and_then(|m| m.get("labels")) else {
+        return Ok(BTreeMap::new());
+    };
+    // `base` is the pod spec's path; the metadata is its sibling.
+    let field = || format!("{}metadata.labels", base.strip_suffix("spec").unwrap_or(""));
+    let labels = labels
+        .as_object()
+        .ok_or_else(|| malformed(&field(), "a map of strings"))?;
+    labels
+        .iter()
+        .map(|(key, value)| match value.as_str() {
+            Some(value) => Ok((key.clone(), value.to_string())),
+            None => Err(malformed(&format!("{}.{key}", field()), "a string")),
+        })
+        .collect()
 }
 
 fn refuse_reserved_names(spec: &Map<String, Value>, base: &str) -> Result<(), InjectError> {
@@ -362,6 +387,17 @@ mod tests {
                 json!({ "apiVersion": "apps/v1", "kind": "Deployment", "spec": {} }),
                 "spec.template must be an object",
             ),
+            (
+                json!({ "apiVersion": "apps/v1", "kind": "Deployment", "spec": { "template": {
+                    "metadata": { "labels": { "app": 7 } },
+                    "spec": { "containers": [{ "name": "a" }] } } } }),
+                "spec.template.metadata.labels.app must be a string",
+            ),
+            (
+                json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "labels": ["app"] },
+                        "spec": { "containers": [{ "name": "a" }] } }),
+                "metadata.labels must be a map of strings",
+            ),
         ];
         for (mut object, message) in cases {
             let before = object.clone();
@@ -369,6 +405,25 @@ mod tests {
             assert!(error.to_string().contains(message), "{error}");
             assert_eq!(object, before);
         }
+    }
+
+    /// The pod template's labels are the proxy's: its policies select by them.
+    #[test]
+    fn the_pod_labels_reach_the_proxy_configuration() {
+        let mut deployment = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": { "labels": { "owner": "x" } },
+            "spec": { "template": {
+                "metadata": { "labels": { "app": "orders", "version": "v2" } },
+                "spec": { "containers": [{ "name": "a" }] } } }
+        });
+        inject_object(&mut deployment, &Options::default()).unwrap();
+        let proxy = &deployment["spec"]["template"]["spec"]["initContainers"][1];
+        let config = proxy["env"][2]["value"].as_str().unwrap();
+        let config: Value = serde_saphyr::from_str(config).unwrap();
+        assert_eq!(
+            config["labels"],
+            json!({ "app": "orders", "version": "v2" })
+        );
     }
 
     #[test]

@@ -89,6 +89,7 @@ pub fn init_container(options: &Options, exclusions: &Exclusions) -> Container {
 /// keep a Job's pod from completing.
 pub fn proxy_container(
     options: &Options,
+    labels: &BTreeMap<String, String>,
     app_probes: &BTreeMap<String, AppProbe>,
 ) -> Result<Container, InjectError> {
     let admin_probe = |path: &str, period: i32, failures: i32| Probe {
@@ -112,7 +113,7 @@ pub fn proxy_container(
             // After the two above: `$(VAR)` only expands variables defined earlier.
             EnvVar {
                 name: "TESSERA_PROXY_CONFIG".into(),
-                value: Some(bootstrap_config(options, app_probes)?),
+                value: Some(bootstrap_config(options, labels, app_probes)?),
                 ..EnvVar::default()
             },
         ]),
@@ -180,6 +181,8 @@ pub fn volumes() -> Vec<Volume> {
 #[serde(rename_all = "camelCase")]
 struct Bootstrap {
     identity: BootstrapIdentity,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
     control_plane: BootstrapControlPlane,
     admin: String,
     transparent: BootstrapTransparent,
@@ -229,6 +232,7 @@ struct BootstrapHeader {
 
 fn bootstrap_config(
     options: &Options,
+    labels: &BTreeMap<String, String>,
     app_probes: &BTreeMap<String, AppProbe>,
 ) -> Result<String, InjectError> {
     let bootstrap = Bootstrap {
@@ -238,6 +242,10 @@ fn bootstrap_config(
             service_account: "$(POD_SERVICE_ACCOUNT)",
             service_account_token_file: format!("{TOKEN_DIR}/token"),
         },
+        labels: labels
+            .iter()
+            .map(|(key, value)| (escape_env(key), escape_env(value)))
+            .collect(),
         control_plane: BootstrapControlPlane {
             address: escape_env(&options.control_plane_address),
             trust_bundle_file: format!("{CA_ROOT_DIR}/root-cert.pem"),
@@ -349,7 +357,8 @@ mod tests {
                 http_headers: vec![],
             },
         )]);
-        let config = config_of(&proxy_container(&Options::default(), &probes).unwrap());
+        let config =
+            config_of(&proxy_container(&Options::default(), &BTreeMap::new(), &probes).unwrap());
         assert!(config.contains("$(POD_NAMESPACE)"), "{config}");
         assert!(config.contains("/health$$(HOME)"), "{config}");
         let parsed: serde_json::Value = serde_saphyr::from_str(&config).unwrap();
@@ -365,7 +374,9 @@ mod tests {
 
     #[test]
     fn no_probes_no_app_probes_section() {
-        let config = config_of(&proxy_container(&Options::default(), &BTreeMap::new()).unwrap());
+        let config = config_of(
+            &proxy_container(&Options::default(), &BTreeMap::new(), &BTreeMap::new()).unwrap(),
+        );
         assert!(!config.contains("appProbes"), "{config}");
     }
 
@@ -390,11 +401,16 @@ mod tests {
                 http_headers: vec![("X-Probe".into(), "a: b".into())],
             },
         )]);
+        let labels = BTreeMap::from([
+            ("app".to_string(), "orders".to_string()),
+            ("tessera.dev/tier".to_string(), "$(HOME)".to_string()),
+        ]);
         let config = expand(&config_of(
-            &proxy_container(&Options::default(), &probes).unwrap(),
+            &proxy_container(&Options::default(), &labels, &probes).unwrap(),
         ));
         let parsed = tessera_proxy::ProxyConfig::parse(&config, std::path::Path::new("env"))
             .unwrap_or_else(|e| panic!("{e}\n{config}"));
+        assert_eq!(parsed.labels, labels);
         assert_eq!(
             parsed.workload_identity().unwrap().as_str(),
             "spiffe://cluster.local/ns/shop/sa/orders"
@@ -416,7 +432,7 @@ mod tests {
             ..Options::default()
         };
         let config = expand(&config_of(
-            &proxy_container(&other_mesh, &BTreeMap::new()).unwrap(),
+            &proxy_container(&other_mesh, &BTreeMap::new(), &BTreeMap::new()).unwrap(),
         ));
         let other =
             tessera_proxy::ProxyConfig::parse(&config, std::path::Path::new("env")).unwrap();

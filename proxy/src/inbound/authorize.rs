@@ -4,6 +4,7 @@
 //! only read it. Whatever cannot be compiled fails closed: a DENY policy then denies
 //! everything, an ALLOW policy opens nothing, unusable JWT rules accept no token.
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use prometheus_client::metrics::counter::Counter;
@@ -47,11 +48,18 @@ impl DecisionCounters {
 }
 
 impl InboundPolicy {
-    /// Resolves the policy of `identity`'s workload for application port `port`.
-    pub fn resolve(view: &MeshView, identity: &SpiffeId, port: u16) -> Self {
+    /// Resolves the policy of the workload of `identity` and `labels` for application
+    /// port `port`.
+    pub fn resolve(
+        view: &MeshView,
+        identity: &SpiffeId,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> Self {
         let workload = WorkloadRef {
             namespace: identity.namespace(),
             service_account: identity.service_account(),
+            labels,
         };
         let (mode, mode_policy) = policy::mtls_mode(&view.peer_authentications, workload, port);
         let authz = view
@@ -311,7 +319,7 @@ mod tests {
         let frontend = caller("shop", "frontend");
         let ops = caller("ops", "admin");
 
-        let http_port = InboundPolicy::resolve(&view, &orders(), 8080);
+        let http_port = InboundPolicy::resolve(&view, &orders(), &BTreeMap::new(), 8080);
         assert_eq!(http_port.mode, MtlsMode::Strict);
         assert_eq!(http_port.mode_policy.as_deref(), Some("shop/pa"));
         let ids: Vec<_> = http_port.authz.iter().map(CompiledPolicy::id).collect();
@@ -327,7 +335,7 @@ mod tests {
         assert!(!denied.allowed);
 
         // The same workload's other port: its own mTLS mode; the ALLOW names port 8080.
-        let other_port = InboundPolicy::resolve(&view, &orders(), 9090);
+        let other_port = InboundPolicy::resolve(&view, &orders(), &BTreeMap::new(), 9090);
         assert_eq!(other_port.mode, MtlsMode::Permissive);
         for request in [
             get(Some(&frontend), 9090, "/", None),
@@ -339,7 +347,8 @@ mod tests {
         }
 
         // Another workload of the namespace gets its own policy, not this one's.
-        let payments = InboundPolicy::resolve(&view, &caller("shop", "payments"), 8080);
+        let payments =
+            InboundPolicy::resolve(&view, &caller("shop", "payments"), &BTreeMap::new(), 8080);
         let ids: Vec<_> = payments.authz.iter().map(CompiledPolicy::id).collect();
         assert_eq!(ids, ["shop/payments-only", "tessera-system/no-ops"]);
     }
@@ -369,7 +378,8 @@ mod tests {
 
     #[test]
     fn without_authorization_policies_a_port_allows_and_counts_no_policy() {
-        let inbound = InboundPolicy::resolve(&MeshView::default(), &orders(), 8080);
+        let inbound =
+            InboundPolicy::resolve(&MeshView::default(), &orders(), &BTreeMap::new(), 8080);
         assert_eq!(
             inbound.mode,
             MtlsMode::Strict,
@@ -400,7 +410,7 @@ mod tests {
             document("AuthorizationPolicy", "shop/allow-all", "  rules: [{}]\n"),
         ]
         .concat();
-        let inbound = InboundPolicy::resolve(&view(&documents), &orders(), 8080);
+        let inbound = InboundPolicy::resolve(&view(&documents), &orders(), &BTreeMap::new(), 8080);
         let error = inbound.authz[0].error().expect("uncompilable").to_string();
         assert!(error.starts_with("spec.rules[0].when[0].key: "), "{error}");
         let metrics = Metrics::new();
@@ -416,7 +426,8 @@ mod tests {
             "shop/broken-allow",
             "  rules: [{to: [{operation: {paths: [\"/admin%zz\"]}}]}, {}]\n",
         );
-        let inbound = InboundPolicy::resolve(&view(&broken_allow), &orders(), 8080);
+        let inbound =
+            InboundPolicy::resolve(&view(&broken_allow), &orders(), &BTreeMap::new(), 8080);
         let decision = inbound.authorize(&get(Some(&frontend), 8080, "/", None), &metrics);
         assert!(!decision.allowed, "{decision:?}");
         assert_eq!(decision.reason, "no ALLOW policy matched");
@@ -471,7 +482,7 @@ mod tests {
         let documents =
             request_authentication("shop/jwt", "selector: {serviceAccount: orders}", &jwks)
                 + &only_bob;
-        let inbound = InboundPolicy::resolve(&view(&documents), &orders(), 8080);
+        let inbound = InboundPolicy::resolve(&view(&documents), &orders(), &BTreeMap::new(), 8080);
         let validator = inbound
             .jwt
             .as_ref()
@@ -492,13 +503,13 @@ mod tests {
         // Another workload's RequestAuthentication validates nothing here.
         let documents =
             request_authentication("shop/jwt", "selector: {serviceAccount: payments}", &jwks);
-        let inbound = InboundPolicy::resolve(&view(&documents), &orders(), 8080);
+        let inbound = InboundPolicy::resolve(&view(&documents), &orders(), &BTreeMap::new(), 8080);
         assert!(inbound.jwt.is_none());
 
         // A key set that cannot be used: every token is refused, never let through.
         let hmac = r#"{\"keys\":[{\"kty\":\"oct\",\"k\":\"c2VjcmV0\"}]}"#;
         let documents = request_authentication("shop/jwt", "selector: {}", hmac);
-        let inbound = InboundPolicy::resolve(&view(&documents), &orders(), 8080);
+        let inbound = InboundPolicy::resolve(&view(&documents), &orders(), &BTreeMap::new(), 8080);
         let validator = inbound.jwt.as_ref().expect("a validator that refuses");
         assert!(matches!(
             validator.check(&headers, &uri),
