@@ -247,6 +247,9 @@ pub struct ControlPlane {
     pub listen_ip: std::net::IpAddr,
     /// Flags added to `tessera control-plane` (kept across restarts).
     extra_args: Vec<std::ffi::OsString>,
+    /// What proxies are told to connect to, when not the gRPC port's own address (a
+    /// name that resolves to several replicas).
+    pub advertised: Option<String>,
     pub process: Process,
 }
 
@@ -309,6 +312,7 @@ impl ControlPlane {
             admin_port,
             listen_ip,
             extra_args,
+            advertised: None,
             process,
         };
         control_plane.wait_started().await;
@@ -432,7 +436,21 @@ impl ControlPlane {
     }
 
     pub fn address(&self) -> String {
-        SocketAddr::new(self.listen_ip, self.grpc_port).to_string()
+        self.advertised
+            .clone()
+            .unwrap_or_else(|| SocketAddr::new(self.listen_ip, self.grpc_port).to_string())
+    }
+
+    /// The `tessera_discovery_connected_proxies` gauge.
+    pub async fn connected_proxies(&self) -> u64 {
+        let (_, metrics) = http_get(local(self.admin_port), "/metrics")
+            .await
+            .unwrap_or_default();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("tessera_discovery_connected_proxies "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Writes (or replaces) a resource file in the configuration directory.

@@ -1190,3 +1190,161 @@ async fn one_replica_holds_the_lease_and_another_takes_over_when_it_dies() {
         .await
         .expect("the new leader recreates the root ConfigMap");
 }
+
+/// HAProxy in TCP mode on `port`, balancing connections over `backends` as a Service's
+/// virtual IP does over its endpoints: a connection refused by one (a replica gone) is
+/// sent to another.
+fn service_balancer(dir: &TempDir, port: u16, backends: &[SocketAddr]) -> Process {
+    let mut config = format!(
+        "global\n  maxconn 1000\ndefaults\n  mode tcp\n  timeout connect 200ms\n  timeout client 1h\n  \
+         timeout server 1h\n  retries 3\n  option redispatch 1\n\
+         frontend control-plane\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\
+         backend replicas\n  balance roundrobin\n"
+    );
+    for (index, backend) in backends.iter().enumerate() {
+        config.push_str(&format!("  server replica-{index} {backend}\n"));
+    }
+    let file = dir.path().join("haproxy.cfg");
+    std::fs::write(&file, config).unwrap();
+    Process::spawn(
+        "service",
+        std::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&file),
+    )
+}
+
+/// Issue 23: replicas behind a Service. Proxies reach the control plane through one
+/// address that balances over both replicas; the replica holding the proxies'
+/// discovery streams is killed while requests flow, on a kept-alive connection and on
+/// new ones: not one fails, the streams move to the other replica, and a policy created
+/// after the kill is enforced through it within a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_move_to_another_replica_when_theirs_dies_and_no_request_fails() {
+    init();
+    let Some(api) = ApiServer::start().await else {
+        return;
+    };
+    let kubeconfig = api.control_plane_kubeconfig().await;
+    namespace(&api, "shop", json!({})).await;
+    let mut first = ControlPlane::start_in_cluster(&kubeconfig).await;
+    let second = ControlPlane::start_in_cluster(&kubeconfig).await;
+    let (dir, port) = (TempDir::new("service"), free_port());
+    let backends = [local(first.grpc_port), local(second.grpc_port)];
+    let _service = service_balancer(&dir, port, &backends);
+    first.advertised = Some(local(port).to_string());
+    let backend = backend::HttpBackend::start("guarded").await;
+    let mesh = l7::L7Mesh::start_on(first, &[backend.address], "http", None).await;
+    // The same files for both: in a cluster they come from one ConfigMap.
+    let backend_yaml =
+        std::fs::read_to_string(mesh.control_plane.config_dir().join("backend.yaml")).unwrap();
+    second.write_config("backend.yaml", &backend_yaml);
+    second
+        .process
+        .logs
+        .wait_for(&["configuration updated"], Duration::from_secs(10))
+        .await
+        .expect("the second replica takes the same files");
+    let entry = mesh.client.outbound(0);
+    let mut client = l7::Http1Client::connect(entry).await.unwrap();
+    until_status(&mut client, "/menu", 200, Duration::from_secs(5)).await;
+    let mut replicas = [mesh.control_plane, second];
+
+    let streams = async |replicas: &[ControlPlane; 2]| {
+        [
+            replicas[0].connected_proxies().await,
+            replicas[1].connected_proxies().await,
+        ]
+    };
+    let mut counts = streams(&replicas).await;
+    for _ in 0..100 {
+        if counts[0] + counts[1] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        counts = streams(&replicas).await;
+    }
+    assert_eq!(
+        counts[0] + counts[1],
+        2,
+        "both proxies' discovery streams open"
+    );
+    let serving = usize::from(counts[1] > counts[0]);
+    let other = 1 - serving;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killed_at = std::time::Instant::now() + Duration::from_millis(500);
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            let mut kept = l7::Http1Client::connect(entry).await.unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = if sent % 10 == 0 {
+                    match l7::Http1Client::connect(entry).await {
+                        Ok(mut fresh) => fresh.get("/menu").await,
+                        Err(error) => Err(error),
+                    }
+                } else {
+                    kept.get("/menu").await
+                };
+                sent += 1;
+                match answer {
+                    Ok(answer) if answer.status == 200 => {}
+                    Ok(answer) => failed.push(format!(
+                        "{:?}: {} {:?} {}",
+                        killed_at.elapsed(),
+                        answer.status,
+                        answer.headers.get("tessera-proxy-error"),
+                        String::from_utf8_lossy(&answer.body)
+                    )),
+                    Err(error) => failed.push(error.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (sent, failed)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = std::time::Instant::now();
+    replicas[serving].kill();
+    let mut moved = None;
+    for _ in 0..300 {
+        if replicas[other].connected_proxies().await == 2 {
+            moved = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Some(moved) = moved else {
+        let logs = mesh.client.process.logs.lines().join("\n");
+        panic!(
+            "the proxies' streams did not reach the other replica within 15 s; client proxy:\n{logs}"
+        );
+    };
+
+    let policies = "/apis/tessera.dev/v1alpha1/namespaces/shop/authorizationpolicies";
+    let deny = json!({ "selector": { "serviceAccount": "backend" }, "action": "DENY",
+                       "rules": [{ "to": [{ "operation": { "paths": ["/admin*"] } }] }] });
+    api.must_create(
+        policies,
+        &custom_resource("AuthorizationPolicy", "no-admin", deny),
+    )
+    .await;
+    let mut client = l7::Http1Client::connect(entry).await.unwrap();
+    let enforced = until_status(&mut client, "/admin", 403, Duration::from_secs(1)).await;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} requests failed: {failed:?}",
+        failed.len()
+    );
+    assert!(sent > 100, "only {sent} requests were sent");
+    eprintln!(
+        "{sent} requests, none failed; streams on the other replica {moved:?} after the kill; \
+         a policy created then enforced after {enforced:?}"
+    );
+}
