@@ -66,18 +66,7 @@ impl ApiServer {
     pub async fn start() -> Option<Self> {
         let binary = harness_binary()?;
         let dir = TempDir::new("kube");
-        let process = Process::spawn(
-            "kube-apiserver",
-            Command::new(binary)
-                .arg("--dir")
-                .arg(dir.path())
-                .arg("--controller-manager=false"),
-        );
-        let ready = process
-            .logs
-            .wait_for(&["\"kubeconfig\":"], READY_TIMEOUT)
-            .await
-            .expect("kube-harness becomes ready");
+        let (process, ready) = Self::spawn(&binary, &dir, 0).await;
         let json = &ready[ready.find('{').expect("ready line is JSON")..];
         let ready: Value = serde_json::from_str(json).expect("ready line parses");
         let field = |name: &str| PathBuf::from(ready[name].as_str().expect(name));
@@ -98,6 +87,44 @@ impl ApiServer {
             process,
             dir,
         })
+    }
+
+    /// Runs the harness on `dir` (its certificates and etcd data kept from an earlier
+    /// run there) and `port` (0: any); the process and its ready line.
+    async fn spawn(binary: &Path, dir: &TempDir, port: u16) -> (Process, String) {
+        let process = Process::spawn(
+            "kube-apiserver",
+            Command::new(binary)
+                .arg("--dir")
+                .arg(dir.path())
+                .arg("--port")
+                .arg(port.to_string())
+                .arg("--controller-manager=false"),
+        );
+        let ready = process
+            .logs
+            .wait_for(&["\"kubeconfig\":"], READY_TIMEOUT)
+            .await
+            .expect("kube-harness becomes ready");
+        (process, ready)
+    }
+
+    /// Kills the API server and its etcd, as a crash would.
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Stops the API server and its etcd if they run, then starts them again on the same
+    /// port, certificates and data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let port = self
+            .authority
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .expect("the API server's port");
+        let binary = harness_binary().expect("the harness ran before");
+        (self.process, _) = Self::spawn(&binary, &self.dir, port).await;
     }
 
     /// The key the API server signs service-account tokens with (PEM).

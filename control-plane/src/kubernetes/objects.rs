@@ -14,12 +14,15 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::reflector::store::WriterDropped;
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::ResetTimerBackoff;
+use kube::runtime::watcher::ExponentialBackoff;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, CustomResourceExt as _, ResourceExt as _};
 use serde::de::DeserializeOwned;
@@ -134,7 +137,7 @@ where
     let events = reflector::reflector(
         writer,
         watcher(api, watcher::Config::default())
-            .default_backoff()
+            .backoff(retry_schedule())
             .modify(slim),
     );
     let changed = changed.clone();
@@ -152,6 +155,20 @@ where
         }
     });
     (store, task)
+}
+
+/// How a failed watch is retried: kube-runtime's default climbs to 30 s, which would
+/// leave the mesh's configuration that long behind an API server back from a restart;
+/// a control plane holds about ten watches, so retrying every 2 s at most costs an API
+/// server little.
+fn retry_schedule() -> impl kube::runtime::utils::Backoff {
+    let schedule = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times();
+    // Back to the shortest delay once a watch has run for a minute.
+    ResetTimerBackoff::new(ExponentialBackoff::from(schedule), Duration::from_secs(60))
 }
 
 /// A pod as discovery reads it: name, namespace, uid, service account, containers' names.

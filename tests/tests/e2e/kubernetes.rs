@@ -864,6 +864,62 @@ async fn a_refused_object_is_reported_in_its_status_and_holds_up_nothing_else() 
     eprintln!("another object applied after {applied:?} while one was refused");
 }
 
+/// Issue 23: the API server restarted under a running mesh. While it is down, requests
+/// keep flowing on the configuration in force (a DENY included); once it is back on
+/// the same data, the control plane's watches resume by themselves: a policy created
+/// right after the restart is enforced, and one deleted is lifted, without restarting
+/// anything else.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mesh_rides_out_an_api_server_restart_and_loses_no_update() {
+    let Some((mut api, mesh, _backend, mut client)) = cluster_mesh().await else {
+        return;
+    };
+    let policies = "/apis/tessera.dev/v1alpha1/namespaces/shop/authorizationpolicies";
+    let deny = |path: &str| {
+        json!({ "selector": { "serviceAccount": "backend" }, "action": "DENY",
+                "rules": [{ "to": [{ "operation": { "paths": [path] } }] }] })
+    };
+    api.must_create(
+        policies,
+        &custom_resource("AuthorizationPolicy", "no-admin", deny("/admin")),
+    )
+    .await;
+    until_status(&mut client, "/admin", 403, Duration::from_secs(1)).await;
+
+    api.stop();
+    mesh.control_plane
+        .process
+        .logs
+        .wait_for(
+            &["watch of cluster objects failed"],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the control plane notices the API server is gone");
+    for _ in 0..20 {
+        assert_eq!(client.get("/menu").await.unwrap().status, 200);
+        assert_eq!(client.get("/admin").await.unwrap().status, 403);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    api.restart().await;
+    let back = std::time::Instant::now();
+    api.must_create(
+        policies,
+        &custom_resource("AuthorizationPolicy", "no-menu", deny("/menu")),
+    )
+    .await;
+    until_status(&mut client, "/menu", 403, Duration::from_secs(15)).await;
+    let created = back.elapsed();
+    let (status, answer) = api.delete(&format!("{policies}/no-admin")).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let lifted = until_status(&mut client, "/admin", 200, Duration::from_secs(1)).await;
+    eprintln!(
+        "after the API server's restart: a new policy enforced {created:?} after it was back, \
+         a deletion then lifted in {lifted:?}"
+    );
+}
+
 /// A pod as the injector leaves it (its proxy a native sidecar), created directly: no
 /// kubelet runs it, a proxy of the test plays its sidecar.
 async fn create_meshed_pod(api: &ApiServer, name: &str, account: &str) {
