@@ -24,6 +24,7 @@ pub mod grpc;
 pub mod hostile;
 pub mod jwt;
 pub mod kube;
+pub mod kubelet;
 pub mod l7;
 pub mod netns;
 pub mod otlp;
@@ -266,7 +267,14 @@ impl ControlPlane {
         certificate_ttl: &str,
         extra_spec: &str,
     ) -> Self {
-        Self::start_with(listen_ip, certificate_ttl, extra_spec, Vec::new()).await
+        Self::start_with(
+            listen_ip,
+            free_port(),
+            certificate_ttl,
+            extra_spec,
+            Vec::new(),
+        )
+        .await
     }
 
     /// [`ControlPlane::start`] in cluster mode, against the API server of `kubeconfig`.
@@ -276,17 +284,42 @@ impl ControlPlane {
 
     /// [`ControlPlane::start_in_cluster`] with more arguments.
     pub async fn start_in_cluster_with(kubeconfig: &Path, args: &[&str]) -> Self {
+        let all = Self::cluster_args(kubeconfig, args.iter().map(std::ffi::OsString::from));
+        Self::start_with(local(0).ip(), free_port(), "1h", "", all).await
+    }
+
+    /// [`ControlPlane::start_in_cluster`] with the gRPC port on `listen_ip`, injecting
+    /// sidecars that reach it as `service` (a name their pods resolve to `listen_ip`).
+    pub async fn start_in_cluster_on(
+        listen_ip: std::net::IpAddr,
+        kubeconfig: &Path,
+        service: &str,
+    ) -> Self {
+        let grpc_port = free_port();
+        let address = format!("{service}:{grpc_port}");
+        let all = Self::cluster_args(
+            kubeconfig,
+            ["--control-plane-address".into(), address.into()],
+        );
+        Self::start_with(listen_ip, grpc_port, "1h", "", all).await
+    }
+
+    fn cluster_args(
+        kubeconfig: &Path,
+        more: impl IntoIterator<Item = std::ffi::OsString>,
+    ) -> Vec<std::ffi::OsString> {
         let mut all = vec![
             "--kubernetes".into(),
             "--kubeconfig".into(),
             kubeconfig.into(),
         ];
-        all.extend(args.iter().map(std::ffi::OsString::from));
-        Self::start_with(local(0).ip(), "1h", "", all).await
+        all.extend(more);
+        all
     }
 
     async fn start_with(
         listen_ip: std::net::IpAddr,
+        grpc_port: u16,
         certificate_ttl: &str,
         extra_spec: &str,
         extra_args: Vec<std::ffi::OsString>,
@@ -300,7 +333,6 @@ impl ControlPlane {
             ),
         )
         .expect("write mesh.yaml");
-        let grpc_port = free_port();
         let admin_port = free_port();
         let grpc = SocketAddr::new(listen_ip, grpc_port);
         let process = Self::spawn(&dir, grpc, admin_port, &extra_args);

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::inject::annotations::INJECT;
 
 /// The ConfigMap every meshed namespace gets, and its key.
-pub const CONFIG_MAP: &str = "tessera-ca-root-cert";
+pub const CONFIG_MAP: &str = crate::inject::sidecar::CA_ROOT_CONFIG_MAP;
 pub const CONFIG_MAP_KEY: &str = "root-cert.pem";
 
 /// The injector's MutatingWebhookConfiguration (`deploy/kubernetes/webhook.yaml`).

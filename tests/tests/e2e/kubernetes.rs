@@ -13,7 +13,7 @@ use tessera_tests::*;
 
 /// `deploy/kubernetes/webhook.yaml`, sent to this control plane's webhook by URL (a
 /// test has no Service in front of it) and trusting its root.
-fn webhook_configuration(control_plane: &ControlPlane) -> Value {
+pub(crate) fn webhook_configuration(control_plane: &ControlPlane) -> Value {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/webhook.yaml");
     let yaml = std::fs::read_to_string(&path).expect("read webhook.yaml");
@@ -502,7 +502,7 @@ async fn the_root_is_kept_published_in_meshed_namespaces_and_the_webhook() {
 }
 
 /// A tessera.dev object of `kind` as the API server takes it; `spec` as in a file.
-fn custom_resource(kind: &str, name: &str, spec: Value) -> Value {
+pub(crate) fn custom_resource(kind: &str, name: &str, spec: Value) -> Value {
     json!({
         "apiVersion": "tessera.dev/v1alpha1",
         "kind": kind,

@@ -148,13 +148,13 @@ fn mesh_config(web: &Pod, grpc: &Pod, redis: &Pod) -> String {
 }
 
 /// Captures the bridge's TCP traffic to a file until stopped.
-struct Capture {
+pub(crate) struct Capture {
     process: Process,
     file: std::path::PathBuf,
 }
 
 impl Capture {
-    async fn start(network: &Network, dir: &TempDir) -> Self {
+    pub(crate) async fn start(network: &Network, dir: &TempDir) -> Self {
         let file = dir.path().join("bridge.pcap");
         let process = Process::spawn(
             "tcpdump",
@@ -182,7 +182,7 @@ impl Capture {
         Self { process, file }
     }
 
-    async fn stop(mut self) -> Vec<u8> {
+    pub(crate) async fn stop(mut self) -> Vec<u8> {
         let _ = Command::new("kill")
             .args(["-INT", &self.process.pid().to_string()])
             .status();
@@ -191,7 +191,7 @@ impl Capture {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
