@@ -507,7 +507,9 @@ mod tests {
         // The root ConfigMap is the control plane's to publish: a copy applied with the
         // namespace would fight it on every `kubectl apply`.
         assert!(
-            load("namespace.yaml").iter().all(|d| d["kind"] != "ConfigMap"),
+            load("namespace.yaml")
+                .iter()
+                .all(|d| d["kind"] != "ConfigMap"),
             "namespace.yaml ships a root ConfigMap"
         );
     }

@@ -5,17 +5,17 @@
 //! environment, the token from TokenRequest and the root from the published ConfigMap at
 //! their mount paths. Needs root and the kube harness; says SKIPPED otherwise.
 
-use std::net::{IpAddr, SocketAddr};
-use std::process::{Command, Output};
+use std::net::IpAddr;
+use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tessera_tests::kube::ApiServer;
 use tessera_tests::netns::{self, Network, Pod};
-use tessera_tests::{ControlPlane, Process, TempDir, binary, eventually, init, kubelet};
+use tessera_tests::{ControlPlane, TempDir, eventually, init, kubelet};
 
 use crate::kubernetes::{custom_resource, webhook_configuration};
-use crate::transparent::{Capture, contains};
+use crate::transparent::{Capture, assert_encrypted, outside_server};
 
 /// The control plane's Service name, as the webhook writes it into sidecars.
 const CONTROL_PLANE_SERVICE: &str = "tessera-control-plane.tessera-system.svc";
@@ -185,15 +185,7 @@ async fn injected_pods_talk_mtls_and_obey_a_policy_from_the_api_server() {
 
     let dir = TempDir::new("capture");
     let capture = Capture::start(&network, &dir).await;
-    let outside_port = tessera_tests::free_port();
-    let _outside = Process::spawn(
-        "outside-app",
-        Command::new(binary("tessera-test-app")).args([
-            "http-server",
-            &SocketAddr::new(gateway, outside_port).to_string(),
-            OUTSIDE_PAYLOAD,
-        ]),
-    );
+    let (_outside, outside_port) = outside_server(gateway, OUTSIDE_PAYLOAD);
 
     // The client application by the Service's name: ClusterIP → client sidecar → mTLS
     // → web sidecar → web application.
@@ -256,24 +248,11 @@ async fn injected_pods_talk_mtls_and_obey_a_policy_from_the_api_server() {
     assert_eq!(outside, ("200".into(), OUTSIDE_PAYLOAD.into()));
 
     let packets = capture.stop().await;
-    assert!(
-        contains(&packets, OUTSIDE_PAYLOAD.as_bytes()),
-        "the capture must see clear payloads — else it proves nothing ({} bytes)",
-        packets.len()
-    );
-    for secret in [WEB_SECRET, PATH_SECRET, "/admin/keys"] {
-        assert!(
-            !contains(&packets, secret.as_bytes()),
-            "{secret} crossed the bridge in clear"
-        );
-    }
-    let records = packets
-        .windows(3)
-        .filter(|w| *w == [0x17, 0x03, 0x03])
-        .count();
-    assert!(
-        records >= 4,
-        "expected TLS records on the wire, saw {records}"
+    assert_encrypted(
+        &packets,
+        OUTSIDE_PAYLOAD,
+        &[WEB_SECRET, PATH_SECRET, "/admin/keys"],
+        4,
     );
 
     // No log carries a pod's token.

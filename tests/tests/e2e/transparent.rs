@@ -191,7 +191,47 @@ impl Capture {
     }
 }
 
-pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+/// A server outside the mesh, in the root namespace on `gateway`, answering `payload`;
+/// its port.
+pub(crate) fn outside_server(gateway: IpAddr, payload: &str) -> (Process, u16) {
+    let port = tessera_tests::free_port();
+    let server = Process::spawn(
+        "outside-app",
+        Command::new(binary("tessera-test-app")).args([
+            "http-server",
+            &SocketAddr::new(gateway, port).to_string(),
+            payload,
+        ]),
+    );
+    (server, port)
+}
+
+/// The capture saw `clear` (a passthrough call: else it proves nothing), none of
+/// `secrets`, and at least `records` TLS 1.3 application-data records.
+pub(crate) fn assert_encrypted(packets: &[u8], clear: &str, secrets: &[&str], records: usize) {
+    assert!(
+        contains(packets, clear.as_bytes()),
+        "the capture must see clear payloads (the passthrough call) — else it proves nothing ({} bytes captured)",
+        packets.len()
+    );
+    for secret in secrets {
+        assert!(
+            !contains(packets, secret.as_bytes()),
+            "{secret} crossed the bridge in clear"
+        );
+    }
+    // Record type 23, legacy version 3.3.
+    let seen = packets
+        .windows(3)
+        .filter(|w| *w == [0x17, 0x03, 0x03])
+        .count();
+    assert!(
+        seen >= records,
+        "expected TLS records on the wire, saw {seen}"
+    );
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
@@ -265,16 +305,7 @@ async fn unmodified_apps_talk_through_transparent_sidecars() {
             "no",
         ]),
     );
-    // A server outside the mesh, in the root namespace.
-    let outside_port = tessera_tests::free_port();
-    let _outside = Process::spawn(
-        "outside-app",
-        Command::new(binary("tessera-test-app")).args([
-            "http-server",
-            &SocketAddr::new(gateway, outside_port).to_string(),
-            OUTSIDE_PAYLOAD,
-        ]),
-    );
+    let (_outside, outside_port) = outside_server(gateway, OUTSIDE_PAYLOAD);
 
     let web_probe =
         "appProbes:\n  /app-health/web/readyz: {port: 8080, path: /healthz, timeoutSeconds: 2}\n";
@@ -369,25 +400,11 @@ async fn unmodified_apps_talk_through_transparent_sidecars() {
     assert_eq!(stdout(&outside), OUTSIDE_PAYLOAD);
 
     let packets = capture.stop().await;
-    assert!(
-        contains(&packets, OUTSIDE_PAYLOAD.as_bytes()),
-        "the capture must see clear payloads (the passthrough call) — else it proves nothing ({} bytes captured)",
-        packets.len()
-    );
-    for secret in [WEB_SECRET, PATH_SECRET, GRPC_SECRET, REDIS_SECRET] {
-        assert!(
-            !contains(&packets, secret.as_bytes()),
-            "{secret} crossed the bridge in clear"
-        );
-    }
-    // TLS 1.3 application-data records (type 23, legacy version 3.3).
-    let records = packets
-        .windows(3)
-        .filter(|w| *w == [0x17, 0x03, 0x03])
-        .count();
-    assert!(
-        records >= 8,
-        "expected TLS records on the wire, saw {records}"
+    assert_encrypted(
+        &packets,
+        OUTSIDE_PAYLOAD,
+        &[WEB_SECRET, PATH_SECRET, GRPC_SECRET, REDIS_SECRET],
+        8,
     );
 
     // The kubelet's view of web: plaintext to the app port is refused (STRICT), the
