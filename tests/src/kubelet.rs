@@ -345,41 +345,69 @@ fn expand(value: &str, environment: &[(String, String)]) -> String {
     expanded
 }
 
-/// Each volume of the pod as a directory named after it: a projected service-account
-/// token (from TokenRequest, bound to the pod) or a ConfigMap's keys (waiting for the
-/// ConfigMap as the kubelet does).
+/// Each volume of the pod as a directory named after it: ConfigMaps' keys (waiting for
+/// the ConfigMap, as the kubelet does) and projections of service-account tokens (from
+/// TokenRequest, bound to the pod), ConfigMaps and the pod's own fields.
 async fn fill_volumes(api: &ApiServer, pod: &Value, root: &Path) -> anyhow::Result<()> {
     for volume in array(&pod["spec"]["volumes"]) {
         let name = text(&volume, "/name")?;
         let directory = root.join(name);
         std::fs::create_dir_all(&directory)?;
-        if let Some(sources) = volume
-            .pointer("/projected/sources")
-            .and_then(Value::as_array)
-        {
-            for source in sources {
-                let Some(token) = source.get("serviceAccountToken") else {
-                    bail!("volume {name}: only serviceAccountToken projections are played");
-                };
-                let value = token_request(api, pod, token).await?;
-                write_file(&directory.join(text(token, "/path")?), &value)?;
-            }
-        } else if let Some(config_map) = volume.pointer("/configMap/name").and_then(Value::as_str) {
-            let namespace = text(pod, "/metadata/namespace")?;
-            let path = format!("/api/v1/namespaces/{namespace}/configmaps/{config_map}");
-            let found = api
-                .eventually(&path, PROBE_TIMEOUT, |status, _| status == 200)
+        let sources = match (volume.get("projected"), volume.get("configMap")) {
+            (Some(projected), _) => array(&projected["sources"]),
+            (None, Some(config_map)) => vec![json!({ "configMap": config_map })],
+            _ => bail!("volume {name}: only projected and configMap volumes are played"),
+        };
+        for source in sources {
+            for (path, contents) in source_files(api, pod, &source)
                 .await
-                .with_context(|| format!("volume {name}: ConfigMap {config_map}"))?;
-            let data = found["data"].as_object().cloned().unwrap_or_default();
-            for (key, value) in data {
-                write_file(&directory.join(key), value.as_str().unwrap_or_default())?;
+                .with_context(|| format!("volume {name}"))?
+            {
+                write_file(&directory.join(path), &contents)?;
             }
-        } else {
-            bail!("volume {name}: only projected tokens and ConfigMaps are played");
         }
     }
     Ok(())
+}
+
+/// The files (path, contents) one volume source projects.
+async fn source_files(
+    api: &ApiServer,
+    pod: &Value,
+    source: &Value,
+) -> anyhow::Result<Vec<(String, String)>> {
+    if let Some(token) = source.get("serviceAccountToken") {
+        let value = token_request(api, pod, token).await?;
+        return Ok(vec![(text(token, "/path")?.to_string(), value)]);
+    }
+    if let Some(config_map) = source.get("configMap") {
+        let name = text(config_map, "/name")?;
+        let namespace = text(pod, "/metadata/namespace")?;
+        let path = format!("/api/v1/namespaces/{namespace}/configmaps/{name}");
+        let found = api
+            .eventually(&path, PROBE_TIMEOUT, |status, _| status == 200)
+            .await
+            .with_context(|| format!("ConfigMap {name}"))?;
+        let value = |key: &str| found["data"][key].as_str().unwrap_or_default().to_string();
+        let Some(items) = config_map["items"].as_array() else {
+            let data = found["data"].as_object().cloned().unwrap_or_default();
+            return Ok(data.keys().map(|key| (key.clone(), value(key))).collect());
+        };
+        return items
+            .iter()
+            .map(|item| Ok((text(item, "/path")?.to_string(), value(text(item, "/key")?))))
+            .collect();
+    }
+    if let Some(downward) = source.get("downwardAPI") {
+        return array(&downward["items"])
+            .iter()
+            .map(|item| {
+                let path = text(item, "/path")?.to_string();
+                Ok((path, field(pod, text(item, "/fieldRef/fieldPath")?)?))
+            })
+            .collect();
+    }
+    bail!("only serviceAccountToken, configMap and downwardAPI sources are played: {source}")
 }
 
 /// The token the kubelet asks TokenRequest for on behalf of the pod.

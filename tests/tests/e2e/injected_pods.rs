@@ -97,6 +97,15 @@ async fn injected_pods_talk_mtls_and_obey_a_policy_from_the_api_server() {
                  "metadata": { "name": "shop", "labels": { "tessera.dev/inject": "enabled" } } }),
     )
     .await;
+    // What the controller manager would publish: the API server's CA, which the
+    // ServiceAccount admission plugin projects into every pod (kube-api-access-*).
+    let ca = std::fs::read_to_string(&api.ca_file).expect("API server CA");
+    api.must_create(
+        "/api/v1/namespaces/shop/configmaps",
+        &json!({ "apiVersion": "v1", "kind": "ConfigMap",
+                 "metadata": { "name": "kube-root-ca.crt" }, "data": { "ca.crt": ca } }),
+    )
+    .await;
     for account in ["web", "client"] {
         api.must_create(
             "/api/v1/namespaces/shop/serviceaccounts",
