@@ -125,7 +125,7 @@ pub fn create_token(
 /// Starts the control plane; returns once it listens.
 pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let mesh = load_mesh_config(&options.config_dir)?;
-    std::fs::create_dir_all(&options.state_dir).with_context(|| {
+    crate::state::create_dir(&options.state_dir).with_context(|| {
         format!(
             "cannot create state directory {}",
             options.state_dir.display()

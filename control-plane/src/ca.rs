@@ -82,7 +82,7 @@ impl CertificateAuthority {
             create_dev_root(state_dir, trust_domain)?;
         }
         let cert_pem = read(&cert_path)?;
-        let key_pem = read(&key_path)?;
+        let key_pem = crate::state::read_private(&key_path)?;
         let cert = tls::certs_from_pem(cert_pem.as_bytes())
             .map_err(|e| file_error(&cert_path, e))?
             .remove(0);
@@ -100,7 +100,7 @@ impl CertificateAuthority {
         let signer = load_certs("ca-cert.pem")?.remove(0);
         let chain = load_certs("cert-chain.pem")?;
         let roots = load_certs("root-cert.pem")?;
-        let key_pem = read(&dir.join("ca-key.pem"))?;
+        let key_pem = crate::state::read_private(&dir.join("ca-key.pem"))?;
         let intermediates = chain
             .into_iter()
             .filter(|cert| *cert != signer && !roots.contains(cert))

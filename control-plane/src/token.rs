@@ -184,7 +184,7 @@ fn load_or_create_key(state_dir: &Path) -> Result<hmac::Key, CaError> {
         let secret: [u8; 32] = rand::random();
         crate::state::write_private(&path, URL_SAFE_NO_PAD.encode(secret).as_bytes())?;
     }
-    let encoded = std::fs::read_to_string(&path).map_err(|e| file_error(&path, e))?;
+    let encoded = crate::state::read_private(&path)?;
     let secret = URL_SAFE_NO_PAD
         .decode(encoded.trim())
         .map_err(|_| file_error(&path, "not a base64url key"))?;

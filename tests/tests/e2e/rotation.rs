@@ -97,7 +97,11 @@ fn plugin_dir(
     let dir = control_plane_dir.join("cacerts");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("ca-cert.pem"), signer.pem()).unwrap();
-    std::fs::write(dir.join("ca-key.pem"), &signer.key_pem).unwrap();
+    // Owner-only, as the control plane requires of a key.
+    let key = dir.join("ca-key.pem");
+    std::fs::write(&key, &signer.key_pem).unwrap();
+    let owner_only = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&key, owner_only).unwrap();
     std::fs::write(
         dir.join("cert-chain.pem"),
         chain.iter().map(|c| c.pem()).collect::<String>(),
