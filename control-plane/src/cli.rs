@@ -19,9 +19,16 @@ use tessera_mesh::policy::{self, CompiledPolicy, MtlsMode, WorkloadRef};
 
 use crate::inject::{self, Outcome, SkipReason};
 
+/// What `tessera check migration` found.
+pub struct MigrationCheck {
+    pub report: String,
+    /// Ports that still receive plaintext and are not STRICT: switching would break them.
+    pub breaking: usize,
+}
+
 /// Reads `/migration` from each proxy's admin endpoint and reports, per workload and
 /// port, who still sends plaintext and whether STRICT would break an observed flow.
-pub async fn check_migration(proxies: &[SocketAddr]) -> anyhow::Result<String> {
+pub async fn check_migration(proxies: &[SocketAddr]) -> anyhow::Result<MigrationCheck> {
     let mut out = String::new();
     let mut breaking = 0;
     for admin in proxies {
@@ -81,7 +88,10 @@ pub async fn check_migration(proxies: &[SocketAddr]) -> anyhow::Result<String> {
             )
         }
     );
-    Ok(out)
+    Ok(MigrationCheck {
+        report: out,
+        breaking,
+    })
 }
 
 async fn get(address: SocketAddr, path: &str) -> anyhow::Result<bytes::Bytes> {

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -124,7 +125,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CheckCommand {
-    /// Who still sends plaintext to each port, and would STRICT break them?
+    /// Who still sends plaintext to each port, and would STRICT break them? Exits 1
+    /// when a port would break, so it can gate a rollout.
     Migration {
         /// Admin address of a proxy (repeat for each).
         #[arg(long = "proxy", required = true)]
@@ -192,7 +194,7 @@ enum TokenCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     tessera_mesh::tls::install_crypto_provider();
     let cli = Cli::parse();
     // The demo prints its own story; only errors should interrupt it.
@@ -242,7 +244,7 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .context("cannot watch for signals")?;
             tracing::info!(event = "control plane stopping");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }),
         Command::Token {
             command:
@@ -270,13 +272,16 @@ fn main() -> anyhow::Result<()> {
                 usage,
             )?;
             println!("{token}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "demo")]
-        Command::Demo { duration } => runtime.block_on(demo::run(duration)),
+        Command::Demo { duration } => {
+            runtime.block_on(demo::run(duration))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Crds => {
             print!("{}", kubernetes::crds::render());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Inject {
             mut files,
@@ -297,7 +302,8 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("{line}");
             }
             std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())
-                .context("cannot write to stdout")
+                .context("cannot write to stdout")?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Stat {
             proxies,
@@ -310,13 +316,18 @@ fn main() -> anyhow::Result<()> {
                 "table" => print!("{}", cli::stat_table(&stats)),
                 other => anyhow::bail!("unknown output {other:?}: use table or json"),
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check {
             command: CheckCommand::Migration { proxies },
         } => {
-            print!("{}", runtime.block_on(cli::check_migration(&proxies))?);
-            Ok(())
+            let check = runtime.block_on(cli::check_migration(&proxies))?;
+            print!("{}", check.report);
+            Ok(if check.breaking == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Policy {
             command:
@@ -360,15 +371,16 @@ fn main() -> anyhow::Result<()> {
                 && let Some(refused) = error.downcast_ref::<cli::RefusedPath>()
             {
                 eprintln!("error: {refused}");
-                std::process::exit(2);
+                return Ok(ExitCode::from(2));
             }
             let (report, allowed) = explained?;
             print!("{report}");
             // Scripts can test the outcome: 0 allowed, 3 denied, 2 refused before policy.
-            if !allowed {
-                std::process::exit(3);
-            }
-            Ok(())
+            Ok(if allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
     }
 }

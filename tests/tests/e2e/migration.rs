@@ -18,7 +18,8 @@ fn peer_authentication(mode: &str) -> String {
     )
 }
 
-fn migration_report(admin_port: u16) -> String {
+/// `tessera check migration` of one proxy: whether it exited 0, and its report.
+fn migration_report(admin_port: u16) -> (bool, String) {
     let output = Command::new(binary("tessera"))
         .args([
             "check",
@@ -28,12 +29,14 @@ fn migration_report(admin_port: u16) -> String {
         ])
         .output()
         .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    // Exit status 1 is a verdict (a port would break), anything else a failure.
     assert!(
-        output.status.success(),
-        "{}",
+        matches!(output.status.code(), Some(0 | 1)),
+        "{output:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    (output.status.success(), report)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,8 +68,12 @@ async fn permissive_to_strict_under_load() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let report = migration_report(server.admin_port);
+    let (passed, report) = migration_report(server.admin_port);
     println!("{report}");
+    assert!(
+        !passed,
+        "a port that would break must fail the check (a rollout gate)"
+    );
     assert!(report.contains("PERMISSIVE"), "{report}");
     assert!(
         report.contains(&spiffe("client")),
@@ -122,8 +129,9 @@ async fn permissive_to_strict_under_load() {
         "the mTLS caller lost requests when the port went STRICT"
     );
     assert!(statuses.len() > 100);
-    let report = migration_report(server.admin_port);
+    let (passed, report) = migration_report(server.admin_port);
     assert!(report.contains("— STRICT (by shop/backend)"), "{report}");
+    assert!(passed, "nothing left to break: {report}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
