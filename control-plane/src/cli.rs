@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Read as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -28,11 +27,11 @@ pub struct MigrationCheck {
 
 /// Reads `/migration` from each proxy's admin endpoint and reports, per workload and
 /// port, who still sends plaintext and whether STRICT would break an observed flow.
-pub async fn check_migration(proxies: &[SocketAddr]) -> anyhow::Result<MigrationCheck> {
+pub async fn check_migration(proxies: &[String]) -> anyhow::Result<MigrationCheck> {
     let mut out = String::new();
     let mut breaking = 0;
     for admin in proxies {
-        let body = get(*admin, "/migration")
+        let body = get(admin, "/migration")
             .await
             .with_context(|| format!("proxy admin {admin}"))?;
         let report: MigrationReport = serde_json::from_slice(&body)
@@ -94,13 +93,14 @@ pub async fn check_migration(proxies: &[SocketAddr]) -> anyhow::Result<Migration
     })
 }
 
-async fn get(address: SocketAddr, path: &str) -> anyhow::Result<bytes::Bytes> {
+/// `GET path` from `address` (HOST:PORT; every address a name resolves to is tried).
+async fn get(address: &str, path: &str) -> anyhow::Result<bytes::Bytes> {
     let stream = tokio::net::TcpStream::connect(address).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let request = http::Request::get(path)
-        .header(http::header::HOST, address.to_string())
+        .header(http::header::HOST, address)
         .body(Empty::<bytes::Bytes>::new())?;
     let response = sender.send_request(request).await?;
     if !response.status().is_success() {
@@ -296,13 +296,13 @@ pub struct ServiceStat {
 /// Reads inbound request metrics from each proxy, twice `window` apart (once when the
 /// window is zero: totals since start), and summarises them per destination.
 pub async fn stat(
-    proxies: &[SocketAddr],
+    proxies: &[String],
     window: std::time::Duration,
 ) -> anyhow::Result<Vec<ServiceStat>> {
     let scrape = || async {
         let mut samples = Vec::new();
         for admin in proxies {
-            let body = get(*admin, "/metrics")
+            let body = get(admin, "/metrics")
                 .await
                 .with_context(|| format!("proxy admin {admin}"))?;
             samples.extend(parse_samples(&String::from_utf8_lossy(&body)));

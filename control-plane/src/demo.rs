@@ -288,9 +288,9 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     println!(
         "\nRED figures per workload, as the serving proxies saw them — before the callers' retries (what `tessera stat` prints):"
     );
-    let admins: Vec<SocketAddr> = proxies
+    let admins: Vec<String> = proxies
         .iter()
-        .map(|(_, proxy)| proxy.admin_address)
+        .map(|(_, proxy)| proxy.admin_address.to_string())
         .collect();
     match crate::cli::stat(&admins, Duration::ZERO).await {
         Ok(stats) => print!("{}", crate::cli::stat_table(&stats)),

@@ -82,9 +82,9 @@ enum Command {
     /// Success rate, requests per second and latency percentiles per workload, read from
     /// proxies' admin endpoints.
     Stat {
-        /// Admin address of a proxy (repeat for each).
-        #[arg(long = "proxy", required = true)]
-        proxies: Vec<SocketAddr>,
+        /// Admin address of a proxy, HOST:PORT (repeat for each).
+        #[arg(long = "proxy", required = true, value_parser = cli::parse_host_port)]
+        proxies: Vec<String>,
         /// Measure over this window (0s: totals since the proxies started).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         window: Duration,
@@ -128,9 +128,9 @@ enum CheckCommand {
     /// Who still sends plaintext to each port, and would STRICT break them? Exits 1
     /// when a port would break, so it can gate a rollout.
     Migration {
-        /// Admin address of a proxy (repeat for each).
-        #[arg(long = "proxy", required = true)]
-        proxies: Vec<SocketAddr>,
+        /// Admin address of a proxy, HOST:PORT (repeat for each).
+        #[arg(long = "proxy", required = true, value_parser = cli::parse_host_port)]
+        proxies: Vec<String>,
     },
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use tessera_tests::backend::HttpBackend;
 use tessera_tests::l7::{Http1Client, L7Mesh, load, resource};
-use tessera_tests::{binary, local, spiffe};
+use tessera_tests::{binary, spiffe};
 
 fn peer_authentication(mode: &str) -> String {
     resource(
@@ -25,7 +25,8 @@ fn migration_report(admin_port: u16) -> (bool, String) {
             "check",
             "migration",
             "--proxy",
-            &local(admin_port).to_string(),
+            // A host name, as an operator types it.
+            &format!("localhost:{admin_port}"),
         ])
         .output()
         .unwrap();
