@@ -37,6 +37,9 @@ struct Cli {
 enum Command {
     /// Run the control plane: CA and identity API, discovery API (15012), admin (15014),
     /// sidecar injection webhook (15017).
+    #[command(after_help = "Examples:
+  tessera control-plane --config deploy/local/mesh
+  tessera control-plane --config /etc/tessera/config --kubernetes   # in a cluster")]
     ControlPlane {
         /// Directory of tessera.dev/v1alpha1 resources (YAML).
         #[arg(long)]
@@ -44,8 +47,10 @@ enum Command {
         /// Where the CA and token keys live [default: <config>/.tessera-state].
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// The identity and discovery APIs (gRPC over mTLS) that proxies call.
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: SocketAddr,
+        /// Admin HTTP: /metrics, /ready, /live.
         #[arg(long, default_value = "0.0.0.0:15014")]
         admin: SocketAddr,
         /// The admission webhook (HTTPS, POST /inject).
@@ -81,6 +86,9 @@ enum Command {
     },
     /// Success rate, requests per second and latency percentiles per workload, read from
     /// proxies' admin endpoints.
+    #[command(after_help = "Examples:
+  tessera stat --proxy localhost:15020 --proxy localhost:15021
+  tessera stat --proxy 10.0.3.7:15020 --window 30s -o json")]
     Stat {
         /// Admin address of a proxy, HOST:PORT (repeat for each).
         #[arg(long = "proxy", required = true, value_parser = cli::parse_host_port)]
@@ -98,6 +106,9 @@ enum Command {
         command: PolicyCommand,
     },
     /// Add the Tessera sidecar to Kubernetes workloads in YAML (printed to stdout).
+    #[command(after_help = "Examples:
+  tessera inject -f deploy.yaml > meshed.yaml
+  kubectl get deploy web -o yaml | tessera inject | kubectl apply -f -")]
     Inject {
         /// YAML file, possibly multi-document; `-` or none for stdin (repeatable).
         #[arg(short = 'f', long = "filename")]
@@ -116,6 +127,9 @@ enum Command {
     Crds,
     /// Run a small mesh on loopback and show what it does.
     #[cfg(feature = "demo")]
+    #[command(after_help = "Examples:
+  tessera demo
+  tessera demo --duration 2m   # time to try `tessera stat` on its proxies")]
     Demo {
         /// How long to drive traffic.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
@@ -127,6 +141,9 @@ enum Command {
 enum CheckCommand {
     /// Who still sends plaintext to each port, and would STRICT break them? Exits 1
     /// when a port would break, so it can gate a rollout.
+    #[command(after_help = "Examples:
+  tessera check migration --proxy localhost:15020
+  tessera check migration --proxy web-1:15020 --proxy web-2:15020 && echo safe to go STRICT")]
     Migration {
         /// Admin address of a proxy, HOST:PORT (repeat for each).
         #[arg(long = "proxy", required = true, value_parser = cli::parse_host_port)]
@@ -137,6 +154,12 @@ enum CheckCommand {
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// The decision for one request, and the rule that made it.
+    #[command(after_help = "Examples:
+  tessera policy explain --config deploy/local/mesh --from spiffe://cluster.local/ns/shop/sa/frontend \\
+      --to orders.shop --port 8080 --method POST --path /orders
+  tessera policy explain --config deploy/local/mesh --from unauthenticated --to cache.shop --port 6379
+
+Exit status: 0 allowed, 3 denied, 2 a request the proxy refuses before policy.")]
     Explain {
         /// The control plane's configuration directory.
         #[arg(long)]
@@ -153,8 +176,10 @@ enum PolicyCommand {
         /// HTTP method; leave out for opaque TCP.
         #[arg(long)]
         method: Option<String>,
+        /// The request path (HTTP).
         #[arg(long, default_value = "/")]
         path: String,
+        /// The request's Host (authority), for rules on `hosts`.
         #[arg(long)]
         host: Option<String>,
         /// A request header, name=value (repeatable).
@@ -174,11 +199,18 @@ enum PolicyCommand {
 enum TokenCommand {
     /// Print a join token for one namespace and service account. It is single-use: the
     /// first certificate issued with it consumes it.
+    #[command(after_help = "Examples:
+  tessera token create --config deploy/local/mesh --namespace shop --service-account orders
+  tessera token create --config deploy/local/mesh --namespace shop --service-account batch \\
+      --ttl 24h --reusable")]
     Create {
+        /// Namespace of the identity the token is for.
         #[arg(long)]
         namespace: String,
+        /// Service account of the identity the token is for.
         #[arg(long)]
         service_account: String,
+        /// How long the token can be used (at most 30 days), e.g. 10m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
         /// Usable for any number of workloads until it expires (a fleet or autoscaling
@@ -396,4 +428,45 @@ fn pairs(arguments: &[String], expected: &'static str) -> anyhow::Result<Vec<(St
                 .context(expected)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every flag says what it is for, and every command that takes flags shows examples.
+    #[test]
+    fn every_flag_has_help_and_every_command_examples() {
+        fn check(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let builtin = |arg: &clap::Arg| matches!(arg.get_id().as_str(), "help" | "version");
+            for arg in command.get_arguments().filter(|a| !builtin(a)) {
+                if arg.get_help().is_none() {
+                    missing.push(format!("{path} --{}: no help", arg.get_id()));
+                }
+            }
+            let subcommands: Vec<_> = command.get_subcommands().collect();
+            let takes_flags = command
+                .get_arguments()
+                .any(|a| !builtin(a) && !a.is_global_set());
+            if subcommands.is_empty()
+                && takes_flags
+                && !command
+                    .get_after_help()
+                    .is_some_and(|text| text.to_string().contains("Examples:"))
+            {
+                missing.push(format!("{path}: no examples"));
+            }
+            for subcommand in subcommands {
+                let path = format!("{path} {}", subcommand.get_name());
+                check(subcommand, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let mut command = Cli::command();
+        command.build();
+        check(&command, "tessera", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
 }

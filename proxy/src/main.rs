@@ -36,6 +36,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
+    #[command(after_help = "Examples:
+  tessera-proxy run --config deploy/local/proxy.yaml
+  TESSERA_PROXY_CONFIG=\"$(cat proxy.yaml)\" tessera-proxy run   # as an injected sidecar")]
     Run {
         /// Proxy configuration file (YAML). Without it, the YAML itself is read from the
         /// TESSERA_PROXY_CONFIG environment variable (how injected sidecars get it).
@@ -50,6 +53,10 @@ enum Command {
     /// Program iptables (nat table) so the pod's TCP traffic goes through the proxy:
     /// inbound to --inbound-port, outbound to --outbound-port, except the proxy's own.
     /// Idempotent; prints the rules it installs.
+    #[command(after_help = "Examples:
+  tessera-proxy init --exclude-inbound-ports 15020
+  tessera-proxy init --dry-run --exclude-outbound-cidrs 169.254.169.254/32
+  tessera-proxy init --cleanup")]
     Init(InitArgs),
 }
 
@@ -61,8 +68,10 @@ struct InitArgs {
     /// Also exempt traffic of this GID.
     #[arg(long)]
     proxy_gid: Option<u32>,
+    /// Where captured inbound connections are sent: the proxy's `inboundListen` port.
     #[arg(long, default_value_t = 15006)]
     inbound_port: u16,
+    /// Where captured outbound connections are sent: the proxy's `outboundListen` port.
     #[arg(long, default_value_t = 15001)]
     outbound_port: u16,
     /// Comma-separated destination ports whose inbound connections bypass the proxy.
@@ -172,4 +181,33 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_flag_has_help_and_every_command_examples() {
+        let mut cli = Cli::command();
+        cli.build();
+        for command in cli.get_subcommands().filter(|c| c.get_name() != "help") {
+            let name = command.get_name();
+            let after_help = command.get_after_help().map(ToString::to_string);
+            assert!(
+                after_help.is_some_and(|text| text.contains("Examples:")),
+                "{name}: no examples"
+            );
+            let flags = command.get_arguments();
+            for arg in flags.filter(|a| !matches!(a.get_id().as_str(), "help" | "version")) {
+                assert!(
+                    arg.get_help().is_some(),
+                    "{name} --{}: no help",
+                    arg.get_id()
+                );
+            }
+        }
+    }
 }
