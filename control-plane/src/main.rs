@@ -12,7 +12,10 @@ use clap::{Parser, Subcommand};
 #[cfg(feature = "demo")]
 use tessera_control_plane::demo;
 use tessera_control_plane::{app, cli, inject, kubernetes};
-use tessera_mesh::process::logging::{self, LogFormat};
+use tessera_mesh::process::{
+    self,
+    logging::{self, LogFormat},
+};
 
 #[derive(Parser)]
 #[command(
@@ -226,9 +229,16 @@ enum TokenCommand {
     },
 }
 
-fn main() -> anyhow::Result<ExitCode> {
+fn main() -> ExitCode {
     tessera_mesh::tls::install_crypto_provider();
     let cli = Cli::parse();
+    run(cli).unwrap_or_else(|error| {
+        eprintln!("error: {}", process::error_report(error.as_ref()));
+        ExitCode::FAILURE
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // The demo prints its own story; only errors should interrupt it.
     let default_filter = match cli.command {
         #[cfg(feature = "demo")]

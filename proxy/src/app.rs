@@ -38,6 +38,11 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: Box<tls::TlsError>,
     },
+    #[error("trust bundle {path}: cannot read it: {error}")]
+    TrustBundleUnreadable {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
     #[error("TLS setup: {0}")]
     Tls(Box<tls::TlsError>),
     #[error("cannot listen on {address}: {source}")]
@@ -267,7 +272,10 @@ fn identity_manager(
         path: path.clone(),
         source: Box::new(source),
     };
-    let pem = std::fs::read(path).map_err(|e| bundle_error(tls::TlsError::Pem(e.to_string())))?;
+    let pem = std::fs::read(path).map_err(|error| StartError::TrustBundleUnreadable {
+        path: path.clone(),
+        error,
+    })?;
     let bundle = TrustBundle::from_pem(&pem).map_err(bundle_error)?;
     let trust = Trust::new(config.identity.trust_domain.clone(), bundle);
     let control_plane = ControlPlane {

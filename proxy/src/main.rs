@@ -4,10 +4,14 @@
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tessera_mesh::process::logging::{self, LogFormat};
+use tessera_mesh::process::{
+    self,
+    logging::{self, LogFormat},
+};
 use tessera_proxy::ProxyConfig;
 use tessera_proxy::capture::{self, CaptureConfig, Family};
 use tessera_proxy::config::CONFIG_ENV;
@@ -102,16 +106,22 @@ fn list<T: std::str::FromStr>(flag: &str, text: &str) -> anyhow::Result<Vec<T>> 
     capture::parse_list(text).map_err(|reason| anyhow::anyhow!("{flag}: {reason}"))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tessera_mesh::tls::install_crypto_provider();
     let cli = Cli::parse();
     logging::init(cli.log_format);
-    match cli.command {
-        Command::Run { config, workers } => {
-            let runtime = runtime(workers).context("cannot start the async runtime")?;
-            runtime.block_on(run(config))
-        }
+    let done = match cli.command {
+        Command::Run { config, workers } => runtime(workers)
+            .context("cannot start the async runtime")
+            .and_then(|runtime| runtime.block_on(run(config))),
         Command::Init(args) => init(args),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", process::error_report(error.as_ref()));
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,11 +1,14 @@
-//! SIGTERM under load: the proxy turns not-ready, takes no new connection, and every
-//! request accepted before the signal completes.
+//! Start and stop. SIGTERM under load: the proxy turns not-ready, takes no new
+//! connection, and every request accepted before the signal completes. A process that
+//! cannot start says why.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use tessera_tests::backend::HttpBackend;
 use tessera_tests::l7::{Http1Client, L7Mesh};
+use tessera_tests::{TempDir, binary};
 
 /// Starts `n` slow requests through the mesh; returns their handles.
 async fn slow_requests(
@@ -89,4 +92,43 @@ async fn sigterm_on_the_serving_proxy_completes_its_streams() {
         .await
         .expect("proxy exits once drained");
     assert!(exited.success());
+}
+
+/// A process that cannot start says why on one line, each cause once, with no backtrace
+/// (even with RUST_BACKTRACE set), and exits 1: a missing trust bundle is "cannot read
+/// it", not "malformed PEM".
+#[test]
+fn a_process_that_cannot_start_says_why_on_one_line() {
+    let dir = TempDir::new("unstartable");
+    let missing = dir.path().join("root-cert.pem");
+    let config = format!(
+        "identity:\n  namespace: shop\n  serviceAccount: web\ncontrolPlane:\n  address: 127.0.0.1:1\n  trustBundleFile: {}\nadmin: 127.0.0.1:0\n",
+        missing.display()
+    );
+    let mut proxy = Command::new(binary("tessera-proxy"));
+    proxy
+        .arg("run")
+        .env("TESSERA_PROXY_CONFIG", config)
+        .env("TESSERA_JOIN_TOKEN", "unused");
+    let mut control_plane = Command::new(binary("tessera"));
+    control_plane
+        .arg("control-plane")
+        .arg("--config")
+        .arg(dir.path().join("no-such-directory"));
+    let expected = [
+        format!(
+            "error: trust bundle {}: cannot read it: No such file or directory (os error 2)",
+            missing.display()
+        ),
+        format!(
+            "error: {}: cannot read: No such file or directory (os error 2)",
+            dir.path().join("no-such-directory").display()
+        ),
+    ];
+    for (mut command, expected) in [proxy, control_plane].into_iter().zip(expected) {
+        let output = command.env("RUST_BACKTRACE", "1").output().expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim_end(), expected);
+    }
 }
