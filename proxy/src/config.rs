@@ -621,16 +621,21 @@ impl ProxyConfig {
     }
 
     /// The first-certificate credential: a join token if there is one, else the
-    /// Kubernetes service-account token file.
-    pub fn bootstrap(&self) -> Result<Option<Bootstrap>, ConfigError> {
+    /// Kubernetes service-account token file. Without either the proxy could never get
+    /// a certificate: a configuration error, not a retry loop.
+    pub fn bootstrap(&self) -> Result<Bootstrap, ConfigError> {
         if let Some(token) = self.join_token()? {
-            return Ok(Some(Bootstrap::JoinToken(token)));
+            return Ok(Bootstrap::JoinToken(token));
         }
-        Ok(self
-            .identity
+        self.identity
             .service_account_token_file
             .clone()
-            .map(Bootstrap::KubernetesTokenFile))
+            .map(Bootstrap::KubernetesTokenFile)
+            .ok_or_else(|| {
+                ConfigError::Semantic(format!(
+                    "no credential for the first certificate: set {JOIN_TOKEN_ENV} (a token from `tessera token create`), identity.joinTokenFile or identity.serviceAccountTokenFile"
+                ))
+            })
     }
 
     /// The join token: `TESSERA_JOIN_TOKEN` if set, else the token file, else none.

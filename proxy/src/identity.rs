@@ -37,8 +37,6 @@ pub(crate) enum CertifyError {
     Unreachable { address: String, reason: String },
     #[error("control plane refused: {0}")]
     Refused(String),
-    #[error("no way to authenticate: no join token and no valid certificate")]
-    NoCredential,
     #[error("control plane answered with an unusable certificate: {0}")]
     BadAnswer(String),
     #[error("cannot make a key or CSR: {0}")]
@@ -74,7 +72,7 @@ mod unix_seconds {
 pub struct IdentityManager {
     identity: SpiffeId,
     control_plane: ControlPlane,
-    bootstrap: Option<Bootstrap>,
+    bootstrap: Bootstrap,
     trust: Arc<Trust>,
     cert: Arc<CurrentCert>,
     status: ArcSwapOption<CertStatus>,
@@ -85,7 +83,7 @@ impl IdentityManager {
     pub fn new(
         identity: SpiffeId,
         control_plane: ControlPlane,
-        bootstrap: Option<Bootstrap>,
+        bootstrap: Bootstrap,
         trust: Arc<Trust>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
@@ -169,10 +167,10 @@ impl IdentityManager {
         };
         match (&self.bootstrap, renewing) {
             (_, true) => {}
-            (Some(Bootstrap::JoinToken(token)), false) => {
+            (Bootstrap::JoinToken(token), false) => {
                 request.join_token = token.expose().to_string();
             }
-            (Some(Bootstrap::KubernetesTokenFile(path)), false) => {
+            (Bootstrap::KubernetesTokenFile(path), false) => {
                 request.kubernetes_token = std::fs::read_to_string(path)
                     .map_err(|e| {
                         CertifyError::Local(format!(
@@ -183,7 +181,6 @@ impl IdentityManager {
                     .trim()
                     .to_string();
             }
-            (None, false) => return Err(CertifyError::NoCredential),
         }
         let client_cert = renewing.then(|| self.cert.clone());
         let channel = self

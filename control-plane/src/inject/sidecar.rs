@@ -442,7 +442,7 @@ mod tests {
         );
         assert!(matches!(
             parsed.bootstrap().unwrap(),
-            Some(tessera_proxy::config::Bootstrap::KubernetesTokenFile(_))
+            tessera_proxy::config::Bootstrap::KubernetesTokenFile(_)
         ));
     }
 }

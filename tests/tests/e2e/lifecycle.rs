@@ -94,22 +94,34 @@ async fn sigterm_on_the_serving_proxy_completes_its_streams() {
     assert!(exited.success());
 }
 
+/// A proxy configuration reading its trust bundle from `bundle`.
+fn proxy_config(bundle: &std::path::Path) -> String {
+    format!(
+        "identity:\n  namespace: shop\n  serviceAccount: web\ncontrolPlane:\n  address: 127.0.0.1:1\n  trustBundleFile: {}\nadmin: 127.0.0.1:0\n",
+        bundle.display()
+    )
+}
+
 /// A process that cannot start says why on one line, each cause once, with no backtrace
 /// (even with RUST_BACKTRACE set), and exits 1: a missing trust bundle is "cannot read
-/// it", not "malformed PEM".
+/// it", not "malformed PEM"; a proxy with no credential for its first certificate is a
+/// configuration error, not an endless "renewal failed".
 #[test]
 fn a_process_that_cannot_start_says_why_on_one_line() {
     let dir = TempDir::new("unstartable");
     let missing = dir.path().join("root-cert.pem");
-    let config = format!(
-        "identity:\n  namespace: shop\n  serviceAccount: web\ncontrolPlane:\n  address: 127.0.0.1:1\n  trustBundleFile: {}\nadmin: 127.0.0.1:0\n",
-        missing.display()
-    );
     let mut proxy = Command::new(binary("tessera-proxy"));
     proxy
         .arg("run")
-        .env("TESSERA_PROXY_CONFIG", config)
+        .env("TESSERA_PROXY_CONFIG", proxy_config(&missing))
         .env("TESSERA_JOIN_TOKEN", "unused");
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, tessera_tests::certs::TestCa::root("mesh").pem()).unwrap();
+    let mut no_token = Command::new(binary("tessera-proxy"));
+    no_token
+        .arg("run")
+        .env("TESSERA_PROXY_CONFIG", proxy_config(&bundle))
+        .env_remove("TESSERA_JOIN_TOKEN");
     let mut control_plane = Command::new(binary("tessera"));
     control_plane
         .arg("control-plane")
@@ -120,12 +132,14 @@ fn a_process_that_cannot_start_says_why_on_one_line() {
             "error: trust bundle {}: cannot read it: No such file or directory (os error 2)",
             missing.display()
         ),
+        "error: no credential for the first certificate: set TESSERA_JOIN_TOKEN (a token from `tessera token create`), identity.joinTokenFile or identity.serviceAccountTokenFile".to_string(),
         format!(
             "error: {}: cannot read: No such file or directory (os error 2)",
             dir.path().join("no-such-directory").display()
         ),
     ];
-    for (mut command, expected) in [proxy, control_plane].into_iter().zip(expected) {
+    let commands = [proxy, no_token, control_plane];
+    for (mut command, expected) in commands.into_iter().zip(expected) {
         let output = command.env("RUST_BACKTRACE", "1").output().expect("run");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{stderr}");
