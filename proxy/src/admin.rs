@@ -138,6 +138,7 @@ impl Routes {
             ..
         } = self;
         match path {
+            "/" => Reply::text(StatusCode::OK, INDEX),
             "/live" => Reply::text(StatusCode::OK, "live\n"),
             "/ready" if drain.is_draining() => {
                 Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
@@ -164,6 +165,17 @@ impl Routes {
         }
     }
 }
+
+/// What `/` answers: every endpoint, so an operator need not know them by heart.
+const INDEX: &str = "\
+/live        200 while the process runs
+/ready       200 with a certificate and the control plane's configuration, 503 and why otherwise
+/metrics     Prometheus metrics (OpenMetrics with exemplars when asked for)
+/certs       the workload certificate: identity, serial, validity, renewal time
+/config      the configuration the proxy runs with (no secrets)
+/migration   per inbound port: mTLS and plaintext callers (tessera check migration)
+/app-health/<container>/livez|readyz|startupz   the application's own probes, when injected
+";
 
 fn migration_report(identity: &IdentityManager, inbounds: &[Arc<Inbound>]) -> MigrationReport {
     MigrationReport {

@@ -48,7 +48,7 @@ pub struct ProxyConfig {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     pub control_plane: ControlPlaneConfig,
-    /// Admin endpoint: /live, /ready, /metrics, /certs, /config.
+    /// Admin endpoint: /, /live, /ready, /metrics, /certs, /config, /migration.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
     #[serde(default)]

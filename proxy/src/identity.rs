@@ -48,11 +48,11 @@ pub(crate) enum CertifyError {
 pub struct CertStatus {
     pub identity: String,
     pub serial: String,
-    #[serde(with = "unix_seconds")]
+    #[serde(with = "rfc3339")]
     pub not_before: SystemTime,
-    #[serde(with = "unix_seconds")]
+    #[serde(with = "rfc3339")]
     pub not_after: SystemTime,
-    #[serde(with = "unix_seconds")]
+    #[serde(with = "rfc3339")]
     pub renew_at: SystemTime,
     pub chain_length: usize,
     pub trust_bundle_roots: usize,
@@ -60,11 +60,17 @@ pub struct CertStatus {
     pub issued_count: u64,
 }
 
-mod unix_seconds {
-    use std::time::{SystemTime, UNIX_EPOCH};
+/// Times as operators read them (`2026-12-05T02:11:25Z`), UTC, whole seconds.
+mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::ser::Error as _;
+    use time::format_description::well_known::Rfc3339;
 
     pub(super) fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+        let at = time::OffsetDateTime::from(*t);
+        let at = at.replace_nanosecond(0).unwrap_or(at);
+        s.serialize_str(&at.format(&Rfc3339).map_err(S::Error::custom)?)
     }
 }
 

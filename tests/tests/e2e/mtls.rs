@@ -95,6 +95,26 @@ async fn bytes_cross_mutual_tls_intact_with_half_close() {
     let (status, certs) = mesh.server.admin("/certs").await.unwrap();
     assert_eq!(status, 200);
     assert!(certs.contains(&spiffe("server")), "{certs}");
+    // Times as operators read them: RFC 3339, UTC.
+    let certificate: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    for field in ["not_before", "not_after", "renew_at"] {
+        let at = certificate[field].as_str().unwrap_or_default();
+        let shape = at.len() == 20 && at.as_bytes()[10] == b'T' && at.ends_with('Z');
+        assert!(shape && at.starts_with("20"), "{field}: {at}");
+    }
+    // The admin port says what it serves.
+    let (status, index) = mesh.server.admin("/").await.unwrap();
+    assert_eq!(status, 200);
+    for endpoint in [
+        "/live",
+        "/ready",
+        "/metrics",
+        "/certs",
+        "/config",
+        "/migration",
+    ] {
+        assert!(index.contains(endpoint), "{index}");
+    }
     let (_, config) = mesh.client.admin("/config").await.unwrap();
     let token = std::fs::read_to_string(mesh.client.dir.path().join("token")).unwrap();
     assert!(!config.contains(&token) && !certs.contains("PRIVATE"));
