@@ -628,7 +628,8 @@ impl Pending {
                 path = %path,
                 status = self.code,
                 grpc_status = self.grpc_status,
-                duration_ms = elapsed * 1000.0,
+                // Microseconds are the precision worth reading.
+                duration_ms = (elapsed * 1e6).round() / 1e3,
                 bytes = self.bytes,
                 trace_id = meter.trace_id.as_deref(),
                 proxy_error = self.proxy_error.as_deref(),
@@ -1190,7 +1191,9 @@ mod tests {
         assert_eq!(field("trace_id"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         assert_eq!(field("proxy_error"), Some("no-healthy-endpoints"));
         assert_eq!(field("grpc_status"), None, "plain HTTP has none");
-        assert!(field("duration_ms").is_some());
+        let duration = field("duration_ms").expect("duration_ms");
+        let decimals = duration.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(decimals <= 3, "rounded to microseconds: {duration}");
         let everything = format!("{line:?}");
         for secret in ["s3cr3t", "4111111111111111", "access_token"] {
             assert!(
