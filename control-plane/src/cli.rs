@@ -299,7 +299,22 @@ pub async fn stat(
     proxies: &[String],
     window: std::time::Duration,
 ) -> anyhow::Result<Vec<ServiceStat>> {
-    let scrape = || async {
+    if window.is_zero() {
+        return Ok(Scrape::take(proxies).await?.since(None));
+    }
+    let before = Scrape::take(proxies).await?;
+    tokio::time::sleep(window).await;
+    Ok(Scrape::take(proxies).await?.since(Some(&before)))
+}
+
+/// The inbound request metrics of a set of proxies at one moment.
+pub struct Scrape {
+    samples: Vec<Sample>,
+    at: std::time::Instant,
+}
+
+impl Scrape {
+    pub async fn take(proxies: &[String]) -> anyhow::Result<Self> {
         let mut samples = Vec::new();
         for admin in proxies {
             let body = get(admin, "/metrics")
@@ -307,19 +322,21 @@ pub async fn stat(
                 .with_context(|| format!("proxy admin {admin}"))?;
             samples.extend(parse_samples(&String::from_utf8_lossy(&body)));
         }
-        anyhow::Ok(samples)
-    };
-    let before = if window.is_zero() {
-        Vec::new()
-    } else {
-        scrape().await?
-    };
-    if !window.is_zero() {
-        tokio::time::sleep(window).await;
+        Ok(Self {
+            samples,
+            at: std::time::Instant::now(),
+        })
     }
-    let after = scrape().await?;
-    let per_second = (!window.is_zero()).then_some(window.as_secs_f64());
-    Ok(summarise(&before, &after, per_second))
+
+    /// Per destination, what was served since `earlier` (rates over the time between
+    /// the two), or since the proxies started (no rates).
+    pub fn since(&self, earlier: Option<&Scrape>) -> Vec<ServiceStat> {
+        let Some(earlier) = earlier else {
+            return summarise(&[], &self.samples, None);
+        };
+        let seconds = self.at.duration_since(earlier.at).as_secs_f64();
+        summarise(&earlier.samples, &self.samples, Some(seconds))
+    }
 }
 
 /// Renders stats as the terminal table.

@@ -193,12 +193,19 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     wait_for_endpoints(&frontend, &["orders.shop", "payments.shop"]).await?;
 
     println!(
-        "\nWhile it runs: tessera stat{} --window 2s",
+        "\nWhile it runs: {} stat{} --window 2s\n  (this demo runs {}; `demo --duration 2m` leaves time to try it)",
+        this_program(),
         proxies
             .iter()
             .map(|(_, p)| format!(" --proxy {}", p.admin_address))
-            .collect::<String>()
+            .collect::<String>(),
+        humantime::format_duration(duration)
     );
+    let admins: Vec<String> = proxies
+        .iter()
+        .map(|(_, proxy)| proxy.admin_address.to_string())
+        .collect();
+    let traffic_start = crate::cli::Scrape::take(&admins).await.ok();
     println!(
         "\nDriving traffic: frontend → orders (HTTP, 2 replicas, one flaky) and frontend → payments (TCP)..."
     );
@@ -286,14 +293,13 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     print!("{table}");
 
     println!(
-        "\nRED figures per workload, as the serving proxies saw them — before the callers' retries (what `tessera stat` prints):"
+        "\nRED figures per workload over the run, as the serving proxies saw them (what `tessera stat` prints).\nSUCCESS counts every answer of the serving side, before the callers' retries: below it, what callers saw."
     );
-    let admins: Vec<String> = proxies
-        .iter()
-        .map(|(_, proxy)| proxy.admin_address.to_string())
-        .collect();
-    match crate::cli::stat(&admins, Duration::ZERO).await {
-        Ok(stats) => print!("{}", crate::cli::stat_table(&stats)),
+    match crate::cli::Scrape::take(&admins).await {
+        Ok(now) => print!(
+            "{}",
+            crate::cli::stat_table(&now.since(traffic_start.as_ref()))
+        ),
         Err(error) => println!("  (stat failed: {error:#})"),
     }
 
@@ -676,4 +682,21 @@ fn label<'a>(labels: &'a str, key: &str) -> &'a str {
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == key)
         .map_or("", |(_, v)| v.trim_matches('"'))
+}
+
+/// How to run this program again from here: `tessera` when that is what the shell finds,
+/// else the path of this binary (after `cargo run`, it is not on PATH).
+fn this_program() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "tessera".into();
+    };
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("tessera") == exe));
+    if on_path {
+        return "tessera".into();
+    }
+    let relative = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(Path::to_path_buf));
+    relative.unwrap_or(exe).display().to_string()
 }

@@ -51,6 +51,22 @@ fn demo_runs_and_shows_verified_identities() {
         "the flaky replica never failed: {orders}"
     );
     assert!(stdout.contains("retries to orders.shop"), "{stdout}");
+    // The RED table covers the run: a rate, not "-".
+    let red = stdout
+        .lines()
+        .find(|line| line.starts_with("spiffe://cluster.local/ns/shop/sa/orders"))
+        .expect("a RED row for orders");
+    let rps = red.split_whitespace().nth(2).unwrap_or_default();
+    assert!(rps.parse::<f64>().is_ok_and(|r| r > 0.0), "{red}");
+    // The hint names this very binary, which `cargo run` does not put on PATH.
+    let hint = binary("tessera");
+    let hint = hint
+        .strip_prefix(std::env::current_dir().unwrap())
+        .unwrap_or(&hint);
+    assert!(
+        stdout.contains(&format!("While it runs: {} stat", hint.display())),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -62,7 +78,7 @@ async fn tessera_stat_reads_a_running_demo() {
     let line = demo
         .logs
         .wait_for(
-            &["While it runs: tessera stat"],
+            &["While it runs: ", " stat --proxy"],
             std::time::Duration::from_secs(30),
         )
         .await
