@@ -93,6 +93,32 @@ pub async fn check_migration(proxies: &[String]) -> anyhow::Result<MigrationChec
     })
 }
 
+/// `tessera check config DIR`: every problem of a configuration directory, checked
+/// offline as the control plane checks it; the report and whether it is good.
+pub fn check_config(dir: &Path) -> (String, bool) {
+    let problems = crate::config::problems(dir);
+    if problems.is_empty() {
+        let count = tessera_mesh::resources::load_dir(dir).map_or(0, |r| r.len());
+        return (
+            format!(
+                "✔ {}: {count} resources, a configuration the control plane accepts\n",
+                dir.display()
+            ),
+            true,
+        );
+    }
+    let mut report = String::new();
+    for problem in &problems {
+        let _ = writeln!(report, "× {problem}");
+    }
+    let _ = writeln!(
+        report,
+        "{} problem(s): the control plane would refuse this configuration and keep the last good one",
+        problems.len()
+    );
+    (report, false)
+}
+
 /// `GET path` from `address` (HOST:PORT; every address a name resolves to is tried).
 async fn get(address: &str, path: &str) -> anyhow::Result<bytes::Bytes> {
     let stream = tokio::net::TcpStream::connect(address).await?;

@@ -36,8 +36,18 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads the directory into a mesh snapshot, with `cluster`'s objects (cluster mode)
 /// besides the files': each object the checks refuse is set back to its last accepted
-/// version (see [`acceptance`]). Blocks: the server goes through [`Loader`].
+/// version (see [`acceptance`]). Refused files are told all at once, not only the first
+/// mistake the checks meet. Blocks: the server goes through [`Loader`].
 pub(crate) fn load_snapshot(
+    dir: &Path,
+    trust_domain: &str,
+    cluster: Option<&ClusterObjects>,
+) -> Result<MeshSnapshot, ConfigError> {
+    build_snapshot(dir, trust_domain, cluster)
+        .map_err(|first| ConfigError::all(problems(dir)).unwrap_or(first))
+}
+
+fn build_snapshot(
     dir: &Path,
     trust_domain: &str,
     cluster: Option<&ClusterObjects>,
@@ -56,6 +66,63 @@ pub(crate) fn load_snapshot(
     let accepted = acceptance::accept(&files, &candidates, build)?;
     objects.settle(&candidates, &accepted);
     Ok(accepted.snapshot)
+}
+
+/// Everything wrong with the configuration in `dir`, checked as the control plane
+/// checks it (`tessera check config`): each document that does not parse, and each
+/// resource the checks refuse, the others checked without it.
+pub(crate) fn problems(dir: &Path) -> Vec<ConfigError> {
+    let (mut files, mut problems) = resources::load_dir_each(dir);
+    if let Err(error) = inline_jwks_files(dir, &mut files) {
+        problems.push(error);
+        return problems;
+    }
+    let trust_domain = match resources::mesh_config(&files) {
+        Ok(mesh) => mesh.trust_domain,
+        Err(error) => {
+            problems.push(error);
+            return problems;
+        }
+    };
+    let build = |resources: &[resources::Resource]| {
+        let snapshot = MeshSnapshot::from_resources(&trust_domain, resources)?;
+        check_size(dir, &snapshot)?;
+        Ok(snapshot)
+    };
+    problems.extend(each_refusal(&files, &build));
+    problems.sort_by(|a, b| (&a.origin.file, a.origin.line).cmp(&(&b.origin.file, b.origin.line)));
+    problems
+}
+
+/// Each resource the checks refuse, every other one checked without it (the isolation
+/// cluster mode uses for its objects); an error no resource is to blame for on its own.
+fn each_refusal(
+    resources: &[resources::Resource],
+    build: &impl Fn(&[resources::Resource]) -> Result<MeshSnapshot, ConfigError>,
+) -> Vec<ConfigError> {
+    let candidates: Vec<acceptance::Candidate> = resources
+        .iter()
+        .map(|resource| acceptance::Candidate {
+            key: resource.origin.to_string(),
+            origin: resource.origin.clone(),
+            current: Ok(resource.clone()),
+            accepted: None,
+            subject: None,
+        })
+        .collect();
+    match acceptance::accept(&[], &candidates, build) {
+        Ok(accepted) => candidates
+            .iter()
+            .filter_map(|candidate| {
+                let reason = accepted.refused.get(&candidate.key)?;
+                Some(ConfigError {
+                    origin: candidate.origin.clone(),
+                    reason: reason.clone(),
+                })
+            })
+            .collect(),
+        Err(error) => vec![error],
+    }
 }
 
 /// Refuses a snapshot larger than proxies accept.
@@ -312,12 +379,22 @@ pub(crate) async fn follow(
     mut published: Published,
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
 ) {
+    // Whether the configuration on disk is refused: its repair is worth a line too.
+    let mut refused = false;
     while watch.changed.recv().await.is_some() {
         let noticed = std::time::Instant::now();
         tokio::time::sleep(SETTLE).await;
         while watch.changed.try_recv().is_ok() {}
         let proxies = published.snapshots.receiver_count().saturating_sub(1);
-        match published.reload().await {
+        let reloaded = published.reload().await;
+        let repaired = refused && reloaded.is_ok();
+        refused = reloaded.is_err();
+        match reloaded {
+            Ok(None) if repaired => info!(
+                event = "configuration accepted",
+                version = published.version,
+                "the refused change is gone; the configuration in force is unchanged"
+            ),
             Ok(None) => {}
             Ok(Some(version)) => {
                 metrics
@@ -330,11 +407,14 @@ pub(crate) async fn follow(
                     proxies,
                 );
             }
-            Err(error) => warn!(
-                event = "configuration refused",
-                error = %error,
-                "keeping the last good configuration"
-            ),
+            Err(error) => {
+                metrics.config_refusals.inc();
+                warn!(
+                    event = "configuration refused",
+                    error = %error,
+                    "keeping the last good configuration"
+                );
+            }
         }
     }
 }
@@ -415,6 +495,50 @@ mod tests {
         assert_eq!(error.origin.file, file, "{error}");
         assert_eq!(error.origin.line, 2, "{error}");
         error.to_string()
+    }
+
+    /// Every mistake at once: documents that do not parse and resources the checks
+    /// refuse, each at its own file and line, the good rest checked without them.
+    #[test]
+    fn every_problem_of_a_directory_is_listed() {
+        let dir = ConfigDir::new();
+        let service = |name: &str| {
+            format!(
+                "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{addresses: [10.96.0.1], ports: [{{port: 80, protocol: http}}]}}\n"
+            )
+        };
+        dir.write(
+            "a.yaml",
+            &format!("{}---\n{}", service("orders"), service("billing")),
+        );
+        dir.write(
+            "b.yaml",
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  action: MAYBE\n",
+        );
+        let problems: Vec<String> = problems(dir.path())
+            .iter()
+            .map(|problem| {
+                let text = problem.to_string();
+                text.replace(&format!("{}/", dir.path().display()), "")
+            })
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                "a.yaml:7: address 10.96.0.1 of billing.shop already belongs to orders.shop (a.yaml:2)",
+                "b.yaml:5: unknown variant `MAYBE`, expected one of ALLOW, DENY, AUDIT",
+            ]
+            .map(|p| p.to_string()),
+            "{problems:#?}"
+        );
+        // What the running control plane logs when it refuses names both as well.
+        let refused = load_snapshot(dir.path(), TRUST_DOMAIN, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("b.yaml:5") && refused.contains("a.yaml:7"),
+            "{refused}"
+        );
     }
 
     #[tokio::test]

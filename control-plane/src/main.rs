@@ -152,6 +152,15 @@ enum CheckCommand {
         #[arg(long = "proxy", required = true, value_parser = cli::parse_host_port)]
         proxies: Vec<String>,
     },
+    /// Checks a configuration directory offline, as the control plane would, and lists
+    /// every problem. Exits 1 when there is one.
+    #[command(after_help = "Examples:
+  tessera check config deploy/local/mesh
+  tessera check config ./mesh && cp ./mesh/*.yaml /etc/tessera/config/")]
+    Config {
+        /// The configuration directory (tessera.dev/v1alpha1 YAML files).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -366,6 +375,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let check = runtime.block_on(cli::check_migration(&proxies))?;
             print!("{}", check.report);
             Ok(if check.breaking == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Check {
+            command: CheckCommand::Config { dir },
+        } => {
+            let (report, good) = cli::check_config(&dir);
+            print!("{report}");
+            Ok(if good {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub config_pushes: Counter,
     /// From a configuration change noticed to the new snapshot published.
     pub config_push_latency: Histogram,
+    /// Configuration changes refused (the last good one kept).
+    pub config_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -69,6 +71,12 @@ impl Metrics {
         let config_pushes = Counter::default();
         let config_push_latency =
             Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]);
+        let config_refusals = Counter::default();
+        registry.register(
+            "config_refusals",
+            "Configuration changes refused; the last good configuration stays in force",
+            config_refusals.clone(),
+        );
         registry.register(
             "config_pushes",
             "Configuration snapshots delivered to proxies",
@@ -107,6 +115,7 @@ impl Metrics {
             discovery_streams,
             config_pushes,
             config_push_latency,
+            config_refusals,
         }
     }
 

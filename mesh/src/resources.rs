@@ -53,6 +53,17 @@ impl ConfigError {
             reason: reason.into(),
         }
     }
+
+    /// Several errors told as one (one log line): the first's origin, then each other
+    /// with its own. `None` when there is none.
+    pub fn all(errors: Vec<ConfigError>) -> Option<Self> {
+        let mut errors = errors.into_iter();
+        let mut first = errors.next()?;
+        for other in errors {
+            first.reason.push_str(&format!("; {other}"));
+        }
+        Some(first)
+    }
 }
 
 /// Common to all resources.
@@ -371,22 +382,48 @@ struct CertificateAuthorityYaml {
     plugin_certs_dir: Option<PathBuf>,
 }
 
-/// Parses every document of one YAML file.
+/// Parses every document of one YAML file; every document's error.
 pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Resource>, ConfigError> {
-    split_documents(text)
-        .into_iter()
-        .filter(|(_, doc)| !is_blank(doc))
-        .map(|(first_line, doc)| parse_document(file, first_line, doc))
-        .collect()
+    let (resources, errors) = parse_each(file, text);
+    ConfigError::all(errors).map_or(Ok(resources), Err)
+}
+
+/// The documents of one file that parse, and the errors of those that do not.
+fn parse_each(file: &Path, text: &str) -> (Vec<Resource>, Vec<ConfigError>) {
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    for (first_line, doc) in split_documents(text) {
+        if is_blank(doc) {
+            continue;
+        }
+        match parse_document(file, first_line, doc) {
+            Ok(resource) => resources.push(resource),
+            Err(error) => errors.push(error),
+        }
+    }
+    (resources, errors)
 }
 
 /// Reads all `*.yaml` / `*.yml` files of a directory (not recursive; hidden files
-/// skipped), in name order.
+/// skipped), in name order; the error names every document that is wrong.
 pub fn load_dir(dir: &Path) -> Result<Vec<Resource>, ConfigError> {
+    let (resources, errors) = load_dir_each(dir);
+    ConfigError::all(errors).map_or(Ok(resources), Err)
+}
+
+/// [`load_dir`]'s resources that parse, and the error of each one that does not.
+pub fn load_dir_each(dir: &Path) -> (Vec<Resource>, Vec<ConfigError>) {
     let unreadable = |e: std::io::Error| ConfigError::at(dir, 0, format!("cannot read: {e}"));
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
-        let path = entry.map_err(unreadable)?.path();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) => return (Vec::new(), vec![unreadable(error)]),
+    };
+    for entry in entries {
+        let path = match entry {
+            Ok(entry) => entry.path(),
+            Err(error) => return (Vec::new(), vec![unreadable(error)]),
+        };
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
         if is_yaml && !name.starts_with('.') && path.is_file() {
@@ -395,12 +432,18 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Resource>, ConfigError> {
     }
     files.sort();
     let mut resources = Vec::new();
+    let mut errors = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| ConfigError::at(&file, 0, format!("cannot read: {e}")))?;
-        resources.extend(parse_file(&file, &text)?);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let (parsed, wrong) = parse_each(&file, &text);
+                resources.extend(parsed);
+                errors.extend(wrong);
+            }
+            Err(e) => errors.push(ConfigError::at(&file, 0, format!("cannot read: {e}"))),
+        }
     }
-    Ok(resources)
+    (resources, errors)
 }
 
 /// The mesh settings of a set of resources: the one `MeshConfig`, or defaults.
@@ -547,10 +590,22 @@ fn mesh_config_spec(yaml: MeshConfigYaml) -> Result<MeshConfigSpec, FieldError> 
 fn plain_message(error: &serde_saphyr::Error) -> String {
     let rendered = error.to_string();
     let first_line = rendered.lines().next().unwrap_or("invalid YAML");
-    match first_line.find(" at line ") {
-        Some(cut) => first_line[..cut].to_string(),
-        None => first_line.to_string(),
+    // The parser's position is within the document, not the file: our origin says where.
+    let message = first_line.strip_prefix("error: ").unwrap_or(first_line);
+    let message = strip_position(message).unwrap_or(message);
+    match message.find(" at line ") {
+        Some(cut) => message[..cut].to_string(),
+        None => message.to_string(),
     }
+}
+
+/// `message` without a leading `line N column M: `.
+fn strip_position(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("line ")?;
+    let (line, rest) = rest.split_once(" column ")?;
+    let (column, rest) = rest.split_once(": ")?;
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (numeric(line) && numeric(column)).then_some(rest)
 }
 
 #[cfg(test)]
@@ -559,6 +614,20 @@ mod tests {
 
     fn parse(text: &str) -> Result<Vec<Resource>, ConfigError> {
         parse_file(Path::new("mesh.yaml"), text)
+    }
+
+    #[test]
+    fn every_bad_document_is_named_at_its_file_line() {
+        let service = "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {addresses: [10.96.0.1], ports: [{port: 80, protocol: http}]}\n";
+        let text = format!(
+            "{service}---\napiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {{name: w, namespace: shop}}\nspec:\n  service: web\n  adress: 10.0.0.1:80\n---\napiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  action: MAYBE\n"
+        );
+        let error = parse(&text).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "mesh.yaml:11: unknown field `adress`, expected one of service, serviceAccount, address, ports; \
+             mesh.yaml:17: unknown variant `MAYBE`, expected one of ALLOW, DENY, AUDIT"
+        );
     }
 
     #[test]

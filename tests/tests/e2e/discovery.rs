@@ -108,9 +108,10 @@ async fn changes_propagate_and_bad_files_are_refused() {
         "new timeout in force: {statuses:?}"
     );
 
-    // A bad file: refused with file:line, nothing pushed, the old configuration serves.
+    // A bad file: refused with file:line for each of its mistakes, nothing pushed, the
+    // old configuration serves.
     let received = logs.count(&["configuration received"]);
-    mesh.control_plane.write_config("broken.yaml", "apiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: shop}\nspec:\n  service: backend\n  serviceAccount: backend\n  adress: 127.0.0.1:1\n");
+    mesh.control_plane.write_config("broken.yaml", "apiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: shop}\nspec:\n  service: backend\n  serviceAccount: backend\n  adress: 127.0.0.1:1\n---\napiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  action: MAYBE\n");
     let refusal = mesh
         .control_plane
         .process
@@ -122,6 +123,10 @@ async fn changes_propagate_and_bad_files_are_refused() {
         .await
         .unwrap();
     assert!(refusal.contains("adress"), "{refusal}");
+    assert!(
+        refusal.contains("broken.yaml:13: unknown variant `MAYBE`"),
+        "every mistake is named, not only the first: {refusal}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         logs.count(&["configuration received"]),
@@ -130,6 +135,26 @@ async fn changes_propagate_and_bad_files_are_refused() {
     );
     let statuses = load(mesh.entry(), "/", 20, 2).await;
     assert!(statuses.iter().all(|s| *s == 200));
+
+    // Counted, and its repair (the file removed) is said too.
+    let (_, metrics) = tessera_tests::http_get(
+        tessera_tests::local(mesh.control_plane.admin_port),
+        "/metrics",
+    )
+    .await
+    .unwrap();
+    let refusals = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("tessera_config_refusals_total "))
+        .and_then(|value| value.trim().parse::<f64>().ok());
+    assert!(refusals.is_some_and(|n| n >= 1.0), "{metrics}");
+    std::fs::remove_file(mesh.control_plane.config_dir().join("broken.yaml")).unwrap();
+    mesh.control_plane
+        .process
+        .logs
+        .wait_for(&["configuration accepted"], Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -197,4 +222,52 @@ async fn the_control_plane_refuses_large_requests() {
             "{token_len} bytes: {status:?}"
         );
     }
+}
+
+/// `tessera check config` lints a directory offline as the control plane would: every
+/// problem on a line of its own, exit 1; the shipped example passes.
+#[test]
+fn check_config_lists_every_problem_offline() {
+    let check = |dir: &std::path::Path| {
+        let output = std::process::Command::new(tessera_tests::binary("tessera"))
+            .args(["check", "config"])
+            .arg(dir)
+            .output()
+            .expect("run tessera check config");
+        let report = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.code(), report)
+    };
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/mesh");
+    let (code, report) = check(&example);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(report.starts_with('✔'), "{report}");
+
+    let dir = tessera_tests::TempDir::new("check-config");
+    std::fs::copy(
+        example.join("services.yaml"),
+        dir.path().join("services.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  action: MAYBE\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("workload.yaml"),
+        "apiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {name: w, namespace: shop}\nspec: {service: nowhere, serviceAccount: w, address: '127.0.0.1:9'}\n",
+    )
+    .unwrap();
+    let (code, report) = check(dir.path());
+    assert_eq!(code, Some(1), "{report}");
+    let problems: Vec<&str> = report.lines().filter(|l| l.starts_with('×')).collect();
+    assert_eq!(problems.len(), 2, "{report}");
+    assert!(
+        problems[0].contains("policy.yaml:5: unknown variant `MAYBE`"),
+        "{report}"
+    );
+    assert!(
+        problems[1].contains("workload.yaml:2: workload names service nowhere.shop"),
+        "{report}"
+    );
 }
