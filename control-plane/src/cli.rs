@@ -181,11 +181,24 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
     };
     let mesh = crate::app::load_mesh_config(config_dir)?;
     let snapshot = crate::config::load_snapshot(config_dir, &mesh.trust_domain, None)?;
-    let service = snapshot
-        .services
-        .iter()
-        .find(|s| s.key() == request.to)
-        .with_context(|| format!("no service {} in {}", request.to, config_dir.display()))?;
+    let Some(service) = snapshot.services.iter().find(|s| s.key() == request.to) else {
+        // `--to orders` for `orders.shop`: name the services it could mean.
+        let meant: Vec<String> = snapshot
+            .services
+            .iter()
+            .filter(|s| s.name == request.to)
+            .map(|s| s.key())
+            .collect();
+        let hint = match meant.as_slice() {
+            [] => String::new(),
+            keys => format!(" (did you mean {}?)", keys.join(" or ")),
+        };
+        bail!(
+            "no service {} in {}{hint}",
+            request.to,
+            config_dir.display()
+        );
+    };
     let mut accounts: Vec<&str> = service
         .endpoints
         .iter()
@@ -609,6 +622,24 @@ mod tests {
                 labels: &BTreeMap::new(),
             },
         )
+    }
+
+    #[test]
+    fn a_service_named_without_its_namespace_gets_a_hint() {
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/mesh");
+        let request = Hypothetical {
+            from: None,
+            to: "orders",
+            port: 8080,
+            method: Some("GET"),
+            path: "/",
+            host: None,
+            headers: &[],
+            request_principal: None,
+            labels: &BTreeMap::new(),
+        };
+        let error = explain(&config, &request).unwrap_err().to_string();
+        assert!(error.ends_with("(did you mean orders.shop?)"), "{error}");
     }
 
     #[test]
