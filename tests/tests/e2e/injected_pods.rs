@@ -55,7 +55,7 @@ async fn create_injected(api: &ApiServer, pod: &Value) -> Value {
 fn curl(network: &Network, pod: &Pod, url: &str) -> (String, String) {
     let output: Output = network
         .command(pod, "curl")
-        .args(["-s", "-m", "5", "-w", "\n%{http_code}", url])
+        .args(["-s", "-m", "3", "-w", "\n%{http_code}", url])
         .output()
         .expect("run curl");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -192,21 +192,28 @@ async fn injected_pods_talk_mtls_and_obey_a_policy_from_the_api_server() {
             .expect("the pod's projected token earned its certificate");
     }
 
-    let dir = TempDir::new("capture");
-    let capture = Capture::start(&network, &dir).await;
-    let (_outside, outside_port) = outside_server(gateway, OUTSIDE_PAYLOAD);
-
     // The client application by the Service's name: ClusterIP → client sidecar → mTLS
     // → web sidecar → web application.
     let url = format!("http://web.shop:8080/{PATH_SECRET}");
     let mut answer = (String::new(), String::new());
-    let served = eventually(Duration::from_secs(5), || {
+    let served = eventually(Duration::from_secs(15), || {
         answer = curl(&network, &client_netns, &url);
         answer.0 == "200"
     })
     .await;
     assert!(served, "web never answered through the mesh: {answer:?}");
     assert_eq!(answer.1, WEB_SECRET);
+
+    // From here on the bridge is watched (not before: until the client's sidecar has the
+    // Service, its first calls may pass through to the ClusterIP in clear, as designed).
+    let dir = TempDir::new("capture");
+    let capture = Capture::start(&network, &dir).await;
+    let (_outside, outside_port) = outside_server(gateway, OUTSIDE_PAYLOAD);
+
+    assert_eq!(
+        curl(&network, &client_netns, &url),
+        ("200".into(), WEB_SECRET.into())
+    );
 
     // Policy as a custom resource: the client's identity may not reach /admin.
     let policy = custom_resource(
