@@ -53,6 +53,14 @@ fi
 if command -v go >/dev/null 2>&1; then
     tests/kube/build.sh
     (cd tests/kube && go vet ./...)
+    # The Helm chart: lint, the kustomize base current, Kubernetes schemas, checkov
+    # (PyPI, into a cached virtualenv; needs Python's venv module).
+    if [ "$(id -u)" = 0 ] && ! python3 -c 'import ensurepip' 2>/dev/null; then
+        echo "installing: python3-venv"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+    scripts/check-chart.sh
 else
     echo "go not found: tests/kube not built; the Kubernetes API server tests will skip" >&2
 fi

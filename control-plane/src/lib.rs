@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod ca;
+pub mod check;
 pub mod cli;
 pub(crate) mod config;
 /// The one part that runs proxies, so the one that depends on `tessera-proxy`.
@@ -21,6 +22,7 @@ pub(crate) mod discovery_service;
 pub(crate) mod grpc;
 pub(crate) mod identity_service;
 pub mod inject;
+pub mod install;
 pub mod kubernetes;
 pub(crate) mod state;
 pub(crate) mod telemetry;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 #[cfg(feature = "demo")]
 use tessera_control_plane::demo;
-use tessera_control_plane::{app, cli, inject, kubernetes};
+use tessera_control_plane::{app, check, cli, inject, install, kubernetes};
 use tessera_mesh::process::{
     self,
     logging::{self, LogFormat},
@@ -82,10 +82,69 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
-    /// Checks on a running mesh.
+    /// Is the mesh installed and healthy on this cluster (`--pre`: can it be installed)?
+    /// One line per check (✔ passed, ‼ warning, × failed, with a hint); exits 1 when a
+    /// check failed. `check migration` and `check config` check other things.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        after_help = "Examples:
+  tessera check --pre
+  tessera check
+  tessera check -o json | jq '.checks[] | select(.status != \"ok\")'
+  tessera check config deploy/local/mesh"
+    )]
     Check {
         #[command(subcommand)]
-        command: CheckCommand,
+        command: Option<CheckCommand>,
+        /// Before installing: may the mesh be installed here?
+        #[arg(long)]
+        pre: bool,
+        /// Output: table or json.
+        #[arg(short = 'o', long = "output", default_value = "table")]
+        output: String,
+        /// The cluster's kubeconfig [default: KUBECONFIG, ~/.kube/config, in-cluster].
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
+    /// Print the manifests that install the mesh on a cluster (CRDs, the control plane,
+    /// RBAC, the webhook), for `kubectl apply --server-side -f -`. The same objects as
+    /// the Helm chart deploy/helm/tessera with the matching values.
+    #[command(after_help = "Examples:
+  tessera install | kubectl apply --server-side -f -
+  tessera install --ca-secret tessera-ca --trust-domain corp.example | kubectl apply --server-side -f -
+  tessera install --registry registry.example.com/mesh --replicas 3 > tessera.yaml")]
+    Install {
+        /// Images are REGISTRY/tessera and REGISTRY/tessera-proxy (chart: images.registry).
+        #[arg(long, default_value = "ghcr.io/tessera-mesh")]
+        registry: String,
+        /// Image tag [default: this binary's version] (chart: images.tag).
+        #[arg(long)]
+        tag: Option<String>,
+        /// The SPIFFE trust domain, fixed for the life of the mesh (chart: mesh.trustDomain).
+        #[arg(long, default_value = tessera_mesh::spiffe::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Lifetime of workload certificates, 5s..90d (chart: mesh.certificateTtl).
+        #[arg(long, default_value = "24h")]
+        certificate_ttl: String,
+        /// Sign with the plug-in intermediate in this Secret of tessera-system (`tessera ca
+        /// create` files or a cert-manager Certificate) instead of a development root
+        /// (chart: ca.source=secret, ca.secretName).
+        #[arg(long)]
+        ca_secret: Option<String>,
+        /// Control-plane replicas; 2 or more get a PodDisruptionBudget (chart:
+        /// controlPlane.replicas).
+        #[arg(long, default_value_t = 2)]
+        replicas: u16,
+        /// What the API server does with a meshed pod when no replica answers: Fail
+        /// refuses it, Ignore creates it without a sidecar (chart: webhook.failurePolicy).
+        #[arg(long, value_enum, default_value_t = install::FailurePolicy::Fail)]
+        webhook_failure_policy: install::FailurePolicy,
+        /// How long the API server waits for the webhook, 1-30 s (chart: webhook.timeoutSeconds).
+        #[arg(long, default_value_t = 10)]
+        webhook_timeout: u8,
+        /// Leave out the control plane's NetworkPolicy (chart: networkPolicy.enabled=false).
+        #[arg(long)]
+        no_network_policy: bool,
     },
     /// Success rate, requests per second and latency percentiles per workload, read from
     /// proxies' admin endpoints.
@@ -370,7 +429,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check {
-            command: CheckCommand::Migration { proxies },
+            command: None,
+            pre,
+            output,
+            kubeconfig,
+        } => runtime.block_on(async {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            let checks = if pre {
+                check::pre::run(&client).await
+            } else {
+                check::installed::run(&client).await
+            };
+            let report = check::Report::new(checks);
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&report)?),
+                "table" => print!("{}", report.table()),
+                other => anyhow::bail!("unknown output {other:?}: use table or json"),
+            }
+            Ok(if report.success {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }),
+        Command::Install {
+            registry,
+            tag,
+            trust_domain,
+            certificate_ttl,
+            ca_secret,
+            replicas,
+            webhook_failure_policy,
+            webhook_timeout,
+            no_network_policy,
+        } => {
+            let choices = install::Choices {
+                registry,
+                tag: tag.unwrap_or_else(|| env!("CARGO_PKG_VERSION").into()),
+                trust_domain,
+                certificate_ttl,
+                ca: ca_secret.map_or(install::CaSource::Development, install::CaSource::Secret),
+                replicas,
+                failure_policy: webhook_failure_policy,
+                webhook_timeout_seconds: webhook_timeout,
+                network_policy: !no_network_policy,
+            };
+            print!("{}", install::render(&choices)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            command: Some(CheckCommand::Migration { proxies }),
+            ..
         } => {
             let check = runtime.block_on(cli::check_migration(&proxies))?;
             print!("{}", check.report);
@@ -381,7 +490,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Check {
-            command: CheckCommand::Config { dir },
+            command: Some(CheckCommand::Config { dir }),
+            ..
         } => {
             let (report, good) = cli::check_config(&dir);
             print!("{report}");

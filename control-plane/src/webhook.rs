@@ -454,16 +454,12 @@ mod tests {
         assert_eq!(printable(&"x".repeat(10_000)).len(), 512);
     }
 
-    /// `deploy/kubernetes` names the same Service, path and ports as the code, and leaves
-    /// the root ConfigMap to the control plane.
+    /// `deploy/kubernetes` names the same Service, path and ports as the code.
     #[test]
     fn the_kubernetes_manifests_match_the_webhook() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
-        let load = |file: &str| -> Vec<Value> {
-            let text = std::fs::read_to_string(dir.join(file)).unwrap();
-            serde_saphyr::from_multiple(&text).unwrap()
-        };
-        let find = |documents: &[Value], kind: &str| -> Value {
+        let rendered = include_str!("../../deploy/kubernetes/tessera.yaml");
+        let documents: Vec<Value> = serde_saphyr::from_multiple(rendered).unwrap();
+        let find = |kind: &str| -> Value {
             documents
                 .iter()
                 .find(|d| d["kind"] == kind)
@@ -471,7 +467,7 @@ mod tests {
                 .unwrap()
         };
 
-        let webhook = &find(&load("webhook.yaml"), "MutatingWebhookConfiguration")["webhooks"][0];
+        let webhook = &find("MutatingWebhookConfiguration")["webhooks"][0];
         let service = &webhook["clientConfig"]["service"];
         assert_eq!(service["path"], PATH);
         assert_eq!(service["port"], 15017);
@@ -483,8 +479,7 @@ mod tests {
         assert_eq!(host, DNS_NAMES[0]);
         assert_eq!(webhook["failurePolicy"], "Fail");
 
-        let control_plane = load("control-plane.yaml");
-        let service = find(&control_plane, "Service");
+        let service = find("Service");
         let ports: Vec<&Value> = service["spec"]["ports"]
             .as_array()
             .unwrap()
@@ -492,9 +487,7 @@ mod tests {
             .map(|p| &p["port"])
             .collect();
         assert_eq!(ports, [15012, 15014, 15017]);
-        let args = find(&control_plane, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-            ["args"]
-            .clone();
+        let args = find("Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].clone();
         let address = format!(
             "--control-plane-address={}",
             inject::DEFAULT_CONTROL_PLANE_ADDRESS
@@ -502,15 +495,6 @@ mod tests {
         assert!(
             args.as_array().unwrap().contains(&Value::from(address)),
             "{args}"
-        );
-
-        // The root ConfigMap is the control plane's to publish: a copy applied with the
-        // namespace would fight it on every `kubectl apply`.
-        assert!(
-            load("namespace.yaml")
-                .iter()
-                .all(|d| d["kind"] != "ConfigMap"),
-            "namespace.yaml ships a root ConfigMap"
         );
     }
 }

@@ -167,17 +167,13 @@ impl ApiServer {
     /// A kubeconfig for the control plane as `deploy/kubernetes` installs it: its
     /// service account in `tessera-system`, with nothing but the roles shipped there.
     pub async fn control_plane_kubeconfig(&self) -> PathBuf {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/control-plane.yaml");
-        let text = std::fs::read_to_string(&path).expect("control-plane.yaml");
-        let documents: Vec<Value> =
-            serde_saphyr::from_multiple(&text).expect("control-plane.yaml parses");
+        let documents = shipped_manifests();
         let kind = |kind: &str| {
             documents
                 .iter()
                 .find(|d| d["kind"] == kind)
                 .cloned()
-                .unwrap_or_else(|| panic!("no {kind} in control-plane.yaml"))
+                .unwrap_or_else(|| panic!("no {kind} in deploy/kubernetes"))
         };
         self.apply_crds().await;
         self.must_create("/api/v1/namespaces", &kind("Namespace"))
@@ -201,7 +197,12 @@ impl ApiServer {
             .await;
         self.must_create(&format!("{own}/rolebindings"), &kind("RoleBinding"))
             .await;
-        let name = account["metadata"]["name"].as_str().expect("name");
+        self.service_account_kubeconfig("tessera-system", "tessera-control-plane")
+            .await
+    }
+
+    /// A kubeconfig holding a token of this (existing) service account.
+    pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
         let request = serde_json::json!({
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenRequest",
@@ -209,12 +210,15 @@ impl ApiServer {
         });
         let answer = self
             .must_create(
-                &format!("/api/v1/namespaces/tessera-system/serviceaccounts/{name}/token"),
+                &format!("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"),
                 &request,
             )
             .await;
         let token = answer["status"]["token"].as_str().expect("token");
-        let kubeconfig = self.dir.path().join("control-plane.kubeconfig");
+        let kubeconfig = self
+            .dir
+            .path()
+            .join(format!("{namespace}.{name}.kubeconfig"));
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",
@@ -222,7 +226,7 @@ impl ApiServer {
                 "server": self.server, "certificate-authority": self.ca_file } }],
             "users": [{ "name": name, "user": { "token": token } }],
             "contexts": [{ "name": "harness", "context": {
-                "cluster": "harness", "user": name, "namespace": "tessera-system" } }],
+                "cluster": "harness", "user": name, "namespace": namespace } }],
             "current-context": "harness"
         });
         std::fs::write(&kubeconfig, serde_json::to_vec(&config).unwrap())
@@ -360,4 +364,20 @@ pub fn host_address() -> Option<std::net::IpAddr> {
         eprintln!("skipped: this host has no address but loopback");
     }
     found
+}
+
+/// The kustomize base's objects but the CRDs: `deploy/kubernetes/namespace.yaml` and the
+/// chart's default rendering `tessera.yaml`, in that order.
+pub fn shipped_manifests() -> Vec<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    ["namespace.yaml", "tessera.yaml"]
+        .iter()
+        .flat_map(|file| {
+            let text = std::fs::read_to_string(dir.join(file))
+                .unwrap_or_else(|e| panic!("deploy/kubernetes/{file}: {e}"));
+            serde_saphyr::from_multiple::<Value>(&text)
+                .unwrap_or_else(|e| panic!("deploy/kubernetes/{file}: {e}"))
+        })
+        .filter(|document| !document.is_null())
+        .collect()
 }

@@ -26,7 +26,7 @@ use crate::inject::annotations::INJECT;
 pub const CONFIG_MAP: &str = crate::inject::sidecar::CA_ROOT_CONFIG_MAP;
 pub const CONFIG_MAP_KEY: &str = "root-cert.pem";
 
-/// The injector's MutatingWebhookConfiguration (`deploy/kubernetes/webhook.yaml`).
+/// The injector's MutatingWebhookConfiguration (the Helm chart's `templates/webhook.yaml`).
 pub const WEBHOOK_CONFIGURATION: &str = "tessera-sidecar-injector";
 
 /// Namespaces whose pods are injected carry the injection label with this value (the

@@ -11,19 +11,24 @@ use serde_json::{Value, json};
 use tessera_tests::kube::ApiServer;
 use tessera_tests::*;
 
-/// `deploy/kubernetes/webhook.yaml`, sent to this control plane's webhook by URL (a
+/// `deploy/kubernetes/tessera.yaml`, sent to this control plane's webhook by URL (a
 /// test has no Service in front of it) and trusting its root.
 pub(crate) fn webhook_configuration(control_plane: &ControlPlane) -> Value {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/webhook.yaml");
-    let yaml = std::fs::read_to_string(&path).expect("read webhook.yaml");
-    let mut configuration: Value = serde_saphyr::from_str(&yaml).expect("webhook.yaml parses");
+    let mut configuration = shipped_webhook_configuration();
     let root = std::fs::read(control_plane.trust_bundle_file()).expect("trust bundle");
     configuration["webhooks"][0]["clientConfig"] = json!({
         "url": format!("https://{}/inject", control_plane.webhook_address()),
         "caBundle": base64::engine::general_purpose::STANDARD.encode(root),
     });
     configuration
+}
+
+/// The MutatingWebhookConfiguration of `deploy/kubernetes`, as shipped.
+pub(crate) fn shipped_webhook_configuration() -> Value {
+    tessera_tests::kube::shipped_manifests()
+        .into_iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .expect("deploy/kubernetes has the webhook configuration")
 }
 
 /// A pod as a Deployment's ReplicaSet creates it from the pod template: a generated
@@ -421,9 +426,7 @@ async fn the_root_is_kept_published_in_meshed_namespaces_and_the_webhook() {
     };
     namespace(&api, "shop", json!({ "tessera.dev/inject": "enabled" })).await;
     namespace(&api, "plain", json!({})).await;
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/webhook.yaml");
-    let shipped: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let shipped = shipped_webhook_configuration();
     api.must_create(
         "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
         &shipped,

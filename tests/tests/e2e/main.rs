@@ -13,6 +13,7 @@ mod http;
 mod identity_api;
 mod injected_pods;
 mod injection;
+mod install;
 mod kubernetes;
 mod lifecycle;
 mod migration;
