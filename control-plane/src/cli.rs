@@ -567,6 +567,10 @@ pub fn inject(
                 Outcome::Skipped(reason) => format!("skipped: {reason}"),
             };
             report.push(format!("{label}: {}: {done}", document.object));
+            // What became of each probe: rewritten through the proxy, or left and why.
+            for probe in &document.probes {
+                report.push(format!("{label}: {}: {probe}", document.object));
+            }
         }
     }
     Ok((yaml, report))

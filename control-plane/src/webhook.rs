@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::inject::{self, Outcome};
+use crate::inject::{self, Injection, Outcome};
 
 /// The one path the webhook serves.
 pub(crate) const PATH: &str = "/inject";
@@ -50,6 +50,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The API server gives up after the webhook's `timeoutSeconds` (10 s) anyway.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A line per probe, ~100 characters each: a few containers' worth.
+const MAX_LOGGED_PROBES: usize = 4096;
 
 /// Why a request is not an AdmissionReview this webhook can answer (HTTP 400).
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +93,10 @@ pub(crate) struct Reviewed {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ReviewResult {
-    Injected,
+    /// With a line per probe: rewritten through the proxy, or left and why.
+    Injected {
+        probes: Vec<String>,
+    },
     Unchanged(String),
     Refused(String),
 }
@@ -139,13 +144,20 @@ fn decide(
     };
     let before = serde_json::to_value(object).map_err(internal)?;
     let mut pod = before.clone();
-    match inject::inject_pod(&mut pod, options) {
-        Ok(Outcome::Injected) => {
+    match inject::inject_pod_reporting(&mut pod, options) {
+        Ok(Injection {
+            outcome: Outcome::Injected,
+            probes,
+        }) => {
             let patch = json_patch::diff(&before, &pod);
             let response = allow.with_patch(patch).map_err(internal)?;
-            Ok((response, ReviewResult::Injected))
+            let probes = probes.iter().map(ToString::to_string).collect();
+            Ok((response, ReviewResult::Injected { probes }))
         }
-        Ok(Outcome::Skipped(reason)) => unchanged(&reason.to_string()),
+        Ok(Injection {
+            outcome: Outcome::Skipped(reason),
+            ..
+        }) => unchanged(&reason.to_string()),
         Err(error) => {
             let message = format!("tessera sidecar injection refused: {error}");
             Ok((allow.deny(&message), ReviewResult::Refused(message)))
@@ -298,10 +310,10 @@ async fn handle(request: Request<Incoming>, options: &inject::Options) -> Respon
 
 /// One line per review; never the object, which may carry secrets in env values.
 fn log(reviewed: &Reviewed) {
-    let (result, reason) = match &reviewed.result {
-        ReviewResult::Injected => ("injected", ""),
-        ReviewResult::Unchanged(why) => ("unchanged", why.as_str()),
-        ReviewResult::Refused(why) => ("refused", why.as_str()),
+    let (result, reason, probes) = match &reviewed.result {
+        ReviewResult::Injected { probes } => ("injected", "", probes.join("; ")),
+        ReviewResult::Unchanged(why) => ("unchanged", why.as_str(), String::new()),
+        ReviewResult::Refused(why) => ("refused", why.as_str(), String::new()),
     };
     info!(
         event = "admission review",
@@ -310,13 +322,18 @@ fn log(reviewed: &Reviewed) {
         pod = %printable(&reviewed.pod),
         result,
         reason = %printable(reason),
+        probes = %printable_up_to(&probes, MAX_LOGGED_PROBES),
     );
 }
 
 /// Text from the request, made safe for a log line: bounded, no control characters.
 fn printable(text: &str) -> String {
+    printable_up_to(text, 512)
+}
+
+fn printable_up_to(text: &str, max_chars: usize) -> String {
     text.chars()
-        .take(512)
+        .take(max_chars)
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
 }
@@ -366,7 +383,7 @@ mod tests {
         let options = inject::Options::default();
         let reviewed =
             review(&admission_review("Pod", "CREATE", pod(json!({}))), &options).unwrap();
-        assert_eq!(reviewed.result, ReviewResult::Injected);
+        assert_eq!(reviewed.result, ReviewResult::Injected { probes: vec![] });
         assert_eq!(
             (reviewed.namespace.as_str(), reviewed.pod.as_str()),
             ("shop", "web-7d4b9-")
@@ -385,6 +402,29 @@ mod tests {
         let mut expected = pod(json!({}));
         inject::inject_pod(&mut expected, &options).unwrap();
         assert_eq!(patched, expected);
+    }
+
+    /// The log says what became of each probe, as `tessera inject` does.
+    #[test]
+    fn the_result_names_each_probe_rewritten_or_left() {
+        let mut object = pod(json!({ "tessera.dev/exclude-inbound-ports": "5432" }));
+        object["spec"]["containers"][0]["livenessProbe"] = json!({ "grpc": { "port": 9090 } });
+        object["spec"]["containers"][0]["readinessProbe"] =
+            json!({ "tcpSocket": { "port": 5432 } });
+        let reviewed = review(
+            &admission_review("Pod", "CREATE", object),
+            &inject::Options::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            reviewed.result,
+            ReviewResult::Injected {
+                probes: vec![
+                    "rewrote web/livenessProbe (grpc :9090) → :15020/app-health/web/livez".into(),
+                    "left web/readinessProbe (tcpSocket :5432, port excluded from capture)".into(),
+                ]
+            }
+        );
     }
 
     #[test]

@@ -151,7 +151,28 @@ fn list() {
 
 #[test]
 fn probes() {
-    check("probes", &[("Pod/api", INJECTED)]);
+    let injected = check("probes", &[("Pod/api", INJECTED)]);
+    let lines: Vec<String> = injected.reports[0]
+        .probes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "rewrote api/livenessProbe (httpGet :http/healthz) → :15020/app-health/api/livez",
+            "left api/readinessProbe (httpGet :8443/ready, HTTPS, which the proxy does not probe)",
+            "rewrote api/startupProbe (httpGet :8080/started) → :15020/app-health/api/startupz",
+            "left worker/livenessProbe (httpGet :admin/alive, port name not declared by the container)",
+            "left worker/readinessProbe (exec, runs in the container)",
+            "rewrote worker/startupProbe (grpc :9000) → :15020/app-health/worker/startupz",
+            "rewrote cache/livenessProbe (tcpSocket :6379) → :15020/app-health/cache/livez",
+            "rewrote cache/readinessProbe (httpGet :6380/) → :15020/app-health/cache/readyz",
+            "left db/livenessProbe (tcpSocket :postgres, port excluded from capture)",
+            "rewrote db/readinessProbe (grpc :50051 service \"db.v1.Admin\") → :15020/app-health/db/readyz",
+            "left db/startupProbe (tcpSocket db.internal:5432, probes another host)",
+        ]
+    );
 }
 
 #[test]
@@ -210,6 +231,32 @@ fn command_line() {
     assert_eq!(stdout, format!("{pod}---\n{job}"));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("Pod/debug: injected"), "{stderr}");
+
+    // A line per probe, after its workload's.
+    let output = Command::new(tessera)
+        .arg("inject")
+        .arg("-f")
+        .arg(file("probes"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let label = file("probes").display().to_string();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 12, "{stderr}");
+    assert_eq!(lines[0], format!("{label}: Pod/api: injected"));
+    assert_eq!(
+        lines[6],
+        format!(
+            "{label}: Pod/api: rewrote worker/startupProbe (grpc :9000) → :15020/app-health/worker/startupz"
+        )
+    );
+    assert_eq!(
+        lines[9],
+        format!(
+            "{label}: Pod/api: left db/livenessProbe (tcpSocket :postgres, port excluded from capture)"
+        )
+    );
 
     let mut child = Command::new(tessera)
         .args(["inject", "-f", "-"])

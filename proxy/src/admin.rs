@@ -3,101 +3,21 @@
 //! and operators; it never shows a key or a token. Served by
 //! `tessera_mesh::process::admin::serve`, as the control plane's own admin port is.
 
-use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::Empty;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tessera_mesh::migration::{MigrationReport, PortReport};
 use tessera_mesh::process::admin::Reply;
-use tracing::debug;
 
-use crate::config::{AppProbe, Limits, ProxyConfig};
+use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
 use crate::inbound::{Inbound, InboundSet};
 use crate::lifecycle::Drain;
+use crate::probe::AppProbes;
 use crate::telemetry::Metrics;
-
-/// The application's own HTTP probes, reachable on the admin port. The kubelet speaks
-/// plaintext, which a STRICT application port refuses; injection points the pod's probes
-/// here instead and the proxy asks the application itself, over loopback.
-pub(crate) struct AppProbes {
-    probes: HashMap<String, Probe>,
-    client: Client<HttpConnector, Empty<Bytes>>,
-}
-
-struct Probe {
-    uri: http::Uri,
-    headers: http::HeaderMap,
-    timeout: std::time::Duration,
-}
-
-impl AppProbes {
-    /// `None` when there are no probes to serve.
-    pub(crate) fn new(config: &BTreeMap<String, AppProbe>, limits: &Limits) -> Option<Arc<Self>> {
-        let probes: HashMap<String, Probe> = config
-            .iter()
-            .filter_map(|(path, probe)| Some((path.clone(), Probe::new(probe)?)))
-            .collect();
-        if probes.is_empty() {
-            return None;
-        }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        let client = Client::builder(TokioExecutor::new()).build(connector);
-        Some(Arc::new(Self { probes, client }))
-    }
-
-    /// The application's answer: its status code, or 503 when it cannot be reached in time.
-    async fn check(&self, path: &str) -> Reply {
-        let Some(probe) = self.probes.get(path) else {
-            return Reply::not_found();
-        };
-        let mut request = http::Request::new(Empty::new());
-        *request.uri_mut() = probe.uri.clone();
-        *request.headers_mut() = probe.headers.clone();
-        match tokio::time::timeout(probe.timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => {
-                let status = response.status();
-                Reply::text(status, format!("application answered {status}\n"))
-            }
-            Ok(Err(error)) => {
-                debug!(event = "application probe failed", probe = path, error = %error);
-                Reply::text(StatusCode::SERVICE_UNAVAILABLE, "application unreachable\n")
-            }
-            Err(_) => Reply::text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "application probe timed out\n",
-            ),
-        }
-    }
-}
-
-impl Probe {
-    fn new(config: &AppProbe) -> Option<Self> {
-        let uri = format!("http://127.0.0.1:{}{}", config.port, config.path)
-            .parse()
-            .ok()?;
-        let mut headers = http::HeaderMap::new();
-        for header in &config.http_headers {
-            let name = http::HeaderName::from_bytes(header.name.as_bytes()).ok()?;
-            let value = http::HeaderValue::from_str(&header.value).ok()?;
-            headers.append(name, value);
-        }
-        Some(Self {
-            uri,
-            headers,
-            timeout: std::time::Duration::from_secs(u64::from(config.timeout_seconds.max(1))),
-        })
-    }
-}
 
 /// What the admin port answers: the application's probes under their paths (they wait
 /// on the application), the proxy's own state otherwise.
@@ -119,7 +39,7 @@ impl Routes {
         headers: &http::HeaderMap,
     ) -> Pin<Box<dyn Future<Output = Reply> + Send>> {
         match &self.probes {
-            Some(probes) if probes.probes.contains_key(path) => {
+            Some(probes) if probes.serves(path) => {
                 let (probes, path) = (probes.clone(), path.to_owned());
                 Box::pin(async move { probes.check(&path).await })
             }
@@ -174,7 +94,7 @@ const INDEX: &str = "\
 /certs       the workload certificate: identity, serial, validity, renewal time
 /config      the configuration the proxy runs with (no secrets)
 /migration   per inbound port: mTLS and plaintext callers (tessera check migration)
-/app-health/<container>/livez|readyz|startupz   the application's own probes, when injected
+/app-health/<container>/livez|readyz|startupz   the application's own probes (HTTP, gRPC health, TCP), when injected
 ";
 
 fn migration_report(identity: &IdentityManager, inbounds: &[Arc<Inbound>]) -> MigrationReport {

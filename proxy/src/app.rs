@@ -12,7 +12,6 @@ use tracing::info;
 
 use tessera_mesh::SpiffeId;
 
-use crate::admin::AppProbes;
 use crate::alpn::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1, ALPN_TCP};
 use crate::config::{ProxyConfig, UpstreamTarget};
 use crate::control_plane::ControlPlane;
@@ -22,6 +21,7 @@ use crate::inbound::InboundSet;
 use crate::lifecycle::DrainTrigger;
 use crate::listeners::{Listeners, follow_inbound_policy};
 use crate::outbound::endpoint::{ConnectorFactory, Connectors};
+use crate::probe::AppProbes;
 use crate::telemetry::Metrics;
 use crate::trace::Tracer;
 use crate::transparent::{TransparentInbound, TransparentOutbound};

@@ -67,8 +67,8 @@ pub struct ProxyConfig {
     /// redirects, each connection going where its original destination says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transparent: Option<TransparentConfig>,
-    /// The application's HTTP probes, served on the admin port under
-    /// `/app-health/...` and forwarded to the application (injection rewrites the
+    /// The application's probes (HTTP, gRPC health, TCP), served on the admin port under
+    /// `/app-health/...` and performed on the application (injection rewrites the
     /// pod's probes to these, so they work when the application port is STRICT).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub app_probes: BTreeMap<String, AppProbe>,
@@ -102,20 +102,42 @@ fn default_transparent_outbound() -> SocketAddr {
     SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15001))
 }
 
-/// One application probe: where the kubelet's request goes on the application.
+/// One application probe: what the proxy does to the application's port (on loopback)
+/// when the kubelet asks for it on the admin port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AppProbe {
     pub port: u16,
-    #[serde(default = "default_probe_path")]
-    pub path: String,
-    /// Only HTTP: an HTTPS probe is left alone by injection.
-    #[serde(default = "default_probe_scheme")]
-    pub scheme: String,
+    /// HTTP only; `/` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub scheme: ProbeScheme,
+    /// GRPC only: the service whose health is asked; absent, the server as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     #[serde(default = "default_probe_timeout")]
     pub timeout_seconds: u32,
+    /// HTTP only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http_headers: Vec<ProbeHeader>,
+}
+
+/// How an application probe is performed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ProbeScheme {
+    /// A GET of `path`: the application's status code is the answer. (HTTPS probes are
+    /// left with the kubelet by injection.)
+    #[default]
+    #[serde(alias = "http")]
+    Http,
+    /// `grpc.health.v1.Health/Check` over plaintext HTTP/2: 200 when SERVING.
+    #[serde(alias = "grpc")]
+    Grpc,
+    /// A TCP connect: 200 when the port accepts.
+    #[serde(alias = "tcp")]
+    Tcp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,16 +147,30 @@ pub struct ProbeHeader {
     pub value: String,
 }
 
+impl AppProbe {
+    /// The fields that belong to another scheme are refused rather than ignored: a
+    /// probe that says `path` but is performed as a TCP connect would mislead.
+    fn check(&self) -> Result<(), String> {
+        let scheme = self.scheme;
+        if scheme != ProbeScheme::Http && (self.path.is_some() || !self.http_headers.is_empty()) {
+            return Err("path and httpHeaders are for HTTP probes only".into());
+        }
+        if scheme != ProbeScheme::Grpc && self.service.is_some() {
+            return Err("service is for GRPC probes only".into());
+        }
+        if self
+            .path
+            .as_ref()
+            .is_some_and(|path| !path.starts_with('/'))
+        {
+            return Err("path must be absolute".into());
+        }
+        Ok(())
+    }
+}
+
 /// Where application probes live on the admin port.
 pub const APP_PROBE_PREFIX: &str = "/app-health/";
-
-fn default_probe_path() -> String {
-    "/".into()
-}
-
-fn default_probe_scheme() -> String {
-    "HTTP".into()
-}
 
 fn default_probe_timeout() -> u32 {
     1
@@ -556,15 +592,12 @@ impl ProxyConfig {
             }
         }
         for (path, probe) in &self.app_probes {
-            if !path.starts_with(APP_PROBE_PREFIX) || !probe.path.starts_with('/') {
+            probe
+                .check()
+                .map_err(|reason| ConfigError::Semantic(format!("appProbes {path:?}: {reason}")))?;
+            if !path.starts_with(APP_PROBE_PREFIX) {
                 return Err(ConfigError::Semantic(format!(
-                    "appProbes {path:?}: must be under {APP_PROBE_PREFIX} and name an absolute path"
-                )));
-            }
-            if !probe.scheme.eq_ignore_ascii_case("http") {
-                return Err(ConfigError::Semantic(format!(
-                    "appProbes {path:?}: scheme {} is not supported (HTTP only)",
-                    probe.scheme
+                    "appProbes {path:?}: must be under {APP_PROBE_PREFIX}"
                 )));
             }
         }
@@ -855,6 +888,54 @@ mod tests {
 
         let typo = MINIMAL.replace("address", "adress");
         assert!(serde_saphyr::from_str::<ProxyConfig>(&typo).is_err());
+    }
+
+    /// Each scheme with its own fields; another scheme's field, or an unknown scheme
+    /// (HTTPS is left with the kubelet by injection), is refused.
+    #[test]
+    fn app_probes_of_each_scheme() {
+        let probes = |body: &str| format!("{MINIMAL}appProbes:\n  /app-health/web/livez: {body}\n");
+        let config = ProxyConfig::parse(
+            &format!(
+                "{MINIMAL}appProbes:\n  /app-health/a/livez: {{port: 8080}}\n  /app-health/a/readyz: {{port: 9090, scheme: GRPC, service: orders}}\n  /app-health/a/startupz: {{port: 5432, scheme: tcp}}\n"
+            ),
+            Path::new("p.yaml"),
+        )
+        .unwrap();
+        let schemes: Vec<_> = config.app_probes.values().map(|p| p.scheme).collect();
+        assert_eq!(
+            schemes,
+            [ProbeScheme::Http, ProbeScheme::Grpc, ProbeScheme::Tcp]
+        );
+        assert_eq!(
+            config.app_probes["/app-health/a/readyz"].service.as_deref(),
+            Some("orders")
+        );
+        for (body, reason) in [
+            (
+                "{port: 1, scheme: TCP, path: /x}",
+                "path and httpHeaders are for HTTP probes only",
+            ),
+            (
+                "{port: 1, scheme: GRPC, httpHeaders: [{name: a, value: b}]}",
+                "path and httpHeaders are for HTTP probes only",
+            ),
+            (
+                "{port: 1, service: orders}",
+                "service is for GRPC probes only",
+            ),
+            (
+                "{port: 1, scheme: TCP, service: x}",
+                "service is for GRPC probes only",
+            ),
+            ("{port: 1, path: healthz}", "path must be absolute"),
+            ("{port: 1, scheme: HTTPS}", "unknown variant `HTTPS`"),
+        ] {
+            let error = ProxyConfig::parse(&probes(body), Path::new("p.yaml"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(reason), "{body}: {error}");
+        }
     }
 
     #[test]

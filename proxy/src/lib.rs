@@ -15,9 +15,9 @@
 //!   ([`inbound::app_client`]).
 //! - Around it: [`identity`] keeps the certificate fresh, [`discovery`] the mesh's
 //!   configuration, [`telemetry`] and [`trace`] show what happens, [`admin`] serves
-//!   probes and metrics, [`limits`] bound what a caller can make the proxy hold, and
-//!   [`app`] wires it all from [`config`], making each listener from what they share
-//!   ([`listeners`]).
+//!   probes and metrics (and the application's probes, which [`probe`] performs),
+//!   [`limits`] bound what a caller can make the proxy hold, and [`app`] wires it all
+//!   from [`config`], making each listener from what they share ([`listeners`]).
 //!
 //! `unsafe` is denied everywhere but in [`allocator`] (a global allocator is unsafe to
 //! implement) and [`os`] (the C library calls std does not wrap), each saying why.
@@ -52,6 +52,7 @@ pub(crate) mod migration;
 #[allow(unsafe_code)]
 pub(crate) mod os;
 pub(crate) mod outbound;
+pub(crate) mod probe;
 pub(crate) mod tcp;
 pub mod telemetry;
 pub mod trace;

@@ -1,6 +1,6 @@
 //! Test applications: an HTTP/1.1 + HTTP/2 server whose behaviour tests switch at run
-//! time, a gRPC service with every call kind, a WebSocket echo, and a
-//! server-speaks-first TCP service.
+//! time, a gRPC service with every call kind, gRPC's standard health service, a
+//! WebSocket echo, and a server-speaks-first TCP service.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -26,8 +26,15 @@ pub mod echo_proto {
     tonic::include_proto!("tessera.test.v1");
 }
 
+pub mod health_proto {
+    tonic::include_proto!("grpc.health.v1");
+}
+
 use echo_proto::Message;
 use echo_proto::echo_server::{Echo, EchoServer as GrpcEchoServer};
+use health_proto::health_check_response::ServingStatus;
+use health_proto::health_server::{Health, HealthServer};
+use health_proto::{HealthCheckRequest, HealthCheckResponse};
 
 /// What the HTTP backend does with `/flaky` and every request when told to reset.
 #[derive(Default)]
@@ -330,6 +337,60 @@ pub async fn start_grpc() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(GrpcEchoServer::new(EchoService))
+            .serve_with_incoming(incoming)
+            .await;
+    });
+    (address, task)
+}
+
+/// gRPC's standard health service as applications serve it (tonic-health, grpc-go's
+/// health package): a status per service name, `""` for the server as a whole, and
+/// NOT_FOUND for a name it does not know.
+#[derive(Clone, Default)]
+pub struct HealthService {
+    statuses: Arc<std::sync::Mutex<std::collections::HashMap<String, ServingStatus>>>,
+}
+
+impl HealthService {
+    pub fn set(&self, service: &str, status: ServingStatus) {
+        if let Ok(mut statuses) = self.statuses.lock() {
+            statuses.insert(service.to_string(), status);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Health for HealthService {
+    async fn check(
+        &self,
+        request: GrpcRequest<HealthCheckRequest>,
+    ) -> Result<GrpcResponse<HealthCheckResponse>, Status> {
+        let service = request.into_inner().service;
+        let status = self
+            .statuses
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?
+            .get(&service)
+            .copied()
+            .ok_or_else(|| Status::not_found("unknown service"))?;
+        Ok(GrpcResponse::new(HealthCheckResponse {
+            status: status.into(),
+        }))
+    }
+}
+
+/// Serves [`EchoService`] and `health` over plaintext HTTP/2 on a loopback port, until
+/// the task is aborted.
+pub async fn start_grpc_with_health(
+    health: HealthService,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    let address = listener.local_addr().expect("grpc address");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(GrpcEchoServer::new(EchoService))
+            .add_service(HealthServer::new(health))
             .serve_with_incoming(incoming)
             .await;
     });

@@ -8,7 +8,8 @@
 
 use serde_json::Value;
 
-use super::{InjectError, Options, Outcome, describe, inject_object};
+use super::probes::ProbeReport;
+use super::{InjectError, Options, Outcome, describe, inject_object_reporting};
 
 /// What happened to one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,8 @@ pub struct DocumentReport {
     /// `Deployment/web`, or the kind alone, or `object`.
     pub object: String,
     pub outcome: Outcome,
+    /// What was done to each probe of an injected workload.
+    pub probes: Vec<ProbeReport>,
 }
 
 /// The rewritten stream and what was done to each document.
@@ -89,14 +92,15 @@ fn inject_with_parser(
         number += 1;
         let mut object = parse(&document, number, &mut parse_yaml)?;
         let name = describe(&object);
-        let outcome =
-            inject_object(&mut object, options).map_err(|source| ManifestError::Inject {
+        let injection = inject_object_reporting(&mut object, options).map_err(|source| {
+            ManifestError::Inject {
                 document: number,
                 line: document.line,
                 object: name.clone(),
                 source,
-            })?;
-        match outcome {
+            }
+        })?;
+        match injection.outcome {
             Outcome::Injected => {
                 let written =
                     serde_saphyr::to_string(&object).map_err(|e| ManifestError::Write {
@@ -115,7 +119,8 @@ fn inject_with_parser(
             reports.push(DocumentReport {
                 document: number,
                 object: name,
-                outcome,
+                outcome: injection.outcome,
+                probes: injection.probes,
             });
         }
     }

@@ -4,8 +4,9 @@
 //! Objects stay `serde_json::Value`s so fields this code does not know — newer API
 //! versions, other tools' additions — survive untouched; only what injection adds is
 //! built with typed k8s-openapi structs. `annotations` reads the owner's choices,
-//! `probes` reroutes HTTP probes through the proxy, `sidecar` builds what is added,
-//! `manifests` handles multi-document YAML for the CLI.
+//! `probes` reroutes HTTP, gRPC and TCP probes through the proxy (and says which it
+//! left), `sidecar` builds what is added, `manifests` handles multi-document YAML for
+//! the CLI.
 
 pub mod annotations;
 pub mod manifests;
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use annotations::{Annotations, InjectChoice};
+use probes::ProbeReport;
 pub use sidecar::{INIT_CONTAINER, PROXY_CONTAINER};
 
 /// The default control plane address, as `deploy/kubernetes` installs it.
@@ -82,6 +84,23 @@ pub enum Outcome {
     Skipped(SkipReason),
 }
 
+/// What injection did to an object, and to each probe of its pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Injection {
+    pub outcome: Outcome,
+    /// One per probe found, in container order; empty unless injected.
+    pub probes: Vec<ProbeReport>,
+}
+
+impl Injection {
+    fn skipped(reason: SkipReason) -> Self {
+        Self {
+            outcome: Outcome::Skipped(reason),
+            probes: Vec::new(),
+        }
+    }
+}
+
 /// Why an object cannot be injected. The object is then left unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum InjectError {
@@ -114,12 +133,20 @@ pub enum InjectError {
 /// each item of a `List` (what `kubectl get -o yaml` prints for several objects); any
 /// other object is `Skipped(NotAWorkload)`. On error `object` is unchanged.
 pub fn inject_object(object: &mut Value, options: &Options) -> Result<Outcome, InjectError> {
+    inject_object_reporting(object, options).map(|injection| injection.outcome)
+}
+
+/// [`inject_object`], with what was done to each probe.
+pub fn inject_object_reporting(
+    object: &mut Value,
+    options: &Options,
+) -> Result<Injection, InjectError> {
     if is_list(object) {
         return inject_list(object, options);
     }
     match pod_template_path(object) {
         Some(template_path) => inject_template(object, template_path, options),
-        None => Ok(Outcome::Skipped(SkipReason::NotAWorkload)),
+        None => Ok(Injection::skipped(SkipReason::NotAWorkload)),
     }
 }
 
@@ -129,20 +156,27 @@ fn is_list(object: &Value) -> bool {
 }
 
 /// Injected if any item was; else why the first workload among them was skipped.
-fn inject_list(list: &mut Value, options: &Options) -> Result<Outcome, InjectError> {
+fn inject_list(list: &mut Value, options: &Options) -> Result<Injection, InjectError> {
     let Some(items) = list.get_mut("items").and_then(Value::as_array_mut) else {
-        return Ok(Outcome::Skipped(SkipReason::NotAWorkload));
+        return Ok(Injection::skipped(SkipReason::NotAWorkload));
     };
     // On a copy, so an error in a later item leaves the earlier ones unchanged too.
     let mut draft = items.clone();
     let mut outcomes = Vec::with_capacity(draft.len());
+    let mut probes = Vec::new();
     for (index, item) in draft.iter_mut().enumerate() {
-        let outcome = inject_object(item, options).map_err(|source| InjectError::InItem {
-            index,
-            object: describe(item),
-            source: Box::new(source),
-        })?;
-        outcomes.push(outcome);
+        let injection =
+            inject_object_reporting(item, options).map_err(|source| InjectError::InItem {
+                index,
+                object: describe(item),
+                source: Box::new(source),
+            })?;
+        let item = format!("items[{index}] ({})", describe(item));
+        probes.extend(injection.probes.into_iter().map(|probe| ProbeReport {
+            item: Some(item.clone()),
+            ..probe
+        }));
+        outcomes.push(injection.outcome);
     }
     *items = draft;
     let outcome = if outcomes.contains(&Outcome::Injected) {
@@ -153,7 +187,7 @@ fn inject_list(list: &mut Value, options: &Options) -> Result<Outcome, InjectErr
             .find(|o| *o != Outcome::Skipped(SkipReason::NotAWorkload))
             .unwrap_or(Outcome::Skipped(SkipReason::NotAWorkload))
     };
-    Ok(outcome)
+    Ok(Injection { outcome, probes })
 }
 
 /// `Deployment/web`, or the kind alone, or `object`: how errors and reports name it.
@@ -173,6 +207,11 @@ pub fn describe(object: &Value) -> String {
 /// Injects the sidecar into a Pod, whatever its `kind` field says (the webhook knows
 /// the kind from the request). On error `pod` is unchanged.
 pub fn inject_pod(pod: &mut Value, options: &Options) -> Result<Outcome, InjectError> {
+    inject_pod_reporting(pod, options).map(|injection| injection.outcome)
+}
+
+/// [`inject_pod`], with what was done to each probe.
+pub fn inject_pod_reporting(pod: &mut Value, options: &Options) -> Result<Injection, InjectError> {
     inject_template(pod, "", options)
 }
 
@@ -180,7 +219,7 @@ fn inject_template(
     object: &mut Value,
     template_path: &str,
     options: &Options,
-) -> Result<Outcome, InjectError> {
+) -> Result<Injection, InjectError> {
     let template = object
         .pointer_mut(template_path)
         .and_then(Value::as_object_mut)
@@ -191,11 +230,11 @@ fn inject_template(
     };
     // Injection works on a copy, swapped in only when complete: never half-injected.
     let mut draft = spec.clone();
-    let outcome = inject_pod_spec(template.get("metadata"), &mut draft, &base, options)?;
-    if outcome == Outcome::Injected {
+    let injection = inject_pod_spec(template.get("metadata"), &mut draft, &base, options)?;
+    if injection.outcome == Outcome::Injected {
         template.insert("spec".into(), draft);
     }
-    Ok(outcome)
+    Ok(injection)
 }
 
 /// Where the pod (template) of a kind lives, as a JSON pointer; `None` for kinds that
@@ -220,10 +259,10 @@ fn inject_pod_spec(
     spec: &mut Value,
     base: &str,
     options: &Options,
-) -> Result<Outcome, InjectError> {
+) -> Result<Injection, InjectError> {
     let annotations = Annotations::of(metadata);
     if annotations.inject_choice()? == InjectChoice::OptOut {
-        return Ok(Outcome::Skipped(SkipReason::OptedOut));
+        return Ok(Injection::skipped(SkipReason::OptedOut));
     }
     let spec = spec
         .as_object_mut()
@@ -231,10 +270,10 @@ fn inject_pod_spec(
     // The proxy would capture the node's traffic, not the pod's, and every such pod
     // on a node would fight over ports 15001/15006/15020.
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
-        return Ok(Outcome::Skipped(SkipReason::HostNetwork));
+        return Ok(Injection::skipped(SkipReason::HostNetwork));
     }
     if names(spec, "initContainers", base)?.contains(&PROXY_CONTAINER) {
-        return Ok(Outcome::Skipped(SkipReason::AlreadyInjected));
+        return Ok(Injection::skipped(SkipReason::AlreadyInjected));
     }
     let exclusions = annotations.exclusions()?;
     refuse_reserved_names(spec, base)?;
@@ -243,11 +282,15 @@ fn inject_pod_spec(
         .get_mut("containers")
         .and_then(Value::as_array_mut)
         .ok_or_else(|| malformed(&format!("{base}.containers"), "a list of containers"))?;
-    let app_probes = probes::rewrite(containers);
+    let rewritten = probes::rewrite(containers, &exclusions.inbound_ports);
     let labels = labels_of(metadata, base)?;
     let added = [
         to_value(&sidecar::init_container(options, &exclusions))?,
-        to_value(&sidecar::proxy_container(options, &labels, &app_probes)?)?,
+        to_value(&sidecar::proxy_container(
+            options,
+            &labels,
+            &rewritten.app_probes,
+        )?)?,
     ];
     // First, so the capture is in place and the proxy ready before any app container,
     // including the app's own init containers, opens a connection.
@@ -255,7 +298,10 @@ fn inject_pod_spec(
     for volume in sidecar::volumes() {
         list_mut(spec, "volumes", base)?.push(to_value(&volume)?);
     }
-    Ok(Outcome::Injected)
+    Ok(Injection {
+        outcome: Outcome::Injected,
+        probes: rewritten.reports,
+    })
 }
 
 /// The pod's labels, which its proxy's policies may select by (`matchLabels`).
@@ -424,6 +470,39 @@ mod tests {
             config["labels"],
             json!({ "app": "orders", "version": "v2" })
         );
+    }
+
+    /// The exclusion annotation reaches the probe rewrite, and the probes of a `List`'s
+    /// items are reported with the item they belong to.
+    #[test]
+    fn probe_reports_follow_exclusions_and_name_list_items() {
+        let item = |name: &str, excluded: &str| {
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": name, "annotations": { "tessera.dev/exclude-inbound-ports": excluded } },
+                "spec": { "containers": [{ "name": "db", "livenessProbe": { "tcpSocket": { "port": 5432 } } }] }
+            })
+        };
+        let mut list = json!({
+            "apiVersion": "v1", "kind": "List",
+            "items": [item("a", "5432"), item("b", "")]
+        });
+        let injection = inject_object_reporting(&mut list, &Options::default()).unwrap();
+        let lines: Vec<String> = injection.probes.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "items[0] (Pod/a): left db/livenessProbe (tcpSocket :5432, port excluded from capture)",
+                "items[1] (Pod/b): rewrote db/livenessProbe (tcpSocket :5432) → :15020/app-health/db/livez",
+            ]
+        );
+
+        // Skipped objects report no probes: nothing was rewritten.
+        let mut opted_out = item("c", "");
+        opted_out["metadata"]["annotations"]["tessera.dev/inject"] = json!("false");
+        let injection = inject_object_reporting(&mut opted_out, &Options::default()).unwrap();
+        assert_eq!(injection.outcome, Outcome::Skipped(SkipReason::OptedOut));
+        assert!(injection.probes.is_empty());
     }
 
     #[test]

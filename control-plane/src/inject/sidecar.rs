@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
 use super::annotations::{Exclusions, join};
-use super::probes::AppProbe;
+use super::probes::{AppProbe, ProbeAction};
 use super::{InjectError, Options};
 
 pub const INIT_CONTAINER: &str = "tessera-init";
@@ -213,12 +213,16 @@ struct BootstrapTransparent {
     outbound_listen: String,
 }
 
+/// The proxy's `AppProbe`: `scheme` says what it does (HTTP, GRPC or TCP).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct BootstrapProbe {
     port: u16,
-    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
     scheme: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
     timeout_seconds: u32,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     http_headers: Vec<BootstrapHeader>,
@@ -265,20 +269,32 @@ fn bootstrap_config(
 }
 
 fn bootstrap_probe(probe: &AppProbe) -> BootstrapProbe {
-    BootstrapProbe {
+    let mut bootstrap = BootstrapProbe {
         port: probe.port,
-        path: escape_env(&probe.path),
+        path: None,
         scheme: "HTTP",
+        service: None,
         timeout_seconds: probe.timeout_seconds,
-        http_headers: probe
-            .http_headers
-            .iter()
-            .map(|(name, value)| BootstrapHeader {
-                name: escape_env(name),
-                value: escape_env(value),
-            })
-            .collect(),
+        http_headers: Vec::new(),
+    };
+    match &probe.action {
+        ProbeAction::Http { path, http_headers } => {
+            bootstrap.path = Some(escape_env(path));
+            bootstrap.http_headers = http_headers
+                .iter()
+                .map(|(name, value)| BootstrapHeader {
+                    name: escape_env(name),
+                    value: escape_env(value),
+                })
+                .collect();
+        }
+        ProbeAction::Grpc { service } => {
+            bootstrap.scheme = "GRPC";
+            bootstrap.service = service.as_deref().map(escape_env);
+        }
+        ProbeAction::Tcp => bootstrap.scheme = "TCP",
     }
+    bootstrap
 }
 
 /// Kubernetes expands `$(VAR)` in env values and turns `$$` into `$`: text copied from
@@ -352,9 +368,11 @@ mod tests {
             "/app-health/web/livez".to_string(),
             AppProbe {
                 port: 8080,
-                path: "/health$(HOME)".into(),
                 timeout_seconds: 1,
-                http_headers: vec![],
+                action: ProbeAction::Http {
+                    path: "/health$(HOME)".into(),
+                    http_headers: vec![],
+                },
             },
         )]);
         let config =
@@ -392,15 +410,37 @@ mod tests {
     /// accepts, and it means what injection intended.
     #[test]
     fn the_proxy_accepts_the_injected_configuration() {
-        let probes = BTreeMap::from([(
-            "/app-health/orders/livez".to_string(),
-            AppProbe {
-                port: 8080,
-                path: "/healthz$(X)".into(),
-                timeout_seconds: 3,
-                http_headers: vec![("X-Probe".into(), "a: b".into())],
-            },
-        )]);
+        let probes = BTreeMap::from([
+            (
+                "/app-health/orders/livez".to_string(),
+                AppProbe {
+                    port: 8080,
+                    timeout_seconds: 3,
+                    action: ProbeAction::Http {
+                        path: "/healthz$(X)".into(),
+                        http_headers: vec![("X-Probe".into(), "a: b".into())],
+                    },
+                },
+            ),
+            (
+                "/app-health/orders/readyz".to_string(),
+                AppProbe {
+                    port: 9090,
+                    timeout_seconds: 2,
+                    action: ProbeAction::Grpc {
+                        service: Some("orders$(X)".into()),
+                    },
+                },
+            ),
+            (
+                "/app-health/orders/startupz".to_string(),
+                AppProbe {
+                    port: 5432,
+                    timeout_seconds: 1,
+                    action: ProbeAction::Tcp,
+                },
+            ),
+        ]);
         let labels = BTreeMap::from([
             ("app".to_string(), "orders".to_string()),
             ("tessera.dev/tier".to_string(), "$(HOME)".to_string()),
@@ -423,10 +463,23 @@ mod tests {
         let transparent = parsed.transparent.as_ref().unwrap();
         assert_eq!(transparent.inbound_listen.port(), INBOUND_PORT);
         assert_eq!(transparent.outbound_listen.port(), OUTBOUND_PORT);
+        use tessera_proxy::config::ProbeScheme;
         let probe = &parsed.app_probes["/app-health/orders/livez"];
-        assert_eq!((probe.port, probe.path.as_str()), (8080, "/healthz$(X)"));
+        assert_eq!(
+            (probe.port, probe.scheme, probe.path.as_deref()),
+            (8080, ProbeScheme::Http, Some("/healthz$(X)"))
+        );
         assert_eq!(probe.timeout_seconds, 3);
         assert_eq!(probe.http_headers[0].value, "a: b");
+        let grpc = &parsed.app_probes["/app-health/orders/readyz"];
+        assert_eq!(
+            (grpc.port, grpc.scheme, grpc.service.as_deref()),
+            (9090, ProbeScheme::Grpc, Some("orders$(X)"))
+        );
+        assert_eq!(grpc.timeout_seconds, 2);
+        let tcp = &parsed.app_probes["/app-health/orders/startupz"];
+        assert_eq!((tcp.port, tcp.scheme), (5432, ProbeScheme::Tcp));
+        assert_eq!((tcp.path.as_deref(), tcp.service.as_deref()), (None, None));
         let other_mesh = Options {
             trust_domain: "example.org".into(),
             ..Options::default()

@@ -2,7 +2,8 @@
 //! network-namespace "pods" of the transparent-mode tests.
 //!
 //! - `http-server LISTEN BODY`: answers every request with BODY (`/healthz`: "healthy");
-//! - `grpc-server LISTEN`: the Echo gRPC service;
+//! - `grpc-server LISTEN`: the Echo gRPC service, and the standard health service
+//!   (SERVING);
 //! - `grpc-client URL TEXT`: one unary Echo call, prints the reply's text.
 
 #![forbid(unsafe_code)]
@@ -16,10 +17,12 @@ use http::Response;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tessera_tests::backend::EchoService;
 use tessera_tests::backend::echo_proto::Message;
 use tessera_tests::backend::echo_proto::echo_client::EchoClient;
 use tessera_tests::backend::echo_proto::echo_server::EchoServer;
+use tessera_tests::backend::health_proto::health_check_response::ServingStatus;
+use tessera_tests::backend::health_proto::health_server::HealthServer;
+use tessera_tests::backend::{EchoService, HealthService};
 use tokio::net::TcpListener;
 
 #[tokio::main(flavor = "current_thread")]
@@ -64,8 +67,11 @@ async fn http_server(listen: SocketAddr, body: String) -> anyhow::Result<()> {
 async fn grpc_server(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await.context("bind")?;
     println!("listening on {listen}");
+    let health = HealthService::default();
+    health.set("", ServingStatus::Serving);
     tonic::transport::Server::builder()
         .add_service(EchoServer::new(EchoService))
+        .add_service(HealthServer::new(health))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await
         .context("serve")

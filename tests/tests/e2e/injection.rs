@@ -1,6 +1,7 @@
 //! The admission webhook of a real control plane: AdmissionReviews over HTTPS, the
 //! server certificate verified against the mesh root by the names Kubernetes dials, and
-//! the JSONPatch, applied to the pod, giving exactly what `tessera inject` gives.
+//! the JSONPatch, applied to the pod, giving exactly what `tessera inject` gives. And
+//! the probes injection rewrites, performed by a real proxy on real applications.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,8 @@ use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
 use serde_json::{Value, json};
 use tessera_control_plane::inject;
+use tessera_tests::backend::health_proto::health_check_response::ServingStatus;
+use tessera_tests::backend::{HealthService, start_grpc_with_health};
 use tessera_tests::*;
 use tokio_rustls::TlsConnector;
 
@@ -158,6 +161,8 @@ async fn webhook_patch_injects_what_the_cli_injects() {
         "namespace=shop",
         "pod=orders-5d8f7c9b6-",
         "result=\"injected\"",
+        "rewrote orders/livenessProbe (httpGet :http/healthz) → :15020/app-health/orders/livez",
+        "left orders/readinessProbe (httpGet :8443/ready, HTTPS",
     ] {
         assert!(line.contains(expected), "{expected} not in {line}");
     }
@@ -229,6 +234,127 @@ async fn webhook_refuses_what_it_must() {
         .await
         .expect_err("a certificate for another name is refused");
     assert!(format!("{error:#}").contains("certificate"), "{error:#}");
+}
+
+/// gRPC and tcpSocket probes, rewritten by `tessera inject` (which says so on stderr)
+/// and performed by a proxy running the configuration injection wrote: the admin port
+/// answers 200 while the application's health service says SERVING and its port
+/// accepts, and 503 once it does not.
+#[tokio::test(flavor = "multi_thread")]
+async fn rewritten_grpc_and_tcp_probes_are_performed_by_the_proxy() {
+    init();
+    let control_plane = ControlPlane::start("1h", "").await;
+    let health = HealthService::default();
+    health.set("", ServingStatus::Serving);
+    health.set("orders.v1.Orders", ServingStatus::Serving);
+    let (grpc, grpc_server) = start_grpc_with_health(health.clone()).await;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+
+    let dir = TempDir::new("probed-pod");
+    let pod_file = dir.path().join("pod.yaml");
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "orders" },
+        "spec": { "containers": [{
+            "name": "orders", "image": "example.com/orders:3",
+            "livenessProbe": { "grpc": { "port": grpc.port() }, "timeoutSeconds": 2 },
+            "readinessProbe": { "grpc": { "port": grpc.port(), "service": "orders.v1.Orders" } },
+            "startupProbe": { "tcpSocket": { "port": tcp_port } }
+        }] }
+    });
+    std::fs::write(&pod_file, pod.to_string()).unwrap();
+    let output = std::process::Command::new(binary("tessera"))
+        .args(["inject", "-f"])
+        .arg(&pod_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let port = grpc.port();
+    for line in [
+        format!("rewrote orders/livenessProbe (grpc :{port}) → :15020/app-health/orders/livez"),
+        format!(
+            "rewrote orders/readinessProbe (grpc :{port} service \"orders.v1.Orders\") → :15020/app-health/orders/readyz"
+        ),
+        format!(
+            "rewrote orders/startupProbe (tcpSocket :{tcp_port}) → :15020/app-health/orders/startupz"
+        ),
+    ] {
+        assert!(stderr.contains(&line), "{line} not in:\n{stderr}");
+    }
+
+    // The proxy's configuration as injected, its probes as the kubelet now makes them.
+    let injected: Value =
+        serde_saphyr::from_str(&String::from_utf8(output.stdout).unwrap()).unwrap();
+    let proxy_env = &injected["spec"]["initContainers"][1]["env"][2];
+    assert_eq!(proxy_env["name"], "TESSERA_PROXY_CONFIG");
+    let config: Value = serde_saphyr::from_str(proxy_env["value"].as_str().unwrap()).unwrap();
+    let app_probes = serde_saphyr::to_string(&json!({ "appProbes": config["appProbes"] })).unwrap();
+    let container = &injected["spec"]["containers"][0];
+    let path = |probe: &str| {
+        assert_eq!(container[probe]["httpGet"]["port"], 15020, "{container}");
+        container[probe]["httpGet"]["path"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (livez, readyz, startupz) = (
+        path("livenessProbe"),
+        path("readinessProbe"),
+        path("startupProbe"),
+    );
+    assert_eq!(container["livenessProbe"]["timeoutSeconds"], 2);
+
+    let proxy = Proxy::launch(
+        &control_plane.address(),
+        &control_plane.trust_bundle_file(),
+        "orders",
+        &control_plane.token("orders", "10m"),
+        None,
+        &[],
+        Extra {
+            yaml: &app_probes,
+            ..Extra::default()
+        },
+    );
+    proxy.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let probe = |path: String| {
+        let proxy = &proxy;
+        async move { proxy.admin(&path).await.unwrap() }
+    };
+    assert_eq!(
+        probe(livez.clone()).await,
+        (200, "application SERVING\n".into())
+    );
+    assert_eq!(
+        probe(readyz.clone()).await,
+        (200, "application SERVING\n".into())
+    );
+    assert_eq!(
+        probe(startupz.clone()).await,
+        (200, "application accepts connections\n".into())
+    );
+
+    // The application reports a service unhealthy; then it stops altogether.
+    health.set("orders.v1.Orders", ServingStatus::NotServing);
+    assert_eq!(
+        probe(readyz.clone()).await,
+        (503, "application NOT_SERVING\n".into())
+    );
+    assert_eq!(probe(livez.clone()).await.0, 200);
+    grpc_server.abort();
+    let _ = grpc_server.await;
+    drop(tcp);
+    let (status, body) = probe(livez).await;
+    assert_eq!(status, 503);
+    assert!(
+        body.starts_with("gRPC health check failed: cannot connect"),
+        "{body}"
+    );
+    assert_eq!(
+        probe(startupz).await,
+        (503, "application unreachable: connection refused\n".into())
+    );
 }
 
 /// The contract with `tessera-proxy init`: the injected init container's arguments are

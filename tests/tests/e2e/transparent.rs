@@ -290,7 +290,7 @@ async fn unmodified_apps_talk_through_transparent_sidecars() {
             .command(&grpc, binary("tessera-test-app"))
             .args(["grpc-server", "0.0.0.0:50051"]),
     );
-    let _redis_app = Process::spawn(
+    let mut redis_app = Process::spawn(
         "redis-server",
         network.command(&redis, "redis-server").args([
             "--port",
@@ -309,10 +309,12 @@ async fn unmodified_apps_talk_through_transparent_sidecars() {
 
     let web_probe =
         "appProbes:\n  /app-health/web/readyz: {port: 8080, path: /healthz, timeoutSeconds: 2}\n";
+    let grpc_probe = "appProbes:\n  /app-health/grpc/livez: {port: 50051, scheme: GRPC}\n";
+    let redis_probe = "appProbes:\n  /app-health/redis/livez: {port: 6379, scheme: TCP}\n";
     let sidecars = [
         Sidecar::start(&network, &control_plane, &web, "web", web_probe),
-        Sidecar::start(&network, &control_plane, &grpc, "grpc", ""),
-        Sidecar::start(&network, &control_plane, &redis, "redis", ""),
+        Sidecar::start(&network, &control_plane, &grpc, "grpc", grpc_probe),
+        Sidecar::start(&network, &control_plane, &redis, "redis", redis_probe),
         Sidecar::start(&network, &control_plane, &client, "client", ""),
         Sidecar::start(&network, &control_plane, &intruder, "intruder", ""),
     ];
@@ -425,6 +427,37 @@ async fn unmodified_apps_talk_through_transparent_sidecars() {
         .output()
         .unwrap();
     assert_eq!(stdout(&probe), "application answered 200 OK\n 200");
+
+    // gRPC and TCP probes, as injection rewrites them: the proxy calls the app's health
+    // service and connects to its port over loopback, outside the capture.
+    let admin_probe = |pod: &Pod, path: &str| {
+        let output = Command::new("curl")
+            .args(["-s", "-w", " %{http_code}", "-m", "5"])
+            .arg(format!("http://{}:15020{path}", pod.ip))
+            .output()
+            .unwrap();
+        stdout(&output)
+    };
+    assert_eq!(
+        admin_probe(&grpc, "/app-health/grpc/livez"),
+        "application SERVING\n 200"
+    );
+    assert_eq!(
+        admin_probe(&redis, "/app-health/redis/livez"),
+        "application accepts connections\n 200"
+    );
+    // Redis stops: the kubelet's own TCP connect still succeeds (the capture hands it to
+    // the proxy), the rewritten probe fails.
+    redis_app.kill();
+    let kubelet_connect = std::net::TcpStream::connect_timeout(
+        &SocketAddr::from((redis.ip, 6379)),
+        Duration::from_secs(5),
+    );
+    assert!(kubelet_connect.is_ok(), "{kubelet_connect:?}");
+    assert_eq!(
+        admin_probe(&redis, "/app-health/redis/livez"),
+        "application unreachable: connection refused\n 503"
+    );
 
     // The sidecars logged what they refused.
     let web_sidecar = &sidecars[0];
