@@ -307,13 +307,16 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    // The demo prints its own story; only errors should interrupt it.
-    let default_filter = match cli.command {
+    // The servers log to stdout. The demo prints its own story; only errors should
+    // interrupt it. Every other command's stdout is its output (YAML, a report, JSON):
+    // its logs go to stderr, and the Kubernetes client's own (a refused request is
+    // already in the report) are left out unless RUST_LOG asks.
+    match cli.command {
+        Command::ControlPlane { .. } => logging::init_with_default(cli.log_format, "info"),
         #[cfg(feature = "demo")]
-        Command::Demo { .. } => "error",
-        _ => "info",
-    };
-    logging::init_with_default(cli.log_format, default_filter);
+        Command::Demo { .. } => logging::init_with_default(cli.log_format, "error"),
+        _ => logging::init_for_command(cli.log_format, "warn,kube_client=off"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -44,7 +44,11 @@ pub async fn run(client: &Client) -> Vec<Check> {
         .get_opt(CONTROL_PLANE)
         .await;
     let deployment = match deployment {
-        Ok(Some(deployment)) => deployment,
+        Ok(Some(deployment)) => {
+            checks.push(replicas_ready(&deployment));
+            checks.push(control_plane_version(&deployment));
+            Some(deployment)
+        }
         Ok(None) => {
             checks.push(
                 Check::error(
@@ -54,7 +58,7 @@ pub async fn run(client: &Client) -> Vec<Check> {
                 )
                 .hint("tessera install | kubectl apply --server-side -f -   (or helm install)"),
             );
-            return checks;
+            None
         }
         Err(error) => {
             checks.push(Check::error(
@@ -62,13 +66,11 @@ pub async fn run(client: &Client) -> Vec<Check> {
                 "the control plane is installed",
                 error.to_string(),
             ));
-            return checks;
+            None
         }
     };
-    checks.push(replicas_ready(&deployment));
-    checks.push(control_plane_version(&deployment));
     checks.push(control_plane_access(client).await);
-    let roots = match ca(client, &deployment).await {
+    let roots = match ca(client, deployment.as_ref()).await {
         Ok((roots, issuer)) => {
             let now = SystemTime::now();
             for root in &roots {
@@ -287,11 +289,10 @@ fn certificate_lifetime(
 /// Secret the Deployment mounts (plug-in, either layout) or the development root.
 async fn ca(
     client: &Client,
-    deployment: &Deployment,
+    deployment: Option<&Deployment>,
 ) -> Result<(Vec<CertificateDer<'static>>, CertificateDer<'static>), Box<Check>> {
     let plugin = deployment
-        .spec
-        .as_ref()
+        .and_then(|d| d.spec.as_ref())
         .and_then(|s| s.template.spec.as_ref())
         .and_then(|p| p.volumes.as_ref())
         .and_then(|v| v.iter().find(|v| v.name == "ca"))

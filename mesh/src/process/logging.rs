@@ -58,6 +58,15 @@ pub fn init_with_default(format: LogFormat, default_filter: &str) {
     subscriber(format, filter, ansi, std::io::stdout).init();
 }
 
+/// [`init_with_default`] for a command whose stdout is its output (manifests, a report,
+/// JSON): logs go to stderr.
+pub fn init_for_command(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    subscriber(format, filter, ansi, std::io::stderr).init();
+}
+
 /// The subscriber [`init`] installs, writing to `writer`: tests capture with it what a
 /// binary would print.
 pub fn subscriber<W>(

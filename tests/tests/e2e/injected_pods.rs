@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tessera_tests::kube::ApiServer;
 use tessera_tests::netns::{self, Network, Pod};
-use tessera_tests::{ControlPlane, TempDir, eventually, init, kubelet};
+use tessera_tests::{ControlPlane, TempDir, binary, eventually, init, kubelet};
 
 use crate::kubernetes::{custom_resource, webhook_configuration};
 use crate::transparent::{Capture, assert_encrypted, outside_server};
@@ -269,6 +269,30 @@ async fn injected_pods_talk_mtls_and_obey_a_policy_from_the_api_server() {
         OUTSIDE_PAYLOAD,
         &[WEB_SECRET, PATH_SECRET, "/admin/keys"],
         4,
+    );
+
+    // `tessera check` reads each meshed pod's proxy certificate through the API server.
+    let kubeconfig = api.kubeconfig.to_str().unwrap();
+    let check = std::process::Command::new(binary("tessera"))
+        .args(["check", "-o", "json", "--kubeconfig", kubeconfig])
+        .output()
+        .expect("tessera check");
+    let report: Value = serde_json::from_slice(&check.stdout).expect("a JSON report");
+    let proxies: Vec<&Value> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["group"] == "tessera-proxies")
+        .collect();
+    assert_eq!(proxies.len(), 2, "{report:#}");
+    assert!(proxies.iter().all(|c| c["status"] == "ok"), "{report:#}");
+    assert_eq!(proxies[0]["detail"], "2 proxies", "{report:#}");
+    assert!(
+        proxies[1]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("the first expires at"),
+        "{report:#}"
     );
 
     // No log carries a pod's token.
