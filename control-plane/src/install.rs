@@ -411,8 +411,10 @@ mod tests {
             "99999999999999999999d",
             "+1h",
         ] {
-            let mut choices = Choices::default();
-            choices.certificate_ttl = ttl.into();
+            let choices = Choices {
+                certificate_ttl: ttl.into(),
+                ..Choices::default()
+            };
             assert_eq!(
                 choices.validate(),
                 Err(ChoiceError::CertificateTtl(ttl.into())),
