@@ -372,6 +372,9 @@ impl ControlPlane {
                 // Port 0: parallel tests never fight over 15017; see `webhook_address`.
                 .arg("--webhook")
                 .arg(local(0).to_string())
+                // A plug-in CA's files are re-read every 300 ms (15 s by default), so a
+                // test of a renewed CA need not wait.
+                .env("TESSERA_PLUGIN_CA_POLL_INTERVAL", "300ms")
                 .args(extra_args),
         )
     }
