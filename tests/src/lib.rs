@@ -282,6 +282,12 @@ impl ControlPlane {
         Self::start_in_cluster_with(kubeconfig, &[]).await
     }
 
+    /// [`ControlPlane::start_in_cluster`] with lines added under the MeshConfig's `spec:`.
+    pub async fn start_in_cluster_with_spec(kubeconfig: &Path, extra_spec: &str) -> Self {
+        let all = Self::cluster_args(kubeconfig, std::iter::empty());
+        Self::start_with(local(0).ip(), free_port(), "1h", extra_spec, all).await
+    }
+
     /// [`ControlPlane::start_in_cluster`] with more arguments.
     pub async fn start_in_cluster_with(kubeconfig: &Path, args: &[&str]) -> Self {
         let all = Self::cluster_args(kubeconfig, args.iter().map(std::ffi::OsString::from));

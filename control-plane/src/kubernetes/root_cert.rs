@@ -138,10 +138,15 @@ impl Publisher {
                 self.apply_config_map(&namespace.name_any()).await?;
             }
         }
-        if let Some(configuration) = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
-            .get_opt(WEBHOOK_CONFIGURATION)
-            .await?
-        {
+        // Listed by name rather than read: the shipped RBAC grants list and watch on
+        // webhook configurations, not get.
+        let webhooks = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .list(
+                &kube::api::ListParams::default()
+                    .fields(&format!("metadata.name={WEBHOOK_CONFIGURATION}")),
+            )
+            .await?;
+        for configuration in webhooks.items {
             self.patch_ca_bundle(&configuration).await?;
         }
         Ok(())

@@ -209,3 +209,99 @@ async fn a_cert_manager_intermediate_renewed_in_place_signs_without_a_restart() 
         "no restart"
     );
 }
+
+/// In cluster mode, the Secret renewed under a new root: the state directory's bundle,
+/// the root ConfigMap of a meshed namespace and the webhook's `caBundle` hold the old and
+/// the new root together, while the old intermediate keeps signing until the new root
+/// has reached every proxy (one certificate lifetime).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_root_is_published_beside_the_old_one_in_the_cluster() {
+    use base64::Engine as _;
+    use serde_json::{Value, json};
+
+    init();
+    let Some(api) = tessera_tests::kube::ApiServer::start().await else {
+        return;
+    };
+    api.must_create(
+        "/api/v1/namespaces",
+        &json!({ "apiVersion": "v1", "kind": "Namespace",
+                 "metadata": { "name": "shop", "labels": { "tessera.dev/inject": "enabled" } } }),
+    )
+    .await;
+    let webhook =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/webhook.yaml");
+    let shipped: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(webhook).unwrap()).unwrap();
+    api.must_create(
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+        &shipped,
+    )
+    .await;
+
+    let scratch = TempDir::new("cert-manager-root");
+    let dir = |name: &str| scratch.path().join(name);
+    ca_create(&dir("old"), &dir("old-root"), &[]);
+    let (old_chain, old_key, old_root) = secret_keys(&dir("old"));
+    let volume = dir("tessera-ca");
+    std::fs::create_dir_all(&volume).unwrap();
+    publish_secret(
+        &volume,
+        "..2026_12_05_01_02_03.123",
+        &old_chain,
+        &old_key,
+        &old_root,
+    );
+    let control_plane = ControlPlane::start_in_cluster_with_spec(
+        &api.control_plane_kubeconfig().await,
+        &format!(
+            "  certificateAuthority:\n    pluginCertsDir: {}\n",
+            volume.display()
+        ),
+    )
+    .await;
+    const MAP: &str = "/api/v1/namespaces/shop/configmaps/tessera-ca-root-cert";
+    let holds = |pem: String| {
+        move |status: u16, map: &Value| {
+            status == 200 && map["data"]["root-cert.pem"] == pem.as_str()
+        }
+    };
+    api.eventually(MAP, Duration::from_secs(10), holds(old_root.clone()))
+        .await
+        .expect("the old root published");
+
+    ca_create(&dir("new"), &dir("new-root"), &[]);
+    let (new_chain, new_key, new_root) = secret_keys(&dir("new"));
+    publish_secret(
+        &volume,
+        "..2026_12_05_02_03_04.456",
+        &new_chain,
+        &new_key,
+        &new_root,
+    );
+    control_plane
+        .process
+        .logs
+        .wait_for(&["new root announced"], Duration::from_secs(5))
+        .await
+        .unwrap();
+    let both = format!("{old_root}{new_root}");
+    api.eventually(MAP, Duration::from_secs(5), holds(both.clone()))
+        .await
+        .expect("both roots published in the meshed namespace");
+    let bundle = base64::engine::general_purpose::STANDARD.encode(&both);
+    api.eventually(
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/tessera-sidecar-injector",
+        Duration::from_secs(5),
+        |_, configuration| configuration["webhooks"][0]["clientConfig"]["caBundle"] == bundle.as_str(),
+    )
+    .await
+    .expect("the webhook's caBundle holds both roots");
+    assert_eq!(
+        std::fs::read_to_string(control_plane.trust_bundle_file()).unwrap(),
+        both
+    );
+    // Not signing with the new root yet: proxies have not all been told of it.
+    let chain = certify(&control_plane, "orders").await;
+    assert_eq!(chain[1], der(&old_chain)[0]);
+}
