@@ -261,6 +261,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         )),
         tokio::spawn(follow_ca(
             ca.clone(),
+            ca.changes(),
             CaFollowers {
                 trust,
                 trust_bundle_file: trust_bundle_file.clone(),
@@ -392,30 +393,32 @@ struct CaFollowers {
 /// the signing authority changed) certificates from the new one for the control plane's
 /// own endpoints. A new root reaches the signing authority only once proxies trust it
 /// (see `ca::reload`), so a proxy always verifies the control plane it renews with.
-async fn follow_ca(ca: Arc<CurrentCa>, followers: CaFollowers) {
-    let mut changes = ca.changes();
+async fn follow_ca(
+    ca: Arc<CurrentCa>,
+    mut changes: tokio::sync::watch::Receiver<()>,
+    followers: CaFollowers,
+) {
     let mut signing = ca.load().authority().clone();
     while changes.changed().await.is_ok() {
         let active = ca.load();
-        match TrustBundle::new(active.trust_bundle().to_vec()) {
-            Ok(bundle) => followers.trust.replace_bundle(bundle),
-            Err(error) => warn!(event = "trust bundle not applied", error = %error),
-        }
         let pem = active.trust_bundle_pem();
-        if let Err(error) = crate::state::write_public(&followers.trust_bundle_file, pem.as_bytes())
-        {
-            warn!(event = "trust bundle file not written", error = %error);
+        if *followers.published_bundle.borrow() != pem {
+            match TrustBundle::new(active.trust_bundle().to_vec()) {
+                Ok(bundle) => followers.trust.replace_bundle(bundle),
+                Err(error) => warn!(event = "trust bundle not applied", error = %error),
+            }
+            if let Err(error) =
+                crate::state::write_public(&followers.trust_bundle_file, pem.as_bytes())
+            {
+                warn!(event = "trust bundle file not written", error = %error);
+            }
+            info!(
+                event = "trust bundle updated",
+                roots = active.trust_bundle().len(),
+                path = %followers.trust_bundle_file.display(),
+            );
+            followers.published_bundle.send_replace(pem);
         }
-        followers.published_bundle.send_if_modified(|published| {
-            let changed = *published != pem;
-            *published = pem.clone();
-            changed
-        });
-        info!(
-            event = "trust bundle updated",
-            roots = active.trust_bundle().len(),
-            path = %followers.trust_bundle_file.display(),
-        );
         if Arc::ptr_eq(active.authority(), &signing) {
             continue;
         }

@@ -188,7 +188,11 @@ impl Reloader {
     /// Reads the directory once and applies what changed, with `now` the wall-clock time.
     pub fn poll(&mut self, now: SystemTime) -> Polled {
         let mut polled = match self.read() {
-            Ok(None) => Polled::Unchanged,
+            Ok(None) => {
+                // Back to the set in force: a later refusal is news again.
+                self.last_refusal = None;
+                Polled::Unchanged
+            }
             Ok(Some((files, authority))) => {
                 self.accepted = files.fingerprint();
                 self.last_refusal = None;
