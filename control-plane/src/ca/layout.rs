@@ -22,6 +22,10 @@ use tessera_mesh::tls;
 
 use super::{CaError, CertificateAuthority, file_error};
 
+/// A CA file larger than this is refused unread: a chain of a few certificates is a few
+/// KiB, and the files are read again at every poll.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
 /// Which files a plug-in CA came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -135,6 +139,15 @@ impl PluginFiles {
         let mut contents = Vec::with_capacity(4);
         for name in layout.files() {
             let path = read_from.join(name);
+            let size = std::fs::metadata(&path)
+                .map_err(|e| file_error(&path, e))?
+                .len();
+            if size > MAX_FILE_BYTES {
+                return Err(file_error(
+                    &path,
+                    format!("{size} bytes, more than a CA file holds (limit {MAX_FILE_BYTES})"),
+                ));
+            }
             let text = if *name == names.key {
                 crate::state::read_private(&path)?
             } else {
@@ -340,6 +353,27 @@ pub(crate) mod tests {
         std::fs::write(dir.join("ca-cert.pem"), pki.intermediate_pem()).unwrap();
         let error = Layout::detect(&dir).unwrap_err().to_string();
         assert!(error.contains("both"), "{error}");
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_unread() {
+        let pki = TestPki::new();
+        let dir = pki.scratch("oversized");
+        let huge = "x".repeat(MAX_FILE_BYTES as usize + 1);
+        secret_volume(
+            &dir,
+            "..2026_12_05_01_02_03.123",
+            &[
+                ("tls.crt", &pki.intermediate_pem()),
+                ("tls.key", &pki.intermediate_key_pkcs8()),
+                ("ca.crt", &huge),
+            ],
+        );
+        let error = PluginFiles::read(&dir).err().unwrap().to_string();
+        assert!(
+            error.contains("ca.crt") && error.contains("limit 1048576"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -339,8 +339,12 @@ fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
 
 /// The poll interval: [`POLL_INTERVAL_ENV`] when set and valid, else the default.
 pub fn poll_interval() -> Duration {
-    match std::env::var(POLL_INTERVAL_ENV) {
-        Ok(text) => match humantime::parse_duration(&text) {
+    parse_poll_interval(std::env::var(POLL_INTERVAL_ENV).ok())
+}
+
+fn parse_poll_interval(setting: Option<String>) -> Duration {
+    match setting {
+        Some(text) => match humantime::parse_duration(&text) {
             Ok(interval) if !interval.is_zero() => interval,
             _ => {
                 warn!(
@@ -353,7 +357,7 @@ pub fn poll_interval() -> Duration {
                 DEFAULT_POLL_INTERVAL
             }
         },
-        Err(_) => DEFAULT_POLL_INTERVAL,
+        None => DEFAULT_POLL_INTERVAL,
     }
 }
 
@@ -448,6 +452,17 @@ mod tests {
             assert!(!changes.has_changed().unwrap());
         }
         task.abort();
+    }
+
+    #[test]
+    fn the_poll_interval_is_the_environments_when_it_is_a_duration() {
+        let parse = |text: &str| parse_poll_interval(Some(text.to_string()));
+        assert_eq!(parse("300ms"), Duration::from_millis(300));
+        assert_eq!(parse("30s"), Duration::from_secs(30));
+        for bad in ["0s", "soon", ""] {
+            assert_eq!(parse(bad), DEFAULT_POLL_INTERVAL, "{bad}");
+        }
+        assert_eq!(parse_poll_interval(None), DEFAULT_POLL_INTERVAL);
     }
 
     #[test]
