@@ -290,17 +290,49 @@ impl CertificateAuthority {
     /// Issues a throwaway certificate and verifies it against the trust bundle, so a
     /// plug-in chain that leads to no trusted root fails at start, not at first use.
     fn self_check(&self) -> Result<(), CaError> {
-        let probe_key = KeyPair::generate().map_err(|e| CaError::Material(e.to_string()))?;
-        let probe_id = SpiffeId::new("self-check.invalid", "tessera", "probe")
-            .map_err(|e| CaError::Material(e.to_string()))?;
-        let issued = self.issue_for_key(&probe_key, &probe_id, Duration::from_secs(60))?;
+        let chain = self.probe_chain()?;
         let bundle = TrustBundle::new(self.trust_bundle.clone())
             .map_err(|e| CaError::Material(format!("trust bundle: {e}")))?;
-        tls::verify_chain(&bundle, &issued.chain).map_err(|e| {
+        tls::verify_chain(&bundle, &chain).map_err(|e| {
             CaError::Material(format!(
                 "certificates signed by this CA do not verify against the trust bundle: {e}"
             ))
         })
+    }
+}
+
+impl CertificateAuthority {
+    /// A throwaway certificate's chain, as a workload would present it.
+    fn probe_chain(&self) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let probe_key = KeyPair::generate().map_err(|e| CaError::Material(e.to_string()))?;
+        let probe_id = SpiffeId::new("self-check.invalid", "tessera", "probe")
+            .map_err(|e| CaError::Material(e.to_string()))?;
+        Ok(self
+            .issue_for_key(&probe_key, &probe_id, Duration::from_secs(60))?
+            .chain)
+    }
+
+    /// The roots of the bundle that what this CA signs verifies against: the ones peers
+    /// must trust before it signs (the bundle may hold others, e.g. a root announced for
+    /// the next rotation). All of them if the probe cannot be made.
+    pub(crate) fn anchors(&self) -> Vec<CertificateDer<'static>> {
+        let Ok(chain) = self.probe_chain() else {
+            return self.trust_bundle.clone();
+        };
+        let anchors: Vec<_> = self
+            .trust_bundle
+            .iter()
+            .filter(|root| {
+                TrustBundle::new(vec![(*root).clone()])
+                    .is_ok_and(|alone| tls::verify_chain(&alone, &chain).is_ok())
+            })
+            .cloned()
+            .collect();
+        if anchors.is_empty() {
+            self.trust_bundle.clone()
+        } else {
+            anchors
+        }
     }
 }
 

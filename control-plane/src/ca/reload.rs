@@ -212,6 +212,11 @@ impl Reloader {
             }
         };
         if let Some(pending) = self.pending.take_if(|pending| pending.at <= now) {
+            info!(
+                event = "plug-in CA reloaded",
+                signer_sha256 = %sha256_fingerprint(pending.authority.signer()),
+                "the intermediate under the new root signs from now",
+            );
             self.activate(pending.authority, now);
             polled = Polled::Activated;
         }
@@ -243,20 +248,26 @@ impl Reloader {
         files: &PluginFiles,
         now: SystemTime,
     ) -> Polled {
-        // The new authority may sign once every root it chains to has been announced
-        // for a certificate lifetime.
-        let mut ready_at = SystemTime::UNIX_EPOCH;
+        // Every root of the new files is announced from now if it was not before; the
+        // new authority may sign once the roots it chains to have been announced for a
+        // certificate lifetime (Istio's staged rotation: the new root first added to
+        // root-cert.pem under the old intermediate, then the new intermediate, signs at
+        // once if that was a lifetime ago).
         for root in authority.trust_bundle() {
-            let since = match self.announced.iter().find(|a| a.root == *root) {
-                Some(announced) => announced.since,
-                None => {
-                    self.announced.push(Announced {
-                        root: root.clone(),
-                        since: now,
-                    });
-                    now
-                }
-            };
+            if !self.announced.iter().any(|a| a.root == *root) {
+                self.announced.push(Announced {
+                    root: root.clone(),
+                    since: now,
+                });
+            }
+        }
+        let mut ready_at = SystemTime::UNIX_EPOCH;
+        for anchor in authority.anchors() {
+            let since = self
+                .announced
+                .iter()
+                .find(|a| a.root == anchor)
+                .map_or(now, |a| a.since);
             ready_at = ready_at.max(since + self.certificate_ttl);
         }
         self.retired
@@ -452,6 +463,53 @@ mod tests {
             assert!(!changes.has_changed().unwrap());
         }
         task.abort();
+    }
+
+    /// Istio's layout, with `roots` in root-cert.pem.
+    fn istio_files(signer: &TestPki, roots: &[&TestPki]) -> [(&'static str, String); 4] {
+        [
+            ("ca-cert.pem", signer.intermediate_pem()),
+            ("ca-key.pem", signer.intermediate_key_pkcs8()),
+            (
+                "cert-chain.pem",
+                signer.intermediate_pem() + &signer.root_pem(),
+            ),
+            (
+                "root-cert.pem",
+                roots.iter().map(|r| r.root_pem()).collect(),
+            ),
+        ]
+    }
+
+    /// Istio's staged rotation: the new root added to root-cert.pem first (the old
+    /// intermediate keeps signing, at once), then the new intermediate, which signs a
+    /// certificate lifetime after its root was first trusted.
+    #[test]
+    fn a_root_announced_beforehand_lets_its_intermediate_sign_on_time() {
+        let old = TestPki::new();
+        let new = TestPki::new();
+        let dir = old.scratch("staged");
+        lay_out(&dir, "..v1", &istio_files(&old, &[&old]));
+        let (mut reloader, current) = start(&dir);
+        let start = SystemTime::now();
+        lay_out(&dir, "..v2", &istio_files(&old, &[&old, &new]));
+        assert_eq!(reloader.poll(start), Polled::Activated);
+        assert_eq!(current.load().authority().signer(), &old.intermediate);
+        assert_eq!(
+            current.load().trust_bundle(),
+            [old.root.clone(), new.root.clone()]
+        );
+        lay_out(&dir, "..v3", &istio_files(&new, &[&old, &new]));
+        assert_eq!(
+            reloader.poll(start + TTL / 2),
+            Polled::Announced { at: start + TTL }
+        );
+        assert_eq!(current.load().authority().signer(), &old.intermediate);
+        assert_eq!(reloader.poll(start + TTL), Polled::Activated);
+        assert_eq!(current.load().authority().signer(), &new.intermediate);
+        // The old root is still in the files: still trusted.
+        assert_eq!(reloader.poll(start + TTL * 10), Polled::Unchanged);
+        assert_eq!(current.load().trust_bundle().len(), 2);
     }
 
     #[test]
