@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
+use crate::ca::reload::{self, CurrentCa, Reloader};
 use crate::ca::{CertificateAuthority, Issued};
 use crate::discovery_service::DiscoveryService;
 use crate::identity_service::IdentityService;
@@ -135,11 +136,13 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         Some(cluster) => Some(crate::kubernetes::client(cluster.kubeconfig.as_deref()).await?),
         None => None,
     };
-    let ca = Arc::new(certificate_authority(&options, &mesh, cluster.as_ref()).await?);
-    let trust_bundle = TrustBundle::new(ca.trust_bundle().to_vec())?;
+    let (ca, reloader) = certificate_authority(&options, &mesh, cluster.as_ref()).await?;
+    let trust_bundle = TrustBundle::new(ca.load().trust_bundle().to_vec())?;
     let trust_bundle_file = options.state_dir.join(TRUST_BUNDLE_FILE);
     let trust_bundle_pem = trust_bundle.to_pem();
     crate::state::write_public(&trust_bundle_file, trust_bundle_pem.as_bytes())?;
+    // The bundle as published to the cluster; follows the CA (see `follow_ca`).
+    let (published_bundle, bundle_changes) = tokio::sync::watch::channel(trust_bundle_pem);
     let tokens = Arc::new(TokenAuthority::load_or_create(&options.state_dir)?);
     let metrics = Arc::new(Metrics::new());
 
@@ -148,7 +151,10 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let issue_serving_cert = {
         let (ca, identity) = (ca.clone(), own_identity.clone());
         move || {
-            let (issued, key) = ca.issue_with_new_key(&identity, SERVING_CERT_TTL)?;
+            let (issued, key) = ca
+                .load()
+                .authority()
+                .issue_with_new_key(&identity, SERVING_CERT_TTL)?;
             certified_key(issued, &key)
         }
     };
@@ -157,7 +163,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let issue_webhook_cert = {
         let ca = ca.clone();
         move || {
-            let (issued, key) = ca.issue_server_cert(
+            let (issued, key) = ca.load().authority().issue_server_cert(
                 &webhook::DNS_NAMES,
                 &webhook::IP_ADDRESSES,
                 SERVING_CERT_TTL,
@@ -167,8 +173,12 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     };
     webhook_cert.set(issue_webhook_cert()?);
     let trust = Trust::new(mesh.trust_domain.clone(), trust_bundle);
-    let server_config =
-        tls::server_config(trust, serving_cert.clone(), ClientAuth::Optional, &[b"h2"])?;
+    let server_config = tls::server_config(
+        trust.clone(),
+        serving_cert.clone(),
+        ClientAuth::Optional,
+        &[b"h2"],
+    )?;
 
     let kubernetes = cluster.as_ref().map(|client| {
         Arc::new(ServiceAccountTokens::new(
@@ -249,6 +259,19 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
                 ..options.inject.clone()
             }),
         )),
+        tokio::spawn(follow_ca(
+            ca.clone(),
+            ca.changes(),
+            CaFollowers {
+                trust,
+                trust_bundle_file: trust_bundle_file.clone(),
+                published_bundle,
+                serving_cert: serving_cert.clone(),
+                issue_serving_cert: Box::new(issue_serving_cert.clone()),
+                webhook_cert: webhook_cert.clone(),
+                issue_webhook_cert: Box::new(issue_webhook_cert.clone()),
+            },
+        )),
         tokio::spawn(keep_fresh(serving_cert, issue_serving_cert, "gRPC")),
         tokio::spawn(keep_fresh(webhook_cert, issue_webhook_cert, "webhook")),
         tokio::spawn(crate::config::follow(
@@ -258,6 +281,12 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         )),
     ];
     tasks.extend(watches);
+    if let Some(reloader) = reloader {
+        tasks.push(tokio::spawn(reload::follow(
+            reloader,
+            reload::poll_interval(),
+        )));
+    }
     if let (Some(client), Some(mode), Some(objects)) = (cluster, &options.cluster, cluster_objects)
     {
         let namespace = client.default_namespace().to_string();
@@ -272,7 +301,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         // what the last snapshot made of each object.
         tasks.push(tokio::spawn(lease::while_leading(leading, move || {
             let root =
-                crate::kubernetes::root_cert::publish(client.clone(), trust_bundle_pem.clone());
+                crate::kubernetes::root_cert::publish(client.clone(), bundle_changes.clone());
             let status = status::report(client.clone(), replica.clone(), objects.verdicts());
             async move {
                 tokio::join!(root, status);
@@ -307,18 +336,30 @@ fn replica_name() -> String {
     format!("{host}-{:08x}", rand::random::<u32>())
 }
 
-/// The plug-in CA when configured; else the development root, which a cluster keeps in
-/// a Secret so that every replica signs with the same one.
+/// The plug-in CA when configured, with the reloader that follows its files; else the
+/// development root, which a cluster keeps in a Secret so that every replica signs with
+/// the same one.
 async fn certificate_authority(
     options: &Options,
     mesh: &MeshConfigSpec,
     cluster: Option<&kube::Client>,
-) -> anyhow::Result<CertificateAuthority> {
-    match (&mesh.plugin_ca_dir, cluster) {
+) -> anyhow::Result<(Arc<CurrentCa>, Option<Reloader>)> {
+    let authority = match (&mesh.plugin_ca_dir, cluster) {
         (Some(dir), _) => {
             let dir = options.config_dir.join(dir);
-            info!(event = "using plug-in CA", path = %dir.display());
-            CertificateAuthority::plugin(&dir).context("plug-in CA")
+            let files = crate::ca::layout::PluginFiles::read(&dir).context("plug-in CA")?;
+            let authority = files.load().context("plug-in CA")?;
+            info!(
+                event = "using plug-in CA",
+                path = %dir.display(),
+                layout = %files.layout,
+                read_from = %files.read_from.display(),
+                signer_sha256 = %crate::ca::layout::sha256_fingerprint(authority.signer()),
+                signer_not_after = %authority.signer_not_after(),
+                poll_interval = %humantime::format_duration(reload::poll_interval()),
+            );
+            let (reloader, current) = Reloader::new(dir, &files, authority, mesh.certificate_ttl);
+            return Ok((current, Some(reloader)));
         }
         (None, Some(client)) => {
             let namespace = client.default_namespace().to_string();
@@ -328,10 +369,79 @@ async fn certificate_authority(
                 &options.state_dir,
                 &mesh.trust_domain,
             )
-            .await
+            .await?
         }
         (None, None) => CertificateAuthority::dev_root(&options.state_dir, &mesh.trust_domain)
-            .context("development CA"),
+            .context("development CA")?,
+    };
+    Ok((CurrentCa::new(authority), None))
+}
+
+/// What follows the CA in force: the gRPC server's trust, the trust bundle file and the
+/// cluster's copy, and the control plane's own certificates.
+struct CaFollowers {
+    trust: Arc<Trust>,
+    trust_bundle_file: PathBuf,
+    published_bundle: tokio::sync::watch::Sender<String>,
+    serving_cert: Arc<CurrentCert>,
+    issue_serving_cert: Box<dyn Fn() -> anyhow::Result<CertifiedKey> + Send + Sync>,
+    webhook_cert: Arc<CurrentCert>,
+    issue_webhook_cert: Box<dyn Fn() -> anyhow::Result<CertifiedKey> + Send + Sync>,
+}
+
+/// Applies each change of the CA: the bundle first, everywhere it is read, then (when
+/// the signing authority changed) certificates from the new one for the control plane's
+/// own endpoints. A new root reaches the signing authority only once proxies trust it
+/// (see `ca::reload`), so a proxy always verifies the control plane it renews with.
+async fn follow_ca(
+    ca: Arc<CurrentCa>,
+    mut changes: tokio::sync::watch::Receiver<()>,
+    followers: CaFollowers,
+) {
+    let mut signing = ca.load().authority().clone();
+    while changes.changed().await.is_ok() {
+        let active = ca.load();
+        let pem = active.trust_bundle_pem();
+        if *followers.published_bundle.borrow() != pem {
+            match TrustBundle::new(active.trust_bundle().to_vec()) {
+                Ok(bundle) => followers.trust.replace_bundle(bundle),
+                Err(error) => warn!(event = "trust bundle not applied", error = %error),
+            }
+            if let Err(error) =
+                crate::state::write_public(&followers.trust_bundle_file, pem.as_bytes())
+            {
+                warn!(event = "trust bundle file not written", error = %error);
+            }
+            info!(
+                event = "trust bundle updated",
+                roots = active.trust_bundle().len(),
+                path = %followers.trust_bundle_file.display(),
+            );
+            followers.published_bundle.send_replace(pem);
+        }
+        if Arc::ptr_eq(active.authority(), &signing) {
+            continue;
+        }
+        signing = active.authority().clone();
+        for (cert, issue, endpoint) in [
+            (
+                &followers.serving_cert,
+                &followers.issue_serving_cert,
+                "gRPC",
+            ),
+            (
+                &followers.webhook_cert,
+                &followers.issue_webhook_cert,
+                "webhook",
+            ),
+        ] {
+            match issue() {
+                Ok(renewed) => cert.set(renewed),
+                Err(error) => {
+                    warn!(event = "control plane certificate renewal failed", endpoint, error = %error);
+                }
+            }
+        }
     }
 }
 

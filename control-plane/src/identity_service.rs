@@ -16,7 +16,8 @@ use tessera_proto::api::identity::{CertifyRequest, CertifyResponse};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::ca::{CertificateAuthority, CsrRefusal, validate_csr};
+use crate::ca::reload::CurrentCa;
+use crate::ca::{CsrRefusal, validate_csr};
 use crate::grpc::Caller;
 use crate::kubernetes::tokens::{ServiceAccountTokens, TokenRefusal as KubernetesRefusal};
 use crate::telemetry::{Metrics, RefusalReason};
@@ -24,7 +25,8 @@ use crate::token::{ConsumeError, TokenAuthority, TokenRefusal, VerifiedToken};
 
 /// Serves `Certify`.
 pub(crate) struct IdentityService {
-    pub ca: Arc<CertificateAuthority>,
+    /// The CA in force: a plug-in CA may be swapped while the control plane runs.
+    pub ca: Arc<CurrentCa>,
     pub tokens: Arc<TokenAuthority>,
     pub trust_domain: String,
     pub certificate_ttl: Duration,
@@ -166,8 +168,10 @@ impl Identity for IdentityService {
                 _ => Status::invalid_argument(refusal.to_string()),
             }
         })?;
-        let issued = self
-            .ca
+        // One read: the bundle sent is the one in force with the authority that signed.
+        let active = self.ca.load();
+        let issued = active
+            .authority()
             .issue(&csr, &identity, self.certificate_ttl)
             .map_err(|error| {
                 refuse(RefusalReason::Internal, Some(&identity), &error.to_string());
@@ -206,7 +210,7 @@ impl Identity for IdentityService {
         );
         Ok(Response::new(CertifyResponse {
             cert_chain_der: issued.chain.into_iter().map(|c| c.to_vec()).collect(),
-            trust_bundle_der: self.ca.trust_bundle().iter().map(|c| c.to_vec()).collect(),
+            trust_bundle_der: active.trust_bundle().iter().map(|c| c.to_vec()).collect(),
         }))
     }
 }

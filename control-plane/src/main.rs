@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 #[cfg(feature = "demo")]
 use tessera_control_plane::demo;
-use tessera_control_plane::{app, check, cli, inject, install, kubernetes};
+use tessera_control_plane::{app, ca, check, cli, inject, install, kubernetes};
 use tessera_mesh::process::{
     self,
     logging::{self, LogFormat},
@@ -187,6 +187,11 @@ enum Command {
     },
     /// Print the tessera.dev CustomResourceDefinitions (YAML), for `kubectl apply -f -`.
     Crds,
+    /// The mesh's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Run a small mesh on loopback and show what it does.
     #[cfg(feature = "demo")]
     #[command(after_help = "Examples:
@@ -196,6 +201,42 @@ enum Command {
         /// How long to drive traffic.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
         duration: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root and an intermediate for the control plane's plug-in CA: the
+    /// intermediate as the four files of `pluginCertsDir`, the root in its own directory
+    /// (keep it offline). Prints both certificates' SHA-256 fingerprints and expiry. Run
+    /// again with the same --root-dir and --force to renew the intermediate.
+    #[command(after_help = "Examples:
+  tessera ca create --out cacerts --root-dir tessera-root
+  tessera ca create --out cacerts --root-dir tessera-root --force   # renew the intermediate
+  tessera ca create --trust-domain prod.example --root-validity 20y --intermediate-validity 90d")]
+    Create {
+        /// The plug-in CA directory to write: ca-cert.pem, ca-key.pem (mode 0600),
+        /// cert-chain.pem, root-cert.pem.
+        #[arg(long, default_value = "cacerts")]
+        out: PathBuf,
+        /// Where the root is kept (root-cert.pem, root-key.pem mode 0600): an existing
+        /// root there signs the new intermediate; otherwise a new root is created there.
+        #[arg(long, default_value = "tessera-root")]
+        root_dir: PathBuf,
+        /// The mesh's trust domain (the MeshConfig's `trustDomain`), named in the
+        /// certificates' subjects.
+        #[arg(long, default_value = tessera_mesh::spiffe::DEFAULT_TRUST_DOMAIN, value_parser = cli::parse_trust_domain)]
+        trust_domain: String,
+        /// How long a new root is valid, e.g. 10y.
+        #[arg(long, default_value = "10y", value_parser = humantime::parse_duration)]
+        root_validity: Duration,
+        /// How long the intermediate is valid, e.g. 1y or 90d (within the root's).
+        #[arg(long, default_value = "1y", value_parser = humantime::parse_duration)]
+        intermediate_validity: Duration,
+        /// Replace the intermediate already in --out (renewal); the root is never
+        /// replaced.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -394,6 +435,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Crds => {
             print!("{}", kubernetes::crds::render());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            command:
+                CaCommand::Create {
+                    out,
+                    root_dir,
+                    trust_domain,
+                    root_validity,
+                    intermediate_validity,
+                    force,
+                },
+        } => {
+            let created = ca::create::create(&ca::create::CreateOptions {
+                out_dir: out,
+                root_dir,
+                trust_domain,
+                root_validity,
+                intermediate_validity,
+                force,
+            })?;
+            print!("{created}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Inject {

@@ -282,6 +282,12 @@ impl ControlPlane {
         Self::start_in_cluster_with(kubeconfig, &[]).await
     }
 
+    /// [`ControlPlane::start_in_cluster`] with lines added under the MeshConfig's `spec:`.
+    pub async fn start_in_cluster_with_spec(kubeconfig: &Path, extra_spec: &str) -> Self {
+        let all = Self::cluster_args(kubeconfig, std::iter::empty());
+        Self::start_with(local(0).ip(), free_port(), "1h", extra_spec, all).await
+    }
+
     /// [`ControlPlane::start_in_cluster`] with more arguments.
     pub async fn start_in_cluster_with(kubeconfig: &Path, args: &[&str]) -> Self {
         let all = Self::cluster_args(kubeconfig, args.iter().map(std::ffi::OsString::from));
@@ -372,6 +378,9 @@ impl ControlPlane {
                 // Port 0: parallel tests never fight over 15017; see `webhook_address`.
                 .arg("--webhook")
                 .arg(local(0).to_string())
+                // A plug-in CA's files are re-read every 300 ms (15 s by default), so a
+                // test of a renewed CA need not wait.
+                .env("TESSERA_PLUGIN_CA_POLL_INTERVAL", "300ms")
                 .args(extra_args),
         )
     }

@@ -6,7 +6,8 @@
 //! recreated when deleted. The sidecar injector's webhook configuration gets the same
 //! root as its `caBundle`, so the API server trusts the webhook's certificate. Writes are
 //! server-side applies and patches that change nothing when all is in step: the watch
-//! events they cause end there.
+//! events they cause end there. When the trust bundle changes (a plug-in CA re-read with
+//! a new root, see `ca::reload`), every meshed namespace and the webhook get the new one.
 
 use std::collections::BTreeMap;
 
@@ -44,11 +45,12 @@ enum Change {
     Webhook(MutatingWebhookConfiguration),
 }
 
-/// Keeps the root published until the process ends. `root_pem`: the trust bundle.
-pub async fn publish(client: Client, root_pem: String) {
-    let publisher = Publisher {
+/// Keeps the root published until the process ends. `root_pem`: the trust bundle, as it
+/// changes.
+pub async fn publish(client: Client, mut root_pem: tokio::sync::watch::Receiver<String>) {
+    let mut publisher = Publisher {
         client: client.clone(),
-        root_pem,
+        root_pem: root_pem.borrow_and_update().clone(),
     };
     let named = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
     let namespaces = watcher(
@@ -70,10 +72,17 @@ pub async fn publish(client: Client, root_pem: String) {
     .default_backoff()
     .filter_map(|event| applied(event).map(|e| e.map(Change::Webhook)));
     let mut changes = std::pin::pin!(namespaces.merge(config_maps).merge(webhooks));
-    while let Some(change) = changes.next().await {
-        let outcome = match change {
-            Ok(change) => publisher.reconcile(change).await,
-            Err(error) => Err(anyhow::Error::from(error)),
+    loop {
+        let outcome = tokio::select! {
+            change = changes.next() => match change {
+                Some(Ok(change)) => publisher.reconcile(change).await,
+                Some(Err(error)) => Err(anyhow::Error::from(error)),
+                None => break,
+            },
+            Ok(()) = root_pem.changed() => {
+                publisher.root_pem = root_pem.borrow_and_update().clone();
+                publisher.republish().await
+            }
         };
         if let Err(error) = outcome {
             warn!(
@@ -117,6 +126,30 @@ impl Publisher {
             },
             Change::Webhook(configuration) => self.patch_ca_bundle(&configuration).await,
         }
+    }
+
+    /// Writes a new bundle everywhere: every meshed namespace and the webhook.
+    async fn republish(&self) -> anyhow::Result<()> {
+        let meshed = Api::<Namespace>::all(self.client.clone())
+            .list(&kube::api::ListParams::default().labels(&format!("{INJECT}={MESHED_VALUE}")))
+            .await?;
+        for namespace in meshed.items {
+            if namespace.metadata.deletion_timestamp.is_none() {
+                self.apply_config_map(&namespace.name_any()).await?;
+            }
+        }
+        // Listed by name rather than read: the shipped RBAC grants list and watch on
+        // webhook configurations, not get.
+        let webhooks = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .list(
+                &kube::api::ListParams::default()
+                    .fields(&format!("metadata.name={WEBHOOK_CONFIGURATION}")),
+            )
+            .await?;
+        for configuration in webhooks.items {
+            self.patch_ca_bundle(&configuration).await?;
+        }
+        Ok(())
     }
 
     async fn apply_if_meshed(&self, namespace: &str) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod authz;
+mod cert_manager;
 mod demo;
 mod detection;
 mod discovery;

@@ -1,9 +1,15 @@
 //! The certificate authority: turns an authenticated CSR into an X.509-SVID.
 //!
 //! Either a development root created on first start in the state directory, or a
-//! plug-in intermediate loaded from the four PEM files operators know from Istio. The
-//! CA decides every field of the certificate itself; from the CSR it takes only the
-//! public key, after checking that the request asks for nothing it may not have.
+//! plug-in intermediate loaded from the four PEM files operators know from Istio or from
+//! a cert-manager Secret (`layout`), re-read when it changes (`reload`); `create` makes a
+//! root and an intermediate for operators who have no PKI. The CA decides every field of
+//! the certificate itself; from the CSR it takes only the public key, after checking that
+//! the request asks for nothing it may not have.
+
+pub mod create;
+pub mod layout;
+pub mod reload;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -70,7 +76,20 @@ pub struct CertificateAuthority {
     /// The signing certificate and the intermediates above it, excluding roots.
     chain: Vec<CertificateDer<'static>>,
     trust_bundle: Vec<CertificateDer<'static>>,
+    /// The certificate that signs (for fingerprints and change detection).
+    signer: CertificateDer<'static>,
     signer_not_after: OffsetDateTime,
+}
+
+/// Names the signer and counts the roots; never shows the key.
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("signer_sha256", &layout::sha256_fingerprint(&self.signer))
+            .field("signer_not_after", &self.signer_not_after)
+            .field("trust_bundle_roots", &self.trust_bundle.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl CertificateAuthority {
@@ -86,60 +105,64 @@ impl CertificateAuthority {
         let cert = tls::certs_from_pem(cert_pem.as_bytes())
             .map_err(|e| file_error(&cert_path, e))?
             .remove(0);
-        Self::from_parts(cert.clone(), &key_pem, Vec::new(), vec![cert])
+        Self::from_parts(
+            cert.clone(),
+            &key_pem,
+            Vec::new(),
+            vec![cert],
+            layout::FileNames::DEV_ROOT,
+        )
     }
 
-    /// Loads a plug-in intermediate: `ca-cert.pem` signs, `ca-key.pem` is its key,
-    /// `cert-chain.pem` leads from it towards a root, `root-cert.pem` holds every root the
-    /// mesh trusts (old and new while rotating).
+    /// Loads a plug-in intermediate from `dir`, in whichever layout its files are (see
+    /// [`layout`]): Istio's `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`,
+    /// `root-cert.pem`, or a cert-manager Secret's `tls.crt`, `tls.key`, `ca.crt`.
     pub fn plugin(dir: &Path) -> Result<Self, CaError> {
-        let load_certs = |name: &str| {
-            let path = dir.join(name);
-            tls::certs_from_pem(read(&path)?.as_bytes()).map_err(|e| file_error(&path, e))
-        };
-        let signer = load_certs("ca-cert.pem")?.remove(0);
-        let chain = load_certs("cert-chain.pem")?;
-        let roots = load_certs("root-cert.pem")?;
-        let key_pem = crate::state::read_private(&dir.join("ca-key.pem"))?;
-        let intermediates = chain
-            .into_iter()
-            .filter(|cert| *cert != signer && !roots.contains(cert))
-            .collect();
-        Self::from_parts(signer, &key_pem, intermediates, roots)
+        layout::PluginFiles::read(dir)?.load()
     }
 
+    /// A CA from its parts. `names` are the files they came from, for errors.
     fn from_parts(
         signer: CertificateDer<'static>,
         key_pem: &str,
         intermediates: Vec<CertificateDer<'static>>,
         trust_bundle: Vec<CertificateDer<'static>>,
+        names: layout::FileNames,
     ) -> Result<Self, CaError> {
-        let material = |e: rcgen::Error| CaError::Material(e.to_string());
+        let material = |e: rcgen::Error| CaError::Material(format!("{}: {e}", names.key));
         let key = KeyPair::from_pem(key_pem).map_err(material)?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(&signer)
-            .map_err(|_| CaError::Material("CA certificate is not valid X.509".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&signer).map_err(|_| {
+            CaError::Material(format!(
+                "{}: the CA certificate is not valid X.509",
+                names.cert
+            ))
+        })?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(CaError::Material(
-                "ca-key.pem is not the key of ca-cert.pem".into(),
-            ));
+            return Err(CaError::Material(format!(
+                "{} is not the key of {}",
+                names.key, names.cert
+            )));
         }
         if !parsed.is_ca() {
-            return Err(CaError::Material(
-                "ca-cert.pem is not a CA certificate".into(),
-            ));
+            return Err(CaError::Material(format!(
+                "{} is not a CA certificate",
+                names.cert
+            )));
         }
+        let material = |e: rcgen::Error| CaError::Material(e.to_string());
         let signer_not_after = parsed.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_der(&signer, key).map_err(material)?;
         // Peers hold the roots already; a chain carries only what leads to them.
         let mut chain = Vec::with_capacity(intermediates.len() + 1);
         if !trust_bundle.contains(&signer) {
-            chain.push(signer);
+            chain.push(signer.clone());
         }
         chain.extend(intermediates);
         let ca = Self {
             issuer,
             chain,
             trust_bundle,
+            signer,
             signer_not_after,
         };
         ca.self_check()?;
@@ -149,6 +172,16 @@ impl CertificateAuthority {
     /// Every root the mesh trusts.
     pub fn trust_bundle(&self) -> &[CertificateDer<'static>] {
         &self.trust_bundle
+    }
+
+    /// When the signing certificate expires: nothing it signs outlives it.
+    pub fn signer_not_after(&self) -> OffsetDateTime {
+        self.signer_not_after
+    }
+
+    /// The signing certificate (the intermediate of a plug-in CA, or the root).
+    pub fn signer(&self) -> &CertificateDer<'static> {
+        &self.signer
     }
 
     /// Signs a certificate for `identity`, valid for `ttl` (cut short by the CA's own
@@ -257,17 +290,49 @@ impl CertificateAuthority {
     /// Issues a throwaway certificate and verifies it against the trust bundle, so a
     /// plug-in chain that leads to no trusted root fails at start, not at first use.
     fn self_check(&self) -> Result<(), CaError> {
-        let probe_key = KeyPair::generate().map_err(|e| CaError::Material(e.to_string()))?;
-        let probe_id = SpiffeId::new("self-check.invalid", "tessera", "probe")
-            .map_err(|e| CaError::Material(e.to_string()))?;
-        let issued = self.issue_for_key(&probe_key, &probe_id, Duration::from_secs(60))?;
+        let chain = self.probe_chain()?;
         let bundle = TrustBundle::new(self.trust_bundle.clone())
-            .map_err(|e| CaError::Material(format!("root-cert.pem: {e}")))?;
-        tls::verify_chain(&bundle, &issued.chain).map_err(|e| {
+            .map_err(|e| CaError::Material(format!("trust bundle: {e}")))?;
+        tls::verify_chain(&bundle, &chain).map_err(|e| {
             CaError::Material(format!(
                 "certificates signed by this CA do not verify against the trust bundle: {e}"
             ))
         })
+    }
+}
+
+impl CertificateAuthority {
+    /// A throwaway certificate's chain, as a workload would present it.
+    fn probe_chain(&self) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let probe_key = KeyPair::generate().map_err(|e| CaError::Material(e.to_string()))?;
+        let probe_id = SpiffeId::new("self-check.invalid", "tessera", "probe")
+            .map_err(|e| CaError::Material(e.to_string()))?;
+        Ok(self
+            .issue_for_key(&probe_key, &probe_id, Duration::from_secs(60))?
+            .chain)
+    }
+
+    /// The roots of the bundle that what this CA signs verifies against: the ones peers
+    /// must trust before it signs (the bundle may hold others, e.g. a root announced for
+    /// the next rotation). All of them if the probe cannot be made.
+    pub(crate) fn anchors(&self) -> Vec<CertificateDer<'static>> {
+        let Ok(chain) = self.probe_chain() else {
+            return self.trust_bundle.clone();
+        };
+        let anchors: Vec<_> = self
+            .trust_bundle
+            .iter()
+            .filter(|root| {
+                TrustBundle::new(vec![(*root).clone()])
+                    .is_ok_and(|alone| tls::verify_chain(&alone, &chain).is_ok())
+            })
+            .cloned()
+            .collect();
+        if anchors.is_empty() {
+            self.trust_bundle.clone()
+        } else {
+            anchors
+        }
     }
 }
 
@@ -573,7 +638,7 @@ mod tests {
             ("P-256", csr(vec![uri(&me)], IsCa::NoCa), Ok(())),
             (
                 "P-384, ecdsa-with-SHA256",
-                include_bytes!("testdata/csr/p384-sha256.der").to_vec(),
+                include_bytes!("../testdata/csr/p384-sha256.der").to_vec(),
                 key_refused("EC key on curve secp384r1"),
             ),
             (
@@ -583,23 +648,23 @@ mod tests {
             ),
             (
                 "P-521",
-                include_bytes!("testdata/csr/p521-sha256.der").to_vec(),
+                include_bytes!("../testdata/csr/p521-sha256.der").to_vec(),
                 key_refused("EC key on curve secp521r1"),
             ),
             (
                 "secp256k1",
-                include_bytes!("testdata/csr/secp256k1-sha256.der").to_vec(),
+                include_bytes!("../testdata/csr/secp256k1-sha256.der").to_vec(),
                 key_refused("EC key on curve 1.3.132.0.10"),
             ),
             (
                 "RSA-2048",
-                include_bytes!("testdata/csr/rsa2048-sha256.der").to_vec(),
+                include_bytes!("../testdata/csr/rsa2048-sha256.der").to_vec(),
                 key_refused("rsaEncryption key"),
             ),
             ("Ed25519", ed25519, key_refused("ed25519 key")),
             (
                 "P-256, compressed point",
-                include_bytes!("testdata/csr/p256-compressed-sha256.der").to_vec(),
+                include_bytes!("../testdata/csr/p256-compressed-sha256.der").to_vec(),
                 key_refused("P-256 point of 33 bytes, not an uncompressed 65-byte point"),
             ),
             (
@@ -609,7 +674,7 @@ mod tests {
             ),
             (
                 "P-256, ecdsa-with-SHA384",
-                include_bytes!("testdata/csr/p256-sha384.der").to_vec(),
+                include_bytes!("../testdata/csr/p256-sha384.der").to_vec(),
                 Err(CsrRefusal::SignatureAlgorithm {
                     found: "ecdsa-with-SHA384".to_string(),
                 }),
