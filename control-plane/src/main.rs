@@ -182,7 +182,8 @@ Exit status: 0 allowed, 3 denied, 2 a request the proxy refuses before policy.")
         /// The service called, name.namespace.
         #[arg(long)]
         to: String,
-        /// The application port.
+        /// The port called: one the service declares (or a workload's port for one). Policies
+        /// match the workload's application port: its targetPort for it, else this one.
         #[arg(long)]
         port: u16,
         /// HTTP method; leave out for opaque TCP.

@@ -100,7 +100,7 @@ async fn http_calls_are_allowed_or_denied_by_policy() {
                 "--to",
                 "backend.shop",
                 "--port",
-                &backend.address.port().to_string(),
+                "8080",
                 "--method",
                 "GET",
                 "--path",
