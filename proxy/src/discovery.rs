@@ -61,7 +61,32 @@ impl MeshView {
     }
 }
 
+/// The view as `/config` shows it: what the control plane sent, services in name order.
+/// Nothing in it is secret (JWKS are public keys).
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshViewDump<'a> {
+    pub version: &'a str,
+    pub services: Vec<&'a ServiceEntry>,
+    pub peer_authentications: &'a [Named<PeerAuthenticationSpec>],
+    pub authorization_policies: &'a [Named<AuthorizationPolicySpec>],
+    pub request_authentications: &'a [Named<RequestAuthenticationSpec>],
+}
+
 impl MeshView {
+    /// What `/config` shows of the view.
+    pub fn dump(&self) -> MeshViewDump<'_> {
+        let mut services: Vec<&ServiceEntry> = self.services.values().map(|s| &**s).collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        MeshViewDump {
+            version: &self.version,
+            services,
+            peer_authentications: &self.peer_authentications,
+            authorization_policies: &self.authorization_policies,
+            request_authentications: &self.request_authentications,
+        }
+    }
+
     /// The service a connection to `destination` is for: its virtual IP, on a port the
     /// service declares (or any port when it declares none).
     pub fn service_at(&self, destination: SocketAddr) -> Option<&str> {
