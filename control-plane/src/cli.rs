@@ -507,6 +507,39 @@ pub struct ServiceStat {
     pub p99_ms: Option<f64>,
 }
 
+/// The proxies `tessera stat --control-plane-admin` reads: the admin address of each
+/// proxy connected to the control plane whose admin endpoint is `admin`, and a line for
+/// each whose admin port it does not know.
+pub async fn connected_proxies(admin: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let body = get(admin, "/proxies")
+        .await
+        .with_context(|| format!("control plane admin {admin}"))?;
+    let proxies: Vec<crate::discovery_service::ConnectedProxy> = serde_json::from_slice(&body)
+        .with_context(|| format!("control plane admin {admin}: unexpected answer"))?;
+    let mut admins = Vec::new();
+    let mut unknown = Vec::new();
+    for proxy in proxies {
+        match proxy.admin {
+            Some(address) => admins.push(address.to_string()),
+            None => unknown.push(format!(
+                "{} at {}: admin port unknown: {}",
+                proxy.identity,
+                proxy.address,
+                proxy.admin_unknown.as_deref().unwrap_or("not reported")
+            )),
+        }
+    }
+    admins.sort_unstable();
+    admins.dedup();
+    if admins.is_empty() {
+        bail!(
+            "no proxy connected to the control plane at {admin} has an admin port it can be reached at ({} connected)",
+            unknown.len()
+        );
+    }
+    Ok((admins, unknown))
+}
+
 /// Reads inbound request metrics from each proxy, twice `window` apart (once when the
 /// window is zero: totals since start), and summarises them per destination.
 pub async fn stat(

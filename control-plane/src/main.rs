@@ -91,11 +91,16 @@ enum Command {
     /// proxies' admin endpoints.
     #[command(after_help = "Examples:
   tessera stat --proxy localhost:15020 --proxy localhost:15021
-  tessera stat --proxy 10.0.3.7:15020 --window 30s -o json")]
+  tessera stat --proxy 10.0.3.7:15020 --window 30s -o json
+  tessera stat --control-plane-admin localhost:15014   # every proxy connected to it")]
     Stat {
         /// Admin address of a proxy, HOST:PORT (repeat for each).
-        #[arg(long = "proxy", required = true, value_parser = cli::parse_host_port)]
+        #[arg(long = "proxy", required_unless_present = "control_plane_admin", value_parser = cli::parse_host_port)]
         proxies: Vec<String>,
+        /// The control plane's admin address, HOST:PORT: read every proxy connected to
+        /// it (its /proxies), instead of naming each with --proxy.
+        #[arg(long, conflicts_with = "proxies", value_parser = cli::parse_host_port)]
+        control_plane_admin: Option<String>,
         /// Measure over this window (0s: totals since the proxies started).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         window: Duration,
@@ -359,9 +364,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Stat {
             proxies,
+            control_plane_admin,
             window,
             output,
         } => {
+            let proxies = match control_plane_admin {
+                Some(admin) => {
+                    let (found, unknown) = runtime.block_on(cli::connected_proxies(&admin))?;
+                    for line in unknown {
+                        eprintln!("skipped {line}");
+                    }
+                    found
+                }
+                None => proxies,
+            };
             let stats = runtime.block_on(cli::stat(&proxies, window))?;
             match output.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&stats)?),
