@@ -177,7 +177,8 @@ enum PolicyCommand {
       --to orders.shop --port 8080 --method POST --path /orders
   tessera policy explain --config deploy/local/mesh --from unauthenticated --to cache.shop --port 6379
 
-Exit status: 0 allowed, 3 denied, 2 a request the proxy refuses before policy.")]
+Exit status: 0 allowed; 3 denied (by policy, by the mTLS handshake, or a port the service does not
+route); 2 a request the proxy refuses before policy.")]
     Explain {
         /// The control plane's configuration directory.
         #[arg(long)]
