@@ -33,8 +33,8 @@ pub(crate) struct DiscoveryService {
     pub proxies: Arc<ConnectedProxies>,
 }
 
-/// The proxies with an open discovery stream. One entry per stream, so its size is
-/// bounded by the connections the gRPC listener holds.
+/// The proxies with an open discovery stream. One small entry per stream, dropped with
+/// it: the list grows only as the open streams themselves do.
 #[derive(Default)]
 pub(crate) struct ConnectedProxies {
     streams: Mutex<BTreeMap<u64, ConnectedProxy>>,
