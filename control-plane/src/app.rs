@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::ca::reload::{self, CurrentCa, Reloader};
 use crate::ca::{CertificateAuthority, Issued};
-use crate::discovery_service::DiscoveryService;
+use crate::discovery_service::{ConnectedProxies, DiscoveryService};
 use crate::identity_service::IdentityService;
 use crate::kubernetes::lease;
 use crate::kubernetes::objects::ClusterObjects;
@@ -210,9 +210,11 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         cluster_objects = Some(objects);
     }
     let (published, snapshots) = crate::config::Published::load(loader).await?;
+    let connected_proxies = Arc::new(ConnectedProxies::default());
     let discovery_service = DiscoveryService {
         snapshots,
         metrics: metrics.clone(),
+        proxies: connected_proxies.clone(),
     };
     let router = tonic::transport::Server::builder()
         .add_service(
@@ -248,6 +250,8 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
             std::future::ready(match path {
                 "/live" | "/ready" => Reply::text(StatusCode::OK, "ok\n"),
                 "/metrics" => Reply::metrics(admin_metrics.encode(), headers),
+                // For `tessera stat --control-plane-admin`.
+                "/proxies" => Reply::json(&connected_proxies.list()),
                 _ => Reply::not_found(),
             })
         })),

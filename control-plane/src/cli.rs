@@ -15,6 +15,8 @@ use hyper_util::rt::TokioIo;
 use tessera_mesh::SpiffeId;
 use tessera_mesh::migration::MigrationReport;
 use tessera_mesh::policy::{self, CompiledPolicy, MtlsMode, WorkloadRef};
+use tessera_mesh::resources::{Protocol, ServicePort};
+use tessera_mesh::snapshot::ServiceEntry;
 
 use crate::inject::{self, Outcome, SkipReason};
 
@@ -174,11 +176,6 @@ pub fn forwarded_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, RefusedPat
 /// the report and whether the request would be allowed. A path the proxy would refuse is
 /// a [`RefusedPath`] error.
 pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<(String, bool)> {
-    // The engine is handed what the proxy hands it, so explain gives the proxy's answer.
-    let path = match request.method {
-        Some(_) => forwarded_path(request.path)?,
-        None => std::borrow::Cow::Borrowed(request.path),
-    };
     let mesh = crate::app::load_mesh_config(config_dir)?;
     let snapshot = crate::config::load_snapshot(config_dir, &mesh.trust_domain, None)?;
     let Some(service) = snapshot.services.iter().find(|s| s.key() == request.to) else {
@@ -210,9 +207,51 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
         bail!("service {} has no workloads", request.to);
     }
     let mut out = String::new();
-    if request.method.is_some() && path != request.path {
-        let _ = writeln!(out, "path as the proxy forwards it: {path}");
+    // What is evaluated, first: the protocol follows the port's declaration, as the
+    // callers' proxies decide it.
+    let declared = declared_port(service, request.port);
+    let protocol = declared.map_or(Protocol::Detect, |p| p.protocol);
+    let http = match (request.method, protocol) {
+        (Some(_), Protocol::Opaque) => None,
+        (method, _) => method,
+    };
+    // The engine is handed what the proxy hands it, so explain gives the proxy's answer.
+    let path = match http {
+        Some(_) => forwarded_path(request.path)?,
+        None => std::borrow::Cow::Borrowed(request.path),
+    };
+    let _ = writeln!(
+        out,
+        "{}",
+        evaluated(request, http, &path, declared, service.ports.is_empty())
+    );
+    if let Some(from) = &request.from
+        && from.trust_domain() != mesh.trust_domain
+    {
+        let _ = writeln!(
+            out,
+            "decision: DENY — refused in the mTLS handshake: the caller belongs to trust domain {:?}, the mesh is {:?}; no policy runs",
+            from.trust_domain(),
+            mesh.trust_domain
+        );
+        return Ok((out, false));
     }
+    if declared.is_none() && !service.ports.is_empty() {
+        let ports: Vec<String> = service
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, protocol_name(p.protocol)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "decision: NOT ROUTED — {} declares port(s) {}, not {}: callers' proxies route only declared ports to it",
+            request.to,
+            ports.join(", "),
+            request.port
+        );
+        return Ok((out, false));
+    }
+    let path = path.as_ref();
     let mut all_allowed = true;
     for account in accounts {
         let workload = WorkloadRef {
@@ -220,17 +259,23 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
             service_account: account,
             labels: request.labels,
         };
-        let _ = writeln!(
-            out,
-            "{} → {} (workload sa/{account}), port {}",
-            request
-                .from
-                .as_ref()
-                .map_or("plaintext caller".into(), ToString::to_string),
-            request.to,
-            request.port
-        );
-        let (mode, by) = policy::mtls_mode(&snapshot.peer_authentications, workload, request.port);
+        // Policies see the application port: where this workload serves the port called
+        // (a Kubernetes targetPort), else that port.
+        let app_port = declared
+            .and_then(|declared| {
+                service
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.identity.service_account() == account)
+                    .find_map(|e| e.ports.get(&declared.port).copied())
+            })
+            .unwrap_or(request.port);
+        if app_port == request.port {
+            let _ = writeln!(out, "workload sa/{account}:");
+        } else {
+            let _ = writeln!(out, "workload sa/{account} (application port {app_port}):");
+        }
+        let (mode, by) = policy::mtls_mode(&snapshot.peer_authentications, workload, app_port);
         let by = by.unwrap_or_else(|| "default".into());
         let _ = writeln!(out, "  mTLS mode: {mode} (by {by})");
         if request.from.is_none() && mode == MtlsMode::Strict {
@@ -260,10 +305,10 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
         let attributes = policy::Request {
             source: request.from.as_ref(),
             request_principal: request.request_principal,
-            port: request.port,
-            http: request.method.map(|method| policy::HttpRequest {
+            port: app_port,
+            http: http.map(|method| policy::HttpRequest {
                 method,
-                path: &path,
+                path,
                 host,
                 header: &header,
             }),
@@ -303,6 +348,11 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
                 );
             }
         }
+        if http.is_none() {
+            for line in http_only_ignored(&snapshot.authorization_policies, &selected) {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
         let verdict = if decision.allowed { "ALLOW" } else { "DENY" };
         let by = match (decision.policy, decision.rule) {
             (Some(policy), Some(rule)) => format!(" by {}, rule {rule}", selected[policy].id()),
@@ -318,6 +368,131 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
     Ok((out, all_allowed))
 }
 
+/// The lines that say what `explain` evaluated: protocol and request, caller, port.
+fn evaluated(
+    request: &Hypothetical<'_>,
+    http: Option<&str>,
+    path: &str,
+    declared: Option<&ServicePort>,
+    any_port: bool,
+) -> String {
+    let mut out = String::new();
+    let port = match declared {
+        Some(p) if p.port == request.port => {
+            format!("port {} (declared {})", p.port, protocol_name(p.protocol))
+        }
+        Some(p) => format!(
+            "port {} (a workload's port for declared port {}, {})",
+            request.port,
+            p.port,
+            protocol_name(p.protocol)
+        ),
+        None if any_port => format!("port {} (the service declares none: any)", request.port),
+        None => format!("port {} (not declared by the service)", request.port),
+    };
+    let _ = writeln!(out, "evaluated: {} {port}", request.to);
+    let caller = match &request.from {
+        Some(id) => format!("{id} (mTLS)"),
+        None => "a plaintext caller (no identity)".to_string(),
+    };
+    let _ = writeln!(out, "  from: {caller}");
+    match http {
+        Some(method) => {
+            let host = request.host.unwrap_or(request.to);
+            let _ = write!(out, "  as: HTTP {method} {path}, host {host}");
+            for (name, value) in request.headers {
+                let _ = write!(out, ", header {name}: {value}");
+            }
+            if let Some(principal) = request.request_principal {
+                let _ = write!(out, ", JWT principal {principal}");
+            }
+            if path != request.path {
+                let _ = write!(out, "\n  path as the proxy forwards it: {path}");
+            }
+        }
+        None if request.method.is_some() => {
+            let _ = write!(
+                out,
+                "  as: opaque TCP — the port is declared opaque, so proxies relay its bytes unparsed; --method, --path, --host, --header and --request-principal are not seen"
+            );
+        }
+        None => {
+            let _ = write!(
+                out,
+                "  as: opaque TCP (no --method): no method, path, host, headers or JWT are seen"
+            );
+            if declared.is_some_and(|p| matches!(p.protocol, Protocol::Http | Protocol::Http2)) {
+                let _ = write!(
+                    out,
+                    "\n  (the port is declared {}: callers' proxies send requests to it; pass --method to explain one)",
+                    declared.map_or("", |p| protocol_name(p.protocol))
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The service port through which callers' proxies deliver `port` to the workloads: a
+/// port the service declares, or the one a workload serves on `port` (policies see the
+/// application port); `None` when no declared port leads there.
+fn declared_port(service: &ServiceEntry, port: u16) -> Option<&ServicePort> {
+    let mapped = |declared: &&ServicePort| {
+        service
+            .endpoints
+            .iter()
+            .any(|e| e.ports.get(&declared.port) == Some(&port))
+    };
+    let ports = &service.ports;
+    ports
+        .iter()
+        .find(|p| p.port == port)
+        .or_else(|| ports.iter().find(mapped))
+}
+
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Detect => "detect",
+        Protocol::Http => "http",
+        Protocol::Http2 => "http2",
+        Protocol::Opaque => "opaque",
+    }
+}
+
+/// For opaque TCP: each selected policy's rules whose HTTP-only fields the engine
+/// cannot check, and what it does with them (as [`policy::Rule::http_only_fields`]).
+fn http_only_ignored(
+    policies: &[policy::Named<policy::AuthorizationPolicySpec>],
+    selected: &[CompiledPolicy],
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for compiled in selected {
+        let Some(spec) = policies.iter().find(|p| p.id() == compiled.id()) else {
+            continue;
+        };
+        for (index, rule) in spec.spec.rules.iter().enumerate() {
+            let fields = rule.http_only_fields();
+            if fields.is_empty() {
+                continue;
+            }
+            let effect = match compiled.action() {
+                policy::Action::Deny => {
+                    "a DENY takes them as matching (the rule matches on its other fields)"
+                }
+                policy::Action::Allow | policy::Action::Audit => {
+                    "the entries naming them do not match a TCP connection"
+                }
+            };
+            lines.push(format!(
+                "HTTP-only fields not checkable on TCP: {} rule {index} names {}; {effect}",
+                compiled.id(),
+                fields.join(", ")
+            ));
+        }
+    }
+    lines
+}
+
 /// One workload's RED figures, as `tessera stat` shows them.
 #[derive(Debug, Clone, serde::Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -330,6 +505,39 @@ pub struct ServiceStat {
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+}
+
+/// The proxies `tessera stat --control-plane-admin` reads: the admin address of each
+/// proxy connected to the control plane whose admin endpoint is `admin`, and a line for
+/// each whose admin port it does not know.
+pub async fn connected_proxies(admin: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let body = get(admin, "/proxies")
+        .await
+        .with_context(|| format!("control plane admin {admin}"))?;
+    let proxies: Vec<crate::discovery_service::ConnectedProxy> = serde_json::from_slice(&body)
+        .with_context(|| format!("control plane admin {admin}: unexpected answer"))?;
+    let mut admins = Vec::new();
+    let mut unknown = Vec::new();
+    for proxy in proxies {
+        match proxy.admin {
+            Some(address) => admins.push(address.to_string()),
+            None => unknown.push(format!(
+                "{} at {}: admin port unknown: {}",
+                proxy.identity,
+                proxy.address,
+                proxy.admin_unknown.as_deref().unwrap_or("not reported")
+            )),
+        }
+    }
+    admins.sort_unstable();
+    admins.dedup();
+    if admins.is_empty() {
+        bail!(
+            "no proxy connected to the control plane at {admin} has an admin port it can be reached at ({} connected)",
+            unknown.len()
+        );
+    }
+    Ok((admins, unknown))
 }
 
 /// Reads inbound request metrics from each proxy, twice `window` apart (once when the
@@ -626,6 +834,157 @@ mod tests {
                 labels: &BTreeMap::new(),
             },
         )
+    }
+
+    /// A configuration directory holding the shipped example plus `cache.shop`: port
+    /// 6379 opaque and 8080 http, an ALLOW on GET and a DENY on `/flush` for it.
+    fn cache_config() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tessera-explain-{}", rand::random::<u64>()));
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/mesh");
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["mesh.yaml", "services.yaml"] {
+            std::fs::copy(example.join(file), dir.join(file)).unwrap();
+        }
+        std::fs::write(
+            dir.join("cache.yaml"),
+            "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {name: cache, namespace: shop}\nspec: {ports: [{port: 6379, protocol: opaque}, {port: 8080, protocol: http}]}\n---\n\
+             apiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {name: cache-1, namespace: shop}\nspec: {service: cache, serviceAccount: cache, address: '127.0.0.1:16379', ports: {8080: 18080}}\n---\n\
+             apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: readers, namespace: shop}\nspec:\n  selector: {serviceAccount: cache}\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n---\n\
+             apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-flush, namespace: shop}\nspec:\n  selector: {serviceAccount: cache}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/batch]}}], to: [{operation: {paths: [/flush]}}]}]\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    fn explain_cache(from: &str, port: u16, method: Option<&str>) -> (String, bool) {
+        let dir = cache_config();
+        let explained = explain(
+            &dir,
+            &Hypothetical {
+                from: Some(from.parse().unwrap()),
+                to: "cache.shop",
+                port,
+                method,
+                path: "/flush",
+                host: None,
+                headers: &[],
+                request_principal: None,
+                labels: &BTreeMap::new(),
+            },
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+        explained.unwrap()
+    }
+
+    #[test]
+    fn explain_echoes_what_it_evaluated() {
+        let (report, allowed) = explain_get("/%6Frders/1").unwrap();
+        assert!(allowed, "{report}");
+        let mut lines = report.lines();
+        assert_eq!(
+            lines.next(),
+            Some("evaluated: orders.shop port 8080 (declared http)")
+        );
+        assert_eq!(
+            lines.next(),
+            Some("  from: spiffe://cluster.local/ns/shop/sa/frontend (mTLS)")
+        );
+        assert_eq!(
+            lines.next(),
+            Some("  as: HTTP GET /orders/1, host orders.shop")
+        );
+        assert_eq!(
+            lines.next(),
+            Some("  path as the proxy forwards it: /orders/1")
+        );
+        let batch = "spiffe://cluster.local/ns/shop/sa/batch";
+        let (report, _) = explain_cache(batch, 6379, None);
+        assert!(
+            report.starts_with("evaluated: cache.shop port 6379 (declared opaque)\n  from: spiffe://cluster.local/ns/shop/sa/batch (mTLS)\n  as: opaque TCP (no --method)"),
+            "{report}"
+        );
+    }
+
+    /// On an opaque port the ALLOW that names methods does not match, and the DENY on
+    /// a path takes it as matching; explain says so, and decides as the engine does.
+    #[test]
+    fn explain_says_which_http_fields_tcp_cannot_check() {
+        let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
+        let (report, allowed) = explain_cache(frontend, 6379, None);
+        assert!(!allowed, "{report}");
+        assert!(
+            report.contains("HTTP-only fields not checkable on TCP: shop/readers rule 0 names to[0].operation.methods; the entries naming them do not match a TCP connection"),
+            "{report}"
+        );
+        assert!(
+            report.contains("HTTP-only fields not checkable on TCP: shop/no-flush rule 0 names to[0].operation.paths; a DENY takes them as matching (the rule matches on its other fields)"),
+            "{report}"
+        );
+        assert!(
+            report.contains("decision: DENY — no ALLOW policy matched"),
+            "{report}"
+        );
+        let batch = "spiffe://cluster.local/ns/shop/sa/batch";
+        let (report, _) = explain_cache(batch, 6379, None);
+        assert!(
+            report.contains("decision: DENY by shop/no-flush, rule 0"),
+            "{report}"
+        );
+        // --method on an opaque port: the proxies never see it.
+        let (report, allowed) = explain_cache(frontend, 6379, Some("GET"));
+        assert!(!allowed, "{report}");
+        assert!(
+            report.contains("as: opaque TCP — the port is declared opaque"),
+            "{report}"
+        );
+        // The same request on the HTTP port is a request, and no field is ignored.
+        let (report, allowed) = explain_cache(frontend, 8080, Some("GET"));
+        assert!(allowed, "{report}");
+        assert!(!report.contains("not checkable"), "{report}");
+    }
+
+    #[test]
+    fn a_caller_of_another_trust_domain_is_refused_by_the_handshake() {
+        let (report, allowed) = explain_cache(
+            "spiffe://example.org/ns/shop/sa/frontend",
+            8080,
+            Some("GET"),
+        );
+        assert!(!allowed, "{report}");
+        assert!(
+            report.contains("decision: DENY — refused in the mTLS handshake: the caller belongs to trust domain \"example.org\", the mesh is \"cluster.local\"; no policy runs"),
+            "{report}"
+        );
+        assert!(!report.contains("ALLOW"), "{report}");
+    }
+
+    #[test]
+    fn a_port_the_service_does_not_declare_is_not_routed() {
+        let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
+        // Declared, and served by the workload on another port (a targetPort): the
+        // policies see that one; and that port called directly is the same port.
+        let (report, allowed) = explain_cache(frontend, 8080, Some("GET"));
+        assert!(allowed, "{report}");
+        assert!(
+            report.contains("workload sa/cache (application port 18080):"),
+            "{report}"
+        );
+        let (report, allowed) = explain_cache(frontend, 18080, Some("GET"));
+        assert!(allowed, "{report}");
+        assert!(
+            report.contains("port 18080 (a workload's port for declared port 8080, http)"),
+            "{report}"
+        );
+        let (report, allowed) = explain_cache(frontend, 9999, Some("GET"));
+        assert!(!allowed, "{report}");
+        assert!(
+            report.contains("port 9999 (not declared by the service)"),
+            "{report}"
+        );
+        assert!(
+            report.contains("decision: NOT ROUTED — cache.shop declares port(s) 6379/opaque, 8080/http, not 9999"),
+            "{report}"
+        );
     }
 
     #[test]

@@ -24,12 +24,13 @@ use tessera_mesh::process::{
     about = "Tessera service mesh: control plane and CLI"
 )]
 struct Cli {
-    /// Log format: text or json.
+    /// Log format: text or json (any command; before or after its name).
     #[arg(
         long,
         global = true,
         default_value = "text",
-        env = "TESSERA_LOG_FORMAT"
+        env = "TESSERA_LOG_FORMAT",
+        help_heading = "Global options"
     )]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -150,11 +151,16 @@ enum Command {
     /// proxies' admin endpoints.
     #[command(after_help = "Examples:
   tessera stat --proxy localhost:15020 --proxy localhost:15021
-  tessera stat --proxy 10.0.3.7:15020 --window 30s -o json")]
+  tessera stat --proxy 10.0.3.7:15020 --window 30s -o json
+  tessera stat --control-plane-admin localhost:15014   # every proxy connected to it")]
     Stat {
         /// Admin address of a proxy, HOST:PORT (repeat for each).
-        #[arg(long = "proxy", required = true, value_parser = cli::parse_host_port)]
+        #[arg(long = "proxy", required_unless_present = "control_plane_admin", value_parser = cli::parse_host_port)]
         proxies: Vec<String>,
+        /// The control plane's admin address, HOST:PORT: read every proxy connected to
+        /// it (its /proxies), instead of naming each with --proxy.
+        #[arg(long, conflicts_with = "proxies", value_parser = cli::parse_host_port)]
+        control_plane_admin: Option<String>,
         /// Measure over this window (0s: totals since the proxies started).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         window: Duration,
@@ -271,7 +277,8 @@ enum PolicyCommand {
       --to orders.shop --port 8080 --method POST --path /orders
   tessera policy explain --config deploy/local/mesh --from unauthenticated --to cache.shop --port 6379
 
-Exit status: 0 allowed, 3 denied, 2 a request the proxy refuses before policy.")]
+Exit status: 0 allowed; 3 denied (by policy, by the mTLS handshake, or a port the service does not
+route); 2 a request the proxy refuses before policy.")]
     Explain {
         /// The control plane's configuration directory.
         #[arg(long)]
@@ -282,7 +289,8 @@ Exit status: 0 allowed, 3 denied, 2 a request the proxy refuses before policy.")
         /// The service called, name.namespace.
         #[arg(long)]
         to: String,
-        /// The application port.
+        /// The port called: one the service declares (or a workload's port for one). Policies
+        /// match the workload's application port: its targetPort for it, else this one.
         #[arg(long)]
         port: u16,
         /// HTTP method; leave out for opaque TCP.
@@ -483,9 +491,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Stat {
             proxies,
+            control_plane_admin,
             window,
             output,
         } => {
+            let proxies = match control_plane_admin {
+                Some(admin) => {
+                    let (found, unknown) = runtime.block_on(cli::connected_proxies(&admin))?;
+                    for line in unknown {
+                        eprintln!("skipped {line}");
+                    }
+                    found
+                }
+                None => proxies,
+            };
             let stats = runtime.block_on(cli::stat(&proxies, window))?;
             match output.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&stats)?),
@@ -674,5 +693,26 @@ mod tests {
         command.build();
         check(&command, "tessera", &mut missing);
         assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    /// `--log-format` is one flag: accepted before or after the command (as the
+    /// manifests pass it), and each command's help lists it once, under its own heading.
+    #[test]
+    fn log_format_is_one_global_flag() {
+        for args in [
+            vec!["tessera", "--log-format", "json", "crds"],
+            vec!["tessera", "crds", "--log-format=json"],
+        ] {
+            let cli = Cli::try_parse_from(&args).unwrap();
+            assert_eq!(cli.log_format, LogFormat::Json, "{args:?}");
+        }
+        let mut cli = Cli::command();
+        cli.build();
+        for command in cli.get_subcommands_mut().filter(|c| c.get_name() != "help") {
+            let help = command.render_long_help().to_string();
+            let name = command.get_name().to_string();
+            assert_eq!(help.matches("--log-format").count(), 1, "{name}: {help}");
+            assert!(help.contains("Global options:"), "{name}: {help}");
+        }
     }
 }

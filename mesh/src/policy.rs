@@ -145,6 +145,48 @@ pub struct Rule {
     pub when: Vec<Condition>,
 }
 
+impl Rule {
+    /// The fields of this rule that only an HTTP request has (methods, paths, hosts and
+    /// their negations, JWT request principals, header conditions), named as written
+    /// (`to[0].operation.paths`). On opaque TCP the engine cannot check them: in an ALLOW
+    /// (or AUDIT) policy the `from`/`to` entry or `when` condition that names one does
+    /// not match; in a DENY policy they are taken as matching, so the rule matches on its
+    /// other fields. Uncheckable conditions thus never open access.
+    pub fn http_only_fields(&self) -> Vec<String> {
+        let mut fields = Vec::new();
+        for (index, from) in self.from.iter().enumerate() {
+            let source = &from.source;
+            for (name, values) in [
+                ("requestPrincipals", &source.request_principals),
+                ("notRequestPrincipals", &source.not_request_principals),
+            ] {
+                if !values.is_empty() {
+                    fields.push(format!("from[{index}].source.{name}"));
+                }
+            }
+        }
+        for (index, to) in self.to.iter().enumerate() {
+            let operation = &to.operation;
+            for (name, values) in [
+                ("methods", &operation.methods),
+                ("notMethods", &operation.not_methods),
+                ("paths", &operation.paths),
+                ("notPaths", &operation.not_paths),
+                ("hosts", &operation.hosts),
+                ("notHosts", &operation.not_hosts),
+            ] {
+                if !values.is_empty() {
+                    fields.push(format!("to[{index}].operation.{name}"));
+                }
+            }
+        }
+        for (index, condition) in self.when.iter().enumerate() {
+            fields.push(format!("when[{index}] ({})", condition.key));
+        }
+        fields
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -1536,6 +1578,49 @@ mod tests {
             }),
         };
         authorize(&selected, &request)
+    }
+
+    /// What `http_only_fields` names is exactly what the engine cannot check on TCP: an
+    /// ALLOW rule naming one does not match a connection; one naming none does; a DENY
+    /// matches a connection whatever HTTP-only fields it names.
+    #[test]
+    fn http_only_fields_are_those_tcp_cannot_match() {
+        let cases = [
+            ("- to: [{operation: {ports: [9090]}}]\n", vec![]),
+            ("- from: [{source: {principals: ['*']}}]\n", vec![]),
+            (
+                "- to: [{operation: {ports: [9090], methods: [GET], notPaths: [/x]}}]\n",
+                vec!["to[0].operation.methods", "to[0].operation.notPaths"],
+            ),
+            (
+                "- to: [{operation: {hosts: [a]}}, {operation: {notHosts: [b], notMethods: [PUT]}}]\n",
+                vec![
+                    "to[0].operation.hosts",
+                    "to[1].operation.notMethods",
+                    "to[1].operation.notHosts",
+                ],
+            ),
+            (
+                "- from: [{source: {requestPrincipals: ['*']}}, {source: {notRequestPrincipals: [x/y]}}]\n",
+                vec![
+                    "from[0].source.requestPrincipals",
+                    "from[1].source.notRequestPrincipals",
+                ],
+            ),
+            (
+                "- when: [{key: 'request.headers[x-a]', values: [b]}]\n",
+                vec!["when[0] (request.headers[x-a])"],
+            ),
+        ];
+        for (rules, expected) in cases {
+            let allow = policy("shop", "a", &format!("action: ALLOW\nrules:\n{rules}"));
+            assert_eq!(allow.spec.rules[0].http_only_fields(), expected, "{rules}");
+            let allowed = decide(&[allow], &tcp(Some(id("shop", "frontend")), 9090)).allowed;
+            assert_eq!(allowed, expected.is_empty(), "ALLOW {rules}");
+            let deny = policy("shop", "d", &format!("action: DENY\nrules:\n{rules}"));
+            let decision = decide(&[deny], &tcp(Some(id("shop", "frontend")), 9090));
+            assert!(!decision.allowed, "DENY {rules}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tessera_mesh::migration::{MigrationReport, PortReport};
 use tessera_mesh::process::admin::Reply;
 
 use crate::config::ProxyConfig;
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, MeshView, MeshViewDump};
 use crate::identity::IdentityManager;
 use crate::inbound::{Inbound, InboundSet};
 use crate::lifecycle::Drain;
@@ -77,9 +77,10 @@ impl Routes {
                 Some(status) => Reply::json(&*status),
                 None => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n"),
             },
-            // The configuration holds no secret: the join token lives in a file or the
-            // environment and only its path is part of the config.
-            "/config" => Reply::json(&**config),
+            "/config" => {
+                let view = discovery.current();
+                Reply::json(&config_dump(config, view.as_deref(), &inbounds.all()))
+            }
             "/migration" => Reply::json(&migration_report(identity, &inbounds.all())),
             _ => Reply::not_found(),
         }
@@ -92,10 +93,84 @@ const INDEX: &str = "\
 /ready       200 with a certificate and the control plane's configuration, 503 and why otherwise
 /metrics     Prometheus metrics (OpenMetrics with exemplars when asked for)
 /certs       the workload certificate: identity, serial, validity, renewal time
-/config      the configuration the proxy runs with (no secrets)
+/config      the proxy's configuration, what the control plane sent (services, endpoints,
+             routes, policies) and the policies in force on each inbound port (no secrets)
 /migration   per inbound port: mTLS and plaintext callers (tessera check migration)
 /app-health/<container>/livez|readyz|startupz   the application's own probes (HTTP, gRPC health, TCP), when injected
 ";
+
+/// What `/config` answers, as `istioctl proxy-config` would: the proxy's own
+/// configuration (its fields at the top, as before), the control plane's last snapshot
+/// (`discovery`, null before the first), and what each inbound port enforces from it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigDump<'a> {
+    /// Holds no secret: the join token lives in a file or the environment and only
+    /// its path is part of the configuration.
+    #[serde(flatten)]
+    proxy: &'a ProxyConfig,
+    discovery: Option<MeshViewDump<'a>>,
+    inbound_policies: Vec<PortPolicy>,
+}
+
+/// The policy in force on one inbound port.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PortPolicy {
+    listen: std::net::SocketAddr,
+    application_port: u16,
+    /// `None` until the first snapshot.
+    mtls_mode: Option<String>,
+    /// The PeerAuthentication that set it (`None`: the STRICT default).
+    mtls_mode_by: Option<String>,
+    /// `namespace/name (ACTION)`, in evaluation order; a policy that could not be
+    /// compiled says why (it fails closed).
+    authorization_policies: Vec<String>,
+    jwt_validation: bool,
+}
+
+fn config_dump<'a>(
+    config: &'a ProxyConfig,
+    view: Option<&'a MeshView>,
+    inbounds: &[Arc<Inbound>],
+) -> ConfigDump<'a> {
+    let inbound_policies = inbounds
+        .iter()
+        .map(|inbound| {
+            let policy = inbound.policy.load();
+            let policy = policy.as_deref();
+            PortPolicy {
+                listen: inbound.port.listen,
+                application_port: inbound.app_port(),
+                mtls_mode: policy.map(|p| p.mode.to_string()),
+                mtls_mode_by: policy.and_then(|p| p.mode_policy.clone()),
+                authorization_policies: policy
+                    .map(|p| {
+                        p.authorization_policies()
+                            .iter()
+                            .map(|compiled| {
+                                let action = format!("{:?}", compiled.action()).to_uppercase();
+                                match compiled.error() {
+                                    None => format!("{} ({action})", compiled.id()),
+                                    Some(error) => format!(
+                                        "{} ({action}, fails closed: {error})",
+                                        compiled.id()
+                                    ),
+                                }
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                jwt_validation: policy.is_some_and(|p| p.jwt.is_some()),
+            }
+        })
+        .collect();
+    ConfigDump {
+        proxy: config,
+        discovery: view.map(MeshView::dump),
+        inbound_policies,
+    }
+}
 
 fn migration_report(identity: &IdentityManager, inbounds: &[Arc<Inbound>]) -> MigrationReport {
     MigrationReport {

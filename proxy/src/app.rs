@@ -113,10 +113,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         address: config.control_plane.address.clone(),
         identity: config.control_plane_identity()?,
     };
-    let mut tasks = vec![
-        tokio::spawn(identity.clone().run()),
-        tokio::spawn(discovery.clone().run(control_plane, identity.clone())),
-    ];
+    let mut tasks = vec![tokio::spawn(identity.clone().run())];
 
     let server_config = tls::server_config(
         identity.trust(),
@@ -168,6 +165,12 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
 
     let admin_listener = bind(config.admin).await?;
     let admin_address = local_address(&admin_listener, config.admin)?;
+    // Discovery tells the control plane where this admin port is (for `tessera stat`).
+    tasks.push(tokio::spawn(discovery.clone().run(
+        control_plane,
+        identity.clone(),
+        admin_address,
+    )));
     let routes = admin::Routes {
         identity: identity.clone(),
         discovery: discovery.clone(),

@@ -539,13 +539,38 @@ fn default_trust_domain() -> String {
 }
 
 impl ProxyConfig {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file. Relative file paths in it name files
+    /// beside it, wherever the proxy is started from.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new("")));
+        Ok(config)
+    }
+
+    /// Makes every relative file path in the configuration relative to `base` (the
+    /// configuration file's directory). A configuration from the environment has no
+    /// directory: its paths stay relative to the working directory.
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        resolve(&mut self.control_plane.trust_bundle_file);
+        let identity = &mut self.identity;
+        for path in [
+            &mut identity.join_token_file,
+            &mut identity.service_account_token_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(path);
+        }
     }
 
     /// Parses and validates YAML; `path` names where it came from in errors.
@@ -954,6 +979,53 @@ mod tests {
             }
         );
         assert_eq!(config.inbound[0].listen.port(), 15006);
+        // Its trust bundle is the example control plane's (`--config deploy/local/mesh`),
+        // named relative to the example itself.
+        assert_eq!(
+            config.control_plane.trust_bundle_file,
+            example
+                .parent()
+                .unwrap()
+                .join("mesh/.tessera-state/root-cert.pem"),
+            "the example must name its trust bundle relative to deploy/local/"
+        );
+    }
+
+    /// Relative paths name files beside the configuration file, not in the directory
+    /// the proxy happens to start in; absolute ones are kept; and a missing file is
+    /// told as missing.
+    #[test]
+    fn relative_paths_are_beside_the_configuration_file() {
+        let dir = std::env::temp_dir().join(format!("tessera-proxy-config-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("secrets")).unwrap();
+        let yaml = "identity:\n  namespace: shop\n  serviceAccount: web\n  joinTokenFile: secrets/token\n  serviceAccountTokenFile: /var/run/token\ncontrolPlane:\n  address: 127.0.0.1:15012\n  trustBundleFile: root.pem\n";
+        std::fs::write(dir.join("proxy.yaml"), yaml).unwrap();
+        let config = ProxyConfig::load(&dir.join("proxy.yaml")).unwrap();
+        assert_eq!(config.control_plane.trust_bundle_file, dir.join("root.pem"));
+        assert_eq!(
+            config.identity.join_token_file.as_deref(),
+            Some(dir.join("secrets/token").as_path())
+        );
+        assert_eq!(
+            config.identity.service_account_token_file.as_deref(),
+            Some(Path::new("/var/run/token"))
+        );
+        // The token file is missing: the error names it, resolved, and says so.
+        let error = config.join_token().unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!(
+                "{}: cannot read: ",
+                dir.join("secrets/token").display()
+            )) && error.contains("No such file"),
+            "{error}"
+        );
+        // From the environment there is no file to be beside: the working directory.
+        let from_env = ProxyConfig::parse(yaml, Path::new(CONFIG_ENV)).unwrap();
+        assert_eq!(
+            from_env.control_plane.trust_bundle_file,
+            Path::new("root.pem")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// Each out-of-range value is refused at parse time, naming the line it is on and

@@ -63,14 +63,38 @@ impl ControlPlane {
     }
 }
 
-/// An error with its causes, which tonic hides behind "transport error".
+/// An error with its causes, which tonic hides behind "transport error"; each cause
+/// once (hyper's connect errors repeat theirs in their own text).
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+    tessera_mesh::process::error_report(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("tcp connect error: {source}")]
+    struct Connect {
+        source: std::io::Error,
     }
-    text
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("transport error")]
+    struct Transport {
+        #[source]
+        source: Connect,
+    }
+
+    #[test]
+    fn each_cause_is_told_once() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let error = Transport {
+            source: Connect { source: refused },
+        };
+        assert_eq!(
+            error_chain(&error),
+            "transport error: tcp connect error: connection refused"
+        );
+    }
 }

@@ -61,7 +61,32 @@ impl MeshView {
     }
 }
 
+/// The view as `/config` shows it: what the control plane sent, services in name order.
+/// Nothing in it is secret (JWKS are public keys).
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshViewDump<'a> {
+    pub version: &'a str,
+    pub services: Vec<&'a ServiceEntry>,
+    pub peer_authentications: &'a [Named<PeerAuthenticationSpec>],
+    pub authorization_policies: &'a [Named<AuthorizationPolicySpec>],
+    pub request_authentications: &'a [Named<RequestAuthenticationSpec>],
+}
+
 impl MeshView {
+    /// What `/config` shows of the view.
+    pub fn dump(&self) -> MeshViewDump<'_> {
+        let mut services: Vec<&ServiceEntry> = self.services.values().map(|s| &**s).collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        MeshViewDump {
+            version: &self.version,
+            services,
+            peer_authentications: &self.peer_authentications,
+            authorization_policies: &self.authorization_policies,
+            request_authentications: &self.request_authentications,
+        }
+    }
+
     /// The service a connection to `destination` is for: its virtual IP, on a port the
     /// service declares (or any port when it declares none).
     pub fn service_at(&self, destination: SocketAddr) -> Option<&str> {
@@ -98,14 +123,20 @@ impl Discovery {
         self.view.borrow().is_some()
     }
 
-    /// Follows the discovery stream forever.
-    pub async fn run(self: Arc<Self>, control_plane: ControlPlane, identity: Arc<IdentityManager>) {
+    /// Follows the discovery stream forever, telling the control plane where this
+    /// proxy's admin port is.
+    pub async fn run(
+        self: Arc<Self>,
+        control_plane: ControlPlane,
+        identity: Arc<IdentityManager>,
+        admin_address: SocketAddr,
+    ) {
         let mut retry = FIRST_RETRY;
         loop {
             while !identity.has_valid_cert() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            match self.follow(&control_plane, &identity).await {
+            match self.follow(&control_plane, &identity, admin_address).await {
                 Ok(()) => retry = FIRST_RETRY,
                 Err(reason) => {
                     warn!(event = "discovery stream lost", reason = %reason, retry_in_ms = retry.as_millis() as u64, "routing on the last configuration");
@@ -120,18 +151,19 @@ impl Discovery {
         &self,
         control_plane: &ControlPlane,
         identity: &IdentityManager,
+        admin_address: SocketAddr,
     ) -> Result<(), String> {
         let channel = control_plane
             .connect(identity.trust(), Some(identity.current_cert()))
             .await
             .map_err(|e| e.to_string())?;
-        self.watch(channel).await
+        self.watch(channel, admin_address).await
     }
 
     /// Follows one discovery stream until it fails. Whatever ends it — the control plane
     /// going away, a message too large to decode, any other status — only ends the
     /// stream: the view stays until a good snapshot replaces it.
-    async fn watch(&self, channel: Channel) -> Result<(), String> {
+    async fn watch(&self, channel: Channel, admin_address: SocketAddr) -> Result<(), String> {
         let known_version = self
             .current()
             .map(|v| v.version.clone())
@@ -140,7 +172,10 @@ impl Discovery {
         // every snapshot it sends fits.
         let mut stream = DiscoveryClient::new(channel)
             .max_decoding_message_size(MAX_SNAPSHOT_BYTES)
-            .watch(WatchRequest { known_version })
+            .watch(WatchRequest {
+                known_version,
+                admin_address: admin_address.to_string(),
+            })
             .await
             .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
             .into_inner();
@@ -204,6 +239,43 @@ mod tests {
         }
     }
 
+    const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15020);
+
+    /// A control plane that refuses every `Watch`, naming the admin address it was told.
+    struct AdminEcho;
+
+    #[tonic::async_trait]
+    impl DiscoveryApi for AdminEcho {
+        type WatchStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+
+        async fn watch(
+            &self,
+            request: Request<WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            let told = &request.get_ref().admin_address;
+            Err(Status::unavailable(format!("told admin {told}")))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watch_tells_where_the_admin_port_is() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(DiscoveryServer::new(AdminEcho))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let admin: SocketAddr = "0.0.0.0:15020".parse().unwrap();
+        let error = Discovery::new().watch(channel, admin).await.unwrap_err();
+        assert!(error.ends_with("told admin 0.0.0.0:15020"), "{error}");
+    }
+
     /// Serves `script` on loopback (plaintext: TLS is not what these tests are about).
     async fn channel_to(script: Scripted) -> Channel {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -240,7 +312,7 @@ mod tests {
             snapshot_of("3", MAX_SNAPSHOT_BYTES + 100),
         ]))
         .await;
-        let error = discovery.watch(channel).await.unwrap_err();
+        let error = discovery.watch(channel, ADMIN).await.unwrap_err();
         assert!(error.contains("too large"), "{error}");
         assert_eq!(discovery.current().unwrap().version, "2");
     }
@@ -257,12 +329,12 @@ mod tests {
             Err((Code::Internal, "control plane failed")),
         ]))
         .await;
-        let error = discovery.watch(channel.clone()).await.unwrap_err();
+        let error = discovery.watch(channel.clone(), ADMIN).await.unwrap_err();
         assert!(error.contains("control plane failed"), "{error}");
         assert_eq!(discovery.current().unwrap().version, "1");
         // A stream that just ends is no different.
         let ended = channel_to(Scripted(vec![])).await;
-        discovery.watch(ended).await.unwrap_err();
+        discovery.watch(ended, ADMIN).await.unwrap_err();
         assert!(discovery.has_view());
         assert_eq!(discovery.current().unwrap().version, "1");
     }

@@ -25,12 +25,13 @@ static ALLOCATOR: tessera_proxy::allocator::Allocator = tessera_proxy::allocator
 #[derive(Parser)]
 #[command(name = "tessera-proxy", version, about = "Tessera data-plane proxy")]
 struct Cli {
-    /// Log format: text or json.
+    /// Log format: text or json (any command; before or after its name).
     #[arg(
         long,
         global = true,
         default_value = "text",
-        env = "TESSERA_LOG_FORMAT"
+        env = "TESSERA_LOG_FORMAT",
+        help_heading = "Global options"
     )]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -218,6 +219,40 @@ mod tests {
                     arg.get_id()
                 );
             }
+        }
+    }
+
+    /// `--log-format` is one flag: accepted before or after the command (as the
+    /// manifests pass it), and each command's help lists it once, under its own heading.
+    #[test]
+    fn log_format_is_one_global_flag() {
+        for args in [
+            vec![
+                "tessera-proxy",
+                "--log-format",
+                "json",
+                "run",
+                "--config",
+                "p.yaml",
+            ],
+            vec![
+                "tessera-proxy",
+                "run",
+                "--log-format=json",
+                "--config",
+                "p.yaml",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(&args).unwrap();
+            assert_eq!(cli.log_format, LogFormat::Json, "{args:?}");
+        }
+        let mut cli = Cli::command();
+        cli.build();
+        for command in cli.get_subcommands_mut().filter(|c| c.get_name() != "help") {
+            let help = command.render_long_help().to_string();
+            let name = command.get_name().to_string();
+            assert_eq!(help.matches("--log-format").count(), 1, "{name}: {help}");
+            assert!(help.contains("Global options:"), "{name}: {help}");
         }
     }
 }

@@ -48,6 +48,11 @@ impl DecisionCounters {
 }
 
 impl InboundPolicy {
+    /// The authorization policies that select this workload, in evaluation order.
+    pub fn authorization_policies(&self) -> &[CompiledPolicy] {
+        &self.authz
+    }
+
     /// Resolves the policy of the workload of `identity` and `labels` for application
     /// port `port`.
     pub fn resolve(

@@ -100,7 +100,7 @@ async fn http_calls_are_allowed_or_denied_by_policy() {
                 "--to",
                 "backend.shop",
                 "--port",
-                &backend.address.port().to_string(),
+                "8080",
                 "--method",
                 "GET",
                 "--path",
@@ -123,6 +123,42 @@ async fn http_calls_are_allowed_or_denied_by_policy() {
         text.contains("decision: ALLOW by shop/backend-readers, rule 0"),
         "{text}"
     );
+
+    // The proxy's /config shows what the control plane sent and what it enforces.
+    let (status, config) = mesh.servers[0].admin("/config").await.unwrap();
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let discovery = &config["discovery"];
+    let backend_service = discovery["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "backend" && s["namespace"] == "shop")
+        .unwrap_or_else(|| panic!("{config:#}"));
+    assert_eq!(backend_service["ports"][0]["port"], 8080, "{config:#}");
+    assert_eq!(
+        backend_service["endpoints"][0]["identity"],
+        spiffe("backend"),
+        "{config:#}"
+    );
+    assert_eq!(
+        discovery["authorizationPolicies"][0]["name"], "backend-readers",
+        "{config:#}"
+    );
+    let port = &config["inboundPolicies"][0];
+    assert_eq!(
+        port["applicationPort"],
+        backend.address.port(),
+        "{config:#}"
+    );
+    assert_eq!(port["mtlsMode"], "STRICT", "{config:#}");
+    assert_eq!(
+        port["authorizationPolicies"],
+        serde_json::json!(["shop/backend-readers (ALLOW)"]),
+        "{config:#}"
+    );
+    // The proxy's own configuration is still there, at the top.
+    assert!(config["controlPlane"]["address"].is_string(), "{config:#}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

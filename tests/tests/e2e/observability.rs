@@ -254,6 +254,26 @@ async fn tessera_stat_agrees_with_metrics() {
     );
     assert!(row["p99Ms"].as_f64().unwrap() > 0.0);
 
+    // Through the control plane, which lists its connected proxies and their admin
+    // ports: the same figures, without naming a proxy.
+    let control_plane_admin = local(mesh.control_plane.admin_port).to_string();
+    let (_, listed) = tessera_tests::http_get(local(mesh.control_plane.admin_port), "/proxies")
+        .await
+        .unwrap();
+    assert!(listed.contains(&admin), "{listed}");
+    let output = Command::new(binary("tessera"))
+        .args(["stat", "--control-plane-admin", &control_plane_admin])
+        .args(["--window", "0s", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let through: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(through, stats, "--control-plane-admin vs --proxy");
+
     let output = Command::new(binary("tessera"))
         .args(["stat", "--proxy", &admin, "--window", "0s"])
         .output()
