@@ -32,7 +32,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The harness binary, if it has been built.
 pub fn harness_binary() -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("kube/bin/kube-harness");
+    tool("kube-harness")
+}
+
+/// `tests/kube/bin/NAME` (kube-harness, kubectl, helm: `BUILD` makes them), or `None`,
+/// saying so, when it has not been built. Under CI it must have been.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("kube/bin")
+        .join(name);
     if path.is_file() {
         return Some(path);
     }
@@ -41,7 +49,7 @@ pub fn harness_binary() -> Option<PathBuf> {
         "{} is missing; build it: {BUILD}",
         path.display()
     );
-    eprintln!("skipped: no kube-harness; build it with {BUILD}");
+    eprintln!("skipped: no {name}; build it with {BUILD}");
     None
 }
 

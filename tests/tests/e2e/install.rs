@@ -10,30 +10,13 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tessera_tests::kube::{ApiServer, BUILD};
+use tessera_tests::kube::{ApiServer, tool as kube_tool};
 use tessera_tests::*;
 
 use crate::kubernetes::webhook_configuration;
 
 fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// tests/kube/bin/NAME, or `None` (skipped) when it has not been built.
-fn kube_tool(name: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("kube/bin")
-        .join(name);
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{} is missing; build it: {BUILD}",
-        path.display()
-    );
-    eprintln!("skipped: no {name}; build it with {BUILD}");
-    None
 }
 
 fn run(program: &Path, args: &[&str]) -> Output {
@@ -73,24 +56,36 @@ fn objects(yaml: &str) -> BTreeMap<String, Value> {
         .collect()
 }
 
-/// `helm template` with the CRDs and the namespace, as `tessera install` prints them.
-fn helm_render(helm: &Path, values: Option<&str>) -> BTreeMap<String, Value> {
+/// `helm template` of the chart into tessera-system, with `extra` flags.
+fn helm_template(helm: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "template",
         "tessera",
         "deploy/helm/tessera",
         "--namespace",
         "tessera-system",
-        "--include-crds",
     ];
-    if let Some(values) = values {
-        args.extend(["--values", values]);
-    }
-    let mut rendered = objects(&stdout_of(helm, &args));
+    args.extend(extra);
+    run(helm, &args)
+}
+
+/// The namespace, then the chart's rendering with its CRDs: what `tessera install`
+/// prints, as one YAML stream.
+fn chart_stream(helm: &Path, values: Option<&str>) -> String {
+    let mut extra = vec!["--include-crds"];
+    extra.extend(values.map(|v| ["--values", v]).into_iter().flatten());
+    let output = helm_template(helm, &extra);
+    assert!(
+        output.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let namespace =
         std::fs::read_to_string(repository().join("deploy/kubernetes/namespace.yaml")).unwrap();
-    rendered.extend(objects(&namespace));
-    rendered
+    format!(
+        "{namespace}---\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    )
 }
 
 #[test]
@@ -135,7 +130,7 @@ fn tessera_install_prints_what_the_chart_renders_for_the_same_choices() {
         let mut args = vec!["install"];
         args.extend(flags);
         let installed = objects(&stdout_of(&tessera, &args));
-        let charted = helm_render(&helm, values);
+        let charted = objects(&chart_stream(&helm, values));
         let keys = |m: &BTreeMap<String, Value>| m.keys().cloned().collect::<Vec<_>>();
         assert_eq!(
             keys(&installed),
@@ -152,18 +147,7 @@ fn tessera_install_prints_what_the_chart_renders_for_the_same_choices() {
     assert!(refused.stdout.is_empty());
     let error = String::from_utf8_lossy(&refused.stderr);
     assert!(error.contains("trust domain \"Corp.Example\""), "{error}");
-    let refused = run(
-        &helm,
-        &[
-            "template",
-            "tessera",
-            "deploy/helm/tessera",
-            "--namespace",
-            "tessera-system",
-            "--set",
-            "mesh.trustDomain=Corp.Example",
-        ],
-    );
+    let refused = helm_template(&helm, &["--set", "mesh.trustDomain=Corp.Example"]);
     assert!(
         !refused.status.success(),
         "the chart's schema took an invalid trust domain"
@@ -291,20 +275,7 @@ async fn the_chart_installs_server_side_a_second_apply_changes_nothing_and_check
     // The chart, rendered and applied as a GitOps tool or a user would.
     let dir = TempDir::new("install");
     let manifests = dir.path().join("tessera.yaml");
-    let rendered = stdout_of(
-        &helm,
-        &[
-            "template",
-            "tessera",
-            "deploy/helm/tessera",
-            "--namespace",
-            "tessera-system",
-            "--include-crds",
-        ],
-    );
-    let namespace =
-        std::fs::read_to_string(repository().join("deploy/kubernetes/namespace.yaml")).unwrap();
-    std::fs::write(&manifests, format!("{namespace}---\n{rendered}")).unwrap();
+    std::fs::write(&manifests, chart_stream(&helm, None)).unwrap();
     let file = manifests.to_str().unwrap();
     let applied = kubectl(&kubectl_path, &api, &["apply", "--server-side", "-f", file]);
     assert!(
