@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use http_body_util::{BodyExt as _, Limited};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -32,6 +33,8 @@ const REAPPLY: &str =
 /// At most this many proxies are asked for their certificates, each for at most this long.
 const PROXIES_ASKED: usize = 100;
 const PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// A proxy's `/certs` is a few hundred bytes.
+const CERTS_BYTES: usize = 64 * 1024;
 
 /// Every post-install check.
 pub async fn run(client: &Client) -> Vec<Check> {
@@ -561,17 +564,29 @@ async fn proxies(client: &Client, meshed: &[String]) -> Vec<Check> {
     ]
 }
 
-/// The proxy's `/certs`, through the API server's pod proxy.
+/// The proxy's `/certs`, through the API server's pod proxy. A pod's admin port is the
+/// pod's to answer: the answer is read up to [`CERTS_BYTES`] and for [`PROXY_TIMEOUT`].
 async fn admin_certs(client: &Client, namespace: &str, pod: &str) -> Result<Value, String> {
     let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{ADMIN_PORT}/proxy/certs");
     let request = http::Request::get(path)
-        .body(Vec::new())
+        .body(kube::client::Body::empty())
         .map_err(|e| e.to_string())?;
-    let text = tokio::time::timeout(PROXY_TIMEOUT, client.request_text(request))
+    let read = async {
+        let response = client.send(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), CERTS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("its /certs: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("its /certs answered {status}"));
+        }
+        serde_json::from_slice(&body).map_err(|_| "its /certs is not JSON".to_string())
+    };
+    tokio::time::timeout(PROXY_TIMEOUT, read)
         .await
         .map_err(|_| format!("no answer within {PROXY_TIMEOUT:?}"))?
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(&text).map_err(|_| "its /certs is not JSON".to_string())
 }
 
 fn proxy_versions(proxies: &[Proxy], total: usize) -> Check {
