@@ -11,6 +11,7 @@ mod grpc;
 mod hostile;
 mod http;
 mod identity_api;
+mod images;
 mod injected_pods;
 mod injection;
 mod kubernetes;
