@@ -26,17 +26,14 @@ pub struct Images {
     pub tessera: String,
 }
 
-/// What to install for these tests, as the skip and CI messages say it.
-const INSTALL: &str = "apt-get install buildah podman runc (scripts/test.sh does, as root)";
-
 /// The images, or `None` (after saying why) when containers cannot run here.
 pub fn images() -> Option<&'static Images> {
     if let Some(reason) = unavailable() {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "container-image tests cannot run: {reason}; {INSTALL}"
+            "container-image tests cannot run: {reason}"
         );
-        eprintln!("SKIPPED: container-image test: {reason}; {INSTALL}");
+        eprintln!("SKIPPED: container-image test: {reason}");
         return None;
     }
     static IMAGES: OnceLock<Result<Images, String>> = OnceLock::new();
@@ -49,12 +46,14 @@ pub fn images() -> Option<&'static Images> {
 fn unavailable() -> Option<String> {
     let uid = Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Some("needs root".into());
+        return Some("needs root (podman and buildah use /var/lib/containers)".into());
     }
     ["podman", "buildah", "runc"]
         .into_iter()
         .find(|tool| !crate::netns::on_path(tool))
-        .map(|tool| format!("{tool} is not installed"))
+        .map(|tool| {
+            format!("{tool} is not installed (apt-get install buildah podman runc; scripts/test.sh does, as root)")
+        })
 }
 
 fn resolve() -> anyhow::Result<Images> {
