@@ -181,11 +181,12 @@ async fn control_plane_image_certifies_proxy_image_each_as_its_user_on_a_read_on
     std::fs::copy(state.join("root-cert.pem"), proxy_dir.join("root-cert.pem"))
         .expect("the control plane wrote root-cert.pem");
     let proxy_admin = free_port();
+    // The control plane by name, as sidecars reach it: glibc resolves it without an
+    // /etc/nsswitch.conf or NSS modules in the image (files and DNS are built in).
     std::fs::write(
         proxy_dir.join("proxy.yaml"),
         format!(
-            "identity:\n  trustDomain: {TRUST_DOMAIN}\n  namespace: {NAMESPACE}\n  serviceAccount: orders\ncontrolPlane:\n  address: {}\n  trustBundleFile: /etc/tessera/proxy/root-cert.pem\nadmin: {}\n",
-            local(grpc),
+            "identity:\n  trustDomain: {TRUST_DOMAIN}\n  namespace: {NAMESPACE}\n  serviceAccount: orders\ncontrolPlane:\n  address: localhost:{grpc}\n  trustBundleFile: /etc/tessera/proxy/root-cert.pem\nadmin: {}\n",
             local(proxy_admin)
         ),
     )
