@@ -21,6 +21,11 @@ command -v haproxy >/dev/null 2>&1 || packages+=(haproxy)
 command -v nginx >/dev/null 2>&1 || packages+=(nginx)
 command -v wrk >/dev/null 2>&1 || packages+=(wrk)
 command -v h2load >/dev/null 2>&1 || packages+=(nghttp2-client)
+# Container images: built with buildah (no Docker engine, no base image), run with podman
+# on runc (crun refuses hybrid cgroup hierarchies such as this machine's).
+command -v buildah >/dev/null 2>&1 || packages+=(buildah)
+command -v podman >/dev/null 2>&1 || packages+=(podman)
+command -v runc >/dev/null 2>&1 || packages+=(runc)
 if [ "${#packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "installing: ${packages[*]}"
@@ -72,7 +77,8 @@ cargo run -p tessera-benches -- smoke
 # The hostile-peer suite apart, one attack at a time: each saturates a proxy pair on
 # purpose, and its assertions (a well-behaved caller keeps succeeding, RSS stays bounded)
 # are about the attack, not about sharing two cores with the rest of the suite.
-cargo test --workspace -- --skip hostile::
+# The image tests run once, at the end, on the images of the shipped binaries.
+cargo test --workspace -- --skip hostile:: --skip images::
 cargo test -p tessera-tests --test e2e hostile:: -- --test-threads=1
 # The proxy as shipped (scripts/build-proxy.sh: whole-program LTO, optimized with the
 # execution profile proxy/pgo.profdata, the hot-code grouping and packed relocations;
@@ -84,3 +90,16 @@ shipped="$(scripts/build-proxy.sh)"
 "$shipped" --version
 python3 scripts/hot-code.py --check "$shipped"
 readelf -d "$shipped" | grep -q RELR || { echo "$shipped: relocations not packed (RELR)" >&2; exit 1; }
+# The container images (deploy/images/*.Dockerfile's runtime stage, FROM scratch): the
+# shipped proxy and a release build of the control plane, with only the libraries they
+# link. They run as a node runs them (read-only root, non-root users, no shell); podman
+# and buildah need root, so elsewhere the tests say they skipped.
+if [ "$(id -u)" = 0 ]; then
+    cargo build --release --bin tessera
+    built="$(scripts/build-images.sh "$shipped" "$(realpath -m "${CARGO_TARGET_DIR:-target}")/release/tessera")"
+    TESSERA_PROXY_IMAGE="$(sed -n 1p <<<"$built")" TESSERA_IMAGE="$(sed -n 2p <<<"$built")" \
+        cargo test -p tessera-tests --test e2e images::
+else
+    echo "not root: the container images are not built (scripts/build-images.sh needs root); their tests skip" >&2
+    cargo test -p tessera-tests --test e2e images::
+fi

@@ -28,6 +28,7 @@ pub mod kubelet;
 pub mod l7;
 pub mod netns;
 pub mod otlp;
+pub mod podman;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const NAMESPACE: &str = "shop";

@@ -12,6 +12,7 @@ mod grpc;
 mod hostile;
 mod http;
 mod identity_api;
+mod images;
 mod injected_pods;
 mod injection;
 mod install;
