@@ -53,7 +53,8 @@ fi
 
 # A real Kubernetes API server for the cluster-mode tests (tests/kube: kube-apiserver
 # from k8s.io/kubernetes and an embedded etcd, built from the Go module proxy). A fresh
-# machine downloads ~90 MB of modules and compiles ~2,200 packages once; the Go build
+# machine downloads ~110 MB of modules and compiles ~2,700 packages once (with kubectl
+# and helm for the chart tests); the Go build
 # cache makes later runs a few seconds. Without Go the Kubernetes tests say they skipped.
 if command -v go >/dev/null 2>&1; then
     tests/kube/build.sh
