@@ -443,6 +443,121 @@ async fn the_chart_installs_server_side_a_second_apply_changes_nothing_and_check
             .contains("other certificates"),
         "{bundle_check}"
     );
+
+    // Another version running, a CRD changed by hand, no webhook configuration, and a
+    // plug-in CA near its end (`tessera ca create`: a root for 20 days, ‼, and an
+    // intermediate for 5, ×), mounted as the chart mounts one.
+    let ca_dir = dir.path().join("short");
+    let (cacerts, root_dir) = (ca_dir.join("cacerts"), ca_dir.join("root"));
+    let created = run(
+        &binary("tessera"),
+        &[
+            "ca",
+            "create",
+            "--out",
+            cacerts.to_str().unwrap(),
+            "--root-dir",
+            root_dir.to_str().unwrap(),
+            "--root-validity",
+            "20d",
+            "--intermediate-validity",
+            "5d",
+        ],
+    );
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let from_file = |name: &str| format!("--from-file={}", cacerts.join(name).display());
+    let files = [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+    ]
+    .map(from_file);
+    let mut create_secret = vec![
+        "-n",
+        "tessera-system",
+        "create",
+        "secret",
+        "generic",
+        "short-ca",
+    ];
+    create_secret.extend(files.iter().map(String::as_str));
+    let kubectl_ok = |args: &[&str]| {
+        let output = kubectl(&kubectl_path, &api, args);
+        assert!(
+            output.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    kubectl_ok(&create_secret);
+    kubectl_ok(&[
+        "-n",
+        "tessera-system",
+        "patch",
+        "deployment",
+        "tessera-control-plane",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/template/spec/volumes/-","value":{"name":"ca","secret":{"secretName":"short-ca"}}},
+            {"op":"replace","path":"/spec/template/spec/containers/0/image","value":"ghcr.io/tessera-mesh/tessera:0.0.9"}]"#,
+    ]);
+    let crds = repository().join("deploy/kubernetes/crds.yaml");
+    kubectl_ok(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
+    kubectl_ok(&[
+        "patch",
+        "crd",
+        "workloads.tessera.dev",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/versions/0/schema/openAPIV3Schema/description","value":"edited by hand"}]"#,
+    ]);
+    kubectl_ok(&[
+        "delete",
+        "mutatingwebhookconfiguration",
+        "tessera-sidecar-injector",
+    ]);
+    let (ok, checks) = check(&api, &[]);
+    assert!(!ok);
+    let (state, crds) = status(&checks, "the tessera.dev CRDs");
+    assert_eq!(state, "warning", "{crds}");
+    assert!(
+        crds["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("workloads.tessera.dev"),
+        "{crds}"
+    );
+    let (state, version) = status(&checks, "the control plane runs this version");
+    assert_eq!(state, "warning");
+    assert!(
+        version["detail"].as_str().unwrap().contains(":0.0.9"),
+        "{version}"
+    );
+    assert_eq!(
+        status(&checks, "the webhook configuration exists").0,
+        "error"
+    );
+    let (state, root) = status(&checks, "the root ");
+    assert_eq!(state, "warning", "{root}");
+    assert!(
+        root["detail"].as_str().unwrap().contains("in 19 days"),
+        "{root}"
+    );
+    let (state, issuer) = status(&checks, "the issuer ");
+    assert_eq!(state, "error", "{issuer}");
+    assert!(
+        issuer["detail"].as_str().unwrap().contains("in 4 days"),
+        "{issuer}"
+    );
+
+    // --pre on an installed cluster: the namespace is in use.
+    let (_, checks) = check(&api, &["--pre"]);
+    assert_eq!(status(&checks, "the namespace tessera-system").0, "warning");
 }
 
 fn base64_of(text: &str) -> String {
