@@ -43,95 +43,10 @@ pub async fn run(client: &Client) -> Vec<Check> {
         return checks;
     }
     checks.push(crds_current(client).await);
-    let deployment = Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
-        .get_opt(CONTROL_PLANE)
-        .await;
-    let deployment = match deployment {
-        Ok(Some(deployment)) => {
-            checks.push(replicas_ready(&deployment));
-            checks.push(control_plane_version(&deployment));
-            Some(deployment)
-        }
-        Ok(None) => {
-            checks.push(
-                Check::error(
-                    CONTROL,
-                    "the control plane is installed",
-                    format!("no Deployment {NAMESPACE}/{CONTROL_PLANE}"),
-                )
-                .hint("tessera install | kubectl apply --server-side -f -   (or helm install)"),
-            );
-            None
-        }
-        Err(error) => {
-            checks.push(Check::error(
-                CONTROL,
-                "the control plane is installed",
-                error.to_string(),
-            ));
-            None
-        }
-    };
+    let deployment = control_plane(client, &mut checks).await;
     checks.push(control_plane_access(client).await);
-    let roots = match ca(client, deployment.as_ref()).await {
-        Ok((roots, issuer)) => {
-            let now = SystemTime::now();
-            for root in &roots {
-                checks.push(certificate_lifetime(
-                    IDENTITY,
-                    &format!("root {}", subject(root)),
-                    root,
-                    now,
-                ));
-            }
-            if !roots.contains(&issuer) {
-                checks.push(certificate_lifetime(
-                    IDENTITY,
-                    &format!("issuer {}", subject(&issuer)),
-                    &issuer,
-                    now,
-                ));
-            }
-            Some(roots)
-        }
-        Err(check) => {
-            checks.push(*check);
-            None
-        }
-    };
-    let webhook = Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .get_opt(WEBHOOK)
-        .await;
-    let selector = match webhook {
-        Ok(Some(webhook)) => {
-            if let Some(roots) = &roots {
-                checks.push(ca_bundle(&webhook, roots));
-            }
-            webhook
-                .webhooks
-                .and_then(|w| w.into_iter().next())
-                .and_then(|w| w.namespace_selector)
-        }
-        Ok(None) => {
-            checks.push(
-                Check::error(
-                    INJECTION,
-                    "the webhook configuration exists",
-                    format!("no MutatingWebhookConfiguration {WEBHOOK}"),
-                )
-                .hint(REAPPLY),
-            );
-            None
-        }
-        Err(error) => {
-            checks.push(Check::error(
-                INJECTION,
-                "the webhook configuration exists",
-                error.to_string(),
-            ));
-            None
-        }
-    };
+    let roots = certificate_authority(client, deployment.as_ref(), &mut checks).await;
+    let selector = webhook_configuration(client, roots.as_deref(), &mut checks).await;
     let meshed = match meshed_namespaces(client, selector.as_ref()).await {
         Ok(meshed) => meshed,
         Err(error) => {
@@ -149,6 +64,99 @@ pub async fn run(client: &Client) -> Vec<Check> {
     }
     checks.extend(proxies(client, &meshed).await);
     checks
+}
+
+/// The control plane's Deployment: its replicas and version.
+async fn control_plane(client: &Client, checks: &mut Vec<Check>) -> Option<Deployment> {
+    let name = "the control plane is installed";
+    match Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
+        .get_opt(CONTROL_PLANE)
+        .await
+    {
+        Ok(Some(deployment)) => {
+            checks.push(replicas_ready(&deployment));
+            checks.push(control_plane_version(&deployment));
+            Some(deployment)
+        }
+        Ok(None) => {
+            checks.push(
+                Check::error(
+                    CONTROL,
+                    name,
+                    format!("no Deployment {NAMESPACE}/{CONTROL_PLANE}"),
+                )
+                .hint("tessera install | kubectl apply --server-side -f -   (or helm install)"),
+            );
+            None
+        }
+        Err(error) => {
+            checks.push(Check::error(CONTROL, name, error.to_string()));
+            None
+        }
+    }
+}
+
+/// The lifetimes of the CA's roots and issuer; the roots, when they could be read.
+async fn certificate_authority(
+    client: &Client,
+    deployment: Option<&Deployment>,
+    checks: &mut Vec<Check>,
+) -> Option<Vec<CertificateDer<'static>>> {
+    let (roots, issuer) = match ca(client, deployment).await {
+        Ok(found) => found,
+        Err(check) => {
+            checks.push(*check);
+            return None;
+        }
+    };
+    let now = SystemTime::now();
+    for root in &roots {
+        let what = format!("root {}", subject(root));
+        checks.push(certificate_lifetime(IDENTITY, &what, root, now));
+    }
+    if !roots.contains(&issuer) {
+        let what = format!("issuer {}", subject(&issuer));
+        checks.push(certificate_lifetime(IDENTITY, &what, &issuer, now));
+    }
+    Some(roots)
+}
+
+/// The webhook configuration, its caBundle against the roots; its namespace selector.
+async fn webhook_configuration(
+    client: &Client,
+    roots: Option<&[CertificateDer<'static>]>,
+    checks: &mut Vec<Check>,
+) -> Option<LabelSelector> {
+    let name = "the webhook configuration exists";
+    match Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get_opt(WEBHOOK)
+        .await
+    {
+        Ok(Some(webhook)) => {
+            if let Some(roots) = roots {
+                checks.push(ca_bundle(&webhook, roots));
+            }
+            webhook
+                .webhooks
+                .and_then(|w| w.into_iter().next())
+                .and_then(|w| w.namespace_selector)
+        }
+        Ok(None) => {
+            checks.push(
+                Check::error(
+                    INJECTION,
+                    name,
+                    format!("no MutatingWebhookConfiguration {WEBHOOK}"),
+                )
+                .hint(REAPPLY),
+            );
+            None
+        }
+        Err(error) => {
+            checks.push(Check::error(INJECTION, name, error.to_string()));
+            None
+        }
+    }
 }
 
 async fn crds_current(client: &Client) -> Check {
