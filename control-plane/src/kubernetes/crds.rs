@@ -154,7 +154,8 @@ mod tests {
     use super::*;
 
     /// CI's check that the committed CRDs are the code's: regenerate with
-    /// `cargo run -p tessera-control-plane --bin tessera -- crds > deploy/kubernetes/crds.yaml`.
+    /// `cargo run -p tessera-control-plane --bin tessera -- crds > deploy/kubernetes/crds.yaml`
+    /// (and the same into deploy/helm/tessera/crds/crds.yaml).
     #[test]
     fn the_committed_crds_match_the_code() {
         let path = concat!(
@@ -165,6 +166,15 @@ mod tests {
         assert!(
             committed == render(),
             "{path} is stale: regenerate it with `tessera crds > deploy/kubernetes/crds.yaml`"
+        );
+        // The Helm chart installs the same file (its crds/ folder).
+        let chart = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/helm/tessera/crds/crds.yaml"
+        );
+        assert!(
+            std::fs::read_to_string(chart).unwrap_or_default() == render(),
+            "{chart} is stale: `tessera crds > {chart}`"
         );
     }
 }
