@@ -193,12 +193,14 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     wait_for_endpoints(&frontend, &["orders.shop", "payments.shop"]).await?;
 
     println!(
-        "\nWhile it runs: {} stat{} --window 2s\n  (this demo runs {}; `demo --duration 2m` leaves time to try it)",
+        "\nWhile it runs: {} stat{} --window 2s\n  or, the proxies the control plane knows: {} stat --control-plane-admin {} --window 2s\n  (this demo runs {}; `demo --duration 2m` leaves time to try it)",
         this_program(),
         proxies
             .iter()
             .map(|(_, p)| format!(" --proxy {}", p.admin_address))
             .collect::<String>(),
+        this_program(),
+        control_plane.admin_address,
         humantime::format_duration(duration)
     );
     let admins: Vec<String> = proxies

@@ -92,6 +92,24 @@ async fn tessera_stat_reads_a_running_demo() {
         .collect();
     assert_eq!(admins.len(), 4, "{line}");
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // The same proxies, found through the control plane's list of connected proxies.
+    let via_control_plane = demo
+        .logs
+        .wait_for(
+            &[
+                "the proxies the control plane knows: ",
+                " --control-plane-admin ",
+            ],
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let control_plane_admin = via_control_plane
+        .split_whitespace()
+        .skip_while(|word| *word != "--control-plane-admin")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{via_control_plane}"))
+        .to_string();
     let mut args = vec!["stat".to_string()];
     for admin in &admins {
         args.extend(["--proxy".to_string(), admin.clone()]);
@@ -114,6 +132,30 @@ async fn tessera_stat_reads_a_running_demo() {
         .parse()
         .unwrap_or_else(|_| panic!("{orders}"));
     assert!(rps > 1.0, "{orders}");
+    let output = Command::new(binary("tessera"))
+        .args([
+            "stat",
+            "--control-plane-admin",
+            &control_plane_admin,
+            "--window",
+            "2s",
+        ])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{listed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let destinations = |table: &str| -> Vec<String> {
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(destinations(&listed), destinations(&table), "{listed}");
 
     // Totals agree with the proxies' own /metrics, read right after.
     let output = Command::new(binary("tessera"))
