@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Helm chart's offline checks: helm lint; the committed kustomize base is the chart's
-# default rendering; the default and the two value sets in tests/chart/ render, and every
-# object validates against the API schemas of Kubernetes 1.29 and of the newest version
-# kubernetes-validate knows (strict: unknown fields fail); checkov finds nothing (each skip
+# default rendering; the default, the two value sets in tests/chart/ and the dashboards'
+# ConfigMap (grafana.dashboards=true) render, and every object validates against the API
+# schemas of Kubernetes 1.29 and of the newest version kubernetes-validate knows
+# (strict: unknown fields fail); checkov finds nothing (each skip
 # sits next to its resource, with its reason). helm is tests/kube's (built from
 # helm.sh/helm/v4); checkov and kubernetes-validate come from PyPI into a virtualenv kept
 # under ~/.cache/tessera (~400 MB, ~80 s the first time).
@@ -55,6 +56,9 @@ render >"$out/default.yaml"
 for values in tests/chart/values-*.yaml; do
     render --values "$values" >"$out/$(basename "$values")"
 done
+# The Grafana dashboards' ConfigMap (off by default; no `tessera install` flag).
+render --set grafana.dashboards=true 2>/dev/null >"$out/grafana-dashboards.yaml"
+grep -q 'tessera-workload.json: |' "$out/grafana-dashboards.yaml"
 cp deploy/kubernetes/crds.yaml deploy/kubernetes/namespace.yaml "$out/"
 newest="$("$venv/bin/python" -c 'import kubernetes_validate.utils as u; print(u.latest_version())')"
 for version in 1.29.0 "$newest"; do

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean clone: unit tests, then end-to-end tests that start
-# real control-plane and proxy processes (and a real Prometheus) on loopback.
+# real control-plane and proxy processes on loopback, beside the real tools users run
+# (Prometheus 3, Jaeger, an OpenTelemetry Collector, a Kubernetes API server: built from
+# their Go modules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the e2e tests use. Installed when running as root (CI is); otherwise
 # the tests that need them say that they skipped.
 packages=()
-command -v prometheus >/dev/null 2>&1 || packages+=(prometheus)
 # Transparent-mode tests: pods as network namespaces with iptables capture, unmodified
 # clients (curl, redis-cli) and a packet capture on the bridge.
 command -v iptables-restore >/dev/null 2>&1 || packages+=(iptables)
@@ -51,6 +52,15 @@ elif ! python3 -c 'import h2, hpack, hyperframe' 2>/dev/null; then
     echo "not root: python3 -m pip install -r tests/hostile/requirements.txt not run; the hostile-peer tests will skip" >&2
 fi
 
+# Jaeger v2, an OpenTelemetry Collector, Prometheus 3 and promtool (tests/telemetry: ~1.5
+# GB of modules and ~10 minutes of CPU on a fresh machine, seconds after), built beside
+# the Kubernetes tools and the Rust binaries: downloads and links overlap the compiles.
+telemetry_build=""
+if command -v go >/dev/null 2>&1; then
+    telemetry_log="$(mktemp)"
+    (tests/telemetry/build.sh && cd tests/telemetry && go vet ./...) >"$telemetry_log" 2>&1 &
+    telemetry_build=$!
+fi
 # A real Kubernetes API server for the cluster-mode tests (tests/kube: kube-apiserver
 # from k8s.io/kubernetes and an embedded etcd, built from the Go module proxy). A fresh
 # machine downloads ~110 MB of modules and compiles ~2,700 packages once (with kubectl
@@ -68,10 +78,14 @@ if command -v go >/dev/null 2>&1; then
     fi
     scripts/check-chart.sh
 else
-    echo "go not found: tests/kube not built; the Kubernetes API server tests will skip" >&2
+    echo "go not found: tests/kube and tests/telemetry not built; the Kubernetes, Jaeger and Prometheus tests will skip" >&2
 fi
 # Binaries first: the e2e tests run them as separate processes.
 cargo build --workspace --bins
+if [ -n "$telemetry_build" ]; then
+    wait "$telemetry_build" || { cat "$telemetry_log" >&2; echo "tests/telemetry/build.sh failed" >&2; exit 1; }
+    cat "$telemetry_log"
+fi
 # The benchmark harness, briefly (~15 s of load): every path serves every workload.
 # Timing is never asserted; a missing tool is reported as skipped.
 cargo run -p tessera-benches -- smoke

@@ -145,6 +145,8 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
     let (published_bundle, bundle_changes) = tokio::sync::watch::channel(trust_bundle_pem);
     let tokens = Arc::new(TokenAuthority::load_or_create(&options.state_dir)?);
     let metrics = Arc::new(Metrics::new());
+    // Before the admin port serves; `telemetry::follow_ca` keeps it current afterwards.
+    metrics.ca_in_force(&ca);
 
     let own_identity = SpiffeId::control_plane(&mesh.trust_domain)?;
     let serving_cert = CurrentCert::new();
@@ -276,6 +278,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
                 issue_webhook_cert: Box::new(issue_webhook_cert.clone()),
             },
         )),
+        tokio::spawn(crate::telemetry::follow_ca(metrics.clone(), ca.clone())),
         tokio::spawn(keep_fresh(serving_cert, issue_serving_cert, "gRPC")),
         tokio::spawn(keep_fresh(webhook_cert, issue_webhook_cert, "webhook")),
         tokio::spawn(crate::config::follow(

@@ -493,13 +493,19 @@ fn http_only_ignored(
     lines
 }
 
-/// One workload's RED figures, as `tessera stat` shows them.
+/// One workload's RED figures, as `tessera stat` shows them: what its proxies served
+/// (their inbound series), by the metric labels `destination_workload`,
+/// `destination_namespace` and `destination_identity`.
 #[derive(Debug, Clone, serde::Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceStat {
-    /// The destination as the serving proxy names it (its SPIFFE ID).
-    pub destination: String,
-    pub requests: f64,
+    /// The workload (its service account).
+    pub workload: String,
+    pub namespace: String,
+    /// Its SPIFFE ID.
+    pub identity: String,
+    /// Requests served: counters count whole requests.
+    pub requests: u64,
     pub success_rate: Option<f64>,
     pub requests_per_second: Option<f64>,
     pub p50_ms: Option<f64>,
@@ -541,7 +547,7 @@ pub async fn connected_proxies(admin: &str) -> anyhow::Result<(Vec<String>, Vec<
 }
 
 /// Reads inbound request metrics from each proxy, twice `window` apart (once when the
-/// window is zero: totals since start), and summarises them per destination.
+/// window is zero: totals since start), and summarises them per workload served.
 pub async fn stat(
     proxies: &[String],
     window: std::time::Duration,
@@ -575,7 +581,7 @@ impl Scrape {
         })
     }
 
-    /// Per destination, what was served since `earlier` (rates over the time between
+    /// Per workload, what was served since `earlier` (rates over the time between
     /// the two), or since the proxies started (no rates).
     pub fn since(&self, earlier: Option<&Scrape>) -> Vec<ServiceStat> {
         let Some(earlier) = earlier else {
@@ -589,8 +595,8 @@ impl Scrape {
 /// Renders stats as the terminal table.
 pub fn stat_table(stats: &[ServiceStat]) -> String {
     let mut out = format!(
-        "{:<55} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
-        "DESTINATION", "SUCCESS", "RPS", "P50", "P95", "P99", "REQUESTS"
+        "{:<40} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
+        "WORKLOAD", "SUCCESS", "RPS", "P50", "P95", "P99", "REQUESTS"
     );
     let percent = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0));
     let number =
@@ -598,8 +604,8 @@ pub fn stat_table(stats: &[ServiceStat]) -> String {
     for stat in stats {
         let _ = writeln!(
             out,
-            "{:<55} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
-            stat.destination,
+            "{:<40} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            format!("{}.{}", stat.workload, stat.namespace),
             percent(stat.success_rate),
             number(stat.requests_per_second, ""),
             number(stat.p50_ms, "ms"),
@@ -644,10 +650,13 @@ fn label<'a>(labels: &'a [(String, String)], key: &str) -> &'a str {
         .map_or("", |(_, v)| v.as_str())
 }
 
+/// A workload served: (workload, namespace, identity), as the inbound series label it.
+type Served = (String, String, String);
+
 fn summarise(before: &[Sample], after: &[Sample], window_seconds: Option<f64>) -> Vec<ServiceStat> {
     use std::collections::BTreeMap;
-    // Totals per destination: (requests, successes, buckets le → count).
-    type Totals = BTreeMap<String, (f64, f64, BTreeMap<u64, f64>)>;
+    // Totals per workload served: (requests, successes, buckets le → count).
+    type Totals = BTreeMap<Served, (f64, f64, BTreeMap<u64, f64>)>;
     let totals = |samples: &[Sample]| {
         let mut totals: Totals = BTreeMap::new();
         for (name, labels, value) in samples {
@@ -658,9 +667,12 @@ fn summarise(before: &[Sample], after: &[Sample], window_seconds: Option<f64>) -
             if !relevant || label(labels, "direction") != "inbound" {
                 continue;
             }
-            let entry = totals
-                .entry(label(labels, "destination").to_string())
-                .or_default();
+            let served = (
+                label(labels, "destination_workload").to_string(),
+                label(labels, "destination_namespace").to_string(),
+                label(labels, "destination_identity").to_string(),
+            );
+            let entry = totals.entry(served).or_default();
             match name.as_str() {
                 "tessera_requests_total" => {
                     entry.0 += value;
@@ -687,9 +699,9 @@ fn summarise(before: &[Sample], after: &[Sample], window_seconds: Option<f64>) -
     let (before, after) = (totals(before), totals(after));
     after
         .into_iter()
-        .map(|(destination, (requests, successes, buckets))| {
+        .map(|(served, (requests, successes, buckets))| {
             let (requests_before, successes_before, buckets_before) =
-                before.get(&destination).cloned().unwrap_or_default();
+                before.get(&served).cloned().unwrap_or_default();
             let requests = requests - requests_before;
             let successes = successes - successes_before;
             let mut delta: Vec<(f64, f64)> = buckets
@@ -703,9 +715,14 @@ fn summarise(before: &[Sample], after: &[Sample], window_seconds: Option<f64>) -
                 .collect();
             delta.sort_by(|a, b| a.0.total_cmp(&b.0));
             let quantile = |q| histogram_quantile(q, &delta).map(|s| s * 1000.0);
+            let (workload, namespace, identity) = served;
             ServiceStat {
-                destination,
-                requests,
+                workload,
+                namespace,
+                identity,
+                // Counters hold whole numbers; a proxy restarted between the scrapes
+                // counts from zero again, which reads as nothing served.
+                requests: requests.max(0.0).round() as u64,
                 success_rate: (requests > 0.0).then(|| successes / requests),
                 requests_per_second: window_seconds.map(|w| requests / w),
                 p50_ms: quantile(0.5),
@@ -1053,19 +1070,127 @@ mod tests {
         assert_eq!(histogram_quantile(0.5, &[]), None);
     }
 
+    /// A sample line of a proxy of `destination` (a workload of namespace shop).
+    fn served(name: &str, direction: &str, destination: &str, rest: &str, value: u32) -> String {
+        format!(
+            "{name}{{direction=\"{direction}\",source_workload=\"web\",source_namespace=\"shop\",\
+             source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",\
+             destination_workload=\"{destination}\",destination_namespace=\"shop\",\
+             destination_identity=\"spiffe://cluster.local/ns/shop/sa/{destination}\",\
+             destination_service=\"\",security=\"mtls\",{rest}}} {value}\n"
+        )
+    }
+
     #[test]
-    fn summarises_inbound_requests_per_destination() {
-        let text = "tessera_requests_total{direction=\"inbound\",source=\"a\",destination=\"d\",code=\"200\",grpc_status=\"\",security=\"mtls\"} 8\n\
-            tessera_requests_total{direction=\"inbound\",source=\"a\",destination=\"d\",code=\"503\",grpc_status=\"\",security=\"mtls\"} 2\n\
-            tessera_requests_total{direction=\"outbound\",source=\"a\",destination=\"x\",code=\"200\",grpc_status=\"\",security=\"mtls\"} 99\n\
-            tessera_request_duration_seconds_bucket{direction=\"inbound\",destination=\"d\",code_class=\"2xx\",le=\"0.01\"} 8 # {trace_id=\"t\"} 0.004\n\
-            tessera_request_duration_seconds_bucket{direction=\"inbound\",destination=\"d\",code_class=\"2xx\",le=\"+Inf\"} 8\n\
-            tessera_request_duration_seconds_bucket{direction=\"inbound\",destination=\"d\",code_class=\"5xx\",le=\"0.01\"} 2\n\
-            tessera_request_duration_seconds_bucket{direction=\"inbound\",destination=\"d\",code_class=\"5xx\",le=\"+Inf\"} 2\n";
-        let stats = summarise(&[], &parse_samples(text), None);
-        assert_eq!(stats.len(), 1);
-        assert_eq!(stats[0].requests, 10.0);
-        assert_eq!(stats[0].success_rate, Some(0.8));
-        assert!(stats[0].p99_ms.unwrap() <= 10.0);
+    fn summarises_inbound_requests_per_workload() {
+        let requests = "tessera_requests_total";
+        let buckets = "tessera_request_duration_seconds_bucket";
+        let text = [
+            served(
+                requests,
+                "inbound",
+                "orders",
+                "code_class=\"2xx\",code=\"200\",grpc_status=\"\"",
+                8,
+            ),
+            served(
+                requests,
+                "inbound",
+                "orders",
+                "code_class=\"5xx\",code=\"503\",grpc_status=\"\"",
+                2,
+            ),
+            served(
+                requests,
+                "inbound",
+                "orders",
+                "code_class=\"2xx\",code=\"200\",grpc_status=\"14\"",
+                1,
+            ),
+            // The client's view of the same edge is not counted twice.
+            served(
+                requests,
+                "outbound",
+                "orders",
+                "code_class=\"2xx\",code=\"200\",grpc_status=\"\"",
+                99,
+            ),
+            served(
+                requests,
+                "inbound",
+                "cache",
+                "code_class=\"2xx\",code=\"200\",grpc_status=\"\"",
+                5,
+            ),
+            served(
+                buckets,
+                "inbound",
+                "orders",
+                "code_class=\"2xx\",le=\"0.01\"",
+                9,
+            )
+            .replace('\n', " # {trace_id=\"t\"} 0.004\n"),
+            served(
+                buckets,
+                "inbound",
+                "orders",
+                "code_class=\"2xx\",le=\"+Inf\"",
+                9,
+            ),
+            served(
+                buckets,
+                "inbound",
+                "orders",
+                "code_class=\"5xx\",le=\"0.01\"",
+                2,
+            ),
+            served(
+                buckets,
+                "inbound",
+                "orders",
+                "code_class=\"5xx\",le=\"+Inf\"",
+                2,
+            ),
+        ]
+        .concat();
+        let stats = summarise(&[], &parse_samples(&text), None);
+        assert_eq!(stats.len(), 2, "{stats:?}");
+        let orders = stats.iter().find(|s| s.workload == "orders").unwrap();
+        assert_eq!(orders.namespace, "shop");
+        assert_eq!(orders.identity, "spiffe://cluster.local/ns/shop/sa/orders");
+        assert_eq!(orders.requests, 11);
+        // 503 and gRPC UNAVAILABLE are failures.
+        assert_eq!(orders.success_rate, Some(8.0 / 11.0));
+        assert!(orders.p99_ms.unwrap() <= 10.0);
+        let json = serde_json::to_value(orders).unwrap();
+        assert_eq!(
+            json["requests"],
+            serde_json::json!(11),
+            "an integer: {json}"
+        );
+        assert!(json["requests"].is_u64(), "{json}");
+        let table = stat_table(&stats);
+        assert!(table.contains("orders.shop"), "{table}");
+        assert!(table.contains("cache.shop"), "{table}");
+    }
+
+    #[test]
+    fn a_window_counts_what_was_served_in_it() {
+        let text = |count| {
+            served(
+                "tessera_requests_total",
+                "inbound",
+                "orders",
+                "code_class=\"2xx\",code=\"200\",grpc_status=\"\"",
+                count,
+            )
+        };
+        let stats = summarise(
+            &parse_samples(&text(40)),
+            &parse_samples(&text(100)),
+            Some(2.0),
+        );
+        assert_eq!(stats[0].requests, 60);
+        assert_eq!(stats[0].requests_per_second, Some(30.0));
     }
 }

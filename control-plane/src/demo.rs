@@ -11,7 +11,11 @@
 //! told to expect a different identity than the server proves, and a DELETE that an
 //! AuthorizationPolicy forbids. At the end the demo
 //! prints who talked to whom with which verified identity, what the retries masked,
-//! certificate renewals and refusals — and fails if the mesh did not behave.
+//! certificate renewals and refusals — and fails if the mesh did not behave. With a
+//! Jaeger (`--jaeger`, or a `jaeger` on PATH) every hop is traced, and the demo links to
+//! a retried and a denied call in its UI.
+
+mod traces;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -35,6 +39,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::{self, RunningControlPlane};
+pub use traces::Options as TraceOptions;
+pub use traces::{JaegerPorts, all_in_one_config as jaeger_config};
 
 const NAMESPACE: &str = "shop";
 /// Short, so renewals happen while the demo watches.
@@ -77,14 +83,14 @@ spec:
 ";
 
 /// Runs the demo for `duration`, or until Ctrl-C; returns an error if the mesh misbehaved.
-pub async fn run(duration: Duration) -> anyhow::Result<()> {
+pub async fn run(duration: Duration, traces: TraceOptions) -> anyhow::Result<()> {
     let workdir = std::env::temp_dir().join(format!("tessera-demo-{}", std::process::id()));
-    let result = run_in(&workdir, duration).await;
+    let result = run_in(&workdir, duration, traces).await;
     let _ = std::fs::remove_dir_all(&workdir);
     result
 }
 
-async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
+async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> anyhow::Result<()> {
     let config_dir = workdir.join("config");
     std::fs::create_dir_all(&config_dir)?;
     std::fs::write(
@@ -115,6 +121,12 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         config_dir.display()
     );
 
+    let jaeger = traces::Jaeger::find(traces, workdir).await;
+    if let Some(jaeger) = &jaeger {
+        println!("{}", jaeger.describe());
+    }
+    let tracing = jaeger.as_ref().map(traces::Jaeger::tracing_config);
+
     show_injection()?;
 
     let orders_1_app = start_orders("orders-1", 0, Duration::from_millis(3)).await?;
@@ -126,6 +138,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         "orders",
         Some(orders_1_app.address),
         vec![],
+        tracing.clone(),
     )
     .await?;
     let orders_2 = start_proxy(
@@ -134,6 +147,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         "orders",
         Some(orders_2_app.address),
         vec![],
+        tracing.clone(),
     )
     .await?;
     let payments = start_proxy(
@@ -142,6 +156,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         "payments",
         Some(payments_app),
         vec![],
+        tracing.clone(),
     )
     .await?;
     // The workloads, as an operator (or Kubernetes) would register them once they run.
@@ -170,6 +185,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
                 identity("payments")?,
             ),
         ],
+        tracing,
     )
     .await?;
     let proxies = [
@@ -237,7 +253,10 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         "  frontend expects payments, orders-1 answers       {}",
         verdict(impostor_refused)
     );
-    let cancel_status = delete(orders_route, "/order/1").await.unwrap_or_default();
+    let (traceparent, denied_trace) = traces::new_trace();
+    let cancel_status = delete(orders_route, "/order/1", &traceparent)
+        .await
+        .unwrap_or_default();
     let cancel_denied = cancel_status == http::StatusCode::FORBIDDEN;
     println!(
         "  frontend DELETE /order/1 (shop/no-cancel, app=orders) {} ({cancel_status})",
@@ -249,11 +268,16 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
     for (name, proxy) in proxies {
         let metrics = proxy.metrics.encode();
         for (labels, count) in series(&metrics, "tessera_tcp_connections_total") {
+            // The other end: the destination of what this proxy sent, the source of
+            // what it received.
+            let peer = match label(&labels, "direction") {
+                "outbound" => label(&labels, "destination_identity"),
+                _ => label(&labels, "source_identity"),
+            };
             let _ = writeln!(
                 table,
-                "  {name:<9} {:<9} {count:>5} mTLS connections with {}",
+                "  {name:<9} {:<9} {count:>5} mTLS connections with {peer}",
                 label(&labels, "direction"),
-                label(&labels, "peer_identity")
             );
         }
         for (labels, count) in series(&metrics, "tessera_tcp_connections_refused_total") {
@@ -280,7 +304,7 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
                     table,
                     "  {name:<9} {:<9} {count:>5} retries to {}",
                     "outbound",
-                    label(&labels, "upstream")
+                    label(&labels, "destination_service")
                 );
             }
         }
@@ -326,6 +350,23 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         "Payments: {payments_ok} answered, {payments_failed} failed: {} new TCP connections, carried between the proxies over {payments_mtls} mTLS connection(s)",
         payments_ok + payments_failed
     );
+    let traces_arrived = match &jaeger {
+        Some(jaeger) => {
+            let retried = orders_2_app
+                .failed_trace
+                .lock()
+                .ok()
+                .and_then(|t| t.clone());
+            let shown = jaeger
+                .show(&[
+                    ("a retried call (orders-2: 503)", retried),
+                    ("the denied DELETE", Some(denied_trace)),
+                ])
+                .await;
+            shown.map_err(|error| println!("  {error:#}")).is_ok()
+        }
+        None => true,
+    };
     if interrupted {
         println!("(interrupted)");
     }
@@ -336,12 +377,20 @@ async fn run_in(workdir: &Path, duration: Duration) -> anyhow::Result<()> {
         || !plaintext_refused
         || !impostor_refused
         || !cancel_denied
+        || !traces_arrived
     {
         bail!("the mesh did not behave as it should (see above)");
     }
     println!(
         "The mesh works: every byte above crossed mutual TLS between verified SPIFFE identities."
     );
+    if let Some(jaeger) = jaeger.filter(|j| j.started_here()) {
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) && !interrupted {
+            println!("Jaeger keeps these traces until you press Ctrl-C.");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        drop(jaeger);
+    }
     Ok(())
 }
 
@@ -477,14 +526,19 @@ async fn get(
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-/// A DELETE on a fresh connection; returns the status.
-async fn delete(address: SocketAddr, path: &str) -> anyhow::Result<http::StatusCode> {
+/// A DELETE on a fresh connection, in trace `traceparent`; returns the status.
+async fn delete(
+    address: SocketAddr,
+    path: &str,
+    traceparent: &str,
+) -> anyhow::Result<http::StatusCode> {
     let stream = TcpStream::connect(address).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let request = http::Request::delete(path)
         .header(http::header::HOST, "orders.shop")
+        .header("traceparent", traceparent)
         .body(Empty::<Bytes>::new())?;
     Ok(sender.send_request(request).await?.status())
 }
@@ -504,6 +558,8 @@ struct OrdersApp {
     address: SocketAddr,
     served: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
+    /// The trace of the first request it failed (the proxy's `traceparent`).
+    failed_trace: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// `work` is how long each order takes, so the balancer has latency to compare.
@@ -516,12 +572,13 @@ async fn start_orders(
     let address = listener.local_addr()?;
     let served = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
-    let counters = (served.clone(), failures.clone());
+    let failed_trace = Arc::new(std::sync::Mutex::new(None));
+    let counters = (served.clone(), failures.clone(), failed_trace.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let counters = counters.clone();
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                let (served, counter) = counters.clone();
+                let (served, counter, failed_trace) = counters.clone();
                 async move {
                     served.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(work).await;
@@ -536,6 +593,11 @@ async fn start_orders(
                     if rand::random::<u32>() % 100 < failure_percent {
                         counter.fetch_add(1, Ordering::Relaxed);
                         *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                        if let Ok(mut first) = failed_trace.lock()
+                            && first.is_none()
+                        {
+                            *first = traces::trace_id(request.headers());
+                        }
                     }
                     Ok::<_, std::convert::Infallible>(response)
                 }
@@ -550,6 +612,7 @@ async fn start_orders(
         address,
         served,
         failures,
+        failed_trace,
     })
 }
 
@@ -587,6 +650,7 @@ async fn start_proxy(
     service_account: &str,
     app: Option<SocketAddr>,
     outbound: Vec<OutboundUpstream>,
+    tracing: Option<tessera_proxy::config::TracingConfig>,
 ) -> anyhow::Result<RunningProxy> {
     let token = control_plane.create_token(NAMESPACE, service_account, Duration::from_secs(600))?;
     let token_file: PathBuf =
@@ -617,7 +681,7 @@ async fn start_proxy(
             .collect(),
         outbound,
         limits: Limits::default(),
-        tracing: None,
+        tracing,
         access_log: false,
         transparent: None,
         app_probes: Default::default(),

@@ -202,11 +202,20 @@ enum Command {
     #[cfg(feature = "demo")]
     #[command(after_help = "Examples:
   tessera demo
-  tessera demo --duration 2m   # time to try `tessera stat` on its proxies")]
+  tessera demo --duration 2m   # time to try `tessera stat` on its proxies
+  PATH=$PWD/tests/telemetry/bin:$PATH tessera demo   # traces in a Jaeger it starts
+  tessera demo --jaeger localhost:16686              # traces in your Jaeger")]
     Demo {
         /// How long to drive traffic.
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// A running Jaeger's query/UI address (HOST:16686) to send the traces to.
+        /// Without it, a `jaeger` on PATH is started for the demo's length.
+        #[arg(long, value_name = "HOST:PORT")]
+        jaeger: Option<String>,
+        /// That Jaeger's OTLP/gRPC receiver, when not port 4317 of the same host.
+        #[arg(long, value_name = "HOST:PORT", requires = "jaeger")]
+        jaeger_otlp: Option<String>,
     },
 }
 
@@ -437,8 +446,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "demo")]
-        Command::Demo { duration } => {
-            runtime.block_on(demo::run(duration))?;
+        Command::Demo {
+            duration,
+            jaeger,
+            jaeger_otlp,
+        } => {
+            let traces = demo::TraceOptions {
+                query: jaeger,
+                otlp: jaeger_otlp,
+            };
+            runtime.block_on(demo::run(duration, traces))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Crds => {

@@ -108,7 +108,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let identity = identity_manager(&config, metrics.clone())?;
-    let discovery = Discovery::new();
+    let discovery = Discovery::new(metrics.control_plane_connected.clone());
     let control_plane = ControlPlane {
         address: config.control_plane.address.clone(),
         identity: config.control_plane_identity()?,
@@ -124,16 +124,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
     let (drain_trigger, drain) =
         crate::lifecycle::channel_with_budget(config.limits.max_requests_in_flight);
     let tracer = Arc::new(match &config.tracing {
-        Some(tracing) => Tracer::start(
-            tracing,
-            format!(
-                "{}.{}",
-                identity.identity().service_account(),
-                identity.identity().namespace()
-            ),
-            identity.identity().to_string(),
-            metrics.spans_dropped.clone(),
-        ),
+        Some(tracing) => Tracer::start(tracing, identity.identity(), metrics.spans_dropped.clone()),
         None => Tracer::disabled(metrics.spans_dropped.clone()),
     });
     let shared = Arc::new(Listeners {

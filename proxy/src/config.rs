@@ -1178,8 +1178,7 @@ mod tests {
         let tracing = config.tracing.unwrap();
         let tracer = crate::trace::Tracer::start(
             &tracing,
-            "web.shop".into(),
-            "spiffe://cluster.local/ns/shop/sa/web".into(),
+            &"spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
             prometheus_client::metrics::counter::Counter::default(),
         );
         assert!(tracer.enabled());

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tessera_mesh::policy::{
     AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
@@ -101,12 +102,25 @@ impl MeshView {
 /// Holds the current view and tells subscribers when it changes.
 pub struct Discovery {
     view: watch::Sender<Option<Arc<MeshView>>>,
+    /// `tessera_control_plane_connected`: 1 while a stream is up.
+    connected: Gauge,
+}
+
+/// Holds the connected gauge at 1 until dropped, however the stream ends.
+struct Connected<'a>(&'a Gauge);
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.set(0);
+    }
 }
 
 impl Discovery {
-    pub fn new() -> Arc<Self> {
+    /// `connected` is set to 1 while the discovery stream is up, 0 otherwise.
+    pub fn new(connected: Gauge) -> Arc<Self> {
         let (view, _) = watch::channel(None);
-        Arc::new(Self { view })
+        connected.set(0);
+        Arc::new(Self { view, connected })
     }
 
     /// The current view, if one has arrived.
@@ -179,6 +193,8 @@ impl Discovery {
             .await
             .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
             .into_inner();
+        self.connected.set(1);
+        let _connected = Connected(&self.connected);
         loop {
             match stream.message().await {
                 Ok(Some(snapshot)) => self.apply(snapshot.version, &snapshot.mesh_json),
@@ -272,17 +288,24 @@ mod tests {
             .await
             .unwrap();
         let admin: SocketAddr = "0.0.0.0:15020".parse().unwrap();
-        let error = Discovery::new().watch(channel, admin).await.unwrap_err();
+        let error = Discovery::new(Gauge::default())
+            .watch(channel, admin)
+            .await
+            .unwrap_err();
         assert!(error.ends_with("told admin 0.0.0.0:15020"), "{error}");
     }
 
     /// Serves `script` on loopback (plaintext: TLS is not what these tests are about).
     async fn channel_to(script: Scripted) -> Channel {
+        channel_to_api(script).await
+    }
+
+    async fn channel_to_api(api: impl DiscoveryApi) -> Channel {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(DiscoveryServer::new(script))
+                .add_service(DiscoveryServer::new(api))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
         tonic::transport::Endpoint::from_shared(format!("http://{address}"))
@@ -304,7 +327,7 @@ mod tests {
 
     #[tokio::test]
     async fn snapshots_up_to_the_limit_arrive_and_a_larger_one_keeps_the_view() {
-        let discovery = Discovery::new();
+        let discovery = Discovery::new(Gauge::default());
         let channel = channel_to(Scripted(vec![
             snapshot_of("1", 1000),
             // Over tonic's default 4 MiB, within the limit the control plane enforces.
@@ -319,7 +342,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_stream_or_a_bad_snapshot_keeps_the_view() {
-        let discovery = Discovery::new();
+        let discovery = Discovery::new(Gauge::default());
         let channel = channel_to(Scripted(vec![
             snapshot_of("1", 1000),
             Ok(Snapshot {
@@ -337,6 +360,68 @@ mod tests {
         discovery.watch(ended, ADMIN).await.unwrap_err();
         assert!(discovery.has_view());
         assert_eq!(discovery.current().unwrap().version, "1");
+    }
+
+    /// A control plane whose one stream sends what `feed` is given, and ends when it
+    /// is dropped.
+    struct Fed(std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Snapshot>>>);
+
+    struct Feed(tokio::sync::mpsc::Receiver<Snapshot>);
+
+    impl Stream for Feed {
+        type Item = Result<Snapshot, Status>;
+
+        fn poll_next(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            self.0.poll_recv(cx).map(|snapshot| snapshot.map(Ok))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl DiscoveryApi for Fed {
+        type WatchStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+
+        async fn watch(
+            &self,
+            _: Request<WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            let feed = self.0.lock().unwrap().take();
+            let feed = feed.ok_or_else(|| Status::unavailable("one stream only"))?;
+            Ok(Response::new(Box::pin(Feed(feed))))
+        }
+    }
+
+    #[tokio::test]
+    async fn connected_is_one_while_the_stream_is_up() {
+        let metrics = crate::telemetry::Metrics::new();
+        let connected = || {
+            let text = metrics.encode();
+            let line = text
+                .lines()
+                .find(|line| line.starts_with("tessera_control_plane_connected "));
+            line.map(str::to_string).unwrap_or(text)
+        };
+        let discovery = Discovery::new(metrics.control_plane_connected.clone());
+        let (feed, fed) = tokio::sync::mpsc::channel(1);
+        let channel = channel_to_api(Fed(std::sync::Mutex::new(Some(fed)))).await;
+        assert_eq!(connected(), "tessera_control_plane_connected 0");
+        let mut views = discovery.subscribe();
+        let watching = tokio::spawn({
+            let discovery = discovery.clone();
+            async move { discovery.watch(channel, ADMIN).await }
+        });
+        feed.send(snapshot_of("1", 100).unwrap()).await.unwrap();
+        views.changed().await.unwrap();
+        assert_eq!(connected(), "tessera_control_plane_connected 1");
+        drop(feed);
+        watching.await.unwrap().unwrap_err();
+        assert_eq!(connected(), "tessera_control_plane_connected 0");
+        // A refused stream never counts as connected.
+        let refused = channel_to(Scripted(vec![Err((Code::Unavailable, "down"))])).await;
+        discovery.watch(refused, ADMIN).await.unwrap_err();
+        assert_eq!(metrics.control_plane_connected.get(), 0);
     }
 
     fn view() -> MeshView {

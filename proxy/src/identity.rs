@@ -142,6 +142,7 @@ impl IdentityManager {
                     tokio::time::sleep(wait).await;
                 }
                 Err(error) => {
+                    self.metrics.cert_renewal_failures.inc();
                     let expires = self.status().map(|s| s.not_after);
                     let expired = expires.is_none_or(|at| at <= SystemTime::now());
                     warn!(
@@ -346,6 +347,39 @@ mod tests {
         assert!(next_retry(Duration::from_secs(8), soon) <= Duration::from_secs(2));
         let expired = Some(SystemTime::now() - Duration::from_secs(1));
         assert_eq!(next_retry(Duration::from_secs(8), expired), MAX_RETRY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_failed_attempt_is_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let trust = Trust::new(
+            "td",
+            TrustBundle::new(vec![crate::outbound::balance::tests::test_root()]).unwrap(),
+        );
+        // The token file is missing: each attempt fails before reaching the network.
+        let manager = IdentityManager::new(
+            "spiffe://td/ns/shop/sa/web".parse().unwrap(),
+            ControlPlane {
+                address: "127.0.0.1:1".into(),
+                identity: SpiffeId::control_plane("td").unwrap(),
+            },
+            Bootstrap::KubernetesTokenFile("/nonexistent/tessera-test-token".into()),
+            trust,
+            metrics.clone(),
+        );
+        let renewing = tokio::spawn(manager.run());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(metrics.cert_renewal_failures.get(), 1);
+        // Retries after 0.4–0.6 s, then 0.8–1.2 s later.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(metrics.cert_renewal_failures.get(), 3);
+        assert_eq!(metrics.cert_renewals.get(), 0);
+        let text = metrics.encode();
+        assert!(
+            text.contains("tessera_identity_cert_renewal_failures_total 3"),
+            "{text}"
+        );
+        renewing.abort();
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::migration::SourceLog;
 use crate::outbound::Outbound;
 use crate::outbound::endpoint::ConnectorFactory;
 use crate::outbound::forward::Upstream;
-use crate::telemetry::{Direction, Label, Metrics};
+use crate::telemetry::{Direction, Metrics, Workload};
 use crate::trace::Tracer;
 
 /// What every listener's connections share; transparent listeners use it to create the
@@ -50,7 +50,7 @@ impl Listeners {
         let inbound = Arc::new(Inbound {
             app: AppClient::new(port.forward_to, &self.limits),
             port,
-            workload: Label::new(self.identity.identity().as_str()),
+            workload: Workload::of(self.identity.identity()),
             acceptor: self.acceptor.clone(),
             identity: self.identity.clone(),
             metrics: self.metrics.clone(),
@@ -85,7 +85,7 @@ impl Listeners {
     pub(crate) fn outbound(&self, name: String, protocol: Option<Protocol>) -> Arc<Outbound> {
         let upstream = Upstream::new(
             name,
-            self.identity.identity().to_string(),
+            self.identity.identity().clone(),
             self.metrics.clone(),
             self.limits.clone(),
             self.tracer.clone(),

@@ -1,8 +1,13 @@
 //! The proxy's metrics, in Prometheus form on the admin port; the access log; each
 //! request's log span.
 //!
-//! Labels only ever take values from small, known sets (directions, refusal reasons) or
-//! from verified identities, so a hostile peer cannot grow the series count.
+//! Labels only ever take values from small, known sets (directions, refusal reasons),
+//! from this proxy's configuration (the upstream services it serves) or from verified
+//! identities, so a hostile peer cannot grow the series count.
+//!
+//! Request and connection series name both ends the same way whichever proxy reports
+//! them ([`Workload`]: the service account, namespace and SPIFFE ID a verified identity
+//! names), so the outbound and the inbound view of one request aggregate together.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -11,12 +16,14 @@ use std::time::Instant;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 
 use crate::http::Body;
+use crate::trace::PendingSpan;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tessera_mesh::SpiffeId;
 use tessera_mesh::process::accept::ACCEPT_ERRORS;
 
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
@@ -123,11 +130,66 @@ impl EncodeLabelValue for Refusal {
     }
 }
 
+/// One end of a request or connection as metric labels: the workload (service account),
+/// namespace and SPIFFE ID a verified identity names, or — for a plaintext caller — the
+/// workload and namespace "unknown" and no identity. Cloning is three reference counts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct Workload {
+    pub workload: Label,
+    pub namespace: Label,
+    /// The full SPIFFE ID; empty when there is none.
+    pub identity: Label,
+}
+
+impl Workload {
+    /// The workload a verified identity names.
+    pub fn of(identity: &SpiffeId) -> Self {
+        Self {
+            workload: Label::new(identity.service_account()),
+            namespace: Label::new(identity.namespace()),
+            identity: Label::new(identity.as_str()),
+        }
+    }
+
+    /// Anyone who is not a verified identity.
+    pub fn unknown() -> Self {
+        Self {
+            workload: Label::new("unknown"),
+            namespace: Label::new("unknown"),
+            identity: Label::new(""),
+        }
+    }
+}
+
+/// Who talked to whom: the labels request and connection series share.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartyLabels {
+    pub source_workload: Label,
+    pub source_namespace: Label,
+    pub source_identity: Label,
+    pub destination_workload: Label,
+    pub destination_namespace: Label,
+    pub destination_identity: Label,
+}
+
+impl PartyLabels {
+    pub fn new(source: &Workload, destination: &Workload) -> Self {
+        Self {
+            source_workload: source.workload.clone(),
+            source_namespace: source.namespace.clone(),
+            source_identity: source.identity.clone(),
+            destination_workload: destination.workload.clone(),
+            destination_namespace: destination.namespace.clone(),
+            destination_identity: destination.identity.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub direction: Direction,
-    /// Verified SPIFFE ID of the other proxy.
-    pub peer_identity: String,
+    #[prometheus(flatten)]
+    pub parties: PartyLabels,
     /// "mtls", or "plaintext" on PERMISSIVE / DISABLE ports.
     pub security: &'static str,
 }
@@ -152,8 +214,9 @@ pub struct AuthzLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct UpstreamLabels {
-    pub upstream: String,
+pub struct ServiceLabels {
+    /// The upstream service, `name.namespace`.
+    pub destination_service: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -168,7 +231,7 @@ pub struct Metrics {
     pub http: RequestMetrics,
     pub spans_dropped: Counter,
     pub authz: Family<AuthzLabels, Counter>,
-    pub retries: Family<UpstreamLabels, Counter>,
+    pub retries: Family<ServiceLabels, Counter>,
     pub connections: Family<ConnectionLabels, Counter>,
     pub connections_active: Family<DirectionLabels, Gauge>,
     pub connections_closed: Family<DirectionLabels, Counter>,
@@ -176,6 +239,10 @@ pub struct Metrics {
     pub refused: Family<RefusalLabels, Counter>,
     pub cert_expiry: Gauge<f64, AtomicU64>,
     pub cert_renewals: Counter,
+    /// Attempts to obtain or renew the workload certificate that failed.
+    pub cert_renewal_failures: Counter,
+    /// 1 while the discovery stream to the control plane is up, else 0.
+    pub control_plane_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -204,6 +271,8 @@ impl Metrics {
             refused: Family::default(),
             cert_expiry: Gauge::default(),
             cert_renewals: Counter::default(),
+            cert_renewal_failures: Counter::default(),
+            control_plane_connected: Gauge::default(),
             retries: Family::default(),
             authz: Family::default(),
             registry: Registry::default(),
@@ -244,13 +313,23 @@ impl Metrics {
             metrics.cert_renewals.clone(),
         );
         registry.register(
+            "identity_cert_renewal_failures",
+            "Attempts to obtain or renew the workload certificate that failed",
+            metrics.cert_renewal_failures.clone(),
+        );
+        registry.register(
+            "control_plane_connected",
+            "1 while the discovery stream to the control plane is up, else 0",
+            metrics.control_plane_connected.clone(),
+        );
+        registry.register(
             "authz_decisions",
             "Authorization decisions, by outcome and deciding policy",
             metrics.authz.clone(),
         );
         registry.register(
             "retries",
-            "Requests retried, by upstream",
+            "Requests retried, by upstream service",
             metrics.retries.clone(),
         );
         registry.register(
@@ -293,23 +372,30 @@ impl Metrics {
         }
     }
 
-    /// Counts one plaintext connection accepted on a PERMISSIVE or DISABLE port.
-    pub fn plaintext_connection(&self) {
+    /// Counts one plaintext connection accepted on a PERMISSIVE or DISABLE port of the
+    /// workload `local`.
+    pub fn plaintext_connection(&self, local: &SpiffeId) {
         self.connections
             .get_or_create(&ConnectionLabels {
                 direction: Direction::Inbound,
-                peer_identity: String::new(),
+                parties: PartyLabels::new(&Workload::unknown(), &Workload::of(local)),
                 security: "plaintext",
             })
             .inc();
     }
 
-    /// Counts one established connection with a verified peer.
-    pub fn connection(&self, direction: Direction, peer_identity: &tessera_mesh::SpiffeId) {
+    /// Counts one established connection between this workload (`local`) and a verified
+    /// peer: outbound, this workload is the source; inbound, the destination.
+    pub fn connection(&self, direction: Direction, local: &SpiffeId, peer: &SpiffeId) {
+        let (local, peer) = (Workload::of(local), Workload::of(peer));
+        let parties = match direction {
+            Direction::Outbound => PartyLabels::new(&local, &peer),
+            Direction::Inbound => PartyLabels::new(&peer, &local),
+        };
         self.connections
             .get_or_create(&ConnectionLabels {
                 direction,
-                peer_identity: peer_identity.to_string(),
+                parties,
                 security: "mtls",
             })
             .inc();
@@ -323,11 +409,11 @@ impl Metrics {
             .clone()
     }
 
-    /// The retry counter of one upstream.
-    pub fn retries(&self, upstream: &str) -> Counter {
+    /// The retry counter of one upstream service.
+    pub fn retries(&self, service: &str) -> Counter {
         self.retries
-            .get_or_create(&UpstreamLabels {
-                upstream: upstream.to_string(),
+            .get_or_create(&ServiceLabels {
+                destination_service: service.to_string(),
             })
             .clone()
     }
@@ -357,24 +443,64 @@ const LATENCY_BUCKETS: [f64; 24] = [
     0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
 ];
 
+/// What every request series carries: which proxy reported it, both ends, and how the
+/// hop was secured.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub struct EdgeLabels {
     pub direction: Direction,
-    /// Caller: a SPIFFE ID, or "unauthenticated".
-    pub source: Label,
-    /// Outbound: the upstream service; inbound: this workload's SPIFFE ID.
-    pub destination: Label,
-    pub code: u16,
-    /// gRPC status (from trailers or a trailers-only answer); empty for plain HTTP.
-    pub grpc_status: &'static str,
+    #[prometheus(flatten)]
+    pub parties: PartyLabels,
+    /// Outbound: the upstream service (`name.namespace`); inbound: empty.
+    pub destination_service: Label,
     /// "mtls" or "plaintext" (the hop this proxy saw).
     pub security: &'static str,
 }
 
+impl EdgeLabels {
+    /// An outbound proxy's requests from its workload to `destination`, the identity the
+    /// endpoints of `service` proved (unknown when the request reached none).
+    pub fn outbound(source: &Workload, destination: &Workload, service: Label) -> Self {
+        Self {
+            direction: Direction::Outbound,
+            parties: PartyLabels::new(source, destination),
+            destination_service: service,
+            security: "mtls",
+        }
+    }
+
+    /// An inbound proxy's requests from a verified peer (or, `None`, a plaintext caller)
+    /// to its workload.
+    pub fn inbound(source: Option<&SpiffeId>, destination: &Workload) -> Self {
+        let (source, security) = match source {
+            Some(identity) => (Workload::of(identity), "mtls"),
+            None => (Workload::unknown(), "plaintext"),
+        };
+        Self {
+            direction: Direction::Inbound,
+            parties: PartyLabels::new(&source, destination),
+            destination_service: Label::new(""),
+            security,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub edge: EdgeLabels,
+    /// 1xx..5xx, as on the latency histogram.
+    pub code_class: &'static str,
+    /// The exact HTTP status.
+    pub code: u16,
+    /// gRPC status (from trailers or a trailers-only answer): "0".."16", "other", or
+    /// empty for plain HTTP.
+    pub grpc_status: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
-    pub direction: Direction,
-    pub destination: Label,
+    #[prometheus(flatten)]
+    pub edge: EdgeLabels,
     pub code_class: &'static str,
 }
 
@@ -417,16 +543,13 @@ impl RequestMetrics {
     }
 }
 
-/// The requests of one (direction, source, destination, security): their metric series
-/// are resolved once and kept, so recording a request is a few atomic operations — no
-/// label hashing, no family lock, no allocation. Outbound has one per upstream, inbound
-/// one per peer connection.
+/// The requests of one edge (direction, source, destination, service, security): their
+/// metric series are resolved once and kept, so recording a request is a few atomic
+/// operations — no label hashing, no family lock, no allocation. Outbound has one per
+/// endpoint identity of an upstream, inbound one per peer connection.
 pub struct RequestSeries {
     metrics: Arc<Metrics>,
-    direction: Direction,
-    source: Label,
-    destination: Label,
-    security: &'static str,
+    labels: EdgeLabels,
     /// Latency by code class (1xx..5xx), created on first use.
     latency: [std::sync::OnceLock<LatencyHistogram>; 5],
     /// Request counters by (code, gRPC status) seen so far; grows to the handful of
@@ -434,40 +557,39 @@ pub struct RequestSeries {
     counters: arc_swap::ArcSwap<Vec<(u16, &'static str, Counter)>>,
 }
 
+/// The index and label of a status code's class; anything outside 1xx..4xx is 5xx.
+fn code_class(code: u16) -> (usize, &'static str) {
+    match code {
+        100..=199 => (0, "1xx"),
+        200..=299 => (1, "2xx"),
+        300..=399 => (2, "3xx"),
+        400..=499 => (3, "4xx"),
+        _ => (4, "5xx"),
+    }
+}
+
 impl RequestSeries {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        direction: Direction,
-        source: Label,
-        destination: Label,
-        security: &'static str,
-    ) -> Arc<Self> {
+    pub fn new(metrics: Arc<Metrics>, labels: EdgeLabels) -> Arc<Self> {
         Arc::new(Self {
             metrics,
-            direction,
-            source,
-            destination,
-            security,
+            labels,
             latency: Default::default(),
             counters: Default::default(),
         })
     }
 
+    pub fn labels(&self) -> &EdgeLabels {
+        &self.labels
+    }
+
     fn latency(&self, code: u16) -> &LatencyHistogram {
-        let (index, code_class) = match code {
-            100..=199 => (0, "1xx"),
-            200..=299 => (1, "2xx"),
-            300..=399 => (2, "3xx"),
-            400..=499 => (3, "4xx"),
-            _ => (4, "5xx"),
-        };
+        let (index, code_class) = code_class(code);
         self.latency[index].get_or_init(|| {
             self.metrics
                 .http
                 .latency
                 .get_or_create(&LatencyLabels {
-                    direction: self.direction,
-                    destination: self.destination.clone(),
+                    edge: self.labels.clone(),
                     code_class,
                 })
                 .clone()
@@ -488,12 +610,10 @@ impl RequestSeries {
             .http
             .requests
             .get_or_create(&RequestLabels {
-                direction: self.direction,
-                source: self.source.clone(),
-                destination: self.destination.clone(),
+                edge: self.labels.clone(),
+                code_class: code_class(code).1,
                 code,
                 grpc_status,
-                security: self.security,
             })
             .clone();
         counter.inc();
@@ -507,6 +627,23 @@ impl RequestSeries {
             }
             known
         });
+    }
+
+    /// The caller as the access log names it: its SPIFFE ID, or "unauthenticated".
+    fn access_source(&self) -> &str {
+        match self.labels.parties.source_identity.as_str() {
+            "" => "unauthenticated",
+            identity => identity,
+        }
+    }
+
+    /// The destination as the access log names it: outbound the upstream service,
+    /// inbound this workload's SPIFFE ID.
+    fn access_destination(&self) -> &str {
+        match self.labels.direction {
+            Direction::Outbound => self.labels.destination_service.as_str(),
+            Direction::Inbound => self.labels.parties.destination_identity.as_str(),
+        }
     }
 }
 
@@ -533,9 +670,10 @@ pub fn request_span<B>(
     }
 }
 
-/// One request being measured: recorded once, when the answer's body ends (or is dropped).
+/// One request being measured: recorded once, when the answer's body ends (or is dropped),
+/// under the series named when it is answered (outbound, the endpoint that answered it
+/// is known only then).
 pub struct RequestMeter {
-    series: Arc<RequestSeries>,
     started: Instant,
     trace_id: Option<String>,
     /// Set when access logging is on: (method, path without query).
@@ -543,9 +681,8 @@ pub struct RequestMeter {
 }
 
 impl RequestMeter {
-    pub fn start(series: Arc<RequestSeries>) -> Self {
+    pub fn start() -> Self {
         Self {
-            series,
             started: Instant::now(),
             trace_id: None,
             access: None,
@@ -571,8 +708,15 @@ impl RequestMeter {
         self
     }
 
-    /// Wraps the response body (boxing it once) to record the request when it ends.
-    pub fn finish<B>(self, response: http::Response<B>) -> http::Response<Body>
+    /// Wraps the response body (boxing it once) to record the request in `series` when
+    /// it ends, and then to end a traced request's `span` (with the gRPC status the body
+    /// carried).
+    pub fn finish<B>(
+        self,
+        series: Arc<RequestSeries>,
+        span: Option<Box<PendingSpan>>,
+        response: http::Response<B>,
+    ) -> http::Response<Body>
     where
         B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + Sync + 'static,
         B::Error: Into<crate::http::BoxError>,
@@ -593,6 +737,8 @@ impl RequestMeter {
                 inner: body,
                 pending: Some(Pending {
                     meter: self,
+                    series,
+                    span,
                     code,
                     grpc_status,
                     proxy_error,
@@ -605,6 +751,8 @@ impl RequestMeter {
 
 struct Pending {
     meter: RequestMeter,
+    series: Arc<RequestSeries>,
+    span: Option<Box<PendingSpan>>,
     code: u16,
     grpc_status: Option<&'static str>,
     proxy_error: Option<String>,
@@ -615,15 +763,18 @@ struct Pending {
 impl Pending {
     fn record(self) {
         let meter = self.meter;
-        let series = &meter.series;
+        if let Some(span) = self.span {
+            (*span).end(self.grpc_status);
+        }
+        let series = &self.series;
         let elapsed = meter.started.elapsed().as_secs_f64();
         if let Some((method, path)) = &meter.access {
             tracing::info!(
                 target: "access",
                 event = "request",
-                direction = series.direction.as_str(),
-                source = %series.source,
-                destination = %series.destination,
+                direction = series.labels.direction.as_str(),
+                source = series.access_source(),
+                destination = series.access_destination(),
                 method = %method,
                 path = %path,
                 status = self.code,
@@ -771,14 +922,24 @@ mod tests {
         }
     }
 
+    fn id(workload: &str) -> SpiffeId {
+        format!("spiffe://cluster.local/ns/shop/sa/{workload}")
+            .parse()
+            .expect("a valid SPIFFE ID")
+    }
+
+    /// Requests from web to orders (the service orders.shop), as either proxy sees them.
     fn series(metrics: &Arc<Metrics>, direction: Direction) -> Arc<RequestSeries> {
-        RequestSeries::new(
-            metrics.clone(),
-            direction,
-            Label::new("spiffe://cluster.local/ns/shop/sa/web"),
-            Label::new("orders.shop"),
-            "mtls",
-        )
+        let orders = Workload::of(&id("orders"));
+        let labels = match direction {
+            Direction::Outbound => EdgeLabels::outbound(
+                &Workload::of(&id("web")),
+                &orders,
+                Label::new("orders.shop"),
+            ),
+            Direction::Inbound => EdgeLabels::inbound(Some(&id("web")), &orders),
+        };
+        RequestSeries::new(metrics.clone(), labels)
     }
 
     fn response(
@@ -798,7 +959,7 @@ mod tests {
 
     /// Sends one request through a meter and reads its answer to the end.
     async fn exchange(series: &Arc<RequestSeries>, response: http::Response<Frames>) {
-        let answer = RequestMeter::start(series.clone()).finish(response);
+        let answer = RequestMeter::start().finish(series.clone(), None, response);
         answer
             .into_body()
             .collect()
@@ -833,12 +994,12 @@ mod tests {
 
         let text = metrics.encode();
         let ok = [
-            "direction=\"outbound\"",
-            "source=\"spiffe://cluster.local/ns/shop/sa/web\"",
-            "destination=\"orders.shop\"",
-            "code=\"200\"",
-            "grpc_status=\"\"",
-            "security=\"mtls\"",
+            "direction=\"outbound\",source_workload=\"web\",source_namespace=\"shop\",\
+             source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",\
+             destination_workload=\"orders\",destination_namespace=\"shop\",\
+             destination_identity=\"spiffe://cluster.local/ns/shop/sa/orders\",\
+             destination_service=\"orders.shop\",security=\"mtls\",\
+             code_class=\"2xx\",code=\"200\",grpc_status=\"\"}",
         ];
         assert_eq!(
             sample(&text, "tessera_requests_total", &ok),
@@ -856,6 +1017,92 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    /// The labels of the one sample of `name`, by key.
+    fn labels_of(text: &str, name: &str) -> std::collections::BTreeMap<String, String> {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(&format!("{name}{{")))
+            .unwrap_or_else(|| panic!("no {name}: {text}"));
+        let (_, labels) = line.split_once('{').expect("labels");
+        let (labels, _) = labels.rsplit_once('}').expect("labels end");
+        labels
+            .split("\",")
+            .map(|pair| {
+                let (key, value) = pair.split_once("=\"").expect("key=\"value\"");
+                (key.to_string(), value.trim_end_matches('"').to_string())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_client_and_the_server_proxy_name_one_request_alike() {
+        let (client, server) = (Arc::new(Metrics::new()), Arc::new(Metrics::new()));
+        let answer = || response(503, &[], Frames::data(&[]));
+        exchange(&series(&client, Direction::Outbound), answer()).await;
+        exchange(&series(&server, Direction::Inbound), answer()).await;
+        for name in [
+            "tessera_requests_total",
+            "tessera_request_duration_seconds_count",
+        ] {
+            let mut outbound = labels_of(&client.encode(), name);
+            let mut inbound = labels_of(&server.encode(), name);
+            assert_eq!(outbound.remove("direction").as_deref(), Some("outbound"));
+            assert_eq!(inbound.remove("direction").as_deref(), Some("inbound"));
+            assert_eq!(
+                outbound.remove("destination_service").as_deref(),
+                Some("orders.shop")
+            );
+            assert_eq!(inbound.remove("destination_service").as_deref(), Some(""));
+            // Everything else is the same: summed by workload, namespace, identity or
+            // code class, the two views of the edge fall in one group.
+            assert_eq!(outbound, inbound, "{name}");
+            assert_eq!(outbound["source_workload"], "web");
+            assert_eq!(outbound["destination_workload"], "orders");
+            assert_eq!(outbound["destination_namespace"], "shop");
+            assert_eq!(outbound["code_class"], "5xx");
+        }
+        let counter = labels_of(&client.encode(), "tessera_requests_total");
+        assert_eq!((&*counter["code"], &*counter["grpc_status"]), ("503", ""));
+        let histogram = labels_of(&client.encode(), "tessera_request_duration_seconds_count");
+        assert!(!histogram.contains_key("code") && !histogram.contains_key("grpc_status"));
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_caller_is_unknown_with_no_identity() {
+        let metrics = Arc::new(Metrics::new());
+        let labels = EdgeLabels::inbound(None, &Workload::of(&id("orders")));
+        exchange(
+            &RequestSeries::new(metrics.clone(), labels),
+            response(200, &[], Frames::data(&[])),
+        )
+        .await;
+        let labels = labels_of(&metrics.encode(), "tessera_requests_total");
+        assert_eq!(labels["source_workload"], "unknown");
+        assert_eq!(labels["source_namespace"], "unknown");
+        assert_eq!(labels["source_identity"], "");
+        assert_eq!(labels["security"], "plaintext");
+        assert_eq!(labels["destination_workload"], "orders");
+    }
+
+    #[test]
+    fn connections_name_the_source_and_destination_workloads() {
+        let metrics = Metrics::new();
+        metrics.connection(Direction::Outbound, &id("web"), &id("orders"));
+        metrics.connection(Direction::Inbound, &id("orders"), &id("web"));
+        let text = metrics.encode();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("tessera_tcp_connections_total{"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for line in lines {
+            assert!(
+                line.contains("source_workload=\"web\",source_namespace=\"shop\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_workload=\"orders\",destination_namespace=\"shop\",destination_identity=\"spiffe://cluster.local/ns/shop/sa/orders\",security=\"mtls\"}"),
+                "{line}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -885,6 +1132,49 @@ mod tests {
             );
         }
         assert!(!text.contains("grpc_status=\"999999\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_traced_request_ends_its_span_with_the_grpc_status_of_its_trailers() {
+        use crate::trace::{SpanKind, SpanStatus, Tracer};
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let (tracer, mut spans) = Tracer::capturing();
+        let tracer = Arc::new(tracer);
+        let metrics = Arc::new(Metrics::new());
+        let series = series(&metrics, Direction::Inbound);
+        // (kind, gRPC status in the trailers, whether the span errs)
+        let cases = [
+            (SpanKind::Server, "14", true),
+            (SpanKind::Server, "5", false),
+            (SpanKind::Client, "5", true),
+            (SpanKind::Server, "0", false),
+        ];
+        for (kind, status, errs) in cases {
+            let span = tracer
+                .start_span(None, &http::Method::POST, kind)
+                .expect("tracing is on");
+            let pending =
+                PendingSpan::new(tracer.clone(), span, kind, Vec::new(), SpanStatus::Unset);
+            let body = Frames::data(&[b"message"]).with_trailers("grpc-status", status);
+            let answer = RequestMeter::start().finish(
+                series.clone(),
+                Some(pending),
+                response(200, &[], body),
+            );
+            let mut body = answer.into_body();
+            body.frame().await.expect("data").expect("data");
+            assert!(spans.try_recv().is_err(), "ended before the trailers");
+            while body.frame().await.is_some() {}
+            let span = spans.try_recv().expect("ended with the body");
+            let code = span
+                .attributes
+                .iter()
+                .find(|kv| kv.key == "rpc.grpc.status_code")
+                .and_then(|kv| kv.value.clone()?.value);
+            let expected: i64 = status.parse().expect("a number");
+            assert_eq!(code, Some(Value::IntValue(expected)), "{kind:?} {status}");
+            assert_eq!(span.status.is_some(), errs, "{kind:?} {status}");
+        }
     }
 
     #[tokio::test]
@@ -959,9 +1249,13 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let series = series(&metrics, Direction::Inbound);
         let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-        let answer = RequestMeter::start(series.clone())
+        let answer = RequestMeter::start()
             .with_trace(Some(trace_id.to_string()))
-            .finish(response(200, &[], Frames::data(&[b"ok"])));
+            .finish(
+                series.clone(),
+                None,
+                response(200, &[], Frames::data(&[b"ok"])),
+            );
         answer.into_body().collect().await.expect("body");
         let text = metrics.encode();
         let exemplars: Vec<&str> = text
@@ -976,11 +1270,11 @@ mod tests {
     async fn a_request_is_recorded_once_even_when_the_caller_goes_away() {
         let metrics = Arc::new(Metrics::new());
         let series = series(&metrics, Direction::Outbound);
-        let answer = RequestMeter::start(series.clone()).finish(response(
-            200,
-            &[],
-            Frames::data(&[b"first", b"second"]),
-        ));
+        let answer = RequestMeter::start().finish(
+            series.clone(),
+            None,
+            response(200, &[], Frames::data(&[b"first", b"second"])),
+        );
         let mut body = answer.into_body();
         let first = body.frame().await.expect("a frame").expect("data");
         assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"first")));
@@ -1005,8 +1299,8 @@ mod tests {
         let (upload, fail) = crate::http::test_bodies::upload(b"partial");
         let mut response = http::Response::new(upload);
         *response.status_mut() = http::StatusCode::OK;
-        let mut body = RequestMeter::start(series.clone())
-            .finish(response)
+        let mut body = RequestMeter::start()
+            .finish(series.clone(), None, response)
             .into_body();
         body.frame().await.expect("a frame").expect("data");
         fail.send(()).expect("the body waits");
@@ -1024,12 +1318,15 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let metrics = Arc::new(Metrics::new());
+        let evil = Label::new("evil\"} 1\ninjected_total 99\\");
+        let destination = Workload {
+            workload: evil.clone(),
+            namespace: evil.clone(),
+            identity: evil.clone(),
+        };
         let series = RequestSeries::new(
             metrics.clone(),
-            Direction::Outbound,
-            Label::new("unauthenticated"),
-            Label::new("evil\"} 1\ninjected_total 99\\"),
-            "plaintext",
+            EdgeLabels::outbound(&Workload::unknown(), &destination, evil),
         );
         series.count(200, "");
         metrics.retries("a\"b").inc();
@@ -1039,10 +1336,14 @@ mod tests {
             "a label value made its own line: {text}"
         );
         assert!(
-            text.contains(r#"destination="evil\"} 1\ninjected_total 99\\""#),
+            text.contains(r#"destination_workload="evil\"} 1\ninjected_total 99\\""#),
             "{text}"
         );
-        assert!(text.contains(r#"upstream="a\"b""#), "{text}");
+        assert!(
+            text.contains(r#"destination_service="evil\"} 1\ninjected_total 99\\""#),
+            "{text}"
+        );
+        assert!(text.contains(r#"destination_service="a\"b""#), "{text}");
     }
 
     #[test]
@@ -1060,7 +1361,7 @@ mod tests {
         assert_eq!(metrics.direction(Direction::Outbound).closed.get(), 0);
 
         metrics.refuse(Direction::Inbound, Refusal::Plaintext);
-        metrics.plaintext_connection();
+        metrics.plaintext_connection(&id("orders"));
         let text = metrics.encode();
         assert_eq!(
             sample(
@@ -1156,14 +1457,18 @@ mod tests {
         let uri: http::Uri = "/orders/42?access_token=s3cr3t&card=4111111111111111"
             .parse()
             .expect("a valid URI");
-        let answer = RequestMeter::start(series.clone())
+        let answer = RequestMeter::start()
             .with_access_log(true, &http::Method::POST, &uri)
             .with_trace(Some("4bf92f3577b34da6a3ce929d0e0e4736".to_string()))
-            .finish(response(
-                503,
-                &[("tessera-proxy-error", "no-healthy-endpoints")],
-                Frames::data(&[b"0123456789"]),
-            ));
+            .finish(
+                series.clone(),
+                None,
+                response(
+                    503,
+                    &[("tessera-proxy-error", "no-healthy-endpoints")],
+                    Frames::data(&[b"0123456789"]),
+                ),
+            );
         answer.into_body().collect().await.expect("body");
 
         let lines = events.access_lines();
@@ -1179,7 +1484,10 @@ mod tests {
             field("source"),
             Some("spiffe://cluster.local/ns/shop/sa/web")
         );
-        assert_eq!(field("destination"), Some("orders.shop"));
+        assert_eq!(
+            field("destination"),
+            Some("spiffe://cluster.local/ns/shop/sa/orders")
+        );
         assert_eq!(field("method"), Some("POST"));
         assert_eq!(
             field("path"),
@@ -1210,9 +1518,13 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let series = series(&metrics, Direction::Outbound);
         let uri: http::Uri = "/".parse().expect("a valid URI");
-        let answer = RequestMeter::start(series.clone())
+        let answer = RequestMeter::start()
             .with_access_log(false, &http::Method::GET, &uri)
-            .finish(response(200, &[], Frames::data(&[b"ok"])));
+            .finish(
+                series.clone(),
+                None,
+                response(200, &[], Frames::data(&[b"ok"])),
+            );
         answer.into_body().collect().await.expect("body");
         assert!(events.access_lines().is_empty());
         assert_eq!(

@@ -6,8 +6,14 @@
 //! for the exporter. When the queue is full, or an export fails, spans are dropped and
 //! counted (`tessera_spans_dropped_total`). Sampling is parent-based: a caller's decision
 //! is kept; new traces are sampled at `sampleRatio`.
+//!
+//! Spans follow OpenTelemetry's HTTP and RPC semantic conventions, typed as OTLP carries
+//! them (numbers as `int_value`, so numeric filters work): [`RequestAttributes`] is what a
+//! span records of its request when it starts, [`response_attributes`] what it records of
+//! the answer. Nothing here runs when tracing is off.
 
 use crate::config::{MAX_QUEUE, TracingConfig};
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
@@ -23,6 +29,7 @@ use opentelemetry_proto::tonic::trace::v1::{
 use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 pub use span::SpanKind;
+use tessera_mesh::SpiffeId;
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -198,6 +205,264 @@ pub fn inject(
     }
 }
 
+/// A span attribute's value, typed as OTLP carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Text(Cow<'static, str>),
+    Int(i64),
+}
+
+impl From<&'static str> for Value {
+    fn from(text: &'static str) -> Self {
+        Value::Text(Cow::Borrowed(text))
+    }
+}
+
+impl From<String> for Value {
+    fn from(text: String) -> Self {
+        Value::Text(Cow::Owned(text))
+    }
+}
+
+impl From<i64> for Value {
+    fn from(number: i64) -> Self {
+        Value::Int(number)
+    }
+}
+
+impl From<u16> for Value {
+    fn from(number: u16) -> Self {
+        Value::Int(i64::from(number))
+    }
+}
+
+impl From<u32> for Value {
+    fn from(number: u32) -> Self {
+        Value::Int(i64::from(number))
+    }
+}
+
+/// A span's attributes, in the order they are recorded.
+pub type Attributes = Vec<(&'static str, Value)>;
+
+/// How a span ended: unset (fine), or an error with a message (possibly empty).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SpanStatus {
+    #[default]
+    Unset,
+    Error(Cow<'static, str>),
+}
+
+/// What a span records of its request, taken when it starts: the request moves on (to
+/// the application, or to another attempt) before the span ends. Kept with its span,
+/// boxed, so a request's future carries a pointer only when it is traced.
+#[derive(Debug, Clone)]
+pub struct RequestAttributes {
+    method: http::Method,
+    path: String,
+    host: String,
+    port: Option<u16>,
+    /// `network.protocol.version` of the hop the span covers.
+    version: &'static str,
+    /// `Some((service, method))` for a gRPC call.
+    rpc: Option<(String, String)>,
+}
+
+impl RequestAttributes {
+    /// The request as seen on the hop: `authority` is where it is addressed (the URI's,
+    /// else `Host`); the path never carries the query, which may hold secrets.
+    pub fn new(
+        method: &http::Method,
+        uri: &http::Uri,
+        authority: Option<&str>,
+        version: http::Version,
+        grpc: bool,
+    ) -> Self {
+        let (host, port) = match authority {
+            Some(authority) => split_authority(authority),
+            None => (String::new(), None),
+        };
+        let path = uri.path();
+        let rpc = grpc
+            .then(|| {
+                let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+                Some((service.to_string(), method.to_string()))
+            })
+            .flatten();
+        Self {
+            method: method.clone(),
+            path: path.to_string(),
+            host,
+            port,
+            version: protocol_version(version),
+            rpc,
+        }
+    }
+
+    /// The request's attributes: method, path, scheme, server address and port,
+    /// protocol version and, for gRPC, the RPC's system, service and method.
+    pub fn record(self, attributes: &mut Attributes) {
+        attributes.push(("http.request.method", method_name(&self.method)));
+        attributes.push(("url.path", self.path.into()));
+        attributes.push(("url.scheme", "http".into()));
+        if !self.host.is_empty() {
+            attributes.push(("server.address", self.host.into()));
+        }
+        attributes.push(("server.port", self.port.unwrap_or(80).into()));
+        attributes.push(("network.protocol.version", self.version.into()));
+        if let Some((service, method)) = self.rpc {
+            attributes.push(("rpc.system", "grpc".into()));
+            attributes.push(("rpc.service", service.into()));
+            attributes.push(("rpc.method", method.into()));
+        }
+    }
+}
+
+/// A standard method by name; anything else is `_OTHER`, as the conventions ask (a
+/// caller could otherwise invent a new value with every request).
+fn method_name(method: &http::Method) -> Value {
+    standard_method(method).unwrap_or("_OTHER").into()
+}
+
+/// A request's span name: its method, or `HTTP` for a method that is not a standard one
+/// (the conventions' rule; span-metrics pipelines group by name, so a caller must not
+/// choose it).
+pub fn span_name(method: &http::Method) -> &'static str {
+    standard_method(method).unwrap_or("HTTP")
+}
+
+fn standard_method(method: &http::Method) -> Option<&'static str> {
+    const KNOWN: [(http::Method, &str); 9] = [
+        (http::Method::GET, "GET"),
+        (http::Method::POST, "POST"),
+        (http::Method::PUT, "PUT"),
+        (http::Method::DELETE, "DELETE"),
+        (http::Method::HEAD, "HEAD"),
+        (http::Method::OPTIONS, "OPTIONS"),
+        (http::Method::PATCH, "PATCH"),
+        (http::Method::CONNECT, "CONNECT"),
+        (http::Method::TRACE, "TRACE"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(known, _)| known == method)
+        .map(|(_, name)| *name)
+}
+
+/// `host[:port]` or `[v6]:port` into host and port.
+fn split_authority(authority: &str) -> (String, Option<u16>) {
+    match authority.parse::<http::uri::Authority>() {
+        Ok(parsed) => (parsed.host().to_string(), parsed.port_u16()),
+        Err(_) => (String::new(), None),
+    }
+}
+
+fn protocol_version(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_11 => "1.1",
+        http::Version::HTTP_3 => "3",
+        _ => "2",
+    }
+}
+
+/// What a span records of the answer: the status code, the gRPC status when the head
+/// carries it, and from `error_from` on `error.type` (the proxy's reason when it
+/// answered itself, else the status code). Returns the span's status.
+pub fn response_attributes(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    error_from: u16,
+    attributes: &mut Attributes,
+) -> SpanStatus {
+    attributes.push(("http.response.status_code", status.as_u16().into()));
+    if let Some(code) = headers
+        .get(&crate::http::GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u16>().ok())
+    {
+        attributes.push(("rpc.grpc.status_code", code.into()));
+    }
+    if status.as_u16() < error_from {
+        return SpanStatus::Unset;
+    }
+    let proxy_error = headers
+        .get(crate::http::PROXY_ERROR)
+        .and_then(|v| v.to_str().ok());
+    let error_type = match proxy_error {
+        Some(reason) => reason.to_string(),
+        None => status.as_str().to_string(),
+    };
+    attributes.push(("error.type", error_type.into()));
+    SpanStatus::Error(Cow::Borrowed(""))
+}
+
+/// A span whose attributes are recorded but which ends with its request's answer body:
+/// only then is a gRPC status in the trailers known. Client spans are errors for any
+/// status but OK, server spans for the ones that mean the server failed (the RPC
+/// conventions' rule).
+pub struct PendingSpan {
+    tracer: std::sync::Arc<Tracer>,
+    span: ActiveSpan,
+    kind: SpanKind,
+    attributes: Attributes,
+    status: SpanStatus,
+}
+
+impl PendingSpan {
+    pub fn new(
+        tracer: std::sync::Arc<Tracer>,
+        span: ActiveSpan,
+        kind: SpanKind,
+        attributes: Attributes,
+        status: SpanStatus,
+    ) -> Box<Self> {
+        Box::new(Self {
+            tracer,
+            span,
+            kind,
+            attributes,
+            status,
+        })
+    }
+
+    /// Ends the span now; `grpc_status` is the call's status once its body ended (one
+    /// of "0".."16", or "other").
+    pub fn end(self, grpc_status: Option<&str>) {
+        let Self {
+            tracer,
+            span,
+            kind,
+            mut attributes,
+            mut status,
+        } = self;
+        // A trailers-only answer carried its status in the head, already recorded.
+        let recorded = attributes.iter().find_map(|(key, value)| match value {
+            Value::Int(code) if *key == "rpc.grpc.status_code" => Some(*code),
+            _ => None,
+        });
+        let code = recorded.or_else(|| {
+            let code = grpc_status?.parse::<u16>().ok()?;
+            attributes.push(("rpc.grpc.status_code", code.into()));
+            Some(i64::from(code))
+        });
+        if let Some(code) = code {
+            let failed = match kind {
+                SpanKind::Client => code != 0,
+                // UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE,
+                // DATA_LOSS: the server's failures, not the caller's.
+                _ => matches!(code, 2 | 4 | 12 | 13 | 14 | 15),
+            };
+            if failed && status == SpanStatus::Unset {
+                attributes.push(("error.type", code.to_string().into()));
+                status = SpanStatus::Error(Cow::Borrowed(""));
+            }
+        }
+        tracer.finish(span, attributes, status);
+    }
+}
+
 /// Creates spans and queues them for export. Disabled when no collector is configured:
 /// headers then pass through untouched.
 pub struct Tracer {
@@ -225,19 +490,13 @@ impl Tracer {
         }
     }
 
-    /// Starts the exporter task; `service` names this proxy's workload in the traces.
-    pub fn start(
-        config: &TracingConfig,
-        service: String,
-        identity: String,
-        dropped: Counter,
-    ) -> Self {
+    /// Starts the exporter task; `identity` names this proxy's workload in the traces.
+    pub fn start(config: &TracingConfig, identity: &SpiffeId, dropped: Counter) -> Self {
         // Clamped as well as checked at parse time: a config built in code skips parsing.
         let (queue, spans) = mpsc::channel(config.max_queue.clamp(1, MAX_QUEUE));
         tokio::spawn(export(
             config.otlp_endpoint.clone(),
-            service,
-            identity,
+            resource(identity),
             spans,
             dropped.clone(),
         ));
@@ -265,14 +524,16 @@ impl Tracer {
         })
     }
 
-    /// Starts a span under `parent` (or a new trace). `None` when tracing is off.
+    /// Starts the span of a request with this `method` (named by [`span_name`]) under
+    /// `parent` (or a new trace). `None` when tracing is off.
     pub fn start_span(
         &self,
         parent: Option<&TraceContext>,
-        name: &str,
+        method: &http::Method,
         kind: span::SpanKind,
     ) -> Option<ActiveSpan> {
         self.queue.as_ref()?;
+        let name = span_name(method);
         let mut rng = rand::rng();
         let (trace_id, parent_span, sampled, tracestate) = match parent {
             Some(p) => (
@@ -313,12 +574,7 @@ impl Tracer {
     }
 
     /// Ends a span and queues it (if sampled); never waits.
-    pub fn finish(
-        &self,
-        mut active: ActiveSpan,
-        attributes: Vec<(&'static str, String)>,
-        error: bool,
-    ) {
+    pub fn finish(&self, mut active: ActiveSpan, attributes: Attributes, status: SpanStatus) {
         let Some(queue) = &self.queue else { return };
         if !active.sampled {
             return;
@@ -328,15 +584,30 @@ impl Tracer {
             .into_iter()
             .map(|(k, v)| attribute(k, v))
             .collect();
-        if error {
+        if let SpanStatus::Error(message) = status {
             active.span.status = Some(Status {
-                message: String::new(),
+                message: message.into_owned(),
                 code: status::StatusCode::Error as i32,
             });
         }
         if queue.try_send(*active.span).is_err() {
             self.dropped.inc();
         }
+    }
+}
+
+#[cfg(test)]
+impl Tracer {
+    /// A tracer that samples every new trace and hands its finished spans to the receiver,
+    /// as they would be exported.
+    pub(crate) fn capturing() -> (Self, mpsc::Receiver<Span>) {
+        let (queue, spans) = mpsc::channel(1024);
+        let tracer = Self {
+            queue: Some(queue),
+            sample_ratio: 1.0,
+            dropped: Counter::default(),
+        };
+        (tracer, spans)
     }
 }
 
@@ -358,13 +629,33 @@ impl ActiveSpan {
     }
 }
 
-fn attribute(key: &'static str, value: String) -> KeyValue {
+fn attribute(key: &'static str, value: Value) -> KeyValue {
+    let value = match value {
+        Value::Text(text) => any_value::Value::StringValue(text.into_owned()),
+        Value::Int(number) => any_value::Value::IntValue(number),
+    };
     KeyValue {
         key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value)),
-        }),
+        value: Some(AnyValue { value: Some(value) }),
         ..KeyValue::default()
+    }
+}
+
+/// Who exports the spans: the workload as `service.name` (`<workload>.<namespace>`, as
+/// the proxies have always named it), its namespace, workload and identity on their own,
+/// and the proxy's version.
+fn resource(identity: &SpiffeId) -> Resource {
+    let (workload, namespace) = (identity.service_account(), identity.namespace());
+    let text = |text: &str| Value::from(text.to_string());
+    Resource {
+        attributes: vec![
+            attribute("service.name", text(&format!("{workload}.{namespace}"))),
+            attribute("service.namespace", text(namespace)),
+            attribute("service.version", env!("CARGO_PKG_VERSION").into()),
+            attribute("tessera.workload", text(workload)),
+            attribute("tessera.identity", text(identity.as_str())),
+        ],
+        ..Resource::default()
     }
 }
 
@@ -377,8 +668,7 @@ fn unix_nanos() -> u64 {
 /// Batches spans and sends them to the collector; drops (and counts) what it cannot send.
 async fn export(
     endpoint: String,
-    service: String,
-    identity: String,
+    resource: Resource,
     mut spans: mpsc::Receiver<Span>,
     dropped: Counter,
 ) {
@@ -396,13 +686,6 @@ async fn export(
         }
     };
     let mut client = TraceServiceClient::new(channel);
-    let resource = Resource {
-        attributes: vec![
-            attribute("service.name", service),
-            attribute("tessera.identity", identity),
-        ],
-        ..Resource::default()
-    };
     let mut failing = false;
     loop {
         let mut batch = Vec::with_capacity(BATCH);
@@ -449,6 +732,143 @@ async fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An exported attribute's value.
+    fn exported(span: &Span, key: &str) -> Option<any_value::Value> {
+        let kv = span.attributes.iter().find(|kv| kv.key == key)?;
+        kv.value.clone()?.value
+    }
+
+    fn text(value: &str) -> Option<any_value::Value> {
+        Some(any_value::Value::StringValue(value.to_string()))
+    }
+
+    #[tokio::test]
+    async fn spans_are_exported_with_typed_attributes_and_their_status() {
+        let (tracer, mut spans) = Tracer::capturing();
+        let request = http::Request::builder()
+            .method("PURGE")
+            .uri("http://orders.shop:8080/tessera.test.v1.Echo/Unary?token=s3cr3t")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let span = tracer
+            .start_span(None, request.method(), SpanKind::Client)
+            .unwrap();
+        let mut attributes = Vec::new();
+        RequestAttributes::new(
+            request.method(),
+            request.uri(),
+            request.uri().authority().map(|a| a.as_str()),
+            http::Version::HTTP_2,
+            true,
+        )
+        .record(&mut attributes);
+        let mut head = HeaderMap::new();
+        head.insert("grpc-status", HeaderValue::from_static("14"));
+        head.insert("tessera-proxy-error", HeaderValue::from_static("timeout"));
+        let status = response_attributes(
+            http::StatusCode::GATEWAY_TIMEOUT,
+            &head,
+            400,
+            &mut attributes,
+        );
+        attributes.push(("http.request.resend_count", 2u32.into()));
+        tracer.finish(span, attributes, status);
+        let span = spans.recv().await.unwrap();
+        assert_eq!(
+            span.name, "HTTP",
+            "a method of the caller's own is no span name"
+        );
+
+        let int = |number| Some(any_value::Value::IntValue(number));
+        assert_eq!(exported(&span, "http.response.status_code"), int(504));
+        assert_eq!(exported(&span, "server.port"), int(8080));
+        assert_eq!(exported(&span, "http.request.resend_count"), int(2));
+        assert_eq!(exported(&span, "rpc.grpc.status_code"), int(14));
+        assert_eq!(exported(&span, "http.request.method"), text("_OTHER"));
+        assert_eq!(exported(&span, "server.address"), text("orders.shop"));
+        assert_eq!(
+            exported(&span, "url.path"),
+            text("/tessera.test.v1.Echo/Unary")
+        );
+        assert_eq!(exported(&span, "url.scheme"), text("http"));
+        assert_eq!(exported(&span, "network.protocol.version"), text("2"));
+        assert_eq!(exported(&span, "rpc.system"), text("grpc"));
+        assert_eq!(exported(&span, "rpc.service"), text("tessera.test.v1.Echo"));
+        assert_eq!(exported(&span, "rpc.method"), text("Unary"));
+        assert_eq!(exported(&span, "error.type"), text("timeout"));
+        assert!(
+            !format!("{span:?}").contains("s3cr3t"),
+            "no query: {span:?}"
+        );
+        let status = span.status.unwrap();
+        assert_eq!(status.code, status::StatusCode::Error as i32);
+
+        // Below the threshold: no error, no error.type; a status message when one is given.
+        let span = tracer
+            .start_span(None, &http::Method::GET, SpanKind::Server)
+            .unwrap();
+        let mut attributes = Vec::new();
+        let ok = response_attributes(
+            http::StatusCode::NOT_FOUND,
+            &HeaderMap::new(),
+            500,
+            &mut attributes,
+        );
+        assert_eq!(ok, SpanStatus::Unset);
+        tracer.finish(
+            span,
+            attributes,
+            SpanStatus::Error("no ALLOW policy matched".into()),
+        );
+        let span = spans.recv().await.unwrap();
+        assert_eq!(exported(&span, "error.type"), None);
+        assert_eq!(span.status.unwrap().message, "no ALLOW policy matched");
+    }
+
+    #[tokio::test]
+    async fn a_trailers_only_grpc_error_is_judged_like_one_in_the_trailers() {
+        let (tracer, mut spans) = Tracer::capturing();
+        let tracer = std::sync::Arc::new(tracer);
+        let mut head = HeaderMap::new();
+        head.insert("grpc-status", HeaderValue::from_static("9"));
+        for (kind, errs) in [(SpanKind::Client, true), (SpanKind::Server, false)] {
+            let span = tracer.start_span(None, &http::Method::POST, kind).unwrap();
+            let mut attributes = Vec::new();
+            let status = response_attributes(http::StatusCode::OK, &head, 400, &mut attributes);
+            PendingSpan::new(tracer.clone(), span, kind, attributes, status).end(Some("9"));
+            let span = spans.recv().await.unwrap();
+            let codes = span
+                .attributes
+                .iter()
+                .filter(|kv| kv.key == "rpc.grpc.status_code")
+                .count();
+            assert_eq!(codes, 1, "recorded once: {span:?}");
+            assert_eq!(span.status.is_some(), errs, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn the_resource_names_the_workload_its_namespace_and_identity() {
+        let identity: SpiffeId = "spiffe://cluster.local/ns/shop/sa/orders".parse().unwrap();
+        let resource = resource(&identity);
+        let value = |key: &str| {
+            resource
+                .attributes
+                .iter()
+                .find(|kv| kv.key == key)
+                .and_then(|kv| kv.value.clone()?.value)
+        };
+        assert_eq!(value("service.name"), text("orders.shop"));
+        assert_eq!(value("service.namespace"), text("shop"));
+        assert_eq!(value("tessera.workload"), text("orders"));
+        assert_eq!(
+            value("tessera.identity"),
+            text("spiffe://cluster.local/ns/shop/sa/orders")
+        );
+        assert_eq!(value("service.version"), text(env!("CARGO_PKG_VERSION")));
+    }
 
     #[test]
     fn extracts_w3c_and_both_b3_forms() {

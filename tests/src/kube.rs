@@ -38,19 +38,7 @@ pub fn harness_binary() -> Option<PathBuf> {
 /// `tests/kube/bin/NAME` (kube-harness, kubectl, helm: `BUILD` makes them), or `None`,
 /// saying so, when it has not been built. Under CI it must have been.
 pub fn tool(name: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("kube/bin")
-        .join(name);
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{} is missing; build it: {BUILD}",
-        path.display()
-    );
-    eprintln!("skipped: no {name}; build it with {BUILD}");
-    None
+    crate::built_tool("kube/bin", name, BUILD)
 }
 
 /// A running kube-apiserver with its etcd, and the admin's client to it.

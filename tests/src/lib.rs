@@ -29,6 +29,7 @@ pub mod l7;
 pub mod netns;
 pub mod otlp;
 pub mod podman;
+pub mod telemetry;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const NAMESPACE: &str = "shop";
@@ -45,6 +46,22 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// `tests/<dir>/<name>`, a tool the test command builds with `build`; `None`, saying so,
+/// when it has not been built. Under CI (`CI=true`) it must have been.
+fn built_tool(dir: &str, name: &str, build: &str) -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join(name);
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} is missing; build it: {build}",
+        path.display()
+    );
+    eprintln!("SKIPPED: no {name}; build it with {build}");
+    None
 }
 
 /// A free loopback port, chosen below the kernel's ephemeral range (32768+) so that no

@@ -1,6 +1,6 @@
 //! A trace collector for tests, built on the official OTLP protobuf definitions
 //! (opentelemetry-proto): it accepts OTLP/gRPC exports and keeps every span with the
-//! `service.name` of the resource that sent it.
+//! `service.name` and the other attributes of the resource that sent it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -12,13 +12,15 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::any_value;
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 
 /// A received span and the service that exported it.
 #[derive(Debug, Clone)]
 pub struct Received {
     pub service: String,
+    /// The exporter's resource attributes.
+    pub resource: Vec<KeyValue>,
     pub span: Span,
 }
 
@@ -35,16 +37,45 @@ impl Received {
         hex(&self.span.parent_span_id)
     }
 
+    /// A string attribute (other types show as their OTLP form, e.g. `IntValue(200)`).
     pub fn attribute(&self, key: &str) -> Option<String> {
-        self.span
-            .attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                any_value::Value::StringValue(s) => Some(s.clone()),
-                other => Some(format!("{other:?}")),
-            })
+        text(&self.span.attributes, key)
     }
+
+    /// An int attribute; `None` when missing or of another type.
+    pub fn int_attribute(&self, key: &str) -> Option<i64> {
+        match self.value(key)? {
+            any_value::Value::IntValue(number) => Some(*number),
+            _ => None,
+        }
+    }
+
+    fn value(&self, key: &str) -> Option<&any_value::Value> {
+        let kv = self.span.attributes.iter().find(|kv| kv.key == key)?;
+        kv.value.as_ref()?.value.as_ref()
+    }
+
+    /// A resource attribute, as [`Received::attribute`].
+    pub fn resource_attribute(&self, key: &str) -> Option<String> {
+        text(&self.resource, key)
+    }
+
+    /// The span's status: (code, message); code 2 is ERROR, 0 unset.
+    pub fn status(&self) -> (i32, String) {
+        self.span
+            .status
+            .as_ref()
+            .map_or((0, String::new()), |s| (s.code, s.message.clone()))
+    }
+}
+
+fn text(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some(s.clone()),
+            other => Some(format!("{other:?}")),
+        }
+    })
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -68,20 +99,16 @@ impl TraceService for Collector {
         }
         let mut spans = self.spans.lock().expect("spans");
         for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
+            let resource = resource_spans
                 .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                    any_value::Value::StringValue(s) => Some(s.clone()),
-                    _ => None,
-                })
+                .map(|r| r.attributes)
                 .unwrap_or_default();
+            let service = text(&resource, "service.name").unwrap_or_default();
             for scope in resource_spans.scope_spans {
                 for span in scope.spans {
                     spans.push(Received {
                         service: service.clone(),
+                        resource: resource.clone(),
                         span,
                     });
                 }

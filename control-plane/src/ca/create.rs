@@ -367,8 +367,14 @@ pub(crate) mod tests {
 
         /// Another intermediate from the same root (a renewal).
         pub(crate) fn renew(&self) -> Self {
+            self.renew_for(YEAR)
+        }
+
+        /// Another intermediate from the same root, valid for `validity`.
+        pub(crate) fn renew_for(&self, validity: Duration) -> Self {
             let mut renewal = options(&self.base);
             renewal.force = true;
+            renewal.intermediate_validity = validity;
             create(&renewal).unwrap();
             Self::at(&self.base)
         }

@@ -70,6 +70,17 @@ pub struct Issued {
     pub not_after: OffsetDateTime,
 }
 
+/// When a CA's own certificates expire: no certificate it signs verifies past either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaExpiry {
+    /// The earliest expiry among the roots that what this CA signs chains to (the
+    /// bundle's other roots, announced for a rotation or retired, are not its concern).
+    pub root: OffsetDateTime,
+    /// The earliest expiry among the signing certificate and the intermediates above
+    /// it; `None` when a root signs (the development root).
+    pub intermediate: Option<OffsetDateTime>,
+}
+
 /// A CA able to sign workload certificates.
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
@@ -182,6 +193,20 @@ impl CertificateAuthority {
     /// The signing certificate (the intermediate of a plug-in CA, or the root).
     pub fn signer(&self) -> &CertificateDer<'static> {
         &self.signer
+    }
+
+    /// When this CA's root and intermediate certificates expire, for the expiry metric.
+    pub fn expiry(&self) -> CaExpiry {
+        CaExpiry {
+            // The anchors were parsed when the CA loaded; the signer bounds them anyway.
+            root: self
+                .anchors()
+                .iter()
+                .filter_map(not_after)
+                .min()
+                .unwrap_or(self.signer_not_after),
+            intermediate: self.chain.iter().filter_map(not_after).min(),
+        }
     }
 
     /// Signs a certificate for `identity`, valid for `ttl` (cut short by the CA's own
@@ -475,6 +500,12 @@ fn create_dev_root(state_dir: &Path, trust_domain: &str) -> Result<(), CaError> 
         "created a development root CA; use a plug-in intermediate in production"
     );
     Ok(())
+}
+
+/// A certificate's notAfter; `None` when it is not X.509.
+pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<OffsetDateTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(parsed.validity().not_after.to_datetime())
 }
 
 fn random_serial() -> [u8; 16] {

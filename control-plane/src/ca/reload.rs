@@ -343,9 +343,7 @@ impl Reloader {
 }
 
 fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let seconds = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+    super::not_after(cert).map(SystemTime::from)
 }
 
 /// The poll interval: [`POLL_INTERVAL_ENV`] when set and valid, else the default.

@@ -59,7 +59,8 @@ use crate::limits::body_rate::{MinRate, Paced};
 use crate::migration::SourceLog;
 use crate::tcp::{self, Io};
 use crate::telemetry::{
-    Direction, DirectionMetrics, Label, Metrics, Refusal, RequestMeter, RequestSeries, request_span,
+    Direction, DirectionMetrics, EdgeLabels, Metrics, Refusal, RequestMeter, RequestSeries,
+    Workload, request_span,
 };
 use crate::trace::{self, Tracer};
 
@@ -69,8 +70,8 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// What every inbound connection needs.
 pub struct Inbound {
     pub port: InboundPort,
-    /// This workload's identity as a metric label.
-    pub workload: Label,
+    /// This workload as metric labels (the destination of every request).
+    pub workload: Workload,
     pub app: Arc<AppClient>,
     pub acceptor: TlsAcceptor,
     pub identity: Arc<IdentityManager>,
@@ -116,27 +117,11 @@ struct Peer {
     span: Arc<Span>,
 }
 
-impl Peer {
-    fn describe(&self) -> String {
-        match &self.identity {
-            Some(identity) => identity.to_string(),
-            None => format!("plaintext {}", self.address.ip()),
-        }
-    }
-}
-
 impl Inbound {
     fn peer(&self, address: SocketAddr, identity: Option<SpiffeId>, span: Span) -> Peer {
-        let (source, security) = match &identity {
-            Some(id) => (Label::new(id.as_str()), "mtls"),
-            None => (Label::new("unauthenticated"), "plaintext"),
-        };
         let series = RequestSeries::new(
             self.metrics.clone(),
-            Direction::Inbound,
-            source,
-            self.workload.clone(),
-            security,
+            EdgeLabels::inbound(identity.as_ref(), &self.workload),
         );
         Peer {
             address,
@@ -179,7 +164,7 @@ impl Inbound {
             "inbound",
             peer = %address,
             peer_identity = Empty,
-            destination = %self.workload,
+            destination = %self.workload.identity,
             port = self.app_port(),
         );
         if !self.identity.has_valid_cert() {
@@ -243,7 +228,8 @@ impl Inbound {
         };
         span.record("peer_identity", display(&identity));
         debug!(parent: &span, event = "inbound connection");
-        self.metrics.connection(Direction::Inbound, &identity);
+        self.metrics
+            .connection(Direction::Inbound, self.identity.identity(), &identity);
         self.sources.mtls(identity.as_str());
         let alpn = tls_stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let peer = self.peer(address, Some(identity), span);
@@ -263,7 +249,7 @@ impl Inbound {
 
     /// A caller outside the mesh, on a PERMISSIVE or DISABLE port.
     async fn plaintext(self: Arc<Self>, stream: TcpStream, address: SocketAddr, span: Span) {
-        self.metrics.plaintext_connection();
+        self.metrics.plaintext_connection(self.identity.identity());
         self.sources.plaintext(address.ip());
         let detected = detect::detect(&stream, self.limits.detect_timeout)
             .await
@@ -458,11 +444,9 @@ impl Inbound {
         let canonical = canonicalize(&mut request, peer.identity.is_some());
         let log = request_span(&peer.span, &request);
         let parent = trace::extract(request.headers());
-        let span = self.tracer.start_span(
-            parent.as_ref(),
-            request.method().as_str(),
-            trace::SpanKind::Server,
-        );
+        let span =
+            self.tracer
+                .start_span(parent.as_ref(), request.method(), trace::SpanKind::Server);
         if let Some(span) = &span {
             span.inject(request.headers_mut());
         }
@@ -470,57 +454,63 @@ impl Inbound {
             .as_ref()
             .filter(|s| s.sampled)
             .map(|s| s.trace_id_hex());
-        let span = span.map(|span| ServerSpan::new(span, &request));
-        let meter = RequestMeter::start(peer.series.clone())
-            .with_trace(trace_id)
-            .with_access_log(self.access_log, request.method(), request.uri());
+        let mut span = span.map(|span| ServerSpan::new(span, &request));
+        let meter = RequestMeter::start().with_trace(trace_id).with_access_log(
+            self.access_log,
+            request.method(),
+            request.uri(),
+        );
         let exchange = match canonical {
-            Ok(()) => self.boxed_authorized_request(request, peer, log),
+            Ok(()) => self.boxed_authorized_request(request, peer, log, span.as_deref_mut()),
             Err(malformed) => self.malformed(&request, &log, &malformed),
         };
         async move {
             let response = exchange.await;
-            if let Some(span) = span {
-                self.finish_span(*span, &response, peer);
-            }
-            meter.finish(response)
+            let span = span.map(|span| self.span_ending(*span, &response, peer));
+            meter.finish(peer.series.clone(), span, response)
         }
     }
 
-    fn finish_span(&self, server_span: ServerSpan, response: &AppResponse, peer: &Peer) {
-        let ServerSpan { span, method, path } = server_span;
-        let mut attributes = vec![
-            ("http.request.method", method),
-            ("url.path", path),
-            (
-                "http.response.status_code",
-                response.status().as_u16().to_string(),
-            ),
-            ("tessera.peer.identity", peer.describe()),
-            ("tessera.workload", self.identity.identity().to_string()),
-        ];
-        if let Some(status) = response
-            .headers()
-            .get(&crate::http::GRPC_STATUS)
-            .and_then(|v| v.to_str().ok())
-        {
-            attributes.push(("rpc.grpc.status_code", status.to_string()));
-        }
-        let error = response.status().is_server_error();
-        self.tracer.finish(span, attributes, error);
+    /// What a request's server span records: the request, the answer (an error from 500
+    /// on, as the conventions ask of server spans), the verified peer, and a policy's
+    /// denial as an error whose message is the reason. The span ends with the answer's
+    /// body, when a gRPC status in its trailers is known.
+    fn span_ending(
+        &self,
+        server_span: ServerSpan,
+        response: &AppResponse,
+        peer: &Peer,
+    ) -> Box<trace::PendingSpan> {
+        let ServerSpan {
+            span,
+            request,
+            denial,
+        } = server_span;
+        let (attributes, status) = server_span_ending(
+            request,
+            denial,
+            response.status(),
+            response.headers(),
+            peer.address,
+            peer.identity.as_ref(),
+        );
+        let kind = trace::SpanKind::Server;
+        trace::PendingSpan::new(self.tracer.clone(), span, kind, attributes, status)
     }
 
     /// Authorizes the request, then forwards it. Authorization is synchronous: the
     /// boxed future is only the forwarding, not a layer holding the request besides.
+    /// A denial is noted in the request's server span, when it is traced.
     fn boxed_authorized_request<'a>(
         &'a self,
         request: Request<InboundBody>,
         peer: &'a Peer,
         log: Arc<Span>,
+        span: Option<&mut ServerSpan>,
     ) -> BoxFuture<'a, AppResponse> {
         // Read once: a refusal from either step answers a gRPC caller in gRPC.
         let grpc = crate::http::is_grpc(request.headers());
-        match self.authorize(request, peer, grpc, &log) {
+        match self.authorize(request, peer, grpc, &log, span) {
             Ok(request) => self.app.forward(request, grpc, log),
             Err(refused) => Box::pin(std::future::ready(refused)),
         }
@@ -539,6 +529,8 @@ impl Inbound {
     }
 
     /// Authenticates and authorizes one request: the request to forward, or the refusal.
+    /// A denial is noted in `span` (only traced requests have one: nothing is allocated
+    /// for the others).
     #[allow(clippy::result_large_err)] // the refusal is the response, moved once
     fn authorize(
         &self,
@@ -546,17 +538,19 @@ impl Inbound {
         peer: &Peer,
         grpc: bool,
         log: &Span,
+        span: Option<&mut ServerSpan>,
     ) -> Result<Request<InboundBody>, AppResponse> {
         let Some(policy) = self.policy.load_full() else {
             return Err(refusal(ProxyError::Forbidden, grpc));
         };
         if peer.identity.is_none() && policy.mode == MtlsMode::Strict {
             // The port went STRICT while this plaintext connection was open.
-            warn!(
-                parent: log,
-                event = "request refused",
-                reason = "plaintext on a STRICT mTLS port",
-            );
+            const REASON: &str = "plaintext on a STRICT mTLS port";
+            warn!(parent: log, event = "request refused", reason = REASON);
+            if let Some(span) = span {
+                let by = policy.mode_policy.as_deref().unwrap_or("none");
+                span.denial = Some(Denial::new(by, REASON));
+            }
             return Err(refusal(ProxyError::Forbidden, grpc));
         }
         let jwt = match &policy.jwt {
@@ -596,6 +590,10 @@ impl Inbound {
         if !decision.allowed {
             let target = format!("{} {}", request.method(), request.uri().path());
             self.log_denial(log, &policy, &decision, Some(&target), "request denied");
+            if let Some(span) = span {
+                let by = policy.deciding_policy(&decision).unwrap_or("none");
+                span.denial = Some(Denial::new(by, decision.reason));
+            }
             return Err(refusal(ProxyError::Forbidden, grpc));
         }
         Ok(request)
@@ -633,16 +631,65 @@ pub(crate) type AppResponse = Response<Either<AppBody, Body>>;
 /// Boxed: the request's future carries a pointer, not the span and its strings.
 struct ServerSpan {
     span: trace::ActiveSpan,
-    method: String,
-    path: String,
+    request: trace::RequestAttributes,
+    /// Set when the request was denied.
+    denial: Option<Denial>,
+}
+
+/// Why a request was denied: the deciding policy (`namespace/name`, or "none" when no
+/// policy allowed it) and the reason.
+struct Denial {
+    policy: String,
+    reason: &'static str,
+}
+
+impl Denial {
+    fn new(policy: &str, reason: &'static str) -> Self {
+        Self {
+            policy: policy.to_string(),
+            reason,
+        }
+    }
+}
+
+/// What a server span records once its request is answered, and its status.
+fn server_span_ending(
+    request: trace::RequestAttributes,
+    denial: Option<Denial>,
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    peer_address: SocketAddr,
+    peer_identity: Option<&SpiffeId>,
+) -> (trace::Attributes, trace::SpanStatus) {
+    let mut attributes = Vec::with_capacity(16);
+    request.record(&mut attributes);
+    let mut span_status = trace::response_attributes(status, headers, 500, &mut attributes);
+    attributes.push(("client.address", peer_address.ip().to_string().into()));
+    if let Some(identity) = peer_identity {
+        attributes.push(("tessera.peer.identity", identity.to_string().into()));
+    }
+    if let Some(Denial { policy, reason }) = denial {
+        attributes.push(("tessera.authz.decision", "deny".into()));
+        attributes.push(("tessera.authz.policy", policy.into()));
+        span_status = trace::SpanStatus::Error(reason.into());
+    }
+    (attributes, span_status)
 }
 
 impl ServerSpan {
+    /// The span of a request as it arrived (canonical: one authority).
     fn new(span: trace::ActiveSpan, request: &Request<InboundBody>) -> Box<Self> {
+        let request = trace::RequestAttributes::new(
+            request.method(),
+            request.uri(),
+            Some(crate::inbound::canonical::host(request)).filter(|host| !host.is_empty()),
+            request.version(),
+            crate::http::is_grpc(request.headers()),
+        );
         Box::new(Self {
             span,
-            method: request.method().to_string(),
-            path: request.uri().path().to_string(),
+            request,
+            denial: None,
         })
     }
 }
@@ -715,6 +762,94 @@ async fn first_byte(stream: &TcpStream) -> std::io::Result<Option<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trace::{SpanStatus, Value};
+
+    fn ended(
+        status: u16,
+        headers: &[(&'static str, &'static str)],
+        denial: Option<Denial>,
+    ) -> (trace::Attributes, SpanStatus) {
+        let request = Request::builder()
+            .method("POST")
+            .uri("http://orders.shop/orders/42?card=4111")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        let request = trace::RequestAttributes::new(
+            request.method(),
+            request.uri(),
+            Some("orders.shop"),
+            request.version(),
+            false,
+        );
+        let mut head = http::HeaderMap::new();
+        for (name, value) in headers {
+            head.insert(*name, HeaderValue::from_static(value));
+        }
+        let caller: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        server_span_ending(
+            request,
+            denial,
+            http::StatusCode::from_u16(status).unwrap(),
+            &head,
+            "10.0.0.7:40000".parse().unwrap(),
+            Some(&caller),
+        )
+    }
+
+    fn value<'a>(attributes: &'a trace::Attributes, key: &str) -> Option<&'a Value> {
+        attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    #[test]
+    fn a_server_span_records_the_request_and_errs_from_500() {
+        let (attributes, status) = ended(200, &[], None);
+        assert_eq!(status, SpanStatus::Unset);
+        assert_eq!(
+            value(&attributes, "http.response.status_code"),
+            Some(&Value::Int(200))
+        );
+        assert_eq!(value(&attributes, "server.port"), Some(&Value::Int(80)));
+        assert_eq!(value(&attributes, "url.path"), Some(&"/orders/42".into()));
+        assert_eq!(
+            value(&attributes, "tessera.peer.identity"),
+            Some(&"spiffe://cluster.local/ns/shop/sa/web".into())
+        );
+        assert_eq!(
+            value(&attributes, "client.address"),
+            Some(&"10.0.0.7".into())
+        );
+        assert!(!format!("{attributes:?}").contains("4111"), "no query");
+        // A server span leaves 4xx to the client.
+        assert_eq!(ended(404, &[], None).1, SpanStatus::Unset);
+        let (attributes, status) = ended(503, &[("tessera-proxy-error", "app-unavailable")], None);
+        assert_eq!(status, SpanStatus::Error("".into()));
+        assert_eq!(
+            value(&attributes, "error.type"),
+            Some(&"app-unavailable".into())
+        );
+        let (attributes, _) = ended(500, &[], None);
+        assert_eq!(value(&attributes, "error.type"), Some(&"500".into()));
+    }
+
+    #[test]
+    fn a_denied_request_is_an_error_with_the_reason_and_the_policy() {
+        let denial = Denial::new("shop/no-cancel", "matched a DENY policy");
+        let (attributes, status) = ended(403, &[], Some(denial));
+        assert_eq!(status, SpanStatus::Error("matched a DENY policy".into()));
+        assert_eq!(
+            value(&attributes, "tessera.authz.decision"),
+            Some(&"deny".into())
+        );
+        assert_eq!(
+            value(&attributes, "tessera.authz.policy"),
+            Some(&"shop/no-cancel".into())
+        );
+        assert_eq!(
+            value(&attributes, "http.response.status_code"),
+            Some(&Value::Int(403))
+        );
+    }
 
     #[test]
     fn repeated_headers_are_joined_and_single_ones_left_alone() {

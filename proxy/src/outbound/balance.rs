@@ -38,6 +38,9 @@ pub(crate) struct EndpointState {
     pub connectors: Connectors,
     /// The pooled HTTP/2 connections, shared by all requests.
     pub h2: crate::http2::client::SharedH2,
+    /// The request metrics of the requests this endpoint answers (its identity is their
+    /// destination), resolved by the upstream at its first request.
+    pub series: std::sync::OnceLock<Arc<crate::telemetry::RequestSeries>>,
     in_flight: AtomicU32,
     ewma_micros: AtomicU64,
     /// When `ewma_micros` was last fed, in milliseconds since the balancer's epoch.
@@ -124,6 +127,7 @@ impl Balancer {
                     identity: identity.clone(),
                     connectors,
                     h2: crate::http2::client::SharedH2::new(crate::http::ProxyError::Unreachable),
+                    series: std::sync::OnceLock::new(),
                     in_flight: AtomicU32::new(0),
                     ewma_micros: AtomicU64::new(INITIAL_EWMA_MICROS),
                     fed_at: AtomicU64::new(self.now_millis()),
@@ -293,7 +297,7 @@ pub(crate) mod tests {
             .collect()
     }
 
-    fn test_root() -> rustls_pki_types::CertificateDer<'static> {
+    pub(crate) fn test_root() -> rustls_pki_types::CertificateDer<'static> {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::default();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

@@ -22,6 +22,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
+use tessera_mesh::SpiffeId;
 use tessera_mesh::resources::RoutePolicySpec;
 use tessera_mesh::tls;
 use tokio::time::Instant;
@@ -37,7 +38,9 @@ use crate::limits::body_rate::Paced;
 use crate::outbound::balance::{Balancer, EndpointState};
 use crate::outbound::retry::{Next, RoutePolicy, Verdict};
 use crate::tcp;
-use crate::telemetry::{Direction, Label, Metrics, RequestMeter, RequestSeries};
+use crate::telemetry::{
+    Direction, EdgeLabels, Label, Metrics, RequestMeter, RequestSeries, Workload,
+};
 use crate::trace::{self, TraceContext, Tracer};
 
 /// Bodies up to this size are kept so a request can be retried.
@@ -46,8 +49,14 @@ const MAX_REPLAY_BODY: usize = 64 * 1024;
 /// An upstream service as the outbound proxy sees it.
 pub(crate) struct Upstream {
     pub name: String,
-    /// The request metrics of this upstream (source: this proxy's identity).
-    series: Arc<RequestSeries>,
+    /// This proxy's workload: the source of its requests and connections.
+    local_identity: SpiffeId,
+    local: Workload,
+    /// `name` as a label value.
+    service: Label,
+    /// The request metrics of requests that reached no endpoint (no identity verified:
+    /// the destination is unknown); each endpoint keeps the series of its identity.
+    unanswered: Arc<RequestSeries>,
     pub balancer: Arc<Balancer>,
     policy: ArcSwap<RoutePolicy>,
     policy_spec: ArcSwapOption<RoutePolicySpec>,
@@ -64,22 +73,24 @@ pub(crate) struct Upstream {
 impl Upstream {
     pub(crate) fn new(
         name: String,
-        local_identity: String,
+        local_identity: SpiffeId,
         metrics: Arc<Metrics>,
         limits: Limits,
         tracer: Arc<Tracer>,
         access_log: bool,
     ) -> Arc<Self> {
         let retries = metrics.retries(&name);
-        let series = RequestSeries::new(
+        let local = Workload::of(&local_identity);
+        let service = Label::new(name.as_str());
+        let unanswered = RequestSeries::new(
             metrics.clone(),
-            Direction::Outbound,
-            Label::new(local_identity),
-            Label::new(name.as_str()),
-            "mtls",
+            EdgeLabels::outbound(&local, &Workload::unknown(), service.clone()),
         );
         Arc::new(Self {
-            series,
+            local_identity,
+            local,
+            service,
+            unanswered,
             tracer,
             access_log,
             balancer: Balancer::new(name.clone()),
@@ -92,6 +103,19 @@ impl Upstream {
             #[cfg(test)]
             in_memory: None,
         })
+    }
+
+    /// The request metrics of the requests `endpoint` answers, resolved at its first:
+    /// later requests pay an atomic load and a reference count.
+    fn series(&self, endpoint: &EndpointState) -> Arc<RequestSeries> {
+        endpoint
+            .series
+            .get_or_init(|| {
+                let destination = Workload::of(&endpoint.identity);
+                let labels = EdgeLabels::outbound(&self.local, &destination, self.service.clone());
+                RequestSeries::new(self.metrics.clone(), labels)
+            })
+            .clone()
     }
 
     /// Applies a route policy from discovery; an unchanged one keeps its budget window.
@@ -117,7 +141,7 @@ impl Upstream {
     ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
         // The caller's trace, or a new one: every attempt of this request joins it.
         let context = trace::extract(request.headers()).or_else(|| self.tracer.root_context());
-        let meter = RequestMeter::start(self.series.clone())
+        let meter = RequestMeter::start()
             .with_trace(sampled_trace_id(context.as_ref()))
             .with_access_log(self.access_log, request.method(), request.uri());
         let exchange = if proxy_http::is_upgrade(&request) {
@@ -125,23 +149,32 @@ impl Upstream {
         } else {
             self.forward(request, context, log)
         };
-        async move { Ok(meter.finish(exchange.await)) }
+        async move {
+            let Answered {
+                response,
+                series,
+                span,
+            } = exchange.await;
+            Ok(meter.finish(series, span, response))
+        }
     }
 
     /// The request as the proxy-to-proxy hop carries it, then its attempts. Only what
     /// the attempts need crosses into the future: the head once, the body, the context.
+    /// The answer comes with the series it counts in: the answering endpoint's.
     fn forward(
         self: Arc<Self>,
         request: Request<CallerBody>,
         context: Option<TraceContext>,
         log: Arc<Span>,
-    ) -> BoxFuture<'static, Response<UpstreamBody>> {
+    ) -> BoxFuture<'static, Answered> {
         let grpc = proxy_http::is_grpc(request.headers());
         let policy = self.policy.load_full();
         let (mut parts, body) = request.into_parts();
         let original_version = parts.version;
         if let Err(error) = to_http2(&mut parts, &self.name) {
-            return Box::pin(std::future::ready(self.refusal(error, grpc, &log)));
+            let refused = self.unanswered(self.refusal(error, grpc, &log));
+            return Box::pin(std::future::ready(refused));
         }
         Box::pin(crate::assertions::size_between(1024, 1400, async move {
             let replay = if policy.may_retry(&parts.method) {
@@ -154,18 +187,23 @@ impl Upstream {
             };
             let replay = match replay {
                 Ok(replay) => replay,
-                Err(error) => return self.refusal(error, grpc, &log),
+                Err(error) => return self.unanswered(self.refusal(error, grpc, &log)),
             };
-            let outcome = self
+            let (outcome, series, span) = self
                 .attempts(&policy, &mut parts, replay, context.as_ref(), &log)
                 .await;
-            match outcome {
+            let response = match outcome {
                 Ok(mut response) => {
                     proxy_http::strip_hop_by_hop(response.headers_mut(), false);
                     *response.version_mut() = original_version;
                     response.map(Either::Left)
                 }
                 Err(error) => self.refusal(error, grpc, &log),
+            };
+            Answered {
+                response,
+                series,
+                span,
             }
         }))
     }
@@ -179,6 +217,8 @@ impl Upstream {
     /// Attempts until one succeeds, the policy allows no more, or the request's deadline
     /// passes ([`retry::Attempts`](super::retry::Attempts) decides which). Each attempt
     /// runs under one timer: the earlier of the request's deadline and the attempt's own.
+    /// The outcome comes with the series of the endpoint of the last attempt, and that
+    /// attempt's span, which ends with the answer's body.
     ///
     /// Not an `async fn`: an async block keeps its captures in place, where an `async fn`
     /// would keep its arguments twice (as passed, and as bound).
@@ -190,7 +230,7 @@ impl Upstream {
         mut replay: Replay,
         context: Option<&'a TraceContext>,
         log: &'a Span,
-    ) -> impl Future<Output = Result<Response<StreamBody>, ProxyError>> + Send + 'a {
+    ) -> impl Future<Output = Attempted> + Send + 'a {
         async move {
             // One clock reading serves the original request's budget deposit, its
             // deadline and its first attempt; each later attempt reads it again.
@@ -198,15 +238,17 @@ impl Upstream {
             let mut attempts = policy.attempts(&parts.method, replay.is_buffered(), began);
             loop {
                 self.balancer.readmit_expired(began);
-                let in_flight = self.balancer.pick(began).ok_or(ProxyError::NoEndpoints)?;
+                let Some(in_flight) = self.balancer.pick(began) else {
+                    return (Err(ProxyError::NoEndpoints), self.unanswered.clone(), None);
+                };
                 let endpoint = in_flight.endpoint();
                 let Some(body) = replay.next() else {
-                    return Err(ProxyError::Reset);
+                    return (Err(ProxyError::Reset), self.series(endpoint), None);
                 };
                 // A client span per attempt: retries show up as siblings in the trace.
                 let span = self
                     .tracer
-                    .start_span(context, parts.method.as_str(), trace::SpanKind::Client)
+                    .start_span(context, &parts.method, trace::SpanKind::Client)
                     .map(|span| AttemptSpan::new(span, parts));
                 let sent = self.attempt(
                     endpoint,
@@ -229,15 +271,18 @@ impl Upstream {
                     Verdict::Failure | Verdict::Retry => self.balancer.failure(endpoint, ended),
                     Verdict::CallersFault | Verdict::Unprocessed => {}
                 }
-                if let Some(span) = span {
-                    let worth_another = verdict.worth_another();
-                    self.finish_span(*span, &outcome, endpoint, attempts.current(), worth_another);
-                }
-                drop(in_flight);
+                let span = span
+                    .map(|span| self.span_ending(*span, &outcome, endpoint, attempts.current()));
                 match attempts.after(verdict, ended) {
-                    Next::Answer(_) => return outcome,
-                    Next::Retry | Next::Resend => self.retries.inc(),
+                    Next::Answer(_) => return (outcome, self.series(endpoint), span),
+                    Next::Retry | Next::Resend => {
+                        if let Some(span) = span {
+                            (*span).end(None);
+                        }
+                        self.retries.inc();
+                    }
                 };
+                drop(in_flight);
                 began = Instant::now();
             }
         }
@@ -284,34 +329,51 @@ impl Upstream {
         crate::http2::client::failure(error)
     }
 
-    fn finish_span(
+    /// What an attempt's client span records: the request, the answer or the proxy's
+    /// error (`error.type`), the endpoint's verified identity, and on a retry or resend
+    /// how many attempts came before. Per the conventions a client span is an error from
+    /// 400 on.
+    fn span_ending(
         &self,
         attempt_span: AttemptSpan,
         outcome: &Result<Response<StreamBody>, ProxyError>,
         endpoint: &EndpointState,
         attempt: u32,
-        error: bool,
-    ) {
-        let AttemptSpan {
-            span,
-            method,
-            path,
-            host,
-        } = attempt_span;
-        let status = outcome.as_ref().map_or_else(
-            |e| e.reason().to_string(),
-            |r| r.status().as_u16().to_string(),
-        );
-        let attributes = vec![
-            ("http.request.method", method),
-            ("url.path", path),
-            ("server.address", host),
-            ("http.response.status_code", status),
-            ("tessera.upstream", self.name.clone()),
-            ("tessera.peer.identity", endpoint.identity.to_string()),
-            ("tessera.attempt", attempt.to_string()),
-        ];
-        self.tracer.finish(span, attributes, error);
+    ) -> Box<trace::PendingSpan> {
+        let AttemptSpan { span, request } = attempt_span;
+        let mut attributes = Vec::with_capacity(16);
+        request.record(&mut attributes);
+        let status = match outcome {
+            Ok(response) => trace::response_attributes(
+                response.status(),
+                response.headers(),
+                400,
+                &mut attributes,
+            ),
+            Err(error) => {
+                attributes.push(("error.type", error.reason().into()));
+                trace::SpanStatus::Error(error.reason().into())
+            }
+        };
+        if attempt > 1 {
+            attributes.push(("http.request.resend_count", (attempt - 1).into()));
+        }
+        attributes.push(("tessera.destination_service", self.name.clone().into()));
+        attributes.push((
+            "tessera.peer.identity",
+            endpoint.identity.to_string().into(),
+        ));
+        let kind = trace::SpanKind::Client;
+        trace::PendingSpan::new(self.tracer.clone(), span, kind, attributes, status)
+    }
+
+    /// An answer that reached no endpoint.
+    fn unanswered(&self, response: Response<UpstreamBody>) -> Answered {
+        Answered {
+            response,
+            series: self.unanswered.clone(),
+            span: None,
+        }
     }
 
     /// A ready sender on the endpoint's pooled HTTP/2 connection, opened if needed.
@@ -412,8 +474,11 @@ impl Upstream {
                 return Err(ProxyError::Unreachable);
             }
         };
-        self.metrics
-            .connection(Direction::Outbound, &endpoint.identity);
+        self.metrics.connection(
+            Direction::Outbound,
+            &self.local_identity,
+            &endpoint.identity,
+        );
         Ok(stream)
     }
 
@@ -422,20 +487,27 @@ impl Upstream {
         self: Arc<Self>,
         request: Request<CallerBody>,
         log: Arc<Span>,
-    ) -> BoxFuture<'static, Response<UpstreamBody>> {
+    ) -> BoxFuture<'static, Answered> {
         let grpc = proxy_http::is_grpc(request.headers());
         Box::pin(async move {
+            let now = Instant::now();
+            self.balancer.readmit_expired(now);
+            let Some(in_flight) = self.balancer.pick(now) else {
+                return self.unanswered(self.refusal(ProxyError::NoEndpoints, grpc, &log));
+            };
+            let endpoint = in_flight.endpoint().clone();
             let upgraded = async {
-                let now = Instant::now();
-                self.balancer.readmit_expired(now);
-                let in_flight = self.balancer.pick(now).ok_or(ProxyError::NoEndpoints)?;
-                let endpoint = in_flight.endpoint().clone();
                 let stream = self.connect(&endpoint, &endpoint.connectors.http1).await?;
                 crate::upgrade::forward_upgrade(request, TokioIo::new(stream)).await
             };
-            match upgraded.await {
+            let response = match upgraded.await {
                 Ok(response) => response.map(Either::Right),
                 Err(error) => self.refusal(error, grpc, &log),
+            };
+            Answered {
+                response,
+                series: self.series(&endpoint),
+                span: None,
             }
         })
     }
@@ -506,23 +578,40 @@ fn take_parts(parts: &mut http::request::Parts) -> http::request::Parts {
 /// A response from upstream, or the proxy's own answer (an error, an upgrade).
 type UpstreamBody = Either<StreamBody, Body>;
 
+/// The caller's answer, the request series it counts in, and the span of the attempt
+/// that answered it (when traced), which ends with the answer's body.
+struct Answered {
+    response: Response<UpstreamBody>,
+    series: Arc<RequestSeries>,
+    span: Option<Box<trace::PendingSpan>>,
+}
+
+/// The last attempt's outcome, series and span.
+type Attempted = (
+    Result<Response<StreamBody>, ProxyError>,
+    Arc<RequestSeries>,
+    Option<Box<trace::PendingSpan>>,
+);
+
 /// An attempt's client span, and what it will record once the attempt ends. Boxed: the
 /// request's future carries a pointer, not the span and its strings.
 struct AttemptSpan {
     span: trace::ActiveSpan,
-    method: String,
-    path: String,
-    host: String,
+    request: trace::RequestAttributes,
 }
 
 impl AttemptSpan {
+    /// The span of an attempt sent as `parts` (the proxy-to-proxy hop: HTTP/2, the
+    /// authority in the URI).
     fn new(span: trace::ActiveSpan, parts: &http::request::Parts) -> Box<Self> {
-        Box::new(Self {
-            span,
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_string(),
-            host: parts.uri.host().unwrap_or_default().to_string(),
-        })
+        let request = trace::RequestAttributes::new(
+            &parts.method,
+            &parts.uri,
+            parts.uri.authority().map(Authority::as_str),
+            parts.version,
+            proxy_http::is_grpc(&parts.headers),
+        );
+        Box::new(Self { span, request })
     }
 }
 
@@ -590,6 +679,8 @@ mod tests {
     use hyper::service::service_fn;
     use tessera_mesh::resources::{OutlierDetectionSpec, RetryBudgetSpec, RetrySpec};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use opentelemetry_proto::tonic::trace::v1 as trace_proto;
 
     use super::*;
     use crate::limits::body_rate::MinRate;
@@ -716,11 +807,20 @@ mod tests {
     /// An upstream that can reach `peers` and lists them in this order, with `policy` in
     /// force.
     fn upstream(peers: &[&Arc<Peer>], policy: RoutePolicySpec) -> Arc<Upstream> {
+        upstream_tracing(peers, policy, Tracer::disabled(Counter::default()))
+    }
+
+    /// Like [`upstream`], with `tracer`.
+    fn upstream_tracing(
+        peers: &[&Arc<Peer>],
+        policy: RoutePolicySpec,
+        tracer: Tracer,
+    ) -> Arc<Upstream> {
         let metrics = Arc::new(Metrics::new());
-        let tracer = Arc::new(Tracer::disabled(Counter::default()));
+        let tracer = Arc::new(tracer);
         let mut upstream = Upstream::new(
             "backend.shop".into(),
-            "spiffe://td/ns/shop/sa/client".into(),
+            "spiffe://td/ns/shop/sa/client".parse().unwrap(),
             metrics,
             Limits::default(),
             tracer,
@@ -845,6 +945,83 @@ mod tests {
             "nor is a POST without a body"
         );
         assert_eq!(upstream.retries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_attempt_is_a_client_span_that_says_how_many_came_before() {
+        let (tracer, mut spans) = Tracer::capturing();
+        let peer = Peer::new("a", OK);
+        let policy = RoutePolicySpec {
+            retries: retries(2, 1.0, 100),
+            ..RoutePolicySpec::default()
+        };
+        let upstream = upstream_tracing(&[&peer], policy, tracer);
+        peer.script(&[UNAVAILABLE, Act::Reset]);
+        assert_eq!(send(&upstream, get()).await.status, StatusCode::OK);
+        let mut attempts = Vec::new();
+        while let Ok(span) = spans.try_recv() {
+            attempts.push(span);
+        }
+        assert_eq!(attempts.len(), 3, "{attempts:?}");
+        let value = |span: &trace_proto::Span, key: &str| {
+            let kv = span.attributes.iter().find(|kv| kv.key == key)?;
+            kv.value.clone()?.value
+        };
+        use opentelemetry_proto::tonic::common::v1::any_value::Value::{IntValue, StringValue};
+        let trace_id = &attempts[0].trace_id;
+        for (index, span) in attempts.iter().enumerate() {
+            assert_eq!(&span.trace_id, trace_id, "one trace");
+            assert_eq!(span.kind, trace::SpanKind::Client as i32);
+            let resends = (index > 0).then_some(IntValue(index as i64));
+            assert_eq!(value(span, "http.request.resend_count"), resends);
+            assert_eq!(
+                value(span, "tessera.destination_service"),
+                Some(StringValue("backend.shop".into()))
+            );
+            assert_eq!(
+                value(span, "tessera.peer.identity"),
+                Some(StringValue("spiffe://td/ns/a/sa/b".into()))
+            );
+            assert_eq!(value(span, "url.path"), Some(StringValue("/orders".into())));
+        }
+        assert_eq!(
+            value(&attempts[0], "http.response.status_code"),
+            Some(IntValue(503))
+        );
+        assert_eq!(value(&attempts[1], "http.response.status_code"), None);
+        assert_eq!(
+            value(&attempts[1], "error.type"),
+            Some(StringValue("upstream-reset".into()))
+        );
+        assert_eq!(
+            value(&attempts[2], "http.response.status_code"),
+            Some(IntValue(200))
+        );
+        let errors: Vec<bool> = attempts.iter().map(|span| span.status.is_some()).collect();
+        assert_eq!(errors, [true, true, false]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_count_under_the_identity_of_the_endpoint_that_answered() {
+        let peer = Peer::new("a", OK);
+        let upstream = upstream(&[&peer], RoutePolicySpec::default());
+        assert_eq!(send(&upstream, get()).await.status, StatusCode::OK);
+        upstream.balancer.update(&[], None, &connectors());
+        let answer = send(&upstream, get()).await;
+        assert_eq!(answer.error.as_deref(), Some("no-healthy-endpoints"));
+        let text = upstream.metrics.encode();
+        let count = |destination: &str| {
+            text.lines()
+                .filter(|line| {
+                    line.starts_with("tessera_requests_total{direction=\"outbound\",source_workload=\"client\",source_namespace=\"shop\",source_identity=\"spiffe://td/ns/shop/sa/client\",")
+                        && line.contains(destination)
+                        && line.contains("destination_service=\"backend.shop\"")
+                })
+                .count()
+        };
+        let answered = "destination_workload=\"b\",destination_namespace=\"a\",destination_identity=\"spiffe://td/ns/a/sa/b\"";
+        let unanswered = "destination_workload=\"unknown\",destination_namespace=\"unknown\",destination_identity=\"\"";
+        assert_eq!((count(answered), count(unanswered)), (1, 1), "{text}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -54,7 +54,7 @@ fn demo_runs_and_shows_verified_identities() {
     // The RED table covers the run: a rate, not "-".
     let red = stdout
         .lines()
-        .find(|line| line.starts_with("spiffe://cluster.local/ns/shop/sa/orders"))
+        .find(|line| line.starts_with("orders.shop "))
         .expect("a RED row for orders");
     let rps = red.split_whitespace().nth(2).unwrap_or_default();
     assert!(rps.parse::<f64>().is_ok_and(|r| r > 0.0), "{red}");
@@ -123,7 +123,7 @@ async fn tessera_stat_reads_a_running_demo() {
     println!("{table}");
     let orders = table
         .lines()
-        .find(|l| l.contains("/sa/orders"))
+        .find(|l| l.starts_with("orders.shop "))
         .unwrap_or_else(|| panic!("{table}"));
     let rps: f64 = orders
         .split_whitespace()
@@ -168,7 +168,7 @@ async fn tessera_stat_reads_a_running_demo() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["destination"].as_str().unwrap().ends_with("/sa/orders"))
+        .find(|r| r["workload"] == "orders")
         .unwrap()
         .clone();
     let mut total = 0.0;
@@ -180,15 +180,109 @@ async fn tessera_stat_reads_a_running_demo() {
             .lines()
             .filter(|l| {
                 l.starts_with("tessera_requests_total{direction=\"inbound\"")
-                    && l.contains("/sa/orders\"")
+                    && l.contains("destination_workload=\"orders\"")
             })
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum::<f64>();
     }
-    let stat_total = row["requests"].as_f64().unwrap();
+    let stat_total = row["requests"].as_u64().unwrap() as f64;
     println!("stat: {stat_total} requests, /metrics a moment later: {total}");
     assert!(
         stat_total <= total && stat_total >= total * 0.9,
         "stat {stat_total} vs metrics {total}"
+    );
+}
+
+/// The trace links the demo printed: (what, trace id).
+fn trace_links(stdout: &str) -> Vec<(String, String)> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let (what, link) = line.trim().split_once(" http://")?;
+            let id = link.split("/trace/").nth(1)?;
+            Some((what.trim().to_string(), id.trim().to_string()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_traces_into_a_named_jaeger_a_retried_and_a_denied_call() {
+    let Some(jaeger) = tessera_tests::telemetry::Jaeger::start().await else {
+        return;
+    };
+    let output = tokio::process::Command::new(binary("tessera"))
+        .args(["demo", "--duration", "4s", "--jaeger"])
+        .arg(jaeger.query.to_string())
+        .arg("--jaeger-otlp")
+        .arg(jaeger.otlp.to_string())
+        .output()
+        .await
+        .expect("run tessera demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "demo failed:\n{stdout}");
+    let links = trace_links(&stdout);
+    let link = |what: &str| {
+        links
+            .iter()
+            .find(|(w, _)| w.starts_with(what))
+            .map(|(_, id)| id.clone())
+            .unwrap_or_else(|| panic!("no link for {what}:\n{stdout}"))
+    };
+    // The retried call: the frontend proxy's two attempts, the first answered 503.
+    let retried = jaeger.trace(&link("a retried call"), 4).await.unwrap();
+    let attempts = retried.of("frontend.shop");
+    assert!(attempts.len() >= 2, "{}", retried.summary());
+    assert!(
+        attempts.iter().any(|a| a
+            .tag("http.response.status_code")
+            .is_some_and(|t| t["value"] == 503 || t["value"] == "503")),
+        "{}",
+        retried.summary()
+    );
+    // The denied call reached the orders proxy, not the application.
+    let denied = jaeger.trace(&link("the denied DELETE"), 2).await.unwrap();
+    let server = denied.of("orders.shop");
+    assert_eq!(server.len(), 1, "{}", denied.summary());
+    assert_eq!(server[0].operation(), "DELETE");
+    assert!(
+        stdout.contains(&format!("http://{}/trace/", jaeger.query)),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn the_demo_starts_a_jaeger_from_path_or_says_how_to_get_one() {
+    let run = |path: &str| {
+        let output = Command::new(binary("tessera"))
+            .args(["demo", "--duration", "3s"])
+            .env("PATH", path)
+            .output()
+            .expect("run tessera demo");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "demo with PATH={path} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    let without = run("/usr/bin:/bin");
+    assert!(
+        without.contains("Traces: no `jaeger` on PATH") && without.contains("--jaeger HOST:16686"),
+        "{without}"
+    );
+    let Some(jaeger) = tessera_tests::telemetry::tool("jaeger") else {
+        return;
+    };
+    let bin = jaeger.parent().unwrap().display().to_string();
+    let with = run(&format!("{bin}:/usr/bin:/bin"));
+    assert!(
+        with.contains(&format!("(started from {}", jaeger.display())),
+        "{with}"
+    );
+    assert_eq!(
+        trace_links(&with).len(),
+        2,
+        "a retried and a denied call, each found in Jaeger:\n{with}"
     );
 }

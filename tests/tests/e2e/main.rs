@@ -5,6 +5,7 @@
 
 mod authz;
 mod cert_manager;
+mod dashboards;
 mod demo;
 mod detection;
 mod discovery;
@@ -16,6 +17,7 @@ mod images;
 mod injected_pods;
 mod injection;
 mod install;
+mod jaeger;
 mod kubernetes;
 mod lifecycle;
 mod migration;

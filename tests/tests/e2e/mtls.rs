@@ -19,6 +19,18 @@ struct Mesh {
     client: Proxy,
 }
 
+/// The labels of `tessera_tcp_connections_total` for an mTLS connection from the
+/// workload `source` to `destination` (both of the test namespace).
+fn connection(source: &str, destination: &str) -> String {
+    format!(
+        "source_workload=\"{source}\",source_namespace=\"{NAMESPACE}\",source_identity=\"{}\",\
+         destination_workload=\"{destination}\",destination_namespace=\"{NAMESPACE}\",\
+         destination_identity=\"{}\",security=\"mtls\"",
+        spiffe(source),
+        spiffe(destination)
+    )
+}
+
 async fn mesh() -> Mesh {
     init();
     let control_plane = ControlPlane::start("1h", "").await;
@@ -46,12 +58,18 @@ async fn bytes_cross_mutual_tls_intact_with_half_close() {
     // Each side names the other by its verified SPIFFE ID.
     let (_, server_metrics) = mesh.server.admin("/metrics").await.unwrap();
     assert!(
-        server_metrics.contains(&format!("tessera_tcp_connections_total{{direction=\"inbound\",peer_identity=\"{}\",security=\"mtls\"}} 1", spiffe("client"))),
+        server_metrics.contains(&format!(
+            "tessera_tcp_connections_total{{direction=\"inbound\",{}}} 1",
+            connection("client", "server")
+        )),
         "{server_metrics}"
     );
     let (_, client_metrics) = mesh.client.admin("/metrics").await.unwrap();
     assert!(
-        client_metrics.contains(&format!("peer_identity=\"{}\"", spiffe("server"))),
+        client_metrics.contains(&format!(
+            "tessera_tcp_connections_total{{direction=\"outbound\",{}}} 1",
+            connection("client", "server")
+        )),
         "{client_metrics}"
     );
     assert!(
@@ -87,7 +105,10 @@ async fn bytes_cross_mutual_tls_intact_with_half_close() {
     }
     let (_, server_metrics) = mesh.server.admin("/metrics").await.unwrap();
     assert!(
-        server_metrics.contains(&format!("tessera_tcp_connections_total{{direction=\"inbound\",peer_identity=\"{}\",security=\"mtls\"}} 1", spiffe("client"))),
+        server_metrics.contains(&format!(
+            "tessera_tcp_connections_total{{direction=\"inbound\",{}}} 1",
+            connection("client", "server")
+        )),
         "{server_metrics}"
     );
 

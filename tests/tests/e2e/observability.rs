@@ -1,13 +1,14 @@
 //! What operators see: a real Prometheus scraping two proxies agrees with the load
 //! generator, and `tessera stat` agrees with the proxies' /metrics.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tessera_tests::backend::HttpBackend;
 use tessera_tests::l7::{Http1Client, L7Mesh};
-use tessera_tests::{Process, TempDir, binary, free_port, http_get, local};
+use tessera_tests::telemetry::{self, Prometheus};
+use tessera_tests::{binary, http_get, local};
 
 /// One request as the generator saw it.
 struct Observation {
@@ -23,30 +24,18 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-async fn query(prometheus: std::net::SocketAddr, promql: &str, at: f64) -> f64 {
-    let encoded: String = promql
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
-    let (status, body) = http_get(
-        prometheus,
-        &format!("/api/v1/query?query={encoded}&time={at:.3}"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let json: serde_json::Value =
-        serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {body}"));
-    json["data"]["result"][0]["value"][1]
+async fn query(prometheus: &Prometheus, promql: &str, at: f64) -> f64 {
+    let result = prometheus
+        .api(&format!(
+            "/api/v1/query?query={}&time={at:.3}",
+            telemetry::encode(promql)
+        ))
+        .await
+        .unwrap();
+    result["result"][0]["value"][1]
         .as_str()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no value for {promql}: {body}"))
+        .unwrap_or_else(|| panic!("no value for {promql}: {result}"))
 }
 
 fn within(label: &str, measured: f64, expected: f64, tolerance: f64) {
@@ -82,16 +71,6 @@ fn within_buckets(label: &str, measured: f64, expected: f64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_agrees_with_the_load_generator() {
-    if Command::new("prometheus")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
-        println!("SKIPPED: prometheus is not installed (scripts/test.sh installs it as root)");
-        return;
-    }
     let backend = HttpBackend::start("measured").await;
     backend
         .behaviour
@@ -100,41 +79,14 @@ async fn prometheus_agrees_with_the_load_generator() {
     backend.behaviour.delay_ms.store(32, Ordering::SeqCst);
     backend.behaviour.jitter_ms.store(12, Ordering::SeqCst);
     let mesh = L7Mesh::start(&[backend.address], "http", None).await;
-
-    let dir = TempDir::new("prometheus");
-    let port = free_port();
-    let targets = format!(
-        "'{}', '{}'",
+    let targets = vec![
         local(mesh.client.admin_port),
-        local(mesh.servers[0].admin_port)
-    );
-    std::fs::write(
-        dir.path().join("prometheus.yml"),
-        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tessera\n    static_configs:\n      - targets: [{targets}]\n"),
-    )
-    .unwrap();
-    let prometheus_process = Process::spawn(
-        "prometheus",
-        Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}")),
-    );
-    let prometheus = local(port);
-    prometheus_process
-        .logs
-        .wait_for(
-            &["Server is ready to receive web requests"],
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+        local(mesh.servers[0].admin_port),
+    ];
+    let Some(prometheus) = Prometheus::start(&[("tessera", targets)]).await else {
+        return;
+    };
+    let prometheus = &prometheus;
 
     // Closed-loop load, four connections, for 16 s.
     let entry = mesh.entry();
@@ -204,6 +156,33 @@ async fn prometheus_agrees_with_the_load_generator() {
     )
     .await;
     within("inbound request rate (req/s)", inbound, rate, 0.10);
+    // Both views of the edge carry the same workload labels: summed by them, the
+    // client's outbound and the server's inbound series fall together (twice the rate).
+    let edge = query(
+        prometheus,
+        "sum by (source_workload, source_namespace, destination_workload, destination_namespace) (rate(tessera_requests_total{source_workload=\"client\",destination_workload=\"backend\",destination_namespace=\"shop\"}[10s]))",
+        at,
+    )
+    .await;
+    within(
+        "client → backend, both directions (req/s)",
+        edge,
+        2.0 * rate,
+        0.10,
+    );
+    // The counter and the histogram share code_class.
+    let failing = query(
+        prometheus,
+        "sum(rate(tessera_requests_total{direction=\"outbound\",code_class=\"5xx\"}[10s])) / sum(rate(tessera_request_duration_seconds_count{direction=\"outbound\",code_class=\"5xx\"}[10s]))",
+        at,
+    )
+    .await;
+    within(
+        "5xx counted alike by counter and histogram",
+        failing,
+        1.0,
+        0.01,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -244,8 +223,10 @@ async fn tessera_stat_agrees_with_metrics() {
     );
     let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let row = &stats[0];
-    assert_eq!(row["destination"], tessera_tests::spiffe("backend"));
-    assert_eq!(row["requests"], 80.0);
+    assert_eq!(row["workload"], "backend");
+    assert_eq!(row["namespace"], tessera_tests::NAMESPACE);
+    assert_eq!(row["identity"], tessera_tests::spiffe("backend"));
+    assert_eq!(row["requests"].as_u64(), Some(80), "an integer: {row}");
     let success = row["successRate"].as_f64().unwrap();
     assert!(
         (success - ok / total).abs() < 1e-9,
@@ -281,7 +262,8 @@ async fn tessera_stat_agrees_with_metrics() {
     let table = String::from_utf8_lossy(&output.stdout);
     println!("{table}");
     assert!(
-        table.contains("SUCCESS") && table.contains(&tessera_tests::spiffe("backend")),
+        table.contains("SUCCESS")
+            && table.contains(&format!("backend.{}", tessera_tests::NAMESPACE)),
         "{table}"
     );
 }

@@ -34,7 +34,10 @@ async fn retries_mask_a_backend_failing_30_percent() {
     let statuses = load(mesh.entry(), "/flaky", 10_000, 16).await;
     let ok = statuses.iter().filter(|s| **s == 200).count();
     let (_, metrics) = mesh.client.admin("/metrics").await.unwrap();
-    let retries = sample(&metrics, "tessera_retries_total{upstream=\"backend.shop\"}");
+    let retries = sample(
+        &metrics,
+        "tessera_retries_total{destination_service=\"backend.shop\"}",
+    );
     println!(
         "{ok}/10000 succeeded in {:?}; {retries} retries; backend saw {} requests",
         started.elapsed(),
@@ -66,7 +69,10 @@ async fn retries_stay_within_budget_when_everything_fails() {
         "the application's own 503 comes back"
     );
     let (_, metrics) = mesh.client.admin("/metrics").await.unwrap();
-    let retries = sample(&metrics, "tessera_retries_total{upstream=\"backend.shop\"}");
+    let retries = sample(
+        &metrics,
+        "tessera_retries_total{destination_service=\"backend.shop\"}",
+    );
     // Budget: 20 % of traffic plus 5/s over a 10 s window (the floor counts once per
     // window, the whole run fits in one or two).
     let windows = (elapsed.as_secs_f64() / 10.0).ceil().max(1.0);
@@ -246,6 +252,9 @@ async fn a_callers_malformed_body_is_its_own_error_and_ejects_nothing() {
         "the only endpoint still serves: {statuses:?}"
     );
     let (_, metrics) = mesh.client.admin("/metrics").await.unwrap();
-    let retries = sample(&metrics, "tessera_retries_total{upstream=\"backend.shop\"}");
+    let retries = sample(
+        &metrics,
+        "tessera_retries_total{destination_service=\"backend.shop\"}",
+    );
     assert_eq!(retries, 0.0, "a caller's error was retried: {metrics}");
 }

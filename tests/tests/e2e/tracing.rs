@@ -1,5 +1,8 @@
 //! Traces: an application instrumented with the official OpenTelemetry SDK, both proxies
-//! and a real OTLP/gRPC collector agree on one trace with correct parent links; B3-only
+//! and a real OTLP/gRPC collector agree on one trace with correct parent links; spans carry
+//! OpenTelemetry's HTTP semantic conventions with their types; a retried request has a
+//! client span per attempt and its failures are errors; gRPC calls carry the RPC
+//! conventions; a denied request errs with the reason and the deciding policy; B3-only
 //! callers are joined; a dead or slow collector costs spans (counted), not requests.
 
 use std::collections::HashMap;
@@ -105,14 +108,41 @@ async fn one_trace_from_the_app_through_both_proxies() {
         Some("GET")
     );
     assert_eq!(server.attribute("url.path").as_deref(), Some("/checkout"));
+    assert_eq!(server.int_attribute("http.response.status_code"), Some(200));
+    assert_eq!(server.attribute("url.scheme").as_deref(), Some("http"));
+    assert!(server.int_attribute("server.port").is_some(), "{server:?}");
     assert_eq!(
-        server.attribute("http.response.status_code").as_deref(),
-        Some("200")
+        server.attribute("network.protocol.version").as_deref(),
+        Some("2"),
+        "the hop from the client proxy"
     );
     assert_eq!(
         server.attribute("tessera.peer.identity"),
         Some(tessera_tests::spiffe("client"))
     );
+    assert_eq!(server.status().0, 0, "unset: a 200");
+    assert_eq!(client.int_attribute("http.response.status_code"), Some(200));
+    assert_eq!(client.attribute("url.path").as_deref(), Some("/checkout"));
+    assert_eq!(
+        client.attribute("tessera.destination_service").as_deref(),
+        Some("backend.shop")
+    );
+    assert_eq!(
+        client.attribute("tessera.peer.identity"),
+        Some(tessera_tests::spiffe("backend"))
+    );
+    assert_eq!(client.int_attribute("http.request.resend_count"), None);
+    // The workload, its namespace and identity describe the exporter.
+    for (span, workload) in [(&client, "client"), (&server, "backend")] {
+        let resource = |key| span.resource_attribute(key);
+        assert_eq!(resource("service.namespace").as_deref(), Some("shop"));
+        assert_eq!(resource("tessera.workload").as_deref(), Some(workload));
+        assert_eq!(
+            resource("tessera.identity"),
+            Some(tessera_tests::spiffe(workload))
+        );
+        assert!(resource("service.version").is_some());
+    }
 
     // The latency histogram links to the trace (OpenMetrics exemplar).
     let metrics = exemplar_metrics(mesh.client.admin_port).await;
@@ -156,6 +186,201 @@ async fn one_trace_from_the_app_through_both_proxies() {
             .len()
             >= 2
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_request_has_a_span_per_attempt_and_failures_are_errors() {
+    let collector = OtlpCollector::start(Duration::ZERO).await;
+    let backend = HttpBackend::start("down").await;
+    let retries = "  retries:\n    attempts: 2\n    budget: {ratio: 1.0, minPerSecond: 100}\n";
+    let mesh = L7Mesh::start_with(
+        &[backend.address],
+        "http",
+        Some(retries),
+        &tracing_yaml(&collector.endpoint()),
+    )
+    .await;
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traced = HashMap::from([(
+        "traceparent".to_string(),
+        format!("00-{trace_id}-{caller_span}-01"),
+    )]);
+    assert_eq!(
+        get_with(mesh.entry(), "/fail", &traced).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let spans = collector.trace(trace_id, 6).await;
+    let mut attempts: Vec<_> = spans
+        .iter()
+        .filter(|s| s.service == "client.shop")
+        .collect();
+    attempts.sort_by_key(|s| s.span.start_time_unix_nano);
+    assert_eq!(attempts.len(), 3, "one span per attempt: {spans:?}");
+    for (index, attempt) in attempts.iter().enumerate() {
+        assert_eq!(
+            attempt.parent_span_id(),
+            caller_span,
+            "siblings under the caller"
+        );
+        let resends = (index > 0).then_some(index as i64);
+        assert_eq!(attempt.int_attribute("http.request.resend_count"), resends);
+        assert_eq!(
+            attempt.int_attribute("http.response.status_code"),
+            Some(503)
+        );
+        assert_eq!(attempt.attribute("error.type").as_deref(), Some("503"));
+        assert_eq!(attempt.status().0, 2, "a client span errs on a 503");
+        // Each attempt reached the server proxy, whose span is its child and errs too.
+        let server = spans
+            .iter()
+            .find(|s| s.service == "backend.shop" && s.parent_span_id() == attempt.span_id())
+            .unwrap_or_else(|| panic!("no server span under attempt {index}: {spans:?}"));
+        assert_eq!(server.int_attribute("http.response.status_code"), Some(503));
+        assert_eq!(server.status().0, 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_calls_carry_the_rpc_conventions_and_their_status_from_the_trailers() {
+    use tessera_tests::backend::echo_proto::Message;
+    use tessera_tests::backend::echo_proto::echo_client::EchoClient;
+    let collector = OtlpCollector::start(Duration::ZERO).await;
+    let (service, _task) = tessera_tests::backend::start_grpc().await;
+    let mesh = L7Mesh::start_with(
+        &[service],
+        "grpc",
+        None,
+        &tracing_yaml(&collector.endpoint()),
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", mesh.entry()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = EchoClient::new(channel);
+    // (trace, what to send, gRPC status, whether the server span errs)
+    let calls = [
+        ("6bf92f3577b34da6a3ce929d0e0e4736", "hello", 0, false),
+        // FAILED_PRECONDITION: the caller's problem, an error for the client only.
+        ("7bf92f3577b34da6a3ce929d0e0e4736", "fail", 9, false),
+    ];
+    for (trace_id, text, _, _) in calls {
+        let mut request = tonic::Request::new(Message {
+            text: text.into(),
+            count: 1,
+        });
+        let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        let _ = client.unary(request).await;
+    }
+    for (trace_id, text, status, server_errs) in calls {
+        let spans = collector.trace(trace_id, 2).await;
+        for span in &spans {
+            let name = format!("{text}: {}", span.service);
+            assert_eq!(
+                span.attribute("rpc.system").as_deref(),
+                Some("grpc"),
+                "{name}"
+            );
+            assert_eq!(
+                span.attribute("rpc.service").as_deref(),
+                Some("tessera.test.v1.Echo"),
+                "{name}"
+            );
+            assert_eq!(
+                span.attribute("rpc.method").as_deref(),
+                Some("Unary"),
+                "{name}"
+            );
+            assert_eq!(
+                span.int_attribute("rpc.grpc.status_code"),
+                Some(status),
+                "{name}"
+            );
+            assert_eq!(span.int_attribute("http.response.status_code"), Some(200));
+            let errs = if span.span.kind == 3 {
+                status != 0
+            } else {
+                server_errs
+            };
+            assert_eq!(span.status().0 == 2, errs, "{name}: {:?}", span.status());
+        }
+        let kinds: Vec<i32> = spans.iter().map(|s| s.span.kind).collect();
+        assert!(
+            kinds.contains(&2) && kinds.contains(&3),
+            "{text}: {spans:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denied_request_is_an_error_span_with_the_reason_and_the_policy() {
+    use tessera_tests::l7::resource;
+    let collector = OtlpCollector::start(Duration::ZERO).await;
+    let backend = HttpBackend::start("guarded").await;
+    let mesh = L7Mesh::start_with(
+        &[backend.address],
+        "http",
+        None,
+        &tracing_yaml(&collector.endpoint()),
+    )
+    .await;
+    let deny_admin = resource(
+        "AuthorizationPolicy",
+        "no-admin",
+        "  selector: {serviceAccount: backend}\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin]}}]\n",
+    );
+    let allow_public = resource(
+        "AuthorizationPolicy",
+        "public-only",
+        "  selector: {serviceAccount: backend}\n  action: ALLOW\n  rules:\n  - to: [{operation: {paths: [/public]}}]\n",
+    );
+    mesh.apply("policy.yaml", &format!("{deny_admin}---\n{allow_public}"))
+        .await;
+    // (trace, path, deciding policy, reason)
+    let cases = [
+        (
+            "8bf92f3577b34da6a3ce929d0e0e4736",
+            "/admin",
+            "shop/no-admin",
+            "matched a DENY policy",
+        ),
+        (
+            "9bf92f3577b34da6a3ce929d0e0e4736",
+            "/private",
+            "none",
+            "no ALLOW policy matched",
+        ),
+    ];
+    for (trace_id, path, policy, reason) in cases {
+        let traced = HashMap::from([(
+            "traceparent".to_string(),
+            format!("00-{trace_id}-00f067aa0ba902b7-01"),
+        )]);
+        assert_eq!(
+            get_with(mesh.entry(), path, &traced).await,
+            StatusCode::FORBIDDEN
+        );
+        let spans = collector.trace(trace_id, 2).await;
+        let server = spans
+            .iter()
+            .find(|s| s.service == "backend.shop")
+            .unwrap_or_else(|| panic!("{path}: no server span: {spans:?}"));
+        assert_eq!(server.status(), (2, reason.to_string()), "{path}");
+        assert_eq!(
+            server.attribute("tessera.authz.decision").as_deref(),
+            Some("deny")
+        );
+        assert_eq!(
+            server.attribute("tessera.authz.policy").as_deref(),
+            Some(policy)
+        );
+        assert_eq!(server.int_attribute("http.response.status_code"), Some(403));
+    }
 }
 
 async fn exemplar_metrics(admin_port: u16) -> String {

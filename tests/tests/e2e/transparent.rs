@@ -658,7 +658,8 @@ async fn ipv6_pods_are_captured_and_routed_by_vip() {
             .lines()
             .any(|line| line.starts_with("tessera_requests_total")
                 && line.contains("direction=\"inbound\"")
-                && line.contains("sa/client6")),
+                && line.contains("source_workload=\"client6\"")
+                && line.contains("security=\"mtls\"")),
         "no inbound request from client6 in the server's metrics:\n{metrics}"
     );
 }
