@@ -6,7 +6,8 @@
 //! builds the paths, `load` drives them, `proc_stats` reads each proxy's CPU time and
 //! memory from /proc, `control_plane` measures certificate signing and configuration
 //! push, `report` prints the table and writes JSON, `run_name` names a run's results by
-//! date and commit. `scenario` decides what runs in which order.
+//! date and commit. `scenario` decides what runs in which order. `rate_limit` measures
+//! how closely a RateLimitPolicy holds its rate under overload (`rate-limit`).
 //!
 //! `benches/hot_paths.rs` measures, with criterion, the pieces of work the proxy does on
 //! every connection or request: protocol detection, policy evaluation, path
@@ -21,6 +22,7 @@ pub mod error;
 pub mod load;
 pub mod proc_stats;
 pub mod process;
+pub mod rate_limit;
 pub mod report;
 pub mod run_name;
 pub mod scenario;

@@ -77,6 +77,23 @@ enum Command {
         #[arg(long, default_value = "32")]
         connections: usize,
     },
+    /// A Tessera pair with a RateLimitPolicy on its HTTP service, offered a multiple of
+    /// the limit by several callers: prints the limit and the offered and admitted
+    /// rates, and how far admitted is from what a token bucket admits.
+    RateLimit {
+        /// Requests a second the policy allows.
+        #[arg(long, default_value = "200")]
+        limit: u32,
+        #[arg(long, default_value = "20")]
+        burst: u32,
+        /// Offered load as a multiple of the limit.
+        #[arg(long, default_value = "5")]
+        overload: u32,
+        #[arg(long, default_value = "8")]
+        callers: u32,
+        #[arg(long, default_value = "10")]
+        seconds: u64,
+    },
     /// Internal: the gRPC and TCP echo servers, run as a child process.
     #[command(hide = true)]
     ServeBackends,
@@ -156,6 +173,24 @@ fn main() -> anyhow::Result<ExitCode> {
             let target = open_loop::Target::Http(HttpRequest::get(address, &path));
             let result = runtime.block_on(open_loop::run(&target, settings))?;
             println!("{result:#?}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::RateLimit {
+            limit,
+            burst,
+            overload,
+            callers,
+            seconds,
+        } => {
+            let settings = tessera_benches::rate_limit::Settings {
+                limit,
+                burst,
+                overload,
+                callers,
+                duration: std::time::Duration::from_secs(seconds),
+            };
+            let figures = runtime.block_on(tessera_benches::rate_limit::run(settings))?;
+            println!("{}", figures.render());
             return Ok(ExitCode::SUCCESS);
         }
         Command::Up => {

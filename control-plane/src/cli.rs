@@ -511,6 +511,8 @@ pub struct ServiceStat {
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Requests and opaque connections a RateLimitPolicy refused.
+    pub rate_limited: u64,
 }
 
 /// The proxies `tessera stat --control-plane-admin` reads: the admin address of each
@@ -595,8 +597,8 @@ impl Scrape {
 /// Renders stats as the terminal table.
 pub fn stat_table(stats: &[ServiceStat]) -> String {
     let mut out = format!(
-        "{:<40} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}\n",
-        "WORKLOAD", "SUCCESS", "RPS", "P50", "P95", "P99", "REQUESTS"
+        "{:<40} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}\n",
+        "WORKLOAD", "SUCCESS", "RPS", "P50", "P95", "P99", "REQUESTS", "LIMITED"
     );
     let percent = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", v * 100.0));
     let number =
@@ -604,14 +606,15 @@ pub fn stat_table(stats: &[ServiceStat]) -> String {
     for stat in stats {
         let _ = writeln!(
             out,
-            "{:<40} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "{:<40} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
             format!("{}.{}", stat.workload, stat.namespace),
             percent(stat.success_rate),
             number(stat.requests_per_second, ""),
             number(stat.p50_ms, "ms"),
             number(stat.p95_ms, "ms"),
             number(stat.p99_ms, "ms"),
-            stat.requests
+            stat.requests,
+            stat.rate_limited
         );
     }
     out
@@ -655,16 +658,21 @@ type Served = (String, String, String);
 
 fn summarise(before: &[Sample], after: &[Sample], window_seconds: Option<f64>) -> Vec<ServiceStat> {
     use std::collections::BTreeMap;
-    // Totals per workload served: (requests, successes, buckets le → count).
-    type Totals = BTreeMap<Served, (f64, f64, BTreeMap<u64, f64>)>;
+    // Totals per workload served: (requests, successes, buckets le → count, rate
+    // limited).
+    type Totals = BTreeMap<Served, (f64, f64, BTreeMap<u64, f64>, f64)>;
     let totals = |samples: &[Sample]| {
         let mut totals: Totals = BTreeMap::new();
         for (name, labels, value) in samples {
-            let relevant = matches!(
-                name.as_str(),
-                "tessera_requests_total" | "tessera_request_duration_seconds_bucket"
-            );
-            if !relevant || label(labels, "direction") != "inbound" {
+            let relevant = match name.as_str() {
+                "tessera_requests_total" | "tessera_request_duration_seconds_bucket" => {
+                    label(labels, "direction") == "inbound"
+                }
+                // Only ever inbound.
+                "tessera_rate_limited_total" => true,
+                _ => false,
+            };
+            if !relevant {
                 continue;
             }
             let served = (
@@ -691,6 +699,7 @@ fn summarise(before: &[Sample], after: &[Sample], window_seconds: Option<f64>) -
                     };
                     *entry.2.entry(bound.to_bits()).or_default() += value;
                 }
+                "tessera_rate_limited_total" => entry.3 += value,
                 _ => {}
             }
         }
@@ -699,8 +708,8 @@ fn summarise(before: &[Sample], after: &[Sample], window_seconds: Option<f64>) -
     let (before, after) = (totals(before), totals(after));
     after
         .into_iter()
-        .map(|(served, (requests, successes, buckets))| {
-            let (requests_before, successes_before, buckets_before) =
+        .map(|(served, (requests, successes, buckets, limited))| {
+            let (requests_before, successes_before, buckets_before, limited_before) =
                 before.get(&served).cloned().unwrap_or_default();
             let requests = requests - requests_before;
             let successes = successes - successes_before;
@@ -728,6 +737,7 @@ fn summarise(before: &[Sample], after: &[Sample], window_seconds: Option<f64>) -
                 p50_ms: quantile(0.5),
                 p95_ms: quantile(0.95),
                 p99_ms: quantile(0.99),
+                rate_limited: (limited - limited_before).max(0.0).round() as u64,
             }
         })
         .collect()
@@ -1152,7 +1162,10 @@ mod tests {
                 2,
             ),
         ]
-        .concat();
+        .concat()
+            + "tessera_rate_limited_total{destination_workload=\"orders\",destination_namespace=\"shop\",\
+               destination_identity=\"spiffe://cluster.local/ns/shop/sa/orders\",policy=\"shop/api\",\
+               limit=\"per-caller\"} 3\n";
         let stats = summarise(&[], &parse_samples(&text), None);
         assert_eq!(stats.len(), 2, "{stats:?}");
         let orders = stats.iter().find(|s| s.workload == "orders").unwrap();
@@ -1169,7 +1182,11 @@ mod tests {
             "an integer: {json}"
         );
         assert!(json["requests"].is_u64(), "{json}");
+        assert_eq!(json["rateLimited"], serde_json::json!(3), "{json}");
+        let cache = stats.iter().find(|s| s.workload == "cache").unwrap();
+        assert_eq!(cache.rate_limited, 0);
         let table = stat_table(&stats);
+        assert!(table.contains("LIMITED"), "{table}");
         assert!(table.contains("orders.shop"), "{table}");
         assert!(table.contains("cache.shop"), "{table}");
     }

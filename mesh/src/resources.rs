@@ -97,6 +97,7 @@ pub enum Spec {
     PeerAuthentication(crate::policy::PeerAuthenticationSpec),
     AuthorizationPolicy(crate::policy::AuthorizationPolicySpec),
     RequestAuthentication(crate::policy::RequestAuthenticationSpec),
+    RateLimitPolicy(crate::rate_limit::RateLimitPolicySpec),
 }
 
 impl Spec {
@@ -109,6 +110,7 @@ impl Spec {
             Spec::PeerAuthentication(_) => "PeerAuthentication",
             Spec::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Spec::RequestAuthentication(_) => "RequestAuthentication",
+            Spec::RateLimitPolicy(_) => "RateLimitPolicy",
         }
     }
 }
@@ -274,7 +276,7 @@ fn default_max_ejection_percent() -> u32 {
 /// What a duration looks like ("10s", "1m 30s", "250ms"), for the CRD schema: the API
 /// server refuses anything else before the control plane sees it.
 #[cfg(feature = "schema")]
-const DURATION_PATTERN: &str = r"^([0-9]+ ?[a-zA-Zµ]+ ?)+$";
+pub(crate) const DURATION_PATTERN: &str = r"^([0-9]+ ?[a-zA-Zµ]+ ?)+$";
 
 /// A CEL rule for a map keyed by port numbers (YAML and JSON keys are strings).
 #[cfg(feature = "schema")]
@@ -297,12 +299,12 @@ pub mod duration {
     }
 }
 
-mod optional_duration {
+pub(crate) mod optional_duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(
+    pub(crate) fn serialize<S: Serializer>(
         value: &Option<Duration>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
@@ -312,7 +314,7 @@ mod optional_duration {
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<Duration>, D::Error> {
         let text = Option::<String>::deserialize(deserializer)?;
@@ -535,10 +537,11 @@ fn parse_document(file: &Path, first_line: u64, text: &str) -> Result<Resource, 
         "RequestAuthentication" => {
             typed(text, origin, Spec::RequestAuthentication).map_err(yaml_error)
         }
+        "RateLimitPolicy" => typed(text, origin, Spec::RateLimitPolicy).map_err(yaml_error),
         other => Err(ConfigError {
             origin,
             reason: format!(
-                "unknown kind {other:?} (this version understands: MeshConfig, Service, Workload, RoutePolicy, PeerAuthentication, AuthorizationPolicy, RequestAuthentication)"
+                "unknown kind {other:?} (this version understands: MeshConfig, Service, Workload, RoutePolicy, PeerAuthentication, AuthorizationPolicy, RequestAuthentication, RateLimitPolicy)"
             ),
         }),
     }

@@ -14,6 +14,7 @@ use crate::policy::{
     AuthorizationPolicySpec, CompiledPolicy, Named, PeerAuthenticationSpec,
     RequestAuthenticationSpec,
 };
+use crate::rate_limit::{self, RateLimitPolicySpec};
 use crate::resources::{
     ConfigError, Origin, Protocol, Resource, RoutePolicySpec, ServicePort, Spec,
 };
@@ -47,6 +48,8 @@ pub struct MeshSnapshot {
     pub authorization_policies: Vec<Named<AuthorizationPolicySpec>>,
     #[serde(default)]
     pub request_authentications: Vec<Named<RequestAuthenticationSpec>>,
+    #[serde(default)]
+    pub rate_limit_policies: Vec<Named<RateLimitPolicySpec>>,
 }
 
 /// One service.
@@ -257,6 +260,16 @@ impl MeshSnapshot {
                         namespace: namespace_of(resource)?,
                         spec: spec.clone(),
                     })
+                }
+                Spec::RateLimitPolicy(spec) => {
+                    let policy = Named {
+                        name: name(),
+                        namespace: namespace_of(resource)?,
+                        spec: spec.clone(),
+                    };
+                    rate_limit::compile(&policy)
+                        .map_err(|error| invalid(resource, error.to_string()))?;
+                    snapshot.rate_limit_policies.push(policy);
                 }
                 _ => {}
             }
@@ -510,6 +523,37 @@ spec:
         let resources = parse_file(Path::new("mesh.yaml"), &fixed).unwrap();
         let snapshot = MeshSnapshot::from_resources("cluster.local", &resources).unwrap();
         assert_eq!(snapshot.authorization_policies.len(), 1);
+    }
+
+    #[test]
+    fn a_rate_limit_policy_that_cannot_be_compiled_is_refused_at_its_line() {
+        let text = format!(
+            "{MESH}---
+apiVersion: tessera.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {{name: api, namespace: shop}}
+spec:
+  selector: {{serviceAccount: orders}}
+  limits:
+  - {{name: checkout, match: {{pathPrefix: /checkout}}, requestsPerSecond: 10, burst: 0}}
+"
+        );
+        let resources = parse_file(Path::new("mesh.yaml"), &text).unwrap();
+        let error = MeshSnapshot::from_resources("cluster.local", &resources).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "mesh.yaml:21: spec.limits[0].burst: must be at least 1"
+        );
+        let fixed = text.replace("burst: 0", "burst: 20");
+        let resources = parse_file(Path::new("mesh.yaml"), &fixed).unwrap();
+        let snapshot = MeshSnapshot::from_resources("cluster.local", &resources).unwrap();
+        assert_eq!(snapshot.rate_limit_policies.len(), 1);
+        assert_eq!(snapshot.rate_limit_policies[0].id(), "shop/api");
+
+        let typo = text.replace("requestsPerSecond", "requestPerSecond");
+        let error = parse_file(Path::new("mesh.yaml"), &typo).unwrap_err();
+        assert_eq!(error.origin.line, 26, "{error}");
+        assert!(error.reason.contains("requestPerSecond"), "{error}");
     }
 
     #[test]

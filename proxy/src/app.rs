@@ -18,6 +18,7 @@ use crate::control_plane::ControlPlane;
 use crate::discovery::Discovery;
 use crate::identity::IdentityManager;
 use crate::inbound::InboundSet;
+use crate::inbound::rate_limit::RateLimiters;
 use crate::lifecycle::DrainTrigger;
 use crate::listeners::{Listeners, follow_inbound_policy};
 use crate::outbound::endpoint::{ConnectorFactory, Connectors};
@@ -139,6 +140,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         access_log: config.access_log,
         drain: drain.clone(),
         inbounds: Arc::new(InboundSet::default()),
+        rate_limiters: RateLimiters::new(identity.identity()),
     });
 
     let mut inbound_addresses = Vec::new();

@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tessera_mesh::policy::{
     AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
+use tessera_mesh::rate_limit::RateLimitPolicySpec;
 use tessera_mesh::snapshot::{MAX_SNAPSHOT_BYTES, MeshSnapshot, ServiceEntry};
 use tessera_proto::api::discovery::WatchRequest;
 use tessera_proto::api::discovery::discovery_client::DiscoveryClient;
@@ -36,6 +37,7 @@ pub struct MeshView {
     pub peer_authentications: Vec<Named<PeerAuthenticationSpec>>,
     pub authorization_policies: Vec<Named<AuthorizationPolicySpec>>,
     pub request_authentications: Vec<Named<RequestAuthenticationSpec>>,
+    pub rate_limit_policies: Vec<Named<RateLimitPolicySpec>>,
     /// Service keys by virtual IP, for transparent outbound routing.
     pub by_address: HashMap<IpAddr, String>,
 }
@@ -58,6 +60,7 @@ impl MeshView {
             peer_authentications: snapshot.peer_authentications,
             authorization_policies: snapshot.authorization_policies,
             request_authentications: snapshot.request_authentications,
+            rate_limit_policies: snapshot.rate_limit_policies,
         }
     }
 }
@@ -72,6 +75,7 @@ pub struct MeshViewDump<'a> {
     pub peer_authentications: &'a [Named<PeerAuthenticationSpec>],
     pub authorization_policies: &'a [Named<AuthorizationPolicySpec>],
     pub request_authentications: &'a [Named<RequestAuthenticationSpec>],
+    pub rate_limit_policies: &'a [Named<RateLimitPolicySpec>],
 }
 
 impl MeshView {
@@ -85,6 +89,7 @@ impl MeshView {
             peer_authentications: &self.peer_authentications,
             authorization_policies: &self.authorization_policies,
             request_authentications: &self.request_authentications,
+            rate_limit_policies: &self.rate_limit_policies,
         }
     }
 

@@ -216,6 +216,9 @@ pub enum ProxyError {
     Unauthenticated(&'static str),
     /// The proxy holds as many requests or application connections as it may.
     Overloaded,
+    /// A RateLimitPolicy has no token for the request now; one comes in
+    /// `retry_after_seconds` (rounded up).
+    RateLimited { retry_after_seconds: u64 },
 }
 
 impl ProxyError {
@@ -234,6 +237,7 @@ impl ProxyError {
             ProxyError::Forbidden => "access-denied",
             ProxyError::Unauthenticated(reason) => reason,
             ProxyError::Overloaded => "proxy-overloaded",
+            ProxyError::RateLimited { .. } => "rate-limited",
         }
     }
 
@@ -251,17 +255,19 @@ impl ProxyError {
             ProxyError::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
     /// gRPC status code: UNAVAILABLE, DEADLINE_EXCEEDED, INVALID_ARGUMENT,
-    /// PERMISSION_DENIED or UNAUTHENTICATED.
+    /// PERMISSION_DENIED, UNAUTHENTICATED or RESOURCE_EXHAUSTED.
     fn grpc_status(self) -> &'static str {
         match self {
             ProxyError::Timeout | ProxyError::RequestBodyTimeout => "4",
             ProxyError::BadRequest | ProxyError::BadRequestBody => "3",
             ProxyError::Forbidden => "7",
             ProxyError::Unauthenticated(_) => "16",
+            ProxyError::RateLimited { .. } => "8",
             _ => "14",
         }
     }
@@ -287,11 +293,21 @@ impl ProxyError {
             );
         } else {
             *response.status_mut() = self.status();
-            if let ProxyError::Unauthenticated(_) = self {
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
-                );
+            match self {
+                ProxyError::Unauthenticated(_) => {
+                    response.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                    );
+                }
+                ProxyError::RateLimited {
+                    retry_after_seconds,
+                } => {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+                }
+                _ => {}
             }
             *response.body_mut() = boxed(
                 http_body_util::Full::new(Bytes::from_static(self.reason().as_bytes()))

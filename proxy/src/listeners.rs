@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use tessera_mesh::policy::WorkloadRef;
 use tessera_mesh::resources::Protocol;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -17,6 +18,7 @@ use crate::discovery::{Discovery, MeshView};
 use crate::identity::IdentityManager;
 use crate::inbound::app_client::AppClient;
 use crate::inbound::authorize::InboundPolicy;
+use crate::inbound::rate_limit::RateLimiters;
 use crate::inbound::{Inbound, InboundSet};
 use crate::lifecycle::Drain;
 use crate::migration::SourceLog;
@@ -41,6 +43,8 @@ pub(crate) struct Listeners {
     pub access_log: bool,
     pub drain: Drain,
     pub inbounds: Arc<InboundSet>,
+    /// The workload's rate limiters, kept across snapshots.
+    pub rate_limiters: RateLimiters,
 }
 
 impl Listeners {
@@ -72,12 +76,16 @@ impl Listeners {
     }
 
     fn apply_policy(&self, inbound: &Inbound, view: &MeshView) {
-        let policy = InboundPolicy::resolve(
-            view,
-            self.identity.identity(),
-            &self.labels,
-            inbound.app_port(),
-        );
+        let identity = self.identity.identity();
+        let port = inbound.app_port();
+        let workload = WorkloadRef {
+            namespace: identity.namespace(),
+            service_account: identity.service_account(),
+            labels: &self.labels,
+        };
+        let rate_limits = self.rate_limiters.resolve(view, workload, port);
+        let policy = InboundPolicy::resolve(view, identity, &self.labels, port)
+            .with_rate_limits(rate_limits);
         inbound.policy.store(Some(Arc::new(policy)));
     }
 

@@ -213,6 +213,19 @@ pub struct AuthzLabels {
     pub policy: String,
 }
 
+/// Bounded: the workload this proxy serves and the limits its policies declare; never
+/// the caller or a header value a bucket is keyed by.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub destination_workload: Label,
+    pub destination_namespace: Label,
+    pub destination_identity: Label,
+    /// `namespace/name` of the RateLimitPolicy.
+    pub policy: String,
+    /// The limit's `name`, or `limits[<index>]`.
+    pub limit: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     /// The upstream service, `name.namespace`.
@@ -231,6 +244,7 @@ pub struct Metrics {
     pub http: RequestMetrics,
     pub spans_dropped: Counter,
     pub authz: Family<AuthzLabels, Counter>,
+    pub rate_limited: Family<RateLimitLabels, Counter>,
     pub retries: Family<ServiceLabels, Counter>,
     pub connections: Family<ConnectionLabels, Counter>,
     pub connections_active: Family<DirectionLabels, Gauge>,
@@ -275,6 +289,7 @@ impl Metrics {
             control_plane_connected: Gauge::default(),
             retries: Family::default(),
             authz: Family::default(),
+            rate_limited: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -326,6 +341,11 @@ impl Metrics {
             "authz_decisions",
             "Authorization decisions, by outcome and deciding policy",
             metrics.authz.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests and opaque connections refused by a RateLimitPolicy, by policy and limit",
+            metrics.rate_limited.clone(),
         );
         registry.register(
             "retries",
@@ -406,6 +426,25 @@ impl Metrics {
     pub fn authz_counter(&self, decision: &'static str, policy: String) -> Counter {
         self.authz
             .get_or_create(&AuthzLabels { decision, policy })
+            .clone()
+    }
+
+    /// The counter of what limit `limit` of RateLimitPolicy `policy` (`namespace/name`)
+    /// refused at `destination`.
+    pub fn rate_limited_counter(
+        &self,
+        destination: &Workload,
+        policy: String,
+        limit: String,
+    ) -> Counter {
+        self.rate_limited
+            .get_or_create(&RateLimitLabels {
+                destination_workload: destination.workload.clone(),
+                destination_namespace: destination.namespace.clone(),
+                destination_identity: destination.identity.clone(),
+                policy,
+                limit,
+            })
             .clone()
     }
 

@@ -65,9 +65,10 @@ impl Access {
     }
 }
 
-const TESSERA_KINDS: [&str; 6] = [
+const TESSERA_KINDS: [&str; 7] = [
     "authorizationpolicies",
     "peerauthentications",
+    "ratelimitpolicies",
     "requestauthentications",
     "routepolicies",
     "services",

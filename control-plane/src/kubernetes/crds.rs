@@ -104,6 +104,14 @@ custom_resource!(
     "Which JWT issuers the selected workloads accept, and their keys."
 );
 custom_resource!(
+    RateLimitPolicyBody,
+    "RateLimitPolicy",
+    "RateLimitPolicy",
+    "trl",
+    tessera_mesh::rate_limit::RateLimitPolicySpec,
+    "How many requests (or new opaque connections) the selected workloads accept, in total or per caller."
+);
+custom_resource!(
     RoutePolicyBody,
     "RoutePolicy",
     "RoutePolicy",
@@ -135,6 +143,7 @@ pub fn definitions() -> Vec<CustomResourceDefinition> {
         AuthorizationPolicy::crd(),
         PeerAuthentication::crd(),
         RequestAuthentication::crd(),
+        RateLimitPolicy::crd(),
         RoutePolicy::crd(),
         MeshService::crd(),
         MeshWorkload::crd(),

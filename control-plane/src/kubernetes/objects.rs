@@ -58,7 +58,7 @@ pub struct ClusterObjects {
 }
 
 /// Every watched kind (the CRD's kind, which is the file mode's) and its API resource.
-fn watched() -> [(&'static str, ApiResource); 6] {
+fn watched() -> [(&'static str, ApiResource); 7] {
     [
         (
             "AuthorizationPolicy",
@@ -72,6 +72,7 @@ fn watched() -> [(&'static str, ApiResource); 6] {
             "RequestAuthentication",
             crds::RequestAuthentication::api_resource(),
         ),
+        ("RateLimitPolicy", crds::RateLimitPolicy::api_resource()),
         ("RoutePolicy", crds::RoutePolicy::api_resource()),
         ("Service", crds::MeshService::api_resource()),
         ("Workload", crds::MeshWorkload::api_resource()),
@@ -85,6 +86,7 @@ fn to_spec(kind: &str, spec: serde_json::Value) -> Result<Spec, serde_json::Erro
         "AuthorizationPolicy" => Spec::AuthorizationPolicy(from_value(spec)?),
         "PeerAuthentication" => Spec::PeerAuthentication(from_value(spec)?),
         "RequestAuthentication" => Spec::RequestAuthentication(from_value(spec)?),
+        "RateLimitPolicy" => Spec::RateLimitPolicy(from_value(spec)?),
         "RoutePolicy" => Spec::RoutePolicy(from_value(spec)?),
         "Service" => Spec::Service(from_value(spec)?),
         _ => Spec::Workload(from_value(spec)?),

@@ -1,6 +1,6 @@
 //! The policy in force on one inbound port, resolved from the mesh view: its mTLS mode,
-//! the authorization policies that select this workload, compiled, and its JWT
-//! validator. Rebuilt on every snapshot and swapped atomically; connections and requests
+//! the authorization policies that select this workload, compiled, its JWT validator
+//! and its rate limits. Rebuilt on every snapshot and swapped atomically; connections and requests
 //! only read it. Whatever cannot be compiled fails closed: a DENY policy then denies
 //! everything, an ALLOW policy opens nothing, unusable JWT rules accept no token.
 
@@ -14,6 +14,7 @@ use tracing::warn;
 
 use crate::discovery::MeshView;
 use crate::inbound::authn::JwtValidator;
+use crate::inbound::rate_limit::RateLimits;
 use crate::telemetry::Metrics;
 
 /// What one inbound port enforces.
@@ -24,6 +25,8 @@ pub struct InboundPolicy {
     authz: Vec<CompiledPolicy>,
     /// `None` when no RequestAuthentication selects the workload.
     pub jwt: Option<JwtValidator>,
+    /// Checked after authorization: a denied request takes no token.
+    pub rate_limits: RateLimits,
     counters: DecisionCounters,
 }
 
@@ -113,7 +116,17 @@ impl InboundPolicy {
             mode_policy,
             authz,
             jwt,
+            rate_limits: RateLimits::default(),
             counters,
+        }
+    }
+
+    /// This policy with the rate limits of its port (kept across snapshots by the
+    /// workload's [`crate::inbound::rate_limit::RateLimiters`]).
+    pub fn with_rate_limits(self, rate_limits: RateLimits) -> Self {
+        Self {
+            rate_limits,
+            ..self
         }
     }
 

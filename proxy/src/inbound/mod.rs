@@ -7,8 +7,9 @@
 //! the caller spoke it, and opaque TCP connections tunnelled as `CONNECT` streams), one
 //! HTTP/1.1 connection (upgrades), or opaque bytes (`tessera/tcp`, from proxies that
 //! predate tunnelling); plaintext is detected like outbound traffic. Every HTTP request
-//! passes JWT validation and authorization before it is forwarded; an opaque connection
-//! is authorized before the application's connection is even opened, so a denied peer
+//! passes JWT validation, authorization and then its rate limits before it is forwarded;
+//! an opaque connection is authorized and counted against its connection rate limits
+//! before the application's connection is even opened, so a denied or limited peer
 //! never gets a byte to it.
 //!
 //! Each connection has a log span (peer address, peer identity once verified, this
@@ -20,6 +21,7 @@ pub mod app_pool;
 pub mod authn;
 pub mod authorize;
 pub mod canonical;
+pub mod rate_limit;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,6 +49,7 @@ use self::app_pool::PooledBody;
 use self::authn::JwtOutcome;
 use self::authorize::InboundPolicy;
 use self::canonical::Malformed;
+use self::rate_limit::{Caller, RateLimited};
 use crate::alpn::{ALPN_H2, ALPN_H2_TUNNELS, ALPN_HTTP1};
 use crate::config::{InboundPort, Limits};
 use crate::detect::{self, Detected};
@@ -331,6 +334,14 @@ impl Inbound {
             self.log_denial(&peer.span, &policy, &decision, None, "connection denied");
             return Err(ProxyError::Forbidden);
         }
+        let caller = Caller {
+            identity: peer.identity.as_ref(),
+            headers: None,
+        };
+        policy
+            .rate_limits
+            .check_connection(self.app_port(), &caller, &self.metrics)
+            .map_err(|limited| rate_limited(&peer.span, &limited, "connection rate limited"))?;
         let forward_to = self.port.forward_to;
         tcp::connect(forward_to, self.limits.connect_timeout)
             .await
@@ -596,6 +607,22 @@ impl Inbound {
             }
             return Err(refusal(ProxyError::Forbidden, grpc));
         }
+        let caller = Caller {
+            identity: peer.identity.as_ref(),
+            headers: Some(request.headers()),
+        };
+        policy
+            .rate_limits
+            .check_request(
+                self.app_port(),
+                request.method().as_str(),
+                request.uri().path(),
+                &caller,
+                &self.metrics,
+            )
+            .map_err(|limited| {
+                refusal(rate_limited(log, &limited, "request rate limited"), grpc)
+            })?;
         Ok(request)
     }
 
@@ -615,6 +642,21 @@ impl Inbound {
             rule = decision.rule,
             reason = decision.reason,
         );
+    }
+}
+
+/// The refusal of what a rate limit refused. Logged at debug level only: a caller over
+/// its limit would otherwise write a line per attempt; the metric counts them.
+fn rate_limited(span: &Span, limited: &RateLimited<'_>, event: &str) -> ProxyError {
+    debug!(
+        parent: span,
+        event,
+        policy = limited.policy,
+        limit = limited.limit,
+        retry_after_ms = limited.retry_after.as_millis() as u64,
+    );
+    ProxyError::RateLimited {
+        retry_after_seconds: limited.retry_after_seconds(),
     }
 }
 
