@@ -127,6 +127,8 @@ struct PortPolicy {
     /// compiled says why (it fails closed).
     authorization_policies: Vec<String>,
     jwt_validation: bool,
+    /// `namespace/name: limit` of each RateLimitPolicy limit, in order.
+    rate_limits: Vec<String>,
 }
 
 fn config_dump<'a>(
@@ -162,6 +164,7 @@ fn config_dump<'a>(
                     })
                     .unwrap_or_default(),
                 jwt_validation: policy.is_some_and(|p| p.jwt.is_some()),
+                rate_limits: policy.map(|p| p.rate_limits.describe()).unwrap_or_default(),
             }
         })
         .collect();

@@ -83,7 +83,9 @@ impl Listeners {
             service_account: identity.service_account(),
             labels: &self.labels,
         };
-        let rate_limits = self.rate_limiters.resolve(view, workload, port);
+        let rate_limits = self
+            .rate_limiters
+            .resolve(&view.rate_limit_policies, workload, port);
         let policy = InboundPolicy::resolve(view, identity, &self.labels, port)
             .with_rate_limits(rate_limits);
         inbound.policy.store(Some(Arc::new(policy)));

@@ -28,12 +28,11 @@ use std::time::Duration;
 use http::HeaderMap;
 use prometheus_client::metrics::counter::Counter;
 use tessera_mesh::SpiffeId;
-use tessera_mesh::policy::{self, WorkloadRef};
-use tessera_mesh::rate_limit::{self, CompiledLimit, LimitKey};
+use tessera_mesh::policy::{self, Named, WorkloadRef};
+use tessera_mesh::rate_limit::{self, CompiledLimit, LimitKey, RateLimitPolicySpec};
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::discovery::MeshView;
 use crate::telemetry::{Metrics, Workload};
 
 /// Buckets of one per-caller limit: 4096 slots of 16 bytes, 64 KiB.
@@ -285,12 +284,12 @@ impl RateLimits {
             .try_for_each(|limiter| limiter.take(caller, metrics))
     }
 
-    /// `namespace/name` of each policy with a limit here, once each, for `/config`-like
-    /// reports.
-    pub fn policies(&self) -> Vec<&str> {
-        let mut ids: Vec<&str> = self.limiters.iter().map(|l| l.policy.as_str()).collect();
-        ids.dedup();
-        ids
+    /// `namespace/name: limit` of each limit here, in order, for `/config`.
+    pub fn describe(&self) -> Vec<String> {
+        self.limiters
+            .iter()
+            .map(|l| format!("{}: {}", l.policy, l.limit.name))
+            .collect()
     }
 }
 
@@ -309,14 +308,18 @@ impl RateLimiters {
         }
     }
 
-    /// The limits of `view` that select `workload`, for application port `port`. Every
+    /// The limits of `policies` that select `workload`, for application port `port`. Every
     /// port of the workload shares a limit's buckets: a limit without ports is one
     /// budget for the workload, not one per port.
-    pub fn resolve(&self, view: &MeshView, workload: WorkloadRef<'_>, port: u16) -> RateLimits {
+    pub fn resolve(
+        &self,
+        policies: &[Named<RateLimitPolicySpec>],
+        workload: WorkloadRef<'_>,
+        port: u16,
+    ) -> RateLimits {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = Vec::new();
-        for named in view
-            .rate_limit_policies
+        for named in policies
             .iter()
             .filter(|p| policy::selects(&p.namespace, p.spec.selector.as_ref(), workload))
         {
@@ -356,10 +359,10 @@ mod tests {
     use std::path::Path;
 
     use http::HeaderValue;
-    use tessera_mesh::policy::Named;
     use tessera_mesh::resources::{Spec, parse_file};
 
     use super::*;
+    use crate::discovery::MeshView;
 
     const SECOND: u64 = 1_000_000_000;
 
@@ -532,7 +535,7 @@ mod tests {
             service_account: identity.service_account(),
             labels: &labels,
         };
-        limiters.resolve(view, workload, port)
+        limiters.resolve(&view.rate_limit_policies, workload, port)
     }
 
     #[tokio::test(start_paused = true)]
