@@ -613,6 +613,38 @@ mod tests {
         assert_eq!(error.field, "spec.limits");
     }
 
+    /// The README's example is a policy this version accepts, as written.
+    #[test]
+    fn the_readme_example_compiles() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```yaml\napiVersion: tessera.dev/v1alpha1\nkind: RateLimitPolicy")
+            .expect("the README shows a RateLimitPolicy")
+            + "```yaml\n".len();
+        let example = &readme[start..start + readme[start..].find("```").unwrap()];
+        let resources =
+            crate::resources::parse_file(std::path::Path::new("README.md"), example).unwrap();
+        let crate::resources::Spec::RateLimitPolicy(spec) = &resources[0].spec else {
+            panic!("not a RateLimitPolicy");
+        };
+        let limits = compile(&Named {
+            name: "orders-limits".into(),
+            namespace: "shop".into(),
+            spec: spec.clone(),
+        })
+        .unwrap();
+        let names: Vec<&str> = limits.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["per-caller", "per-tenant", "everyone", "db-connections"]
+        );
+        assert_eq!(limits[3].counts, Counts::Connections);
+        assert_eq!(
+            limits[1].key,
+            LimitKey::Header(HeaderName::from_static("x-tenant-id"))
+        );
+    }
+
     #[test]
     fn a_path_prefix_matches_whole_segments_and_methods_exactly() {
         let limit = compile(&policy(vec![LimitSpec {
