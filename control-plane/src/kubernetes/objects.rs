@@ -451,6 +451,25 @@ mod tests {
             .collect()
     }
 
+    /// Every watched kind reads as its file-mode spec; a RateLimitPolicy's fields are
+    /// the file's.
+    #[test]
+    fn a_rate_limit_policy_object_reads_as_the_file_kind() {
+        assert!(watched().iter().any(|(kind, _)| *kind == "RateLimitPolicy"));
+        let spec = json!({
+            "selector": {"serviceAccount": "orders"},
+            "limits": [{"name": "per-caller", "match": {"pathPrefix": "/api"},
+                        "rate": 60, "per": "1m", "key": "identity"}]
+        });
+        let Ok(Spec::RateLimitPolicy(spec)) = to_spec("RateLimitPolicy", spec) else {
+            panic!("not read as a RateLimitPolicy");
+        };
+        let limit = &spec.limits[0];
+        assert_eq!(limit.per, Some(std::time::Duration::from_secs(60)));
+        assert_eq!(limit.key, tessera_mesh::rate_limit::LimitKeySpec::Identity);
+        assert!(to_spec("RateLimitPolicy", json!({"limits": [{"burst": -1}]})).is_err());
+    }
+
     #[test]
     fn objects_become_candidates_named_by_kind_group_namespace_and_name() {
         let (objects, mut writer) = objects();
