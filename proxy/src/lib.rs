@@ -11,8 +11,8 @@
 //! - [`inbound`]: the peer proxy's connection is accepted (mTLS, ALPN, or plaintext on a
 //!   PERMISSIVE port), its streams served ([`http2::server`], or HTTP/1.1), each request
 //!   put in [`inbound::canonical`] form, authenticated ([`inbound::authn`]) and
-//!   authorized ([`inbound::authorize`]), then sent to the application
-//!   ([`inbound::app_client`]).
+//!   authorized ([`inbound::authorize`]) and held to its rate limits
+//!   ([`inbound::rate_limit`]), then sent to the application ([`inbound::app_client`]).
 //! - Around it: [`identity`] keeps the certificate fresh, [`discovery`] the mesh's
 //!   configuration, [`telemetry`] and [`trace`] show what happens, [`admin`] serves
 //!   probes and metrics (and the application's probes, which [`probe`] performs),
