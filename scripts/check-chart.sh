@@ -44,10 +44,13 @@ if "$helm" template tessera "$chart" --namespace default >/dev/null 2>&1; then
 fi
 
 venv="${XDG_CACHE_HOME:-$HOME/.cache}/tessera/chart-venv-$(sha256sum tests/chart/requirements.txt | cut -c1-12)"
-if [ ! -x "$venv/bin/checkov" ]; then
-    python3 -m venv "$venv.tmp"
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv.tmp/bin/pip" install -q -r tests/chart/requirements.txt
-    rm -rf "$venv" && mv "$venv.tmp" "$venv"
+# Built in place (a virtualenv's scripts name its path in their #! line, so it cannot be
+# moved); the marker says the install finished.
+if [ ! -f "$venv/installed" ]; then
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/pip" install -q -r tests/chart/requirements.txt
+    touch "$venv/installed"
 fi
 
 out="$(mktemp -d)"
