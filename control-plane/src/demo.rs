@@ -9,12 +9,14 @@
 //!
 //! Three calls must be refused: a plaintext client knocking on an mTLS port, a proxy
 //! told to expect a different identity than the server proves, and a DELETE that an
-//! AuthorizationPolicy forbids. At the end the demo
+//! AuthorizationPolicy forbids; a burst of report requests must be throttled by a
+//! RateLimitPolicy. At the end the demo
 //! prints who talked to whom with which verified identity, what the retries masked,
 //! certificate renewals and refusals — and fails if the mesh did not behave. With a
 //! Jaeger (`--jaeger`, or a `jaeger` on PATH) every hop is traced, and the demo links to
 //! a retried and a denied call in its UI.
 
+mod policy;
 mod traces;
 
 use std::collections::BTreeMap;
@@ -100,6 +102,7 @@ async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> any
         ),
     )?;
     std::fs::write(config_dir.join("services.yaml"), SERVICES)?;
+    std::fs::write(config_dir.join("limits.yaml"), policy::RATE_LIMITS)?;
     let control_plane = app::start(app::Options {
         state_dir: workdir.join("state"),
         config_dir: config_dir.clone(),
@@ -262,6 +265,20 @@ async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> any
         "  frontend DELETE /order/1 (shop/no-cancel, app=orders) {} ({cancel_status})",
         verdict(cancel_denied)
     );
+    let throttled = policy::report_burst(orders_route)
+        .await
+        .unwrap_or_else(|error| {
+            println!("  (report burst failed: {error:#})");
+            policy::Throttled::default()
+        });
+    println!(
+        "  frontend GET /reports/daily ×{} at once (shop/reports: 2/s, burst 5 per caller on each replica): {} served, {} throttled with 429 rate-limited, Retry-After: {}  {}",
+        policy::BURST,
+        throttled.served,
+        throttled.limited,
+        throttled.retry_after.as_deref().unwrap_or("-"),
+        if throttled.as_expected() { "✔" } else { "✘" }
+    );
 
     println!("\nWhat the proxies saw (from their /metrics):");
     let mut table = String::new();
@@ -297,6 +314,15 @@ async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> any
                     label(&labels, "policy")
                 );
             }
+        }
+        for (labels, count) in series(&metrics, "tessera_rate_limited_total") {
+            let _ = writeln!(
+                table,
+                "  {name:<9} {:<9} {count:>5} throttled by {} ({})",
+                "inbound",
+                label(&labels, "policy"),
+                label(&labels, "limit")
+            );
         }
         for (labels, count) in series(&metrics, "tessera_retries_total") {
             if count > 0.0 {
@@ -377,6 +403,7 @@ async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> any
         || !plaintext_refused
         || !impostor_refused
         || !cancel_denied
+        || !throttled.as_expected()
         || !traces_arrived
     {
         bail!("the mesh did not behave as it should (see above)");

@@ -21,6 +21,8 @@ fn demo_runs_and_shows_verified_identities() {
         "refused: plaintext",
         "refused: unexpected_identity",
         "denied by policy shop/no-cancel",
+        "throttled with 429 rate-limited, Retry-After: 1  ✔",
+        "throttled by shop/reports (reports-per-caller)",
         // Opaque TCP is tunnelled over the pooled connection: no handshake per call.
         "carried between the proxies over 1 mTLS connection(s)",
         "0 failed",
