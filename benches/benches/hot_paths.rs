@@ -71,13 +71,19 @@ fn hot_paths(c: &mut Criterion) {
     let header = |_: &HeaderName| None;
     let request = Request {
         source: Some(&source),
+        destination: None,
         request_principal: None,
+        jwt_claims: None,
         port: 8080,
         http: Some(HttpRequest {
             method: "GET",
             path: "/orders/42",
+            query: None,
             host: "orders.shop",
+            scheme: "http",
+            protocol: "HTTP/1.1",
             header: &header,
+            headers: None,
         }),
     };
     c.bench_function("policy/authorize-5-policies", |b| {

@@ -214,6 +214,14 @@ pub struct AuthzLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvaluationErrorLabels {
+    /// `namespace/name` of the CUSTOM policy.
+    pub policy: String,
+    /// "timeout", "error", "undefined", "not-a-decision" or "input-too-large".
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     /// The upstream service, `name.namespace`.
     pub destination_service: String,
@@ -231,6 +239,7 @@ pub struct Metrics {
     pub http: RequestMetrics,
     pub spans_dropped: Counter,
     pub authz: Family<AuthzLabels, Counter>,
+    pub policy_evaluation_errors: Family<EvaluationErrorLabels, Counter>,
     pub retries: Family<ServiceLabels, Counter>,
     pub connections: Family<ConnectionLabels, Counter>,
     pub connections_active: Family<DirectionLabels, Gauge>,
@@ -275,6 +284,7 @@ impl Metrics {
             control_plane_connected: Gauge::default(),
             retries: Family::default(),
             authz: Family::default(),
+            policy_evaluation_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -326,6 +336,11 @@ impl Metrics {
             "authz_decisions",
             "Authorization decisions, by outcome and deciding policy",
             metrics.authz.clone(),
+        );
+        registry.register(
+            "policy_evaluation_errors",
+            "CUSTOM (Rego) policy evaluations that gave no decision, so denied, by policy and reason",
+            metrics.policy_evaluation_errors.clone(),
         );
         registry.register(
             "retries",
@@ -407,6 +422,16 @@ impl Metrics {
         self.authz
             .get_or_create(&AuthzLabels { decision, policy })
             .clone()
+    }
+
+    /// Counts a CUSTOM policy's evaluation that gave no decision.
+    pub fn policy_evaluation_error(&self, policy: &str, reason: &'static str) {
+        self.policy_evaluation_errors
+            .get_or_create(&EvaluationErrorLabels {
+                policy: policy.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     /// The retry counter of one upstream service.
