@@ -23,6 +23,7 @@ mod lifecycle;
 mod migration;
 mod mtls;
 mod observability;
+mod opa;
 mod reliability;
 mod resilience;
 mod rotation;
