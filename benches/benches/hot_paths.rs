@@ -86,6 +86,12 @@ fn hot_paths(c: &mut Criterion) {
             headers: None,
         }),
     };
+    let rego = tessera_benches::rego::typical_policy();
+    c.bench_function("policy/rego-typical", |b| {
+        b.iter(|| {
+            tessera_benches::rego::with_typical_request(|request| rego.evaluate(black_box(request)))
+        })
+    });
     c.bench_function("policy/authorize-5-policies", |b| {
         b.iter(|| policy::authorize(black_box(&selected), black_box(&request)))
     });

@@ -8,6 +8,9 @@
 //! push, `report` prints the table and writes JSON, `run_name` names a run's results by
 //! date and commit. `scenario` decides what runs in which order.
 //!
+//! `rego` puts the cost of a Rego (CUSTOM policy) decision in the proxy next to the same
+//! decision asked of an OPA server over loopback REST (`tessera-benches rego`).
+//!
 //! `benches/hot_paths.rs` measures, with criterion, the pieces of work the proxy does on
 //! every connection or request: protocol detection, policy evaluation, path
 //! normalization, header propagation and metrics recording. Run them with
@@ -21,6 +24,7 @@ pub mod error;
 pub mod load;
 pub mod proc_stats;
 pub mod process;
+pub mod rego;
 pub mod report;
 pub mod run_name;
 pub mod scenario;
