@@ -949,6 +949,52 @@ mod tests {
     }
 
     #[test]
+    fn explain_shows_the_rego_decision_and_the_rule_that_denied() {
+        let dir = cache_config();
+        std::fs::write(
+            dir.join("opa.yaml"),
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: opa, namespace: shop}\nspec:\n  selector: {serviceAccount: cache}\n  action: CUSTOM\n  rules: [{}]\n  provider:\n    rego:\n      query: data.cache.allow\n      modules:\n      - file: cache.rego\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("cache.rego"),
+            "package cache\nimport rego.v1\ndefault allow := false\nallow if input.attributes.request.http.headers[\"x-team\"] == \"ops\"\ndeny contains \"only ops may flush\" if not allow\n",
+        )
+        .unwrap();
+        let explain_as = |team: &str| {
+            let headers = [("x-team".to_string(), team.to_string())];
+            explain(
+                &dir,
+                &Hypothetical {
+                    from: Some("spiffe://cluster.local/ns/shop/sa/batch".parse().unwrap()),
+                    to: "cache.shop",
+                    port: 8080,
+                    method: Some("GET"),
+                    path: "/keys?limit=1",
+                    host: None,
+                    headers: &headers,
+                    request_principal: None,
+                    labels: &BTreeMap::new(),
+                },
+            )
+            .unwrap()
+        };
+        let (denied, allowed) = explain_as("dev");
+        assert!(!allowed, "{denied}");
+        assert!(
+            denied.contains("  rego: shop/opa (data.cache.allow) denies — deny: only ops may flush\n  decision: DENY by shop/opa, rule 0 — denied by a CUSTOM policy"),
+            "{denied}"
+        );
+        let (report, allowed) = explain_as("ops");
+        assert!(allowed, "{report}");
+        assert!(
+            report.contains("  rego: shop/opa (data.cache.allow) allows — data.cache.allow is true\n  decision: ALLOW by shop/readers"),
+            "{report}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn explain_echoes_what_it_evaluated() {
         let (report, allowed) = explain_get("/%6Frders/1").unwrap();
         assert!(allowed, "{report}");
