@@ -244,12 +244,15 @@ impl CompiledRego {
     pub fn evaluate_input(&self, input: Json) -> RegoVerdict {
         let mut engine = self.take_engine();
         engine.set_input(Value::from(input));
-        let verdict = match engine.eval_rule(self.query.clone()) {
-            Ok(result) => self.interpret(&mut engine, &result),
+        match engine.eval_rule(self.query.clone()) {
+            Ok(result) => {
+                let verdict = self.interpret(&mut engine, &result);
+                self.give_back(engine);
+                verdict
+            }
+            // An engine cut off mid-evaluation is not reused: a clone is cheap.
             Err(error) => failure_of(&error),
-        };
-        self.give_back(engine);
-        verdict
+        }
     }
 
     fn take_engine(&self) -> Engine {
@@ -818,6 +821,28 @@ else := {"allowed": true}
         assert_eq!(
             message,
             "broken.rego:4:4: expecting `]` while parsing array"
+        );
+    }
+
+    /// regorus looks built-ins up when it calls them: one it lacks (`io.jwt.*`) denies,
+    /// fail closed, naming it.
+    #[test]
+    fn a_missing_builtin_denies_when_called() {
+        let rego = compile(
+            "data.p.allow",
+            "package p\nallow if io.jwt.decode(input.attributes.request.http.method)\n",
+        );
+        let verdict = decide(&rego, None, "GET", "/", &HeaderMap::new());
+        assert!(!verdict.allowed);
+        assert_eq!(
+            verdict.failure,
+            Some(EvaluationFailure::Error),
+            "{verdict:?}"
+        );
+        assert!(
+            verdict.reason.contains("io.jwt.decode"),
+            "{}",
+            verdict.reason
         );
     }
 
