@@ -61,6 +61,15 @@ if command -v go >/dev/null 2>&1; then
     (tests/telemetry/build.sh && cd tests/telemetry && go vet ./...) >"$telemetry_log" 2>&1 &
     telemetry_build=$!
 fi
+# The Open Policy Agent the Rego differential test compares with (tests/opa: ~5 minutes
+# on a fresh machine beside other builds, seconds after), built in the background too.
+opa_build=""
+if command -v go >/dev/null 2>&1; then
+    opa_log="$(mktemp)"
+    # No Go code of its own to vet: the downloaded modules are checked against go.sum.
+    (tests/opa/build.sh && cd tests/opa && go mod verify) >"$opa_log" 2>&1 &
+    opa_build=$!
+fi
 # A real Kubernetes API server for the cluster-mode tests (tests/kube: kube-apiserver
 # from k8s.io/kubernetes and an embedded etcd, built from the Go module proxy). A fresh
 # machine downloads ~110 MB of modules and compiles ~2,700 packages once (with kubectl
@@ -78,13 +87,17 @@ if command -v go >/dev/null 2>&1; then
     fi
     scripts/check-chart.sh
 else
-    echo "go not found: tests/kube and tests/telemetry not built; the Kubernetes, Jaeger and Prometheus tests will skip" >&2
+    echo "go not found: tests/kube, tests/telemetry and tests/opa not built; the Kubernetes, Jaeger, Prometheus and OPA tests will skip" >&2
 fi
 # Binaries first: the e2e tests run them as separate processes.
 cargo build --workspace --bins
 if [ -n "$telemetry_build" ]; then
     wait "$telemetry_build" || { cat "$telemetry_log" >&2; echo "tests/telemetry/build.sh failed" >&2; exit 1; }
     cat "$telemetry_log"
+fi
+if [ -n "$opa_build" ]; then
+    wait "$opa_build" || { cat "$opa_log" >&2; echo "tests/opa/build.sh failed" >&2; exit 1; }
+    cat "$opa_log"
 fi
 # The benchmark harness, briefly (~15 s of load): every path serves every workload.
 # Timing is never asserted; a missing tool is reported as skipped.

@@ -71,15 +71,27 @@ fn hot_paths(c: &mut Criterion) {
     let header = |_: &HeaderName| None;
     let request = Request {
         source: Some(&source),
+        destination: None,
         request_principal: None,
+        jwt_claims: None,
         port: 8080,
         http: Some(HttpRequest {
             method: "GET",
             path: "/orders/42",
+            query: None,
             host: "orders.shop",
+            scheme: "http",
+            protocol: "HTTP/1.1",
             header: &header,
+            headers: None,
         }),
     };
+    let rego = tessera_benches::rego::typical_policy();
+    c.bench_function("policy/rego-typical", |b| {
+        b.iter(|| {
+            tessera_benches::rego::with_typical_request(|request| rego.evaluate(black_box(request)))
+        })
+    });
     c.bench_function("policy/authorize-5-policies", |b| {
         b.iter(|| policy::authorize(black_box(&selected), black_box(&request)))
     });

@@ -9,6 +9,9 @@
 //! date and commit. `scenario` decides what runs in which order. `rate_limit` measures
 //! how closely a RateLimitPolicy holds its rate under overload (`rate-limit`).
 //!
+//! `rego` puts the cost of a Rego (CUSTOM policy) decision in the proxy next to the same
+//! decision asked of an OPA server over loopback REST (`tessera-benches rego`).
+//!
 //! `benches/hot_paths.rs` measures, with criterion, the pieces of work the proxy does on
 //! every connection or request: protocol detection, policy evaluation, path
 //! normalization, header propagation and metrics recording. Run them with
@@ -23,6 +26,7 @@ pub mod load;
 pub mod proc_stats;
 pub mod process;
 pub mod rate_limit;
+pub mod rego;
 pub mod report;
 pub mod run_name;
 pub mod scenario;

@@ -94,6 +94,12 @@ enum Command {
         #[arg(long, default_value = "10")]
         seconds: u64,
     },
+    /// A Rego authorization decision, timed in the proxy's evaluator and asked of an OPA
+    /// server over loopback REST (tests/opa/build.sh builds it), one after the other.
+    Rego {
+        #[arg(long, default_value = "20000")]
+        samples: usize,
+    },
     /// Internal: the gRPC and TCP echo servers, run as a child process.
     #[command(hide = true)]
     ServeBackends,
@@ -195,6 +201,23 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Up => {
             runtime.block_on(scenario::hold())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Rego { samples } => {
+            let (in_proxy, over_rest) =
+                runtime.block_on(tessera_benches::rego::compare(samples))?;
+            println!("Rego decision, typical policy ({samples} samples), µs:");
+            println!(
+                "  in the proxy (regorus, input built):  p50 {:.1}  p99 {:.1}  mean {:.1}",
+                in_proxy.p50_us, in_proxy.p99_us, in_proxy.mean_us
+            );
+            match over_rest {
+                Some(rest) => println!(
+                    "  OPA server, loopback REST, kept alive: p50 {:.1}  p99 {:.1}  mean {:.1}",
+                    rest.p50_us, rest.p99_us, rest.mean_us
+                ),
+                None => println!("  OPA server: skipped (no tests/opa/bin/opa)"),
+            }
             return Ok(ExitCode::SUCCESS);
         }
     };

@@ -302,15 +302,31 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
                 .map(|(_, v)| v.as_str())
         };
         let host = request.host.unwrap_or(request.to);
+        // What a CUSTOM policy's Rego reads besides: every header, the query, this
+        // workload's identity.
+        let fields = header_map(request.headers)?;
+        let query = request
+            .path
+            .split('#')
+            .next()
+            .and_then(|p| p.split_once('?'))
+            .map(|(_, q)| q);
+        let destination = SpiffeId::new(&mesh.trust_domain, &service.namespace, account).ok();
         let attributes = policy::Request {
             source: request.from.as_ref(),
+            destination: destination.as_ref(),
             request_principal: request.request_principal,
+            jwt_claims: None,
             port: app_port,
             http: http.map(|method| policy::HttpRequest {
                 method,
                 path,
+                query,
                 host,
+                scheme: "http",
+                protocol: "HTTP/1.1",
                 header: &header,
+                headers: Some(&fields),
             }),
         };
         let decision = policy::authorize(&selected, &attributes);
@@ -359,6 +375,9 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
             (Some(policy), None) => format!(" by {}", selected[policy].id()),
             (None, _) => String::new(),
         };
+        if let Some(rego) = &decision.rego {
+            let _ = writeln!(out, "  {}", rego_line(&selected, &decision, rego));
+        }
         let _ = writeln!(out, "  decision: {verdict}{by} — {}", decision.reason);
         for &audited in &decision.audited {
             let _ = writeln!(out, "  audited by {}", selected[audited].id());
@@ -366,6 +385,39 @@ pub fn explain(config_dir: &Path, request: &Hypothetical<'_>) -> anyhow::Result<
         all_allowed &= decision.allowed;
     }
     Ok((out, all_allowed))
+}
+
+/// What the Rego of the CUSTOM policy that denied (or last allowed) answered.
+fn rego_line(
+    selected: &[CompiledPolicy],
+    decision: &policy::Decision,
+    rego: &policy::RegoVerdict,
+) -> String {
+    let custom = match decision.policy {
+        Some(index) if selected[index].action() == policy::Action::Custom => Some(&selected[index]),
+        _ => selected
+            .iter()
+            .rev()
+            .find(|p| p.action() == policy::Action::Custom),
+    };
+    let (id, query) = custom.map_or(("?", "?"), |p| {
+        (p.id(), p.rego().map_or("?", policy::CompiledRego::query))
+    });
+    let answer = if rego.allowed { "allows" } else { "denies" };
+    format!("rego: {id} ({query}) {answer} — {}", rego.reason)
+}
+
+/// The `--header` pairs as the request's fields.
+fn header_map(headers: &[(String, String)]) -> anyhow::Result<http::HeaderMap> {
+    let mut fields = http::HeaderMap::new();
+    for (name, value) in headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes())
+            .with_context(|| format!("--header {name}: not a header name"))?;
+        let value = http::HeaderValue::from_str(value)
+            .with_context(|| format!("--header {name}: not a header value"))?;
+        fields.append(name, value);
+    }
+    Ok(fields)
 }
 
 /// The lines that say what `explain` evaluated: protocol and request, caller, port.
@@ -478,6 +530,9 @@ fn http_only_ignored(
             let effect = match compiled.action() {
                 policy::Action::Deny => {
                     "a DENY takes them as matching (the rule matches on its other fields)"
+                }
+                policy::Action::Custom => {
+                    "a CUSTOM takes them as matching (its Rego decides, without request attributes)"
                 }
                 policy::Action::Allow | policy::Action::Audit => {
                     "the entries naming them do not match a TCP connection"
@@ -901,6 +956,52 @@ mod tests {
         );
         std::fs::remove_dir_all(dir).unwrap();
         explained.unwrap()
+    }
+
+    #[test]
+    fn explain_shows_the_rego_decision_and_the_rule_that_denied() {
+        let dir = cache_config();
+        std::fs::write(
+            dir.join("opa.yaml"),
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: opa, namespace: shop}\nspec:\n  selector: {serviceAccount: cache}\n  action: CUSTOM\n  rules: [{}]\n  provider:\n    rego:\n      query: data.cache.allow\n      modules:\n      - file: cache.rego\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("cache.rego"),
+            "package cache\nimport rego.v1\ndefault allow := false\nallow if input.attributes.request.http.headers[\"x-team\"] == \"ops\"\ndeny contains \"only ops may flush\" if not allow\n",
+        )
+        .unwrap();
+        let explain_as = |team: &str| {
+            let headers = [("x-team".to_string(), team.to_string())];
+            explain(
+                &dir,
+                &Hypothetical {
+                    from: Some("spiffe://cluster.local/ns/shop/sa/batch".parse().unwrap()),
+                    to: "cache.shop",
+                    port: 8080,
+                    method: Some("GET"),
+                    path: "/keys?limit=1",
+                    host: None,
+                    headers: &headers,
+                    request_principal: None,
+                    labels: &BTreeMap::new(),
+                },
+            )
+            .unwrap()
+        };
+        let (denied, allowed) = explain_as("dev");
+        assert!(!allowed, "{denied}");
+        assert!(
+            denied.contains("  rego: shop/opa (data.cache.allow) denies — deny: only ops may flush\n  decision: DENY by shop/opa, rule 0 — denied by a CUSTOM policy"),
+            "{denied}"
+        );
+        let (report, allowed) = explain_as("ops");
+        assert!(allowed, "{report}");
+        assert!(
+            report.contains("  rego: shop/opa (data.cache.allow) allows — data.cache.allow is true\n  decision: ALLOW by shop/readers"),
+            "{report}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

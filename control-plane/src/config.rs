@@ -30,6 +30,8 @@ use crate::kubernetes::objects::ClusterObjects;
 const SETTLE: Duration = Duration::from_millis(100);
 /// A JWKS is a few KiB; anything past this is a mistake (or `/dev/zero`).
 pub(crate) const MAX_JWKS_FILE_BYTES: u64 = 1024 * 1024;
+/// A Rego module is a few KiB too.
+const MAX_REGO_FILE_BYTES: u64 = 1024 * 1024;
 /// Local files are read in milliseconds; this only ends a read that hangs (a dead
 /// network filesystem), which no check on the file can rule out.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,7 +55,7 @@ fn build_snapshot(
     cluster: Option<&ClusterObjects>,
 ) -> Result<MeshSnapshot, ConfigError> {
     let mut files = resources::load_dir(dir)?;
-    inline_jwks_files(dir, &mut files)?;
+    inline_files(dir, &mut files)?;
     let build = |resources: &[resources::Resource]| {
         let snapshot = MeshSnapshot::from_resources(trust_domain, resources)?;
         check_size(dir, &snapshot)?;
@@ -73,7 +75,7 @@ fn build_snapshot(
 /// resource the checks refuse, the others checked without it.
 pub(crate) fn problems(dir: &Path) -> Vec<ConfigError> {
     let (mut files, mut problems) = resources::load_dir_each(dir);
-    if let Err(error) = inline_jwks_files(dir, &mut files) {
+    if let Err(error) = inline_files(dir, &mut files) {
         problems.push(error);
         return problems;
     }
@@ -141,31 +143,59 @@ fn check_size(dir: &Path, snapshot: &MeshSnapshot) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Reads `jwksFile`s into the resources, so proxies receive key sets inline and never
-/// need the files.
-fn inline_jwks_files(dir: &Path, resources: &mut [resources::Resource]) -> Result<(), ConfigError> {
+/// Reads the files resources name — `jwksFile`s, Rego modules' `file`s — into the
+/// resources, so proxies receive key sets and policies inline and never need the files.
+fn inline_files(dir: &Path, resources: &mut [resources::Resource]) -> Result<(), ConfigError> {
     for resource in resources {
         let origin = resource.origin.clone();
-        let resources::Spec::RequestAuthentication(spec) = &mut resource.spec else {
-            continue;
+        let refused = |field: &str, file: &Path, reason: String| ConfigError {
+            origin: origin.clone(),
+            reason: format!("{field} {}: {reason}", file.display()),
         };
-        for rule in &mut spec.jwt_rules {
-            if let Some(file) = rule.jwks_file.take() {
-                let jwks = read_jwks_file(dir, &file).map_err(|reason| ConfigError {
-                    origin: origin.clone(),
-                    reason: format!("jwksFile {}: {reason}", file.display()),
-                })?;
-                rule.jwks = Some(jwks);
+        match &mut resource.spec {
+            resources::Spec::RequestAuthentication(spec) => {
+                for rule in &mut spec.jwt_rules {
+                    if let Some(file) = rule.jwks_file.take() {
+                        let jwks = read_config_file(
+                            dir,
+                            &file,
+                            MAX_JWKS_FILE_BYTES,
+                            "a JWKS is a few KiB",
+                        )
+                        .map_err(|reason| refused("jwksFile", &file, reason))?;
+                        rule.jwks = Some(jwks);
+                    }
+                }
             }
+            resources::Spec::AuthorizationPolicy(spec) => {
+                let modules = spec.provider.iter_mut().flat_map(|p| &mut p.rego.modules);
+                for module in modules {
+                    if let Some(file) = module.file.take() {
+                        let source =
+                            read_config_file(dir, &file, MAX_REGO_FILE_BYTES, "a policy module")
+                                .map_err(|reason| refused("rego module file", &file, reason))?;
+                        if module.name.is_empty() {
+                            module.name = file.display().to_string();
+                        }
+                        module.source = Some(source);
+                    }
+                }
+            }
+            _ => {}
         }
     }
     Ok(())
 }
 
-/// Reads a `jwksFile`: a regular file of at most [`MAX_JWKS_FILE_BYTES`] inside the
+/// Reads a file a resource names: a regular file of at most `max_bytes` inside the
 /// configuration directory (its subdirectories included). Symlinks are followed while
 /// they stay inside, which is how Kubernetes mounts a ConfigMap (`name -> ..data/name`).
-fn read_jwks_file(dir: &Path, file: &Path) -> Result<String, String> {
+fn read_config_file(
+    dir: &Path,
+    file: &Path,
+    max_bytes: u64,
+    typical: &str,
+) -> Result<String, String> {
     let dir = dir
         .canonicalize()
         .map_err(|e| format!("configuration directory {}: {e}", dir.display()))?;
@@ -194,20 +224,20 @@ fn read_jwks_file(dir: &Path, file: &Path) -> Result<String, String> {
     if !metadata.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
     }
-    let too_large = || format!("larger than {MAX_JWKS_FILE_BYTES} bytes (a JWKS is a few KiB)");
-    if metadata.len() > MAX_JWKS_FILE_BYTES {
+    let too_large = || format!("larger than {max_bytes} bytes ({typical})");
+    if metadata.len() > max_bytes {
         return Err(too_large());
     }
     // The file may grow after the check: read one byte past the cap at most.
-    let mut jwks = String::new();
+    let mut text = String::new();
     opened
-        .take(MAX_JWKS_FILE_BYTES + 1)
-        .read_to_string(&mut jwks)
+        .take(max_bytes + 1)
+        .read_to_string(&mut text)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    if jwks.len() as u64 > MAX_JWKS_FILE_BYTES {
+    if text.len() as u64 > max_bytes {
         return Err(too_large());
     }
-    Ok(jwks)
+    Ok(text)
 }
 
 /// Loads the configuration directory off the async runtime, under a timeout.
@@ -526,7 +556,7 @@ mod tests {
             problems,
             [
                 "a.yaml:7: address 10.96.0.1 of billing.shop already belongs to orders.shop (a.yaml:2)",
-                "b.yaml:5: unknown variant `MAYBE`, expected one of ALLOW, DENY, AUDIT",
+                "b.yaml:5: unknown variant `MAYBE`, expected one of ALLOW, DENY, AUDIT, CUSTOM",
             ]
             .map(|p| p.to_string()),
             "{problems:#?}"
@@ -552,6 +582,50 @@ mod tests {
         let rule = &snapshot.request_authentications[0].spec.jwt_rules[0];
         assert_eq!(rule.jwks.as_deref(), Some(JWKS));
         assert_eq!(rule.jwks_file, None);
+    }
+
+    /// A CUSTOM policy (its kind on line 2) whose one Rego module is `policies/authz.rego`.
+    fn with_rego_file(source: &str) -> ConfigDir {
+        let dir = ConfigDir::new();
+        dir.write(
+            "authz.yaml",
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: opa, namespace: shop}\nspec:\n  action: CUSTOM\n  rules: [{}]\n  provider:\n    rego:\n      query: data.shop.authz.allow\n      modules:\n      - file: policies/authz.rego\n",
+        );
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        dir.write("policies/authz.rego", source);
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_rego_module_file_is_inlined_under_its_name() {
+        let source = "package shop.authz\nallow := true\n";
+        let dir = with_rego_file(source);
+        let snapshot = load_within(dir.path(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let provider = snapshot.authorization_policies[0].spec.provider.as_ref();
+        let module = &provider.expect("a provider").rego.modules[0];
+        assert_eq!(module.source.as_deref(), Some(source));
+        assert_eq!(
+            (module.name.as_str(), module.file.as_ref()),
+            ("policies/authz.rego", None)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rego_syntax_error_is_refused_at_the_policy_and_module_line() {
+        let dir = with_rego_file("package shop.authz\n\nallow if {\n  input.x ==\n}\n");
+        let error = load_within(dir.path(), Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(error.origin.file, dir.path().join("authz.yaml"), "{error}");
+        assert_eq!(error.origin.line, 2, "{error}");
+        assert!(
+            error.reason.contains(
+                "spec.provider.rego: module \"policies/authz.rego\": policies/authz.rego:5:"
+            ),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -277,7 +277,11 @@ async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> any
         throttled.served,
         throttled.limited,
         throttled.retry_after.as_deref().unwrap_or("-"),
-        if throttled.as_expected() { "✔" } else { "✘" }
+        if throttled.as_expected() {
+            "✔"
+        } else {
+            "✘"
+        }
     );
 
     println!("\nWhat the proxies saw (from their /metrics):");

@@ -45,13 +45,19 @@ fn decide<B: Sync>(request: &Request<B>) -> Decision {
     let header = |name: &http::HeaderName| canonical::header(request, name);
     let attributes = policy::Request {
         source: None,
+        destination: None,
         request_principal: None,
+        jwt_claims: None,
         port: 8080,
         http: Some(HttpRequest {
             method: request.method().as_str(),
             path: request.uri().path(),
+            query: None,
             host: canonical::host(request),
+            scheme: "http",
+            protocol: "HTTP/1.1",
             header: &header,
+            headers: None,
         }),
     };
     policy::authorize(policies(), &attributes)

@@ -61,13 +61,19 @@ fuzz_target!(|bytes: &[u8]| {
     });
     let request = Request {
         source: bytes.first().filter(|b| *b & 1 == 1).map(|_| peer),
+        destination: None,
         request_principal: None,
+        jwt_claims: None,
         port: 8080,
         http: Some(HttpRequest {
             method,
             path: &path,
+            query: None,
             host: &host,
+            scheme: "http",
+            protocol: "HTTP/1.1",
             header: &|name: &HeaderName| header(name.as_str()),
+            headers: None,
         }),
     };
     let decision = authorize(policies(), &request);

@@ -10,8 +10,9 @@
 //! control plane with the field named; a proxy that receives one anyway fails closed.
 //!
 //! Semantics follow Istio's, which operators already know: DENY policies are evaluated
-//! first; if any ALLOW policy selects a workload, a request must match one of them; AUDIT
-//! policies are recorded without effect; no policy at all allows. Unlike Istio, a port
+//! first, then CUSTOM policies (a Rego policy, see [`rego`], decides the requests their
+//! rules match); if any ALLOW policy selects a workload, a request must match one of them;
+//! AUDIT policies are recorded without effect; no policy at all allows. Unlike Istio, a port
 //! with no PeerAuthentication is STRICT: the mesh denies plaintext until told otherwise.
 
 use std::borrow::{Borrow, Cow};
@@ -19,12 +20,17 @@ use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv6Addr;
+use std::sync::Arc;
 
 use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use crate::SpiffeId;
 use crate::spiffe::SpiffeIdError;
+
+pub mod rego;
+
+pub use rego::{CompiledRego, RegoError, RegoModule, RegoProvider, RegoVerdict};
 
 /// Policies in this namespace apply to the whole mesh.
 pub const ROOT_NAMESPACE: &str = "tessera-system";
@@ -117,6 +123,8 @@ pub enum Action {
     Allow,
     Deny,
     Audit,
+    /// The `provider`'s Rego policy decides the requests the rules match.
+    Custom,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,9 +136,24 @@ pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub action: Action,
     /// A request matching any rule matches the policy. No rules: matches nothing (an
-    /// ALLOW policy without rules therefore denies everything).
+    /// ALLOW policy without rules therefore denies everything; a CUSTOM policy needs a
+    /// rule, `rules: [{}]` for every request).
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Who decides for a CUSTOM policy (and only for one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<Provider>,
+}
+
+/// Istio's `provider` of a CUSTOM policy; Tessera's decides in the proxy, in Rego.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Provider {
+    /// A name for the provider, as Istio's extension providers have (informational).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub rego: RegoProvider,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,8 +409,12 @@ pub fn mtls_mode(
 pub struct Request<'a> {
     /// Verified mTLS peer; `None` for plaintext.
     pub source: Option<&'a SpiffeId>,
+    /// The workload called (what a CUSTOM policy's input names as the destination).
+    pub destination: Option<&'a SpiffeId>,
     /// `issuer/subject` of a validated JWT.
     pub request_principal: Option<&'a str>,
+    /// The claims of that JWT (what a CUSTOM policy's input carries as `jwt.claims`).
+    pub jwt_claims: Option<&'a serde_json::Map<String, serde_json::Value>>,
     /// The application port.
     pub port: u16,
     /// Absent for opaque TCP.
@@ -399,10 +426,19 @@ pub struct HttpRequest<'a> {
     pub method: &'a str,
     /// The path as forwarded, without query; normalized here too if it is not already.
     pub path: &'a str,
+    /// The query, without `?`.
+    pub query: Option<&'a str>,
     /// The authority (or `Host`), with or without port.
     pub host: &'a str,
+    /// `http` or `https`, as the caller addressed the application.
+    pub scheme: &'a str,
+    /// `HTTP/1.1`, `HTTP/2`…
+    pub protocol: &'a str,
     /// The value of a field, looked up by the name a condition was compiled with.
     pub header: &'a (dyn Fn(&HeaderName) -> Option<&'a str> + Sync),
+    /// Every field, for a CUSTOM policy's input; `None` where they are not known (the
+    /// CLI's explanations).
+    pub headers: Option<&'a http::HeaderMap>,
 }
 
 impl fmt::Debug for HttpRequest<'_> {
@@ -424,6 +460,9 @@ pub struct Decision {
     pub reason: &'static str,
     /// AUDIT policies that matched.
     pub audited: Vec<usize>,
+    /// What the Rego policy of the deciding CUSTOM policy said, when one denied; else
+    /// that of the last CUSTOM policy that allowed, if any was asked.
+    pub rego: Option<RegoVerdict>,
 }
 
 /// Why an AuthorizationPolicy cannot be compiled, naming the field as it is written in
@@ -458,6 +497,16 @@ pub enum PolicyProblem {
     ConditionKey(String),
     #[error("key {0:?}: not a valid HTTP header name")]
     HeaderName(String),
+    #[error("action CUSTOM needs a provider with a rego policy")]
+    MissingProvider,
+    #[error("a provider is only for action CUSTOM")]
+    UnexpectedProvider,
+    #[error(
+        "a CUSTOM policy without rules would decide no request: write `rules: [{{}}]` for every request"
+    )]
+    CustomWithoutRules,
+    #[error("{0}")]
+    Rego(#[from] RegoError),
 }
 
 impl PolicyError {
@@ -485,6 +534,8 @@ pub struct CompiledPolicy {
     id: String,
     action: Action,
     rules: Rules,
+    /// A CUSTOM policy's Rego, compiled; shared by the clones of this policy.
+    rego: Option<Arc<CompiledRego>>,
 }
 
 #[derive(Debug, Clone)]
@@ -507,23 +558,52 @@ impl TryFrom<&Named<AuthorizationPolicySpec>> for CompiledPolicy {
             .map(|(index, rule)| {
                 RuleMatch::try_from(rule).map_err(|e| e.under(format_args!("spec.rules[{index}]")))
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        let rego = match (policy.spec.action, &policy.spec.provider) {
+            (Action::Custom, None) => {
+                return Err(PolicyError::new(
+                    "spec.provider",
+                    PolicyProblem::MissingProvider,
+                ));
+            }
+            (Action::Custom, Some(_)) if rules.is_empty() => {
+                return Err(PolicyError::new(
+                    "spec.rules",
+                    PolicyProblem::CustomWithoutRules,
+                ));
+            }
+            (Action::Custom, Some(provider)) => {
+                let rego = CompiledRego::try_from(&provider.rego)
+                    .map_err(|e| PolicyError::new("spec.provider.rego", e.into()))?;
+                Some(Arc::new(rego))
+            }
+            (_, Some(_)) => {
+                return Err(PolicyError::new(
+                    "spec.provider",
+                    PolicyProblem::UnexpectedProvider,
+                ));
+            }
+            (_, None) => None,
+        };
         Ok(Self {
             id: policy.id(),
             action: policy.spec.action,
             rules: Rules::Checked(rules),
+            rego,
         })
     }
 }
 
 impl CompiledPolicy {
     /// Stands in for a policy that failed to compile (a proxy cannot refuse what the
-    /// control plane sent): a DENY matches every request, any other action none.
+    /// control plane sent): a DENY or CUSTOM policy denies every request, any other
+    /// action matches none.
     pub fn fail_closed(policy: &Named<AuthorizationPolicySpec>, error: PolicyError) -> Self {
         Self {
             id: policy.id(),
             action: policy.spec.action,
             rules: Rules::Unusable(error),
+            rego: None,
         }
     }
 
@@ -534,6 +614,11 @@ impl CompiledPolicy {
 
     pub fn action(&self) -> Action {
         self.action
+    }
+
+    /// A CUSTOM policy's Rego, when it compiled.
+    pub fn rego(&self) -> Option<&CompiledRego> {
+        self.rego.as_deref()
     }
 
     /// Why the policy could not be compiled, if it could not.
@@ -547,7 +632,9 @@ impl CompiledPolicy {
     /// Which rule matches `request`: `Some(None)` when a policy that could not be
     /// compiled matches (a DENY always does).
     fn matching_rule(&self, request: &Facts<'_, '_>) -> Option<Option<usize>> {
-        let lenient = self.action == Action::Deny;
+        // A CUSTOM policy's rules say when its Rego is asked: asking too often never
+        // opens access, so like a DENY's they take uncheckable fields as matching.
+        let lenient = matches!(self.action, Action::Deny | Action::Custom);
         match &self.rules {
             Rules::Checked(rules) => rules
                 .iter()
@@ -587,8 +674,40 @@ where
                     None => "a DENY policy that could not be compiled denies every request",
                 },
                 audited,
+                rego: None,
             };
         }
+    }
+    let mut rego = None;
+    for (index, policy) in with_action(Action::Custom) {
+        let Some(rule) = policy.matching_rule(&facts) else {
+            continue;
+        };
+        let Some(compiled) = policy.rego() else {
+            return Decision {
+                allowed: false,
+                policy: Some(index),
+                rule,
+                reason: "a CUSTOM policy that could not be compiled denies every request",
+                audited,
+                rego: None,
+            };
+        };
+        let verdict = compiled.evaluate(request);
+        if !verdict.allowed {
+            return Decision {
+                allowed: false,
+                policy: Some(index),
+                rule,
+                reason: match verdict.failure {
+                    None => "denied by a CUSTOM policy",
+                    Some(_) => "a CUSTOM policy gave no decision",
+                },
+                audited,
+                rego: Some(verdict),
+            };
+        }
+        rego = Some(verdict);
     }
     let mut allow_policies = with_action(Action::Allow).peekable();
     if allow_policies.peek().is_none() {
@@ -598,6 +717,7 @@ where
             rule: None,
             reason: "no ALLOW policy selects this workload",
             audited,
+            rego,
         };
     }
     for (index, policy) in allow_policies {
@@ -608,6 +728,7 @@ where
                 rule,
                 reason: "matched an ALLOW policy",
                 audited,
+                rego,
             };
         }
     }
@@ -617,6 +738,7 @@ where
         rule: None,
         reason: "no ALLOW policy matched",
         audited,
+        rego,
     }
 }
 
@@ -1568,13 +1690,19 @@ mod tests {
         };
         let request = Request {
             source: call.source.as_ref(),
+            destination: None,
             request_principal: call.jwt,
+            jwt_claims: None,
             port: call.port,
             http: call.http.map(|(method, path, host)| HttpRequest {
                 method,
                 path,
+                query: None,
                 host,
+                scheme: "http",
+                protocol: "HTTP/1.1",
                 header: &header,
+                headers: None,
             }),
         };
         authorize(&selected, &request)
@@ -2318,13 +2446,19 @@ mod tests {
         let header = |_: &HeaderName| None;
         let request = Request {
             source: None,
+            destination: None,
             request_principal: None,
+            jwt_claims: None,
             port: 8080,
             http: Some(HttpRequest {
                 method: "GET",
                 path,
+                query: None,
                 host,
+                scheme: "http",
+                protocol: "HTTP/1.1",
                 header: &header,
+                headers: None,
             }),
         };
         authorize(policies, &request)
@@ -2739,6 +2873,185 @@ mod tests {
             assert_eq!(mode(&policies, port), expected, "{name}");
         }
     }
+
+    /// A CUSTOM policy whose Rego allows only `x-team: gold` callers, for paths under
+    /// `/api/`.
+    fn custom(rules: &str) -> Named<AuthorizationPolicySpec> {
+        policy(
+            "shop",
+            "rego",
+            &format!(
+                r#"action: CUSTOM
+provider:
+  name: opa
+  rego:
+    query: data.shop.authz.allow
+    modules:
+    - name: authz.rego
+      source: |
+        package shop.authz
+        default allow := false
+        allow if input.attributes.request.http.headers["x-team"] == "gold"
+        deny contains "team is not gold" if not allow
+{rules}"#
+            ),
+        )
+    }
+
+    fn with_headers(mut call: Call, headers: &'static [(&'static str, &'static str)]) -> Call {
+        call.headers = headers;
+        call
+    }
+
+    /// Decides like [`decide`], with the call's headers given to CUSTOM policies too.
+    fn decide_with_fields(policies: &[Named<AuthorizationPolicySpec>], call: &Call) -> Decision {
+        let selected = compile(policies);
+        let mut fields = http::HeaderMap::new();
+        for (name, value) in call.headers {
+            fields.append(
+                HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            );
+        }
+        let header = |name: &HeaderName| fields.get(name).and_then(|v| v.to_str().ok());
+        let request = Request {
+            source: call.source.as_ref(),
+            destination: None,
+            request_principal: call.jwt,
+            jwt_claims: None,
+            port: call.port,
+            http: call.http.map(|(method, path, host)| HttpRequest {
+                method,
+                path,
+                query: None,
+                host,
+                scheme: "http",
+                protocol: "HTTP/1.1",
+                header: &header,
+                headers: Some(&fields),
+            }),
+        };
+        authorize(&selected, &request)
+    }
+
+    #[test]
+    fn custom_is_asked_after_deny_and_before_allow() {
+        let rules = "rules:
+- to: [{operation: {paths: [\"/api/*\"]}}]
+";
+        let deny_admin = policy(
+            "shop",
+            "deny",
+            "action: DENY
+rules:
+- to: [{operation: {paths: [\"/api/admin\"]}}]
+",
+        );
+        let allow_frontend = policy(
+            "shop",
+            "allow",
+            "rules:
+- from: [{source: {principals: [\"cluster.local/ns/shop/sa/frontend\"]}}]
+",
+        );
+        let policies = [allow_frontend, custom(rules), deny_admin];
+        let gold = &[("x-team", "gold")];
+        let frontend = Some(id("shop", "frontend"));
+        // DENY first: the Rego is not asked.
+        let decision = decide_with_fields(
+            &policies,
+            &with_headers(http(frontend.clone(), "GET", "/api/admin"), gold),
+        );
+        assert_eq!(
+            (decision.allowed, decision.policy, decision.rego),
+            (false, Some(2), None)
+        );
+        // CUSTOM next: its denial stands whatever ALLOW says, naming the deny rule.
+        let decision = decide_with_fields(&policies, &http(frontend.clone(), "GET", "/api/orders"));
+        assert!(!decision.allowed);
+        assert_eq!(decision.policy, Some(1));
+        assert_eq!(decision.rule, Some(0));
+        assert_eq!(decision.reason, "denied by a CUSTOM policy");
+        assert_eq!(decision.rego.unwrap().reason, "deny: team is not gold");
+        // Its allow does not bypass ALLOW policies.
+        let decision = decide_with_fields(
+            &policies,
+            &with_headers(http(Some(id("shop", "ops")), "GET", "/api/orders"), gold),
+        );
+        assert_eq!(
+            (decision.allowed, decision.reason),
+            (false, "no ALLOW policy matched")
+        );
+        assert!(decision.rego.unwrap().allowed);
+        let decision = decide_with_fields(
+            &policies,
+            &with_headers(http(frontend.clone(), "GET", "/api/orders"), gold),
+        );
+        assert_eq!((decision.allowed, decision.policy), (true, Some(0)));
+        // Requests its rules do not match are not its to decide.
+        let decision = decide_with_fields(&policies, &http(frontend, "GET", "/health"));
+        assert_eq!((decision.allowed, decision.rego), (true, None));
+    }
+
+    #[test]
+    fn custom_policies_that_cannot_be_compiled_deny_everything() {
+        let cases = [
+            (
+                "no rules",
+                custom(""),
+                "spec.rules: a CUSTOM policy without rules would decide no request",
+            ),
+            (
+                "no provider",
+                policy("shop", "p", "action: CUSTOM\nrules: [{}]\n"),
+                "spec.provider: action CUSTOM needs a provider",
+            ),
+            (
+                "syntax error",
+                policy(
+                    "shop",
+                    "p",
+                    "action: CUSTOM\nrules: [{}]\nprovider:\n  rego:\n    query: data.p.allow\n    modules:\n    - name: p.rego\n      source: \"package p\\nallow if {\"\n",
+                ),
+                "spec.provider.rego: module \"p.rego\": p.rego:2:",
+            ),
+        ];
+        for (name, custom, error) in cases {
+            let compiled = CompiledPolicy::try_from(&custom).unwrap_err();
+            assert!(
+                compiled.to_string().starts_with(error),
+                "{name}: {compiled}"
+            );
+            let decision = decide_with_fields(
+                &[custom],
+                &with_headers(http(None, "GET", "/"), &[("x-team", "gold")]),
+            );
+            assert!(!decision.allowed, "{name}");
+            assert_eq!(
+                decision.reason,
+                "a CUSTOM policy that could not be compiled denies every request"
+            );
+        }
+        let misplaced = policy(
+            "shop",
+            "p",
+            "action: ALLOW\nrules: [{}]\nprovider: {rego: {query: data.p.allow, modules: []}}\n",
+        );
+        assert_eq!(
+            CompiledPolicy::try_from(&misplaced)
+                .unwrap_err()
+                .to_string(),
+            "spec.provider: a provider is only for action CUSTOM"
+        );
+    }
+
+    #[test]
+    fn custom_rules_on_opaque_tcp_ask_the_rego_without_request_attributes() {
+        let custom = custom("rules:\n- to: [{operation: {paths: [\"/api/*\"]}}]\n");
+        let decision = decide_with_fields(&[custom], &tcp(Some(id("shop", "frontend")), 8080));
+        assert!(!decision.allowed);
+        assert_eq!(decision.rego.unwrap().reason, "deny: team is not gold");
+    }
 }
 
 /// Properties of normalization over generated spellings: the cases are few (the suite
@@ -2859,13 +3172,19 @@ mod properties {
         let header = |_: &HeaderName| None;
         let request = Request {
             source: None,
+            destination: None,
             request_principal: None,
+            jwt_claims: None,
             port: 8080,
             http: Some(HttpRequest {
                 method: "GET",
                 path,
+                query: None,
                 host,
+                scheme: "http",
+                protocol: "HTTP/1.1",
                 header: &header,
+                headers: None,
             }),
         };
         authorize(std::slice::from_ref(&policy), &request)

@@ -629,7 +629,7 @@ mod tests {
         assert_eq!(
             error,
             "mesh.yaml:11: unknown field `adress`, expected one of service, serviceAccount, address, ports; \
-             mesh.yaml:17: unknown variant `MAYBE`, expected one of ALLOW, DENY, AUDIT"
+             mesh.yaml:17: unknown variant `MAYBE`, expected one of ALLOW, DENY, AUDIT, CUSTOM"
         );
     }
 

@@ -227,6 +227,14 @@ pub struct RateLimitLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvaluationErrorLabels {
+    /// `namespace/name` of the CUSTOM policy.
+    pub policy: String,
+    /// "timeout", "error", "undefined", "not-a-decision" or "input-too-large".
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     /// The upstream service, `name.namespace`.
     pub destination_service: String,
@@ -245,6 +253,7 @@ pub struct Metrics {
     pub spans_dropped: Counter,
     pub authz: Family<AuthzLabels, Counter>,
     pub rate_limited: Family<RateLimitLabels, Counter>,
+    pub policy_evaluation_errors: Family<EvaluationErrorLabels, Counter>,
     pub retries: Family<ServiceLabels, Counter>,
     pub connections: Family<ConnectionLabels, Counter>,
     pub connections_active: Family<DirectionLabels, Gauge>,
@@ -290,6 +299,7 @@ impl Metrics {
             retries: Family::default(),
             authz: Family::default(),
             rate_limited: Family::default(),
+            policy_evaluation_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -346,6 +356,11 @@ impl Metrics {
             "rate_limited",
             "Requests and opaque connections refused by a RateLimitPolicy, by policy and limit",
             metrics.rate_limited.clone(),
+        );
+        registry.register(
+            "policy_evaluation_errors",
+            "CUSTOM (Rego) policy evaluations that gave no decision, so denied, by policy and reason",
+            metrics.policy_evaluation_errors.clone(),
         );
         registry.register(
             "retries",
@@ -446,6 +461,16 @@ impl Metrics {
                 limit,
             })
             .clone()
+    }
+
+    /// Counts a CUSTOM policy's evaluation that gave no decision.
+    pub fn policy_evaluation_error(&self, policy: &str, reason: &'static str) {
+        self.policy_evaluation_errors
+            .get_or_create(&EvaluationErrorLabels {
+                policy: policy.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     /// The retry counter of one upstream service.

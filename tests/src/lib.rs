@@ -27,6 +27,7 @@ pub mod kube;
 pub mod kubelet;
 pub mod l7;
 pub mod netns;
+pub mod opa;
 pub mod otlp;
 pub mod podman;
 pub mod telemetry;

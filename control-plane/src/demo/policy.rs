@@ -54,7 +54,10 @@ pub(super) async fn report_burst(route: SocketAddr) -> anyhow::Result<Throttled>
     let mut seen = Throttled::default();
     let mut all_said_why = true;
     for _ in 0..BURST {
-        sender.ready().await.context("orders closed the connection")?;
+        sender
+            .ready()
+            .await
+            .context("orders closed the connection")?;
         let request = http::Request::get("/reports/daily")
             .header(http::header::HOST, "orders.shop")
             .body(Empty::<Bytes>::new())?;

@@ -29,10 +29,19 @@ const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub enum JwtOutcome {
     /// No token: the request has no request principal.
     Absent,
-    /// `issuer/subject`.
-    Valid(String),
+    /// A token that passed every check.
+    Valid(ValidToken),
     /// A token was presented and is not acceptable: the request is refused (401).
     Invalid(&'static str),
+}
+
+/// What a valid token establishes: the request principal, and the claims a CUSTOM
+/// (Rego) policy may read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidToken {
+    /// `issuer/subject`.
+    pub principal: String,
+    pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
 struct Key {
@@ -52,10 +61,13 @@ pub struct JwtValidator {
     issuers: Vec<Issuer>,
 }
 
+/// The claims checked (`iss`, `sub`) and every other, kept for Rego policies.
 #[derive(Deserialize)]
 struct Claims {
     iss: String,
     sub: String,
+    #[serde(flatten)]
+    others: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -170,7 +182,18 @@ impl JwtValidator {
                 HashSet::from(["exp".to_string(), "iss".to_string(), "sub".to_string()]);
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) => {
-                    return JwtOutcome::Valid(format!("{}/{}", data.claims.iss, data.claims.sub));
+                    let Claims {
+                        iss,
+                        sub,
+                        mut others,
+                    } = data.claims;
+                    let principal = format!("{iss}/{sub}");
+                    others.insert("iss".into(), iss.into());
+                    others.insert("sub".into(), sub.into());
+                    return JwtOutcome::Valid(ValidToken {
+                        principal,
+                        claims: others,
+                    });
                 }
                 Err(error) => {
                     outcome = JwtOutcome::Invalid(match error.kind() {
@@ -285,10 +308,11 @@ mod tests {
         let signing = EncodingKey::from_ed_pem(key.serialize_pem().as_bytes()).unwrap();
         let token = jsonwebtoken::encode(&header, &claims(), &signing).unwrap();
         let uri: Uri = "/".parse().unwrap();
-        assert_eq!(
-            validator.check(&bearer(&token), &uri),
-            JwtOutcome::Valid("https://issuer/bob".into())
-        );
+        let JwtOutcome::Valid(valid) = validator.check(&bearer(&token), &uri) else {
+            panic!("a valid token");
+        };
+        assert_eq!(valid.principal, "https://issuer/bob");
+        assert_eq!(valid.claims["sub"], "bob");
         let mut forged = Header::new(Algorithm::HS256);
         forged.kid = Some("e1".into());
         let secret = EncodingKey::from_secret(key.public_key_raw());

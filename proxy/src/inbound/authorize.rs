@@ -142,6 +142,12 @@ impl InboundPolicy {
         for &index in &decision.audited {
             self.policy_counter(index, metrics).inc();
         }
+        if let (Some(index), Some(failure)) = (
+            decision.policy,
+            decision.rego.as_ref().and_then(|v| v.failure),
+        ) {
+            metrics.policy_evaluation_error(self.authz[index].id(), failure.as_str());
+        }
         decision
     }
 
@@ -166,6 +172,8 @@ impl InboundPolicy {
                 Action::Allow => "allow",
                 Action::Deny => "deny",
                 Action::Audit => "audit",
+                // A CUSTOM policy decides only when it denies.
+                Action::Custom => "deny",
             };
             metrics.authz_counter(decision, policy.id().into())
         })
@@ -239,13 +247,19 @@ mod tests {
     ) -> policy::Request<'a> {
         policy::Request {
             source,
+            destination: None,
             request_principal,
+            jwt_claims: None,
             port,
             http: Some(policy::HttpRequest {
                 method: "GET",
                 path,
+                query: None,
                 host: "orders.shop",
+                scheme: "http",
+                protocol: "HTTP/1.1",
                 header: &|_| None,
+                headers: None,
             }),
         }
     }
@@ -253,7 +267,9 @@ mod tests {
     fn tcp(source: Option<&SpiffeId>, port: u16) -> policy::Request<'_> {
         policy::Request {
             source,
+            destination: None,
             request_principal: None,
+            jwt_claims: None,
             port,
             http: None,
         }
@@ -506,9 +522,10 @@ mod tests {
             .as_ref()
             .expect("a RequestAuthentication selects orders");
         let outcome = validator.check(&headers, &uri);
-        let JwtOutcome::Valid(principal) = &outcome else {
+        let JwtOutcome::Valid(valid) = &outcome else {
             panic!("{outcome:?}");
         };
+        let principal = &valid.principal;
         assert_eq!(principal, "https://issuer/bob");
         let with_token = get(None, 8080, "/orders", Some(principal));
         assert!(inbound.authorize(&with_token, &metrics).allowed);

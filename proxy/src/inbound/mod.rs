@@ -324,7 +324,9 @@ impl Inbound {
         let decision = policy.authorize(
             &policy::Request {
                 source: peer.identity.as_ref(),
+                destination: Some(self.identity.identity()),
                 request_principal: None,
+                jwt_claims: None,
                 port: self.app_port(),
                 http: None,
             },
@@ -568,7 +570,7 @@ impl Inbound {
             Some(validator) => validator.check(request.headers(), request.uri()),
             None => JwtOutcome::Absent,
         };
-        let request_principal = match &jwt {
+        let (request_principal, jwt_claims) = match &jwt {
             JwtOutcome::Invalid(reason) => {
                 warn!(
                     parent: log,
@@ -579,21 +581,27 @@ impl Inbound {
                 );
                 return Err(refusal(ProxyError::Unauthenticated(reason), grpc));
             }
-            JwtOutcome::Valid(principal) => Some(principal.as_str()),
-            JwtOutcome::Absent => None,
+            JwtOutcome::Valid(token) => (Some(token.principal.as_str()), Some(&token.claims)),
+            JwtOutcome::Absent => (None, None),
         };
         let decision = {
             let header =
                 |name: &http::HeaderName| crate::inbound::canonical::header(&request, name);
             let attributes = policy::Request {
                 source: peer.identity.as_ref(),
+                destination: Some(self.identity.identity()),
                 request_principal,
+                jwt_claims,
                 port: self.app_port(),
                 http: Some(policy::HttpRequest {
                     method: request.method().as_str(),
                     path: request.uri().path(),
+                    query: request.uri().query(),
                     host: crate::inbound::canonical::host(&request),
+                    scheme: request.uri().scheme_str().unwrap_or("http"),
+                    protocol: protocol_name(request.version()),
                     header: &header,
+                    headers: Some(request.headers()),
                 }),
             };
             policy.authorize(&attributes, &self.metrics)
@@ -641,6 +649,7 @@ impl Inbound {
             policy = policy.deciding_policy(decision).unwrap_or("none"),
             rule = decision.rule,
             reason = decision.reason,
+            rego = decision.rego.as_ref().map(|verdict| verdict.reason.as_str()),
         );
     }
 }
@@ -657,6 +666,17 @@ fn rate_limited(span: &Span, limited: &RateLimited<'_>, event: &str) -> ProxyErr
     );
     ProxyError::RateLimited {
         retry_after_seconds: limited.retry_after_seconds(),
+    }
+}
+
+/// How OPA-Envoy's input names a request's protocol.
+fn protocol_name(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
     }
 }
 

@@ -465,3 +465,93 @@ async fn what_the_policy_checks_is_what_the_application_receives() {
         );
     }
 }
+
+/// A CUSTOM policy whose Rego allows the client's GETs under `/api/` for users not in
+/// `data.blocked`, and names its deny rule; or, with `explode`, one that runs past its
+/// evaluation budget.
+fn rego_policy(explode: bool) -> String {
+    let allow = if explode {
+        "allow if count({x | some i in numbers.range(1, 5000); some j in numbers.range(1, 5000); x := i * j}) > 0"
+    } else {
+        "allow if {\n            input.attributes.source.principal == data.caller\n            input.attributes.request.http.method == \"GET\"\n            input.parsed_path[0] == \"api\"\n            not input.attributes.request.http.headers[\"x-user\"] in data.blocked\n          }"
+    };
+    resource(
+        "AuthorizationPolicy",
+        "backend-opa",
+        &format!(
+            "  selector: {{serviceAccount: backend}}\n  action: CUSTOM\n  rules: [{{}}]\n  provider:\n    rego:\n      query: data.shop.authz.allow\n      modules:\n      - name: authz.rego\n        source: |\n          package shop.authz\n          import rego.v1\n          default allow := false\n          {allow}\n          deny contains \"user is blocked\" if input.attributes.request.http.headers[\"x-user\"] in data.blocked\n      data:\n        caller: \"{}\"\n        blocked: [mallory]\n",
+            spiffe("client")
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rego_policy_decides_in_the_proxy() {
+    let backend = HttpBackend::start("opa-guarded").await;
+    let mesh = L7Mesh::start(&[backend.address], "http", None).await;
+    mesh.apply("policy.yaml", &rego_policy(false)).await;
+    let mut client = Http1Client::connect(mesh.entry()).await.unwrap();
+    let user = |name: &str| vec![("x-user".to_string(), name.to_string())];
+
+    let allowed = client
+        .get_with("/api/orders", &user("alice"))
+        .await
+        .unwrap();
+    assert_eq!(allowed.status, StatusCode::OK);
+    let served = backend.requests();
+    let secret = vec![
+        ("x-user".to_string(), "mallory".to_string()),
+        (
+            "authorization".to_string(),
+            "Basic c2VjcmV0LXZhbHVl".to_string(),
+        ),
+    ];
+    let denied = client.get_with("/api/orders", &secret).await.unwrap();
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert_eq!(denied.headers["tessera-proxy-error"], "access-denied");
+    let elsewhere = client.get_with("/admin", &user("alice")).await.unwrap();
+    assert_eq!(elsewhere.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        backend.requests(),
+        served,
+        "a denied request reached the application"
+    );
+
+    let logs = &mesh.servers[0].process.logs;
+    let line = logs
+        .wait_for(
+            &["request denied", "user is blocked"],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    for field in [
+        "shop/backend-opa",
+        "denied by a CUSTOM policy",
+        "deny: user is blocked",
+    ] {
+        assert!(line.contains(field), "denial log lacks {field}: {line}");
+    }
+    assert!(
+        !logs.lines().iter().any(|l| l.contains("c2VjcmV0LXZhbHVl")),
+        "a credential was logged"
+    );
+
+    // A policy that explodes is cut off: denied, counted, the proxy serving on.
+    mesh.apply("policy.yaml", &rego_policy(true)).await;
+    let cut_off = client
+        .get_with("/api/orders", &user("alice"))
+        .await
+        .unwrap();
+    assert_eq!(cut_off.status, StatusCode::FORBIDDEN);
+    let (_, metrics) = mesh.servers[0].admin("/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tessera_policy_evaluation_errors_total{")
+                && l.contains("policy=\"shop/backend-opa\"")
+                && l.contains("reason=\"timeout\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}

@@ -23,6 +23,7 @@ mod lifecycle;
 mod migration;
 mod mtls;
 mod observability;
+mod opa;
 mod rate_limit;
 mod reliability;
 mod resilience;
