@@ -9,8 +9,9 @@
 //!
 //! Three calls must be refused: a plaintext client knocking on an mTLS port, a proxy
 //! told to expect a different identity than the server proves, and a DELETE that an
-//! AuthorizationPolicy forbids; a burst of report requests must be throttled by a
-//! RateLimitPolicy. At the end the demo
+//! AuthorizationPolicy forbids; a refund that a Rego policy (evaluated in the orders
+//! proxies) forbids must be denied with its rule named, and a burst of report requests
+//! throttled by a RateLimitPolicy. At the end the demo
 //! prints who talked to whom with which verified identity, what the retries masked,
 //! certificate renewals and refusals — and fails if the mesh did not behave. With a
 //! Jaeger (`--jaeger`, or a `jaeger` on PATH) every hop is traced, and the demo links to
@@ -103,6 +104,7 @@ async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> any
     )?;
     std::fs::write(config_dir.join("services.yaml"), SERVICES)?;
     std::fs::write(config_dir.join("limits.yaml"), policy::RATE_LIMITS)?;
+    std::fs::write(config_dir.join("refunds.yaml"), policy::REFUNDS_REGO)?;
     let control_plane = app::start(app::Options {
         state_dir: workdir.join("state"),
         config_dir: config_dir.clone(),
@@ -265,6 +267,21 @@ async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> any
         "  frontend DELETE /order/1 (shop/no-cancel, app=orders) {} ({cancel_status})",
         verdict(cancel_denied)
     );
+    let refund_status = policy::send(orders_route, http::Method::POST, policy::REFUND_PATH)
+        .await
+        .unwrap_or_default();
+    let refund_denied = refund_status == http::StatusCode::FORBIDDEN;
+    println!(
+        "  frontend POST {} (shop/refunds-opa: Rego in the proxy) {} ({refund_status})",
+        policy::REFUND_PATH,
+        verdict(refund_denied)
+    );
+    let rule = policy::explain_refund(&config_dir, identity("frontend")?);
+    let rule_named = rule.as_ref().is_ok_and(|line| line.contains("deny: "));
+    match &rule {
+        Ok(line) => println!("      tessera policy explain → rego: {line}"),
+        Err(error) => println!("      tessera policy explain failed: {error:#}"),
+    }
     let throttled = policy::report_burst(orders_route)
         .await
         .unwrap_or_else(|error| {
@@ -408,6 +425,8 @@ async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> any
         || !impostor_refused
         || !cancel_denied
         || !throttled.as_expected()
+        || !refund_denied
+        || !rule_named
         || !traces_arrived
     {
         bail!("the mesh did not behave as it should (see above)");

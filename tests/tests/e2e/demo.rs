@@ -22,6 +22,9 @@ fn demo_runs_and_shows_verified_identities() {
         "refused: unexpected_identity",
         "denied by policy shop/no-cancel",
         "throttled with 429 rate-limited, Retry-After: 1  ✔",
+        "(shop/refunds-opa: Rego in the proxy) refused ✔ (403 Forbidden)",
+        "rego: shop/refunds-opa (data.shop.refunds.allow) denies — deny: refunds are issued by payments only",
+        "denied by policy shop/refunds-opa",
         "throttled by shop/reports (reports-per-caller)",
         // Opaque TCP is tunnelled over the pooled connection: no handshake per call.
         "carried between the proxies over 1 mTLS connection(s)",
