@@ -10,7 +10,9 @@
 //! how closely a RateLimitPolicy holds its rate under overload (`rate-limit`).
 //!
 //! `rego` puts the cost of a Rego (CUSTOM policy) decision in the proxy next to the same
-//! decision asked of an OPA server over loopback REST (`tessera-benches rego`).
+//! decision asked of an OPA server over loopback REST (`tessera-benches rego`);
+//! `authz_paths` does the same side by side, under load, through proxy pairs
+//! (`tessera-benches rego-paths`).
 //!
 //! `benches/hot_paths.rs` measures, with criterion, the pieces of work the proxy does on
 //! every connection or request: protocol detection, policy evaluation, path
@@ -19,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz_paths;
 pub mod certs;
 pub mod control_plane;
 pub mod error;

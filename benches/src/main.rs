@@ -100,6 +100,20 @@ enum Command {
         #[arg(long, default_value = "20000")]
         samples: usize,
     },
+    /// HTTP/1.1 through three Tessera pairs in one run, taking turns: no policy, a Rego
+    /// CUSTOM policy in the server-side proxy, and the same decision asked of an OPA
+    /// server by an ext_authz-like hop (needs nginx, wrk and tests/opa/bin/opa).
+    RegoPaths {
+        /// Seconds of each closed-loop and each open-loop run.
+        #[arg(long, default_value = "5")]
+        seconds: u64,
+        /// Open-loop rate, requests a second.
+        #[arg(long, default_value = "1000")]
+        rate: u32,
+        /// Turns of each path; the median is reported.
+        #[arg(long, default_value = "3")]
+        rounds: usize,
+    },
     /// Internal: the gRPC and TCP echo servers, run as a child process.
     #[command(hide = true)]
     ServeBackends,
@@ -201,6 +215,21 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Up => {
             runtime.block_on(scenario::hold())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::RegoPaths {
+            seconds,
+            rate,
+            rounds,
+        } => {
+            let settings = tessera_benches::authz_paths::Settings {
+                closed_loop: std::time::Duration::from_secs(seconds),
+                open_loop: std::time::Duration::from_secs(seconds),
+                rate_per_second: rate,
+                rounds,
+            };
+            let rows = runtime.block_on(tessera_benches::authz_paths::run(settings))?;
+            print!("{}", tessera_benches::authz_paths::render(&rows, settings));
             return Ok(ExitCode::SUCCESS);
         }
         Command::Rego { samples } => {
