@@ -25,8 +25,10 @@ use serde_json::{Map, Value as Json};
 
 use super::Request;
 
-/// How long one evaluation may run before it is cut off and the request denied.
-pub const EVALUATION_BUDGET: Duration = Duration::from_millis(10);
+/// How long one evaluation may run before it is cut off and the request denied. Wall
+/// time: far above what a policy needs, so a worker thread descheduled on a busy machine
+/// does not turn into denials, and still short enough to cut a runaway policy.
+pub const EVALUATION_BUDGET: Duration = Duration::from_millis(100);
 /// Interpreter steps between two looks at the clock.
 const CLOCK_CHECK_INTERVAL: u32 = 32;
 /// Idle engines kept per policy: about one per thread that evaluates concurrently.
