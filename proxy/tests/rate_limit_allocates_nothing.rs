@@ -2,7 +2,6 @@
 //! taking a slot, not for a refusal once its counter exists. An integration test of its
 //! own because it needs a counting global allocator.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -13,34 +12,9 @@ use tessera_mesh::resources::{Spec, parse_file};
 use tessera_proxy::inbound::rate_limit::{Caller, RateLimiters};
 use tessera_proxy::telemetry::Metrics;
 
-/// Counts this thread's allocations, so other tests' threads do not disturb the count.
-struct CountingAllocator;
+mod common;
 
-thread_local! {
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged.
-#[allow(unsafe_code)]
-unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: `ptr` came from the system allocator, through `alloc`.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static COUNTING: CountingAllocator = CountingAllocator;
-
-fn allocations() -> usize {
-    ALLOCATIONS.with(Cell::get)
-}
+use common::allocations;
 
 const POLICY: &str = "apiVersion: tessera.dev/v1alpha1
 kind: RateLimitPolicy

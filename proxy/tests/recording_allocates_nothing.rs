@@ -2,7 +2,6 @@
 //! the outcome: the one allocation of a metered request is its answer's body, boxed once.
 //! An integration test of its own because it needs a counting global allocator.
 
-use std::cell::Cell;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,34 +10,9 @@ use http_body_util::Full;
 use tessera_mesh::SpiffeId;
 use tessera_proxy::telemetry::{EdgeLabels, Label, Metrics, RequestMeter, RequestSeries, Workload};
 
-/// Counts this thread's allocations, so other tests' threads do not disturb the count.
-struct CountingAllocator;
+mod common;
 
-thread_local! {
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged.
-#[allow(unsafe_code)]
-unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|count| count.set(count.get() + 1));
-        // SAFETY: the caller's contract is the system allocator's.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: `ptr` came from the system allocator, through `alloc`.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static COUNTING: CountingAllocator = CountingAllocator;
-
-fn allocations() -> usize {
-    ALLOCATIONS.with(Cell::get)
-}
+use common::allocations;
 
 /// Meters one request answered `status` and reads the answer to its end.
 fn exchange(series: &Arc<RequestSeries>, status: u16) {
