@@ -3,7 +3,7 @@
 //! The mesh's model, shared by the proxy (which enforces it) and the control plane
 //! (which builds and checks it): SPIFFE identities ([`spiffe`]), TLS that accepts only
 //! them ([`tls`]), the `tessera.dev/v1alpha1` resources operators write ([`resources`],
-//! [`policy`], [`rate_limit`]), the snapshot proxies act on ([`snapshot`]) and the migration report a
+//! [`policy`], [`rate_limit`]), the snapshot the control plane builds ([`snapshot`]) and what proxies subscribe to of it ([`discovery`]) and the migration report a
 //! proxy gives ([`migration`]). Beside it, [`process`]: logging, the admin port, accept
 //! back-off and signals. The wire API that carries all this is `tessera-proto`'s.
 
@@ -13,6 +13,7 @@
 #![cfg_attr(test, deny(unsafe_code))]
 #![warn(unreachable_pub)]
 
+pub mod discovery;
 pub mod migration;
 pub mod policy;
 pub mod process;

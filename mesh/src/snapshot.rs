@@ -2,8 +2,8 @@
 //! the identity each must prove) and its route policy. The control plane builds one
 //! snapshot from the resources and streams it; proxies route from it.
 //!
-//! Snapshots travel as JSON inside the discovery API's `Snapshot` message: both sides
-//! share these types, and a proxy rejects a snapshot it cannot parse, keeping its last.
+//! Proxies receive it in parts, as JSON: each service ([`ServiceEntry`]) and the
+//! policies of their namespace (`discovery::PolicySet`), subscribed to by name.
 
 use std::collections::BTreeMap;
 
@@ -22,19 +22,6 @@ use crate::spiffe::validate_namespace;
 
 /// Namespace of resources that name none.
 pub const DEFAULT_NAMESPACE: &str = "default";
-
-/// The largest discovery `Snapshot` message, in encoded bytes: proxies decode up to this
-/// and the control plane refuses a configuration whose snapshot would be larger, so a
-/// configuration either reaches every proxy or is refused where the operator sees it.
-///
-/// 16 MiB: an endpoint takes ~120 bytes of JSON and a service with ports and a route
-/// policy ~300, so this holds ~130,000 endpoints, or 10,000 services of 10 endpoints
-/// with their policies — beyond the meshes one whole snapshot per proxy is meant for (a
-/// mesh that large needs discovery scoped to what each proxy calls). Every sidecar holds
-/// the message while it parses it, next to its current view and the new one, so the
-/// limit is also a bound on what a configuration can make each proxy allocate. tonic's
-/// default of 4 MiB (~35,000 endpoints) is too small for a sizeable cluster.
-pub const MAX_SNAPSHOT_BYTES: usize = 16 * 1024 * 1024;
 
 /// Everything a proxy needs to route.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -113,22 +100,6 @@ impl Endpoint {
 }
 
 impl MeshSnapshot {
-    /// The size of this snapshot as a discovery `Snapshot` message labelled `version`:
-    /// what a proxy's decoding limit is compared with. Counts without building it.
-    pub fn message_len(&self, version: &str) -> usize {
-        let mut json = ByteCount(0);
-        // Serializing plain data structures cannot fail.
-        let _ = serde_json::to_writer(&mut json, self);
-        // proto3 omits an empty field; a present one is tag, length, bytes.
-        let field = |len: usize| match len {
-            0 => 0,
-            len => {
-                prost::encoding::key_len(1) + prost::encoding::encoded_len_varint(len as u64) + len
-            }
-        };
-        field(version.len()) + field(json.0)
-    }
-
     /// Builds the snapshot, checking references between resources.
     pub fn from_resources(trust_domain: &str, resources: &[Resource]) -> Result<Self, ConfigError> {
         let mut services: Vec<(ServiceEntry, &Origin)> = Vec::new();
@@ -275,20 +246,6 @@ impl MeshSnapshot {
             }
         }
         Ok(snapshot)
-    }
-}
-
-/// A writer that only counts.
-struct ByteCount(usize);
-
-impl std::io::Write for ByteCount {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -443,31 +400,6 @@ spec:
             !json.contains("\"ports\":{"),
             "an empty map is left out: {json}"
         );
-    }
-
-    #[test]
-    fn message_len_is_the_encoded_size() {
-        use prost::Message;
-
-        let resources = parse_file(Path::new("mesh.yaml"), MESH).unwrap();
-        let snapshot = MeshSnapshot::from_resources("cluster.local", &resources).unwrap();
-        for version in ["", "1", &u64::MAX.to_string()] {
-            let message = tessera_proto::api::discovery::Snapshot {
-                version: version.to_string(),
-                mesh_json: serde_json::to_vec(&snapshot).unwrap(),
-            };
-            assert_eq!(snapshot.message_len(version), message.encoded_len());
-        }
-        // Past 127 bytes the length prefix grows: still exact.
-        let big = MeshSnapshot {
-            trust_domain: "t".repeat(20_000),
-            ..snapshot
-        };
-        let message = tessera_proto::api::discovery::Snapshot {
-            version: "7".into(),
-            mesh_json: serde_json::to_vec(&big).unwrap(),
-        };
-        assert_eq!(big.message_len("7"), message.encoded_len());
     }
 
     #[test]
