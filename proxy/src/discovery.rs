@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
+use tessera_mesh::discovery::MAX_MESSAGE_BYTES as MAX_SNAPSHOT_BYTES;
 use tessera_mesh::policy::{
     AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
 use tessera_mesh::rate_limit::RateLimitPolicySpec;
-use tessera_mesh::snapshot::{MAX_SNAPSHOT_BYTES, MeshSnapshot, ServiceEntry};
-use tessera_proto::api::discovery::WatchRequest;
+use tessera_mesh::snapshot::{MeshSnapshot, ServiceEntry};
+use tessera_proto::api::discovery::DiscoveryRequest;
 use tessera_proto::api::discovery::discovery_client::DiscoveryClient;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -191,10 +192,14 @@ impl Discovery {
         // every snapshot it sends fits.
         let mut stream = DiscoveryClient::new(channel)
             .max_decoding_message_size(MAX_SNAPSHOT_BYTES)
-            .watch(WatchRequest {
-                known_version,
-                admin_address: admin_address.to_string(),
-            })
+            .discover(tonic::codegen::tokio_stream::StreamExt::chain(
+                tonic::codegen::tokio_stream::iter([DiscoveryRequest {
+                    subscribe: vec![known_version, "policies".into()],
+                    admin_address: admin_address.to_string(),
+                    ..Default::default()
+                }]),
+                tonic::codegen::tokio_stream::pending(),
+            ))
             .await
             .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
             .into_inner();
@@ -202,7 +207,7 @@ impl Discovery {
         let _connected = Connected(&self.connected);
         loop {
             match stream.message().await {
-                Ok(Some(snapshot)) => self.apply(snapshot.version, &snapshot.mesh_json),
+                Ok(Some(snapshot)) => self.apply(String::new(), &snapshot.resources[0].body),
                 Ok(None) => return Err("control plane closed the stream".into()),
                 Err(status) => return Err(error_chain(&status)),
             }
@@ -235,7 +240,7 @@ mod tests {
     use tessera_proto::api::discovery::discovery_server::{
         Discovery as DiscoveryApi, DiscoveryServer,
     };
-    use tonic::codegen::tokio_stream::{self, Stream};
+    use tonic::codegen::tonic::codegen::tokio_stream::{self, Stream};
     use tonic::{Code, Request, Response, Status};
 
     use super::*;
@@ -256,7 +261,9 @@ mod tests {
                 .clone()
                 .into_iter()
                 .map(|step| step.map_err(|(code, message)| Status::new(code, message)));
-            Ok(Response::new(Box::pin(tokio_stream::iter(script))))
+            Ok(Response::new(Box::pin(tonic::codegen::tokio_stream::iter(
+                script,
+            ))))
         }
     }
 
