@@ -60,6 +60,8 @@ pub(crate) struct TooLarge {
 /// Every resource of one configuration.
 #[derive(Debug, Default)]
 pub(crate) struct Catalog {
+    /// The configuration's version (1, 2, …): what proxies acknowledge having applied.
+    pub generation: u64,
     services: HashMap<String, Arc<Body>>,
     addresses: HashMap<IpAddr, String>,
     /// The policy set of each namespace that has policies of its own.
@@ -124,6 +126,7 @@ impl Catalog {
         let set = PolicySet::for_namespace(snapshot, ROOT_NAMESPACE);
         let mesh_wide = Arc::new(Body::of(|| "the mesh-wide policies".into(), &set)?);
         Ok(Self {
+            generation: 0,
             services,
             addresses,
             policies,

@@ -359,7 +359,7 @@ impl Published {
         mut loader: Loader,
     ) -> Result<(Self, watch::Receiver<Arc<Catalog>>), ConfigError> {
         let current = loader.load().await?;
-        let catalog = catalog_of(&loader.dir, &current)?;
+        let catalog = catalog_of(&loader.dir, &current, 1)?;
         let (catalogs, receiver) = watch::channel(Arc::new(catalog));
         let published = Self {
             loader,
@@ -378,7 +378,7 @@ impl Published {
         if snapshot == self.current {
             return Ok(None);
         }
-        let catalog = catalog_of(&self.loader.dir, &snapshot)?;
+        let catalog = catalog_of(&self.loader.dir, &snapshot, self.version + 1)?;
         self.version += 1;
         self.catalogs.send_replace(Arc::new(catalog));
         self.current = snapshot;
@@ -386,8 +386,11 @@ impl Published {
     }
 }
 
-fn catalog_of(dir: &Path, snapshot: &MeshSnapshot) -> Result<Catalog, ConfigError> {
-    Catalog::build(snapshot).map_err(|too_large| ConfigError::at(dir, 0, too_large.to_string()))
+fn catalog_of(dir: &Path, snapshot: &MeshSnapshot, version: u64) -> Result<Catalog, ConfigError> {
+    let mut catalog = Catalog::build(snapshot)
+        .map_err(|too_large| ConfigError::at(dir, 0, too_large.to_string()))?;
+    catalog.generation = version;
+    Ok(catalog)
 }
 
 /// Publishes every good change seen by `watch`. Runs until dropped.
@@ -745,6 +748,7 @@ mod tests {
         assert!(error.reason.contains("proxies accept"), "{error}");
         assert!(!proxies.has_changed().unwrap(), "nothing sent to proxies");
         assert_eq!(proxies.borrow().service_count(), 1);
+        assert_eq!(proxies.borrow().generation, 1);
         assert_eq!(published.current.services.len(), 1);
 
         // Back under the limit: the next good change is published as usual.
@@ -754,7 +758,8 @@ mod tests {
             "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {name: payments, namespace: shop}\n",
         );
         assert_eq!(published.reload().await.unwrap(), Some(2));
-        assert_eq!(proxies.borrow_and_update().service_count(), 2);
+        assert_eq!(proxies.borrow().service_count(), 2);
+        assert_eq!(proxies.borrow_and_update().generation, 2);
     }
 
     #[tokio::test(start_paused = true)]

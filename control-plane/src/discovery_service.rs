@@ -65,6 +65,10 @@ pub(crate) struct ConnectedProxy {
     pub admin_unknown: Option<String>,
     /// RFC 3339, UTC.
     pub connected_since: String,
+    /// The configuration generation in force on the proxy: it acknowledged applying
+    /// every change of it up to this one that concerns it. 0 until its first answer.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl ConnectedProxies {
@@ -74,6 +78,14 @@ impl ConnectedProxies {
         let mut proxies: Vec<ConnectedProxy> = streams.values().cloned().collect();
         proxies.sort_by(|a, b| (&a.identity, a.address).cmp(&(&b.identity, b.address)));
         proxies
+    }
+
+    /// Records the generation in force on the proxy of `registration`.
+    fn set_generation(&self, registration: &Registration, generation: u64) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(proxy) = streams.get_mut(&registration.id) {
+            proxy.generation = generation;
+        }
     }
 
     fn add(self: &Arc<Self>, proxy: ConnectedProxy) -> Registration {
@@ -91,6 +103,12 @@ impl ConnectedProxies {
 struct Registration {
     proxies: Arc<ConnectedProxies>,
     id: u64,
+}
+
+impl Registration {
+    fn set_generation(&self, generation: u64) {
+        self.proxies.set_generation(self, generation);
+    }
 }
 
 impl Drop for Registration {
@@ -170,6 +188,7 @@ impl Discovery for DiscoveryService {
             catalogs: self.catalogs.clone(),
             responses,
             metrics: self.metrics.clone(),
+            sync: Sync::default(),
         };
         let proxy = ConnectedProxy {
             identity: identity.to_string(),
@@ -177,6 +196,7 @@ impl Discovery for DiscoveryService {
             admin: None,
             admin_unknown: None,
             connected_since: rfc3339(SystemTime::now()),
+            generation: 0,
         };
         tokio::spawn(subscriber.serve(request.into_inner(), proxy, self.proxies.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(sent))))
@@ -191,6 +211,41 @@ struct Subscriber {
     catalogs: watch::Receiver<Arc<Catalog>>,
     responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     metrics: Arc<Metrics>,
+    sync: Sync,
+}
+
+/// How far a proxy has come: what it was sent and what it acknowledged.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Sync {
+    /// The generation of the last message sent.
+    sent: u64,
+    /// The last generation the proxy acknowledged.
+    applied: u64,
+    /// The generation the proxy is at once it acknowledges `sent`.
+    target: u64,
+}
+
+impl Sync {
+    /// A generation the proxy was brought up to, by `sent_any` messages or by none
+    /// (nothing it follows changed). Returns the generation now in force, if known.
+    fn reached(&mut self, generation: u64, sent_any: bool) -> Option<u64> {
+        self.target = self.target.max(generation);
+        if sent_any {
+            self.sent = generation;
+        }
+        self.in_force()
+    }
+
+    /// The proxy's acknowledgement. Returns the generation now in force, if known.
+    fn acknowledged(&mut self, applied: u64) -> Option<u64> {
+        // A proxy cannot acknowledge what it was never sent.
+        self.applied = self.applied.max(applied.min(self.sent));
+        self.in_force()
+    }
+
+    fn in_force(&self) -> Option<u64> {
+        (self.applied >= self.sent).then_some(self.target)
+    }
 }
 
 impl Subscriber {
@@ -214,9 +269,9 @@ impl Subscriber {
         proxy.admin_unknown = admin.as_ref().err().cloned();
         proxy.admin = admin.ok();
         info!(event = "discovery stream opened", identity = %proxy.identity, caller = %proxy.address);
-        let _registration = proxies.add(proxy);
+        let registration = proxies.add(proxy);
         let _gauge = StreamGauge::open(&self.metrics.discovery_streams);
-        if let Err(status) = self.answer(first).await {
+        if let Err(status) = self.answer(first, &registration).await {
             let _ = self.responses.send(Err(status)).await;
             return;
         }
@@ -224,7 +279,7 @@ impl Subscriber {
             tokio::select! {
                 request = requests.message() => match request {
                     Ok(Some(request)) => {
-                        if let Err(status) = self.answer(request).await {
+                        if let Err(status) = self.answer(request, &registration).await {
                             let _ = self.responses.send(Err(status)).await;
                             return;
                         }
@@ -233,7 +288,7 @@ impl Subscriber {
                     Ok(None) | Err(_) => return,
                 },
                 changed = self.catalogs.changed() => {
-                    if changed.is_err() || !self.send_changes().await {
+                    if changed.is_err() || !self.send_changes(&registration).await {
                         return;
                     }
                 }
@@ -243,29 +298,51 @@ impl Subscriber {
     }
 
     /// Applies a request and sends what the new subscriptions hold.
-    async fn answer(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
+    async fn answer(
+        &mut self,
+        request: DiscoveryRequest,
+        registration: &Registration,
+    ) -> Result<(), Status> {
+        let applied = request.applied;
         let added = self.subscriptions.apply(request)?;
+        if let Some(generation) = self.sync.acknowledged(applied) {
+            registration.set_generation(generation);
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
         let catalog = self.catalogs.borrow_and_update().clone();
         let messages = self
             .subscriptions
             .changes(&catalog, &self.namespace, Some(&added));
-        self.send(messages).await;
+        self.send(messages, &catalog, registration).await;
         Ok(())
     }
 
     /// Sends what changed in the newest catalog; false when the proxy is gone.
-    async fn send_changes(&mut self) -> bool {
+    async fn send_changes(&mut self, registration: &Registration) -> bool {
         let catalog = self.catalogs.borrow_and_update().clone();
         let messages = self.subscriptions.changes(&catalog, &self.namespace, None);
-        self.send(messages).await
+        self.send(messages, &catalog, registration).await
     }
 
-    async fn send(&self, messages: Vec<DiscoveryResponse>) -> bool {
-        for message in messages {
+    /// Sends `messages`, which bring the proxy up to `catalog`; false when it is gone.
+    async fn send(
+        &mut self,
+        messages: Vec<DiscoveryResponse>,
+        catalog: &Catalog,
+        registration: &Registration,
+    ) -> bool {
+        let sent_any = !messages.is_empty();
+        for mut message in messages {
+            message.generation = catalog.generation;
             if self.responses.send(Ok(message)).await.is_err() {
                 return false;
             }
             self.metrics.config_pushes.inc();
+        }
+        if let Some(generation) = self.sync.reached(catalog.generation, sent_any) {
+            registration.set_generation(generation);
         }
         true
     }
@@ -648,6 +725,29 @@ mod tests {
         }
     }
 
+    /// A generation is in force on a proxy once it acknowledged the last message
+    /// sent, or at once when nothing it follows changed; an acknowledgement of what
+    /// was never sent counts for nothing.
+    #[test]
+    fn a_generation_is_in_force_once_acknowledged() {
+        let mut sync = Sync::default();
+        assert_eq!(sync.reached(1, true), None);
+        assert_eq!(sync.acknowledged(1), Some(1));
+        // Nothing the proxy follows changed in 2.
+        assert_eq!(sync.reached(2, false), Some(2));
+        assert_eq!(sync.reached(3, true), None);
+        // Nothing changed for it in 4, but 3 is not acknowledged yet.
+        assert_eq!(sync.reached(4, false), None);
+        assert_eq!(sync.acknowledged(2), None);
+        assert_eq!(sync.acknowledged(3), Some(4));
+        let mut hostile = Sync::default();
+        hostile.reached(1, true);
+        assert_eq!(hostile.acknowledged(u64::MAX), Some(1));
+        hostile.reached(2, true);
+        assert_eq!(hostile.applied, 1, "an early acknowledgement is not kept");
+        assert_eq!(hostile.acknowledged(2), Some(2));
+    }
+
     /// A stream's proxy is listed while the stream is open, and only then.
     #[test]
     fn a_proxy_is_listed_while_its_stream_is_open() {
@@ -658,6 +758,7 @@ mod tests {
             admin: Some("10.0.0.5:15020".parse().unwrap()),
             admin_unknown: None,
             connected_since: rfc3339(SystemTime::UNIX_EPOCH),
+            generation: 0,
         };
         let web = proxies.add(proxy("spiffe://cluster.local/ns/shop/sa/web"));
         let api = proxies.add(proxy("spiffe://cluster.local/ns/shop/sa/api"));
