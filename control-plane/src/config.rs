@@ -401,6 +401,7 @@ pub(crate) async fn follow(
 ) {
     // Whether the configuration on disk is refused: its repair is worth a line too.
     let mut refused = false;
+    metrics.config_generation.set(published.version as i64);
     while watch.changed.recv().await.is_some() {
         let noticed = std::time::Instant::now();
         tokio::time::sleep(SETTLE).await;
@@ -420,6 +421,7 @@ pub(crate) async fn follow(
                 metrics
                     .config_push_latency
                     .observe(noticed.elapsed().as_secs_f64());
+                metrics.config_generation.set(version as i64);
                 info!(
                     event = "configuration updated",
                     version,
