@@ -229,8 +229,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
                 .max_encoding_message_size(tessera_mesh::discovery::MAX_MESSAGE_BYTES),
         );
 
-    let grpc_listener = TcpListener::bind(options.grpc_listen)
-        .await
+    let grpc_listener = crate::grpc::listen(options.grpc_listen)
         .with_context(|| format!("cannot listen on {}", options.grpc_listen))?;
     let grpc_address = grpc_listener.local_addr()?;
     let admin_listener = TcpListener::bind(options.admin_listen)
