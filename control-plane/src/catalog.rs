@@ -120,11 +120,11 @@ impl Catalog {
         let mut policies = HashMap::with_capacity(namespaces.len());
         for namespace in namespaces {
             let set = PolicySet::for_namespace(snapshot, &namespace);
-            let body = Body::of(|| format!("the policies of namespace {namespace}"), &set)?;
+            let body = Body::of(|| policies_of(&namespace), &set)?;
             policies.insert(namespace, Arc::new(body));
         }
         let set = PolicySet::for_namespace(snapshot, ROOT_NAMESPACE);
-        let mesh_wide = Arc::new(Body::of(|| "the mesh-wide policies".into(), &set)?);
+        let mesh_wide = Arc::new(Body::of(|| policies_of(ROOT_NAMESPACE), &set)?);
         Ok(Self {
             generation: 0,
             services,
@@ -132,6 +132,23 @@ impl Catalog {
             policies,
             mesh_wide,
         })
+    }
+
+    /// What [`Catalog::build`] refuses, checked without keeping what it builds.
+    pub(crate) fn check_sizes(snapshot: &MeshSnapshot) -> Result<(), TooLarge> {
+        for service in &snapshot.services {
+            check_size(|| format!("service {}", service.key()), service)?;
+        }
+        let namespaces = policy_namespaces(snapshot);
+        for namespace in namespaces
+            .iter()
+            .map(String::as_str)
+            .chain([ROOT_NAMESPACE])
+        {
+            let set = PolicySet::for_namespace(snapshot, namespace);
+            check_size(|| policies_of(namespace), &set)?;
+        }
+        Ok(())
     }
 
     /// The resource `name` as a caller of `namespace` sees it, if it exists.
@@ -147,6 +164,41 @@ impl Catalog {
     pub(crate) fn service_count(&self) -> usize {
         self.services.len()
     }
+}
+
+fn policies_of(namespace: &str) -> String {
+    match namespace {
+        ROOT_NAMESPACE => "the mesh-wide policies".into(),
+        namespace => format!("the policies of namespace {namespace}"),
+    }
+}
+
+/// Refuses `value` when its JSON is larger than proxies accept; counts the bytes
+/// without keeping them.
+fn check_size(what: impl FnOnce() -> String, value: &impl Serialize) -> Result<(), TooLarge> {
+    struct Count(usize);
+
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let mut count = Count(0);
+    // Serializing plain data structures cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    if count.0 > MAX_RESOURCE_BYTES {
+        return Err(TooLarge {
+            what: what(),
+            size: count.0,
+        });
+    }
+    Ok(())
 }
 
 /// Namespaces, other than the root, with a policy of any kind.
@@ -288,5 +340,7 @@ mod tests {
         let error = Catalog::build(&large).unwrap_err();
         assert_eq!(error.what, "service api.shop");
         assert!(error.size > MAX_RESOURCE_BYTES, "{error}");
+        assert_eq!(Catalog::check_sizes(&large), Err(error));
+        assert_eq!(Catalog::check_sizes(&snapshot()), Ok(()));
     }
 }

@@ -129,8 +129,7 @@ fn each_refusal(
 
 /// Refuses a snapshot with a resource larger than proxies accept.
 fn check_size(dir: &Path, snapshot: &MeshSnapshot) -> Result<(), ConfigError> {
-    Catalog::build(snapshot)
-        .map(drop)
+    Catalog::check_sizes(snapshot)
         .map_err(|too_large| ConfigError::at(dir, 0, too_large.to_string()))
 }
 
