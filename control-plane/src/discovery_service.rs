@@ -444,7 +444,7 @@ impl Batch {
                 self.add(Resource {
                     name: name.to_string(),
                     version: body.version.to_string(),
-                    body: body.json.to_vec(),
+                    body: body.json.clone(),
                 });
             }
             None if *held == Held::Absent => {}
