@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use tessera_mesh::discovery::ResourceName;
 use tessera_mesh::policy::WorkloadRef;
 use tessera_mesh::resources::Protocol;
 use tokio::task::JoinHandle;
@@ -14,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::config::{InboundPort, Limits};
-use crate::discovery::{Discovery, MeshView};
+use crate::discovery::{Discovery, MeshView, Subscription};
 use crate::identity::IdentityManager;
 use crate::inbound::app_client::AppClient;
 use crate::inbound::authorize::InboundPolicy;
@@ -69,7 +70,7 @@ impl Listeners {
         // Registered before reading the view: a view published in between is then
         // applied by `follow_inbound_policy`, one published before is read here.
         self.inbounds.add(inbound.clone());
-        if let Some(view) = self.discovery.current() {
+        if let Some(view) = self.discovery.current().filter(|v| v.policies_known) {
             self.apply_policy(&inbound, &view);
         }
         inbound
@@ -113,6 +114,7 @@ impl Listeners {
     }
 
     /// An outbound for a service port, and the task keeping it in step with discovery.
+    /// The task holds the service's subscription: aborting it releases the service.
     pub(crate) fn service_outbound(
         &self,
         key: String,
@@ -128,6 +130,9 @@ impl Listeners {
         };
         // Applied now, not only in the task: a transparent connection creating this
         // outbound is served right after, and must not find it empty.
+        let subscription = self
+            .discovery
+            .want(ResourceName::Service(binding.key.clone()));
         let mut views = self.discovery.subscribe();
         if let Some(view) = views.borrow_and_update().clone() {
             apply_service(&view, &outbound.upstream, &binding, &*self.connectors);
@@ -137,6 +142,7 @@ impl Listeners {
             outbound.upstream.clone(),
             binding,
             self.connectors.clone(),
+            subscription,
         ));
         (outbound, follow)
     }
@@ -150,13 +156,15 @@ struct ServiceBinding {
     protocol: Arc<ArcSwap<Protocol>>,
 }
 
-/// Keeps an upstream's endpoints, route policy and protocol in step with discovery.
-/// The subscription starts from the current view, so no snapshot is missed.
+/// Keeps an upstream's endpoints, route policy and protocol in step with discovery,
+/// for as long as it holds `_subscription`. The receiver starts from the current view,
+/// so no update is missed.
 async fn follow_service(
     mut views: tokio::sync::watch::Receiver<Option<Arc<MeshView>>>,
     upstream: Arc<Upstream>,
     binding: ServiceBinding,
     connectors: Arc<ConnectorFactory>,
+    _subscription: Subscription,
 ) {
     loop {
         let view = views.borrow_and_update().clone();
@@ -169,7 +177,8 @@ async fn follow_service(
     }
 }
 
-/// Applies one view to an upstream.
+/// Applies one view to an upstream; a service the control plane has not answered for
+/// yet leaves it as it is.
 fn apply_service(
     view: &MeshView,
     upstream: &Upstream,
@@ -192,11 +201,12 @@ fn apply_service(
                 .unwrap_or_else(|| service.protocol(binding.port));
             binding.protocol.store(Arc::new(protocol));
         }
-        None => {
+        None if view.absent_services.contains(&binding.key) => {
             warn!(event = "unknown upstream service", service = %binding.key);
             upstream.balancer.update(&[], None, connectors);
             upstream.set_policy(None);
         }
+        None => {}
     }
 }
 
@@ -205,7 +215,7 @@ pub(crate) async fn follow_inbound_policy(shared: Arc<Listeners>) {
     let mut views = shared.discovery.subscribe();
     loop {
         let view = views.borrow_and_update().clone();
-        if let Some(view) = view {
+        if let Some(view) = view.filter(|v| v.policies_known) {
             for inbound in shared.inbounds.all().iter() {
                 shared.apply_policy(inbound, &view);
             }
