@@ -264,7 +264,11 @@ impl State {
         if !self.sent.contains(&name) {
             return Err(Refused::NotSubscribed(name));
         }
-        if self.held.get(&name).is_some_and(|h| h.version == resource.version) {
+        if self
+            .held
+            .get(&name)
+            .is_some_and(|h| h.version == resource.version)
+        {
             return Ok(false);
         }
         let body = match parse_body(&name, &resource.body) {
@@ -322,9 +326,7 @@ impl State {
         // Services by key first; an address's own answer then decides who has its IP.
         for (name, held) in &self.held {
             match (name, &held.body) {
-                (ResourceName::Policies, Body::Policies(policies)) => {
-                    view.apply_policies(policies)
-                }
+                (ResourceName::Policies, Body::Policies(policies)) => view.apply_policies(policies),
                 // The control plane says there are none: nothing to enforce but the
                 // defaults, as with an empty policy set.
                 (ResourceName::Policies, Body::Absent) => view.policies_known = true,
@@ -460,7 +462,10 @@ impl Discovery {
     /// Whether the proxy's inbound policies have arrived (it can serve its inbound
     /// side).
     pub fn has_view(&self) -> bool {
-        self.view.borrow().as_ref().is_some_and(|v| v.policies_known)
+        self.view
+            .borrow()
+            .as_ref()
+            .is_some_and(|v| v.policies_known)
     }
 
     /// Follows `name` until the returned guard (and every other for it) is dropped.
@@ -655,9 +660,37 @@ impl Discovery {
         }
         state.updates += 1;
         let view = state.view();
-        info!(event = "configuration received", version = state.updates, changed, services = view.services.len());
+        info!(
+            event = "configuration received",
+            version = state.updates,
+            changed,
+            services = view.services.len()
+        );
         // Published under the lock, so `answered` never sees an answer before its view.
         self.view.send_replace(Some(Arc::new(view)));
+    }
+}
+
+/// The control plane's side played by hand, for tests of what uses discovery.
+#[cfg(test)]
+impl Discovery {
+    /// Opens a stream in the bookkeeping only; its number.
+    pub(crate) fn open_stream_by_hand(&self) -> u64 {
+        self.lock()
+            .open_stream(SocketAddr::from(([127, 0, 0, 1], 15020)))
+            .0
+    }
+
+    /// What stream `stream` would be told now.
+    pub(crate) fn changes_by_hand(&self, stream: u64) -> Option<DiscoveryRequest> {
+        self.lock().take_changes(stream)
+    }
+
+    pub(crate) fn respond_by_hand(&self, resources: Vec<Resource>, absent: &[&str]) {
+        self.apply(DiscoveryResponse {
+            resources,
+            absent: absent.iter().map(ToString::to_string).collect(),
+        });
     }
 }
 
