@@ -463,8 +463,10 @@ async fn messages_up_to_the_limit_arrive_and_a_larger_one_ends_the_stream() {
 /// What `/config` and routing read: services by virtual IP and declared port.
 #[test]
 fn services_are_found_by_virtual_ip_and_declared_port() {
-    let mut state = State::default();
-    state.sent = [name("service/web.shop"), name("address/fd96::20")].into();
+    let mut state = State {
+        sent: [name("service/web.shop"), name("address/fd96::20")].into(),
+        ..State::default()
+    };
     state
         .accept(resource(
             "service/web.shop",
@@ -512,8 +514,10 @@ fn services_are_found_by_virtual_ip_and_declared_port() {
 
 #[test]
 fn an_address_answered_absent_is_no_service_even_if_a_held_service_lists_it() {
-    let mut state = State::default();
-    state.sent = [name("service/web.shop"), name("address/10.96.0.10")].into();
+    let mut state = State {
+        sent: [name("service/web.shop"), name("address/10.96.0.10")].into(),
+        ..State::default()
+    };
     state
         .accept(resource(
             "service/web.shop",
