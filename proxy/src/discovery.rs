@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
-use tessera_mesh::discovery::{MAX_MESSAGE_BYTES, NameError, PolicySet, ResourceName};
+use tessera_mesh::discovery::{
+    MAX_MESSAGE_BYTES, MAX_SUBSCRIPTIONS, NameError, PolicySet, ResourceName,
+};
 use tessera_mesh::policy::{
     AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
 };
@@ -202,20 +204,25 @@ impl State {
         }
     }
 
-    /// Opens a new stream: its first request names everything wanted, with the version
-    /// held of each; what is no longer wanted is forgotten.
+    /// Opens a new stream: its first request names everything wanted (up to
+    /// [`MAX_SUBSCRIPTIONS`], the rest following as room is made), with the version held
+    /// of each; what is no longer wanted is forgotten.
     fn open_stream(&mut self, admin_address: SocketAddr) -> (u64, DiscoveryRequest) {
         self.streams_opened += 1;
         self.stream = Some(self.streams_opened);
-        self.changed.clear();
         let wanted = &self.wanted;
         self.held.retain(|name, _| wanted.contains_key(name));
-        self.sent = self.wanted.keys().cloned().collect();
-        let mut subscribe: Vec<String> = self.wanted.keys().map(ToString::to_string).collect();
-        subscribe.sort();
+        // Policies, then services by key, then addresses: what matters most goes first.
+        let mut names: Vec<ResourceName> = self.wanted.keys().cloned().collect();
+        names.sort();
+        let later = names.split_off(names.len().min(MAX_SUBSCRIPTIONS));
+        self.changed = later.into_iter().collect();
+        let subscribe = names.iter().map(ToString::to_string).collect();
+        self.sent = names.into_iter().collect();
         let known = self
             .held
             .iter()
+            .filter(|(name, _)| self.sent.contains(*name))
             .map(|(name, held)| (name.to_string(), held.version.clone()))
             .collect();
         let request = DiscoveryRequest {
@@ -234,18 +241,18 @@ impl State {
         }
     }
 
-    /// What stream `stream` has not been told yet, as one request.
+    /// What stream `stream` has not been told yet, as one request. Names beyond
+    /// [`MAX_SUBSCRIPTIONS`] wait for room (their first use times out meanwhile) rather
+    /// than make the control plane refuse the stream.
     fn take_changes(&mut self, stream: u64) -> Option<DiscoveryRequest> {
         if self.stream != Some(stream) || self.changed.is_empty() {
             return None;
         }
         let mut request = DiscoveryRequest::default();
+        let mut to_subscribe = Vec::new();
         for name in std::mem::take(&mut self.changed) {
             match (self.wanted.contains_key(&name), self.sent.contains(&name)) {
-                (true, false) => {
-                    request.subscribe.push(name.to_string());
-                    self.sent.insert(name);
-                }
+                (true, false) => to_subscribe.push(name),
                 (false, true) => {
                     request.unsubscribe.push(name.to_string());
                     self.sent.remove(&name);
@@ -253,6 +260,21 @@ impl State {
                 }
                 _ => {}
             }
+        }
+        for name in to_subscribe {
+            if self.sent.len() < MAX_SUBSCRIPTIONS {
+                request.subscribe.push(name.to_string());
+                self.sent.insert(name);
+            } else {
+                self.changed.insert(name);
+            }
+        }
+        if !self.changed.is_empty() {
+            warn!(
+                event = "subscriptions deferred",
+                waiting = self.changed.len(),
+                limit = MAX_SUBSCRIPTIONS
+            );
         }
         let nothing = request.subscribe.is_empty() && request.unsubscribe.is_empty();
         (!nothing).then_some(request)
@@ -485,7 +507,7 @@ impl Discovery {
         }
     }
 
-    /// Every name wanted now, in order (for `/config` and tests).
+    /// Every name wanted now: policies, services, addresses.
     pub fn wanted(&self) -> Vec<ResourceName> {
         let mut wanted: Vec<_> = self.lock().wanted.keys().cloned().collect();
         wanted.sort();

@@ -586,3 +586,27 @@ fn backoff_is_jittered_within_half_to_all_of_a_doubling_ceiling() {
         .collect();
     assert!(delays.len() > 16, "{delays:?}");
 }
+
+/// However many names are wanted, the stream never follows more than the control plane
+/// accepts; the rest go out as room is made, the proxy's own policies first.
+#[test]
+fn subscriptions_beyond_the_limit_wait_for_room() {
+    let mut state = State::default();
+    let address = |i: u32| ResourceName::Address(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)));
+    let over = MAX_SUBSCRIPTIONS as u32 + 1;
+    for i in 0..over {
+        state.want(&address(i));
+    }
+    state.want(&ResourceName::Policies);
+    let (stream, first) = state.open_stream(ADMIN);
+    assert_eq!(first.subscribe.len(), MAX_SUBSCRIPTIONS);
+    assert_eq!(first.subscribe[0], "policies");
+    assert!(state.take_changes(stream).is_none());
+    // Two waiting; releasing one followed name makes room for one of them.
+    state.release(&address(0));
+    let request = state.take_changes(stream).unwrap();
+    assert_eq!(request.unsubscribe, [address(0).to_string()]);
+    assert_eq!(request.subscribe.len(), 1);
+    assert_eq!(state.sent.len(), MAX_SUBSCRIPTIONS);
+    assert_eq!(state.changed.len(), 1);
+}
