@@ -36,7 +36,7 @@ pub(crate) const MAX_ADDRESSES: usize = 1024;
 pub(crate) const MAX_IDLE_SERVICES: usize = 1024;
 
 /// A service key (`name.namespace`) and one of its ports.
-pub(crate) type ServicePort = (String, u16);
+type ServicePort = (String, u16);
 
 /// The destinations met so far. `T` is what a service port is served by (an outbound).
 pub(crate) struct Destinations<T> {
