@@ -225,3 +225,79 @@ pub(crate) async fn follow_inbound_policy(shared: Arc<Listeners>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::gauge::Gauge;
+    use tessera_proto::api::discovery::Resource;
+
+    use super::*;
+    use crate::outbound::balance::tests::connectors;
+
+    /// An explicit outbound's service: nothing until the control plane answers, then its
+    /// endpoints, emptied when it is gone; followed while the task holds it.
+    #[tokio::test]
+    async fn a_followed_service_takes_its_answers_and_holds_its_subscription() {
+        let discovery = Discovery::new(Gauge::default());
+        let stream = discovery.open_stream_by_hand();
+        let upstream = Upstream::new(
+            "web.shop".into(),
+            "spiffe://td/ns/shop/sa/client".parse().unwrap(),
+            Arc::new(Metrics::new()),
+            Limits::default(),
+            Arc::new(Tracer::disabled(Counter::default())),
+            false,
+        );
+        let binding = ServiceBinding {
+            key: "web.shop".into(),
+            port: Some(80),
+            protocol_override: None,
+            protocol: Arc::default(),
+        };
+        let subscription = discovery.want(ResourceName::Service("web.shop".into()));
+        let follow = tokio::spawn(follow_service(
+            discovery.subscribe(),
+            upstream.clone(),
+            binding,
+            Arc::new(connectors()),
+            subscription,
+        ));
+        let settle = || async {
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        };
+        let has_endpoints = || {
+            upstream
+                .balancer
+                .pick(tokio::time::Instant::now())
+                .is_some()
+        };
+        let request = discovery.changes_by_hand(stream).unwrap();
+        assert_eq!(request.subscribe, ["service/web.shop"]);
+
+        let body = br#"{"name": "web", "namespace": "shop", "ports": [{"port": 80}],
+            "endpoints": [{"workload": "web-1", "address": "10.0.0.1:15006",
+                           "identity": "spiffe://td/ns/shop/sa/web"}]}"#;
+        let web = Resource {
+            name: "service/web.shop".into(),
+            version: "w1".into(),
+            body: body.to_vec(),
+        };
+        discovery.respond_by_hand(vec![web], &[]);
+        settle().await;
+        assert!(has_endpoints());
+        // Answers for other names leave it as it is.
+        discovery.respond_by_hand(vec![], &["policies"]);
+        settle().await;
+        assert!(has_endpoints());
+        discovery.respond_by_hand(vec![], &["service/web.shop"]);
+        settle().await;
+        assert!(!has_endpoints());
+
+        follow.abort();
+        settle().await;
+        assert_eq!(discovery.wanted(), [ResourceName::Policies]);
+    }
+}
