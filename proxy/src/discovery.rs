@@ -68,6 +68,8 @@ pub struct MeshView {
     /// Whether the proxy's inbound policies have arrived; inbound ports fail closed
     /// until they have.
     pub policies_known: bool,
+    /// The control plane's version of the policies held (empty: none).
+    pub policies_version: String,
     /// Services subscribed to that the control plane says do not exist.
     pub absent_services: HashSet<String>,
 }

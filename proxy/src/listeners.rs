@@ -10,6 +10,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tessera_mesh::discovery::ResourceName;
 use tessera_mesh::policy::WorkloadRef;
 use tessera_mesh::resources::Protocol;
+use tessera_mesh::snapshot::ServiceEntry;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
@@ -158,7 +159,8 @@ struct ServiceBinding {
 
 /// Keeps an upstream's endpoints, route policy and protocol in step with discovery,
 /// for as long as it holds `_subscription`. The receiver starts from the current view,
-/// so no update is missed.
+/// so no update is missed; a view in which this service did not change (another name
+/// was answered) is skipped.
 async fn follow_service(
     mut views: tokio::sync::watch::Receiver<Option<Arc<MeshView>>>,
     upstream: Arc<Upstream>,
@@ -166,13 +168,47 @@ async fn follow_service(
     connectors: Arc<ConnectorFactory>,
     _subscription: Subscription,
 ) {
+    let mut applied = None;
     loop {
         let view = views.borrow_and_update().clone();
         if let Some(view) = view {
-            apply_service(&view, &upstream, &binding, &*connectors);
+            let now = Answer::of(&view, &binding.key);
+            if applied.as_ref() != Some(&now) {
+                apply_service(&view, &upstream, &binding, &*connectors);
+                applied = Some(now);
+            }
         }
         if views.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// What a view says of one service, compared by identity: an update to another name
+/// keeps the same `Arc`.
+#[derive(Debug)]
+enum Answer {
+    Unanswered,
+    Absent,
+    Present(Arc<ServiceEntry>),
+}
+
+impl Answer {
+    fn of(view: &MeshView, key: &str) -> Self {
+        match view.services.get(key) {
+            Some(service) => Self::Present(service.clone()),
+            None if view.absent_services.contains(key) => Self::Absent,
+            None => Self::Unanswered,
+        }
+    }
+}
+
+impl PartialEq for Answer {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Present(a), Self::Present(b)) => Arc::ptr_eq(a, b),
+            (Self::Absent, Self::Absent) | (Self::Unanswered, Self::Unanswered) => true,
+            _ => false,
         }
     }
 }
@@ -210,15 +246,20 @@ fn apply_service(
     }
 }
 
-/// Keeps each inbound port's policy in step with discovery.
+/// Keeps each inbound port's policy in step with discovery; a view in which the
+/// policies did not change (a service was answered) is skipped.
 pub(crate) async fn follow_inbound_policy(shared: Arc<Listeners>) {
     let mut views = shared.discovery.subscribe();
+    let mut applied = None;
     loop {
         let view = views.borrow_and_update().clone();
-        if let Some(view) = view.filter(|v| v.policies_known) {
+        if let Some(view) = view.filter(|v| v.policies_known)
+            && applied.as_ref() != Some(&view.policies_version)
+        {
             for inbound in shared.inbounds.all().iter() {
                 shared.apply_policy(inbound, &view);
             }
+            applied = Some(view.policies_version.clone());
         }
         if views.changed().await.is_err() {
             return;

@@ -292,6 +292,7 @@ async fn a_reconnect_resubscribes_naming_the_versions_held() {
     );
     let view = next_view(&mut views).await;
     assert!(view.policies_known && discovery.has_view());
+    assert_eq!(view.policies_version, "p1");
     drop(stream);
     let ended = running.await.unwrap();
     assert!(ended.connected, "{ended:?}");
