@@ -349,6 +349,9 @@ impl State {
         };
         // Services by key first; an address's own answer then decides who has its IP.
         for (name, held) in &self.held {
+            if *name == ResourceName::Policies {
+                view.policies_version = held.version.clone();
+            }
             match (name, &held.body) {
                 (ResourceName::Policies, Body::Policies(policies)) => view.apply_policies(policies),
                 // The control plane says there are none: nothing to enforce but the
