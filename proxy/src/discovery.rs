@@ -172,6 +172,10 @@ struct State {
     sent: HashSet<ResourceName>,
     /// Names wanted or released since the open stream was last told.
     changed: BTreeSet<ResourceName>,
+    /// The generation of the last response applied on the open stream, and the last
+    /// one acknowledged to the control plane.
+    applied: u64,
+    acknowledged: u64,
     /// Updates applied: the view's label.
     updates: u64,
 }
@@ -206,34 +210,20 @@ impl State {
         }
     }
 
-    /// Opens a new stream: its first request names everything wanted (up to
-    /// [`MAX_SUBSCRIPTIONS`], the rest following as room is made), with the version held
-    /// of each; what is no longer wanted is forgotten.
+    /// Opens a new stream. Its first request names what is wanted, with the version held
+    /// of each, as far as one request holds; the rest follow in the next ones. What is
+    /// no longer wanted is forgotten.
     fn open_stream(&mut self, admin_address: SocketAddr) -> (u64, DiscoveryRequest) {
         self.streams_opened += 1;
         self.stream = Some(self.streams_opened);
         let wanted = &self.wanted;
         self.held.retain(|name, _| wanted.contains_key(name));
-        // Policies, then services by key, then addresses: what matters most goes first.
-        let mut names: Vec<ResourceName> = self.wanted.keys().cloned().collect();
-        names.sort();
-        let later = names.split_off(names.len().min(MAX_SUBSCRIPTIONS));
-        self.changed = later.into_iter().collect();
-        let subscribe = names.iter().map(ToString::to_string).collect();
-        self.sent = names.into_iter().collect();
-        let known = self
-            .held
-            .iter()
-            .filter(|(name, _)| self.sent.contains(*name))
-            .map(|(name, held)| (name.to_string(), held.version.clone()))
-            .collect();
-        let request = DiscoveryRequest {
-            subscribe,
-            unsubscribe: Vec::new(),
-            known,
-            admin_address: admin_address.to_string(),
-        };
-        (self.streams_opened, request)
+        self.sent.clear();
+        self.changed = self.wanted.keys().cloned().collect();
+        (self.applied, self.acknowledged) = (0, 0);
+        let mut first = self.next_request().unwrap_or_default();
+        first.admin_address = admin_address.to_string();
+        (self.streams_opened, first)
     }
 
     fn close_stream(&mut self, stream: u64) {
@@ -243,43 +233,67 @@ impl State {
         }
     }
 
-    /// What stream `stream` has not been told yet, as one request. Names beyond
-    /// [`MAX_SUBSCRIPTIONS`] wait for room (their first use times out meanwhile) rather
-    /// than make the control plane refuse the stream.
+    /// The next request for stream `stream`, if it has anything to be told.
     fn take_changes(&mut self, stream: u64) -> Option<DiscoveryRequest> {
-        if self.stream != Some(stream) || self.changed.is_empty() {
+        if self.stream != Some(stream) {
             return None;
         }
+        self.next_request()
+    }
+
+    /// What the open stream has not been told yet, as far as one request of
+    /// [`REQUEST_BUDGET`] holds: policies first, then services, then addresses. Names
+    /// beyond [`MAX_SUBSCRIPTIONS`] wait for room (their first use times out meanwhile)
+    /// rather than make the control plane end the stream.
+    fn next_request(&mut self) -> Option<DiscoveryRequest> {
         let mut request = DiscoveryRequest::default();
-        let mut to_subscribe = Vec::new();
+        let mut size = 0;
+        let mut over_limit = 0;
+        let mut later = BTreeSet::new();
         for name in std::mem::take(&mut self.changed) {
-            match (self.wanted.contains_key(&name), self.sent.contains(&name)) {
-                (true, false) => to_subscribe.push(name),
-                (false, true) => {
-                    request.unsubscribe.push(name.to_string());
-                    self.sent.remove(&name);
-                    self.held.remove(&name);
-                }
-                _ => {}
+            let (wanted, sent) = (self.wanted.contains_key(&name), self.sent.contains(&name));
+            if wanted == sent {
+                // Released and wanted again (or the reverse) before the stream was told.
+                continue;
             }
-        }
-        for name in to_subscribe {
-            if self.sent.len() < MAX_SUBSCRIPTIONS {
-                request.subscribe.push(name.to_string());
-                self.sent.insert(name);
+            if size >= REQUEST_BUDGET {
+                later.insert(name);
+            } else if sent {
+                let text = name.to_string();
+                size += text.len() + FIELD_BYTES;
+                request.unsubscribe.push(text);
+                self.sent.remove(&name);
+                self.held.remove(&name);
+            } else if self.sent.len() >= MAX_SUBSCRIPTIONS {
+                over_limit += 1;
+                later.insert(name);
             } else {
-                self.changed.insert(name);
+                let text = name.to_string();
+                size += text.len() + FIELD_BYTES;
+                if let Some(held) = self.held.get(&name) {
+                    size += text.len() + held.version.len() + 2 * FIELD_BYTES;
+                    request.known.insert(text.clone(), held.version.clone());
+                }
+                request.subscribe.push(text);
+                self.sent.insert(name);
             }
         }
-        if !self.changed.is_empty() {
+        self.changed = later;
+        if over_limit > 0 {
             warn!(
                 event = "subscriptions deferred",
-                waiting = self.changed.len(),
-                limit = MAX_SUBSCRIPTIONS
+                waiting = over_limit,
+                limit = MAX_SUBSCRIPTIONS,
+                "the first use of each fails until others are released"
             );
         }
+        let acknowledge = self.applied > self.acknowledged;
+        if acknowledge {
+            request.applied = self.applied;
+            self.acknowledged = self.applied;
+        }
         let nothing = request.subscribe.is_empty() && request.unsubscribe.is_empty();
-        (!nothing).then_some(request)
+        (acknowledge || !nothing).then_some(request)
     }
 
     /// Takes one resource, or says why not. `Ok(false)`: already held at this version.
@@ -396,6 +410,13 @@ fn parse_body(name: &ResourceName, json: &[u8]) -> Result<Body, serde_json::Erro
         }
     })
 }
+
+/// The largest request the proxy sends, in bytes of names and versions: the control
+/// plane decodes requests of up to 64 KiB, and the rest is room for field framing
+/// (counted by [`FIELD_BYTES`] per field) and the admin address.
+const REQUEST_BUDGET: usize = 48 * 1024;
+/// Framing of one field or map entry in a request: tag, length and slack.
+const FIELD_BYTES: usize = 8;
 
 /// Holds what the proxy follows and publishes a view whenever it changes.
 pub struct Discovery {
@@ -644,18 +665,21 @@ impl Discovery {
         }
     }
 
-    /// Sends stream `stream` each change to what is wanted, merged into one request.
+    /// Sends stream `stream` each change to what is wanted, merged into as few requests
+    /// as the request budget allows, and acknowledges each response applied.
     async fn send_changes(self: Arc<Self>, stream: u64, requests: mpsc::Sender<DiscoveryRequest>) {
         loop {
-            // A change made while the request below was being sent left a permit.
-            self.changes.notified().await;
-            let Some(request) = self.lock().take_changes(stream) else {
+            let next = self.lock().take_changes(stream);
+            let Some(request) = next else {
+                // A change made since the lock was released left a permit.
+                self.changes.notified().await;
                 continue;
             };
             debug!(
-                event = "discovery subscriptions",
+                event = "discovery request",
                 subscribe = request.subscribe.len(),
-                unsubscribe = request.unsubscribe.len()
+                unsubscribe = request.unsubscribe.len(),
+                applied = request.applied,
             );
             if requests.send(request).await.is_err() {
                 return;
@@ -682,6 +706,10 @@ impl Discovery {
                 Err(refused) => warn!(event = "absence refused", reason = %refused),
             }
         }
+        // Acknowledged whatever was refused: the proxy is as far as it will get with
+        // this generation, and operators waiting for it to be in force see the warning.
+        state.applied = state.applied.max(response.generation);
+        self.changes.notify_one();
         if changed == 0 {
             return;
         }
@@ -717,6 +745,7 @@ impl Discovery {
         self.apply(DiscoveryResponse {
             resources,
             absent: absent.iter().map(ToString::to_string).collect(),
+            generation: 0,
         });
     }
 }

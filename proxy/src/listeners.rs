@@ -324,7 +324,7 @@ mod tests {
         let web = Resource {
             name: "service/web.shop".into(),
             version: "w1".into(),
-            body: body.to_vec(),
+            body: body.to_vec().into(),
         };
         discovery.respond_by_hand(vec![web], &[]);
         settle().await;

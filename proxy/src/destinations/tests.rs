@@ -25,7 +25,7 @@ fn web_at_vip() -> Resource {
     Resource {
         name: "address/10.96.0.10".into(),
         version: "w1".into(),
-        body: body.to_vec(),
+        body: body.to_vec().into(),
     }
 }
 

@@ -28,9 +28,14 @@ impl OpenedStream {
     }
 
     fn send(&self, resources: Vec<Resource>, absent: &[&str]) {
+        self.send_generation(resources, absent, 0);
+    }
+
+    fn send_generation(&self, resources: Vec<Resource>, absent: &[&str], generation: u64) {
         let response = DiscoveryResponse {
             resources,
             absent: absent.iter().map(ToString::to_string).collect(),
+            generation,
         };
         self.responses.send(Ok(response)).unwrap();
     }
@@ -117,7 +122,7 @@ fn resource(name: &str, version: &str, body: Vec<u8>) -> Resource {
     Resource {
         name: name.into(),
         version: version.into(),
-        body,
+        body: body.into(),
     }
 }
 
@@ -293,6 +298,9 @@ async fn a_reconnect_resubscribes_naming_the_versions_held() {
     let view = next_view(&mut views).await;
     assert!(view.policies_known && discovery.has_view());
     assert_eq!(view.policies_version, "p1");
+    // Acknowledged on the stream.
+    stream.send_generation(vec![], &["address/10.0.0.1"], 5);
+    assert_eq!(stream.request().await.applied, 5);
     drop(stream);
     let ended = running.await.unwrap();
     assert!(ended.connected, "{ended:?}");
@@ -589,20 +597,45 @@ fn backoff_is_jittered_within_half_to_all_of_a_doubling_ceiling() {
 }
 
 /// However many names are wanted, the stream never follows more than the control plane
-/// accepts; the rest go out as room is made, the proxy's own policies first.
+/// accepts, and no request is larger than it decodes; the rest go out as room is made,
+/// the proxy's own policies first, each with the version held.
 #[test]
-fn subscriptions_beyond_the_limit_wait_for_room() {
+fn subscriptions_are_split_into_requests_and_beyond_the_limit_wait_for_room() {
+    /// The control plane's limit on one request.
+    const MAX_REQUEST_BYTES: usize = 64 * 1024;
     let mut state = State::default();
-    let address = |i: u32| ResourceName::Address(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)));
+    let address = |i: u32| ResourceName::Address(IpAddr::V6(std::net::Ipv6Addr::from(i as u128)));
     let over = MAX_SUBSCRIPTIONS as u32 + 1;
     for i in 0..over {
         state.want(&address(i));
     }
     state.want(&ResourceName::Policies);
+    // Versions held from an earlier stream go out with their names.
+    let version = "v".repeat(64);
+    for i in 0..over {
+        let held = Held {
+            version: version.clone(),
+            body: Body::Absent,
+        };
+        state.held.insert(address(i), held);
+    }
     let (stream, first) = state.open_stream(ADMIN);
-    assert_eq!(first.subscribe.len(), MAX_SUBSCRIPTIONS);
     assert_eq!(first.subscribe[0], "policies");
-    assert!(state.take_changes(stream).is_none());
+    let mut requests = vec![first];
+    while let Some(request) = state.take_changes(stream) {
+        requests.push(request);
+    }
+    assert!(requests.len() > 1);
+    for request in &requests {
+        let bytes = prost::Message::encoded_len(request);
+        assert!(bytes <= MAX_REQUEST_BYTES, "{bytes}");
+        for name in &request.subscribe {
+            let expected = (name != "policies").then_some(&version);
+            assert_eq!(request.known.get(name), expected, "{name}");
+        }
+    }
+    let subscribed: usize = requests.iter().map(|r| r.subscribe.len()).sum();
+    assert_eq!(subscribed, MAX_SUBSCRIPTIONS);
     // Two waiting; releasing one followed name makes room for one of them.
     state.release(&address(0));
     let request = state.take_changes(stream).unwrap();
@@ -610,4 +643,26 @@ fn subscriptions_beyond_the_limit_wait_for_room() {
     assert_eq!(request.subscribe.len(), 1);
     assert_eq!(state.sent.len(), MAX_SUBSCRIPTIONS);
     assert_eq!(state.changed.len(), 1);
+}
+
+/// Each response's generation is acknowledged once applied, refused resources or not.
+#[test]
+fn every_response_applied_is_acknowledged() {
+    let discovery = Discovery::new(Gauge::default());
+    let stream = discovery.open_stream_by_hand();
+    discovery.changes_by_hand(stream);
+    let response = |generation| DiscoveryResponse {
+        resources: vec![resource("policies", "p1", b"{not json".to_vec())],
+        absent: Vec::new(),
+        generation,
+    };
+    discovery.apply(response(7));
+    let request = discovery.changes_by_hand(stream).unwrap();
+    assert_eq!(request.applied, 7);
+    assert!(request.subscribe.is_empty());
+    assert!(discovery.changes_by_hand(stream).is_none());
+    // A new stream starts from nothing.
+    let stream = discovery.open_stream_by_hand();
+    discovery.apply(response(8));
+    assert_eq!(discovery.changes_by_hand(stream).unwrap().applied, 8);
 }
