@@ -7,7 +7,8 @@
 //! the first guard for a name sends `subscribe` on the open stream, dropping the last
 //! one sends `unsubscribe` and forgets the resource. Every change publishes a new
 //! immutable [`MeshView`]; a resource that cannot be parsed is refused on its own and
-//! the last good one stays.
+//! the last good one stays. Each response's generation is acknowledged once applied
+//! (`applied`), which is how operators and tests know a change is in force.
 //!
 //! The stream authenticates with the workload certificate, so it starts once the proxy
 //! has one. When it fails for any reason (a message over [`MAX_MESSAGE_BYTES`]
