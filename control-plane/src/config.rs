@@ -13,10 +13,10 @@ use std::fs::OpenOptions;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use tessera_mesh::resources::{self, ConfigError};
+use tessera_mesh::resources::{self, ConfigError, ParsedFiles};
 use tessera_mesh::snapshot::MeshSnapshot;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -45,7 +45,17 @@ pub(crate) fn load_snapshot(
     trust_domain: &str,
     cluster: Option<&ClusterObjects>,
 ) -> Result<MeshSnapshot, ConfigError> {
-    build_snapshot(dir, trust_domain, cluster)
+    load_snapshot_with(dir, trust_domain, cluster, &mut ParsedFiles::default())
+}
+
+/// [`load_snapshot`], parsing only the files that changed since `parsed` saw them.
+fn load_snapshot_with(
+    dir: &Path,
+    trust_domain: &str,
+    cluster: Option<&ClusterObjects>,
+    parsed: &mut ParsedFiles,
+) -> Result<MeshSnapshot, ConfigError> {
+    build_snapshot(dir, trust_domain, cluster, parsed)
         .map_err(|first| ConfigError::all(problems(dir)).unwrap_or(first))
 }
 
@@ -53,8 +63,9 @@ fn build_snapshot(
     dir: &Path,
     trust_domain: &str,
     cluster: Option<&ClusterObjects>,
+    parsed: &mut ParsedFiles,
 ) -> Result<MeshSnapshot, ConfigError> {
-    let mut files = resources::load_dir(dir)?;
+    let mut files = resources::load_dir_with(dir, parsed)?;
     inline_files(dir, &mut files)?;
     let build = |resources: &[resources::Resource]| {
         let snapshot = MeshSnapshot::from_resources(trust_domain, resources)?;
@@ -241,6 +252,8 @@ pub(crate) struct Loader {
     hung: Option<JoinHandle<Result<MeshSnapshot, ConfigError>>>,
     /// How long a load may take before it is taken for blocked.
     timeout: Duration,
+    /// The files as last parsed. Locked by the load in progress, which may be hung.
+    parsed: Arc<std::sync::Mutex<ParsedFiles>>,
 }
 
 impl Loader {
@@ -251,6 +264,7 @@ impl Loader {
             cluster: None,
             hung: None,
             timeout: LOAD_TIMEOUT,
+            parsed: Arc::default(),
         }
     }
 
@@ -264,8 +278,12 @@ impl Loader {
     pub(crate) async fn load(&mut self) -> Result<MeshSnapshot, ConfigError> {
         let (dir, trust_domain) = (self.dir.clone(), self.trust_domain.clone());
         let cluster = self.cluster.clone();
-        self.run(move || load_snapshot(&dir, &trust_domain, cluster.as_deref()))
-            .await
+        let parsed = self.parsed.clone();
+        self.run(move || {
+            let mut parsed = parsed.lock().unwrap_or_else(PoisonError::into_inner);
+            load_snapshot_with(&dir, &trust_domain, cluster.as_deref(), &mut parsed)
+        })
+        .await
     }
 
     async fn run(

@@ -5,7 +5,7 @@
 //! guessing. A file is parsed whole or refused whole: the caller keeps its last good
 //! configuration when anything is wrong.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -409,12 +409,36 @@ fn parse_each(file: &Path, text: &str) -> (Vec<Resource>, Vec<ConfigError>) {
 /// Reads all `*.yaml` / `*.yml` files of a directory (not recursive; hidden files
 /// skipped), in name order; the error names every document that is wrong.
 pub fn load_dir(dir: &Path) -> Result<Vec<Resource>, ConfigError> {
-    let (resources, errors) = load_dir_each(dir);
+    load_dir_with(dir, &mut ParsedFiles::default())
+}
+
+/// [`load_dir`], parsing only the files whose content changed since `parsed` saw them.
+pub fn load_dir_with(dir: &Path, parsed: &mut ParsedFiles) -> Result<Vec<Resource>, ConfigError> {
+    let (resources, errors) = load_dir_each_with(dir, parsed);
     ConfigError::all(errors).map_or(Ok(resources), Err)
 }
 
 /// [`load_dir`]'s resources that parse, and the error of each one that does not.
 pub fn load_dir_each(dir: &Path) -> (Vec<Resource>, Vec<ConfigError>) {
+    load_dir_each_with(dir, &mut ParsedFiles::default())
+}
+
+/// The files of a directory as last parsed, kept between loads: parsing is most of a
+/// load's cost, and a change usually touches one file of many.
+#[derive(Debug, Default)]
+pub struct ParsedFiles {
+    files: HashMap<PathBuf, ParsedFile>,
+}
+
+#[derive(Debug)]
+struct ParsedFile {
+    /// What was parsed: a file is parsed again only when its content differs.
+    text: String,
+    resources: Vec<Resource>,
+    errors: Vec<ConfigError>,
+}
+
+fn load_dir_each_with(dir: &Path, parsed: &mut ParsedFiles) -> (Vec<Resource>, Vec<ConfigError>) {
     let unreadable = |e: std::io::Error| ConfigError::at(dir, 0, format!("cannot read: {e}"));
     let mut files = Vec::new();
     let entries = match std::fs::read_dir(dir) {
@@ -433,16 +457,37 @@ pub fn load_dir_each(dir: &Path) -> (Vec<Resource>, Vec<ConfigError>) {
         }
     }
     files.sort();
+    // Files gone since the last load are forgotten.
+    parsed
+        .files
+        .retain(|path, _| files.binary_search(path).is_ok());
     let mut resources = Vec::new();
     let mut errors = Vec::new();
     for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                let (parsed, wrong) = parse_each(&file, &text);
-                resources.extend(parsed);
-                errors.extend(wrong);
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(e) => {
+                parsed.files.remove(&file);
+                errors.push(ConfigError::at(&file, 0, format!("cannot read: {e}")));
+                continue;
             }
-            Err(e) => errors.push(ConfigError::at(&file, 0, format!("cannot read: {e}"))),
+        };
+        let known = parsed
+            .files
+            .get(&file)
+            .is_some_and(|known| known.text == text);
+        if !known {
+            let (parsed_resources, wrong) = parse_each(&file, &text);
+            let parsed_file = ParsedFile {
+                text,
+                resources: parsed_resources,
+                errors: wrong,
+            };
+            parsed.files.insert(file.clone(), parsed_file);
+        }
+        if let Some(known) = parsed.files.get(&file) {
+            resources.extend(known.resources.iter().cloned());
+            errors.extend(known.errors.iter().cloned());
         }
     }
     (resources, errors)
@@ -686,5 +731,55 @@ mod tests {
         let error = mesh_config(&parse(text).unwrap()).unwrap_err();
         assert_eq!(error.origin.line, 7);
         assert!(error.reason.contains("mesh.yaml:2"), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod parsed_files_tests {
+    use super::*;
+
+    fn service(name: &str) -> String {
+        format!(
+            "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n"
+        )
+    }
+
+    fn names(resources: &[Resource]) -> Vec<&str> {
+        resources.iter().map(|r| r.metadata.name.as_str()).collect()
+    }
+
+    /// Loads that reuse earlier parses see exactly what a fresh load sees: a changed
+    /// file's new content, a removed file's absence, a broken file's error and its repair.
+    #[test]
+    fn reused_parses_follow_every_change() {
+        let dir = std::env::temp_dir().join(format!("tessera-parsed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |file: &str, text: &str| std::fs::write(dir.join(file), text).unwrap();
+        let mut parsed = ParsedFiles::default();
+        let mut load = || {
+            let reused = load_dir_with(&dir, &mut parsed);
+            assert_eq!(
+                reused,
+                load_dir(&dir),
+                "a reused parse differs from a fresh one"
+            );
+            reused
+        };
+        write("a.yaml", &service("web"));
+        write("b.yaml", &service("api"));
+        assert_eq!(names(&load().unwrap()), ["web", "api"]);
+        write("a.yaml", &service("shop-web"));
+        assert_eq!(names(&load().unwrap()), ["shop-web", "api"]);
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert_eq!(names(&load().unwrap()), ["shop-web"]);
+        write(
+            "a.yaml",
+            "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: [\n",
+        );
+        assert!(load().unwrap_err().to_string().contains("a.yaml"));
+        write("a.yaml", &service("web"));
+        assert_eq!(names(&load().unwrap()), ["web"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
