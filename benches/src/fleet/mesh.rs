@@ -153,7 +153,8 @@ fn workload_yaml(service: ServiceIndex, endpoint: usize, global: usize) -> Strin
 }
 
 /// A mesh-wide policy (root namespace: every proxy holds it), one for the simulated
-/// proxies' own namespace, and one for a namespace none of them is in.
+/// proxies' own namespace, and one for a namespace none of them is in. Each denies a
+/// caller that does not exist, which opaque TCP can check: no traffic is refused.
 fn policies_yaml(revision: usize) -> String {
     let mut yaml = String::new();
     for (name, namespace) in [
@@ -163,7 +164,7 @@ fn policies_yaml(revision: usize) -> String {
     ] {
         let _ = write!(
             yaml,
-            "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  action: DENY\n  rules:\n  - to: [{{operation: {{paths: [\"/admin-{revision}*\"]}}}}]\n---\n"
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: [\"cluster.local/ns/nowhere/sa/revision-{revision}\"]}}}}]\n---\n"
         );
     }
     yaml
