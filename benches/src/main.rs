@@ -285,6 +285,11 @@ fn main() -> anyhow::Result<ExitCode> {
             };
             let (runs, proxy) = runtime.block_on(fleet::run(settings))?;
             print!("{}", fleet::render(&runs, proxy.as_ref()));
+            if let Some(path) = cli.json {
+                let json = serde_json::json!({ "streams": runs, "proxy": proxy });
+                let json = serde_json::to_string_pretty(&json).context("serialize the results")?;
+                std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Command::Rego { samples } => {

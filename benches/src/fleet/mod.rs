@@ -170,6 +170,7 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
         log: Arc::new(ArrivalLog::default()),
     };
 
+    eprintln!("fleet: mesh loaded in {load_ms:.0} ms; connecting {streams} streams");
     let pid = control_plane.process.pid();
     let (rss_before, cpu_before) = (proc_stats::memory(pid)?.rss, proc_stats::cpu_time(pid)?);
     let connect_started = Instant::now();
@@ -187,6 +188,7 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
         cpu_us_per_stream: cpu.as_secs_f64() * 1e6 / streams as f64,
     };
 
+    eprintln!("fleet: connected in {connect_seconds:.1} s; timing changes");
     let watchers = |resource: &str| {
         subscriptions
             .iter()
@@ -207,6 +209,7 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
         .time_change(&control_plane, &edit, rare_watchers)
         .await?;
 
+    eprintln!("fleet: restarting the control plane");
     let restart = fleet
         .restart(&mut control_plane, subscribers, subscriptions)
         .await?;
