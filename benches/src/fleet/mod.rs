@@ -153,42 +153,20 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
         let harness = Harness::new(&control_plane)?;
         harness.connector(Some(harness.workload_cert().await?))?
     };
-    let mut rng = mesh::subscription_rng();
-    let subscriptions: Vec<Subscription> = (0..streams)
-        .map(|stream| {
-            let mut names = vec!["policies".to_string()];
-            names.extend(
-                mesh::watched_services(shape, per_stream, &mut rng)
-                    .into_iter()
-                    .map(ServiceIndex::resource),
-            );
-            Subscription::fresh(stream, names)
-        })
-        .collect();
+    let subscriptions = subscriptions(shape, streams, per_stream);
     let fleet = Fleet {
         connector,
         log: Arc::new(ArrivalLog::default()),
     };
-
     eprintln!("fleet: mesh loaded in {load_ms:.0} ms; connecting {streams} streams");
-    let pid = control_plane.process.pid();
-    let (rss_before, cpu_before) = (proc_stats::memory(pid)?.rss, proc_stats::cpu_time(pid)?);
-    let connect_started = Instant::now();
-    let subscribers = fleet.connect(subscriptions.clone()).await?;
-    let connect_seconds = connect_started.elapsed().as_secs_f64();
-    let cpu = proc_stats::cpu_time(pid)?.saturating_sub(cpu_before);
-    // Let allocations settle before reading memory.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_after = proc_stats::memory(pid)?.rss;
-    let connect = ConnectFigures {
-        seconds: connect_seconds,
-        control_plane_rss_before: rss_before,
-        control_plane_rss_after: rss_after,
-        rss_bytes_per_stream: rss_after.saturating_sub(rss_before) as f64 / streams as f64,
-        cpu_us_per_stream: cpu.as_secs_f64() * 1e6 / streams as f64,
-    };
+    let (subscribers, connect) = fleet
+        .connect_measured(&control_plane, subscriptions.clone())
+        .await?;
 
-    eprintln!("fleet: connected in {connect_seconds:.1} s; timing changes");
+    eprintln!(
+        "fleet: connected in {:.1} s; timing changes",
+        connect.seconds
+    );
     let watchers = |resource: &str| {
         subscriptions
             .iter()
@@ -226,6 +204,22 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
     })
 }
 
+/// What each simulated proxy subscribes to: its policies and `per_stream` services.
+fn subscriptions(shape: MeshShape, streams: usize, per_stream: usize) -> Vec<Subscription> {
+    let mut rng = mesh::subscription_rng();
+    (0..streams)
+        .map(|stream| {
+            let mut names = vec!["policies".to_string()];
+            names.extend(
+                mesh::watched_services(shape, per_stream, &mut rng)
+                    .into_iter()
+                    .map(ServiceIndex::resource),
+            );
+            Subscription::fresh(stream, names)
+        })
+        .collect()
+}
+
 /// The simulated proxies of one run: how they connect, and what they received.
 struct Fleet {
     connector: Connector,
@@ -233,6 +227,32 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// Connects every subscription; what that cost the control plane.
+    async fn connect_measured(
+        &self,
+        control_plane: &ControlPlane,
+        subscriptions: Vec<Subscription>,
+    ) -> Result<(Vec<Subscriber>, ConnectFigures)> {
+        let streams = subscriptions.len().max(1) as f64;
+        let pid = control_plane.process.pid();
+        let (rss_before, cpu_before) = (proc_stats::memory(pid)?.rss, proc_stats::cpu_time(pid)?);
+        let started = Instant::now();
+        let subscribers = self.connect(subscriptions).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let cpu = proc_stats::cpu_time(pid)?.saturating_sub(cpu_before);
+        // Let allocations settle before reading memory.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss_after = proc_stats::memory(pid)?.rss;
+        let figures = ConnectFigures {
+            seconds,
+            control_plane_rss_before: rss_before,
+            control_plane_rss_after: rss_after,
+            rss_bytes_per_stream: rss_after.saturating_sub(rss_before) as f64 / streams,
+            cpu_us_per_stream: cpu.as_secs_f64() * 1e6 / streams,
+        };
+        Ok((subscribers, figures))
+    }
+
     /// Connects every subscription, [`CONNECTS_IN_FLIGHT`] at a time; returns once each
     /// stream is synced.
     async fn connect(&self, subscriptions: Vec<Subscription>) -> Result<Vec<Subscriber>> {
