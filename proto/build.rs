@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(protos, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // A resource's body is shared by every stream that sends it, not copied per stream.
+        .bytes(".tessera.discovery.v1.Resource.body")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -211,10 +211,10 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         loader = loader.with_cluster(objects.clone());
         cluster_objects = Some(objects);
     }
-    let (published, snapshots) = crate::config::Published::load(loader).await?;
+    let (published, catalogs) = crate::config::Published::load(loader).await?;
     let connected_proxies = Arc::new(ConnectedProxies::default());
     let discovery_service = DiscoveryService {
-        snapshots,
+        catalogs,
         metrics: metrics.clone(),
         proxies: connected_proxies.clone(),
     };
@@ -226,11 +226,10 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         .add_service(
             DiscoveryServer::new(discovery_service)
                 .max_decoding_message_size(crate::grpc::MAX_REQUEST_BYTES)
-                .max_encoding_message_size(tessera_mesh::snapshot::MAX_SNAPSHOT_BYTES),
+                .max_encoding_message_size(tessera_mesh::discovery::MAX_MESSAGE_BYTES),
         );
 
-    let grpc_listener = TcpListener::bind(options.grpc_listen)
-        .await
+    let grpc_listener = crate::grpc::listen(options.grpc_listen)
         .with_context(|| format!("cannot listen on {}", options.grpc_listen))?;
     let grpc_address = grpc_listener.local_addr()?;
     let admin_listener = TcpListener::bind(options.admin_listen)

@@ -2,8 +2,8 @@
 //!
 //! Every change is parsed and checked whole; a good one becomes the next snapshot and
 //! reaches every connected proxy, a bad one is refused with file, line and reason and the
-//! last good snapshot stays in force. "Good" includes fitting in what proxies accept
-//! ([`MAX_SNAPSHOT_BYTES`]), so a configuration never cuts them off.
+//! last good snapshot stays in force. "Good" includes every resource fitting in what
+//! proxies accept ([`tessera_mesh::discovery::MAX_RESOURCE_BYTES`]), so a configuration never cuts them off.
 //!
 //! Files are read on a blocking thread under a timeout, and only regular files inside the
 //! directory are read: a worker of the async runtime stuck on a FIFO would stall
@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_mesh::resources::{self, ConfigError};
-use tessera_mesh::snapshot::{MAX_SNAPSHOT_BYTES, MeshSnapshot};
-use tessera_proto::api::discovery::Snapshot;
+use tessera_mesh::snapshot::MeshSnapshot;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::catalog::Catalog;
 use crate::kubernetes::acceptance;
 use crate::kubernetes::objects::ClusterObjects;
 
@@ -127,20 +127,10 @@ fn each_refusal(
     }
 }
 
-/// Refuses a snapshot larger than proxies accept.
+/// Refuses a snapshot with a resource larger than proxies accept.
 fn check_size(dir: &Path, snapshot: &MeshSnapshot) -> Result<(), ConfigError> {
-    // Measured with the widest version label, so no later version can tip it over.
-    let size = snapshot.message_len(&u64::MAX.to_string());
-    if size > MAX_SNAPSHOT_BYTES {
-        return Err(ConfigError::at(
-            dir,
-            0,
-            format!(
-                "snapshot too large: {size} bytes, limit {MAX_SNAPSHOT_BYTES} (what proxies accept)"
-            ),
-        ));
-    }
-    Ok(())
+    Catalog::check_sizes(snapshot)
+        .map_err(|too_large| ConfigError::at(dir, 0, too_large.to_string()))
 }
 
 /// Reads the files resources name — `jwksFile`s, Rego modules' `file`s — into the
@@ -313,15 +303,6 @@ impl Loader {
     }
 }
 
-/// Wraps a mesh snapshot for the wire.
-pub(crate) fn to_message(version: u64, snapshot: &MeshSnapshot) -> Snapshot {
-    Snapshot {
-        version: version.to_string(),
-        // Serializing plain data structures cannot fail.
-        mesh_json: serde_json::to_vec(snapshot).unwrap_or_default(),
-    }
-}
-
 /// A registered watch on the configuration directory.
 pub(crate) struct ConfigWatch {
     _watcher: notify::RecommendedWatcher,
@@ -368,21 +349,22 @@ pub(crate) struct Published {
     loader: Loader,
     current: MeshSnapshot,
     version: u64,
-    snapshots: watch::Sender<Snapshot>,
+    catalogs: watch::Sender<Arc<Catalog>>,
 }
 
 impl Published {
-    /// Loads the first configuration; proxies receive it as version 1.
+    /// Loads the first configuration, version 1.
     pub(crate) async fn load(
         mut loader: Loader,
-    ) -> Result<(Self, watch::Receiver<Snapshot>), ConfigError> {
+    ) -> Result<(Self, watch::Receiver<Arc<Catalog>>), ConfigError> {
         let current = loader.load().await?;
-        let (snapshots, receiver) = watch::channel(to_message(1, &current));
+        let catalog = catalog_of(&loader.dir, &current, 1)?;
+        let (catalogs, receiver) = watch::channel(Arc::new(catalog));
         let published = Self {
             loader,
             current,
             version: 1,
-            snapshots,
+            catalogs,
         };
         Ok((published, receiver))
     }
@@ -395,12 +377,19 @@ impl Published {
         if snapshot == self.current {
             return Ok(None);
         }
+        let catalog = catalog_of(&self.loader.dir, &snapshot, self.version + 1)?;
         self.version += 1;
-        self.snapshots
-            .send_replace(to_message(self.version, &snapshot));
+        self.catalogs.send_replace(Arc::new(catalog));
         self.current = snapshot;
         Ok(Some(self.version))
     }
+}
+
+fn catalog_of(dir: &Path, snapshot: &MeshSnapshot, version: u64) -> Result<Catalog, ConfigError> {
+    let mut catalog = Catalog::build(snapshot)
+        .map_err(|too_large| ConfigError::at(dir, 0, too_large.to_string()))?;
+    catalog.generation = version;
+    Ok(catalog)
 }
 
 /// Publishes every good change seen by `watch`. Runs until dropped.
@@ -411,11 +400,12 @@ pub(crate) async fn follow(
 ) {
     // Whether the configuration on disk is refused: its repair is worth a line too.
     let mut refused = false;
+    metrics.config_generation.set(published.version as i64);
     while watch.changed.recv().await.is_some() {
         let noticed = std::time::Instant::now();
         tokio::time::sleep(SETTLE).await;
         while watch.changed.try_recv().is_ok() {}
-        let proxies = published.snapshots.receiver_count().saturating_sub(1);
+        let proxies = published.catalogs.receiver_count().saturating_sub(1);
         let reloaded = published.reload().await;
         let repaired = refused && reloaded.is_ok();
         refused = reloaded.is_err();
@@ -430,6 +420,7 @@ pub(crate) async fn follow(
                 metrics
                     .config_push_latency
                     .observe(noticed.elapsed().as_secs_f64());
+                metrics.config_generation.set(version as i64);
                 info!(
                     event = "configuration updated",
                     version,
@@ -452,6 +443,8 @@ pub(crate) async fn follow(
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use tessera_mesh::discovery::MAX_RESOURCE_BYTES;
 
     use super::*;
 
@@ -716,7 +709,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_snapshot_larger_than_proxies_accept_is_refused() {
+    async fn a_resource_larger_than_proxies_accept_is_refused() {
         let dir = ConfigDir::new();
         dir.write("auth.yaml", &padded_jwks(17 << 20));
         let started = std::time::Instant::now();
@@ -725,11 +718,14 @@ mod tests {
             .unwrap_err();
         println!("refused in {:?}", started.elapsed());
         assert_eq!(error.origin.file, dir.path(), "{error}");
-        assert!(error.reason.contains("snapshot too large"), "{error}");
         assert!(
-            error
-                .to_string()
-                .ends_with(&format!("limit {MAX_SNAPSHOT_BYTES} (what proxies accept)")),
+            error.to_string().ends_with(&format!(
+                "bytes, over the {MAX_RESOURCE_BYTES} proxies accept"
+            )),
+            "{error}"
+        );
+        assert!(
+            error.reason.contains("the policies of namespace"),
             "{error}"
         );
     }
@@ -750,9 +746,10 @@ mod tests {
 
         dir.write("big.yaml", &padded_jwks(17 << 20));
         let error = published.reload().await.unwrap_err();
-        assert!(error.reason.contains("snapshot too large"), "{error}");
+        assert!(error.reason.contains("proxies accept"), "{error}");
         assert!(!proxies.has_changed().unwrap(), "nothing sent to proxies");
-        assert_eq!(proxies.borrow().version, "1");
+        assert_eq!(proxies.borrow().service_count(), 1);
+        assert_eq!(proxies.borrow().generation, 1);
         assert_eq!(published.current.services.len(), 1);
 
         // Back under the limit: the next good change is published as usual.
@@ -762,7 +759,8 @@ mod tests {
             "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {name: payments, namespace: shop}\n",
         );
         assert_eq!(published.reload().await.unwrap(), Some(2));
-        assert_eq!(proxies.borrow_and_update().version, "2");
+        assert_eq!(proxies.borrow().service_count(), 2);
+        assert_eq!(proxies.borrow_and_update().generation, 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,34 +1,43 @@
-//! The discovery API: each proxy, authenticated by its mTLS certificate, receives the
-//! current configuration snapshot and then every new one.
+//! The discovery API: each proxy, authenticated by its mTLS certificate, subscribes to
+//! the resources it uses and receives each one, then every change to it.
 //!
-//! Snapshots come from a `watch` channel, so a slow proxy only ever skips to the newest
-//! snapshot; it never makes the control plane queue old ones.
+//! Every configuration is published as a [`Catalog`] on a `watch` channel. A stream
+//! remembers the version it sent of each name it follows and, whenever the catalog or
+//! its subscriptions change, sends what differs — so a change reaches only the streams
+//! following what changed, and a slow proxy skips straight to the newest content; the
+//! control plane never queues old versions for it.
 //!
 //! Each open stream is a connected proxy: [`ConnectedProxies`] lists them (identity,
 //! address, where its admin port is) on the admin port's `/proxies`, so `tessera stat`
 //! can find every proxy through the control plane.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use tessera_mesh::discovery::{MAX_MESSAGE_BYTES, MAX_SUBSCRIPTIONS, ResourceName};
 use tessera_proto::api::discovery::discovery_server::Discovery;
-use tessera_proto::api::discovery::{Snapshot, WatchRequest};
-use tokio::sync::watch;
+use tessera_proto::api::discovery::{DiscoveryRequest, DiscoveryResponse, Resource};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::WatchStream;
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
+use crate::catalog::{Body, Catalog, Version};
 use crate::grpc::Caller;
 use crate::telemetry::Metrics;
 
-/// Serves `Watch`.
+/// A caller must say what it follows this soon after opening its stream.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Room in a message for the fields around the resources.
+const MESSAGE_SLACK: usize = 64 * 1024;
+
+/// Serves `Discover`.
 pub(crate) struct DiscoveryService {
-    pub snapshots: watch::Receiver<Snapshot>,
+    pub catalogs: watch::Receiver<Arc<Catalog>>,
     pub metrics: Arc<Metrics>,
     pub proxies: Arc<ConnectedProxies>,
 }
@@ -56,6 +65,10 @@ pub(crate) struct ConnectedProxy {
     pub admin_unknown: Option<String>,
     /// RFC 3339, UTC.
     pub connected_since: String,
+    /// The configuration generation in force on the proxy: it acknowledged applying
+    /// every change of it up to this one that concerns it. 0 until its first answer.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl ConnectedProxies {
@@ -65,6 +78,14 @@ impl ConnectedProxies {
         let mut proxies: Vec<ConnectedProxy> = streams.values().cloned().collect();
         proxies.sort_by(|a, b| (&a.identity, a.address).cmp(&(&b.identity, b.address)));
         proxies
+    }
+
+    /// Records the generation in force on the proxy of `registration`.
+    fn set_generation(&self, registration: &Registration, generation: u64) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(proxy) = streams.get_mut(&registration.id) {
+            proxy.generation = generation;
+        }
     }
 
     fn add(self: &Arc<Self>, proxy: ConnectedProxy) -> Registration {
@@ -82,6 +103,12 @@ impl ConnectedProxies {
 struct Registration {
     proxies: Arc<ConnectedProxies>,
     id: u64,
+}
+
+impl Registration {
+    fn set_generation(&self, generation: u64) {
+        self.proxies.set_generation(self, generation);
+    }
 }
 
 impl Drop for Registration {
@@ -134,16 +161,16 @@ fn rfc3339(at: SystemTime) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
-type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
-    type WatchStream = SnapshotStream;
+    type DiscoverStream = ResponseStream;
 
-    async fn watch(
+    async fn discover(
         &self,
-        request: Request<WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::DiscoverStream>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
         let Some(Caller {
             address,
@@ -154,30 +181,314 @@ impl Discovery for DiscoveryService {
                 "discovery requires a workload certificate",
             ));
         };
-        info!(event = "discovery stream opened", identity = %identity, caller = %address);
-        let gauge = self.metrics.discovery_streams.clone();
-        gauge.inc();
-        let guard = StreamGauge(gauge);
-        let admin = admin_address(&request.get_ref().admin_address, address);
-        let registration = self.proxies.add(ConnectedProxy {
+        let (responses, sent) = mpsc::channel(1);
+        let subscriber = Subscriber {
+            namespace: identity.namespace().to_string(),
+            subscriptions: Subscriptions::default(),
+            catalogs: self.catalogs.clone(),
+            responses,
+            metrics: self.metrics.clone(),
+            sync: Sync::default(),
+        };
+        let proxy = ConnectedProxy {
             identity: identity.to_string(),
             address,
-            admin_unknown: admin.as_ref().err().cloned(),
-            admin: admin.ok(),
+            admin: None,
+            admin_unknown: None,
             connected_since: rfc3339(SystemTime::now()),
-        });
-        let pushes = self.metrics.config_pushes.clone();
-        let stream = WatchStream::new(self.snapshots.clone()).map(move |snapshot| {
-            let _open = (&guard, &registration);
-            pushes.inc();
-            Ok(snapshot)
-        });
-        Ok(Response::new(Box::pin(stream)))
+            generation: 0,
+        };
+        tokio::spawn(subscriber.serve(request.into_inner(), proxy, self.proxies.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(sent))))
     }
 }
 
-/// Decrements the open-streams gauge when the stream is dropped.
+/// One discovery stream: what its proxy follows, and where its answers go.
+struct Subscriber {
+    /// The caller's namespace, from its certificate: which policies it receives.
+    namespace: String,
+    subscriptions: Subscriptions,
+    catalogs: watch::Receiver<Arc<Catalog>>,
+    responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    metrics: Arc<Metrics>,
+    sync: Sync,
+}
+
+/// How far a proxy has come: what it was sent and what it acknowledged.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Sync {
+    /// The generation of the last message sent.
+    sent: u64,
+    /// The last generation the proxy acknowledged.
+    applied: u64,
+    /// The generation the proxy is at once it acknowledges `sent`.
+    target: u64,
+}
+
+impl Sync {
+    /// A generation the proxy was brought up to, by `sent_any` messages or by none
+    /// (nothing it follows changed). Returns the generation now in force, if known.
+    fn reached(&mut self, generation: u64, sent_any: bool) -> Option<u64> {
+        self.target = self.target.max(generation);
+        if sent_any {
+            self.sent = generation;
+        }
+        self.in_force()
+    }
+
+    /// The proxy's acknowledgement. Returns the generation now in force, if known.
+    fn acknowledged(&mut self, applied: u64) -> Option<u64> {
+        // A proxy cannot acknowledge what it was never sent.
+        self.applied = self.applied.max(applied.min(self.sent));
+        self.in_force()
+    }
+
+    fn in_force(&self) -> Option<u64> {
+        (self.applied >= self.sent).then_some(self.target)
+    }
+}
+
+impl Subscriber {
+    /// Serves the stream until the proxy goes away or breaks the protocol.
+    async fn serve(
+        mut self,
+        mut requests: Streaming<DiscoveryRequest>,
+        mut proxy: ConnectedProxy,
+        proxies: Arc<ConnectedProxies>,
+    ) {
+        let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, requests.message()).await {
+            Ok(Ok(Some(first))) => first,
+            Ok(Ok(None) | Err(_)) => return,
+            Err(_) => {
+                let status = Status::deadline_exceeded("no subscription within 30 s");
+                let _ = self.responses.send(Err(status)).await;
+                return;
+            }
+        };
+        let admin = admin_address(&first.admin_address, proxy.address);
+        proxy.admin_unknown = admin.as_ref().err().cloned();
+        proxy.admin = admin.ok();
+        info!(event = "discovery stream opened", identity = %proxy.identity, caller = %proxy.address);
+        let registration = proxies.add(proxy);
+        let _gauge = StreamGauge::open(&self.metrics.discovery_streams);
+        if let Err(status) = self.answer(first, &registration).await {
+            let _ = self.responses.send(Err(status)).await;
+            return;
+        }
+        loop {
+            tokio::select! {
+                request = requests.message() => match request {
+                    Ok(Some(request)) => {
+                        if let Err(status) = self.answer(request, &registration).await {
+                            let _ = self.responses.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    // The proxy is done, or gone.
+                    Ok(None) | Err(_) => return,
+                },
+                changed = self.catalogs.changed() => {
+                    if changed.is_err() || !self.send_changes(&registration).await {
+                        return;
+                    }
+                }
+                () = self.responses.closed() => return,
+            }
+        }
+    }
+
+    /// Applies a request and sends what the new subscriptions hold.
+    async fn answer(
+        &mut self,
+        request: DiscoveryRequest,
+        registration: &Registration,
+    ) -> Result<(), Status> {
+        let applied = request.applied;
+        let added = self.subscriptions.apply(request)?;
+        if let Some(generation) = self.sync.acknowledged(applied) {
+            registration.set_generation(generation);
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        let catalog = self.catalogs.borrow_and_update().clone();
+        let messages = self
+            .subscriptions
+            .changes(&catalog, &self.namespace, Some(&added));
+        self.send(messages, &catalog, registration).await;
+        Ok(())
+    }
+
+    /// Sends what changed in the newest catalog; false when the proxy is gone.
+    async fn send_changes(&mut self, registration: &Registration) -> bool {
+        let catalog = self.catalogs.borrow_and_update().clone();
+        let messages = self.subscriptions.changes(&catalog, &self.namespace, None);
+        self.send(messages, &catalog, registration).await
+    }
+
+    /// Sends `messages`, which bring the proxy up to `catalog`; false when it is gone.
+    async fn send(
+        &mut self,
+        messages: Vec<DiscoveryResponse>,
+        catalog: &Catalog,
+        registration: &Registration,
+    ) -> bool {
+        let sent_any = !messages.is_empty();
+        for mut message in messages {
+            message.generation = catalog.generation;
+            if self.responses.send(Ok(message)).await.is_err() {
+                return false;
+            }
+            self.metrics.config_pushes.inc();
+        }
+        if let Some(generation) = self.sync.reached(catalog.generation, sent_any) {
+            registration.set_generation(generation);
+        }
+        true
+    }
+}
+
+/// What a stream's proxy follows, and what it was last told of each.
+#[derive(Debug, Default)]
+struct Subscriptions {
+    held: HashMap<ResourceName, Held>,
+}
+
+/// What a proxy holds of one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Nothing told yet.
+    Nothing,
+    /// Told it does not exist.
+    Absent,
+    Version(Version),
+}
+
+impl Subscriptions {
+    /// Applies a request; returns the names newly followed. A name that is none of the
+    /// forms, or more names than a stream may follow, fails the whole stream: the proxy
+    /// is broken or hostile, and a partial answer would hide it.
+    fn apply(&mut self, request: DiscoveryRequest) -> Result<Vec<ResourceName>, Status> {
+        for name in &request.unsubscribe {
+            if let Ok(name) = name.parse::<ResourceName>() {
+                self.held.remove(&name);
+            }
+        }
+        let mut added = Vec::new();
+        for name in &request.subscribe {
+            let parsed: ResourceName = name
+                .parse()
+                .map_err(|error| Status::invalid_argument(format!("subscribe: {error}")))?;
+            if self.held.contains_key(&parsed) {
+                continue;
+            }
+            if self.held.len() >= MAX_SUBSCRIPTIONS {
+                return Err(Status::resource_exhausted(format!(
+                    "a stream follows at most {MAX_SUBSCRIPTIONS} resources"
+                )));
+            }
+            let held = match request.known.get(name).map(String::as_str) {
+                Some("") => Held::Absent,
+                Some(version) => Version::parse(version).map_or(Held::Nothing, Held::Version),
+                None => Held::Nothing,
+            };
+            self.held.insert(parsed.clone(), held);
+            added.push(parsed);
+        }
+        Ok(added)
+    }
+
+    /// The messages that bring the proxy up to `catalog` for `names` (all it follows
+    /// when `None`), split so that none exceeds what proxies decode; none when it is up
+    /// to date.
+    fn changes(
+        &mut self,
+        catalog: &Catalog,
+        namespace: &str,
+        names: Option<&[ResourceName]>,
+    ) -> Vec<DiscoveryResponse> {
+        let mut batch = Batch::default();
+        match names {
+            Some(names) => {
+                for name in names {
+                    if let Some(held) = self.held.get_mut(name) {
+                        batch.update(name, held, catalog.get(name, namespace));
+                    }
+                }
+            }
+            None => {
+                for (name, held) in &mut self.held {
+                    batch.update(name, held, catalog.get(name, namespace));
+                }
+            }
+        }
+        batch.finish()
+    }
+}
+
+/// Responses being filled, each kept under [`MAX_MESSAGE_BYTES`].
+#[derive(Default)]
+struct Batch {
+    done: Vec<DiscoveryResponse>,
+    current: DiscoveryResponse,
+    size: usize,
+}
+
+impl Batch {
+    /// Adds what the proxy lacks of `name`, and records that it has it.
+    fn update(&mut self, name: &ResourceName, held: &mut Held, current: Option<&Arc<Body>>) {
+        match current {
+            Some(body) if *held == Held::Version(body.version) => {}
+            Some(body) => {
+                *held = Held::Version(body.version);
+                self.add(Resource {
+                    name: name.to_string(),
+                    version: body.version.to_string(),
+                    body: body.json.clone(),
+                });
+            }
+            None if *held == Held::Absent => {}
+            None => {
+                *held = Held::Absent;
+                let name = name.to_string();
+                self.make_room(name.len());
+                self.current.absent.push(name);
+            }
+        }
+    }
+
+    fn add(&mut self, resource: Resource) {
+        self.make_room(resource.name.len() + resource.version.len() + resource.body.len());
+        self.current.resources.push(resource);
+    }
+
+    fn make_room(&mut self, size: usize) {
+        let full = self.size + size > MAX_MESSAGE_BYTES - MESSAGE_SLACK;
+        if full && (!self.current.resources.is_empty() || !self.current.absent.is_empty()) {
+            self.done.push(std::mem::take(&mut self.current));
+            self.size = 0;
+        }
+        // Per entry: its field's tag and length prefixes.
+        self.size += size + 16;
+    }
+
+    fn finish(mut self) -> Vec<DiscoveryResponse> {
+        if !self.current.resources.is_empty() || !self.current.absent.is_empty() {
+            self.done.push(self.current);
+        }
+        self.done
+    }
+}
+
+/// Counts an open stream in the gauge until dropped.
 struct StreamGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl StreamGauge {
+    fn open(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
 
 impl Drop for StreamGauge {
     fn drop(&mut self) {
@@ -233,6 +544,210 @@ mod tests {
         }
     }
 
+    fn catalog(services: &[(&str, &str)]) -> Catalog {
+        let snapshot = tessera_mesh::snapshot::MeshSnapshot {
+            trust_domain: "cluster.local".into(),
+            services: services
+                .iter()
+                .map(|(name, address)| tessera_mesh::snapshot::ServiceEntry {
+                    name: (*name).into(),
+                    namespace: "shop".into(),
+                    ports: Vec::new(),
+                    addresses: vec![address.parse().unwrap()],
+                    endpoints: Vec::new(),
+                    route: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        Catalog::build(&snapshot).unwrap()
+    }
+
+    fn subscribe(names: &[&str]) -> DiscoveryRequest {
+        DiscoveryRequest {
+            subscribe: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Names and absences of `messages`, in a stable order.
+    fn told(messages: &[DiscoveryResponse]) -> (Vec<String>, Vec<String>) {
+        let mut resources: Vec<String> = messages
+            .iter()
+            .flat_map(|m| m.resources.iter().map(|r| r.name.clone()))
+            .collect();
+        let mut absent: Vec<String> = messages.iter().flat_map(|m| m.absent.clone()).collect();
+        resources.sort();
+        absent.sort();
+        (resources, absent)
+    }
+
+    fn strings(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// A subscription is answered with the resource or its absence, then only changes
+    /// are sent: a stream that does not follow what changed gets nothing.
+    #[test]
+    fn only_what_changed_reaches_only_its_followers() {
+        let first = catalog(&[("web", "10.96.0.10"), ("api", "10.96.0.11")]);
+        let mut web = Subscriptions::default();
+        let mut api = Subscriptions::default();
+        let added = web
+            .apply(subscribe(&[
+                "policies",
+                "service/web.shop",
+                "address/10.96.0.99",
+            ]))
+            .unwrap();
+        let messages = web.changes(&first, "shop", Some(&added));
+        assert_eq!(
+            told(&messages),
+            (
+                strings(&["policies", "service/web.shop"]),
+                strings(&["address/10.96.0.99"])
+            )
+        );
+        let added = api.apply(subscribe(&["address/10.96.0.11"])).unwrap();
+        api.changes(&first, "shop", Some(&added));
+        // Nothing changed: nothing is sent.
+        assert!(web.changes(&first, "shop", None).is_empty());
+        // api changes: its follower gets it, web's does not.
+        let second = catalog(&[("web", "10.96.0.10"), ("api", "10.96.0.12")]);
+        assert!(web.changes(&second, "shop", None).is_empty());
+        assert_eq!(
+            told(&api.changes(&second, "shop", None)),
+            (vec![], strings(&["address/10.96.0.11"]))
+        );
+        // A service appearing at a followed address is sent.
+        let third = catalog(&[("web", "10.96.0.10"), ("api", "10.96.0.99")]);
+        assert_eq!(
+            told(&web.changes(&third, "shop", None)),
+            (strings(&["address/10.96.0.99"]), vec![])
+        );
+        // Once unsubscribed, changes are not sent.
+        web.apply(DiscoveryRequest {
+            unsubscribe: strings(&["service/web.shop"]),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            web.changes(&first, "shop", None)
+                .iter()
+                .all(|m| m.resources.iter().all(|r| r.name != "service/web.shop"))
+        );
+    }
+
+    /// A reconnecting proxy naming what it holds is sent only what differs.
+    #[test]
+    fn known_versions_are_not_sent_again() {
+        let catalog = catalog(&[("web", "10.96.0.10"), ("api", "10.96.0.11")]);
+        let mut first = Subscriptions::default();
+        let names = ["service/web.shop", "service/api.shop", "service/gone.shop"];
+        let added = first.apply(subscribe(&names)).unwrap();
+        let messages = first.changes(&catalog, "shop", Some(&added));
+        let mut known: HashMap<String, String> = messages[0]
+            .resources
+            .iter()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect();
+        known.insert("service/gone.shop".into(), String::new());
+        // The proxy's api is stale.
+        known.insert("service/api.shop".into(), "0000000000000000".into());
+        let mut again = Subscriptions::default();
+        let added = again
+            .apply(DiscoveryRequest {
+                known,
+                ..subscribe(&names)
+            })
+            .unwrap();
+        assert_eq!(
+            told(&again.changes(&catalog, "shop", Some(&added))),
+            (strings(&["service/api.shop"]), vec![])
+        );
+    }
+
+    /// A broken or hostile proxy ends its own stream, told why; it cannot make the
+    /// control plane follow more than the limit.
+    #[test]
+    fn bad_subscriptions_end_the_stream() {
+        let mut subscriptions = Subscriptions::default();
+        let error = subscriptions
+            .apply(subscribe(&["service/web.shop", "cluster/all"]))
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+        assert!(error.message().contains("\"cluster/all\""), "{error}");
+        let many: Vec<String> = (0..=MAX_SUBSCRIPTIONS)
+            .map(|i| format!("address/10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
+            .collect();
+        let error = Subscriptions::default()
+            .apply(DiscoveryRequest {
+                subscribe: many,
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted);
+        // Unknown versions and unknown names to unsubscribe are harmless.
+        let mut subscriptions = Subscriptions::default();
+        subscriptions
+            .apply(DiscoveryRequest {
+                unsubscribe: strings(&["nonsense", "service/never.shop"]),
+                known: [("service/web.shop".to_string(), "zz".to_string())].into(),
+                ..subscribe(&["service/web.shop"])
+            })
+            .unwrap();
+        assert_eq!(subscriptions.held.len(), 1);
+    }
+
+    /// However much a proxy follows, no message exceeds what proxies decode.
+    #[test]
+    fn large_answers_are_split_into_messages_proxies_accept() {
+        use prost::Message;
+
+        let mut batch = Batch::default();
+        for i in 0..40 {
+            let mut held = Held::Nothing;
+            let body = Arc::new(Body::test_sized(1 << 20));
+            batch.update(
+                &ResourceName::Service(format!("s{i}.shop")),
+                &mut held,
+                Some(&body),
+            );
+        }
+        let messages = batch.finish();
+        assert!(messages.len() >= 3, "{}", messages.len());
+        assert_eq!(
+            messages.iter().map(|m| m.resources.len()).sum::<usize>(),
+            40
+        );
+        for message in &messages {
+            assert!(message.encoded_len() <= MAX_MESSAGE_BYTES);
+        }
+    }
+
+    /// A generation is in force on a proxy once it acknowledged the last message
+    /// sent, or at once when nothing it follows changed; an acknowledgement of what
+    /// was never sent counts for nothing.
+    #[test]
+    fn a_generation_is_in_force_once_acknowledged() {
+        let mut sync = Sync::default();
+        assert_eq!(sync.reached(1, true), None);
+        assert_eq!(sync.acknowledged(1), Some(1));
+        // Nothing the proxy follows changed in 2.
+        assert_eq!(sync.reached(2, false), Some(2));
+        assert_eq!(sync.reached(3, true), None);
+        // Nothing changed for it in 4, but 3 is not acknowledged yet.
+        assert_eq!(sync.reached(4, false), None);
+        assert_eq!(sync.acknowledged(2), None);
+        assert_eq!(sync.acknowledged(3), Some(4));
+        let mut hostile = Sync::default();
+        hostile.reached(1, true);
+        assert_eq!(hostile.acknowledged(u64::MAX), Some(1));
+        hostile.reached(2, true);
+        assert_eq!(hostile.applied, 1, "an early acknowledgement is not kept");
+        assert_eq!(hostile.acknowledged(2), Some(2));
+    }
+
     /// A stream's proxy is listed while the stream is open, and only then.
     #[test]
     fn a_proxy_is_listed_while_its_stream_is_open() {
@@ -243,6 +758,7 @@ mod tests {
             admin: Some("10.0.0.5:15020".parse().unwrap()),
             admin_unknown: None,
             connected_since: rfc3339(SystemTime::UNIX_EPOCH),
+            generation: 0,
         };
         let web = proxies.add(proxy("spiffe://cluster.local/ns/shop/sa/web"));
         let api = proxies.add(proxy("spiffe://cluster.local/ns/shop/sa/api"));

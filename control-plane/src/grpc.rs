@@ -26,8 +26,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// 64 KiB is ample, and keeps a hostile caller from making the control plane buffer
 /// tonic's default of 4 MiB per message.
 pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Handshakes in progress at once; more wait in the backlog.
+/// Handshakes in progress at once; more wait in the backlog. This paces a fleet
+/// reconnecting at once (a control-plane restart): each handshake gets the CPU it needs
+/// and finishes, instead of every one of them timing out together.
 const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`). A
+/// queue too short for a fleet reconnecting at once drops SYNs, and the kernel retries
+/// those only after 1, 3, 7 s: proxies would wait seconds for an idle control plane.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Who is calling: their address, and their SPIFFE ID if they presented a certificate.
 #[derive(Debug, Clone)]
@@ -88,6 +94,17 @@ impl AsyncWrite for CallerStream {
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
+}
+
+/// The gRPC listener, with a backlog long enough for a fleet reconnecting at once.
+pub(crate) fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Serves `router` over TLS on `listener` until the task is dropped.

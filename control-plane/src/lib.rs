@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod ca;
+pub(crate) mod catalog;
 pub mod check;
 pub mod cli;
 pub(crate) mod config;

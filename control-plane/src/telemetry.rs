@@ -74,8 +74,10 @@ pub struct Metrics {
     issued: Counter,
     refused: Family<RefusalLabels, Counter>,
     pub discovery_streams: Gauge,
-    /// Snapshots delivered to proxies (one per proxy per version).
+    /// Discovery messages sent to proxies (only to those following what changed).
     pub config_pushes: Counter,
+    /// The configuration generation in force (proxies acknowledge it on `/proxies`).
+    pub config_generation: Gauge,
     /// From a configuration change noticed to the new snapshot published.
     pub config_push_latency: Histogram,
     /// Configuration changes refused (the last good one kept).
@@ -97,6 +99,7 @@ impl Metrics {
         let refused = Family::default();
         let discovery_streams = Gauge::default();
         let config_pushes = Counter::default();
+        let config_generation = Gauge::default();
         let config_push_latency =
             Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]);
         let config_refusals = Counter::default();
@@ -113,8 +116,13 @@ impl Metrics {
         );
         registry.register(
             "config_pushes",
-            "Configuration snapshots delivered to proxies",
+            "Discovery messages sent to proxies: each carries only what changed, to the proxies following it",
             config_pushes.clone(),
+        );
+        registry.register(
+            "config_generation",
+            "The configuration generation in force; /proxies shows the one each proxy has applied",
+            config_generation.clone(),
         );
         registry.register_with_unit(
             "config_push_latency",
@@ -148,6 +156,7 @@ impl Metrics {
             refused,
             discovery_streams,
             config_pushes,
+            config_generation,
             config_push_latency,
             config_refusals,
             ca_expiry,

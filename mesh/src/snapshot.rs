@@ -5,7 +5,7 @@
 //! Proxies receive it in parts, as JSON: each service ([`ServiceEntry`]) and the
 //! policies of their namespace (`discovery::PolicySet`), subscribed to by name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +16,7 @@ use crate::policy::{
 };
 use crate::rate_limit::{self, RateLimitPolicySpec};
 use crate::resources::{
-    ConfigError, Origin, Protocol, Resource, RoutePolicySpec, ServicePort, Spec,
+    ConfigError, Origin, Protocol, Resource, RoutePolicySpec, ServicePort, ServiceSpec, Spec,
 };
 use crate::spiffe::validate_namespace;
 
@@ -100,53 +100,15 @@ impl Endpoint {
 }
 
 impl MeshSnapshot {
-    /// Builds the snapshot, checking references between resources.
+    /// Builds the snapshot, checking references between resources. Linear in the
+    /// number of resources: a mesh of tens of thousands of endpoints is rebuilt on
+    /// every change.
     pub fn from_resources(trust_domain: &str, resources: &[Resource]) -> Result<Self, ConfigError> {
-        let mut services: Vec<(ServiceEntry, &Origin)> = Vec::new();
+        let mut services = Services::default();
         for resource in resources {
-            let Spec::Service(spec) = &resource.spec else {
-                continue;
-            };
-            let namespace = namespace_of(resource)?;
-            let name = &resource.metadata.name;
-            validate_namespace(name)
-                .map_err(|e| invalid(resource, format!("service name: {e}")))?;
-            let taken = services.iter().find_map(|(other, first)| {
-                let address = other
-                    .addresses
-                    .iter()
-                    .find(|a| spec.addresses.contains(a))?;
-                Some((address, other, first))
-            });
-            if let Some((address, other, first)) = taken {
-                return Err(invalid(
-                    resource,
-                    format!(
-                        "address {address} of {name}.{namespace} already belongs to {} ({first})",
-                        other.key()
-                    ),
-                ));
+            if let Spec::Service(spec) = &resource.spec {
+                services.add(resource, spec)?;
             }
-            if let Some((_, first)) = services
-                .iter()
-                .find(|(s, _)| s.name == *name && s.namespace == namespace)
-            {
-                return Err(invalid(
-                    resource,
-                    format!("service {name}.{namespace} is already defined at {first}"),
-                ));
-            }
-            services.push((
-                ServiceEntry {
-                    name: name.clone(),
-                    namespace,
-                    ports: spec.ports.clone(),
-                    addresses: spec.addresses.clone(),
-                    endpoints: Vec::new(),
-                    route: None,
-                },
-                &resource.origin,
-            ));
         }
         for resource in resources {
             match &resource.spec {
@@ -161,16 +123,15 @@ impl MeshSnapshot {
                             format!("address {:?} must be host:port", spec.address),
                         ));
                     }
-                    let service =
-                        find(&mut services, &spec.service, &namespace).ok_or_else(|| {
-                            invalid(
-                                resource,
-                                format!(
-                                    "workload names service {}.{namespace}, which is not defined",
-                                    spec.service
-                                ),
-                            )
-                        })?;
+                    let service = services.find(&spec.service, &namespace).ok_or_else(|| {
+                        invalid(
+                            resource,
+                            format!(
+                                "workload names service {}.{namespace}, which is not defined",
+                                spec.service
+                            ),
+                        )
+                    })?;
                     service.endpoints.push(Endpoint {
                         workload: resource.metadata.name.clone(),
                         address: spec.address.clone(),
@@ -181,8 +142,15 @@ impl MeshSnapshot {
                 Spec::RoutePolicy(spec) => {
                     let namespace = namespace_of(resource)?;
                     validate_route(spec).map_err(|reason| invalid(resource, reason))?;
-                    let service = find(&mut services, &spec.service, &namespace)
-                        .ok_or_else(|| invalid(resource, format!("route policy names service {}.{namespace}, which is not defined", spec.service)))?;
+                    let service = services.find(&spec.service, &namespace).ok_or_else(|| {
+                        invalid(
+                            resource,
+                            format!(
+                                "route policy names service {}.{namespace}, which is not defined",
+                                spec.service
+                            ),
+                        )
+                    })?;
                     if service.route.is_some() {
                         return Err(invalid(
                             resource,
@@ -199,7 +167,7 @@ impl MeshSnapshot {
         }
         let mut snapshot = Self {
             trust_domain: trust_domain.to_string(),
-            services: services.into_iter().map(|(s, _)| s).collect(),
+            services: services.entries,
             ..Self::default()
         };
         for resource in resources {
@@ -249,15 +217,69 @@ impl MeshSnapshot {
     }
 }
 
-fn find<'a>(
-    services: &'a mut [(ServiceEntry, &Origin)],
-    name: &str,
-    namespace: &str,
-) -> Option<&'a mut ServiceEntry> {
-    services
-        .iter_mut()
-        .map(|(s, _)| s)
-        .find(|s| s.name == name && s.namespace == namespace)
+/// The services being built, indexed by key and by address.
+#[derive(Default)]
+struct Services<'a> {
+    entries: Vec<ServiceEntry>,
+    /// Where each entry was defined.
+    origins: Vec<&'a Origin>,
+    by_key: HashMap<(String, String), usize>,
+    by_address: HashMap<std::net::IpAddr, usize>,
+}
+
+impl<'a> Services<'a> {
+    /// Adds a Service, refusing a second definition or an address another one has.
+    fn add(&mut self, resource: &'a Resource, spec: &ServiceSpec) -> Result<(), ConfigError> {
+        let namespace = namespace_of(resource)?;
+        let name = &resource.metadata.name;
+        validate_namespace(name).map_err(|e| invalid(resource, format!("service name: {e}")))?;
+        let taken = spec
+            .addresses
+            .iter()
+            .find_map(|address| Some((address, *self.by_address.get(address)?)));
+        if let Some((address, other)) = taken {
+            return Err(invalid(
+                resource,
+                format!(
+                    "address {address} of {name}.{namespace} already belongs to {} ({})",
+                    self.entries[other].key(),
+                    self.origins[other]
+                ),
+            ));
+        }
+        let key = (name.clone(), namespace.clone());
+        if let Some(first) = self.by_key.get(&key) {
+            return Err(invalid(
+                resource,
+                format!(
+                    "service {name}.{namespace} is already defined at {}",
+                    self.origins[*first]
+                ),
+            ));
+        }
+        let index = self.entries.len();
+        self.by_key.insert(key, index);
+        for address in &spec.addresses {
+            self.by_address.insert(*address, index);
+        }
+        self.entries.push(ServiceEntry {
+            name: name.clone(),
+            namespace,
+            ports: spec.ports.clone(),
+            addresses: spec.addresses.clone(),
+            endpoints: Vec::new(),
+            route: None,
+        });
+        self.origins.push(&resource.origin);
+        Ok(())
+    }
+
+    fn find(&mut self, name: &str, namespace: &str) -> Option<&mut ServiceEntry> {
+        let index = *self
+            .by_key
+            .get(&(name.to_string(), namespace.to_string()))?;
+        self.entries.get_mut(index)
+    }
 }
 
 fn namespace_of(resource: &Resource) -> Result<String, ConfigError> {

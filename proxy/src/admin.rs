@@ -93,8 +93,8 @@ const INDEX: &str = "\
 /ready       200 with a certificate and the control plane's configuration, 503 and why otherwise
 /metrics     Prometheus metrics (OpenMetrics with exemplars when asked for)
 /certs       the workload certificate: identity, serial, validity, renewal time
-/config      the proxy's configuration, what the control plane sent (services, endpoints,
-             routes, policies) and the policies in force on each inbound port (no secrets)
+/config      the proxy's configuration, what the control plane sent of what it uses (services,
+             endpoints, routes, policies) and the policies in force on each inbound port (no secrets)
 /migration   per inbound port: mTLS and plaintext callers (tessera check migration)
 /app-health/<container>/livez|readyz|startupz   the application's own probes (HTTP, gRPC health, TCP), when injected
 ";

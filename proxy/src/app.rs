@@ -213,7 +213,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, StartError> {
         transparent_addresses = Some(addresses);
         let inbound = TransparentInbound::new(shared.clone(), addresses.0);
         tasks.push(tokio::spawn(inbound.serve(inbound_listener)));
-        let outbound = TransparentOutbound::new(shared.clone(), addresses.1);
+        let outbound = TransparentOutbound::new(shared.clone(), transparent.release_unused_after);
         tasks.push(tokio::spawn(outbound.serve(outbound_listener)));
     }
 

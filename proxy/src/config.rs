@@ -82,6 +82,13 @@ pub struct TransparentConfig {
     pub inbound_listen: SocketAddr,
     #[serde(default = "default_transparent_outbound")]
     pub outbound_listen: SocketAddr,
+    /// How long a service or address no connection uses stays followed; then it is
+    /// released, and its next use asks the control plane again.
+    #[serde(
+        default = "default_release_unused_after",
+        with = "tessera_mesh::resources::duration"
+    )]
+    pub release_unused_after: Duration,
 }
 
 impl Default for TransparentConfig {
@@ -89,8 +96,13 @@ impl Default for TransparentConfig {
         Self {
             inbound_listen: default_transparent_inbound(),
             outbound_listen: default_transparent_outbound(),
+            release_unused_after: default_release_unused_after(),
         }
     }
+}
+
+fn default_release_unused_after() -> Duration {
+    crate::destinations::RELEASE_UNUSED_AFTER
 }
 
 // Dual-stack ([::] also accepts IPv4 on Linux), so IPv6 pods are captured too.
@@ -274,10 +286,12 @@ impl OutboundUpstream {
 
     pub fn target(&self) -> Result<UpstreamTarget, ConfigError> {
         match (&self.service, &self.address, &self.identity) {
+            // As the control plane will take it: a subscription it refuses would fail
+            // the whole discovery stream.
             (Some(key), None, None)
-                if key
-                    .split_once('.')
-                    .is_some_and(|(n, ns)| !n.is_empty() && !ns.is_empty()) =>
+                if format!("service/{key}")
+                    .parse::<tessera_mesh::discovery::ResourceName>()
+                    .is_ok() =>
             {
                 Ok(UpstreamTarget::Service {
                     key: key.clone(),

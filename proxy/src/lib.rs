@@ -13,8 +13,9 @@
 //!   put in [`inbound::canonical`] form, authenticated ([`inbound::authn`]) and
 //!   authorized ([`inbound::authorize`]) and held to its rate limits
 //!   ([`inbound::rate_limit`]), then sent to the application ([`inbound::app_client`]).
-//! - Around it: [`identity`] keeps the certificate fresh, [`discovery`] the mesh's
-//!   configuration, [`telemetry`] and [`trace`] show what happens, [`admin`] serves
+//! - Around it: [`identity`] keeps the certificate fresh, [`discovery`] the part of the
+//!   mesh's configuration the proxy uses (transparent mode resolving [`destinations`]
+//!   on first use), [`telemetry`] and [`trace`] show what happens, [`admin`] serves
 //!   probes and metrics (and the application's probes, which [`probe`] performs),
 //!   [`limits`] bound what a caller can make the proxy hold, and [`app`] wires it all
 //!   from [`config`], making each listener from what they share ([`listeners`]).
@@ -38,6 +39,7 @@ pub(crate) mod app;
 pub mod capture;
 pub mod config;
 pub mod control_plane;
+pub(crate) mod destinations;
 pub mod detect;
 pub(crate) mod discovery;
 pub mod http;

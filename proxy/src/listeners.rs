@@ -7,14 +7,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use tessera_mesh::discovery::ResourceName;
 use tessera_mesh::policy::WorkloadRef;
 use tessera_mesh::resources::Protocol;
+use tessera_mesh::snapshot::ServiceEntry;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::config::{InboundPort, Limits};
-use crate::discovery::{Discovery, MeshView};
+use crate::discovery::{Discovery, MeshView, Subscription};
 use crate::identity::IdentityManager;
 use crate::inbound::app_client::AppClient;
 use crate::inbound::authorize::InboundPolicy;
@@ -69,7 +71,7 @@ impl Listeners {
         // Registered before reading the view: a view published in between is then
         // applied by `follow_inbound_policy`, one published before is read here.
         self.inbounds.add(inbound.clone());
-        if let Some(view) = self.discovery.current() {
+        if let Some(view) = self.discovery.current().filter(|v| v.policies_known) {
             self.apply_policy(&inbound, &view);
         }
         inbound
@@ -113,6 +115,7 @@ impl Listeners {
     }
 
     /// An outbound for a service port, and the task keeping it in step with discovery.
+    /// The task holds the service's subscription: aborting it releases the service.
     pub(crate) fn service_outbound(
         &self,
         key: String,
@@ -128,6 +131,9 @@ impl Listeners {
         };
         // Applied now, not only in the task: a transparent connection creating this
         // outbound is served right after, and must not find it empty.
+        let subscription = self
+            .discovery
+            .want(ResourceName::Service(binding.key.clone()));
         let mut views = self.discovery.subscribe();
         if let Some(view) = views.borrow_and_update().clone() {
             apply_service(&view, &outbound.upstream, &binding, &*self.connectors);
@@ -137,6 +143,7 @@ impl Listeners {
             outbound.upstream.clone(),
             binding,
             self.connectors.clone(),
+            subscription,
         ));
         (outbound, follow)
     }
@@ -150,18 +157,26 @@ struct ServiceBinding {
     protocol: Arc<ArcSwap<Protocol>>,
 }
 
-/// Keeps an upstream's endpoints, route policy and protocol in step with discovery.
-/// The subscription starts from the current view, so no snapshot is missed.
+/// Keeps an upstream's endpoints, route policy and protocol in step with discovery,
+/// for as long as it holds `_subscription`. The receiver starts from the current view,
+/// so no update is missed; a view in which this service did not change (another name
+/// was answered) is skipped.
 async fn follow_service(
     mut views: tokio::sync::watch::Receiver<Option<Arc<MeshView>>>,
     upstream: Arc<Upstream>,
     binding: ServiceBinding,
     connectors: Arc<ConnectorFactory>,
+    _subscription: Subscription,
 ) {
+    let mut applied = None;
     loop {
         let view = views.borrow_and_update().clone();
         if let Some(view) = view {
-            apply_service(&view, &upstream, &binding, &*connectors);
+            let now = Answer::of(&view, &binding.key);
+            if applied.as_ref() != Some(&now) {
+                apply_service(&view, &upstream, &binding, &*connectors);
+                applied = Some(now);
+            }
         }
         if views.changed().await.is_err() {
             return;
@@ -169,7 +184,37 @@ async fn follow_service(
     }
 }
 
-/// Applies one view to an upstream.
+/// What a view says of one service, compared by identity: an update to another name
+/// keeps the same `Arc`.
+#[derive(Debug)]
+enum Answer {
+    Unanswered,
+    Absent,
+    Present(Arc<ServiceEntry>),
+}
+
+impl Answer {
+    fn of(view: &MeshView, key: &str) -> Self {
+        match view.services.get(key) {
+            Some(service) => Self::Present(service.clone()),
+            None if view.absent_services.contains(key) => Self::Absent,
+            None => Self::Unanswered,
+        }
+    }
+}
+
+impl PartialEq for Answer {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Present(a), Self::Present(b)) => Arc::ptr_eq(a, b),
+            (Self::Absent, Self::Absent) | (Self::Unanswered, Self::Unanswered) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Applies one view to an upstream; a service the control plane has not answered for
+/// yet leaves it as it is.
 fn apply_service(
     view: &MeshView,
     upstream: &Upstream,
@@ -192,26 +237,108 @@ fn apply_service(
                 .unwrap_or_else(|| service.protocol(binding.port));
             binding.protocol.store(Arc::new(protocol));
         }
-        None => {
+        None if view.absent_services.contains(&binding.key) => {
             warn!(event = "unknown upstream service", service = %binding.key);
             upstream.balancer.update(&[], None, connectors);
             upstream.set_policy(None);
         }
+        None => {}
     }
 }
 
-/// Keeps each inbound port's policy in step with discovery.
+/// Keeps each inbound port's policy in step with discovery; a view in which the
+/// policies did not change (a service was answered) is skipped.
 pub(crate) async fn follow_inbound_policy(shared: Arc<Listeners>) {
     let mut views = shared.discovery.subscribe();
+    let mut applied = None;
     loop {
         let view = views.borrow_and_update().clone();
-        if let Some(view) = view {
+        if let Some(view) = view.filter(|v| v.policies_known)
+            && applied.as_ref() != Some(&view.policies_version)
+        {
             for inbound in shared.inbounds.all().iter() {
                 shared.apply_policy(inbound, &view);
             }
+            applied = Some(view.policies_version.clone());
         }
         if views.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::gauge::Gauge;
+    use tessera_proto::api::discovery::Resource;
+
+    use super::*;
+    use crate::outbound::balance::tests::connectors;
+
+    /// An explicit outbound's service: nothing until the control plane answers, then its
+    /// endpoints, emptied when it is gone; followed while the task holds it.
+    #[tokio::test]
+    async fn a_followed_service_takes_its_answers_and_holds_its_subscription() {
+        let discovery = Discovery::new(Gauge::default());
+        let stream = discovery.open_stream_by_hand();
+        let upstream = Upstream::new(
+            "web.shop".into(),
+            "spiffe://td/ns/shop/sa/client".parse().unwrap(),
+            Arc::new(Metrics::new()),
+            Limits::default(),
+            Arc::new(Tracer::disabled(Counter::default())),
+            false,
+        );
+        let binding = ServiceBinding {
+            key: "web.shop".into(),
+            port: Some(80),
+            protocol_override: None,
+            protocol: Arc::default(),
+        };
+        let subscription = discovery.want(ResourceName::Service("web.shop".into()));
+        let follow = tokio::spawn(follow_service(
+            discovery.subscribe(),
+            upstream.clone(),
+            binding,
+            Arc::new(connectors()),
+            subscription,
+        ));
+        let settle = || async {
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        };
+        let has_endpoints = || {
+            upstream
+                .balancer
+                .pick(tokio::time::Instant::now())
+                .is_some()
+        };
+        let request = discovery.changes_by_hand(stream).unwrap();
+        assert_eq!(request.subscribe, ["service/web.shop"]);
+
+        let body = br#"{"name": "web", "namespace": "shop", "ports": [{"port": 80}],
+            "endpoints": [{"workload": "web-1", "address": "10.0.0.1:15006",
+                           "identity": "spiffe://td/ns/shop/sa/web"}]}"#;
+        let web = Resource {
+            name: "service/web.shop".into(),
+            version: "w1".into(),
+            body: body.to_vec().into(),
+        };
+        discovery.respond_by_hand(vec![web], &[]);
+        settle().await;
+        assert!(has_endpoints());
+        // Answers for other names leave it as it is.
+        discovery.respond_by_hand(vec![], &["policies"]);
+        settle().await;
+        assert!(has_endpoints());
+        discovery.respond_by_hand(vec![], &["service/web.shop"]);
+        settle().await;
+        assert!(!has_endpoints());
+
+        follow.abort();
+        settle().await;
+        assert_eq!(discovery.wanted(), [ResourceName::Policies]);
     }
 }

@@ -4,7 +4,8 @@
 //! - outbound (15001): a service VIP and port known to discovery is routed like an
 //!   explicit outbound listener for that service (mTLS, balancing, retries, policy);
 //!   any other destination passes through as plain TCP, so workloads outside the mesh
-//!   stay reachable while a migration is under way;
+//!   stay reachable while a migration is under way. The first connection to an
+//!   address asks the control plane about it ([`Destinations`]);
 //! - inbound (15006): the local application port the peer asked for (reached over
 //!   loopback), with that port's mTLS mode and authorization.
 //!
@@ -20,12 +21,13 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use tracing::{Span, debug, info_span, warn};
 
 use crate::config::InboundPort;
+use crate::destinations::Destinations;
 use crate::inbound::Inbound;
 use crate::listeners::Listeners;
 use crate::outbound::Outbound;
@@ -93,51 +95,54 @@ fn redirected_destination(
 /// The transparent outbound listener.
 pub(crate) struct TransparentOutbound {
     shared: Arc<Listeners>,
-    listen: SocketAddr,
-    /// One outbound per service port met so far, with the task that follows it.
-    services: Mutex<HashMap<ServicePort, Followed>>,
+    /// The virtual IPs and service ports met so far, released when unused.
+    destinations: Destinations<Outbound>,
 }
 
-/// A service key (`name.namespace`) and one of its ports.
-type ServicePort = (String, u16);
-/// An outbound and the task keeping it in step with discovery.
-type Followed = (Arc<Outbound>, JoinHandle<()>);
-
 impl TransparentOutbound {
-    pub(crate) fn new(shared: Arc<Listeners>, listen: SocketAddr) -> Arc<Self> {
+    /// Destinations no connection uses are released after `release_unused_after`.
+    pub(crate) fn new(shared: Arc<Listeners>, release_unused_after: Duration) -> Arc<Self> {
         Arc::new(Self {
+            destinations: Destinations::new(shared.discovery.clone(), release_unused_after),
             shared,
-            listen,
-            services: Mutex::default(),
         })
     }
 
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let limit = self.shared.limits.max_connections;
         let drain = self.shared.drain.clone();
-        tcp::accept_loop(listener, limit, drain, move |stream, client| {
+        let sweeping = self.clone();
+        let accepting = tcp::accept_loop(listener, limit, drain, move |stream, client| {
             let outbound = self.clone();
             async move { outbound.handle(stream, client).await }
-        })
-        .await;
+        });
+        tokio::select! {
+            () = accepting => {}
+            () = sweeping.destinations.sweep_periodically() => {}
+        }
     }
 
     async fn handle(&self, stream: TcpStream, client: SocketAddr) {
         let Some(original) = redirected_destination(&stream, client, "transparent outbound") else {
             return;
         };
-        let Some(view) = self.shared.discovery.current() else {
-            // Fail closed: without a view we cannot tell a mesh service (which must get
-            // mTLS) from an outside destination.
+        // A first connection to an address waits for the control plane's answer.
+        let Some(view) = self.destinations.view_for(original.ip()).await else {
+            // Fail closed: without an answer we cannot tell a mesh service (which must
+            // get mTLS) from an outside destination.
             self.shared
                 .metrics
                 .refuse(Direction::Outbound, Refusal::NoConfiguration);
-            return warn!(event = "outbound connection refused", client_address = %client, destination = %original, reason = "no configuration from the control plane yet");
+            return warn!(event = "outbound connection refused", client_address = %client, destination = %original, reason = "no answer from the control plane for this address");
         };
         let client = canonical(client);
         match view.service_at(original) {
             Some(key) => {
-                let outbound = self.service_outbound(key, original.port());
+                let port = original.port();
+                let outbound = self.destinations.service(key, port, || {
+                    self.shared
+                        .service_outbound(key.to_string(), Some(port), None)
+                });
                 outbound.handle(stream, client).await;
             }
             None => {
@@ -145,18 +150,6 @@ impl TransparentOutbound {
                 self.passthrough(stream, original, &span).await
             }
         }
-    }
-
-    fn service_outbound(&self, key: &str, port: u16) -> Arc<Outbound> {
-        let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
-        let (outbound, _) = services
-            .entry((key.to_string(), port))
-            .or_insert_with(|| {
-                debug!(event = "transparent outbound service", service = key, port, listener = %self.listen);
-                self.shared
-                    .service_outbound(key.to_string(), Some(port), None)
-            });
-        outbound.clone()
     }
 
     /// A destination outside the mesh: plain TCP, as if there were no proxy.
@@ -178,18 +171,6 @@ impl TransparentOutbound {
             Err(error) => {
                 debug!(parent: span, event = "passthrough ended with error", error = %error)
             }
-        }
-    }
-}
-
-impl Drop for TransparentOutbound {
-    fn drop(&mut self) {
-        let services = self
-            .services
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (_, follow) in services.values() {
-            follow.abort();
         }
     }
 }

@@ -207,22 +207,19 @@ pub async fn load(address: SocketAddr, path: &str, total: usize, connections: us
 }
 
 impl L7Mesh {
-    /// Writes a resource file and waits until every proxy has the new configuration.
+    /// Writes a resource file and waits until the new configuration is in force on
+    /// every proxy.
     pub async fn apply(&self, file: &str, yaml: &str) {
-        let proxies: Vec<&Proxy> = self.servers.iter().chain([&self.client]).collect();
-        let before: Vec<usize> = proxies
-            .iter()
-            .map(|p| p.process.logs.count(&["configuration received"]))
-            .collect();
+        let proxies = self.servers.len() + 1;
+        let before = self.control_plane.generation().await;
         self.control_plane.write_config(file, yaml);
-        for (proxy, before) in proxies.iter().zip(before) {
-            let arrived = crate::eventually(Duration::from_secs(5), || {
-                proxy.process.logs.count(&["configuration received"]) > before
-            })
-            .await;
-            assert!(
-                arrived,
-                "configuration {file} did not reach a proxy; control plane log:\n{}",
+        if let Err(error) = self
+            .control_plane
+            .wait_in_force(before, proxies, Duration::from_secs(5))
+            .await
+        {
+            panic!(
+                "configuration {file} is not in force: {error}; control plane log:\n{}",
                 self.control_plane.process.logs.lines().join("\n")
             );
         }

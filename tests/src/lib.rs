@@ -513,6 +513,50 @@ impl ControlPlane {
             .unwrap_or(0)
     }
 
+    /// The configuration generation in force on the control plane.
+    pub async fn generation(&self) -> u64 {
+        let (_, metrics) = http_get(local(self.admin_port), "/metrics")
+            .await
+            .unwrap_or_default();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("tessera_config_generation "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until a generation after `after` is in force on the control plane and on
+    /// `proxies` connected proxies — each acknowledged applying every change of it that
+    /// concerns it — and returns it.
+    pub async fn wait_in_force(
+        &self,
+        after: u64,
+        proxies: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let generation = self.generation().await;
+            let (_, listed) = http_get(local(self.admin_port), "/proxies")
+                .await
+                .unwrap_or_default();
+            let listed: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap_or_default();
+            let in_force = listed
+                .iter()
+                .filter(|p| p["generation"].as_u64().is_some_and(|g| g >= generation))
+                .count();
+            if generation > after && in_force >= proxies {
+                return Ok(generation);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "generation {generation} (waiting for one after {after}) in force on {in_force} of {proxies} proxies: {listed:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Writes (or replaces) a resource file in the configuration directory.
     pub fn write_config(&self, name: &str, yaml: &str) {
         let path = self.config_dir().join(name);

@@ -5,6 +5,7 @@
 
 mod authz;
 mod cert_manager;
+mod churn;
 mod dashboards;
 mod demo;
 mod detection;
