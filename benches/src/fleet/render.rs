@@ -25,7 +25,7 @@ fn render_streams(out: &mut String, runs: &[FleetFigures]) {
     out.push_str("== Fleet: control plane and simulated proxies ==\n");
     let row =
         |out: &mut String, label: &str, cell: &dyn Fn(&FleetFigures) -> String, target: &str| {
-            let _ = write!(out, "{label:<44}");
+            let _ = write!(out, "{label:<56}");
             for run in runs {
                 let _ = write!(out, " {:>24}", cell(run));
             }
@@ -99,10 +99,13 @@ fn render_streams(out: &mut String, runs: &[FleetFigures]) {
     ] {
         row(
             out,
-            &format!("{title}: → stream p50/p99/max, ms"),
+            &format!("{title}: → stream first/p50/p99/max, ms"),
             &|r| {
                 let c = change(r);
-                format!("{:.0} / {:.0} / {:.0}", c.p50_ms, c.p99_ms, c.max_ms)
+                format!(
+                    "{:.0} / {:.0} / {:.0} / {:.0}",
+                    c.first_ms, c.p50_ms, c.p99_ms, c.max_ms
+                )
             },
             target,
         );
