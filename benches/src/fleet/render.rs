@@ -25,9 +25,9 @@ fn render_streams(out: &mut String, runs: &[FleetFigures]) {
     out.push_str("== Fleet: control plane and simulated proxies ==\n");
     let row =
         |out: &mut String, label: &str, cell: &dyn Fn(&FleetFigures) -> String, target: &str| {
-            let _ = write!(out, "{label:<56}");
+            let _ = write!(out, "{label:<58}");
             for run in runs {
-                let _ = write!(out, " {:>24}", cell(run));
+                let _ = write!(out, " {:>26}", cell(run));
             }
             let _ = writeln!(out, "  {target}");
         };
@@ -79,9 +79,10 @@ fn render_streams(out: &mut String, runs: &[FleetFigures]) {
         &|r| format!("{:.0}", r.connect.cpu_us_per_stream),
         "",
     );
+    out.push_str("changes (file renamed → a stream has it):\n");
     for (title, change, target) in [
         (
-            "endpoint added, service all watch",
+            "all-watched service +1 endpoint",
             (|r: &FleetFigures| &r.endpoint_everyone_watches)
                 as fn(&FleetFigures) -> &ChangeFigures,
             "target p99 < 1000 ms",
@@ -92,14 +93,14 @@ fn render_streams(out: &mut String, runs: &[FleetFigures]) {
             "target p99 < 1000 ms",
         ),
         (
-            "endpoint added, least-watched service",
+            "least-watched service +1 endpoint",
             |r| &r.endpoint_few_watch,
             "",
         ),
     ] {
         row(
             out,
-            &format!("{title}: → stream first/p50/p99/max, ms"),
+            &format!("  {title}: first/p50/p99/max, ms"),
             &|r| {
                 let c = change(r);
                 format!(
@@ -111,7 +112,7 @@ fn render_streams(out: &mut String, runs: &[FleetFigures]) {
         );
         row(
             out,
-            "  watchers / received it / streams messaged",
+            "    watchers / received it / streams messaged",
             &|r| {
                 let c = change(r);
                 format!("{} / {} / {}", c.watchers, c.received, c.streams_messaged)
