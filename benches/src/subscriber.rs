@@ -7,10 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use tessera_proto::api::discovery::discovery_client::DiscoveryClient;
 use tessera_proto::api::discovery::{DiscoveryRequest, DiscoveryResponse};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tonic::Streaming;
 use tonic::transport::Channel;
@@ -68,11 +67,16 @@ impl Arrival {
 
 /// Every message every stream received since the log was last taken.
 #[derive(Debug, Default)]
-pub struct ArrivalLog(Mutex<Vec<Arrival>>);
+pub struct ArrivalLog {
+    arrivals: Mutex<Vec<Arrival>>,
+    /// Woken at each arrival.
+    arrived: Notify,
+}
 
 impl ArrivalLog {
     fn push(&self, arrival: Arrival) {
         self.lock().push(arrival);
+        self.arrived.notify_waiters();
     }
 
     /// Empties the log, returning what it held.
@@ -86,7 +90,7 @@ impl ArrivalLog {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arrival>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.arrivals.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -94,6 +98,8 @@ impl ArrivalLog {
 /// went away) and hands back the versions it held.
 pub struct Subscriber {
     stream: usize,
+    /// More requests on the same stream; holding it keeps the request side open.
+    requests: mpsc::UnboundedSender<DiscoveryRequest>,
     task: JoinHandle<Known>,
 }
 
@@ -110,8 +116,11 @@ impl Subscriber {
             known: subscription.known.clone(),
             ..Default::default()
         };
-        // The request side stays open: closing it would end the subscription.
-        let requests = futures_util::stream::iter([request]).chain(futures_util::stream::pending());
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let _ = sender.send(request);
+        let requests = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|request| (request, receiver))
+        });
         let responses = DiscoveryClient::new(channel.clone())
             .discover(requests)
             .await
@@ -121,7 +130,11 @@ impl Subscriber {
         let (synced, is_synced) = oneshot::channel();
         let task = tokio::spawn(follow(channel, responses, subscription, synced, log));
         match tokio::time::timeout(SYNC_TIMEOUT, is_synced).await {
-            Ok(Ok(())) => Ok(Self { stream, task }),
+            Ok(Ok(())) => Ok(Self {
+                stream,
+                requests: sender,
+                task,
+            }),
             Ok(Err(_)) => Err(BenchError::failed(
                 "discovery stream",
                 "closed before it was synced",
@@ -130,6 +143,37 @@ impl Subscriber {
                 "discovery stream",
                 format!("not synced within {} s", SYNC_TIMEOUT.as_secs()),
             )),
+        }
+    }
+
+    /// Which stream of the run this is.
+    pub fn stream(&self) -> usize {
+        self.stream
+    }
+
+    /// Subscribes to one more name on the open stream; the time until it was answered.
+    pub async fn round_trip(&self, name: &str, log: &ArrivalLog) -> Result<Duration> {
+        let answered = log.answers(name);
+        let sent = Instant::now();
+        self.requests
+            .send(DiscoveryRequest {
+                subscribe: vec![name.to_string()],
+                ..Default::default()
+            })
+            .map_err(|_| BenchError::failed("subscribe", "the stream has ended"))?;
+        let deadline = sent + SYNC_TIMEOUT;
+        loop {
+            let arrived = log.arrived.notified();
+            if log.answers(name) > answered {
+                return Ok(sent.elapsed());
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::failed(
+                    format!("subscribe to {name}"),
+                    "no answer",
+                ));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), arrived).await;
         }
     }
 

@@ -26,7 +26,7 @@ use crate::error::{BenchError, Result};
 use crate::proc_stats;
 use crate::process::ScratchDir;
 use crate::subscriber::{Arrival, ArrivalLog, Known, Subscriber, Subscription};
-use crate::topology::tessera::ControlPlane;
+use crate::topology::tessera::{ControlPlane, NAMESPACE};
 
 pub use mesh::MeshShape;
 use mesh::ServiceIndex;
@@ -39,6 +39,8 @@ const CONNECTS_IN_FLIGHT: usize = 128;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a change may take to reach its watchers before the run fails.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Names one stream subscribes to, one at a time, for the round-trip figure.
+const NEW_SUBSCRIPTIONS: usize = 200;
 /// After the last watcher has a change: how long to wait for messages to streams that
 /// do not watch it (there should be none).
 const STRAY_GRACE: Duration = Duration::from_millis(500);
@@ -73,6 +75,10 @@ pub struct FleetFigures {
     pub mesh_wide_policy: ChangeFigures,
     /// An endpoint added to the least-watched service.
     pub endpoint_few_watch: ChangeFigures,
+    /// One stream subscribing to names it did not follow, one at a time, while every
+    /// stream is connected: the round trip a proxy's first request to a service it has
+    /// not resolved yet waits for.
+    pub new_subscription: RoundTripFigures,
     pub restart: RestartFigures,
 }
 
@@ -104,6 +110,13 @@ pub struct ChangeFigures {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+}
+
+/// Subscribe → answered, over [`NEW_SUBSCRIPTIONS`] names.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundTripFigures {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 /// The control plane killed and started again on the same configuration and state,
@@ -190,6 +203,10 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
         .time_change(&control_plane, &edit, rare_watchers)
         .await?;
 
+    let new_subscription = fleet
+        .time_new_subscriptions(&subscribers, &subscriptions, shape)
+        .await?;
+
     eprintln!("fleet: restarting the control plane");
     let restart = fleet
         .restart(&mut control_plane, subscribers, subscriptions)
@@ -203,6 +220,7 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
         endpoint_everyone_watches,
         mesh_wide_policy,
         endpoint_few_watch,
+        new_subscription,
         restart,
     })
 }
@@ -319,6 +337,39 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
+    }
+
+    /// One stream subscribes to services it does not follow (the mesh's least popular;
+    /// names of no service once the mesh has none left), one at a time.
+    async fn time_new_subscriptions(
+        &self,
+        subscribers: &[Subscriber],
+        subscriptions: &[Subscription],
+        shape: MeshShape,
+    ) -> Result<RoundTripFigures> {
+        let Some(subscriber) = subscribers.first() else {
+            return Ok(RoundTripFigures {
+                p50_ms: 0.0,
+                p99_ms: 0.0,
+            });
+        };
+        let held = &subscriptions[subscriber.stream()].names;
+        let names = (0..shape.services)
+            .rev()
+            .map(|index| ServiceIndex(index).resource())
+            .filter(|name| !held.contains(name))
+            .chain((0..).map(|i| format!("service/absent-{i}.{NAMESPACE}")))
+            .take(NEW_SUBSCRIPTIONS);
+        let mut round_trips = Vec::with_capacity(NEW_SUBSCRIPTIONS);
+        for name in names {
+            round_trips.push(subscriber.round_trip(&name, &self.log).await?);
+        }
+        self.log.take();
+        let histogram = micros(round_trips.into_iter())?;
+        Ok(RoundTripFigures {
+            p50_ms: histogram.value_at_quantile(0.50) as f64 / 1e3,
+            p99_ms: histogram.value_at_quantile(0.99) as f64 / 1e3,
+        })
     }
 
     /// Kills the control plane, edits the service every stream watches while it is

@@ -2,7 +2,10 @@
 //! one outbound listener per service it calls) in front of a server-side one and a TCP
 //! echo. Its memory with the services it uses in a small mesh and in the large one; and
 //! the latency of a first request to a service it has not called yet, next to a request
-//! to a service it already calls.
+//! to a service it already calls. An explicit listener follows its service from the
+//! start, so that first request pays for a first connection, not for discovery; the
+//! discovery round trip itself is `fleet`'s new-subscription figure (transparent mode,
+//! which resolves a virtual IP on first use, needs a network namespace).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;

@@ -122,6 +122,15 @@ fn render_streams(out: &mut String, runs: &[FleetFigures]) {
     }
     row(
         out,
+        "new subscription on an open stream → answer, p50/p99 ms",
+        &|r| {
+            let n = &r.new_subscription;
+            format!("{:.2} / {:.2}", n.p50_ms, n.p99_ms)
+        },
+        "first request: target ≤ 5 added",
+    );
+    row(
+        out,
         "restart: start → serving / all resumed, ms",
         &|r| {
             format!(
