@@ -17,6 +17,8 @@ use tonic::transport::Channel;
 use crate::control_plane::Connector;
 use crate::error::{BenchError, Result};
 
+/// Requests waiting to be sent on one stream (the bench sends one at a time).
+const REQUESTS_QUEUED: usize = 4;
 /// How long a stream may take to be answered for what it waits for.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -84,6 +86,14 @@ impl ArrivalLog {
         std::mem::take(&mut *self.lock())
     }
 
+    /// When a message answering `name` arrived after `since`, if one did.
+    fn answered_since(&self, name: &str, since: Instant) -> Option<Instant> {
+        self.lock()
+            .iter()
+            .find(|a| a.at >= since && a.answers(name))
+            .map(|a| a.at)
+    }
+
     /// Messages that answered `name` (streams receive each change once).
     pub fn answers(&self, name: &str) -> usize {
         self.lock().iter().filter(|a| a.answers(name)).count()
@@ -99,7 +109,7 @@ impl ArrivalLog {
 pub struct Subscriber {
     stream: usize,
     /// More requests on the same stream; holding it keeps the request side open.
-    requests: mpsc::UnboundedSender<DiscoveryRequest>,
+    requests: mpsc::Sender<DiscoveryRequest>,
     task: JoinHandle<Known>,
 }
 
@@ -116,8 +126,8 @@ impl Subscriber {
             known: subscription.known.clone(),
             ..Default::default()
         };
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let _ = sender.send(request);
+        let (sender, receiver) = mpsc::channel(REQUESTS_QUEUED);
+        let _ = sender.try_send(request);
         let requests = futures_util::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|request| (request, receiver))
         });
@@ -153,19 +163,19 @@ impl Subscriber {
 
     /// Subscribes to one more name on the open stream; the time until it was answered.
     pub async fn round_trip(&self, name: &str, log: &ArrivalLog) -> Result<Duration> {
-        let answered = log.answers(name);
         let sent = Instant::now();
         self.requests
             .send(DiscoveryRequest {
                 subscribe: vec![name.to_string()],
                 ..Default::default()
             })
+            .await
             .map_err(|_| BenchError::failed("subscribe", "the stream has ended"))?;
         let deadline = sent + SYNC_TIMEOUT;
         loop {
             let arrived = log.arrived.notified();
-            if log.answers(name) > answered {
-                return Ok(sent.elapsed());
+            if let Some(at) = log.answered_since(name, sent) {
+                return Ok(at.saturating_duration_since(sent));
             }
             if Instant::now() > deadline {
                 return Err(BenchError::failed(
