@@ -72,6 +72,8 @@ pub struct RunningControlPlane {
     /// PEM file of the current trust bundle, for proxies to bootstrap from.
     pub trust_bundle_file: PathBuf,
     pub metrics: Arc<Metrics>,
+    /// The proxies with an open discovery stream (what `/proxies` lists).
+    pub(crate) proxies: Arc<ConnectedProxies>,
     tokens: Arc<TokenAuthority>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -245,6 +247,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
 
     let acceptor = TlsAcceptor::from(Arc::new(server_config));
     let admin_metrics = metrics.clone();
+    let admin_proxies = connected_proxies.clone();
     let mut tasks = vec![
         tokio::spawn(crate::grpc::serve(grpc_listener, acceptor, router)),
         tokio::spawn(admin::serve(admin_listener, move |path, headers| {
@@ -252,7 +255,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
                 "/live" | "/ready" => Reply::text(StatusCode::OK, "ok\n"),
                 "/metrics" => Reply::metrics(admin_metrics.encode(), headers),
                 // For `tessera stat --control-plane-admin`.
-                "/proxies" => Reply::json(&connected_proxies.list()),
+                "/proxies" => Reply::json(&admin_proxies.list()),
                 _ => Reply::not_found(),
             })
         })),
@@ -330,6 +333,7 @@ pub async fn start(options: Options) -> anyhow::Result<RunningControlPlane> {
         trust_domain: mesh.trust_domain,
         trust_bundle_file,
         metrics,
+        proxies: connected_proxies,
         tokens,
         tasks,
     })

@@ -83,6 +83,27 @@ kind: Service
 metadata: {name: payments, namespace: shop}
 spec:
   ports: [{port: 9090, protocol: opaque}]
+---
+# Declared, called by no demo workload: no proxy holds them.
+apiVersion: tessera.dev/v1alpha1
+kind: Service
+metadata: {name: inventory, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tessera.dev/v1alpha1
+kind: Service
+metadata: {name: ledger, namespace: billing}
+spec:
+  ports: [{port: 8080, protocol: grpc}]
+---
+apiVersion: tessera.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: ledger-callers, namespace: billing}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/billing/sa/payroll]}}]
 ";
 
 /// Runs the demo for `duration`, or until Ctrl-C; returns an error if the mesh misbehaved.
@@ -212,6 +233,7 @@ async fn run_in(workdir: &Path, duration: Duration, traces: TraceOptions) -> any
         );
     }
     wait_for_endpoints(&frontend, &["orders.shop", "payments.shop"]).await?;
+    show_what_proxies_hold(&control_plane, &proxies).await?;
 
     println!(
         "\nWhile it runs: {} stat{} --window 2s\n  or, the proxies the control plane knows: {} stat --control-plane-admin {} --window 2s\n  (this demo runs {}; `demo --duration 2m` leaves time to try it)",
@@ -737,6 +759,54 @@ async fn start_proxy(
         app_probes: Default::default(),
     };
     Ok(tessera_proxy::start(config).await?)
+}
+
+/// Each proxy holds what it uses — the services it calls, its namespace's policies —
+/// not the mesh; and each has acknowledged the configuration in force.
+async fn show_what_proxies_hold(
+    control_plane: &RunningControlPlane,
+    proxies: &[(&str, &RunningProxy)],
+) -> anyhow::Result<()> {
+    let services = SERVICES.matches("\nkind: Service\n").count();
+    println!(
+        "\nWhat each proxy holds (discovery on demand; the mesh declares {services} services and policies in shop and billing):"
+    );
+    for (name, proxy) in proxies {
+        let view = proxy.discovery.current().context("no configuration")?;
+        let mut services: Vec<&str> = view.services.keys().map(String::as_str).collect();
+        services.sort_unstable();
+        let policies = view
+            .authorization_policies
+            .iter()
+            .map(|p| p.id())
+            .chain(view.rate_limit_policies.iter().map(|p| p.id()));
+        println!(
+            "  {name:<9} services: {:<28}  policies: {}",
+            if services.is_empty() {
+                "none (it calls none)".to_string()
+            } else {
+                services.join(", ")
+            },
+            policies.collect::<Vec<_>>().join(", ")
+        );
+    }
+    let generation = u64::try_from(control_plane.metrics.config_generation.get()).unwrap_or(0);
+    let in_force = || {
+        let listed = control_plane.proxies.list();
+        let acknowledged = listed.iter().filter(|p| p.generation >= generation).count();
+        (acknowledged, listed.len())
+    };
+    // Acknowledgements follow the answers by a round trip.
+    let _ = wait_until(|| {
+        let (acknowledged, listed) = in_force();
+        acknowledged == listed && listed == proxies.len()
+    })
+    .await;
+    let (acknowledged, listed) = in_force();
+    println!(
+        "  configuration generation {generation} in force on {acknowledged} of {listed} proxies (each acknowledged it; `/proxies` on the control plane's admin port)"
+    );
+    Ok(())
 }
 
 async fn wait_ready(proxy: &RunningProxy) -> anyhow::Result<()> {

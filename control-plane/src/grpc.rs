@@ -21,11 +21,7 @@ use tonic::transport::server::{Connected, Router};
 use tracing::warn;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest request message a caller may send. Proxies send a CSR (~500 bytes) with
-/// a join token or a Kubernetes service-account token (~1–2 KiB), or a version label:
-/// 64 KiB is ample, and keeps a hostile caller from making the control plane buffer
-/// tonic's default of 4 MiB per message.
-pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub(crate) use tessera_mesh::discovery::MAX_REQUEST_BYTES;
 /// Handshakes in progress at once; more wait in the backlog. This paces a fleet
 /// reconnecting at once (a control-plane restart): each handshake gets the CPU it needs
 /// and finishes, instead of every one of them timing out together.

@@ -23,6 +23,13 @@ use crate::snapshot::MeshSnapshot;
 /// single resource larger than [`MAX_RESOURCE_BYTES`].
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// The largest request message the control plane decodes, on either API. Proxies send
+/// a CSR (~500 bytes) with a join token or a Kubernetes service-account token (~1–2
+/// KiB), or discovery subscriptions, which they split over several requests: 64 KiB is
+/// ample, and keeps a hostile caller from making the control plane buffer tonic's
+/// default of 4 MiB per message.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 /// The largest body of one resource. A service of ~35,000 endpoints, or policies with
 /// large inline key sets or Rego modules, still fit; the rest of the message is room
 /// for the name and version.

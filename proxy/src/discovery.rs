@@ -23,7 +23,7 @@ use std::time::Duration;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
 use tessera_mesh::discovery::{
-    MAX_MESSAGE_BYTES, MAX_SUBSCRIPTIONS, NameError, PolicySet, ResourceName,
+    MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES, MAX_SUBSCRIPTIONS, NameError, PolicySet, ResourceName,
 };
 use tessera_mesh::policy::{
     AuthorizationPolicySpec, Named, PeerAuthenticationSpec, RequestAuthenticationSpec,
@@ -413,9 +413,9 @@ fn parse_body(name: &ResourceName, json: &[u8]) -> Result<Body, serde_json::Erro
 }
 
 /// The largest request the proxy sends, in bytes of names and versions: the control
-/// plane decodes requests of up to 64 KiB, and the rest is room for field framing
-/// (counted by [`FIELD_BYTES`] per field) and the admin address.
-const REQUEST_BUDGET: usize = 48 * 1024;
+/// plane decodes requests of up to [`MAX_REQUEST_BYTES`], and the rest is room for
+/// field framing (counted by [`FIELD_BYTES`] per field) and the admin address.
+const REQUEST_BUDGET: usize = MAX_REQUEST_BYTES / 4 * 3;
 /// Framing of one field or map entry in a request: tag, length and slack.
 const FIELD_BYTES: usize = 8;
 

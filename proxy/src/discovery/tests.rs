@@ -601,8 +601,6 @@ fn backoff_is_jittered_within_half_to_all_of_a_doubling_ceiling() {
 /// the proxy's own policies first, each with the version held.
 #[test]
 fn subscriptions_are_split_into_requests_and_beyond_the_limit_wait_for_room() {
-    /// The control plane's limit on one request.
-    const MAX_REQUEST_BYTES: usize = 64 * 1024;
     let mut state = State::default();
     let address = |i: u32| ResourceName::Address(IpAddr::V6(std::net::Ipv6Addr::from(i as u128)));
     let over = MAX_SUBSCRIPTIONS as u32 + 1;

@@ -124,12 +124,12 @@ async fn http_calls_are_allowed_or_denied_by_policy() {
         "{text}"
     );
 
-    // The proxy's /config shows what the control plane sent and what it enforces.
-    let (status, config) = mesh.servers[0].admin("/config").await.unwrap();
+    // A proxy's /config shows what the control plane sent it and what it enforces:
+    // the client holds the service it calls, the server its namespace's policies.
+    let (status, config) = mesh.client.admin("/config").await.unwrap();
     assert_eq!(status, 200);
     let config: serde_json::Value = serde_json::from_str(&config).unwrap();
-    let discovery = &config["discovery"];
-    let backend_service = discovery["services"]
+    let backend_service = config["discovery"]["services"]
         .as_array()
         .unwrap()
         .iter()
@@ -141,6 +141,10 @@ async fn http_calls_are_allowed_or_denied_by_policy() {
         spiffe("backend"),
         "{config:#}"
     );
+    let (status, config) = mesh.servers[0].admin("/config").await.unwrap();
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let discovery = &config["discovery"];
     assert_eq!(
         discovery["authorizationPolicies"][0]["name"], "backend-readers",
         "{config:#}"

@@ -33,12 +33,20 @@ fn demo_runs_and_shows_verified_identities() {
         "native sidecar tessera-proxy (restartPolicy Always, UID 1337",
         "readinessProbe of orders → :15020/app-health/orders/readyz",
         "injecting again changes nothing",
+        // Discovery on demand: the services each proxy calls, its namespace's policies.
+        "frontend  services: orders.shop, payments.shop ",
+        "payments  services: none (it calls none) ",
+        "in force on 4 of 4 proxies (each acknowledged it;",
     ] {
         assert!(
             stdout.contains(expected),
             "demo output lacks {expected:?}:\n{stdout}"
         );
     }
+    assert!(
+        !stdout.contains("inventory.shop") && !stdout.contains("billing/ledger-callers"),
+        "a proxy holds what it does not use:\n{stdout}"
+    );
     // Retries masked the flaky replica: it failed, callers saw no failure.
     let orders = stdout
         .lines()
