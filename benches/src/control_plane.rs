@@ -1,29 +1,30 @@
 //! Control-plane figures, through its real gRPC APIs over mTLS, the way proxies call
-//! them (the connection code is the proxy's own, `tessera_proxy::control_plane`):
+//! them (the TLS configuration is the proxy's own, `tessera_mesh::tls::client_config`):
 //! certificates signed per second (`Certify` with a join token, concurrent clients),
 //! the time from a configuration file change to the last of many connected discovery
-//! streams receiving the new snapshot, and the control plane's memory per stream.
+//! streams (`subscriber`) receiving it, and the control plane's memory per stream.
+//! `fleet` measures the same at fleet scale.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
+use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 use tessera_mesh::SpiffeId;
 use tessera_mesh::tls::{self, CurrentCert, Trust, TrustBundle};
-use tessera_proto::api::discovery::discovery_client::DiscoveryClient;
-use tessera_proto::api::discovery::{Snapshot, WatchRequest};
 use tessera_proto::api::identity::CertifyRequest;
 use tessera_proto::api::identity::identity_client::IdentityClient;
-use tessera_proxy::control_plane::ControlPlane as Endpoint;
-use tonic::Streaming;
-use tonic::transport::Channel;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{BenchError, Result};
 use crate::proc_stats;
+use crate::subscriber::{ArrivalLog, Subscriber, Subscription};
 use crate::topology::tessera::{ControlPlane, NAMESPACE, TRUST_DOMAIN};
 
 /// The identity the simulated proxies certify as.
@@ -32,7 +33,10 @@ const SERVICE_ACCOUNT: &str = "bench-simulated";
 const CSR_POOL: usize = 32;
 /// Discovery streams opened at once while building up.
 const CONNECT_BATCH: usize = 50;
+/// The service the configuration change creates, which every stream subscribes to.
+const CHANGED_SERVICE: &str = "bench-change";
 const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CertifyFigures {
@@ -47,7 +51,7 @@ pub struct CertifyFigures {
 #[derive(Debug, Clone, Serialize)]
 pub struct PushFigures {
     pub streams: usize,
-    /// Config file renamed into place → the last stream has the new snapshot.
+    /// Config file renamed into place → the last stream has the new service.
     pub last_stream_ms: f64,
     pub median_stream_ms: f64,
     /// Control-plane RSS growth while the streams connected, divided by their number.
@@ -59,10 +63,42 @@ pub struct PushFigures {
 /// Clients of one control plane, as a proxy of the bench namespace.
 pub struct Harness<'a> {
     control_plane: &'a ControlPlane,
-    endpoint: Endpoint,
     trust: Arc<Trust>,
     identity: SpiffeId,
     token: String,
+}
+
+/// Opens gRPC connections to one control plane as a proxy does: TCP without Nagle,
+/// TLS verifying the control plane's SPIFFE ID and presenting a workload certificate
+/// (or none, to `Certify`).
+#[derive(Clone)]
+pub struct Connector {
+    address: std::net::SocketAddr,
+    tls: TlsConnector,
+}
+
+impl Connector {
+    pub async fn channel(&self) -> Result<Channel> {
+        let (address, tls) = (self.address, self.tls.clone());
+        Endpoint::from_static("http://tessera-control-plane")
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_with_connector(tower::service_fn(move |_| {
+                let tls = tls.clone();
+                async move {
+                    let tcp = TcpStream::connect(address).await?;
+                    tcp.set_nodelay(true)?;
+                    let stream = tls.connect(tls::server_name_for(address), tcp).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(|e| {
+                BenchError::failed(
+                    format!("connect to the control plane at {address}"),
+                    tessera_mesh::process::error_report(&e),
+                )
+            })
+    }
 }
 
 impl<'a> Harness<'a> {
@@ -72,27 +108,31 @@ impl<'a> Harness<'a> {
             .map_err(BenchError::io(format!("read {}", bundle_file.display())))?;
         let bundle =
             TrustBundle::from_pem(&pem).map_err(|e| BenchError::failed("trust bundle", e))?;
-        let spiffe = |id: Result<SpiffeId, _>| id.map_err(|e| BenchError::failed("SPIFFE ID", e));
         Ok(Self {
             control_plane,
-            endpoint: Endpoint {
-                address: control_plane.address.to_string(),
-                identity: spiffe(SpiffeId::control_plane(TRUST_DOMAIN))?,
-            },
             trust: Trust::new(TRUST_DOMAIN, bundle),
-            identity: spiffe(
-                format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}").parse(),
-            )?,
+            identity: format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}")
+                .parse()
+                .map_err(|e| BenchError::failed("SPIFFE ID", e))?,
             // Every Certify call presents it; single-use would allow one.
             token: control_plane.reusable_token(SERVICE_ACCOUNT)?,
         })
     }
 
+    /// How to connect to this control plane, presenting `cert`; it outlives the harness.
+    pub fn connector(&self, cert: Option<Arc<CurrentCert>>) -> Result<Connector> {
+        let control_plane = SpiffeId::control_plane(TRUST_DOMAIN)
+            .map_err(|e| BenchError::failed("SPIFFE ID", e))?;
+        let config = tls::client_config(self.trust.clone(), control_plane, cert, &[b"h2"])
+            .map_err(|e| BenchError::failed("TLS client configuration", e))?;
+        Ok(Connector {
+            address: self.control_plane.address,
+            tls: TlsConnector::from(Arc::new(config)),
+        })
+    }
+
     async fn channel(&self, cert: Option<Arc<CurrentCert>>) -> Result<Channel> {
-        self.endpoint
-            .connect(self.trust.clone(), cert)
-            .await
-            .map_err(|e| BenchError::failed("connect to the control plane", e))
+        self.connector(cert)?.channel().await
     }
 
     /// `clients` concurrent callers of `Certify`, each on its own connection, for
@@ -156,22 +196,31 @@ impl<'a> Harness<'a> {
         })
     }
 
-    /// Connects `streams` discovery watchers (one mTLS connection each, all with one
-    /// workload certificate), then changes the configuration and times the push.
+    /// Connects `streams` discovery streams (one mTLS connection each, all with one
+    /// workload certificate), each subscribed to its policies and to a service that does
+    /// not exist yet, then creates that service and times its arrival.
     pub async fn config_push(&self, streams: usize) -> Result<PushFigures> {
-        let cert = self.workload_cert().await?;
+        let connector = self.connector(Some(self.workload_cert().await?))?;
         let pid = self.control_plane.process.pid();
         let rss_before = proc_stats::memory(pid)?.rss;
-        let mut watchers = Vec::with_capacity(streams);
-        while watchers.len() < streams {
-            let batch = CONNECT_BATCH.min(streams - watchers.len());
-            let opened = try_join_all((0..batch).map(|_| self.watch(cert.clone()))).await?;
-            watchers.extend(opened);
+        let log = Arc::new(ArrivalLog::default());
+        let names = vec![
+            "policies".to_string(),
+            format!("service/{CHANGED_SERVICE}.{NAMESPACE}"),
+        ];
+        let mut subscribers = Vec::with_capacity(streams);
+        while subscribers.len() < streams {
+            let batch =
+                (subscribers.len()..streams.min(subscribers.len() + CONNECT_BATCH)).map(|stream| {
+                    let subscription = Subscription::fresh(stream, names.clone());
+                    Subscriber::connect(&connector, subscription, log.clone())
+                });
+            subscribers.extend(try_join_all(batch).await?);
         }
         // Let allocations settle before reading memory.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_after = proc_stats::memory(pid)?.rss;
-        let (arrivals, changed_at) = self.time_push(watchers).await?;
+        let (arrivals, changed_at) = self.time_push(&log, &names[1], streams).await?;
         let mut delays: Vec<f64> = arrivals
             .iter()
             .map(|arrival| arrival.saturating_duration_since(changed_at).as_secs_f64() * 1e3)
@@ -187,51 +236,46 @@ impl<'a> Harness<'a> {
         })
     }
 
-    /// Writes a new Service and waits for every watcher to see a new version; returns
+    /// Writes the new Service and waits for every stream to receive `name`; returns
     /// when each did, and when the file was renamed into place.
-    async fn time_push(&self, watchers: Vec<Watcher>) -> Result<(Vec<Instant>, Instant)> {
-        let waiting: Vec<_> = watchers
-            .into_iter()
-            .map(|watcher| tokio::spawn(watcher.next_version()))
-            .collect();
+    async fn time_push(
+        &self,
+        log: &ArrivalLog,
+        name: &str,
+        streams: usize,
+    ) -> Result<(Vec<Instant>, Instant)> {
+        log.take();
         let changed_at = Instant::now();
         self.control_plane.write_config(
             "bench-change.yaml",
             &format!(
-                "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {{name: bench-change-{}, namespace: {NAMESPACE}}}\nspec:\n  ports: [{{port: 8080, protocol: http}}]\n",
-                std::process::id()
+                "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {{name: {CHANGED_SERVICE}, namespace: {NAMESPACE}}}\nspec:\n  ports: [{{port: 8080, protocol: http}}]\n"
             ),
         )?;
-        let mut arrivals = Vec::with_capacity(waiting.len());
-        for task in waiting {
-            let arrival = tokio::time::timeout(PUSH_TIMEOUT, task)
-                .await
-                .map_err(|_| {
-                    BenchError::failed("configuration push", "a stream got nothing within 60 s")
-                })?
-                .map_err(|e| BenchError::failed("configuration push", e))??;
-            arrivals.push(arrival);
+        let deadline = changed_at + PUSH_TIMEOUT;
+        while log.answers(name) < streams {
+            if Instant::now() > deadline {
+                return Err(BenchError::failed(
+                    "configuration push",
+                    format!(
+                        "{} of {streams} streams got it within 60 s",
+                        log.answers(name)
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let arrivals = log
+            .take()
+            .into_iter()
+            .filter(|arrival| arrival.resources.iter().any(|n| n == name))
+            .map(|arrival| arrival.at)
+            .collect();
         Ok((arrivals, changed_at))
     }
 
-    async fn watch(&self, cert: Arc<CurrentCert>) -> Result<Watcher> {
-        let channel = self.channel(Some(cert)).await?;
-        let mut stream = DiscoveryClient::new(channel.clone())
-            .watch(WatchRequest::default())
-            .await
-            .map_err(|status| BenchError::failed("Watch", status))?
-            .into_inner();
-        let first = next_snapshot(&mut stream).await?;
-        Ok(Watcher {
-            _channel: channel,
-            stream,
-            version: first.version,
-        })
-    }
-
     /// A workload certificate from `Certify`, as a proxy would hold it.
-    async fn workload_cert(&self) -> Result<Arc<CurrentCert>> {
+    pub async fn workload_cert(&self) -> Result<Arc<CurrentCert>> {
         let (key, csr) = self.csr()?;
         let response = IdentityClient::new(self.channel(None).await?)
             .certify(CertifyRequest {
@@ -267,31 +311,4 @@ impl<'a> Harness<'a> {
         let csr = params.serialize_request(&key).map_err(failed)?;
         Ok((key, csr.der().to_vec()))
     }
-}
-
-/// One simulated proxy's discovery stream.
-struct Watcher {
-    _channel: Channel,
-    stream: Streaming<Snapshot>,
-    version: String,
-}
-
-impl Watcher {
-    /// When a snapshot with another version arrived.
-    async fn next_version(mut self) -> Result<Instant> {
-        loop {
-            let snapshot = next_snapshot(&mut self.stream).await?;
-            if snapshot.version != self.version {
-                return Ok(Instant::now());
-            }
-        }
-    }
-}
-
-async fn next_snapshot(stream: &mut Streaming<Snapshot>) -> Result<Snapshot> {
-    stream
-        .message()
-        .await
-        .map_err(|status| BenchError::failed("discovery stream", status))?
-        .ok_or_else(|| BenchError::failed("discovery stream", "closed by the control plane"))
 }

@@ -9,6 +9,10 @@
 //! date and commit. `scenario` decides what runs in which order. `rate_limit` measures
 //! how closely a RateLimitPolicy holds its rate under overload (`rate-limit`).
 //!
+//! `fleet` measures the control plane at fleet scale — a large simulated mesh, many
+//! simulated proxies' discovery streams (`subscriber`), a restart — and one real proxy
+//! in that mesh (`tessera-benches fleet`).
+//!
 //! `rego` puts the cost of a Rego (CUSTOM policy) decision in the proxy next to the same
 //! decision asked of an OPA server over loopback REST (`tessera-benches rego`);
 //! `authz_paths` does the same side by side, under load, through proxy pairs
@@ -25,6 +29,7 @@ pub mod authz_paths;
 pub mod certs;
 pub mod control_plane;
 pub mod error;
+pub mod fleet;
 pub mod load;
 pub mod proc_stats;
 pub mod process;
@@ -33,6 +38,7 @@ pub mod rego;
 pub mod report;
 pub mod run_name;
 pub mod scenario;
+pub mod subscriber;
 pub mod topology;
 
 pub use error::BenchError;

@@ -114,6 +114,31 @@ enum Command {
         #[arg(long, default_value = "3")]
         rounds: usize,
     },
+    /// Fleet scale (release build): a control plane serving a large simulated mesh to
+    /// many simulated proxies (discovery streams in this process, one mTLS connection
+    /// each), next to a small mesh with fewer streams; then one real proxy in both.
+    /// Needs the release binaries built first.
+    Fleet {
+        #[arg(long, default_value = "10000")]
+        services: usize,
+        #[arg(long, default_value = "5")]
+        endpoints_per_service: usize,
+        #[arg(long, default_value = "10000")]
+        streams: usize,
+        #[arg(long, default_value = "10")]
+        baseline_services: usize,
+        #[arg(long, default_value = "1000")]
+        baseline_streams: usize,
+        /// Services each simulated proxy watches, one of them watched by all.
+        #[arg(long, default_value = "10")]
+        services_per_stream: usize,
+        /// Skip the real proxy.
+        #[arg(long, conflicts_with = "proxy_only")]
+        no_proxy: bool,
+        /// Only the real proxy (in the large mesh), no simulated streams.
+        #[arg(long)]
+        proxy_only: bool,
+    },
     /// Internal: the gRPC and TCP echo servers, run as a child process.
     #[command(hide = true)]
     ServeBackends,
@@ -230,6 +255,41 @@ fn main() -> anyhow::Result<ExitCode> {
             };
             let rows = runtime.block_on(tessera_benches::authz_paths::run(settings))?;
             print!("{}", tessera_benches::authz_paths::render(&rows, settings));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Fleet {
+            services,
+            endpoints_per_service,
+            streams,
+            baseline_services,
+            baseline_streams,
+            services_per_stream,
+            no_proxy,
+            proxy_only,
+        } => {
+            use tessera_benches::fleet::{self, MeshShape};
+            let settings = fleet::Settings {
+                mesh: MeshShape {
+                    services,
+                    endpoints_per_service,
+                },
+                streams,
+                baseline_mesh: MeshShape {
+                    services: baseline_services,
+                    endpoints_per_service,
+                },
+                baseline_streams,
+                services_per_stream,
+                streams_run: !proxy_only,
+                proxy: !no_proxy,
+            };
+            let (runs, proxy) = runtime.block_on(fleet::run(settings))?;
+            print!("{}", fleet::render(&runs, proxy.as_ref()));
+            if let Some(path) = cli.json {
+                let json = serde_json::json!({ "streams": runs, "proxy": proxy });
+                let json = serde_json::to_string_pretty(&json).context("serialize the results")?;
+                std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Command::Rego { samples } => {

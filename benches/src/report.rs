@@ -391,7 +391,7 @@ impl Report {
         if let Some(push) = &self.config_push {
             let _ = writeln!(
                 out,
-                "config file change → last of {} discovery streams has the new snapshot: {:.1} ms (median stream {:.1} ms)",
+                "config file change → last of {} discovery streams has the change: {:.1} ms (median stream {:.1} ms)",
                 push.streams, push.last_stream_ms, push.median_stream_ms
             );
             let _ = writeln!(

@@ -15,8 +15,8 @@ use crate::topology::{Entry, Path, PathKind, ProxyProcess, free_port, local};
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const NAMESPACE: &str = "bench";
-const SERVER_ACCOUNT: &str = "bench-server";
-const CLIENT_ACCOUNT: &str = "bench-client";
+pub const SERVER_ACCOUNT: &str = "bench-server";
+pub const CLIENT_ACCOUNT: &str = "bench-client";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One service of the benchmark mesh.
@@ -48,6 +48,47 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// Starts `tessera control-plane` on the resources already in `dir/config` (plus
+    /// the bench's MeshConfig), with its state in `dir/state`; waits up to
+    /// `ready_timeout` for it to serve.
+    pub async fn start(dir: &ScratchDir, ready_timeout: Duration) -> Result<Self> {
+        dir.write(
+            "config/mesh.yaml",
+            format!(
+                "apiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: {TRUST_DOMAIN}\n  certificateTtl: 2h\n"
+            ),
+        )?;
+        let config_dir = dir.path().join("config");
+        let state_dir = dir.path().join("state");
+        let address = local(free_port());
+        let process = spawn_control_plane(&config_dir, &state_dir, address, ready_timeout).await?;
+        Ok(Self {
+            process,
+            address,
+            config_dir,
+            state_dir,
+        })
+    }
+
+    /// Kills the process (as a crash would) and starts it again on the same address,
+    /// configuration and state (the same CA); returns once it serves again.
+    pub async fn restart(&mut self, ready_timeout: Duration) -> Result<()> {
+        self.kill();
+        self.process = spawn_control_plane(
+            &self.config_dir,
+            &self.state_dir,
+            self.address,
+            ready_timeout,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Kills the process and waits for it to be gone: its connections are reset.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
     /// `tessera token create` for a service account of the bench namespace: single-use,
     /// one per proxy.
     pub fn token(&self, service_account: &str) -> Result<String> {
@@ -158,24 +199,24 @@ impl TesseraPair {
 }
 
 async fn start_control_plane(dir: &ScratchDir, services: &[BenchService]) -> Result<ControlPlane> {
-    dir.write(
-        "config/mesh.yaml",
-        format!(
-            "apiVersion: tessera.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: mesh\nspec:\n  trustDomain: {TRUST_DOMAIN}\n  certificateTtl: 2h\n"
-        ),
-    )?;
     dir.write("config/bench.yaml", services_yaml(services))?;
-    let address = local(free_port());
-    let config_dir = dir.path().join("config");
-    let state_dir = dir.path().join("state");
+    ControlPlane::start(dir, READY_TIMEOUT).await
+}
+
+async fn spawn_control_plane(
+    config_dir: &std::path::Path,
+    state_dir: &std::path::Path,
+    address: SocketAddr,
+    ready_timeout: Duration,
+) -> Result<Process> {
     let mut process = Process::spawn(
         "control-plane",
         Command::new(workspace_binary("tessera")?)
             .arg("control-plane")
             .arg("--config")
-            .arg(&config_dir)
+            .arg(config_dir)
             .arg("--state-dir")
-            .arg(&state_dir)
+            .arg(state_dir)
             .arg("--listen")
             .arg(address.to_string())
             .arg("--admin")
@@ -185,14 +226,9 @@ async fn start_control_plane(dir: &ScratchDir, services: &[BenchService]) -> Res
             .args(["--webhook", "127.0.0.1:0"]),
     )?;
     process
-        .wait_for_output("control plane started", READY_TIMEOUT)
+        .wait_for_output("control plane started", ready_timeout)
         .await?;
-    Ok(ControlPlane {
-        process,
-        address,
-        config_dir,
-        state_dir,
-    })
+    Ok(process)
 }
 
 /// Service + Workload resources: each service's single workload is the server-side
@@ -235,12 +271,14 @@ fn client_listeners(services: &[BenchService]) -> String {
 }
 
 /// A started proxy and its admin address.
-struct StartedProxy {
-    process: Process,
-    admin: SocketAddr,
+pub struct StartedProxy {
+    pub process: Process,
+    pub admin: SocketAddr,
 }
 
-fn start_proxy(
+/// Starts a proxy of the bench namespace as `service_account`, with `listeners` (the
+/// `inbound:`/`outbound:` YAML of its configuration), joining with a fresh token.
+pub fn start_proxy(
     dir: &ScratchDir,
     control_plane: &ControlPlane,
     service_account: &str,
@@ -270,7 +308,7 @@ fn start_proxy(
 }
 
 /// Waits until `/ready` answers 200: certificate and configuration in hand.
-async fn wait_ready(proxy: &mut StartedProxy) -> Result<()> {
+pub async fn wait_ready(proxy: &mut StartedProxy) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok((200, _)) = tessera_tests::http_get(proxy.admin, "/ready").await {
