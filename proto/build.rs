@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
+        .codec_path("crate::codec::SmallBuffers")
         // A resource's body is shared by every stream that sends it, not copied per stream.
         .bytes(".tessera.discovery.v1.Resource.body")
         .compile_fds(descriptors)?;

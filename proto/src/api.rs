@@ -5,7 +5,7 @@ pub mod identity {
     tonic::include_proto!("tessera.identity.v1");
 }
 
-/// Discovery API: configuration snapshots streamed to proxies.
+/// Discovery API: the resources a proxy uses, subscribed to by name, with deltas.
 pub mod discovery {
     tonic::include_proto!("tessera.discovery.v1");
 }
