@@ -188,7 +188,7 @@ impl Discovery for DiscoveryService {
             catalogs: self.catalogs.clone(),
             responses,
             metrics: self.metrics.clone(),
-            sync: Sync::default(),
+            progress: Progress::default(),
         };
         let proxy = ConnectedProxy {
             identity: identity.to_string(),
@@ -211,12 +211,12 @@ struct Subscriber {
     catalogs: watch::Receiver<Arc<Catalog>>,
     responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     metrics: Arc<Metrics>,
-    sync: Sync,
+    progress: Progress,
 }
 
 /// How far a proxy has come: what it was sent and what it acknowledged.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Sync {
+struct Progress {
     /// The generation of the last message sent.
     sent: u64,
     /// The last generation the proxy acknowledged.
@@ -225,7 +225,7 @@ struct Sync {
     target: u64,
 }
 
-impl Sync {
+impl Progress {
     /// A generation the proxy was brought up to, by `sent_any` messages or by none
     /// (nothing it follows changed). Returns the generation now in force, if known.
     fn reached(&mut self, generation: u64, sent_any: bool) -> Option<u64> {
@@ -305,7 +305,7 @@ impl Subscriber {
     ) -> Result<(), Status> {
         let applied = request.applied;
         let added = self.subscriptions.apply(request)?;
-        if let Some(generation) = self.sync.acknowledged(applied) {
+        if let Some(generation) = self.progress.acknowledged(applied) {
             registration.set_generation(generation);
         }
         if added.is_empty() {
@@ -341,7 +341,7 @@ impl Subscriber {
             }
             self.metrics.config_pushes.inc();
         }
-        if let Some(generation) = self.sync.reached(catalog.generation, sent_any) {
+        if let Some(generation) = self.progress.reached(catalog.generation, sent_any) {
             registration.set_generation(generation);
         }
         true
@@ -730,17 +730,17 @@ mod tests {
     /// was never sent counts for nothing.
     #[test]
     fn a_generation_is_in_force_once_acknowledged() {
-        let mut sync = Sync::default();
-        assert_eq!(sync.reached(1, true), None);
-        assert_eq!(sync.acknowledged(1), Some(1));
+        let mut progress = Progress::default();
+        assert_eq!(progress.reached(1, true), None);
+        assert_eq!(progress.acknowledged(1), Some(1));
         // Nothing the proxy follows changed in 2.
-        assert_eq!(sync.reached(2, false), Some(2));
-        assert_eq!(sync.reached(3, true), None);
+        assert_eq!(progress.reached(2, false), Some(2));
+        assert_eq!(progress.reached(3, true), None);
         // Nothing changed for it in 4, but 3 is not acknowledged yet.
-        assert_eq!(sync.reached(4, false), None);
-        assert_eq!(sync.acknowledged(2), None);
-        assert_eq!(sync.acknowledged(3), Some(4));
-        let mut hostile = Sync::default();
+        assert_eq!(progress.reached(4, false), None);
+        assert_eq!(progress.acknowledged(2), None);
+        assert_eq!(progress.acknowledged(3), Some(4));
+        let mut hostile = Progress::default();
         hostile.reached(1, true);
         assert_eq!(hostile.acknowledged(u64::MAX), Some(1));
         hostile.reached(2, true);
