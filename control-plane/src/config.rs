@@ -1,7 +1,7 @@
 //! Configuration from a directory of resource files (local mode), watched for changes.
 //!
 //! Every change is parsed and checked whole; a good one becomes the next snapshot and
-//! reaches every connected proxy, a bad one is refused with file, line and reason and the
+//! reaches the proxies that follow what it changed, a bad one is refused with file, line and reason and the
 //! last good snapshot stays in force. "Good" includes every resource fitting in what
 //! proxies accept ([`tessera_mesh::discovery::MAX_RESOURCE_BYTES`]), so a configuration never cuts them off.
 //!
