@@ -1,9 +1,10 @@
 //! Configuration from a directory of resource files (local mode), watched for changes.
 //!
 //! Every change is parsed and checked whole; a good one becomes the next snapshot and
-//! reaches the proxies that follow what it changed, a bad one is refused with file, line and reason and the
-//! last good snapshot stays in force. "Good" includes every resource fitting in what
-//! proxies accept ([`tessera_mesh::discovery::MAX_RESOURCE_BYTES`]), so a configuration never cuts them off.
+//! reaches the proxies that follow what it changed, a bad one is refused with file, line
+//! and reason and the last good snapshot stays in force. "Good" includes every resource
+//! fitting in what proxies accept ([`tessera_mesh::discovery::MAX_RESOURCE_BYTES`]), so
+//! a configuration never cuts them off.
 //!
 //! Files are read on a blocking thread under a timeout, and only regular files inside the
 //! directory are read: a worker of the async runtime stuck on a FIFO would stall
