@@ -34,6 +34,10 @@ use crate::telemetry::Metrics;
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Room in a message for the fields around the resources.
 const MESSAGE_SLACK: usize = 64 * 1024;
+/// A message is sent once it holds this much (a larger resource goes alone). tonic
+/// keeps each stream's encode buffer as large as the largest message it encoded, for
+/// the stream's life: small messages keep every idle stream small.
+const MESSAGE_TARGET_BYTES: usize = 4 * 1024;
 
 /// Serves `Discover`.
 pub(crate) struct DiscoveryService {
@@ -426,7 +430,8 @@ impl Subscriptions {
     }
 }
 
-/// Responses being filled, each kept under [`MAX_MESSAGE_BYTES`].
+/// Responses being filled: each closed once it holds [`MESSAGE_TARGET_BYTES`], and
+/// always under [`MAX_MESSAGE_BYTES`].
 #[derive(Default)]
 struct Batch {
     done: Vec<DiscoveryResponse>,
@@ -463,7 +468,8 @@ impl Batch {
     }
 
     fn make_room(&mut self, size: usize) {
-        let full = self.size + size > MAX_MESSAGE_BYTES - MESSAGE_SLACK;
+        let limit = MESSAGE_TARGET_BYTES.min(MAX_MESSAGE_BYTES - MESSAGE_SLACK);
+        let full = self.size + size > limit;
         if full && (!self.current.resources.is_empty() || !self.current.absent.is_empty()) {
             self.done.push(std::mem::take(&mut self.current));
             self.size = 0;
@@ -723,6 +729,42 @@ mod tests {
         for message in &messages {
             assert!(message.encoded_len() <= MAX_MESSAGE_BYTES);
         }
+    }
+
+    /// Many small resources go in messages of about [`MESSAGE_TARGET_BYTES`], so no
+    /// stream's encode buffer grows past that; a larger resource goes alone.
+    #[test]
+    fn answers_are_sent_in_small_messages() {
+        use prost::Message;
+
+        let mut batch = Batch::default();
+        let mut add = |name: String, size: usize| {
+            let body = Arc::new(Body::test_sized(size));
+            batch.update(
+                &ResourceName::Service(name),
+                &mut Held::Nothing,
+                Some(&body),
+            );
+        };
+        for i in 0..100 {
+            add(format!("s{i}.shop"), 500);
+        }
+        add("large.shop".to_string(), 3 * MESSAGE_TARGET_BYTES);
+        let messages = batch.finish();
+        assert_eq!(
+            messages.iter().map(|m| m.resources.len()).sum::<usize>(),
+            101
+        );
+        for message in &messages {
+            let alone = message.resources.len() == 1;
+            assert!(
+                alone || message.encoded_len() <= MESSAGE_TARGET_BYTES,
+                "{} resources in {} bytes",
+                message.resources.len(),
+                message.encoded_len()
+            );
+        }
+        assert!(messages.len() >= 100 * 500 / MESSAGE_TARGET_BYTES);
     }
 
     /// A generation is in force on a proxy once it acknowledged the last message
