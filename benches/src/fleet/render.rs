@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use super::proxy::ProxyFigures;
+use super::proxy::transparent::Outcome;
 use super::{ChangeFigures, FleetFigures};
 
 const KIB: f64 = 1024.0;
@@ -173,4 +174,31 @@ fn render_proxy(out: &mut String, proxy: &ProxyFigures) {
         proxy.first.p99_us,
         (proxy.first.p99_us - proxy.known.p99_us) / 1e3,
     );
+    render_transparent(out, &proxy.transparent);
+}
+
+fn render_transparent(out: &mut String, transparent: &Outcome) {
+    let figures = match transparent {
+        Outcome::Measured(figures) => figures,
+        Outcome::Skipped(reason) => {
+            let _ = writeln!(out, "transparent mode: skipped ({reason})");
+            return;
+        }
+    };
+    let _ = writeln!(
+        out,
+        "transparent mode, {}-service mesh, connect to a virtual IP + echo, µs p50/p99: resolved {:.0}/{:.0}; first to each of {} never-resolved {:.0}/{:.0} (added p50 {:.2} ms, p99 {:.2} ms; target ≤ 5 at p99); failed {}",
+        figures.mesh_services,
+        figures.known.p50_us,
+        figures.known.p99_us,
+        figures.new_services,
+        figures.first.p50_us,
+        figures.first.p99_us,
+        (figures.first.p50_us - figures.known.p50_us) / 1e3,
+        (figures.first.p99_us - figures.known.p99_us) / 1e3,
+        figures.failed,
+    );
+    if let Some(failure) = &figures.first_failure {
+        let _ = writeln!(out, "  first failure: {failure}");
+    }
 }
