@@ -204,3 +204,55 @@ pub async fn client(known: &[SocketAddr], new: &[SocketAddr]) -> Result<Samples>
 fn micros(duration: Duration) -> u64 {
     duration.as_micros().max(1) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// A TCP echo server on loopback; its address.
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut reader, mut writer) = stream.into_split();
+                    let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                    let _ = writer.shutdown().await;
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_failed_first_connection_is_recorded_and_the_rest_measured() {
+        let echo = echo_server().await;
+        let closed = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listener.local_addr().unwrap()
+        };
+        let samples = client(&[echo], &[closed, echo]).await.unwrap();
+        assert_eq!(samples.known_us.len(), 2);
+        assert_eq!(samples.first_us.len(), 1);
+        assert_eq!(samples.failures.len(), 1);
+        assert!(
+            samples.failures[0].starts_with(&closed.to_string()),
+            "{:?}",
+            samples.failures
+        );
+    }
+
+    #[tokio::test]
+    async fn a_known_address_that_fails_fails_the_run() {
+        let echo = echo_server().await;
+        let closed = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listener.local_addr().unwrap()
+        };
+        assert!(client(&[closed], &[echo]).await.is_err());
+        assert!(client(&[], &[echo]).await.is_err());
+    }
+}
