@@ -205,11 +205,11 @@ fn render_transparent(out: &mut String, proxy: &ProxyFigures) {
         added(figures.first.p50_us, figures.known.p50_us),
         added(figures.first.p99_us, figures.known.p99_us),
     );
+    // A p99 less another p99 of 200 samples is noise; the split is read at p50.
     let _ = writeln!(
         out,
-        "  added p50 {p50:.2} ms, p99 {p99:.2} ms (target ≤ 5 at p99); less explicit mode's added (a first connection): p50 {:.2} ms, p99 {:.2} ms",
+        "  added p50 {p50:.2} ms, p99 {p99:.2} ms (target ≤ 5 at p99); at p50, {:.2} ms of it is discovery, the rest a first connection (explicit mode's added)",
         p50 - added(proxy.first.p50_us, proxy.known.p50_us),
-        p99 - added(proxy.first.p99_us, proxy.known.p99_us),
     );
     if let Some(failure) = &figures.first_failure {
         let _ = writeln!(out, "  first failure: {failure}");
