@@ -1,11 +1,12 @@
-//! One real proxy in the fleet's mesh: a client-side `tessera-proxy` (explicit mode,
-//! one outbound listener per service it calls) in front of a server-side one and a TCP
-//! echo. Its memory with the services it uses in a small mesh and in the large one; and
-//! the latency of a first request to a service it has not called yet, next to a request
-//! to a service it already calls. An explicit listener follows its service from the
-//! start, so that first request pays for a first connection, not for discovery; the
-//! discovery round trip itself is `fleet`'s new-subscription figure (transparent mode,
-//! which resolves a virtual IP on first use, needs a network namespace).
+//! One real proxy in the fleet's mesh: a client-side `tessera-proxy` in front of a
+//! server-side one and a TCP echo. In explicit mode (one outbound listener per service
+//! it calls): its memory with the services it uses in a small mesh and in the large
+//! one, and the latency of a first request to a service it has not called yet, next to
+//! a request to a service it already calls. An explicit listener follows its service
+//! from the start, so that first request pays for a first connection, not for
+//! discovery. In transparent mode (`transparent`, the proxy in a network-namespace pod),
+//! the first connection to a virtual IP waits for discovery too: that is the first
+//! request to a never-resolved service the target is about.
 
 pub mod transparent;
 
