@@ -116,7 +116,8 @@ enum Command {
     },
     /// Fleet scale (release build): a control plane serving a large simulated mesh to
     /// many simulated proxies (discovery streams in this process, one mTLS connection
-    /// each), next to a small mesh with fewer streams; then one real proxy in both.
+    /// each), next to a small mesh with fewer streams; then one real proxy in both, and
+    /// in transparent mode in a network-namespace pod (as root; skipped otherwise).
     /// Needs the release binaries built first.
     Fleet {
         #[arg(long, default_value = "10000")]

@@ -181,7 +181,7 @@ fn render_transparent(out: &mut String, proxy: &ProxyFigures) {
     let figures = match &proxy.transparent {
         Outcome::Measured(figures) => figures,
         Outcome::Skipped(reason) => {
-            let _ = writeln!(out, "transparent mode: skipped ({reason})");
+            let _ = writeln!(out, "transparent mode skipped: {reason}");
             return;
         }
     };
