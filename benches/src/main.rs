@@ -116,7 +116,8 @@ enum Command {
     },
     /// Fleet scale (release build): a control plane serving a large simulated mesh to
     /// many simulated proxies (discovery streams in this process, one mTLS connection
-    /// each), next to a small mesh with fewer streams; then one real proxy in both.
+    /// each), next to a small mesh with fewer streams; then one real proxy in both, and
+    /// in transparent mode in a network-namespace pod (as root; skipped otherwise).
     /// Needs the release binaries built first.
     Fleet {
         #[arg(long, default_value = "10000")]
@@ -142,6 +143,16 @@ enum Command {
     /// Internal: the gRPC and TCP echo servers, run as a child process.
     #[command(hide = true)]
     ServeBackends,
+    /// Internal: `fleet`'s application in a transparent pod; prints its samples as JSON.
+    #[command(hide = true)]
+    FleetClient {
+        /// Virtual IP:port the proxy has resolved (one connection each is made first).
+        #[arg(long, value_delimiter = ',', required = true)]
+        known: Vec<std::net::SocketAddr>,
+        /// Virtual IP:port never connected to: the first connection to each is timed.
+        #[arg(long, value_delimiter = ',', required = true)]
+        new: Vec<std::net::SocketAddr>,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -155,6 +166,15 @@ fn main() -> anyhow::Result<ExitCode> {
     let (plan, command) = match cli.command {
         Command::ServeBackends => {
             runtime.block_on(backends::serve())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::FleetClient { known, new } => {
+            use tessera_benches::fleet::proxy::transparent;
+            let samples = runtime.block_on(transparent::client(&known, &new))?;
+            println!(
+                "{}",
+                serde_json::to_string(&samples).context("serialize the samples")?
+            );
             return Ok(ExitCode::SUCCESS);
         }
         Command::All {

@@ -1,14 +1,17 @@
-//! One real proxy in the fleet's mesh: a client-side `tessera-proxy` (explicit mode,
-//! one outbound listener per service it calls) in front of a server-side one and a TCP
-//! echo. Its memory with the services it uses in a small mesh and in the large one; and
-//! the latency of a first request to a service it has not called yet, next to a request
-//! to a service it already calls. An explicit listener follows its service from the
-//! start, so that first request pays for a first connection, not for discovery; the
-//! discovery round trip itself is `fleet`'s new-subscription figure (transparent mode,
-//! which resolves a virtual IP on first use, needs a network namespace).
+//! One real proxy in the fleet's mesh: a client-side `tessera-proxy` in front of a
+//! server-side one and a TCP echo. In explicit mode (one outbound listener per service
+//! it calls): its memory with the services it uses in a small mesh and in the large
+//! one, and the latency of a first request to a service it has not called yet, next to
+//! a request to a service it already calls. An explicit listener follows its service
+//! from the start, so that first request pays for a first connection, not for
+//! discovery. In transparent mode (`transparent`, the proxy in a network-namespace pod),
+//! the first connection to a virtual IP waits for discovery too: that is the first
+//! request to a never-resolved service the target is about.
+
+pub mod transparent;
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -32,6 +35,8 @@ const WARM_UP_REQUESTS: usize = 50;
 /// Requests to used services timed as the baseline of a first request.
 const KNOWN_REQUESTS: usize = 200;
 const PAYLOAD: &[u8] = b"tessera fleet bench: one echo";
+/// The port of every called service.
+const SERVICE_PORT: u16 = 8080;
 
 /// The real proxy's figures.
 #[derive(Debug, Clone, Serialize)]
@@ -47,6 +52,9 @@ pub struct ProxyFigures {
     pub known: Latency,
     /// The same, the first through each of the new services.
     pub first: Latency,
+    /// The client-side proxy in transparent mode, where a first request resolves the
+    /// virtual IP it was made to.
+    pub transparent: transparent::Outcome,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -64,23 +72,27 @@ pub async fn measure(large: MeshShape) -> Result<ProxyFigures> {
         services: 0,
         endpoints_per_service: 0,
     };
-    let small_mesh = ProxyMesh::start(nothing_else, &used_services(), echo).await?;
+    let loopback = local(0).ip();
+    let small_mesh = ProxyMesh::start(nothing_else, &used_services(), echo, loopback).await?;
     let rss_small_mesh = small_mesh.client_rss(&used_services()).await?;
     let small_mesh_services = small_mesh.services;
     drop(small_mesh);
-    let called: Vec<String> = used_services().into_iter().chain(new_services()).collect();
-    let large_mesh = ProxyMesh::start(large, &called, echo).await?;
+    let large_mesh = ProxyMesh::start(large, &called_services(), echo, loopback).await?;
     let rss_large_mesh = large_mesh.client_rss(&used_services()).await?;
     let (known, first) = large_mesh.first_requests().await?;
+    let large_mesh_services = large_mesh.services;
+    drop(large_mesh);
+    let transparent = transparent::measure(large, echo).await?;
     Ok(ProxyFigures {
         services_used: SERVICES_USED,
         small_mesh_services,
-        large_mesh_services: large_mesh.services,
+        large_mesh_services,
         rss_small_mesh,
         rss_large_mesh,
         new_services: NEW_SERVICES,
         known,
         first,
+        transparent,
     })
 }
 
@@ -90,6 +102,17 @@ fn used_services() -> Vec<String> {
 
 fn new_services() -> Vec<String> {
     (0..NEW_SERVICES).map(|i| format!("new-{i:03}")).collect()
+}
+
+/// The used services, then the new ones.
+fn called_services() -> Vec<String> {
+    used_services().into_iter().chain(new_services()).collect()
+}
+
+/// The virtual IP of the `index`th called service, in 10.97.0.0/16 (the simulated
+/// mesh's are in 10.96.0.0/16).
+fn virtual_ip(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 97, (index / 256) as u8, (index % 256) as u8)
 }
 
 /// A control plane with the simulated mesh plus the services the proxy may call, and
@@ -102,12 +125,18 @@ struct ProxyMesh {
 }
 
 impl ProxyMesh {
-    async fn start(shape: MeshShape, called: &[String], echo: SocketAddr) -> Result<Self> {
+    /// The control plane and the server-side proxy's inbound listener on `host`.
+    async fn start(
+        shape: MeshShape,
+        called: &[String],
+        echo: SocketAddr,
+        host: IpAddr,
+    ) -> Result<Self> {
         let dir = ScratchDir::new("fleet-proxy")?;
         mesh::write(&dir.path().join("config"), shape)?;
-        let inbound = local(free_port());
+        let inbound = SocketAddr::new(host, free_port());
         dir.write("config/called.yaml", called_services_yaml(called, inbound))?;
-        let control_plane = ControlPlane::start(&dir, LOAD_TIMEOUT).await?;
+        let control_plane = ControlPlane::start_on(&dir, host, LOAD_TIMEOUT).await?;
         let listeners = format!("inbound:\n  - listen: {inbound}\n    forwardTo: {echo}\n");
         let mut server = start_proxy(&dir, &control_plane, SERVER_ACCOUNT, &listeners)?;
         wait_ready(&mut server).await?;
@@ -149,8 +178,7 @@ impl ProxyMesh {
 
     /// Requests to services in use, then a first request to each new service.
     async fn first_requests(&self) -> Result<(Latency, Latency)> {
-        let services: Vec<String> = used_services().into_iter().chain(new_services()).collect();
-        let (_client, entries) = self.client(&services).await?;
+        let (_client, entries) = self.client(&called_services()).await?;
         let (used, new) = entries.split_at(SERVICES_USED);
         for &entry in used {
             echo_request(entry).await?;
@@ -167,14 +195,16 @@ impl ProxyMesh {
     }
 }
 
-/// Opaque services of the bench namespace, each with one workload: the server-side
-/// proxy's inbound listener.
+/// Opaque services of the bench namespace, each with a virtual IP ([`virtual_ip`]) and
+/// one workload: the server-side proxy's inbound listener.
 fn called_services_yaml(services: &[String], inbound: SocketAddr) -> String {
     services
         .iter()
-        .map(|name| {
+        .enumerate()
+        .map(|(index, name)| {
+            let address = virtual_ip(index);
             format!(
-                "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  ports: [{{port: 8080, protocol: opaque}}]\n---\napiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}-0, namespace: {NAMESPACE}}}\nspec: {{service: {name}, serviceAccount: {SERVER_ACCOUNT}, address: \"{inbound}\"}}\n"
+                "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  addresses: [{address}]\n  ports: [{{port: {SERVICE_PORT}, protocol: opaque}}]\n---\napiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}-0, namespace: {NAMESPACE}}}\nspec: {{service: {name}, serviceAccount: {SERVER_ACCOUNT}, address: \"{inbound}\"}}\n"
             )
         })
         .collect::<Vec<_>>()

@@ -3,7 +3,7 @@
 //! with one inbound listener per server, and a client-side proxy with one outbound
 //! listener per service (`service: name.namespace`, resolved through discovery).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -52,6 +52,12 @@ impl ControlPlane {
     /// the bench's MeshConfig), with its state in `dir/state`; waits up to
     /// `ready_timeout` for it to serve.
     pub async fn start(dir: &ScratchDir, ready_timeout: Duration) -> Result<Self> {
+        Self::start_on(dir, local(0).ip(), ready_timeout).await
+    }
+
+    /// [`ControlPlane::start`] with its discovery port on `ip`: proxies in network
+    /// namespaces reach it on their bridge's address.
+    pub async fn start_on(dir: &ScratchDir, ip: IpAddr, ready_timeout: Duration) -> Result<Self> {
         dir.write(
             "config/mesh.yaml",
             format!(
@@ -60,7 +66,7 @@ impl ControlPlane {
         )?;
         let config_dir = dir.path().join("config");
         let state_dir = dir.path().join("state");
-        let address = local(free_port());
+        let address = SocketAddr::new(ip, free_port());
         let process = spawn_control_plane(&config_dir, &state_dir, address, ready_timeout).await?;
         Ok(Self {
             process,
