@@ -264,7 +264,10 @@ impl Subscriber {
             Ok(Ok(Some(first))) => first,
             Ok(Ok(None) | Err(_)) => return,
             Err(_) => {
-                let status = Status::deadline_exceeded("no subscription within 30 s");
+                let status = Status::deadline_exceeded(format!(
+                    "no subscription within {} s",
+                    FIRST_REQUEST_TIMEOUT.as_secs()
+                ));
                 let _ = self.responses.send(Err(status)).await;
                 return;
             }
@@ -788,6 +791,46 @@ mod tests {
         hostile.reached(2, true);
         assert_eq!(hostile.applied, 1, "an early acknowledgement is not kept");
         assert_eq!(hostile.acknowledged(2), Some(2));
+    }
+
+    /// A caller that opens a stream and never says what it follows is told so and
+    /// dropped after [`FIRST_REQUEST_TIMEOUT`], and was never listed as a proxy.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_without_a_first_request_is_ended() {
+        use http_body_util::{BodyExt, StreamBody};
+        use tokio_stream::StreamExt;
+
+        let (catalog, catalogs) = watch::channel(Arc::new(catalog(&[])));
+        let service = DiscoveryService {
+            catalogs,
+            metrics: Arc::new(Metrics::new()),
+            proxies: Arc::new(ConnectedProxies::default()),
+        };
+        // A request body that stays open and never brings a message.
+        let (_open, silent) = mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, Status>>(1);
+        let body = StreamBody::new(ReceiverStream::new(silent)).boxed_unsync();
+        let decoder = tonic::codec::Codec::decoder(&mut tessera_proto::codec::SmallBuffers::<
+            DiscoveryResponse,
+            DiscoveryRequest,
+        >::default());
+        let requests = Streaming::new_request(decoder, body, None, None);
+        let mut request = Request::new(requests);
+        request.extensions_mut().insert(Caller {
+            address: "10.0.0.5:40000".parse().unwrap(),
+            identity: Some("spiffe://cluster.local/ns/shop/sa/web".parse().unwrap()),
+        });
+        let started = tokio::time::Instant::now();
+        let mut responses = service.discover(request).await.unwrap().into_inner();
+        let ended = tokio::time::timeout(2 * FIRST_REQUEST_TIMEOUT, responses.next())
+            .await
+            .expect("ended in time")
+            .expect("an answer");
+        let status = ended.expect_err("no subscription: an error");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(started.elapsed(), FIRST_REQUEST_TIMEOUT);
+        assert!(responses.next().await.is_none(), "the stream ends");
+        assert!(service.proxies.list().is_empty());
+        drop(catalog);
     }
 
     /// A stream's proxy is listed while the stream is open, and only then.
