@@ -24,8 +24,9 @@ use crate::l7::Http1Client;
 use crate::{ControlPlane, Process, Proxy, TRUST_DOMAIN, TempDir, Upstream, free_port, local};
 
 /// Timeouts for the proxies under attack, short so that a test sees them fire. (The
-/// defaults are minutes; what is asserted is that they exist and are honoured.)
-pub const LIMITS: &str = "  handshakeTimeout: 3s\n  headerReadTimeout: 2s\n  connectionIdleTimeout: 5s\n  streamIdleTimeout: 5s\n  requestBodyTimeout: 2s\n";
+/// defaults are minutes; what is asserted is that they exist and are honoured.) Streams
+/// a caller stalls are ended well within the well-behaved caller's 5 s.
+pub const LIMITS: &str = "  handshakeTimeout: 3s\n  headerReadTimeout: 2s\n  connectionIdleTimeout: 5s\n  streamIdleTimeout: 2s\n  requestBodyTimeout: 2s\n";
 
 /// The installation command a failing or skipping test names.
 pub const INSTALL: &str = "python3 -m pip install -r tests/hostile/requirements.txt (pip itself: apt-get install python3-pip)";

@@ -267,8 +267,11 @@ async fn hpack_bomb_is_refused() {
 async fn zero_window_streams_stay_bounded() {
     let Some(mesh) = mesh().await else { return };
     // 4 connections, each with as many 1 MiB downloads as the proxy allows (at most
-    // 500) and a window of 0 that never opens. Sharing the proxies' upstream
-    // connections with these may slow the well-behaved caller: 95 %.
+    // 500) and a window of 0 that never opens. Their unread answers hold the
+    // connection-level window of the pooled connection between the proxies until the
+    // proxy ends them (the test proxies' streamIdleTimeout, under the well-behaved
+    // caller's 5 s): an HTTP/2 request sharing that connection waits that long, and a
+    // few are reset with them: 95 %.
     siege(&mesh, "zero-window streams", 0.95, |mesh| {
         both(
             mesh,
