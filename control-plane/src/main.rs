@@ -512,20 +512,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             window,
             output,
         } => {
-            let proxies = match control_plane_admin {
+            let (proxies, rollout) = match control_plane_admin {
                 Some(admin) => {
-                    let (found, unknown) = runtime.block_on(cli::connected_proxies(&admin))?;
-                    for line in unknown {
+                    let connected = runtime.block_on(cli::connected_proxies(&admin))?;
+                    for line in connected.unknown {
                         eprintln!("skipped {line}");
                     }
-                    found
+                    (connected.admins, Some(connected.rollout))
                 }
-                None => proxies,
+                None => (proxies, None),
             };
             let stats = runtime.block_on(cli::stat(&proxies, window))?;
             match output.as_str() {
                 "json" => println!("{}", serde_json::to_string_pretty(&stats)?),
-                "table" => print!("{}", cli::stat_table(&stats)),
+                "table" => {
+                    print!("{}", cli::stat_table(&stats));
+                    if let Some(rollout) = rollout {
+                        print!("\n{}", rollout.summary());
+                    }
+                }
                 other => anyhow::bail!("unknown output {other:?}: use table or json"),
             }
             Ok(ExitCode::SUCCESS)

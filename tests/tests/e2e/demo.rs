@@ -165,10 +165,22 @@ async fn tessera_stat_reads_a_running_demo() {
         table
             .lines()
             .skip(1)
+            .take_while(|l| !l.is_empty())
             .filter_map(|l| l.split_whitespace().next().map(str::to_string))
             .collect()
     };
     assert_eq!(destinations(&listed), destinations(&table), "{listed}");
+    // After the table: how far the newest configuration has reached (the demo's four
+    // proxies, every one acknowledged it by now).
+    let rollout = listed
+        .lines()
+        .find(|l| l.starts_with("configuration generation "))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(
+        rollout.ends_with(" in force on 4 of 4 connected proxies"),
+        "{listed}"
+    );
+    assert!(!listed.contains("behind:"), "{listed}");
 
     // Totals agree with the proxies' own /metrics, read right after.
     let output = Command::new(binary("tessera"))
