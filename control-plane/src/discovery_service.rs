@@ -262,7 +262,11 @@ impl Subscriber {
     ) {
         let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, requests.message()).await {
             Ok(Ok(Some(first))) => first,
-            Ok(Ok(None) | Err(_)) => return,
+            Ok(Ok(None)) => return,
+            Ok(Err(status)) => {
+                self.refuse(status).await;
+                return;
+            }
             Err(_) => {
                 let status = Status::deadline_exceeded(format!(
                     "no subscription within {} s",
@@ -291,8 +295,12 @@ impl Subscriber {
                             return;
                         }
                     }
-                    // The proxy is done, or gone.
-                    Ok(None) | Err(_) => return,
+                    // The proxy is done.
+                    Ok(None) => return,
+                    Err(status) => {
+                        self.refuse(status).await;
+                        return;
+                    }
                 },
                 changed = self.catalogs.changed() => {
                     if changed.is_err() || !self.send_changes(&registration).await {
@@ -302,6 +310,12 @@ impl Subscriber {
                 () = self.responses.closed() => return,
             }
         }
+    }
+
+    /// Ends the stream because of a request that could not be read (too large, not a
+    /// message), telling the proxy why, if it is still there to hear it.
+    async fn refuse(&self, status: Status) {
+        let _ = self.responses.send(Err(status)).await;
     }
 
     /// Applies a request and sends what the new subscriptions hold.

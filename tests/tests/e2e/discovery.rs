@@ -253,6 +253,27 @@ async fn the_control_plane_refuses_large_requests() {
             "{token_len} bytes: {status:?}"
         );
     }
+    // The same limit on a discovery request: ~60 KiB of names is answered (each one
+    // absent), ~100 KiB is refused before it is buffered whole.
+    let workload = format!("spiffe://{}/ns/shop/sa/web", tessera_tests::TRUST_DOMAIN);
+    for (names, too_large) in [(440, false), (730, true)] {
+        let request = tessera_proto::api::discovery::DiscoveryRequest {
+            subscribe: (0..names)
+                .map(|i| format!("service/s{i:0>61}.{}", "n".repeat(63)))
+                .collect(),
+            ..Default::default()
+        };
+        let bytes = prost::Message::encoded_len(&request);
+        let answer = tessera_tests::grpc::discover_once(&control_plane, &workload, request).await;
+        match answer {
+            Ok(response) if !too_large => assert!(!response.absent.is_empty(), "{response:?}"),
+            Err(status) if too_large => assert!(
+                status.code() == tonic::Code::OutOfRange && status.message().contains("too large"),
+                "{bytes} bytes: {status:?}"
+            ),
+            other => panic!("{bytes} bytes, too large: {too_large}: {other:?}"),
+        }
+    }
 }
 
 /// `tessera check config` lints a directory offline as the control plane would: every
