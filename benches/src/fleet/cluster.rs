@@ -114,18 +114,8 @@ impl ClusterMesh {
                 )
             }
         };
-        let (status, answer) = self
-            .api
-            .merge_patch(&path, &patch)
-            .await
-            .map_err(|e| BenchError::failed(format!("PATCH {path}"), format!("{e:#}")))?;
-        if status != 200 {
-            return Err(BenchError::failed(
-                format!("PATCH {path}"),
-                format!("{status} {answer}"),
-            ));
-        }
-        Ok(())
+        let answer = self.api.merge_patch(&path, &patch).await;
+        expect_status(format!("PATCH {path}"), 200, answer)
     }
 }
 
@@ -152,17 +142,23 @@ async fn create_all(api: &ApiServer, objects: Vec<Create>) -> Result<()> {
 }
 
 async fn create(connection: &mut ApiConnection, path: &str, object: &Value) -> Result<()> {
-    let (status, answer) = connection
+    let answer = connection
         .request(http::Method::POST, path, Some(object))
-        .await
-        .map_err(|e| BenchError::failed(format!("POST {path}"), format!("{e:#}")))?;
-    if status != 201 {
-        return Err(BenchError::failed(
-            format!("POST {path}"),
-            format!("{status} {answer}"),
-        ));
+        .await;
+    expect_status(format!("POST {path}"), 201, answer)
+}
+
+/// An error naming `request` unless the API server answered it with `expected`.
+fn expect_status(
+    request: String,
+    expected: u16,
+    answer: anyhow::Result<(u16, Value)>,
+) -> Result<()> {
+    match answer {
+        Ok((status, _)) if status == expected => Ok(()),
+        Ok((status, answer)) => Err(BenchError::failed(request, format!("{status} {answer}"))),
+        Err(error) => Err(BenchError::failed(request, format!("{error:#}"))),
     }
-    Ok(())
 }
 
 fn services(shape: MeshShape) -> impl Iterator<Item = ServiceIndex> {
