@@ -139,6 +139,11 @@ enum Command {
         /// Only the real proxy (in the large mesh), no simulated streams.
         #[arg(long)]
         proxy_only: bool,
+        /// The simulated streams against a control plane in cluster mode, the mesh
+        /// created in a real kube-apiserver (tests/kube/build.sh builds it); the real
+        /// proxy is measured in file mode only, so not here.
+        #[arg(long, conflicts_with = "proxy_only")]
+        cluster: bool,
     },
     /// Internal: the gRPC and TCP echo servers, run as a child process.
     #[command(hide = true)]
@@ -286,9 +291,15 @@ fn main() -> anyhow::Result<ExitCode> {
             services_per_stream,
             no_proxy,
             proxy_only,
+            cluster,
         } => {
-            use tessera_benches::fleet::{self, MeshShape};
+            use tessera_benches::fleet::{self, MeshShape, Source};
             let settings = fleet::Settings {
+                source: if cluster {
+                    Source::Cluster
+                } else {
+                    Source::Files
+                },
                 mesh: MeshShape {
                     services,
                     endpoints_per_service,
@@ -301,7 +312,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 baseline_streams,
                 services_per_stream,
                 streams_run: !proxy_only,
-                proxy: !no_proxy,
+                proxy: !no_proxy && !cluster,
             };
             let (runs, proxy) = runtime.block_on(fleet::run(settings))?;
             print!("{}", fleet::render(&runs, proxy.as_ref()));

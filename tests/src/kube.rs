@@ -51,6 +51,8 @@ pub struct ApiServer {
     pub issuer: String,
     tls: TlsConnector,
     authority: String,
+    /// Flags added to kube-apiserver's, kept for a restart.
+    apiserver_flags: Vec<String>,
     pub process: Process,
     dir: TempDir,
 }
@@ -60,9 +62,16 @@ impl ApiServer {
     /// and waits until it is ready; `None` when the harness is not built (see
     /// [`harness_binary`]).
     pub async fn start() -> Option<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`ApiServer::start`] with flags added to kube-apiserver's (a later one of the
+    /// same name wins: `--service-cluster-ip-range=10.0.0.0/16` for more Services).
+    pub async fn start_with(apiserver_flags: &[&str]) -> Option<Self> {
         let binary = harness_binary()?;
         let dir = TempDir::new("kube");
-        let (process, ready) = Self::spawn(&binary, &dir, 0).await;
+        let apiserver_flags: Vec<String> = apiserver_flags.iter().map(|f| f.to_string()).collect();
+        let (process, ready) = Self::spawn(&binary, &dir, 0, &apiserver_flags).await;
         let json = &ready[ready.find('{').expect("ready line is JSON")..];
         let ready: Value = serde_json::from_str(json).expect("ready line parses");
         let field = |name: &str| PathBuf::from(ready[name].as_str().expect(name));
@@ -80,6 +89,7 @@ impl ApiServer {
             server,
             tls,
             authority,
+            apiserver_flags,
             process,
             dir,
         })
@@ -87,7 +97,12 @@ impl ApiServer {
 
     /// Runs the harness on `dir` (its certificates and etcd data kept from an earlier
     /// run there) and `port` (0: any); the process and its ready line.
-    async fn spawn(binary: &Path, dir: &TempDir, port: u16) -> (Process, String) {
+    async fn spawn(
+        binary: &Path,
+        dir: &TempDir,
+        port: u16,
+        apiserver_flags: &[String],
+    ) -> (Process, String) {
         let process = Process::spawn(
             "kube-apiserver",
             Command::new(binary)
@@ -95,7 +110,9 @@ impl ApiServer {
                 .arg(dir.path())
                 .arg("--port")
                 .arg(port.to_string())
-                .arg("--controller-manager=false"),
+                .arg("--controller-manager=false")
+                .arg("--")
+                .args(apiserver_flags),
         );
         let ready = process
             .logs
@@ -120,7 +137,7 @@ impl ApiServer {
             .and_then(|(_, port)| port.parse().ok())
             .expect("the API server's port");
         let binary = harness_binary().expect("the harness ran before");
-        (self.process, _) = Self::spawn(&binary, &self.dir, port).await;
+        (self.process, _) = Self::spawn(&binary, &self.dir, port, &self.apiserver_flags).await;
     }
 
     /// The key the API server signs service-account tokens with (PEM).
@@ -280,21 +297,48 @@ impl ApiServer {
         answer
     }
 
-    async fn request(
-        &self,
-        method: http::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<(u16, Value)> {
+    /// A connection kept alive for many requests in a row (an `ApiServer` request opens
+    /// one each).
+    pub async fn connect(&self) -> anyhow::Result<ApiConnection> {
         let tcp = tokio::net::TcpStream::connect(&self.authority).await?;
         let host = self.authority.rsplit_once(':').map_or("", |(host, _)| host);
         let tls = self
             .tls
             .connect(ServerName::try_from(host.to_string())?, tcp)
             .await?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(connection);
+        Ok(ApiConnection {
+            sender,
+            authority: self.authority.clone(),
+        })
+    }
+
+    async fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.connect().await?.request(method, path, body).await
+    }
+}
+
+/// One HTTP/1.1 connection to the API server as the cluster admin.
+pub struct ApiConnection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+impl ApiConnection {
+    /// `method path` with a JSON body (a merge patch for `PATCH`); (status, the answer).
+    pub async fn request(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.sender.ready().await?;
         let body = body
             .map(serde_json::to_vec)
             .transpose()?
@@ -310,7 +354,7 @@ impl ApiServer {
             .header(http::header::CONTENT_TYPE, content_type)
             .header(http::header::ACCEPT, "application/json")
             .body(Full::new(Bytes::from(body)))?;
-        let response = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(request))
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, self.sender.send_request(request))
             .await
             .with_context(|| format!("{method} {path}: no answer"))??;
         let status = response.status().as_u16();

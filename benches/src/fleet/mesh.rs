@@ -1,6 +1,7 @@
 //! The simulated mesh: Services (each with a virtual IP and an HTTP port) and their
-//! Workloads, written as resource files into a control plane's configuration directory,
-//! one file per namespace; a few policies; and the edits the run times.
+//! endpoints, a few policies, and the changes the run times. In file mode they are
+//! resource files in a control plane's configuration directory, one per namespace;
+//! `cluster` makes the same mesh of Kubernetes objects.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -13,9 +14,18 @@ use crate::error::{BenchError, Result};
 use crate::topology::tessera::NAMESPACE;
 
 /// Services per namespace (the files are this big).
-const SERVICES_PER_NAMESPACE: usize = 100;
+pub const SERVICES_PER_NAMESPACE: usize = 100;
 /// The port every simulated workload's proxy listens on for mTLS.
-const INBOUND_PORT: u16 = 15006;
+pub const INBOUND_PORT: u16 = 15006;
+/// The port every service is called on.
+pub const SERVICE_PORT: u16 = 8080;
+/// The policies: a mesh-wide one (root namespace: every proxy holds it), one for the
+/// simulated proxies' own namespace, and one for a namespace none of them is in.
+pub const POLICIES: [(&str, &str); 3] = [
+    ("mesh-wide", ROOT_NAMESPACE),
+    ("bench-only", NAMESPACE),
+    ("elsewhere", "fleet-000"),
+];
 /// How sharply popularity falls: a stream's choice is `u^SKEW` of the range for a
 /// uniform `u`, so low-numbered services are watched by many and the tail by a few.
 const SKEW: i32 = 3;
@@ -41,11 +51,11 @@ impl ServiceIndex {
     /// The one every simulated proxy watches.
     pub const EVERYONE: Self = Self(0);
 
-    fn name(self) -> String {
+    pub fn name(self) -> String {
         format!("svc-{:05}", self.0)
     }
 
-    fn namespace(self) -> String {
+    pub fn namespace(self) -> String {
         format!("fleet-{:03}", self.0 / SERVICES_PER_NAMESPACE)
     }
 
@@ -58,6 +68,49 @@ impl ServiceIndex {
     fn address(self) -> String {
         format!("10.96.{}.{}", self.0 / 256, self.0 % 256)
     }
+
+    /// Its endpoints: (endpoint number, address numbered across the mesh).
+    pub fn endpoints(self, shape: MeshShape) -> impl Iterator<Item = (usize, usize)> {
+        let per_service = shape.endpoints_per_service;
+        (0..per_service).map(move |endpoint| (endpoint, self.0 * per_service + endpoint))
+    }
+}
+
+/// A change to the mesh the run times.
+#[derive(Debug, Clone, Copy)]
+pub enum Change {
+    /// An endpoint added to a service (numbered past any the mesh has).
+    EndpointAdded {
+        service: ServiceIndex,
+        revision: usize,
+    },
+    /// The root-namespace policy rewritten: every proxy's `policies` change.
+    MeshWidePolicy { revision: usize },
+}
+
+impl Change {
+    /// The discovery resource that changes with it.
+    pub fn resource(self) -> String {
+        match self {
+            Self::EndpointAdded { service, .. } => service.resource(),
+            Self::MeshWidePolicy { .. } => "policies".into(),
+        }
+    }
+}
+
+/// The endpoint an [`Change::EndpointAdded`] adds: (endpoint number, address number).
+pub fn added_endpoint(revision: usize) -> (usize, usize) {
+    (1_000 + revision, 10_000_000 + revision)
+}
+
+/// The address of the endpoint numbered `global` across the mesh, in 10.128.0.0/10.
+pub fn endpoint_ip(global: usize) -> String {
+    format!(
+        "10.{}.{}.{}",
+        128 + (global >> 16) % 64,
+        (global >> 8) & 255,
+        global & 255
+    )
 }
 
 /// Writes the mesh into `config_dir`: `fleet-NNN.yaml` per namespace, `policies.yaml`.
@@ -72,8 +125,7 @@ pub fn write(config_dir: &Path, shape: MeshShape) -> Result<()> {
         for index in first..last {
             let service = ServiceIndex(index);
             yaml.push_str(&service_yaml(service));
-            for endpoint in 0..shape.endpoints_per_service {
-                let global = index * shape.endpoints_per_service + endpoint;
+            for (endpoint, global) in service.endpoints(shape) {
                 yaml.push_str(&workload_yaml(service, endpoint, global));
             }
         }
@@ -82,31 +134,17 @@ pub fn write(config_dir: &Path, shape: MeshShape) -> Result<()> {
     write_file(config_dir, "policies.yaml", &policies_yaml(0))
 }
 
-/// One edit to the mesh: a file written (renamed into place) and the resource that
-/// changes with it.
-#[derive(Debug, Clone)]
-pub struct Edit {
-    pub file: String,
-    pub yaml: String,
-    pub resource: String,
-}
-
-/// A workload added to `service` (numbered past any the mesh has).
-pub fn endpoint_added(service: ServiceIndex, revision: usize) -> Edit {
-    let global = 10_000_000 + revision;
-    Edit {
-        file: format!("added-{}-{revision}.yaml", service.name()),
-        yaml: workload_yaml(service, 1_000 + revision, global),
-        resource: service.resource(),
-    }
-}
-
-/// The root-namespace policy rewritten: every proxy's `policies` change.
-pub fn mesh_wide_policy_changed(revision: usize) -> Edit {
-    Edit {
-        file: "policies.yaml".into(),
-        yaml: policies_yaml(revision),
-        resource: "policies".into(),
+/// `change` as the file written (renamed into place) and its content.
+pub fn change_file(change: Change) -> (String, String) {
+    match change {
+        Change::EndpointAdded { service, revision } => {
+            let (endpoint, global) = added_endpoint(revision);
+            (
+                format!("added-{}-{revision}.yaml", service.name()),
+                workload_yaml(service, endpoint, global),
+            )
+        }
+        Change::MeshWidePolicy { revision } => ("policies.yaml".into(), policies_yaml(revision)),
     }
 }
 
@@ -133,7 +171,7 @@ pub fn subscription_rng() -> StdRng {
 
 fn service_yaml(service: ServiceIndex) -> String {
     format!(
-        "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  addresses: [{}]\n  ports: [{{port: 8080, protocol: http}}]\n---\n",
+        "apiVersion: tessera.dev/v1alpha1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  addresses: [{}]\n  ports: [{{port: {SERVICE_PORT}, protocol: http}}]\n---\n",
         service.name(),
         service.namespace(),
         service.address(),
@@ -143,31 +181,30 @@ fn service_yaml(service: ServiceIndex) -> String {
 /// Endpoint `endpoint` of `service`, at an address numbered `global` across the mesh.
 fn workload_yaml(service: ServiceIndex, endpoint: usize, global: usize) -> String {
     format!(
-        "apiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}-{endpoint}, namespace: {namespace}}}\nspec: {{service: {name}, serviceAccount: {name}, address: \"10.{}.{}.{}:{INBOUND_PORT}\"}}\n---\n",
-        128 + (global >> 16) % 64,
-        (global >> 8) & 255,
-        global & 255,
+        "apiVersion: tessera.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}-{endpoint}, namespace: {namespace}}}\nspec: {{service: {name}, serviceAccount: {name}, address: \"{}:{INBOUND_PORT}\"}}\n---\n",
+        endpoint_ip(global),
         name = service.name(),
         namespace = service.namespace(),
     )
 }
 
-/// A mesh-wide policy (root namespace: every proxy holds it), one for the simulated
-/// proxies' own namespace, and one for a namespace none of them is in. Each denies a
-/// caller that does not exist, which opaque TCP can check: no traffic is refused.
+/// The [`POLICIES`]. Each denies a caller that does not exist, which opaque TCP can
+/// check: no traffic is refused.
 fn policies_yaml(revision: usize) -> String {
     let mut yaml = String::new();
-    for (name, namespace) in [
-        ("mesh-wide", ROOT_NAMESPACE),
-        ("bench-only", NAMESPACE),
-        ("elsewhere", "fleet-000"),
-    ] {
+    for (name, namespace) in POLICIES {
         let _ = write!(
             yaml,
-            "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: [\"cluster.local/ns/nowhere/sa/revision-{revision}\"]}}}}]\n---\n"
+            "apiVersion: tessera.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: [\"{}\"]}}}}]\n---\n",
+            denied_principal(revision)
         );
     }
     yaml
+}
+
+/// The caller the policies of `revision` deny, who never calls.
+pub fn denied_principal(revision: usize) -> String {
+    format!("cluster.local/ns/nowhere/sa/revision-{revision}")
 }
 
 fn write_file(config_dir: &Path, name: &str, yaml: &str) -> Result<()> {

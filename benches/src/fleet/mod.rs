@@ -1,13 +1,15 @@
 //! Fleet scale (`tessera-benches fleet`): a control plane serving a large simulated mesh
 //! (`mesh`) to many simulated proxies — discovery streams in this process, one mTLS
 //! connection each (`subscriber`) — measured against the same run on a small mesh with
-//! fewer streams; and one real proxy in both meshes (`proxy`).
+//! fewer streams; and one real proxy in both meshes (`proxy`). The mesh is read from
+//! files, or in cluster mode from a real Kubernetes API server (`cluster`).
 //!
 //! For each mesh: how long the control plane takes to load it; its memory and CPU per
 //! connected proxy; how long a change takes to reach the last stream that watches it,
 //! and how many streams receive it; how long a restart takes until every stream has
 //! resumed, and how many resources it resends.
 
+pub mod cluster;
 mod mesh;
 pub mod proxy;
 mod render;
@@ -27,6 +29,8 @@ use crate::proc_stats;
 use crate::process::ScratchDir;
 use crate::subscriber::{Arrival, ArrivalLog, Known, Subscriber, Subscription};
 use crate::topology::tessera::{ControlPlane, NAMESPACE};
+use cluster::{ClusterMesh, ObjectsCreated};
+use mesh::Change;
 
 pub use mesh::MeshShape;
 use mesh::ServiceIndex;
@@ -45,9 +49,19 @@ const NEW_SUBSCRIPTIONS: usize = 200;
 /// do not watch it (there should be none).
 const STRAY_GRACE: Duration = Duration::from_millis(500);
 
+/// Where the control plane reads the mesh from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Source {
+    /// Resource files in its configuration directory.
+    Files,
+    /// Objects of a Kubernetes API server it watches (`--kubernetes`).
+    Cluster,
+}
+
 /// What to run.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
+    pub source: Source,
     pub mesh: MeshShape,
     pub streams: usize,
     pub baseline_mesh: MeshShape,
@@ -63,6 +77,10 @@ pub struct Settings {
 /// The figures of one mesh and fleet.
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetFigures {
+    pub source: Source,
+    /// Cluster mode: creating the mesh's objects through the API, before the control
+    /// plane starts.
+    pub api_objects: Option<ObjectsCreated>,
     pub services: usize,
     pub endpoints: usize,
     pub streams: usize,
@@ -147,7 +165,15 @@ pub async fn run(settings: Settings) -> Result<(Vec<FleetFigures>, Option<proxy:
             shape.services,
             shape.endpoints()
         );
-        figures.push(measure(shape, streams, settings.services_per_stream).await?);
+        figures.push(
+            measure(
+                settings.source,
+                shape,
+                streams,
+                settings.services_per_stream,
+            )
+            .await?,
+        );
     }
     let proxy = if settings.proxy {
         Some(proxy::measure(settings.mesh).await?)
@@ -158,21 +184,42 @@ pub async fn run(settings: Settings) -> Result<(Vec<FleetFigures>, Option<proxy:
 }
 
 /// One mesh, one fleet of streams, every measurement.
-async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<FleetFigures> {
+async fn measure(
+    source: Source,
+    shape: MeshShape,
+    streams: usize,
+    per_stream: usize,
+) -> Result<FleetFigures> {
+    let subscriptions = subscriptions(shape, streams, per_stream);
+    let (rare, rare_watchers) = least_watched(&subscriptions, shape);
+    let everyone = |revision| Change::EndpointAdded {
+        service: ServiceIndex::EVERYONE,
+        revision,
+    };
+    let rare_change = Change::EndpointAdded {
+        service: rare,
+        revision: 0,
+    };
     let dir = ScratchDir::new("fleet")?;
-    mesh::write(&dir.path().join("config"), shape)?;
+    let mesh = LoadedMesh::load(
+        source,
+        &dir,
+        shape,
+        &[everyone(0), rare_change, everyone(1)],
+    )
+    .await?;
     let started = Instant::now();
-    let mut control_plane = ControlPlane::start(&dir, LOAD_TIMEOUT).await?;
+    let mut control_plane = mesh.start_control_plane(&dir).await?;
     let load_ms = millis(started.elapsed());
 
     let connector = {
         let harness = Harness::new(&control_plane)?;
         harness.connector(Some(harness.workload_cert().await?))?
     };
-    let subscriptions = subscriptions(shape, streams, per_stream);
     let fleet = Fleet {
         connector,
         log: Arc::new(ArrivalLog::default()),
+        mesh,
     };
     eprintln!("fleet: mesh loaded in {load_ms:.0} ms; connecting {streams} streams");
     let (subscribers, connect) = fleet
@@ -183,24 +230,22 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
         "fleet: connected in {:.1} s; timing changes",
         connect.seconds
     );
-    let watchers = |resource: &str| {
+    let watchers = |change: Change| {
+        let resource = change.resource();
         subscriptions
             .iter()
-            .filter(|s| s.names.iter().any(|n| n == resource))
+            .filter(|s| s.names.contains(&resource))
             .count()
     };
-    let edit = mesh::endpoint_added(ServiceIndex::EVERYONE, 0);
     let endpoint_everyone_watches = fleet
-        .time_change(&control_plane, &edit, watchers(&edit.resource))
+        .time_change(&control_plane, everyone(0), watchers(everyone(0)))
         .await?;
-    let edit = mesh::mesh_wide_policy_changed(1);
+    let policy = Change::MeshWidePolicy { revision: 1 };
     let mesh_wide_policy = fleet
-        .time_change(&control_plane, &edit, watchers(&edit.resource))
+        .time_change(&control_plane, policy, watchers(policy))
         .await?;
-    let (rare, rare_watchers) = least_watched(&subscriptions, shape);
-    let edit = mesh::endpoint_added(rare, 0);
     let endpoint_few_watch = fleet
-        .time_change(&control_plane, &edit, rare_watchers)
+        .time_change(&control_plane, rare_change, rare_watchers)
         .await?;
 
     let new_subscription = fleet
@@ -209,9 +254,11 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
 
     eprintln!("fleet: restarting the control plane");
     let restart = fleet
-        .restart(&mut control_plane, subscribers, subscriptions)
+        .restart(&mut control_plane, subscribers, subscriptions, everyone(1))
         .await?;
     Ok(FleetFigures {
+        source,
+        api_objects: fleet.mesh.created(),
         services: shape.services,
         endpoints: shape.endpoints(),
         streams,
@@ -223,6 +270,64 @@ async fn measure(shape: MeshShape, streams: usize, per_stream: usize) -> Result<
         new_subscription,
         restart,
     })
+}
+
+/// The mesh where the control plane reads it.
+enum LoadedMesh {
+    /// Written into the configuration directory.
+    Files,
+    Cluster(Box<ClusterMesh>),
+}
+
+impl LoadedMesh {
+    /// Puts the mesh in place, and what `changes` will need (cluster mode: their pods).
+    async fn load(
+        source: Source,
+        dir: &ScratchDir,
+        shape: MeshShape,
+        changes: &[Change],
+    ) -> Result<Self> {
+        match source {
+            Source::Files => {
+                mesh::write(&dir.path().join("config"), shape)?;
+                Ok(Self::Files)
+            }
+            Source::Cluster => {
+                let mesh = ClusterMesh::create(shape, changes).await?;
+                eprintln!(
+                    "fleet: {} API objects created in {:.1} s",
+                    mesh.created.objects, mesh.created.seconds
+                );
+                Ok(Self::Cluster(Box::new(mesh)))
+            }
+        }
+    }
+
+    async fn start_control_plane(&self, dir: &ScratchDir) -> Result<ControlPlane> {
+        let args = match self {
+            Self::Files => Vec::new(),
+            Self::Cluster(mesh) => mesh.control_plane_args(),
+        };
+        ControlPlane::start_with(dir, LOAD_TIMEOUT, args).await
+    }
+
+    /// Makes `change` where the control plane reads it (running or not).
+    async fn apply(&self, control_plane: &ControlPlane, change: Change) -> Result<()> {
+        match self {
+            Self::Files => {
+                let (file, yaml) = mesh::change_file(change);
+                control_plane.write_config(&file, &yaml)
+            }
+            Self::Cluster(mesh) => mesh.apply(change).await,
+        }
+    }
+
+    fn created(&self) -> Option<ObjectsCreated> {
+        match self {
+            Self::Files => None,
+            Self::Cluster(mesh) => Some(mesh.created.clone()),
+        }
+    }
 }
 
 /// What each simulated proxy subscribes to: its policies and `per_stream` services.
@@ -245,6 +350,7 @@ fn subscriptions(shape: MeshShape, streams: usize, per_stream: usize) -> Vec<Sub
 struct Fleet {
     connector: Connector,
     log: Arc<ArrivalLog>,
+    mesh: LoadedMesh,
 }
 
 impl Fleet {
@@ -291,24 +397,25 @@ impl Fleet {
         Ok(subscribers)
     }
 
-    /// Makes `edit` and waits until `watchers` streams received it, then a little
+    /// Makes `change` and waits until `watchers` streams received it, then a little
     /// longer for messages to anyone else.
     async fn time_change(
         &self,
         control_plane: &ControlPlane,
-        edit: &mesh::Edit,
+        change: Change,
         watchers: usize,
     ) -> Result<ChangeFigures> {
         self.log.take();
+        let resource = change.resource();
         let changed_at = Instant::now();
-        control_plane.write_config(&edit.file, &edit.yaml)?;
-        self.wait_for(&edit.resource, watchers, changed_at + CHANGE_TIMEOUT)
+        self.mesh.apply(control_plane, change).await?;
+        self.wait_for(&resource, watchers, changed_at + CHANGE_TIMEOUT)
             .await?;
         tokio::time::sleep(STRAY_GRACE).await;
         let arrivals = self.log.take();
         let delays = arrivals
             .iter()
-            .filter(|a| a.resources.contains(&edit.resource))
+            .filter(|a| a.resources.contains(&resource))
             .map(|a| a.at.saturating_duration_since(changed_at));
         let histogram = micros(delays)?;
         let ms = |us: u64| us as f64 / 1e3;
@@ -372,25 +479,26 @@ impl Fleet {
         })
     }
 
-    /// Kills the control plane, edits the service every stream watches while it is
-    /// down, starts it again and reconnects every stream with the versions it held.
+    /// Kills the control plane, makes `change` (to the service every stream watches)
+    /// while it is down, starts it again and reconnects every stream with the versions
+    /// it held.
     async fn restart(
         &self,
         control_plane: &mut ControlPlane,
         subscribers: Vec<Subscriber>,
         subscriptions: Vec<Subscription>,
+        change: Change,
     ) -> Result<RestartFigures> {
         control_plane.kill();
         let mut held = closed_streams(subscribers).await?;
-        let edit = mesh::endpoint_added(ServiceIndex::EVERYONE, 1);
-        control_plane.write_config(&edit.file, &edit.yaml)?;
+        self.mesh.apply(control_plane, change).await?;
         let resuming: Vec<Subscription> = subscriptions
             .into_iter()
             .map(|subscription| {
                 let known = held.remove(&subscription.stream).unwrap_or_default();
                 Subscription {
                     known,
-                    synced_when: [edit.resource.clone()].into(),
+                    synced_when: [change.resource()].into(),
                     ..subscription
                 }
             })

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::proxy::ProxyFigures;
 use super::proxy::transparent::Outcome;
-use super::{ChangeFigures, FleetFigures};
+use super::{ChangeFigures, FleetFigures, Source};
 
 const KIB: f64 = 1024.0;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -23,7 +23,12 @@ pub fn render(runs: &[FleetFigures], proxy: Option<&ProxyFigures>) -> String {
 }
 
 fn render_streams(out: &mut String, runs: &[FleetFigures]) {
-    out.push_str("== Fleet: control plane and simulated proxies ==\n");
+    let cluster = runs.iter().any(|r| r.source == Source::Cluster);
+    out.push_str(if cluster {
+        "== Fleet, cluster mode (kube-apiserver + etcd): control plane and simulated proxies ==\n"
+    } else {
+        "== Fleet: control plane and simulated proxies ==\n"
+    });
     let row =
         |out: &mut String, label: &str, cell: &dyn Fn(&FleetFigures) -> String, target: &str| {
             let _ = write!(out, "{label:<58}");
@@ -44,6 +49,20 @@ fn render_streams(out: &mut String, runs: &[FleetFigures]) {
         &|r| r.streams.to_string(),
         "",
     );
+    if cluster {
+        row(
+            out,
+            "API objects created before the start (writers), s",
+            &|r| match &r.api_objects {
+                Some(created) => format!(
+                    "{} in {:.1} ({})",
+                    created.objects, created.seconds, created.writers
+                ),
+                None => String::new(),
+            },
+            "",
+        );
+    }
     row(
         out,
         "control plane start → serving, ms",
@@ -80,7 +99,11 @@ fn render_streams(out: &mut String, runs: &[FleetFigures]) {
         &|r| format!("{:.0}", r.connect.cpu_us_per_stream),
         "",
     );
-    out.push_str("changes (file renamed → a stream has it):\n");
+    out.push_str(if cluster {
+        "changes (API write sent → a stream has it):\n"
+    } else {
+        "changes (file renamed → a stream has it):\n"
+    });
     for (title, change, target) in [
         (
             "all-watched service +1 endpoint",

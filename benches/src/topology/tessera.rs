@@ -3,6 +3,7 @@
 //! with one inbound listener per server, and a client-side proxy with one outbound
 //! listener per service (`service: name.namespace`, resolved through discovery).
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
@@ -45,6 +46,8 @@ pub struct ControlPlane {
     pub address: SocketAddr,
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Arguments added to `tessera control-plane`'s (cluster mode's), kept for a restart.
+    extra_args: Vec<OsString>,
 }
 
 impl ControlPlane {
@@ -52,12 +55,30 @@ impl ControlPlane {
     /// the bench's MeshConfig), with its state in `dir/state`; waits up to
     /// `ready_timeout` for it to serve.
     pub async fn start(dir: &ScratchDir, ready_timeout: Duration) -> Result<Self> {
-        Self::start_on(dir, local(0).ip(), ready_timeout).await
+        Self::start_at(dir, local(0).ip(), ready_timeout, Vec::new()).await
     }
 
     /// [`ControlPlane::start`] with its discovery port on `ip`: proxies in network
     /// namespaces reach it on their bridge's address.
     pub async fn start_on(dir: &ScratchDir, ip: IpAddr, ready_timeout: Duration) -> Result<Self> {
+        Self::start_at(dir, ip, ready_timeout, Vec::new()).await
+    }
+
+    /// [`ControlPlane::start`] with more arguments (`--kubernetes --kubeconfig FILE`).
+    pub async fn start_with(
+        dir: &ScratchDir,
+        ready_timeout: Duration,
+        extra_args: Vec<OsString>,
+    ) -> Result<Self> {
+        Self::start_at(dir, local(0).ip(), ready_timeout, extra_args).await
+    }
+
+    async fn start_at(
+        dir: &ScratchDir,
+        ip: IpAddr,
+        ready_timeout: Duration,
+        extra_args: Vec<OsString>,
+    ) -> Result<Self> {
         dir.write(
             "config/mesh.yaml",
             format!(
@@ -67,12 +88,15 @@ impl ControlPlane {
         let config_dir = dir.path().join("config");
         let state_dir = dir.path().join("state");
         let address = SocketAddr::new(ip, free_port());
-        let process = spawn_control_plane(&config_dir, &state_dir, address, ready_timeout).await?;
+        let process =
+            spawn_control_plane(&config_dir, &state_dir, address, &extra_args, ready_timeout)
+                .await?;
         Ok(Self {
             process,
             address,
             config_dir,
             state_dir,
+            extra_args,
         })
     }
 
@@ -84,6 +108,7 @@ impl ControlPlane {
             &self.config_dir,
             &self.state_dir,
             self.address,
+            &self.extra_args,
             ready_timeout,
         )
         .await?;
@@ -213,6 +238,7 @@ async fn spawn_control_plane(
     config_dir: &std::path::Path,
     state_dir: &std::path::Path,
     address: SocketAddr,
+    extra_args: &[OsString],
     ready_timeout: Duration,
 ) -> Result<Process> {
     let mut process = Process::spawn(
@@ -229,7 +255,8 @@ async fn spawn_control_plane(
             .arg(local(free_port()).to_string())
             // Port 0: the admission webhook must not need 15017, which another control
             // plane on this machine may hold.
-            .args(["--webhook", "127.0.0.1:0"]),
+            .args(["--webhook", "127.0.0.1:0"])
+            .args(extra_args),
     )?;
     process
         .wait_for_output("control plane started", ready_timeout)

@@ -13,7 +13,7 @@
 //! Headless and ExternalName Services have no virtual IP to route by: left out (their
 //! callers dial pods or names directly, which transparent mode passes through).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,7 +42,7 @@ pub struct ClusterState<'a> {
 
 /// The meshed Services and their workloads, in a stable order.
 pub fn resources(state: &ClusterState<'_>) -> Vec<Resource> {
-    let meshed: Vec<&str> = state
+    let meshed: HashSet<&str> = state
         .namespaces
         .iter()
         .filter(|namespace| {
@@ -64,11 +64,14 @@ pub fn resources(state: &ClusterState<'_>) -> Vec<Resource> {
             Some((key, &**pod))
         })
         .collect();
+    let slices_of = slices_by_service(state.slices);
     let mut services: Vec<&Service> = state
         .services
         .iter()
         .map(|service| &**service)
-        .filter(|service| meshed.contains(&service.namespace().unwrap_or_default().as_str()))
+        .filter(|service| {
+            meshed.contains(service.metadata.namespace.as_deref().unwrap_or_default())
+        })
         .collect();
     services.sort_by_key(|service| (service.namespace(), service.name_any()));
     let mut resources = Vec::new();
@@ -81,11 +84,11 @@ pub fn resources(state: &ClusterState<'_>) -> Vec<Resource> {
         let name = service.name_any();
         resources.push(resource("Service", &namespace, &name, Spec::Service(spec)));
         let ports = service_ports(service);
-        let slices = state.slices.iter().filter(|slice| {
-            slice.namespace().as_deref() == Some(namespace.as_str())
-                && slice.labels().get(SERVICE_NAME_LABEL) == Some(&name)
-                && same_family(&slice.address_type, family)
-        });
+        let slices = slices_of
+            .get(&(namespace.as_str(), name.as_str()))
+            .into_iter()
+            .flatten()
+            .filter(|slice| same_family(&slice.address_type, family));
         let mut workloads: Vec<(String, WorkloadSpec)> = Vec::new();
         for slice in slices {
             let target_ports = target_ports(ports, slice);
@@ -101,6 +104,23 @@ pub fn resources(state: &ClusterState<'_>) -> Vec<Resource> {
         }
     }
     resources
+}
+
+/// The slices of each Service, by (namespace, name): found once per load, not by
+/// reading every slice for every Service, which a mesh of thousands cannot afford.
+fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let namespace = slice.metadata.namespace.as_deref();
+        let service = slice.labels().get(SERVICE_NAME_LABEL);
+        if let (Some(namespace), Some(service)) = (namespace, service) {
+            by_service
+                .entry((namespace, service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    by_service
 }
 
 fn resource(kind: &str, namespace: &str, name: &str, spec: Spec) -> Resource {
@@ -427,6 +447,62 @@ mod tests {
             pods: &pods,
         });
         assert!(headless.is_empty(), "{headless:?}");
+    }
+
+    /// Many Services of one name in several namespaces, and slices labelled for each:
+    /// every Service takes the endpoints of its own namespace's slices and no other's.
+    #[test]
+    fn each_service_takes_the_slices_of_its_namespace_and_name() {
+        let namespaces: Vec<String> = (0..5).map(|n| format!("ns-{n}")).collect();
+        let mut services = Vec::new();
+        let (mut slices, mut pods) = (Vec::new(), Vec::new());
+        for (n, namespace) in namespaces.iter().enumerate() {
+            for s in 0..40 {
+                let name = format!("svc-{s}");
+                services.push(object(json!({
+                    "metadata": { "name": name, "namespace": namespace },
+                    "spec": { "clusterIP": format!("10.96.{n}.{s}"),
+                              "ports": [{ "name": "http", "port": 80 }] }
+                })));
+                let pod_name = format!("{name}-pod");
+                pods.push(object(json!({
+                    "metadata": { "name": pod_name, "namespace": namespace },
+                    "spec": { "serviceAccountName": name,
+                              "initContainers": [{ "name": PROXY_CONTAINER }],
+                              "containers": [{ "name": "app" }] }
+                })));
+                slices.push(object(json!({
+                    "metadata": { "name": format!("{name}-abcde"), "namespace": namespace,
+                                  "labels": { SERVICE_NAME_LABEL: name } },
+                    "addressType": "IPv4",
+                    "endpoints": [{ "addresses": [format!("10.1.{n}.{s}")],
+                                    "targetRef": { "kind": "Pod", "name": pod_name } }],
+                    "ports": [{ "name": "http", "port": 8080 }]
+                })));
+            }
+        }
+        let meshed: Vec<Arc<Namespace>> = namespaces.iter().map(|n| namespace(n, true)).collect();
+        let resources = resources(&ClusterState {
+            namespaces: &meshed,
+            services: &services,
+            slices: &slices,
+            pods: &pods,
+        });
+        let workloads: Vec<(String, String)> = resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::Workload(w) => Some((r.origin.to_string(), w.address.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(workloads.len(), 5 * 40);
+        for (origin, address) in workloads {
+            // "Pod ns-N/svc-S-pod.svc-S" at 10.1.N.S.
+            let (namespace, rest) = origin["Pod ns-".len()..].split_once('/').unwrap();
+            let service = rest.split_once('.').unwrap().1;
+            let expected = format!("10.1.{namespace}.{}:8080", &service["svc-".len()..]);
+            assert_eq!(address, expected, "{origin}");
+        }
     }
 
     #[test]
