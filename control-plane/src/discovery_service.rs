@@ -11,7 +11,7 @@
 //! address, where its admin port is) on the admin port's `/proxies`, so `tessera stat`
 //! can find every proxy through the control plane.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -20,9 +20,8 @@ use std::time::{Duration, SystemTime};
 use tessera_mesh::discovery::{MAX_MESSAGE_BYTES, MAX_SUBSCRIPTIONS, ResourceName};
 use tessera_proto::api::discovery::discovery_server::Discovery;
 use tessera_proto::api::discovery::{DiscoveryRequest, DiscoveryResponse, Resource};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
@@ -32,6 +31,8 @@ use crate::telemetry::Metrics;
 
 /// A caller must say what it follows this soon after opening its stream.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Queued answers a stream keeps room for once they are sent.
+const OUTGOING_KEPT: usize = 4;
 /// Room in a message for the fields around the resources.
 const MESSAGE_SLACK: usize = 64 * 1024;
 /// A message is sent once it holds this much (a larger resource goes alone). tonic
@@ -185,15 +186,6 @@ impl Discovery for DiscoveryService {
                 "discovery requires a workload certificate",
             ));
         };
-        let (responses, sent) = mpsc::channel(1);
-        let subscriber = Subscriber {
-            namespace: identity.namespace().to_string(),
-            subscriptions: Subscriptions::default(),
-            catalogs: self.catalogs.clone(),
-            responses,
-            metrics: self.metrics.clone(),
-            progress: Progress::default(),
-        };
         let proxy = ConnectedProxy {
             identity: identity.to_string(),
             address,
@@ -202,20 +194,58 @@ impl Discovery for DiscoveryService {
             connected_since: rfc3339(SystemTime::now()),
             generation: 0,
         };
-        tokio::spawn(subscriber.serve(request.into_inner(), proxy, self.proxies.clone()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(sent))))
+        let subscriber = Subscriber {
+            namespace: identity.namespace().to_string(),
+            subscriptions: Subscriptions::default(),
+            catalogs: self.catalogs.clone(),
+            requests: request.into_inner(),
+            outgoing: VecDeque::new(),
+            metrics: self.metrics.clone(),
+            progress: Progress::default(),
+            state: State::AwaitingFirst {
+                proxy,
+                proxies: self.proxies.clone(),
+            },
+        };
+        // The stream is the subscriber: tonic polls it for the next message when the
+        // connection can take one, and drops it (ending the subscription) when the
+        // proxy goes away. No task or channel of its own per stream.
+        let responses = futures_util::stream::unfold(subscriber, |mut subscriber| async move {
+            let next = subscriber.next().await?;
+            Some((next, subscriber))
+        });
+        Ok(Response::new(Box::pin(responses)))
     }
 }
 
-/// One discovery stream: what its proxy follows, and where its answers go.
+/// One discovery stream: what its proxy follows, and the answers not yet taken.
 struct Subscriber {
     /// The caller's namespace, from its certificate: which policies it receives.
     namespace: String,
     subscriptions: Subscriptions,
     catalogs: watch::Receiver<Arc<Catalog>>,
-    responses: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    requests: Streaming<DiscoveryRequest>,
+    /// Answers to hand to tonic, in order; an error ends the stream after it.
+    outgoing: VecDeque<Result<DiscoveryResponse, Status>>,
     metrics: Arc<Metrics>,
     progress: Progress,
+    state: State,
+}
+
+/// Where a stream is in its life.
+enum State {
+    /// Opened, waiting for the proxy to say what it follows.
+    AwaitingFirst {
+        proxy: ConnectedProxy,
+        proxies: Arc<ConnectedProxies>,
+    },
+    /// Following: listed in `/proxies` and counted until dropped.
+    Following {
+        registration: Registration,
+        _gauge: StreamGauge,
+    },
+    /// Done: what is in `outgoing` is the last of it.
+    Ended,
 }
 
 /// How far a proxy has come: what it was sent and what it acknowledged.
@@ -253,27 +283,51 @@ impl Progress {
 }
 
 impl Subscriber {
-    /// Serves the stream until the proxy goes away or breaks the protocol.
-    async fn serve(
-        mut self,
-        mut requests: Streaming<DiscoveryRequest>,
-        mut proxy: ConnectedProxy,
-        proxies: Arc<ConnectedProxies>,
-    ) {
-        let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, requests.message()).await {
+    /// The next message for the proxy, waiting for a request or a new catalog when
+    /// there is none; `None` once the stream is over.
+    async fn next(&mut self) -> Option<Result<DiscoveryResponse, Status>> {
+        loop {
+            if let Some(message) = self.outgoing.pop_front() {
+                if message.is_ok() {
+                    self.metrics.config_pushes.inc();
+                }
+                if self.outgoing.is_empty() {
+                    // A large first answer's room is not kept for the stream's life.
+                    self.outgoing.shrink_to(OUTGOING_KEPT);
+                }
+                return Some(message);
+            }
+            match std::mem::replace(&mut self.state, State::Ended) {
+                State::Ended => return None,
+                State::AwaitingFirst { proxy, proxies } => self.first(proxy, proxies).await,
+                State::Following {
+                    registration,
+                    _gauge,
+                } => {
+                    if self.follow(&registration).await {
+                        self.state = State::Following {
+                            registration,
+                            _gauge,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the proxy's first request, lists the proxy and answers it.
+    async fn first(&mut self, mut proxy: ConnectedProxy, proxies: Arc<ConnectedProxies>) {
+        let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, self.requests.message()).await
+        {
             Ok(Ok(Some(first))) => first,
             Ok(Ok(None)) => return,
-            Ok(Err(status)) => {
-                self.refuse(status).await;
-                return;
-            }
+            Ok(Err(status)) => return self.outgoing.push_back(Err(status)),
             Err(_) => {
                 let status = Status::deadline_exceeded(format!(
                     "no subscription within {} s",
                     FIRST_REQUEST_TIMEOUT.as_secs()
                 ));
-                let _ = self.responses.send(Err(status)).await;
-                return;
+                return self.outgoing.push_back(Err(status));
             }
         };
         let admin = admin_address(&first.admin_address, proxy.address);
@@ -281,91 +335,81 @@ impl Subscriber {
         proxy.admin = admin.ok();
         info!(event = "discovery stream opened", identity = %proxy.identity, caller = %proxy.address);
         let registration = proxies.add(proxy);
-        let _gauge = StreamGauge::open(&self.metrics.discovery_streams);
-        if let Err(status) = self.answer(first, &registration).await {
-            let _ = self.responses.send(Err(status)).await;
-            return;
+        let gauge = StreamGauge::open(&self.metrics.discovery_streams);
+        if self.answer(first, &registration) {
+            self.state = State::Following {
+                registration,
+                _gauge: gauge,
+            };
         }
-        loop {
-            tokio::select! {
-                request = requests.message() => match request {
-                    Ok(Some(request)) => {
-                        if let Err(status) = self.answer(request, &registration).await {
-                            let _ = self.responses.send(Err(status)).await;
-                            return;
-                        }
-                    }
-                    // The proxy is done.
-                    Ok(None) => return,
-                    Err(status) => {
-                        self.refuse(status).await;
-                        return;
-                    }
-                },
-                changed = self.catalogs.changed() => {
-                    if changed.is_err() || !self.send_changes(&registration).await {
-                        return;
-                    }
+    }
+
+    /// Waits for the next request or catalog and queues what it calls for; false when
+    /// the stream is over (the proxy is done, or broke the protocol: told why).
+    async fn follow(&mut self, registration: &Registration) -> bool {
+        tokio::select! {
+            request = self.requests.message() => match request {
+                Ok(Some(request)) => self.answer(request, registration),
+                // The proxy is done.
+                Ok(None) => false,
+                // A request that could not be read (too large, not a message): the proxy
+                // is told why, if it is still there to hear it.
+                Err(status) => {
+                    self.outgoing.push_back(Err(status));
+                    false
                 }
-                () = self.responses.closed() => return,
+            },
+            changed = self.catalogs.changed() => {
+                if changed.is_err() {
+                    return false;
+                }
+                let catalog = self.catalogs.borrow_and_update().clone();
+                let messages = self.subscriptions.changes(&catalog, &self.namespace, None);
+                self.queue(messages, &catalog, registration);
+                true
             }
         }
     }
 
-    /// Ends the stream because of a request that could not be read (too large, not a
-    /// message), telling the proxy why, if it is still there to hear it.
-    async fn refuse(&self, status: Status) {
-        let _ = self.responses.send(Err(status)).await;
-    }
-
-    /// Applies a request and sends what the new subscriptions hold.
-    async fn answer(
-        &mut self,
-        request: DiscoveryRequest,
-        registration: &Registration,
-    ) -> Result<(), Status> {
+    /// Applies a request and queues what the new subscriptions hold; false (the error
+    /// queued) when the request breaks the protocol.
+    fn answer(&mut self, request: DiscoveryRequest, registration: &Registration) -> bool {
         let applied = request.applied;
-        let added = self.subscriptions.apply(request)?;
+        let added = match self.subscriptions.apply(request) {
+            Ok(added) => added,
+            Err(status) => {
+                self.outgoing.push_back(Err(status));
+                return false;
+            }
+        };
         if let Some(generation) = self.progress.acknowledged(applied) {
             registration.set_generation(generation);
         }
-        if added.is_empty() {
-            return Ok(());
+        if !added.is_empty() {
+            let catalog = self.catalogs.borrow_and_update().clone();
+            let messages = self
+                .subscriptions
+                .changes(&catalog, &self.namespace, Some(&added));
+            self.queue(messages, &catalog, registration);
         }
-        let catalog = self.catalogs.borrow_and_update().clone();
-        let messages = self
-            .subscriptions
-            .changes(&catalog, &self.namespace, Some(&added));
-        self.send(messages, &catalog, registration).await;
-        Ok(())
+        true
     }
 
-    /// Sends what changed in the newest catalog; false when the proxy is gone.
-    async fn send_changes(&mut self, registration: &Registration) -> bool {
-        let catalog = self.catalogs.borrow_and_update().clone();
-        let messages = self.subscriptions.changes(&catalog, &self.namespace, None);
-        self.send(messages, &catalog, registration).await
-    }
-
-    /// Sends `messages`, which bring the proxy up to `catalog`; false when it is gone.
-    async fn send(
+    /// Queues `messages`, which bring the proxy up to `catalog`.
+    fn queue(
         &mut self,
         messages: Vec<DiscoveryResponse>,
         catalog: &Catalog,
         registration: &Registration,
-    ) -> bool {
+    ) {
         let sent_any = !messages.is_empty();
         for mut message in messages {
             message.generation = catalog.generation;
-            if self.responses.send(Ok(message)).await.is_err() {
-                return false;
-            }
-            self.metrics.config_pushes.inc();
+            self.outgoing.push_back(Ok(message));
         }
         if let Some(generation) = self.progress.reached(catalog.generation, sent_any) {
             registration.set_generation(generation);
         }
-        true
     }
 }
 
@@ -807,34 +851,59 @@ mod tests {
         assert_eq!(hostile.acknowledged(2), Some(2));
     }
 
-    /// A caller that opens a stream and never says what it follows is told so and
-    /// dropped after [`FIRST_REQUEST_TIMEOUT`], and was never listed as a proxy.
-    #[tokio::test(start_paused = true)]
-    async fn a_stream_without_a_first_request_is_ended() {
-        use http_body_util::{BodyExt, StreamBody};
-        use tokio_stream::StreamExt;
+    type Frame = Result<hyper::body::Frame<bytes::Bytes>, Status>;
 
-        let (catalog, catalogs) = watch::channel(Arc::new(catalog(&[])));
-        let service = DiscoveryService {
-            catalogs,
-            metrics: Arc::new(Metrics::new()),
-            proxies: Arc::new(ConnectedProxies::default()),
-        };
-        // A request body that stays open and never brings a message.
-        let (_open, silent) = mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, Status>>(1);
-        let body = StreamBody::new(ReceiverStream::new(silent)).boxed_unsync();
+    /// A `Discover` call to `service` as `spiffe://cluster.local/ns/shop/sa/web`, its
+    /// request messages sent through the returned sender (dropping it ends them).
+    async fn open_stream(
+        service: &DiscoveryService,
+    ) -> (tokio::sync::mpsc::Sender<Frame>, ResponseStream) {
+        use http_body_util::{BodyExt, StreamBody};
+        use tokio_stream::wrappers::ReceiverStream;
+
+        let (sender, frames) = tokio::sync::mpsc::channel::<Frame>(4);
+        let body = StreamBody::new(ReceiverStream::new(frames)).boxed_unsync();
         let decoder = tonic::codec::Codec::decoder(&mut tessera_proto::codec::SmallBuffers::<
             DiscoveryResponse,
             DiscoveryRequest,
         >::default());
-        let requests = Streaming::new_request(decoder, body, None, None);
-        let mut request = Request::new(requests);
+        let mut request = Request::new(Streaming::new_request(decoder, body, None, None));
         request.extensions_mut().insert(Caller {
             address: "10.0.0.5:40000".parse().unwrap(),
             identity: Some("spiffe://cluster.local/ns/shop/sa/web".parse().unwrap()),
         });
+        let responses = service.discover(request).await.unwrap().into_inner();
+        (sender, responses)
+    }
+
+    /// `request` as one gRPC message frame.
+    fn frame(request: &DiscoveryRequest) -> Frame {
+        use prost::Message;
+
+        let mut bytes = vec![0u8];
+        bytes.extend((request.encoded_len() as u32).to_be_bytes());
+        bytes.extend(request.encode_to_vec());
+        Ok(hyper::body::Frame::data(bytes.into()))
+    }
+
+    fn service(catalogs: watch::Receiver<Arc<Catalog>>) -> DiscoveryService {
+        DiscoveryService {
+            catalogs,
+            metrics: Arc::new(Metrics::new()),
+            proxies: Arc::new(ConnectedProxies::default()),
+        }
+    }
+
+    /// A caller that opens a stream and never says what it follows is told so and
+    /// dropped after [`FIRST_REQUEST_TIMEOUT`], and was never listed as a proxy.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_without_a_first_request_is_ended() {
+        use tokio_stream::StreamExt;
+
+        let (_catalog, catalogs) = watch::channel(Arc::new(catalog(&[])));
+        let service = service(catalogs);
+        let (_open, mut responses) = open_stream(&service).await;
         let started = tokio::time::Instant::now();
-        let mut responses = service.discover(request).await.unwrap().into_inner();
         let ended = tokio::time::timeout(2 * FIRST_REQUEST_TIMEOUT, responses.next())
             .await
             .expect("ended in time")
@@ -844,7 +913,55 @@ mod tests {
         assert_eq!(started.elapsed(), FIRST_REQUEST_TIMEOUT);
         assert!(responses.next().await.is_none(), "the stream ends");
         assert!(service.proxies.list().is_empty());
-        drop(catalog);
+    }
+
+    /// A stream's whole life: the first request lists the proxy and is answered, a
+    /// new catalog brings only what changed, an acknowledgement puts its generation in
+    /// force, and the proxy ending its requests ends the stream and its listing.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_answers_follows_and_ends() {
+        use tokio_stream::StreamExt;
+
+        let (publish, catalogs) = watch::channel(Arc::new(catalog(&[("web", "10.96.0.10")])));
+        let service = service(catalogs);
+        let (requests, mut responses) = open_stream(&service).await;
+        requests
+            .send(frame(&subscribe(&["service/web.shop", "service/api.shop"])))
+            .await
+            .unwrap();
+        let first = responses.next().await.unwrap().unwrap();
+        assert_eq!(
+            told(&[first]),
+            (
+                strings(&["service/web.shop"]),
+                strings(&["service/api.shop"])
+            )
+        );
+        assert_eq!(service.proxies.list().len(), 1);
+
+        let mut next = catalog(&[("web", "10.96.0.10"), ("api", "10.96.0.11")]);
+        next.generation = 2;
+        publish.send(Arc::new(next)).unwrap();
+        let change = responses.next().await.unwrap().unwrap();
+        assert_eq!(change.generation, 2);
+        assert_eq!(told(&[change]), (strings(&["service/api.shop"]), vec![]));
+        assert_eq!(
+            service.proxies.list()[0].generation,
+            0,
+            "not acknowledged yet"
+        );
+        let ack = DiscoveryRequest {
+            applied: 2,
+            ..Default::default()
+        };
+        requests.send(frame(&ack)).await.unwrap();
+        // Nothing to send for it: the stream reads it and waits on.
+        let quiet = tokio::time::timeout(Duration::from_secs(1), responses.next()).await;
+        assert!(quiet.is_err(), "{quiet:?}");
+        assert_eq!(service.proxies.list()[0].generation, 2);
+        drop(requests);
+        assert!(responses.next().await.is_none(), "the proxy is done");
+        assert!(service.proxies.list().is_empty());
     }
 
     /// A stream's proxy is listed while the stream is open, and only then.
