@@ -12,8 +12,11 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 /// Initial bytes of each stream's encode and decode buffer. Requests (a CSR, a few
 /// subscriptions) and most discovery answers fit.
 const INITIAL_BUFFER: usize = 1024;
-/// tonic's default: past this many encoded bytes a stream yields to others.
-const YIELD_THRESHOLD: usize = 32 * 1024;
+/// Past this many encoded bytes a stream hands them to the connection (tonic's default
+/// is 32 KiB). Its encode buffer is kept, for the stream's life, as large as the most
+/// it encoded between two hand-overs: a discovery stream queues many small answers at
+/// once.
+const YIELD_THRESHOLD: usize = 4 * 1024;
 
 /// The codec the generated clients and servers use.
 #[derive(Debug, Clone, Copy)]
