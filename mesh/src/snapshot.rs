@@ -377,6 +377,17 @@ spec:
   retries: {attempts: 3}
 ";
 
+    /// Borrowed resources build what the same resources owned build.
+    #[test]
+    fn borrowed_resources_build_the_same_snapshot() {
+        let resources = parse_file(Path::new("mesh.yaml"), MESH).unwrap();
+        let borrowed: Vec<&Resource> = resources.iter().collect();
+        assert_eq!(
+            MeshSnapshot::from_resources("cluster.local", &borrowed).unwrap(),
+            MeshSnapshot::from_resources("cluster.local", &resources).unwrap()
+        );
+    }
+
     #[test]
     fn builds_services_with_endpoints_and_routes() {
         let resources = parse_file(Path::new("mesh.yaml"), MESH).unwrap();

@@ -197,6 +197,15 @@ mod tests {
         assert_eq!(accepted.in_force.keys().collect::<Vec<_>>(), ["u1"]);
     }
 
+    /// The versions in force are the candidates' own, shared rather than copied.
+    #[test]
+    fn the_versions_in_force_are_shared_with_the_candidates() {
+        let candidates = [candidate("u1", service("orders", "10.96.0.1"), None)];
+        let accepted = accept(&[], &candidates, build).unwrap();
+        let current = candidates[0].current.as_ref().unwrap();
+        assert!(Arc::ptr_eq(&accepted.in_force["u1"], current));
+    }
+
     /// A newcomer claiming an address in force is refused, whatever the order of the two:
     /// the object in force keeps it, and the other changes of the same load still apply.
     #[test]
