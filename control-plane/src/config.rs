@@ -68,13 +68,13 @@ fn build_snapshot(
 ) -> Result<MeshSnapshot, ConfigError> {
     let mut files = resources::load_dir_with(dir, parsed)?;
     inline_files(dir, &mut files)?;
-    let build = |resources: &[resources::Resource]| {
+    let build = |resources: &[&resources::Resource]| {
         let snapshot = MeshSnapshot::from_resources(trust_domain, resources)?;
         check_size(dir, &snapshot)?;
         Ok(snapshot)
     };
     let Some(objects) = cluster else {
-        return build(&files);
+        return build(&files.iter().collect::<Vec<_>>());
     };
     let candidates = objects.candidates();
     let accepted = acceptance::accept(&files, &candidates, build)?;
@@ -98,7 +98,7 @@ pub(crate) fn problems(dir: &Path) -> Vec<ConfigError> {
             return problems;
         }
     };
-    let build = |resources: &[resources::Resource]| {
+    let build = |resources: &[&resources::Resource]| {
         let snapshot = MeshSnapshot::from_resources(&trust_domain, resources)?;
         check_size(dir, &snapshot)?;
         Ok(snapshot)
@@ -112,14 +112,14 @@ pub(crate) fn problems(dir: &Path) -> Vec<ConfigError> {
 /// cluster mode uses for its objects); an error no resource is to blame for on its own.
 fn each_refusal(
     resources: &[resources::Resource],
-    build: &impl Fn(&[resources::Resource]) -> Result<MeshSnapshot, ConfigError>,
+    build: &impl Fn(&[&resources::Resource]) -> Result<MeshSnapshot, ConfigError>,
 ) -> Vec<ConfigError> {
     let candidates: Vec<acceptance::Candidate> = resources
         .iter()
         .map(|resource| acceptance::Candidate {
             key: resource.origin.to_string(),
             origin: resource.origin.clone(),
-            current: Ok(resource.clone()),
+            current: Ok(Arc::new(resource.clone())),
             accepted: None,
             subject: None,
         })

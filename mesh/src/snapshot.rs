@@ -5,6 +5,7 @@
 //! Proxies receive it in parts, as JSON: each service ([`ServiceEntry`]) and the
 //! policies of their namespace (`discovery::PolicySet`), subscribed to by name.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
@@ -102,15 +103,20 @@ impl Endpoint {
 impl MeshSnapshot {
     /// Builds the snapshot, checking references between resources. Linear in the
     /// number of resources: a mesh of tens of thousands of endpoints is rebuilt on
-    /// every change.
-    pub fn from_resources(trust_domain: &str, resources: &[Resource]) -> Result<Self, ConfigError> {
+    /// every change. Takes the resources owned or borrowed (`&[&Resource]`), so a
+    /// caller choosing among versions it holds need not copy them.
+    pub fn from_resources<R: Borrow<Resource>>(
+        trust_domain: &str,
+        resources: &[R],
+    ) -> Result<Self, ConfigError> {
+        let resources = move || resources.iter().map(Borrow::borrow);
         let mut services = Services::default();
-        for resource in resources {
+        for resource in resources() {
             if let Spec::Service(spec) = &resource.spec {
                 services.add(resource, spec)?;
             }
         }
-        for resource in resources {
+        for resource in resources() {
             match &resource.spec {
                 Spec::Workload(spec) => {
                     let namespace = namespace_of(resource)?;
@@ -170,7 +176,7 @@ impl MeshSnapshot {
             services: services.entries,
             ..Self::default()
         };
-        for resource in resources {
+        for resource in resources() {
             let name = || resource.metadata.name.clone();
             match &resource.spec {
                 Spec::PeerAuthentication(spec) => snapshot.peer_authentications.push(Named {
@@ -370,6 +376,17 @@ spec:
   timeout: 2s
   retries: {attempts: 3}
 ";
+
+    /// Borrowed resources build what the same resources owned build.
+    #[test]
+    fn borrowed_resources_build_the_same_snapshot() {
+        let resources = parse_file(Path::new("mesh.yaml"), MESH).unwrap();
+        let borrowed: Vec<&Resource> = resources.iter().collect();
+        assert_eq!(
+            MeshSnapshot::from_resources("cluster.local", &borrowed).unwrap(),
+            MeshSnapshot::from_resources("cluster.local", &resources).unwrap()
+        );
+    }
 
     #[test]
     fn builds_services_with_endpoints_and_routes() {

@@ -13,13 +13,15 @@
 //! load uses, and an unchanged set never differs from the one published.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tessera_mesh::resources::{ConfigError, Origin, Resource};
 use tessera_mesh::snapshot::MeshSnapshot;
 
 use super::status::Subject;
 
-/// One cluster object offered to a snapshot.
+/// One cluster object offered to a snapshot. Its versions are shared, not copied: a
+/// load offers every object in the cluster, and most are the versions already in force.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     /// Identifies the object across versions (its uid; the origin for derived resources).
@@ -27,9 +29,9 @@ pub struct Candidate {
     /// Where it comes from, for messages.
     pub origin: Origin,
     /// Its current version, or why it cannot be read at all.
-    pub current: Result<Resource, String>,
+    pub current: Result<Arc<Resource>, String>,
     /// Its version in the last snapshot built, if any.
-    pub accepted: Option<Resource>,
+    pub accepted: Option<Arc<Resource>>,
     /// A `tessera.dev` object's status to report on; none for derived resources.
     pub subject: Option<Subject>,
 }
@@ -39,7 +41,7 @@ pub struct Candidate {
 pub struct Accepted {
     pub snapshot: MeshSnapshot,
     /// Per key: the version in force, when one is.
-    pub in_force: BTreeMap<String, Resource>,
+    pub in_force: BTreeMap<String, Arc<Resource>>,
     /// Per key: why its current version is not in force.
     pub refused: BTreeMap<String, String>,
 }
@@ -50,10 +52,10 @@ pub struct Accepted {
 pub fn accept(
     files: &[Resource],
     candidates: &[Candidate],
-    build: impl Fn(&[Resource]) -> Result<MeshSnapshot, ConfigError>,
+    build: impl Fn(&[&Resource]) -> Result<MeshSnapshot, ConfigError>,
 ) -> Result<Accepted, ConfigError> {
     let mut refused = BTreeMap::new();
-    let mut chosen: Vec<Option<Resource>> = candidates
+    let mut chosen: Vec<Option<Arc<Resource>>> = candidates
         .iter()
         .map(|candidate| match &candidate.current {
             Ok(current) => Some(current.clone()),
@@ -96,23 +98,23 @@ pub fn accept(
 }
 
 /// `files`, then the chosen versions of the candidates `include` takes, in their order.
-fn in_order(
-    files: &[Resource],
-    chosen: &[Option<Resource>],
+fn in_order<'a>(
+    files: &'a [Resource],
+    chosen: &'a [Option<Arc<Resource>>],
     include: impl Fn(usize) -> bool,
-) -> Vec<Resource> {
+) -> Vec<&'a Resource> {
     let cluster = chosen
         .iter()
         .enumerate()
         .filter(|(index, _)| include(*index))
-        .filter_map(|(_, version)| version.clone());
-    files.iter().cloned().chain(cluster).collect()
+        .filter_map(|(_, version)| version.as_deref());
+    files.iter().chain(cluster).collect()
 }
 
 fn settled(
     snapshot: MeshSnapshot,
     candidates: &[Candidate],
-    chosen: Vec<Option<Resource>>,
+    chosen: Vec<Option<Arc<Resource>>>,
     refused: BTreeMap<String, String>,
 ) -> Accepted {
     let in_force = candidates
@@ -135,7 +137,7 @@ mod tests {
 
     const TRUST_DOMAIN: &str = "cluster.local";
 
-    fn build(resources: &[Resource]) -> Result<MeshSnapshot, ConfigError> {
+    fn build(resources: &[&Resource]) -> Result<MeshSnapshot, ConfigError> {
         MeshSnapshot::from_resources(TRUST_DOMAIN, resources)
     }
 
@@ -171,8 +173,8 @@ mod tests {
         Candidate {
             key: key.into(),
             origin: current.origin.clone(),
-            current: Ok(current),
-            accepted,
+            current: Ok(Arc::new(current)),
+            accepted: accepted.map(Arc::new),
             subject: None,
         }
     }
@@ -193,6 +195,15 @@ mod tests {
         assert_eq!(services(&accepted), ["orders [10.96.0.1]"]);
         assert!(accepted.refused.is_empty());
         assert_eq!(accepted.in_force.keys().collect::<Vec<_>>(), ["u1"]);
+    }
+
+    /// The versions in force are the candidates' own, shared rather than copied.
+    #[test]
+    fn the_versions_in_force_are_shared_with_the_candidates() {
+        let candidates = [candidate("u1", service("orders", "10.96.0.1"), None)];
+        let accepted = accept(&[], &candidates, build).unwrap();
+        let current = candidates[0].current.as_ref().unwrap();
+        assert!(Arc::ptr_eq(&accepted.in_force["u1"], current));
     }
 
     /// A newcomer claiming an address in force is refused, whatever the order of the two:
@@ -234,7 +245,7 @@ mod tests {
             candidate("w1", edited, Some(worker.clone())),
         ];
         let accepted = accept(&[], &candidates, build).unwrap();
-        assert_eq!(accepted.in_force["w1"], worker);
+        assert_eq!(*accepted.in_force["w1"], worker);
         assert!(
             accepted.refused["w1"].contains("nowhere"),
             "{:?}",
@@ -266,11 +277,11 @@ mod tests {
             key: "u1".into(),
             origin: orders.origin.clone(),
             current: Err("spec.ports: invalid type".into()),
-            accepted: Some(orders.clone()),
+            accepted: Some(Arc::new(orders.clone())),
             subject: None,
         }];
         let accepted = accept(&[], &candidates, build).unwrap();
-        assert_eq!(accepted.in_force["u1"], orders);
+        assert_eq!(*accepted.in_force["u1"], orders);
         assert_eq!(accepted.refused["u1"], "spec.ports: invalid type");
     }
 
@@ -287,7 +298,7 @@ mod tests {
     #[test]
     fn many_bad_objects_are_each_refused_in_a_bounded_number_of_builds() {
         let builds = std::cell::Cell::new(0);
-        let counting = |resources: &[Resource]| {
+        let counting = |resources: &[&Resource]| {
             builds.set(builds.get() + 1);
             build(resources)
         };

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
@@ -50,7 +50,7 @@ pub struct ClusterObjects {
     /// Services and workloads from Namespaces, Services, EndpointSlices and Pods.
     discovery: Option<Discovery>,
     /// Per candidate key: its version in the last snapshot built.
-    accepted: Mutex<HashMap<String, Resource>>,
+    accepted: Mutex<HashMap<String, Arc<Resource>>>,
     /// Per candidate key: the refusal last logged, so a reload logs each one once.
     reported: Mutex<HashMap<String, String>>,
     /// What the last snapshot made of each `tessera.dev` object.
@@ -295,7 +295,7 @@ impl ClusterObjects {
                     accepted: accepted.get(&key).cloned(),
                     key,
                     origin: resource.origin.clone(),
-                    current: Ok(resource),
+                    current: Ok(Arc::new(resource)),
                     subject: None,
                 }
             })
@@ -377,15 +377,17 @@ fn candidate(kind: &Kind, object: &DynamicObject) -> Candidate {
         spec => spec,
     };
     let current = to_spec(kind.name, spec)
-        .map(|spec| Resource {
-            origin: origin.clone(),
-            metadata: Metadata {
-                name: name.clone(),
-                namespace: Some(namespace.clone()),
-                labels: object.labels().clone(),
-                annotations: Default::default(),
-            },
-            spec,
+        .map(|spec| {
+            Arc::new(Resource {
+                origin: origin.clone(),
+                metadata: Metadata {
+                    name: name.clone(),
+                    namespace: Some(namespace.clone()),
+                    labels: object.labels().clone(),
+                    annotations: Default::default(),
+                },
+                spec,
+            })
         })
         .map_err(|error| format!("cannot be read: {error}"));
     Candidate {
