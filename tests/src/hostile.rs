@@ -212,13 +212,19 @@ pub enum Surface {
 }
 
 impl HostileMesh {
+    /// The mesh with [`LIMITS`].
     pub async fn start() -> Self {
+        Self::start_with(LIMITS).await
+    }
+
+    /// The mesh with these `limits:` lines in both proxies' configuration.
+    pub async fn start_with(limits: &str) -> Self {
         crate::init();
         let control_plane = ControlPlane::start("1h", "").await;
         let backend = Backend::start().await;
-        let server = launch(&control_plane, "server", Some(backend.address), &[]);
+        let server = launch(&control_plane, limits, "server", Some(backend.address), &[]);
         let upstream = Upstream::fixed(server.inbound(), crate::spiffe("server"));
-        let client = launch(&control_plane, "client", None, &[upstream]);
+        let client = launch(&control_plane, limits, "client", None, &[upstream]);
         for proxy in [&server, &client] {
             proxy
                 .wait_ready(Duration::from_secs(20))
@@ -479,9 +485,10 @@ async fn get_http2(entry: SocketAddr, client: &mut Option<H2Client>) -> anyhow::
     Ok(())
 }
 
-/// A proxy like [`ControlPlane::proxy`] starts, with [`LIMITS`] in its configuration.
+/// A proxy like [`ControlPlane::proxy`] starts, with `limits` in its configuration.
 fn launch(
     control_plane: &ControlPlane,
+    limits: &str,
     service_account: &str,
     app: Option<SocketAddr>,
     upstreams: &[Upstream],
@@ -493,7 +500,7 @@ fn launch(
     let admin_port = free_port();
     let inbound_port = app.map(|_| free_port());
     let mut yaml = format!(
-        "identity:\n  trustDomain: {TRUST_DOMAIN}\n  namespace: {}\n  serviceAccount: {service_account}\n  joinTokenFile: {}\ncontrolPlane:\n  address: {}\n  trustBundleFile: {}\nadmin: {}\nlimits:\n{LIMITS}",
+        "identity:\n  trustDomain: {TRUST_DOMAIN}\n  namespace: {}\n  serviceAccount: {service_account}\n  joinTokenFile: {}\ncontrolPlane:\n  address: {}\n  trustBundleFile: {}\nadmin: {}\nlimits:\n{limits}",
         crate::NAMESPACE,
         token_file.display(),
         control_plane.address(),

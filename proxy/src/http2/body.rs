@@ -12,6 +12,7 @@ use http_body::{Frame, SizeHint};
 
 use super::client::Lease;
 use super::server;
+use super::stall::Reader;
 use crate::http::BoxError;
 
 /// Why a body stopped short.
@@ -143,15 +144,53 @@ where
 /// server). What is read is handed back to the peer's flow-control window at once: the
 /// proxy passes bytes on, it does not keep them.
 pub struct StreamBody {
-    stream: RecvStream,
+    source: Source,
     /// A server stream's progress, told of every chunk and of the end.
     progress: Option<Arc<server::Progress>>,
     data_done: bool,
     /// What `content-length` says is still to come, so an HTTP/1.1 caller gets a
     /// length instead of chunks.
     remaining: Option<u64>,
-    /// A response's place on its client connection, until the body is done with.
-    _lease: Option<Lease>,
+}
+
+/// Where a body's bytes come from.
+enum Source {
+    /// A request's stream, on the caller's own connection.
+    Own(RecvStream),
+    /// A response's stream on a pooled client connection: its place there is held until
+    /// the body is done with, and a stalled response may be shed ([`super::stall`]).
+    Pooled { reader: Reader, _lease: Lease },
+}
+
+impl Source {
+    /// Runs `read` on the stream; `None` once the response was shed.
+    fn with<R>(&mut self, read: impl FnOnce(&mut RecvStream) -> R) -> Option<R> {
+        match self {
+            Source::Own(stream) => Some(read(stream)),
+            Source::Pooled { reader, .. } => reader.with(read),
+        }
+    }
+
+    /// Whether the stream ended; a shed one has an error still to give.
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Own(stream) => stream.is_end_stream(),
+            Source::Pooled { reader, .. } => reader
+                .with(|stream| stream.is_end_stream())
+                .unwrap_or(false),
+        }
+    }
+
+    fn took(&self, bytes: usize) {
+        if let Source::Pooled { reader, .. } = self {
+            reader.took(bytes);
+        }
+    }
+}
+
+/// What the reader of a shed response gets: the proxy reset the stream.
+fn shed() -> h2::Error {
+    h2::Error::from(Reason::CANCEL)
 }
 
 impl StreamBody {
@@ -161,31 +200,36 @@ impl StreamBody {
         lease: Option<Lease>,
     ) -> Response<StreamBody> {
         let (head, stream) = response.into_parts();
-        let mut body = Self::new(stream, &head.headers);
-        body._lease = lease;
+        let source = match lease {
+            Some(lease) => Source::Pooled {
+                reader: lease.watch(stream),
+                _lease: lease,
+            },
+            None => Source::Own(stream),
+        };
+        let body = Self::new(source, &head.headers);
         Response::from_parts(head, body)
     }
 
     /// The request with its body.
     pub fn request(request: Request<RecvStream>) -> Request<StreamBody> {
         let (head, stream) = request.into_parts();
-        let mut body = Self::new(stream, &head.headers);
+        let mut body = Self::new(Source::Own(stream), &head.headers);
         body.progress = head.extensions.get::<Arc<server::Progress>>().cloned();
         Request::from_parts(head, body)
     }
 
     /// The length comes from `content-length` when the message has one.
-    fn new(stream: RecvStream, headers: &http::HeaderMap) -> Self {
+    fn new(source: Source, headers: &http::HeaderMap) -> Self {
         let length = headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse().ok());
         StreamBody {
-            stream,
+            source,
             progress: None,
             data_done: false,
             remaining: length,
-            _lease: None,
         }
     }
 }
@@ -198,6 +242,18 @@ impl StreamBody {
     }
 }
 
+/// The next chunk of a stream's data, its capacity handed back to the peer at once.
+fn poll_released(
+    stream: &mut RecvStream,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Bytes, h2::Error>>> {
+    let polled = ready!(stream.poll_data(cx));
+    if let Some(Ok(data)) = &polled {
+        let _ = stream.flow_control().release_capacity(data.len());
+    }
+    Poll::Ready(polled)
+}
+
 impl http_body::Body for StreamBody {
     type Data = Bytes;
     type Error = h2::Error;
@@ -207,7 +263,11 @@ impl http_body::Body for StreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if !self.data_done {
-            let Poll::Ready(polled) = self.stream.poll_data(cx) else {
+            let Some(polled) = self.source.with(|stream| poll_released(stream, cx)) else {
+                self.end_progress();
+                return Poll::Ready(Some(Err(shed())));
+            };
+            let Poll::Ready(polled) = polled else {
                 // Waiting on the caller: a slow body is now the caller's doing.
                 if let Some(progress) = &self.progress {
                     progress.awaiting_body();
@@ -216,7 +276,7 @@ impl http_body::Body for StreamBody {
             };
             match polled {
                 Some(Ok(data)) => {
-                    let _ = self.stream.flow_control().release_capacity(data.len());
+                    self.source.took(data.len());
                     if let Some(remaining) = &mut self.remaining {
                         *remaining = remaining.saturating_sub(data.len() as u64);
                     }
@@ -235,7 +295,10 @@ impl http_body::Body for StreamBody {
                 }
             }
         }
-        match ready!(self.stream.poll_trailers(cx)) {
+        let Some(trailers) = self.source.with(|stream| stream.poll_trailers(cx)) else {
+            return Poll::Ready(Some(Err(shed())));
+        };
+        match ready!(trailers) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
             Err(error) => Poll::Ready(Some(Err(error))),
@@ -243,13 +306,13 @@ impl http_body::Body for StreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.stream.is_end_stream()
+        self.source.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.remaining {
             Some(remaining) => SizeHint::with_exact(remaining),
-            None if self.stream.is_end_stream() => SizeHint::with_exact(0),
+            None if self.is_end_stream() => SizeHint::with_exact(0),
             None => SizeHint::default(),
         }
     }

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
-use h2::{Ping, PingPong, Reason};
+use h2::{Ping, PingPong, Reason, RecvStream};
 use http::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+use super::stall::{Reader, Responses};
 use super::{BodyPump, PumpError, StreamBody, Tunnel};
 use crate::http::{BoxError, BoxFuture, ProxyError};
 use crate::limits::{CONNECTION_WINDOW, MAX_HEADER_BYTES, STREAM_WINDOW};
@@ -221,12 +222,13 @@ enum Spread {
     Many,
 }
 
-/// One connection of a [`SharedH2`]: its sender, whether its task has ended, and how
-/// many streams it carries.
+/// One connection of a [`SharedH2`]: its sender, whether its task has ended, how many
+/// streams it carries, and their responses, watched for stalls.
 struct Open {
     sender: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
     streams: AtomicUsize,
+    responses: Arc<Responses>,
 }
 
 impl Open {
@@ -247,6 +249,11 @@ impl Lease {
     fn take(open: &Arc<Open>) -> Self {
         open.streams.fetch_add(1, Ordering::Relaxed);
         Lease(open.clone())
+    }
+
+    /// The stream's response, read through its connection's stall watch.
+    pub(crate) fn watch(&self, response: RecvStream) -> Reader {
+        self.0.responses.watch(response)
     }
 }
 
@@ -399,11 +406,18 @@ impl SharedH2 {
                     ProxyError::Unreachable
                 })?;
             let closed = Arc::new(AtomicBool::new(false));
-            tokio::spawn(drive(connection, closed.clone(), peer.to_string()));
+            let responses = Arc::new(Responses::default());
+            tokio::spawn(drive(
+                connection,
+                closed.clone(),
+                responses.clone(),
+                peer.to_string(),
+            ));
             let open = Arc::new(Open {
                 sender,
                 closed,
                 streams: AtomicUsize::new(0),
+                responses,
             });
             self.tunnels.store(tunnels, Ordering::Release);
             let mut connections: Vec<Arc<Open>> = self
@@ -471,18 +485,19 @@ fn client_settings() -> h2::client::Builder {
     settings
 }
 
-/// Runs a connection until it closes or stops answering pings, then marks it closed.
+/// Runs a connection until it closes or stops answering pings, then marks it closed;
+/// meanwhile sheds its stalled responses.
 async fn drive(
     mut connection: h2::client::Connection<Box<dyn Io>, Bytes>,
     closed: Arc<AtomicBool>,
+    responses: Arc<Responses>,
     peer: String,
 ) {
-    let ended = match connection.ping_pong() {
-        Some(ping_pong) => tokio::select! {
-            ended = &mut connection => ended.map_err(|error| error.to_string()),
-            silent = keep_alive(ping_pong) => Err(silent.to_string()),
-        },
-        None => (&mut connection).await.map_err(|error| error.to_string()),
+    let ping_pong = connection.ping_pong();
+    let ended = tokio::select! {
+        ended = &mut connection => ended.map_err(|error| error.to_string()),
+        silent = keep_alive(ping_pong) => Err(silent.to_string()),
+        never = responses.watch_stalls(&peer) => match never {},
     };
     closed.store(true, Ordering::Release);
     if let Err(error) = ended {
@@ -491,7 +506,11 @@ async fn drive(
 }
 
 /// Pings every [`KEEP_ALIVE`]; returns once a ping goes unanswered for as long.
-async fn keep_alive(mut ping_pong: PingPong) -> &'static str {
+/// Without pings (h2 gives them once only), never returns.
+async fn keep_alive(ping_pong: Option<PingPong>) -> &'static str {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
     loop {
         tokio::time::sleep(KEEP_ALIVE).await;
         match tokio::time::timeout(KEEP_ALIVE, ping_pong.ping(Ping::opaque())).await {
@@ -506,6 +525,7 @@ async fn keep_alive(mut ping_pong: PingPong) -> &'static str {
 mod tests {
     use super::*;
     use crate::http::Body;
+    use crate::http2::stall::STALL_CHECK;
     use h2::RecvStream;
     use http_body::Body as _;
     use http_body::Frame;
@@ -963,6 +983,102 @@ mod tests {
         for exchange in waiting {
             let response = tokio::time::timeout(TEST_TIMEOUT, exchange).await.unwrap();
             assert_eq!(response.unwrap().unwrap().status(), StatusCode::OK);
+        }
+    }
+
+    /// A peer answering `GET /N` with N bytes, as fast as its windows allow.
+    async fn download_peer() -> Result<(tokio::io::DuplexStream, bool), ProxyError> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut server = h2::server::handshake(server).await.unwrap();
+            while let Some(Ok((request, respond))) = server.accept().await {
+                let size = request.uri().path()[1..].parse().unwrap();
+                tokio::spawn(send_bytes(respond, size));
+            }
+        });
+        Ok((client, false))
+    }
+
+    async fn send_bytes(mut respond: h2::server::SendResponse<Bytes>, mut size: usize) {
+        let mut stream = respond.send_response(Response::new(()), false).unwrap();
+        while size > 0 {
+            stream.reserve_capacity(size.min(16 * 1024));
+            let Some(Ok(room)) = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await else {
+                return;
+            };
+            let chunk = room.min(size);
+            size -= chunk;
+            if stream
+                .send_data(Bytes::from(vec![7; chunk]), size == 0)
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    async fn download(shared: &SharedH2, size: usize) -> Response<StreamBody> {
+        let sender = shared.sender("peer", download_peer).await.unwrap();
+        let mut request = get();
+        *request.uri_mut() = format!("http://peer/{size}").parse().unwrap();
+        sender.send(request).unwrap().await.unwrap()
+    }
+
+    /// Responses nobody reads, each holding a full stream window of the connection's.
+    async fn stalled(shared: &SharedH2, count: usize) -> Vec<Response<StreamBody>> {
+        let mut stalled = Vec::new();
+        for _ in 0..count {
+            stalled.push(download(shared, 4 * STREAM_WINDOW as usize).await);
+        }
+        stalled
+    }
+
+    async fn length(response: Response<StreamBody>) -> Result<usize, h2::Error> {
+        Ok(response.into_body().collect().await?.to_bytes().len())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stalled_responses_holding_the_connection_window_are_shed() {
+        let shared = SharedH2::new(ProxyError::Unreachable);
+        // Four unread responses hold the whole connection window: the next response's
+        // data cannot come until they are shed, two checks later.
+        let stalled = stalled(&shared, 4).await;
+        let next = download(&shared, 1000).await;
+        let read = tokio::time::timeout(3 * STALL_CHECK, length(next)).await;
+        assert_eq!(read.expect("still waiting").unwrap(), 1000);
+        for response in stalled {
+            let error = length(response).await.unwrap_err();
+            assert_eq!(error.reason(), Some(Reason::CANCEL), "{error}");
+        }
+        assert_eq!(shared.connections(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_stalled_response_is_left_to_its_reader() {
+        let shared = SharedH2::new(ProxyError::Unreachable);
+        let mut stalled = stalled(&shared, 1).await;
+        tokio::time::sleep(10 * STALL_CHECK).await;
+        let response = stalled.pop().unwrap();
+        assert_eq!(length(response).await.unwrap(), 4 * STREAM_WINDOW as usize);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_readers_that_keep_reading_are_not_shed() {
+        let shared = SharedH2::new(ProxyError::Unreachable);
+        let mut readers = Vec::new();
+        for response in stalled(&shared, 4).await {
+            readers.push(tokio::spawn(async move {
+                let mut body = response.into_body();
+                let mut read = 0;
+                while let Some(frame) = body.frame().await {
+                    read += frame?.into_data().map_or(0, |data| data.len());
+                    tokio::time::sleep(STALL_CHECK / 2).await;
+                }
+                Ok::<_, h2::Error>(read)
+            }));
+        }
+        for reader in readers {
+            assert_eq!(reader.await.unwrap().unwrap(), 4 * STREAM_WINDOW as usize);
         }
     }
 }

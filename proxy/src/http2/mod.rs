@@ -8,6 +8,7 @@ pub(crate) mod client;
 pub(crate) mod server;
 
 mod body;
+mod stall;
 mod tunnel;
 
 pub(crate) use body::StreamBody;

@@ -16,8 +16,8 @@ use std::time::Duration;
 use Surface::{Inbound, Outbound};
 use serde_json::Value;
 use tessera_tests::hostile::{
-    Attack, HostileMesh, Legit, MIB, RssSampler, Surface, attacker_available, open_fds, rss,
-    rss_by_kind,
+    Attack, HostileMesh, LIMITS, Legit, MIB, RssSampler, Surface, attacker_available, open_fds,
+    rss, rss_by_kind,
 };
 
 /// How far above its baseline a proxy's RSS may go during an attack. The baseline is
@@ -267,16 +267,39 @@ async fn hpack_bomb_is_refused() {
 async fn zero_window_streams_stay_bounded() {
     let Some(mesh) = mesh().await else { return };
     // 4 connections, each with as many 1 MiB downloads as the proxy allows (at most
-    // 500) and a window of 0 that never opens. Their unread answers hold the
-    // connection-level window of the pooled connection between the proxies until the
-    // proxy ends them (the test proxies' streamIdleTimeout, under the well-behaved
-    // caller's 5 s): an HTTP/2 request sharing that connection waits that long, and a
-    // few are reset with them: 95 %.
+    // 500) and a window of 0 that never opens. They take every stream the server proxy
+    // allows on the pooled connection between the proxies, and their unread answers its
+    // connection-level window; shedding stalled answers frees only a few streams' worth
+    // a check, so a request sharing that connection may wait until the proxy ends the
+    // attacker's streams (the test proxies' streamIdleTimeout, under the well-behaved
+    // caller's 5 s), and a few are reset with them: 95 %.
     siege(&mesh, "zero-window streams", 0.95, |mesh| {
         both(
             mesh,
             "zero-window",
             &["--duration", "10", "--count", "500", "--connections", "4"],
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_few_zero_window_streams_are_shed() {
+    if !attacker_available() {
+        return;
+    }
+    // No timeout ends the stalled streams here (the default streamIdleTimeout, 5 min).
+    let limits = LIMITS.replace("streamIdleTimeout: 2s", "streamIdleTimeout: 5m");
+    let mesh = HostileMesh::start_with(&limits).await;
+    // Four 1 MiB downloads never read: their answers fill the pooled connection's
+    // window (4 streams of 256 KiB), and every request sharing that connection would
+    // wait for its data for those 5 minutes. The proxies shed the stalled answers
+    // within two stall checks (2 s), under the well-behaved caller's 5 s.
+    siege(&mesh, "a few zero-window streams", 1.0, |mesh| {
+        both(
+            mesh,
+            "zero-window",
+            &["--duration", "10", "--count", "4", "--connections", "1"],
         )
     })
     .await;
