@@ -639,7 +639,10 @@ pub struct Rollout {
 }
 
 impl Rollout {
-    fn of(generation: u64, proxies: &[crate::discovery_service::ConnectedProxy]) -> Self {
+    pub(crate) fn of(
+        generation: u64,
+        proxies: &[crate::discovery_service::ConnectedProxy],
+    ) -> Self {
         let mut behind: Vec<String> = proxies
             .iter()
             .filter(|proxy| proxy.generation < generation)
@@ -658,12 +661,17 @@ impl Rollout {
         }
     }
 
+    /// How many proxies have acknowledged the generation.
+    pub fn in_force(&self) -> usize {
+        self.proxies - self.behind.len()
+    }
+
     /// One line, then a line per proxy behind.
     pub fn summary(&self) -> String {
         let mut summary = format!(
             "configuration generation {} in force on {} of {} connected proxies\n",
             self.generation,
-            self.proxies - self.behind.len(),
+            self.in_force(),
             self.proxies
         );
         for proxy in &self.behind {

@@ -791,20 +791,18 @@ async fn show_what_proxies_hold(
         );
     }
     let generation = u64::try_from(control_plane.metrics.config_generation.get()).unwrap_or(0);
-    let in_force = || {
-        let listed = control_plane.proxies.list();
-        let acknowledged = listed.iter().filter(|p| p.generation >= generation).count();
-        (acknowledged, listed.len())
-    };
+    let rollout = || crate::cli::Rollout::of(generation, &control_plane.proxies.list());
     // Acknowledgements follow the answers by a round trip.
     let _ = wait_until(|| {
-        let (acknowledged, listed) = in_force();
-        acknowledged == listed && listed == proxies.len()
+        let rollout = rollout();
+        rollout.behind.is_empty() && rollout.proxies == proxies.len()
     })
     .await;
-    let (acknowledged, listed) = in_force();
+    let rollout = rollout();
     println!(
-        "  configuration generation {generation} in force on {acknowledged} of {listed} proxies (each acknowledged it; `/proxies` on the control plane's admin port)"
+        "  configuration generation {generation} in force on {} of {} proxies (each acknowledged it; `/proxies` on the control plane's admin port)",
+        rollout.in_force(),
+        rollout.proxies
     );
     Ok(())
 }
