@@ -33,15 +33,51 @@ use tokio_stream::StreamExt as _;
 use tracing::warn;
 
 use super::acceptance::{Accepted, Candidate};
+use super::conversions::Conversions;
 use super::crds;
 use super::status::{Subject, Verdict};
-use super::workloads::{self, ClusterState};
+use super::workloads::{self, ClusterState, ConvertedServices};
 
 /// One watched kind: its store of objects.
 struct Kind {
     name: &'static str,
     resource: ApiResource,
     store: Store<DynamicObject>,
+    /// Each object as a candidate, by the resourceVersion it was read from.
+    converted: Mutex<Conversions<String, Candidate>>,
+}
+
+impl Kind {
+    fn new(name: &'static str, resource: ApiResource, store: Store<DynamicObject>) -> Self {
+        Self {
+            name,
+            resource,
+            store,
+            converted: Mutex::default(),
+        }
+    }
+
+    /// Its objects as candidates, by namespace and name; an object at the version last
+    /// read is not read again.
+    fn candidates(&self) -> Vec<Candidate> {
+        let mut objects = self.store.state();
+        objects.sort_by_key(|object| (object.namespace(), object.name_any()));
+        let mut converted = self
+            .converted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut load = converted.load();
+        let candidates = objects.iter().map(|object| {
+            let version = object.metadata.resource_version.as_ref();
+            load.get(
+                object.metadata.uid.as_deref(),
+                |read| Some(read) == version,
+                || (version.cloned(), candidate(self, object)),
+            )
+            .into_owned()
+        });
+        candidates.collect()
+    }
 }
 
 /// The `tessera.dev` objects of every namespace, kept current by their watches.
@@ -99,18 +135,24 @@ struct Discovery {
     services: Store<KubeService>,
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
+    converted: Mutex<ConvertedServices>,
 }
 
 impl Discovery {
-    fn resources(&self) -> Vec<Resource> {
+    fn resources(&self) -> Vec<Arc<Resource>> {
         let (namespaces, services) = (self.namespaces.state(), self.services.state());
         let (slices, pods) = (self.slices.state(), self.pods.state());
-        workloads::resources(&ClusterState {
+        let state = ClusterState {
             namespaces: &namespaces,
             services: &services,
             slices: &slices,
             pods: &pods,
-        })
+        };
+        let mut converted = self
+            .converted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        workloads::resources(&state, &mut converted)
     }
 
     async fn ready(&self) -> Result<(), WriterDropped> {
@@ -209,11 +251,7 @@ impl ClusterObjects {
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
             let (store, task) =
                 reflect(api, resource.clone(), changed, name, without_managed_fields);
-            kinds.push(Kind {
-                name,
-                resource,
-                store,
-            });
+            kinds.push(Kind::new(name, resource, store));
             tasks.push(task);
         }
         let (namespaces, task) = reflect(
@@ -247,6 +285,7 @@ impl ClusterObjects {
             services,
             slices,
             pods,
+            converted: Mutex::default(),
         };
         (Self::over(kinds, Some(discovery)), tasks)
     }
@@ -295,20 +334,15 @@ impl ClusterObjects {
                     accepted: accepted.get(&key).cloned(),
                     key,
                     origin: resource.origin.clone(),
-                    current: Ok(Arc::new(resource)),
+                    current: Ok(resource),
                     subject: None,
                 }
             })
             .collect();
         for kind in &self.kinds {
-            let mut objects = kind.store.state();
-            objects.sort_by_key(|object| (object.namespace(), object.name_any()));
-            candidates.extend(objects.iter().map(|object| {
-                let candidate = candidate(kind, object);
-                Candidate {
-                    accepted: accepted.get(&candidate.key).cloned(),
-                    ..candidate
-                }
+            candidates.extend(kind.candidates().into_iter().map(|candidate| Candidate {
+                accepted: accepted.get(&candidate.key).cloned(),
+                ..candidate
             }));
         }
         candidates
@@ -429,11 +463,7 @@ mod tests {
     fn objects() -> (ClusterObjects, Writer<DynamicObject>) {
         let resource = crds::AuthorizationPolicy::api_resource();
         let writer = Writer::new(resource.clone());
-        let kind = Kind {
-            name: "AuthorizationPolicy",
-            resource,
-            store: writer.as_reader(),
-        };
+        let kind = Kind::new("AuthorizationPolicy", resource, writer.as_reader());
         (ClusterObjects::over(vec![kind], None), writer)
     }
 

@@ -25,6 +25,7 @@ use tessera_mesh::resources::{
     Metadata, Origin, Protocol, Resource, ServicePort, ServiceSpec, Spec, WorkloadSpec,
 };
 
+use super::conversions::{Conversions, Version};
 use super::root_cert::MESHED_VALUE;
 use crate::inject::annotations::INJECT;
 use crate::inject::sidecar::PROXY_CONTAINER;
@@ -40,30 +41,20 @@ pub struct ClusterState<'a> {
     pub pods: &'a [Arc<Pod>],
 }
 
-/// The meshed Services and their workloads, in a stable order.
-pub fn resources(state: &ClusterState<'_>) -> Vec<Resource> {
-    let meshed: HashSet<&str> = state
-        .namespaces
-        .iter()
-        .filter(|namespace| {
-            namespace
-                .labels()
-                .get(INJECT)
-                .is_some_and(|v| v == MESHED_VALUE)
-        })
-        .filter_map(|namespace| namespace.metadata.name.as_deref())
-        .collect();
-    let pods: HashMap<(&str, &str), &Pod> = state
-        .pods
-        .iter()
-        .filter_map(|pod| {
-            let key = (
-                pod.metadata.namespace.as_deref()?,
-                pod.metadata.name.as_deref()?,
-            );
-            Some((key, &**pod))
-        })
-        .collect();
+/// What each Kubernetes Service was converted to: the mesh Service and its workloads.
+pub type ConvertedServices = Conversions<ServiceInputs, Vec<Arc<Resource>>>;
+
+/// Pods by (namespace, name), as endpoints name them.
+type PodIndex<'a> = HashMap<(&'a str, &'a str), &'a Pod>;
+
+/// The meshed Services and their workloads, in a stable order. A Service whose objects
+/// are as `converted` last saw them is not converted again; its resources are shared.
+pub fn resources(
+    state: &ClusterState<'_>,
+    converted: &mut ConvertedServices,
+) -> Vec<Arc<Resource>> {
+    let meshed = meshed_namespaces(state.namespaces);
+    let pods = pods_by_name(state.pods);
     let slices_of = slices_by_service(state.slices);
     let mut services: Vec<&Service> = state
         .services
@@ -73,41 +64,61 @@ pub fn resources(state: &ClusterState<'_>) -> Vec<Resource> {
             meshed.contains(service.metadata.namespace.as_deref().unwrap_or_default())
         })
         .collect();
-    services.sort_by_key(|service| (service.namespace(), service.name_any()));
+    // Keys borrowed: copied per comparison, they would cost more than the sort.
+    services.sort_by(|a, b| namespace_and_name(a).cmp(&namespace_and_name(b)));
+    let mut load = converted.load();
     let mut resources = Vec::new();
     for service in services {
-        let Some(spec) = service_spec(service) else {
-            continue;
+        let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
+        let name = service.metadata.name.as_deref().unwrap_or_default();
+        let objects = ServiceObjects {
+            service,
+            slices: slices_of.get(&(namespace, name)).map_or(&[], Vec::as_slice),
+            pods: &pods,
         };
-        let family = spec.addresses.first().copied();
-        let namespace = service.namespace().unwrap_or_default();
-        let name = service.name_any();
-        resources.push(resource("Service", &namespace, &name, Spec::Service(spec)));
-        let ports = service_ports(service);
-        let slices = slices_of
-            .get(&(namespace.as_str(), name.as_str()))
-            .into_iter()
-            .flatten()
-            .filter(|slice| same_family(&slice.address_type, family));
-        let mut workloads: Vec<(String, WorkloadSpec)> = Vec::new();
-        for slice in slices {
-            let target_ports = target_ports(ports, slice);
-            workloads.extend(slice.endpoints.iter().filter_map(|endpoint| {
-                workload(endpoint, &target_ports, &name, &namespace, &pods)
-            }));
-        }
-        workloads.sort_by(|a, b| (&a.0, &a.1.address).cmp(&(&b.0, &b.1.address)));
-        workloads.dedup_by(|a, b| a.1.address == b.1.address);
-        for (pod, workload) in workloads {
-            let name = format!("{pod}.{}", workload.service);
-            resources.push(resource("Pod", &namespace, &name, Spec::Workload(workload)));
-        }
+        let conversion = load.get(
+            service.metadata.uid.as_deref(),
+            |inputs| inputs.are_current(&objects),
+            || (ServiceInputs::of(&objects), objects.convert()),
+        );
+        resources.extend(conversion.iter().cloned());
     }
     resources
 }
 
-/// The slices of each Service, by (namespace, name): found once per load, not by
-/// reading every slice for every Service, which a mesh of thousands cannot afford.
+fn namespace_and_name(service: &Service) -> (Option<&str>, Option<&str>) {
+    let metadata = &service.metadata;
+    (metadata.namespace.as_deref(), metadata.name.as_deref())
+}
+
+/// The names of the namespaces whose Services belong to the mesh.
+fn meshed_namespaces(namespaces: &[Arc<Namespace>]) -> HashSet<&str> {
+    namespaces
+        .iter()
+        .filter(|namespace| {
+            namespace
+                .labels()
+                .get(INJECT)
+                .is_some_and(|v| v == MESHED_VALUE)
+        })
+        .filter_map(|namespace| namespace.metadata.name.as_deref())
+        .collect()
+}
+
+fn pods_by_name(pods: &[Arc<Pod>]) -> PodIndex<'_> {
+    pods.iter()
+        .filter_map(|pod| {
+            let key = (
+                pod.metadata.namespace.as_deref()?,
+                pod.metadata.name.as_deref()?,
+            );
+            Some((key, &**pod))
+        })
+        .collect()
+}
+
+/// The slices of each Service, by (namespace, name), in name order: found once per load,
+/// not by reading every slice for every Service, which a mesh of thousands cannot afford.
 fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
@@ -120,7 +131,121 @@ fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> HashMap<(&str, &str), Vec
                 .push(slice);
         }
     }
+    // The store's order is a hash map's: sorted, the same slices read the same way.
+    for slices in by_service.values_mut() {
+        slices.sort_by_key(|slice| slice.metadata.name.as_deref());
+    }
     by_service
+}
+
+/// Everything one Service's conversion reads: the Service, its slices, and the pods
+/// their endpoints name.
+struct ServiceObjects<'a> {
+    service: &'a Service,
+    slices: &'a [&'a EndpointSlice],
+    pods: &'a PodIndex<'a>,
+}
+
+impl ServiceObjects<'_> {
+    /// The Service as a mesh service and its workloads; nothing without a virtual IP.
+    fn convert(&self) -> Vec<Arc<Resource>> {
+        let service = self.service;
+        let Some(spec) = service_spec(service) else {
+            return Vec::new();
+        };
+        let family = spec.addresses.first().copied();
+        let namespace = service.namespace().unwrap_or_default();
+        let name = service.name_any();
+        let mut resources = vec![Arc::new(resource(
+            "Service",
+            &namespace,
+            &name,
+            Spec::Service(spec),
+        ))];
+        let ports = service_ports(service);
+        let slices = self
+            .slices
+            .iter()
+            .filter(|slice| same_family(&slice.address_type, family));
+        let mut workloads: Vec<(String, WorkloadSpec)> = Vec::new();
+        for slice in slices {
+            let target_ports = target_ports(ports, slice);
+            workloads.extend(slice.endpoints.iter().filter_map(|endpoint| {
+                workload(endpoint, &target_ports, &name, &namespace, self.pods)
+            }));
+        }
+        workloads.sort_by(|a, b| (&a.0, &a.1.address).cmp(&(&b.0, &b.1.address)));
+        workloads.dedup_by(|a, b| a.1.address == b.1.address);
+        resources.extend(workloads.into_iter().map(|(pod, workload)| {
+            let name = format!("{pod}.{}", workload.service);
+            Arc::new(resource("Pod", &namespace, &name, Spec::Workload(workload)))
+        }));
+        resources
+    }
+
+    /// Per endpoint of each slice, in order, the pod of the Service's namespace it names,
+    /// if there is one: at least every pod [`Self::convert`] reads.
+    fn pods_named(&self) -> impl Iterator<Item = Option<&Pod>> {
+        let namespace = self
+            .service
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or_default();
+        self.slices
+            .iter()
+            .flat_map(|slice| &slice.endpoints)
+            .map(move |endpoint| {
+                let name = endpoint.target_ref.as_ref()?.name.as_deref()?;
+                self.pods.get(&(namespace, name)).copied()
+            })
+    }
+}
+
+/// The versions of the objects a Service's conversion read, which it stays right for.
+#[derive(Debug)]
+pub struct ServiceInputs {
+    service: Version,
+    slices: Vec<Version>,
+    /// Per endpoint, the version of the pod it named (`None`: no such pod).
+    pods: Vec<Option<Version>>,
+}
+
+impl ServiceInputs {
+    /// `None` when one of the objects has no version to tell a later one by.
+    fn of(objects: &ServiceObjects<'_>) -> Option<Self> {
+        let slices = objects.slices.iter();
+        let pods = objects.pods_named().map(|pod| match pod {
+            Some(pod) => Version::of(&pod.metadata).map(Some),
+            None => Some(None),
+        });
+        Some(Self {
+            service: Version::of(&objects.service.metadata)?,
+            slices: slices
+                .map(|slice| Version::of(&slice.metadata))
+                .collect::<Option<_>>()?,
+            pods: pods.collect::<Option<_>>()?,
+        })
+    }
+
+    /// Whether `objects` are the versions read: same Service, same slices, and every
+    /// endpoint naming the same pod, or again none.
+    fn are_current(&self, objects: &ServiceObjects<'_>) -> bool {
+        let same_slices = self.slices.len() == objects.slices.len()
+            && (self.slices.iter())
+                .zip(objects.slices)
+                .all(|(version, slice)| version.is(&slice.metadata));
+        if !self.service.is(&objects.service.metadata) || !same_slices {
+            return false;
+        }
+        let mut read = self.pods.iter();
+        let same_pods = objects.pods_named().all(|pod| match (read.next(), pod) {
+            (Some(Some(version)), Some(pod)) => version.is(&pod.metadata),
+            (Some(None), None) => true,
+            _ => false,
+        });
+        same_pods && read.next().is_none()
+    }
 }
 
 fn resource(kind: &str, namespace: &str, name: &str, spec: Spec) -> Resource {
@@ -221,7 +346,7 @@ fn workload(
     target_ports: &BTreeMap<u16, u16>,
     service: &str,
     namespace: &str,
-    pods: &HashMap<(&str, &str), &Pod>,
+    pods: &PodIndex<'_>,
 ) -> Option<(String, WorkloadSpec)> {
     let conditions = endpoint.conditions.as_ref();
     // "Ready unset" means ready, as kube-proxy reads it.
@@ -343,12 +468,23 @@ mod tests {
         slices: &[Arc<EndpointSlice>],
         pods: &[Arc<Pod>],
     ) -> Vec<Resource> {
-        resources(&ClusterState {
+        from_scratch(&ClusterState {
             namespaces,
             services: &[service("shop", "10.96.0.10")],
             slices,
             pods,
         })
+    }
+
+    /// The resources of `state` with nothing converted before.
+    fn from_scratch(state: &ClusterState<'_>) -> Vec<Resource> {
+        let mut converted = ConvertedServices::default();
+        let resources = resources(state, &mut converted);
+        assert_eq!(converted.len(), 0, "objects without versions are not kept");
+        resources
+            .iter()
+            .map(|resource| (**resource).clone())
+            .collect()
     }
 
     fn workloads(resources: &[Resource]) -> Vec<(String, WorkloadSpec)> {
@@ -440,7 +576,7 @@ mod tests {
         let slices = [slice(vec![endpoint("10.0.0.1", "orders-1", json!({}))])];
         assert!(build(&[namespace("shop", false)], &slices, &pods).is_empty());
         assert!(build(&[], &slices, &pods).is_empty());
-        let headless = resources(&ClusterState {
+        let headless = from_scratch(&ClusterState {
             namespaces: &[namespace("shop", true)],
             services: &[service("shop", "None")],
             slices: &slices,
@@ -482,7 +618,7 @@ mod tests {
             }
         }
         let meshed: Vec<Arc<Namespace>> = namespaces.iter().map(|n| namespace(n, true)).collect();
-        let resources = resources(&ClusterState {
+        let resources = from_scratch(&ClusterState {
             namespaces: &meshed,
             services: &services,
             slices: &slices,
