@@ -70,7 +70,7 @@ impl<I, T> Conversions<I, T> {
 
     /// How many objects' conversions are kept.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub fn kept(&self) -> usize {
         self.by_uid.len()
     }
 }

@@ -522,6 +522,39 @@ mod tests {
         assert_eq!(actions(&objects), ["Deny"]);
     }
 
+    /// The policy of each candidate, by key.
+    fn currents(objects: &ClusterObjects) -> Vec<(String, Arc<Resource>)> {
+        let candidates = objects.candidates();
+        let current = |c: Candidate| Some((c.key, c.current.ok()?));
+        candidates.into_iter().filter_map(current).collect()
+    }
+
+    /// An object at the version last read is not read again: its resource is the same
+    /// one. An edited one, or one deleted and created again under the same name (a new
+    /// uid, whatever its resourceVersion), is read again; a deleted one is forgotten.
+    #[test]
+    fn objects_are_read_again_only_when_their_uid_or_version_changed() {
+        let (objects, mut writer) = objects();
+        let deny = policy("u1", "1", json!({ "action": "DENY" }));
+        writer.apply_watcher_event(&Event::Apply(deny));
+        writer.apply_watcher_event(&Event::Apply(policy("u2", "1", json!({}))));
+        let first = currents(&objects);
+        assert!(Arc::ptr_eq(&first[0].1, &currents(&objects)[0].1));
+        let audit = policy("u1", "2", json!({ "action": "AUDIT" }));
+        writer.apply_watcher_event(&Event::Apply(audit));
+        let edited = currents(&objects);
+        assert!(!Arc::ptr_eq(&first[0].1, &edited[0].1));
+        assert!(Arc::ptr_eq(&first[1].1, &edited[1].1), "the other is kept");
+        assert_eq!(actions(&objects), ["Audit", "Allow"]);
+        let mut recreated = policy("u1", "2", json!({ "action": "DENY" }));
+        recreated.metadata.uid = Some("u3".into());
+        writer.apply_watcher_event(&Event::Apply(recreated));
+        assert_eq!(actions(&objects), ["Deny", "Allow"]);
+        writer.apply_watcher_event(&Event::Delete(policy("u2", "1", json!({}))));
+        assert_eq!(actions(&objects), ["Deny"]);
+        assert_eq!(objects.kinds[0].converted.lock().unwrap().kept(), 1);
+    }
+
     /// A version the control plane cannot read keeps the last accepted one in force: a
     /// DENY policy is not lifted by a bad edit. The object's verdict says why.
     #[test]

@@ -404,6 +404,8 @@ fn has_sidecar(pod: &Pod) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use serde_json::{Value, json};
 
     use super::*;
@@ -478,10 +480,7 @@ mod tests {
 
     /// The resources of `state` with nothing converted before.
     fn from_scratch(state: &ClusterState<'_>) -> Vec<Resource> {
-        let mut converted = ConvertedServices::default();
-        let resources = resources(state, &mut converted);
-        assert_eq!(converted.len(), 0, "objects without versions are not kept");
-        resources
+        resources(state, &mut ConvertedServices::default())
             .iter()
             .map(|resource| (**resource).clone())
             .collect()
@@ -639,6 +638,283 @@ mod tests {
             let expected = format!("10.1.{namespace}.{}:8080", &service["svc-".len()..]);
             assert_eq!(address, expected, "{origin}");
         }
+    }
+
+    static WRITES: AtomicU64 = AtomicU64::new(1);
+
+    /// `object` as an API server keeps it: a uid once created, a new resourceVersion
+    /// at every write.
+    fn stored<K: kube::Resource>(mut object: K) -> Arc<K> {
+        let write = WRITES.fetch_add(1, Ordering::Relaxed);
+        let metadata = object.meta_mut();
+        metadata.uid.get_or_insert_with(|| format!("uid-{write}"));
+        metadata.resource_version = Some(write.to_string());
+        Arc::new(object)
+    }
+
+    /// Writes the object `name` of `objects`, changed by `change`.
+    fn edit<K: kube::Resource + Clone>(
+        objects: &mut [Arc<K>],
+        name: &str,
+        change: impl FnOnce(&mut K),
+    ) {
+        let object = objects
+            .iter_mut()
+            .find(|object| object.meta().name.as_deref() == Some(name))
+            .unwrap();
+        let mut edited = (**object).clone();
+        change(&mut edited);
+        *object = stored(edited);
+    }
+
+    fn renamed<K: kube::Resource + Clone>(object: &K, name: &str) -> K {
+        let mut object = object.clone();
+        object.meta_mut().name = Some(name.to_string());
+        object
+    }
+
+    /// The meshed namespace `shop` with the Services `orders` and `payments`, each with
+    /// one slice of two ready sidecar pods, every object as an API server keeps it.
+    struct Cluster {
+        namespaces: Vec<Arc<Namespace>>,
+        services: Vec<Arc<Service>>,
+        slices: Vec<Arc<EndpointSlice>>,
+        pods: Vec<Arc<Pod>>,
+    }
+
+    impl Cluster {
+        fn shop() -> Self {
+            let orders = service("shop", "10.96.0.10");
+            let mut payments = renamed(&*service("shop", "10.96.0.11"), "payments");
+            payments.spec.as_mut().unwrap().cluster_ips = None;
+            let mut slices = Vec::new();
+            let mut pods = Vec::new();
+            for (service, subnet) in [("orders", 1), ("payments", 2)] {
+                let endpoints = (1..=2)
+                    .map(|n| {
+                        let pod_name = format!("{service}-{n}");
+                        pods.push(stored((*pod(&pod_name, service, true)).clone()));
+                        endpoint(&format!("10.0.{subnet}.{n}"), &pod_name, json!({}))
+                    })
+                    .collect();
+                let mut slice = renamed(&*slice(endpoints), &format!("{service}-abcde"));
+                slice
+                    .labels_mut()
+                    .insert(SERVICE_NAME_LABEL.into(), service.into());
+                slices.push(stored(slice));
+            }
+            Self {
+                namespaces: vec![stored((*namespace("shop", true)).clone())],
+                services: vec![stored((*orders).clone()), stored(payments)],
+                slices,
+                pods,
+            }
+        }
+
+        fn state(&self) -> ClusterState<'_> {
+            ClusterState {
+                namespaces: &self.namespaces,
+                services: &self.services,
+                slices: &self.slices,
+                pods: &self.pods,
+            }
+        }
+
+        /// Loads through `converted`, holding the result to what a conversion of
+        /// everything from scratch gives.
+        fn load(&self, converted: &mut ConvertedServices) -> Vec<Arc<Resource>> {
+            let resources = resources(&self.state(), converted);
+            let loaded: Vec<&Resource> = resources.iter().map(|r| &**r).collect();
+            let expected = from_scratch(&self.state());
+            assert_eq!(loaded, expected.iter().collect::<Vec<_>>());
+            resources
+        }
+    }
+
+    /// The resources of `resources` whose origin starts with `prefix`.
+    fn of<'r>(resources: &'r [Arc<Resource>], prefix: &str) -> Vec<&'r Arc<Resource>> {
+        resources
+            .iter()
+            .filter(|r| r.origin.to_string().starts_with(prefix))
+            .collect()
+    }
+
+    fn shared(before: &[&Arc<Resource>], after: &[&Arc<Resource>]) -> bool {
+        before.len() == after.len() && before.iter().zip(after).all(|(b, a)| Arc::ptr_eq(b, a))
+    }
+
+    /// A change to one Service's slice converts that Service again and shares the
+    /// other's resources, as they were.
+    #[test]
+    fn a_load_after_another_services_change_shares_the_unchanged_conversions() {
+        let mut cluster = Cluster::shop();
+        let mut converted = ConvertedServices::default();
+        let before = cluster.load(&mut converted);
+        assert_eq!(before.len(), 2 * 3, "{before:?}");
+        edit(&mut cluster.slices, "payments-abcde", |slice| {
+            slice.endpoints.pop();
+        });
+        let after = cluster.load(&mut converted);
+        let orders = "Service shop/orders";
+        assert!(shared(&of(&before, orders), &of(&after, orders)));
+        assert!(shared(
+            &of(&before, "Pod shop/orders"),
+            &of(&after, "Pod shop/orders")
+        ));
+        assert_eq!(of(&after, "Pod shop/payments").len(), 1);
+        let again = cluster.load(&mut converted);
+        assert!(shared(&of(&after, ""), &of(&again, "")), "nothing changed");
+    }
+
+    /// Each object a Service's resources are converted from, changed, changes them.
+    #[test]
+    fn a_change_to_any_object_a_service_reads_is_converted() {
+        type Change = fn(&mut Cluster);
+        let changes: [(&str, Change); 8] = [
+            ("endpoint unready", |c| {
+                edit(&mut c.slices, "orders-abcde", |slice| {
+                    slice.endpoints[0].conditions =
+                        serde_json::from_value(json!({ "ready": false })).unwrap();
+                })
+            }),
+            ("endpoint added", |c| {
+                edit(&mut c.slices, "orders-abcde", |slice| {
+                    let added = endpoint("10.0.1.3", "payments-1", json!({}));
+                    slice.endpoints.push(serde_json::from_value(added).unwrap());
+                })
+            }),
+            ("slice port", |c| {
+                edit(&mut c.slices, "orders-abcde", |slice| {
+                    slice.ports.as_mut().unwrap()[0].port = Some(8443);
+                })
+            }),
+            ("pod terminating", |c| {
+                edit(&mut c.pods, "orders-1", |pod| {
+                    let deleted = json!("2026-12-05T00:00:00Z");
+                    pod.metadata.deletion_timestamp = serde_json::from_value(deleted).unwrap();
+                })
+            }),
+            ("pod without its sidecar", |c| {
+                edit(&mut c.pods, "orders-2", |pod| {
+                    pod.spec.as_mut().unwrap().init_containers = None;
+                })
+            }),
+            ("pod deleted", |c| {
+                c.pods.retain(|pod| pod.name_any() != "orders-1")
+            }),
+            ("service port", |c| {
+                edit(&mut c.services, "orders", |service| {
+                    service.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 81;
+                })
+            }),
+            ("namespace unmeshed", |c| {
+                edit(&mut c.namespaces, "shop", |namespace| {
+                    namespace.labels_mut().clear();
+                })
+            }),
+        ];
+        for (what, change) in changes {
+            let mut cluster = Cluster::shop();
+            let mut converted = ConvertedServices::default();
+            let before = cluster.load(&mut converted);
+            change(&mut cluster);
+            // `load` holds it to a conversion from scratch.
+            let after = cluster.load(&mut converted);
+            let deref = |resources: &[Arc<Resource>]| -> Vec<Resource> {
+                of(resources, "")
+                    .into_iter()
+                    .map(|r| (**r).clone())
+                    .collect()
+            };
+            assert_ne!(deref(&before), deref(&after), "{what}");
+            let payments = "Service shop/payments";
+            if what != "namespace unmeshed" {
+                assert!(
+                    shared(&of(&before, payments), &of(&after, payments)),
+                    "{what}"
+                );
+            }
+        }
+    }
+
+    /// An object deleted and created again under its name is a new object, even at the
+    /// same resourceVersion: what was converted from the old one is not reused.
+    #[test]
+    fn a_recreated_object_is_converted_again_whatever_its_resource_version() {
+        let mut cluster = Cluster::shop();
+        let mut converted = ConvertedServices::default();
+        let before = cluster.load(&mut converted);
+        // `load` holds each load to a conversion from scratch.
+        recreate(&mut cluster.pods[0], |pod| {
+            pod.spec.as_mut().unwrap().service_account_name = Some("intruder".into());
+        });
+        let after = cluster.load(&mut converted);
+        assert_ne!(before, after);
+        recreate(&mut cluster.slices[0], |slice| {
+            slice.endpoints.truncate(1);
+        });
+        let fewer = cluster.load(&mut converted);
+        assert_eq!(fewer.len(), after.len() - 1);
+        recreate(&mut cluster.services[0], |service| {
+            let spec = service.spec.as_mut().unwrap();
+            (spec.cluster_ip, spec.cluster_ips) = (Some("10.96.0.99".into()), None);
+        });
+        let readdressed = cluster.load(&mut converted);
+        assert_ne!(fewer[0], readdressed[0]);
+    }
+
+    /// `object` deleted and created again, changed, at the same resourceVersion.
+    fn recreate<K: kube::Resource + Clone>(object: &mut Arc<K>, change: impl FnOnce(&mut K)) {
+        let mut recreated = (**object).clone();
+        change(&mut recreated);
+        let uid = &mut recreated.meta_mut().uid;
+        *uid = Some(format!("{}-again", uid.as_deref().unwrap_or_default()));
+        *object = Arc::new(recreated);
+    }
+
+    fn workload_specs(resources: &[Arc<Resource>]) -> impl Iterator<Item = &WorkloadSpec> {
+        resources.iter().filter_map(|r| match &r.spec {
+            Spec::Workload(workload) => Some(workload),
+            _ => None,
+        })
+    }
+
+    /// Without versions (objects not from an API server) nothing could tell a later
+    /// object from the one converted: nothing is kept.
+    #[test]
+    fn objects_without_versions_are_converted_every_time() {
+        let mut cluster = Cluster::shop();
+        cluster.pods.push(pod("orders-3", "orders", true));
+        cluster.slices[0] = slice(vec![endpoint("10.0.1.3", "orders-3", json!({}))]);
+        let mut converted = ConvertedServices::default();
+        assert_eq!(workload_specs(&cluster.load(&mut converted)).count(), 1 + 2);
+        assert_eq!(
+            converted.kept(),
+            1,
+            "payments only: orders read a pod without a version"
+        );
+        cluster.pods.pop();
+        assert_eq!(workload_specs(&cluster.load(&mut converted)).count(), 2);
+    }
+
+    /// What is kept is the last load's Services: a deleted one, or one whose namespace
+    /// left the mesh, is forgotten.
+    #[test]
+    fn deleted_services_leave_the_conversions() {
+        let mut cluster = Cluster::shop();
+        let mut converted = ConvertedServices::default();
+        cluster.load(&mut converted);
+        assert_eq!(converted.kept(), 2);
+        cluster
+            .services
+            .retain(|service| service.name_any() != "payments");
+        cluster.load(&mut converted);
+        assert_eq!(converted.kept(), 1);
+        edit(&mut cluster.namespaces, "shop", |namespace| {
+            namespace.labels_mut().clear();
+        });
+        assert!(cluster.load(&mut converted).is_empty());
+        assert_eq!(converted.kept(), 0);
     }
 
     #[test]
