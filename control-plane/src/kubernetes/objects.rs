@@ -4,7 +4,8 @@
 //! re-lists on 410 Gone and backs off on errors, so no update is lost) keeps a store of
 //! the objects. Every change wakes the configuration loader, which merges
 //! [`ClusterObjects::resources`] with the configuration directory's and checks the whole
-//! as it checks files: one snapshot, one set of rules.
+//! as it checks files: one snapshot, one set of rules. Only the objects changed since
+//! the last load are converted again ([`super::conversions`]).
 //!
 //! Objects are read untyped and converted one by one: an object the control plane cannot
 //! read (the API server's schema lets through something our types refuse) is reported
