@@ -837,6 +837,18 @@ mod tests {
         }
     }
 
+    /// The watches are not ordered between kinds: a slice may name a pod the control
+    /// plane has not seen yet. Its workload appears once the pod does.
+    #[test]
+    fn a_pod_seen_after_the_endpoint_naming_it_is_converted() {
+        let mut cluster = Cluster::shop();
+        let late = cluster.pods.remove(0);
+        let mut converted = ConvertedServices::default();
+        assert_eq!(workload_specs(&cluster.load(&mut converted)).count(), 3);
+        cluster.pods.push(late);
+        assert_eq!(workload_specs(&cluster.load(&mut converted)).count(), 4);
+    }
+
     /// An object deleted and created again under its name is a new object, even at the
     /// same resourceVersion: what was converted from the old one is not reused.
     #[test]
