@@ -2,8 +2,9 @@
 //!
 //! [`crds`] defines the `tessera.dev` kinds as custom resources; [`objects`] watches
 //! them, and Kubernetes' Services, EndpointSlices and Pods ([`workloads`]), as
-//! configuration; [`acceptance`] keeps a bad object from holding up the others and
-//! [`status`] tells its author why; [`tokens`] verifies the service-account tokens injected sidecars
+//! configuration, converting only what changed since the last load ([`conversions`]);
+//! [`acceptance`] keeps a bad object from holding up the others and [`status`] tells its
+//! author why; [`tokens`] verifies the service-account tokens injected sidecars
 //! present; [`root_cert`] publishes the mesh root to meshed namespaces and the webhook;
 //! [`ca_secret`] shares the development root between replicas; [`lease`] picks the one
 //! replica that writes.
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub mod acceptance;
 pub mod ca_secret;
+pub mod conversions;
 pub mod crds;
 pub mod lease;
 pub mod objects;

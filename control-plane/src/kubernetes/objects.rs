@@ -4,7 +4,8 @@
 //! re-lists on 410 Gone and backs off on errors, so no update is lost) keeps a store of
 //! the objects. Every change wakes the configuration loader, which merges
 //! [`ClusterObjects::resources`] with the configuration directory's and checks the whole
-//! as it checks files: one snapshot, one set of rules.
+//! as it checks files: one snapshot, one set of rules. Only the objects changed since
+//! the last load are converted again ([`super::conversions`]).
 //!
 //! Objects are read untyped and converted one by one: an object the control plane cannot
 //! read (the API server's schema lets through something our types refuse) is reported
@@ -33,15 +34,51 @@ use tokio_stream::StreamExt as _;
 use tracing::warn;
 
 use super::acceptance::{Accepted, Candidate};
+use super::conversions::Conversions;
 use super::crds;
 use super::status::{Subject, Verdict};
-use super::workloads::{self, ClusterState};
+use super::workloads::{self, ClusterState, ConvertedServices};
 
 /// One watched kind: its store of objects.
 struct Kind {
     name: &'static str,
     resource: ApiResource,
     store: Store<DynamicObject>,
+    /// Each object as a candidate, by the resourceVersion it was read from.
+    converted: Mutex<Conversions<String, Candidate>>,
+}
+
+impl Kind {
+    fn new(name: &'static str, resource: ApiResource, store: Store<DynamicObject>) -> Self {
+        Self {
+            name,
+            resource,
+            store,
+            converted: Mutex::default(),
+        }
+    }
+
+    /// Its objects as candidates, by namespace and name; an object at the version last
+    /// read is not read again.
+    fn candidates(&self) -> Vec<Candidate> {
+        let mut objects = self.store.state();
+        objects.sort_by_key(|object| (object.namespace(), object.name_any()));
+        let mut converted = self
+            .converted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut load = converted.load();
+        let candidates = objects.iter().map(|object| {
+            let version = object.metadata.resource_version.as_ref();
+            load.get(
+                object.metadata.uid.as_deref(),
+                |read| Some(read) == version,
+                || (version.cloned(), candidate(self, object)),
+            )
+            .into_owned()
+        });
+        candidates.collect()
+    }
 }
 
 /// The `tessera.dev` objects of every namespace, kept current by their watches.
@@ -99,18 +136,24 @@ struct Discovery {
     services: Store<KubeService>,
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
+    converted: Mutex<ConvertedServices>,
 }
 
 impl Discovery {
-    fn resources(&self) -> Vec<Resource> {
+    fn resources(&self) -> Vec<Arc<Resource>> {
         let (namespaces, services) = (self.namespaces.state(), self.services.state());
         let (slices, pods) = (self.slices.state(), self.pods.state());
-        workloads::resources(&ClusterState {
+        let state = ClusterState {
             namespaces: &namespaces,
             services: &services,
             slices: &slices,
             pods: &pods,
-        })
+        };
+        let mut converted = self
+            .converted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        workloads::resources(&state, &mut converted)
     }
 
     async fn ready(&self) -> Result<(), WriterDropped> {
@@ -209,11 +252,7 @@ impl ClusterObjects {
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
             let (store, task) =
                 reflect(api, resource.clone(), changed, name, without_managed_fields);
-            kinds.push(Kind {
-                name,
-                resource,
-                store,
-            });
+            kinds.push(Kind::new(name, resource, store));
             tasks.push(task);
         }
         let (namespaces, task) = reflect(
@@ -247,6 +286,7 @@ impl ClusterObjects {
             services,
             slices,
             pods,
+            converted: Mutex::default(),
         };
         (Self::over(kinds, Some(discovery)), tasks)
     }
@@ -295,20 +335,15 @@ impl ClusterObjects {
                     accepted: accepted.get(&key).cloned(),
                     key,
                     origin: resource.origin.clone(),
-                    current: Ok(Arc::new(resource)),
+                    current: Ok(resource),
                     subject: None,
                 }
             })
             .collect();
         for kind in &self.kinds {
-            let mut objects = kind.store.state();
-            objects.sort_by_key(|object| (object.namespace(), object.name_any()));
-            candidates.extend(objects.iter().map(|object| {
-                let candidate = candidate(kind, object);
-                Candidate {
-                    accepted: accepted.get(&candidate.key).cloned(),
-                    ..candidate
-                }
+            candidates.extend(kind.candidates().into_iter().map(|candidate| Candidate {
+                accepted: accepted.get(&candidate.key).cloned(),
+                ..candidate
             }));
         }
         candidates
@@ -429,11 +464,7 @@ mod tests {
     fn objects() -> (ClusterObjects, Writer<DynamicObject>) {
         let resource = crds::AuthorizationPolicy::api_resource();
         let writer = Writer::new(resource.clone());
-        let kind = Kind {
-            name: "AuthorizationPolicy",
-            resource,
-            store: writer.as_reader(),
-        };
+        let kind = Kind::new("AuthorizationPolicy", resource, writer.as_reader());
         (ClusterObjects::over(vec![kind], None), writer)
     }
 
@@ -490,6 +521,39 @@ mod tests {
         assert_eq!(resource.metadata.namespace.as_deref(), Some("shop"));
         assert_eq!(candidates[0].key, "u1");
         assert_eq!(actions(&objects), ["Deny"]);
+    }
+
+    /// The policy of each candidate, by key.
+    fn currents(objects: &ClusterObjects) -> Vec<(String, Arc<Resource>)> {
+        let candidates = objects.candidates();
+        let current = |c: Candidate| Some((c.key, c.current.ok()?));
+        candidates.into_iter().filter_map(current).collect()
+    }
+
+    /// An object at the version last read is not read again: its resource is the same
+    /// one. An edited one, or one deleted and created again under the same name (a new
+    /// uid, whatever its resourceVersion), is read again; a deleted one is forgotten.
+    #[test]
+    fn objects_are_read_again_only_when_their_uid_or_version_changed() {
+        let (objects, mut writer) = objects();
+        let deny = policy("u1", "1", json!({ "action": "DENY" }));
+        writer.apply_watcher_event(&Event::Apply(deny));
+        writer.apply_watcher_event(&Event::Apply(policy("u2", "1", json!({}))));
+        let first = currents(&objects);
+        assert!(Arc::ptr_eq(&first[0].1, &currents(&objects)[0].1));
+        let audit = policy("u1", "2", json!({ "action": "AUDIT" }));
+        writer.apply_watcher_event(&Event::Apply(audit));
+        let edited = currents(&objects);
+        assert!(!Arc::ptr_eq(&first[0].1, &edited[0].1));
+        assert!(Arc::ptr_eq(&first[1].1, &edited[1].1), "the other is kept");
+        assert_eq!(actions(&objects), ["Audit", "Allow"]);
+        let mut recreated = policy("u1", "2", json!({ "action": "DENY" }));
+        recreated.metadata.uid = Some("u3".into());
+        writer.apply_watcher_event(&Event::Apply(recreated));
+        assert_eq!(actions(&objects), ["Deny", "Allow"]);
+        writer.apply_watcher_event(&Event::Delete(policy("u2", "1", json!({}))));
+        assert_eq!(actions(&objects), ["Deny"]);
+        assert_eq!(objects.kinds[0].converted.lock().unwrap().kept(), 1);
     }
 
     /// A version the control plane cannot read keeps the last accepted one in force: a
