@@ -126,8 +126,10 @@ impl Responses {
     pub(crate) async fn watch_stalls(&self, peer: &str) -> Infallible {
         loop {
             tokio::time::sleep(STALL_CHECK).await;
+            // At most a line a second per connection: an operator sees callers (or an
+            // attacker) that stop reading.
             if let Some(shed) = self.shed_stalled() {
-                tracing::debug!(
+                tracing::info!(
                     event = "stalled responses shed",
                     peer,
                     responses = shed.responses,
