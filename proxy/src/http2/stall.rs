@@ -21,15 +21,18 @@ use std::time::Duration;
 use h2::RecvStream;
 use slab::Slab;
 
-use crate::limits::CONNECTION_WINDOW;
+use crate::limits::{CONNECTION_WINDOW, STREAM_WINDOW};
 
 /// How often a connection's watcher looks for stalled responses: a response that took
 /// no byte between two checks while holding some is stalled.
 pub(crate) const STALL_CHECK: Duration = Duration::from_secs(1);
 
 /// Stalled responses are shed once together they hold this much of the connection's
-/// window: two streams' full windows. One slow reader alone is never shed.
+/// window: half of it.
 const SHED_AT: u64 = CONNECTION_WINDOW as u64 / 2;
+
+// One slow reader alone, holding at most its stream's window, is never shed.
+const _: () = assert!((STREAM_WINDOW as u64) < SHED_AT);
 
 /// The responses on one client connection.
 #[derive(Default)]
